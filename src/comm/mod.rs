@@ -1,0 +1,70 @@
+//! Collectives over groups of ranks. One trait, several backends: today rank threads in
+//! one process ([`thread`]); NCCL and MPI later, behind features. Model and loss code only
+//! ever see `&dyn Communicator`.
+//!
+//! Conventions every backend keeps:
+//! - tensors are split and concatenated along dimension 0;
+//! - sums are taken in rank order 0, 1, …, n-1 so every rank gets the bit-identical result,
+//!   whatever the thread timing;
+//! - a peer that leaves (error, panic, drop) turns the collective into an error on the
+//!   ranks still waiting, never a hang.
+
+pub mod thread;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::topology::Tower;
+
+pub trait Communicator: Send {
+    /// Rank inside this group.
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// "world", "image" or "text": named in errors.
+    fn name(&self) -> &str;
+
+    /// Concatenates every rank's tensor along dim 0, in rank order. Ranks may contribute
+    /// different numbers of rows; the other dimensions must agree.
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
+    /// Element-wise sum over ranks; every rank gets the same tensor.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Sums the ranks' tensors and gives rank r the r-th of `size` equal row blocks.
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Rank `root`'s tensor on every rank (`t` is ignored elsewhere, except for its device).
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+    fn barrier(&self) -> Result<()>;
+}
+
+/// What one rank holds: the world, and the group of the tower it trains.
+pub struct RankComms {
+    pub world: Box<dyn Communicator>,
+    pub group: Box<dyn Communicator>,
+    pub tower: Tower,
+}
+
+/// Sums a list of tensors in their order: the fixed reduction order of every backend.
+pub(crate) fn sum_in_order(parts: &[Tensor]) -> candle_core::Result<Tensor> {
+    let mut acc = parts[0].clone();
+    for p in &parts[1..] {
+        acc = (acc + p)?;
+    }
+    Ok(acc)
+}
+
+/// All-reduces many tensors with one collective: flattened into a single bucket, summed,
+/// and cut back to their shapes. Order matters: every rank must pass the same list.
+pub fn all_reduce_bucket(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    if tensors.is_empty() || comm.size() == 1 {
+        return Ok(tensors.to_vec());
+    }
+    let flat: Vec<Tensor> = tensors.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
+    let bucket = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.elem_count();
+        out.push(bucket.narrow(0, offset, n)?.reshape(t.shape())?);
+        offset += n;
+    }
+    Ok(out)
+}

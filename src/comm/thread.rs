@@ -1,0 +1,304 @@
+//! The in-process backend: one thread per rank, one crossbeam channel per ordered pair of
+//! ranks. Per-pair channels keep messages of consecutive collectives from overtaking each
+//! other, so every collective reads exactly one message from each peer, in order.
+//!
+//! A rank's channels close when its communicator is dropped, which happens when its thread
+//! returns or unwinds; peers blocked on it then get [`Error::PeerLost`] at once.
+
+use std::time::Duration;
+
+use candle_core::Tensor;
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+
+use super::{sum_in_order, Communicator, RankComms};
+use crate::error::{Error, Result};
+use crate::topology::{Topology, Tower};
+
+/// How long a collective waits for a peer that is alive but silent (stuck elsewhere).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+enum Message {
+    Tensor(Tensor),
+    Barrier,
+}
+
+pub struct ThreadCommunicator {
+    name: String,
+    rank: usize,
+    size: usize,
+    /// `to[r]` sends to rank r (None for self).
+    to: Vec<Option<Sender<Message>>>,
+    /// `from[r]` receives from rank r (None for self).
+    from: Vec<Option<Receiver<Message>>>,
+    timeout: Duration,
+}
+
+/// Creates the communicators of one group of `size` ranks, indexed by rank.
+pub fn group(name: &str, size: usize, timeout: Duration) -> Vec<ThreadCommunicator> {
+    let mut to: Vec<Vec<Option<Sender<Message>>>> = (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
+    let mut from: Vec<Vec<Option<Receiver<Message>>>> = (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
+    for src in 0..size {
+        for dst in 0..size {
+            if src != dst {
+                let (s, r) = unbounded();
+                to[src][dst] = Some(s);
+                from[dst][src] = Some(r);
+            }
+        }
+    }
+    to.into_iter()
+        .zip(from)
+        .enumerate()
+        .map(|(rank, (to, from))| ThreadCommunicator {
+            name: name.to_string(),
+            rank,
+            size,
+            to,
+            from,
+            timeout,
+        })
+        .collect()
+}
+
+impl ThreadCommunicator {
+    fn send(&self, op: &'static str, peer: usize, m: Message) -> Result<()> {
+        self.to[peer]
+            .as_ref()
+            .expect("no channel to self")
+            .send(m)
+            .map_err(|_| self.lost(op, peer))
+    }
+
+    fn recv(&self, op: &'static str, peer: usize) -> Result<Message> {
+        match self.from[peer].as_ref().expect("no channel from self").recv_timeout(self.timeout) {
+            Ok(m) => Ok(m),
+            Err(RecvTimeoutError::Disconnected) => Err(self.lost(op, peer)),
+            Err(RecvTimeoutError::Timeout) => Err(Error::PeerTimeout {
+                op,
+                group: self.name.clone(),
+                peer,
+                size: self.size,
+                secs: self.timeout.as_secs(),
+            }),
+        }
+    }
+
+    fn recv_tensor(&self, op: &'static str, peer: usize) -> Result<Tensor> {
+        match self.recv(op, peer)? {
+            Message::Tensor(t) => Ok(t),
+            Message::Barrier => Err(self.mismatch(op, format!("rank {peer} entered a barrier instead"))),
+        }
+    }
+
+    fn lost(&self, op: &'static str, peer: usize) -> Error {
+        Error::PeerLost {
+            op,
+            group: self.name.clone(),
+            peer,
+            size: self.size,
+        }
+    }
+
+    fn mismatch(&self, op: &'static str, message: String) -> Error {
+        Error::Collective {
+            op,
+            group: self.name.clone(),
+            message,
+        }
+    }
+
+    /// Every rank's tensor, indexed by rank.
+    fn exchange(&self, op: &'static str, t: &Tensor) -> Result<Vec<Tensor>> {
+        for peer in (0..self.size).filter(|&p| p != self.rank) {
+            self.send(op, peer, Message::Tensor(t.clone()))?;
+        }
+        let mut parts = Vec::with_capacity(self.size);
+        for peer in 0..self.size {
+            parts.push(if peer == self.rank {
+                t.clone()
+            } else {
+                self.recv_tensor(op, peer)?
+            });
+        }
+        Ok(parts)
+    }
+
+    fn check_same_shape(&self, op: &'static str, parts: &[Tensor]) -> Result<()> {
+        for (peer, p) in parts.iter().enumerate() {
+            if p.shape() != parts[0].shape() {
+                return Err(self.mismatch(
+                    op,
+                    format!("rank 0 sent shape {:?} but rank {peer} sent {:?}", parts[0].dims(), p.dims()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Communicator for ThreadCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        let parts = self.exchange("all_gather", t)?;
+        for (peer, p) in parts.iter().enumerate() {
+            if p.rank() == 0 || p.dims()[1..] != parts[0].dims()[1..] {
+                return Err(self.mismatch(
+                    "all_gather",
+                    format!("rank 0 sent shape {:?} but rank {peer} sent {:?}", parts[0].dims(), p.dims()),
+                ));
+            }
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let parts = self.exchange("all_reduce", t)?;
+        self.check_same_shape("all_reduce", &parts)?;
+        Ok(sum_in_order(&parts)?)
+    }
+
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        const OP: &str = "reduce_scatter";
+        let rows = t.dims().first().copied().unwrap_or(0);
+        if rows % self.size != 0 {
+            return Err(self.mismatch(OP, format!("{rows} rows do not split into {} equal blocks", self.size)));
+        }
+        let block = rows / self.size;
+        for peer in (0..self.size).filter(|&p| p != self.rank) {
+            self.send(OP, peer, Message::Tensor(t.narrow(0, peer * block, block)?))?;
+        }
+        let mut parts = Vec::with_capacity(self.size);
+        for peer in 0..self.size {
+            parts.push(if peer == self.rank {
+                t.narrow(0, self.rank * block, block)?
+            } else {
+                self.recv_tensor(OP, peer)?
+            });
+        }
+        self.check_same_shape(OP, &parts)?;
+        Ok(sum_in_order(&parts)?)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        const OP: &str = "broadcast";
+        if root >= self.size {
+            return Err(self.mismatch(OP, format!("root {root} is not a rank of a group of {}", self.size)));
+        }
+        if self.rank == root {
+            for peer in (0..self.size).filter(|&p| p != root) {
+                self.send(OP, peer, Message::Tensor(t.clone()))?;
+            }
+            Ok(t.clone())
+        } else {
+            self.recv_tensor(OP, root)
+        }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        const OP: &str = "barrier";
+        for peer in (0..self.size).filter(|&p| p != self.rank) {
+            self.send(OP, peer, Message::Barrier)?;
+        }
+        for peer in (0..self.size).filter(|&p| p != self.rank) {
+            if let Message::Tensor(_) = self.recv(OP, peer)? {
+                return Err(self.mismatch(OP, format!("rank {peer} sent a tensor instead of entering the barrier")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds every rank's communicators for a topology: the world and both tower groups.
+/// Indexed by global rank.
+pub fn rank_comms(topology: &Topology, timeout: Duration) -> Vec<RankComms> {
+    let mut world = group("world", topology.world_size(), timeout).into_iter().map(Some).collect::<Vec<_>>();
+    let mut out: Vec<Option<RankComms>> = (0..topology.world_size()).map(|_| None).collect();
+    for tower in [Tower::Image, Tower::Text] {
+        let members = topology.group(tower);
+        for (comm, &global) in group(tower.name(), members.len(), timeout).into_iter().zip(&members) {
+            out[global] = Some(RankComms {
+                world: Box::new(world[global].take().expect("each rank once")),
+                group: Box::new(comm),
+                tower,
+            });
+        }
+    }
+    out.into_iter().map(|c| c.expect("every rank is in a group")).collect()
+}
+
+/// Runs `work` on one thread per rank and waits for all of them. If ranks fail, the error
+/// returned is the first that is not merely "a peer left" (the root cause); a panic becomes
+/// an error naming the rank.
+pub fn run_ranks<T, F>(topology: &Topology, timeout: Duration, work: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(usize, RankComms) -> Result<T> + Sync,
+{
+    let comms = rank_comms(topology, timeout);
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, c)| {
+                let work = &work;
+                std::thread::Builder::new()
+                    .name(format!("rank-{rank}"))
+                    .spawn_scoped(s, move || work(rank, c))
+                    .expect("spawn rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| match h.join() {
+                Ok(r) => r.map_err(|e| match e {
+                    e @ (Error::PeerLost { .. } | Error::PeerTimeout { .. } | Error::Rank { .. }) => e,
+                    e => Error::Rank {
+                        rank,
+                        message: e.to_string(),
+                    },
+                }),
+                Err(panic) => Err(Error::Rank {
+                    rank,
+                    message: format!("panicked: {}", panic_message(&panic)),
+                }),
+            })
+            .collect()
+    });
+    let mut first_peer_error = None;
+    let mut ok = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) if e.is_peer_failure() => {
+                first_peer_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match first_peer_error {
+        Some(e) => Err(e),
+        None => Ok(ok),
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}

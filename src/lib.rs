@@ -1,0 +1,17 @@
+//! mmpipe: contrastive image–text (CLIP) pretraining with the image encoder and the text
+//! encoder on separate groups of devices.
+//!
+//! Data flows one way: [`topology`] → [`plan`] → [`comm`] → [`model`] / [`loss`] →
+//! [`train`], with [`data`] → [`train`].
+
+pub mod comm;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod loss;
+pub mod model;
+pub mod plan;
+pub mod topology;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,172 @@
+//! The `mmpipe` command line: thin glue over the library.
+//!
+//! ```text
+//! mmpipe train                                   # embedded default: synthetic shapes, cpu-2x1
+//! mmpipe plan --topology topology/4x4.toml       # placement and bytes per step
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use mmpipe::model::ClipConfig;
+use mmpipe::plan::Plan;
+use mmpipe::topology::{Topology, Tower};
+use mmpipe::train::{self, PhaseTimes, TrainConfig};
+
+#[derive(Parser)]
+#[command(name = "mmpipe", version, about = "CLIP training with the image and text encoders on separate device groups")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print where each rank runs and what each step moves between them.
+    Plan(PlanArgs),
+    /// Train on the built-in synthetic image–caption set.
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model config (TOML); default: the built-in configs/clip-tiny.toml.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Global batch size (split evenly over each group).
+    #[arg(long, default_value_t = TrainConfig::default().global_batch)]
+    batch: usize,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// Topology file (TOML).
+    #[arg(long)]
+    topology: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Topology file (TOML); default: the built-in topology/cpu-2x1.toml.
+    #[arg(long)]
+    topology: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    steps: usize,
+    /// Peak learning rate (linear warm-up, then cosine decay).
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = TrainConfig::default().warmup)]
+    warmup: usize,
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    seed: u64,
+    /// Held-out pairs for the retrieval check at the end (0: skip).
+    #[arg(long, default_value_t = TrainConfig::default().eval_pairs)]
+    eval_pairs: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn load_model(path: &Option<PathBuf>) -> anyhow::Result<ClipConfig> {
+    Ok(match path {
+        Some(p) => ClipConfig::from_file(p)?,
+        None => ClipConfig::default_tiny(),
+    })
+}
+
+fn plan(args: PlanArgs) -> anyhow::Result<()> {
+    let topology = Topology::from_file(&args.topology)?;
+    let model = load_model(&args.model.model)?;
+    let plan = Plan::new(&topology, &model, args.model.batch, "--batch")?;
+    print!("{}", plan.render());
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let topology = match &args.topology {
+        Some(p) => Topology::from_file(p)?,
+        None => Topology::default_cpu(),
+    };
+    let model = load_model(&args.model.model)?;
+    let cfg = TrainConfig {
+        seed: args.seed,
+        steps: args.steps,
+        global_batch: args.model.batch,
+        lr: args.lr,
+        warmup: args.warmup,
+        eval_pairs: args.eval_pairs,
+        progress: !args.quiet,
+        ..TrainConfig::default()
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    println!(
+        "training on {} ({} image + {} text rank threads, {threads} compute threads), global batch {}, {} steps",
+        topology.source.display(),
+        topology.group_size(Tower::Image),
+        topology.group_size(Tower::Text),
+        cfg.global_batch,
+        cfg.steps
+    );
+    let report = train::train(&topology, &model, &cfg).context("training failed")?;
+    let first = report.losses.first().copied().unwrap_or(f64::NAN);
+    let last = report.losses.last().copied().unwrap_or(f64::NAN);
+    println!(
+        "loss {first:.4} -> {last:.4}; {:.1} s, {:.0} samples/s; logit scale {:.2} (exp {:.1})",
+        report.seconds,
+        report.samples_per_second,
+        report.final_logit_scale,
+        report.final_logit_scale.exp()
+    );
+    print_phases(&report.phases, cfg.steps);
+    if let Some(r) = report.retrieval {
+        println!(
+            "held-out retrieval on {} pairs: image->text recall@1 {:.1}%, text->image recall@1 {:.1}% (chance {:.1}%)",
+            r.pairs,
+            100.0 * r.image_to_text_r1,
+            100.0 * r.text_to_image_r1,
+            100.0 * r.chance
+        );
+    }
+    Ok(())
+}
+
+fn print_phases(phases: &[(Tower, PhaseTimes)], steps: usize) {
+    print!("ms/step by phase  rank tower");
+    for name in PhaseTimes::NAMES {
+        print!(" {name:>15}");
+    }
+    println!();
+    for (rank, (tower, p)) in phases.iter().enumerate() {
+        print!("                  {rank:>4} {tower:<5}");
+        for d in p.as_array() {
+            print!(" {:>15.1}", d.as_secs_f64() * 1e3 / steps.max(1) as f64);
+        }
+        println!();
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MMPIPE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(a) => plan(a),
+        Command::Train(a) => train(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Training-ready building blocks. candle's fused LayerNorm and `softmax_last_dim` drop
+//! gradients silently, so the norm and the softmax here are written with plain ops.
+
+use candle_core::{Tensor, D};
+
+use super::params::{Init, ParamBuilder};
+use crate::error::Result;
+
+/// `y = x Wᵀ + b`, weights stored as PyTorch's `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
+        Ok(Linear {
+            weight: pb.get((out_dim, in_dim), "weight", Init::Normal(std))?,
+            bias: Some(pb.get(out_dim, "bias", Init::Zeros)?),
+        })
+    }
+
+    /// Applies the layer to the last dimension of `x`, with one GEMM for all leading dims.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl LayerNorm {
+    pub fn new(pb: &ParamBuilder, dim: usize) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: pb.get(dim, "weight", Init::Ones)?,
+            bias: pb.get(dim, "bias", Init::Zeros)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, 1e-5)?)
+    }
+}
+
+/// Softmax over the last dimension. The max is detached: the result does not depend on
+/// it, and backpropagating through it only adds work.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Rows scaled to unit L2 norm.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?)
+}
+
+/// Multi-head self-attention with PyTorch `nn.MultiheadAttention`'s parameter layout.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    in_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn new(pb: &ParamBuilder, width: usize, heads: usize, in_std: f64, out_std: f64) -> Result<Self> {
+        let in_proj = Linear {
+            weight: pb.get((3 * width, width), "in_proj_weight", Init::Normal(in_std))?,
+            bias: Some(pb.get(3 * width, "in_proj_bias", Init::Zeros)?),
+        };
+        let out_proj = Linear::new(&pb.pp("out_proj"), width, width, out_std)?;
+        Ok(Attention { in_proj, out_proj, heads })
+    }
+
+    /// `x`: `[batch, len, width]`; `mask`: additive `[len, len]` (−∞ where attention is barred).
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (n, len, width) = x.dims3()?;
+        let h = self.heads;
+        let d = width / h;
+        let qkv = self
+            .in_proj
+            .forward(x)?
+            .reshape((n, len, 3, h, d))?
+            .permute((2, 0, 3, 1, 4))?; // [3, n, h, len, d]
+        let part = |i: usize| -> Result<Tensor> { Ok(qkv.get(i)?.contiguous()?.reshape((n * h, len, d))?) };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let attn = softmax(&scores)?.matmul(&v)?; // [n*h, len, d]
+        let attn = attn
+            .reshape((n, h, len, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, len, width))?;
+        self.out_proj.forward(&attn)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.c_proj.forward(&self.c_fc.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Pre-norm residual block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+#[derive(Debug, Clone)]
+pub struct ResidualBlock {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl ResidualBlock {
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+    }
+}
+
+/// A stack of residual blocks, initialised as OpenCLIP's `Transformer`: attention
+/// projections with std `width^-0.5`, output projections scaled down by `(2·layers)^-0.5`.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    blocks: Vec<ResidualBlock>,
+}
+
+impl Transformer {
+    pub fn new(pb: &ParamBuilder, width: usize, layers: usize, heads: usize, mlp_ratio: usize) -> Result<Self> {
+        let attn_std = (width as f64).powf(-0.5);
+        let proj_std = attn_std * ((2 * layers) as f64).powf(-0.5);
+        let fc_std = ((2 * width) as f64).powf(-0.5);
+        let blocks = (0..layers)
+            .map(|i| {
+                let pb = pb.pp("resblocks").pp(i);
+                Ok(ResidualBlock {
+                    ln_1: LayerNorm::new(&pb.pp("ln_1"), width)?,
+                    attn: Attention::new(&pb.pp("attn"), width, heads, attn_std, proj_std)?,
+                    ln_2: LayerNorm::new(&pb.pp("ln_2"), width)?,
+                    mlp: Mlp {
+                        c_fc: Linear::new(&pb.pp("mlp").pp("c_fc"), width, mlp_ratio * width, fc_std)?,
+                        c_proj: Linear::new(&pb.pp("mlp").pp("c_proj"), mlp_ratio * width, width, proj_std)?,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Transformer { blocks })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for b in &self.blocks {
+            x = b.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,96 @@
+//! Single-device encoders. Nothing here knows about ranks or collectives: a rank builds the
+//! tower it trains, and the test reference builds both.
+
+pub mod config;
+pub mod layers;
+pub mod params;
+pub mod text;
+pub mod vision;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{ClipConfig, TextConfig, VisionConfig};
+pub use params::{Init, ParamBuilder, Params};
+pub use text::TextTower;
+pub use vision::VisionTower;
+
+use crate::error::Result;
+use crate::topology::Tower;
+
+/// OpenCLIP's initial temperature: `logit_scale = ln(1/0.07)`.
+pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778_6;
+/// The scale `exp(logit_scale)` is clamped to 100 after every optimizer step.
+pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_091;
+
+/// A batch for one tower: images, or tokenised captions.
+#[derive(Debug, Clone)]
+pub enum TowerInput {
+    Images(Tensor),
+    Captions { tokens: Tensor, eot: Tensor },
+}
+
+impl TowerInput {
+    pub fn len(&self) -> Result<usize> {
+        Ok(match self {
+            TowerInput::Images(t) => t.dim(0)?,
+            TowerInput::Captions { tokens, .. } => tokens.dim(0)?,
+        })
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// One of the two encoders: what a rank trains.
+#[derive(Debug, Clone)]
+pub enum Encoder {
+    Image(VisionTower),
+    Text(TextTower),
+}
+
+impl Encoder {
+    pub fn new(pb: &ParamBuilder, cfg: &ClipConfig, tower: Tower) -> Result<Self> {
+        Ok(match tower {
+            Tower::Image => Encoder::Image(VisionTower::new(&pb.pp("visual"), &cfg.vision, cfg.embed_dim)?),
+            Tower::Text => Encoder::Text(TextTower::new(pb, &cfg.text, cfg.embed_dim)?),
+        })
+    }
+
+    /// Unnormalised features `[n, embed_dim]`.
+    pub fn forward(&self, input: &TowerInput) -> Result<Tensor> {
+        match (self, input) {
+            (Encoder::Image(m), TowerInput::Images(x)) => m.forward(x),
+            (Encoder::Text(m), TowerInput::Captions { tokens, eot }) => m.forward(tokens, eot),
+            _ => Err(crate::error::Error::Msg("encoder and input are of different modalities".into())),
+        }
+    }
+}
+
+/// The whole CLIP on one device: both towers and the learnable temperature.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    pub visual: VisionTower,
+    pub text: TextTower,
+    pub logit_scale: Tensor,
+}
+
+impl Clip {
+    pub fn new(pb: &ParamBuilder, cfg: &ClipConfig) -> Result<Self> {
+        Ok(Clip {
+            visual: VisionTower::new(&pb.pp("visual"), &cfg.vision, cfg.embed_dim)?,
+            text: TextTower::new(pb, &cfg.text, cfg.embed_dim)?,
+            logit_scale: logit_scale(pb)?,
+        })
+    }
+}
+
+/// The temperature parameter, named as OpenCLIP names it.
+pub fn logit_scale(pb: &ParamBuilder) -> Result<Tensor> {
+    pb.get((), "logit_scale", Init::Const(LOGIT_SCALE_INIT))
+}
+
+/// Parameter builder for the CPU in f32: what the thread backend trains with.
+pub fn cpu_builder(seed: u64) -> ParamBuilder {
+    ParamBuilder::new(seed, DType::F32, &Device::Cpu)
+}

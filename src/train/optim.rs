@@ -1,0 +1,95 @@
+//! AdamW with decoupled weight decay and its state in plain tensors (so it can be
+//! checkpointed), plus the learning-rate schedule.
+
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::model::Params;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// OpenCLIP's rule: no weight decay on gains, biases, norms and the temperature: every
+/// tensor with fewer than two dimensions, and anything named like a norm or bias.
+pub fn decays(name: &str, var: &Var) -> bool {
+    !(var.rank() < 2 || name.contains("bias") || name.contains("ln_") || name.contains("logit_scale"))
+}
+
+struct Slot {
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    step: usize,
+}
+
+impl AdamW {
+    pub fn new(params: &Params, cfg: AdamWConfig) -> Result<Self> {
+        let slots = params
+            .iter()
+            .map(|(name, var)| {
+                Ok(Slot {
+                    decay: decays(name, var),
+                    m: var.as_tensor().zeros_like()?,
+                    v: var.as_tensor().zeros_like()?,
+                    var: var.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamW { cfg, slots, step: 0 })
+    }
+
+    pub fn steps_taken(&self) -> usize {
+        self.step
+    }
+
+    /// One update; `grads` in the same (name) order as the parameters.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.slots.len() {
+            return Err(Error::Msg(format!(
+                "optimizer has {} parameters but got {} gradients",
+                self.slots.len(),
+                grads.len()
+            )));
+        }
+        self.step += 1;
+        let c = self.cfg;
+        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias2 = 1.0 - c.beta2.powi(self.step as i32);
+        for (slot, g) in self.slots.iter_mut().zip(grads) {
+            slot.m = ((&slot.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
+            let w = slot.var.as_tensor();
+            let decayed = if slot.decay {
+                (w * (1.0 - lr * c.weight_decay))?
+            } else {
+                w.clone()
+            };
+            slot.var.set(&(decayed - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Linear warm-up to `peak` over `warmup` steps, then cosine decay to 0 at `total`.
+pub fn cosine_lr(step: usize, peak: f64, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        peak * (step + 1) as f64 / warmup as f64
+    } else if total <= warmup {
+        peak
+    } else {
+        let progress = (step - warmup) as f64 / (total - warmup) as f64;
+        0.5 * peak * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+    }
+}

@@ -1,0 +1,204 @@
+//! One rank's training step, top to bottom:
+//! forward own tower → normalise → world all-gather of features → split loss (own feature
+//! gradient, global loss, temperature gradient) → backward with the injected gradient →
+//! sum parameter gradients inside the group → AdamW → clamp the temperature.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::TrainConfig;
+use super::optim::{AdamW, AdamWConfig};
+use crate::comm::{all_reduce_bucket, RankComms};
+use crate::error::{Error, Result};
+use crate::loss::{clip_loss_lse, split_len, split_offset, FeatureLayout};
+use crate::model::layers::l2_normalize;
+use crate::model::{logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX};
+use crate::topology::{Topology, Tower};
+
+/// Wall time of each phase of one step on one rank.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PhaseTimes {
+    pub forward: Duration,
+    pub exchange: Duration,
+    pub loss: Duration,
+    pub backward: Duration,
+    pub grad_all_reduce: Duration,
+    pub optimizer: Duration,
+}
+
+impl PhaseTimes {
+    pub const NAMES: [&'static str; 6] = ["forward", "exchange", "loss", "backward", "grad all-reduce", "optimizer"];
+
+    pub fn as_array(&self) -> [Duration; 6] {
+        [self.forward, self.exchange, self.loss, self.backward, self.grad_all_reduce, self.optimizer]
+    }
+
+    pub fn add(&mut self, o: &PhaseTimes) {
+        self.forward += o.forward;
+        self.exchange += o.exchange;
+        self.loss += o.loss;
+        self.backward += o.backward;
+        self.grad_all_reduce += o.grad_all_reduce;
+        self.optimizer += o.optimizer;
+    }
+}
+
+/// The gradients of one step, before the optimizer: every parameter's (name order), summed
+/// over the group, and the global loss.
+#[derive(Debug, Clone)]
+pub struct StepGrads {
+    pub loss: f64,
+    pub grads: Vec<Tensor>,
+    pub times: PhaseTimes,
+}
+
+pub struct RankTrainer {
+    pub tower: Tower,
+    encoder: Encoder,
+    /// The tower's parameters and `logit_scale`, sorted by name.
+    params: Params,
+    logit_scale: Var,
+    optimizer: AdamW,
+    layout: FeatureLayout,
+    /// This rank's rows of the global batch.
+    pub offset: usize,
+    pub local_batch: usize,
+}
+
+impl RankTrainer {
+    /// Builds the tower for `global_rank`. Every rank of a group draws the same weights from
+    /// the same seed (and the same as a single-device model with that seed would).
+    pub fn new(
+        topology: &Topology,
+        global_rank: usize,
+        model: &ClipConfig,
+        cfg: &TrainConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let rank = &topology.ranks[global_rank];
+        let pb = ParamBuilder::new(cfg.seed, dtype, device);
+        let encoder = Encoder::new(&pb, model, rank.tower)?;
+        logit_scale(&pb)?;
+        let params = pb.params();
+        let logit_scale = params.get("logit_scale").expect("registered above").clone();
+        let optimizer = AdamW::new(
+            &params,
+            AdamWConfig {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        let size = topology.group_size(rank.tower);
+        Ok(RankTrainer {
+            tower: rank.tower,
+            encoder,
+            params,
+            logit_scale,
+            optimizer,
+            layout: FeatureLayout::new(topology, cfg.global_batch),
+            offset: split_offset(cfg.global_batch, size, rank.group_rank),
+            local_batch: split_len(cfg.global_batch, size, rank.group_rank),
+        })
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn logit_scale(&self) -> Result<f64> {
+        Ok(self.logit_scale.as_tensor().to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
+
+    /// Normalised features of `input`, without building a graph (evaluation).
+    pub fn encode(&self, input: &TowerInput) -> Result<Tensor> {
+        Ok(l2_normalize(&self.encoder.forward(input)?)?.detach())
+    }
+
+    /// Forward, exchange, loss, backward and the group reduction: the exact gradient of the
+    /// global-batch loss for every parameter this rank holds.
+    pub fn compute_grads(&self, comms: &RankComms, input: &TowerInput) -> Result<StepGrads> {
+        if input.len()? != self.local_batch {
+            return Err(Error::Msg(format!(
+                "rank got {} samples, expected its slice of {}",
+                input.len()?,
+                self.local_batch
+            )));
+        }
+        let mut times = PhaseTimes::default();
+        let t = Instant::now();
+        let features = l2_normalize(&self.encoder.forward(input)?)?;
+        times.forward = t.elapsed();
+
+        let t = Instant::now();
+        let (image, text) = self.layout.exchange(comms, &features.detach())?;
+        let other = match self.tower {
+            Tower::Image => text,
+            Tower::Text => image,
+        };
+        times.exchange = t.elapsed();
+
+        let t = Instant::now();
+        let out = clip_loss_lse(comms, &features.detach(), &other, self.offset, self.logit_scale()?)?;
+        times.loss = t.elapsed();
+
+        // Backpropagate ∂L/∂features into the tower: d/dθ Σ features ⊙ g = (∂L/∂features)·∂features/∂θ.
+        let t = Instant::now();
+        let store = (features * out.grad)?.sum_all()?.backward()?;
+        let tower_params = self.params.filter(|n| n != "logit_scale");
+        let local = tower_params.grads(&store)?;
+        times.backward = t.elapsed();
+
+        let t = Instant::now();
+        let reduced = all_reduce_bucket(comms.group.as_ref(), &local)?;
+        times.grad_all_reduce = t.elapsed();
+
+        let scale_grad = Tensor::new(out.grad_logit_scale, &Device::Cpu)?
+            .to_dtype(self.logit_scale.dtype())?
+            .to_device(self.logit_scale.device())?;
+        let mut reduced = reduced.into_iter();
+        let grads = self
+            .params
+            .names()
+            .into_iter()
+            .map(|n| {
+                if n == "logit_scale" {
+                    scale_grad.clone()
+                } else {
+                    reduced.next().expect("one gradient per tower parameter")
+                }
+            })
+            .collect();
+        Ok(StepGrads {
+            loss: out.loss,
+            grads,
+            times,
+        })
+    }
+
+    /// Applies gradients (as from [`Self::compute_grads`]) and clamps the temperature.
+    pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<Duration> {
+        let t = Instant::now();
+        self.optimizer.step(grads, lr)?;
+        if self.logit_scale()? > LOGIT_SCALE_MAX {
+            let clamped = Tensor::new(LOGIT_SCALE_MAX, &Device::Cpu)?
+                .to_dtype(self.logit_scale.dtype())?
+                .to_device(self.logit_scale.device())?;
+            self.logit_scale.set(&clamped)?;
+        }
+        Ok(t.elapsed())
+    }
+
+    /// A whole step; returns the loss and the phase times.
+    pub fn step(&mut self, comms: &RankComms, input: &TowerInput, lr: f64) -> Result<(f64, PhaseTimes)> {
+        let mut g = self.compute_grads(comms, input)?;
+        if !g.loss.is_finite() {
+            return Err(Error::Msg(format!("the loss is {}: training diverged", g.loss)));
+        }
+        g.times.optimizer = self.apply(&g.grads, lr)?;
+        Ok((g.loss, g.times))
+    }
+}
