@@ -12,6 +12,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use mmpipe::model::ClipConfig;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use mmpipe::plan::Plan;
 use mmpipe::topology::{Topology, Tower};
 use mmpipe::train::{self, PhaseTimes, TrainConfig};
@@ -105,7 +108,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         progress: !args.quiet,
         ..TrainConfig::default()
     };
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    let threads = compute_threads_per_rank(topology.world_size());
     println!(
         "training on {} ({} image + {} text rank threads, {threads} compute threads), global batch {}, {} steps",
         topology.source.display(),
@@ -135,6 +138,20 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Rank threads already run in parallel, and they share candle's one global thread pool:
+/// unless the user chose, give each rank its share of the cores (measured on 2 cores with
+/// three ranks: 1 thread each ran 4x faster than the default of all cores).
+fn compute_threads_per_rank(world_size: usize) -> usize {
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()) {
+        return n;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let n = (cores / world_size).max(1);
+    // Read by rayon's pool and by gemm when first used; nothing has used them yet.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
 }
 
 fn print_phases(phases: &[(Tower, PhaseTimes)], steps: usize) {

@@ -150,12 +150,14 @@ impl Params {
         }
     }
 
-    /// Gradients in name order; a parameter the backward pass did not reach gets zeros.
+    /// Gradients in name order, detached; a parameter the backward pass did not reach gets
+    /// zeros. (candle's gradients keep references to the forward graph: holding one past
+    /// the step would keep the whole graph alive.)
     pub fn grads(&self, store: &GradStore) -> Result<Vec<Tensor>> {
         self.vars
             .values()
             .map(|v| match store.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
+                Some(g) => Ok(g.detach()),
                 None => Ok(v.as_tensor().zeros_like()?),
             })
             .collect()

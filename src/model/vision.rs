@@ -43,6 +43,7 @@ impl VisionTower {
     /// not L2-normalised.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
+        let images = images.to_dtype(self.proj.dtype())?;
         let (n, ch, hgt, wid) = images.dims4()?;
         let p = c.patch_size;
         let (gh, gw) = (hgt / p, wid / p);

@@ -67,8 +67,10 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            slot.m = ((&slot.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // Detached: the state must not chain a graph from step to step.
+            let g = g.detach();
+            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
             let w = slot.var.as_tensor();
             let decayed = if slot.decay {
@@ -76,7 +78,7 @@ impl AdamW {
             } else {
                 w.clone()
             };
-            slot.var.set(&(decayed - (update * lr)?)?)?;
+            slot.var.set(&(decayed - (update * lr)?)?.detach())?;
         }
         Ok(())
     }
