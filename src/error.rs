@@ -30,7 +30,9 @@ pub enum Error {
     },
 
     /// A peer left (returned, failed or panicked) before a collective completed.
-    #[error("collective `{op}` in group `{group}`: rank {peer} of {size} left before it completed")]
+    #[error(
+        "collective `{op}` in group `{group}`: rank {peer} of {size} left before it completed"
+    )]
     PeerLost {
         op: &'static str,
         group: String,
@@ -44,7 +46,7 @@ pub enum Error {
         group: String,
         peer: usize,
         size: usize,
-        secs: u64,
+        secs: f64,
     },
 
     #[error("collective `{op}` in group `{group}`: {message}")]
@@ -62,7 +64,11 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn invalid(path: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn invalid(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Error::Invalid {
             path: path.into(),
             field: field.into(),
@@ -86,7 +92,10 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
 }
 
 /// Parses TOML text; `origin` names where it came from (a path, or a built-in name).
-pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &std::path::Path) -> Result<T> {
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &std::path::Path,
+) -> Result<T> {
     toml::from_str(text).map_err(|e| Error::Parse {
         path: origin.to_path_buf(),
         message: e.to_string().trim_end().to_string(),

@@ -52,7 +52,12 @@ impl FeatureLayout {
         let ranks = topology
             .ranks
             .iter()
-            .map(|r| (r.tower, split_len(total, topology.group_size(r.tower), r.group_rank)))
+            .map(|r| {
+                (
+                    r.tower,
+                    split_len(total, topology.group_size(r.tower), r.group_rank),
+                )
+            })
             .collect();
         FeatureLayout {
             ranks,
@@ -70,7 +75,10 @@ impl FeatureLayout {
             at += rows;
         }
         if gathered.dim(0)? != at {
-            return Err(Error::Msg(format!("gathered {} feature rows, expected {at}", gathered.dim(0)?)));
+            return Err(Error::Msg(format!(
+                "gathered {} feature rows, expected {at}",
+                gathered.dim(0)?
+            )));
         }
         let order = match tower {
             Tower::Image => &self.image_order,
@@ -87,7 +95,10 @@ impl FeatureLayout {
     /// features, all text features), each in global sample order.
     pub fn exchange(&self, comms: &RankComms, local: &Tensor) -> Result<(Tensor, Tensor)> {
         let gathered = comms.world.all_gather(local)?;
-        Ok((self.select(&gathered, Tower::Image)?, self.select(&gathered, Tower::Text)?))
+        Ok((
+            self.select(&gathered, Tower::Image)?,
+            self.select(&gathered, Tower::Text)?,
+        ))
     }
 }
 
@@ -109,7 +120,13 @@ fn logsumexp(x: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// `[rows, cols]` matrix with ones at `(i, offset + i)`: the positive pairs of a row block.
-fn positives(rows: usize, cols: usize, offset: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+fn positives(
+    rows: usize,
+    cols: usize,
+    offset: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let mut m = vec![0f32; rows * cols];
     for i in 0..rows {
         m[i * cols + offset + i] = 1.0;
@@ -136,7 +153,10 @@ pub fn clip_loss_lse(
     let (b, _) = local.dims2()?;
     let (batch, _) = other.dims2()?;
     if offset + b > batch {
-        return Err(Error::Msg(format!("rows {offset}..{} lie outside a batch of {batch}", offset + b)));
+        return Err(Error::Msg(format!(
+            "rows {offset}..{} lie outside a batch of {batch}",
+            offset + b
+        )));
     }
     let s = logit_scale.exp();
     let inv_2b = 1.0 / (2.0 * batch as f64);
@@ -154,10 +174,17 @@ pub fn clip_loss_lse(
 
     let grad = (g.matmul(other)? * s)?;
     let positive_logits = (&logits * &eye)?.sum(1)?;
-    let loss_part = ((own_lse - positive_logits)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) * inv_2b;
+    let loss_part = ((own_lse - positive_logits)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+        * inv_2b;
     // The temperature gradient sums over all of S: count it on one side only.
     let dt_part = match comms.tower {
-        Tower::Image => (&g * &logits)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        Tower::Image => (&g * &logits)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?,
         Tower::Text => 0.0,
     };
     let totals = comms
@@ -175,7 +202,9 @@ pub fn clip_loss_lse(
 /// against. `image` and `text` are normalised `[B, D]`; `logit_scale` is `t`.
 pub fn clip_loss_reference(image: &Tensor, text: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
     let batch = image.dim(0)?;
-    let logits = image.matmul(&text.t()?)?.broadcast_mul(&logit_scale.exp()?)?;
+    let logits = image
+        .matmul(&text.t()?)?
+        .broadcast_mul(&logit_scale.exp()?)?;
     let eye = positives(batch, batch, 0, logits.dtype(), logits.device())?;
     let ce = |l: &Tensor| -> Result<Tensor> {
         let logp = candle_nn::ops::log_softmax(l, D::Minus1)?;

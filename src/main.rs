@@ -20,7 +20,11 @@ use mmpipe::topology::{Topology, Tower};
 use mmpipe::train::{self, PhaseTimes, TrainConfig};
 
 #[derive(Parser)]
-#[command(name = "mmpipe", version, about = "CLIP training with the image and text encoders on separate device groups")]
+#[command(
+    name = "mmpipe",
+    version,
+    about = "CLIP training with the image and text encoders on separate device groups"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -144,10 +148,15 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 /// unless the user chose, give each rank its share of the cores (measured on 2 cores with
 /// three ranks: 1 thread each ran 4x faster than the default of all cores).
 fn compute_threads_per_rank(world_size: usize) -> usize {
-    if let Some(n) = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         return n;
     }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let n = (cores / world_size).max(1);
     // Read by rayon's pool and by gemm when first used; nothing has used them yet.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());

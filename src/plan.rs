@@ -48,7 +48,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(topology: &Topology, model: &ClipConfig, global_batch: usize, batch_origin: &str) -> Result<Self> {
+    pub fn new(
+        topology: &Topology,
+        model: &ClipConfig,
+        global_batch: usize,
+        batch_origin: &str,
+    ) -> Result<Self> {
         topology.check_batch(global_batch, batch_origin)?;
         let bytes = 4; // f32 everywhere today
         let ranks = topology
@@ -72,7 +77,12 @@ impl Plan {
         let image_params = model.vision.num_params(model.embed_dim);
         let text_params = model.text.num_params(model.embed_dim);
         let b = global_batch as u64;
-        let per_group = |f: &dyn Fn(Tower) -> u64| [(Tower::Image, f(Tower::Image)), (Tower::Text, f(Tower::Text))];
+        let per_group = |f: &dyn Fn(Tower) -> u64| {
+            [
+                (Tower::Image, f(Tower::Image)),
+                (Tower::Text, f(Tower::Text)),
+            ]
+        };
         let params_of = |t: Tower| match t {
             Tower::Image => image_params as u64,
             Tower::Text => text_params as u64,
@@ -99,7 +109,11 @@ impl Plan {
     /// The human-readable plan `mmpipe plan` prints.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "topology {}, global batch {}", self.topology, self.global_batch);
+        let _ = writeln!(
+            s,
+            "topology {}, global batch {}",
+            self.topology, self.global_batch
+        );
         let _ = writeln!(
             s,
             "{:>4}  {:<12} {:<8} {:<5} {:>10}  {:<16} {:>11}",
@@ -137,7 +151,11 @@ impl Plan {
                 human_bytes(*ring)
             );
         }
-        let _ = writeln!(s, "  loss and temperature gradient all-reduce (world): {}", human_bytes(t.scalars));
+        let _ = writeln!(
+            s,
+            "  loss and temperature gradient all-reduce (world): {}",
+            human_bytes(t.scalars)
+        );
         s
     }
 }

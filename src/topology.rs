@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{read_toml, parse_toml, Error, Result};
+use crate::error::{parse_toml, read_toml, Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,21 +137,33 @@ impl Topology {
     fn build(file: TopologyFile, path: &Path) -> Result<Self> {
         let err = |field: String, msg: String| Error::invalid(path, field, msg);
         if file.nodes.is_empty() {
-            return Err(err("nodes".into(), "no nodes listed: add at least one [[nodes]] table".into()));
+            return Err(err(
+                "nodes".into(),
+                "no nodes listed: add at least one [[nodes]] table".into(),
+            ));
         }
         let mut nodes = Vec::new();
         for (i, n) in file.nodes.iter().enumerate() {
             if n.name.is_empty() || n.name.contains(':') {
                 return Err(err(
                     format!("nodes[{i}].name"),
-                    format!("node name `{}` must be non-empty and contain no ':'", n.name),
+                    format!(
+                        "node name `{}` must be non-empty and contain no ':'",
+                        n.name
+                    ),
                 ));
             }
             if nodes.iter().any(|m: &Node| m.name == n.name) {
-                return Err(err(format!("nodes[{i}].name"), format!("node `{}` is listed twice", n.name)));
+                return Err(err(
+                    format!("nodes[{i}].name"),
+                    format!("node `{}` is listed twice", n.name),
+                ));
             }
             if n.devices == 0 {
-                return Err(err(format!("nodes[{i}].devices"), format!("node `{}` has no devices", n.name)));
+                return Err(err(
+                    format!("nodes[{i}].devices"),
+                    format!("node `{}` has no devices", n.name),
+                ));
             }
             nodes.push(Node {
                 name: n.name.clone(),
@@ -162,21 +174,35 @@ impl Topology {
         // (node, device) -> (tower, group rank)
         let mut owner: Vec<Vec<Option<(Tower, usize, String)>>> =
             nodes.iter().map(|n| vec![None; n.devices]).collect();
-        for (tower, list) in [(Tower::Image, &file.groups.image), (Tower::Text, &file.groups.text)] {
+        for (tower, list) in [
+            (Tower::Image, &file.groups.image),
+            (Tower::Text, &file.groups.text),
+        ] {
             let field = format!("groups.{tower}");
             if list.is_empty() {
-                return Err(err(field, format!("the {tower} group is empty: it needs at least one device")));
+                return Err(err(
+                    field,
+                    format!("the {tower} group is empty: it needs at least one device"),
+                ));
             }
             let mut group_rank = 0;
             for (i, entry) in list.iter().enumerate() {
                 let entry_field = format!("{field}[{i}]");
-                let (node, devices) = parse_device_ref(entry, &nodes).map_err(|m| err(entry_field.clone(), m))?;
+                let (node, devices) =
+                    parse_device_ref(entry, &nodes).map_err(|m| err(entry_field.clone(), m))?;
                 for d in devices {
                     if let Some((t, _, f)) = &owner[node][d] {
-                        let what = if *t == tower { "listed twice in" } else { "already in" };
+                        let what = if *t == tower {
+                            "listed twice in"
+                        } else {
+                            "already in"
+                        };
                         return Err(err(
                             entry_field,
-                            format!("device {}:{d} is {what} `{f}`: the groups must not overlap", nodes[node].name),
+                            format!(
+                                "device {}:{d} is {what} `{f}`: the groups must not overlap",
+                                nodes[node].name
+                            ),
                         ));
                     }
                     owner[node][d] = Some((tower, group_rank, entry_field.clone()));
@@ -240,7 +266,9 @@ impl Topology {
     /// the batch size came from (a config field or a flag).
     pub fn check_batch(&self, global_batch: usize, batch_origin: &str) -> Result<()> {
         if global_batch == 0 {
-            return Err(Error::Msg(format!("{batch_origin}: the global batch must be at least 1")));
+            return Err(Error::Msg(format!(
+                "{batch_origin}: the global batch must be at least 1"
+            )));
         }
         for tower in [Tower::Image, Tower::Text] {
             let size = self.group_size(tower);
@@ -264,13 +292,21 @@ impl Topology {
 }
 
 /// Parses "node:3" or "node:0-3" against the declared nodes.
-fn parse_device_ref(entry: &str, nodes: &[Node]) -> std::result::Result<(usize, Vec<usize>), String> {
+fn parse_device_ref(
+    entry: &str,
+    nodes: &[Node],
+) -> std::result::Result<(usize, Vec<usize>), String> {
     let Some((node_name, range)) = entry.split_once(':') else {
-        return Err(format!("device `{entry}` must be written NODE:INDEX or NODE:FIRST-LAST"));
+        return Err(format!(
+            "device `{entry}` must be written NODE:INDEX or NODE:FIRST-LAST"
+        ));
     };
     let Some(node) = nodes.iter().position(|n| n.name == node_name) else {
         let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-        return Err(format!("unknown device `{entry}`: no node named `{node_name}` (nodes: {})", known.join(", ")));
+        return Err(format!(
+            "unknown device `{entry}`: no node named `{node_name}` (nodes: {})",
+            known.join(", ")
+        ));
     };
     let parse = |s: &str| {
         s.trim()
@@ -285,7 +321,9 @@ fn parse_device_ref(entry: &str, nodes: &[Node]) -> std::result::Result<(usize, 
         }
     };
     if first > last {
-        return Err(format!("device `{entry}`: the range is empty ({first} > {last})"));
+        return Err(format!(
+            "device `{entry}`: the range is empty ({first} > {last})"
+        ));
     }
     let count = nodes[node].devices;
     if last >= count {

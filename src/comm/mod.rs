@@ -57,7 +57,10 @@ pub fn all_reduce_bucket(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<
     if tensors.is_empty() || comm.size() == 1 {
         return Ok(tensors.to_vec());
     }
-    let flat: Vec<Tensor> = tensors.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
+    let flat: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
     let bucket = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
     let mut out = Vec::with_capacity(tensors.len());
     let mut offset = 0;

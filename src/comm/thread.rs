@@ -35,8 +35,12 @@ pub struct ThreadCommunicator {
 
 /// Creates the communicators of one group of `size` ranks, indexed by rank.
 pub fn group(name: &str, size: usize, timeout: Duration) -> Vec<ThreadCommunicator> {
-    let mut to: Vec<Vec<Option<Sender<Message>>>> = (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
-    let mut from: Vec<Vec<Option<Receiver<Message>>>> = (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
+    let mut to: Vec<Vec<Option<Sender<Message>>>> = (0..size)
+        .map(|_| (0..size).map(|_| None).collect())
+        .collect();
+    let mut from: Vec<Vec<Option<Receiver<Message>>>> = (0..size)
+        .map(|_| (0..size).map(|_| None).collect())
+        .collect();
     for src in 0..size {
         for dst in 0..size {
             if src != dst {
@@ -70,7 +74,11 @@ impl ThreadCommunicator {
     }
 
     fn recv(&self, op: &'static str, peer: usize) -> Result<Message> {
-        match self.from[peer].as_ref().expect("no channel from self").recv_timeout(self.timeout) {
+        match self.from[peer]
+            .as_ref()
+            .expect("no channel from self")
+            .recv_timeout(self.timeout)
+        {
             Ok(m) => Ok(m),
             Err(RecvTimeoutError::Disconnected) => Err(self.lost(op, peer)),
             Err(RecvTimeoutError::Timeout) => Err(Error::PeerTimeout {
@@ -78,7 +86,7 @@ impl ThreadCommunicator {
                 group: self.name.clone(),
                 peer,
                 size: self.size,
-                secs: self.timeout.as_secs(),
+                secs: self.timeout.as_secs_f64(),
             }),
         }
     }
@@ -86,7 +94,9 @@ impl ThreadCommunicator {
     fn recv_tensor(&self, op: &'static str, peer: usize) -> Result<Tensor> {
         match self.recv(op, peer)? {
             Message::Tensor(t) => Ok(t),
-            Message::Barrier => Err(self.mismatch(op, format!("rank {peer} entered a barrier instead"))),
+            Message::Barrier => {
+                Err(self.mismatch(op, format!("rank {peer} entered a barrier instead")))
+            }
         }
     }
 
@@ -128,7 +138,11 @@ impl ThreadCommunicator {
             if p.shape() != parts[0].shape() {
                 return Err(self.mismatch(
                     op,
-                    format!("rank 0 sent shape {:?} but rank {peer} sent {:?}", parts[0].dims(), p.dims()),
+                    format!(
+                        "rank 0 sent shape {:?} but rank {peer} sent {:?}",
+                        parts[0].dims(),
+                        p.dims()
+                    ),
                 ));
             }
         }
@@ -155,7 +169,11 @@ impl Communicator for ThreadCommunicator {
             if p.rank() == 0 || p.dims()[1..] != parts[0].dims()[1..] {
                 return Err(self.mismatch(
                     "all_gather",
-                    format!("rank 0 sent shape {:?} but rank {peer} sent {:?}", parts[0].dims(), p.dims()),
+                    format!(
+                        "rank 0 sent shape {:?} but rank {peer} sent {:?}",
+                        parts[0].dims(),
+                        p.dims()
+                    ),
                 ));
             }
         }
@@ -172,7 +190,10 @@ impl Communicator for ThreadCommunicator {
         const OP: &str = "reduce_scatter";
         let rows = t.dims().first().copied().unwrap_or(0);
         if rows % self.size != 0 {
-            return Err(self.mismatch(OP, format!("{rows} rows do not split into {} equal blocks", self.size)));
+            return Err(self.mismatch(
+                OP,
+                format!("{rows} rows do not split into {} equal blocks", self.size),
+            ));
         }
         let block = rows / self.size;
         for peer in (0..self.size).filter(|&p| p != self.rank) {
@@ -193,7 +214,10 @@ impl Communicator for ThreadCommunicator {
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
         const OP: &str = "broadcast";
         if root >= self.size {
-            return Err(self.mismatch(OP, format!("root {root} is not a rank of a group of {}", self.size)));
+            return Err(self.mismatch(
+                OP,
+                format!("root {root} is not a rank of a group of {}", self.size),
+            ));
         }
         if self.rank == root {
             for peer in (0..self.size).filter(|&p| p != root) {
@@ -212,7 +236,10 @@ impl Communicator for ThreadCommunicator {
         }
         for peer in (0..self.size).filter(|&p| p != self.rank) {
             if let Message::Tensor(_) = self.recv(OP, peer)? {
-                return Err(self.mismatch(OP, format!("rank {peer} sent a tensor instead of entering the barrier")));
+                return Err(self.mismatch(
+                    OP,
+                    format!("rank {peer} sent a tensor instead of entering the barrier"),
+                ));
             }
         }
         Ok(())
@@ -222,11 +249,17 @@ impl Communicator for ThreadCommunicator {
 /// Builds every rank's communicators for a topology: the world and both tower groups.
 /// Indexed by global rank.
 pub fn rank_comms(topology: &Topology, timeout: Duration) -> Vec<RankComms> {
-    let mut world = group("world", topology.world_size(), timeout).into_iter().map(Some).collect::<Vec<_>>();
+    let mut world = group("world", topology.world_size(), timeout)
+        .into_iter()
+        .map(Some)
+        .collect::<Vec<_>>();
     let mut out: Vec<Option<RankComms>> = (0..topology.world_size()).map(|_| None).collect();
     for tower in [Tower::Image, Tower::Text] {
         let members = topology.group(tower);
-        for (comm, &global) in group(tower.name(), members.len(), timeout).into_iter().zip(&members) {
+        for (comm, &global) in group(tower.name(), members.len(), timeout)
+            .into_iter()
+            .zip(&members)
+        {
             out[global] = Some(RankComms {
                 world: Box::new(world[global].take().expect("each rank once")),
                 group: Box::new(comm),
@@ -234,7 +267,9 @@ pub fn rank_comms(topology: &Topology, timeout: Duration) -> Vec<RankComms> {
             });
         }
     }
-    out.into_iter().map(|c| c.expect("every rank is in a group")).collect()
+    out.into_iter()
+        .map(|c| c.expect("every rank is in a group"))
+        .collect()
 }
 
 /// Runs `work` on one thread per rank and waits for all of them. If ranks fail, the error
@@ -263,7 +298,9 @@ where
             .enumerate()
             .map(|(rank, h)| match h.join() {
                 Ok(r) => r.map_err(|e| match e {
-                    e @ (Error::PeerLost { .. } | Error::PeerTimeout { .. } | Error::Rank { .. }) => e,
+                    e @ (Error::PeerLost { .. }
+                    | Error::PeerTimeout { .. }
+                    | Error::Rank { .. }) => e,
                     e => Error::Rank {
                         rank,
                         message: e.to_string(),

@@ -29,7 +29,11 @@ impl SyntheticSource {
             .chain(synthetic::SIZES.iter())
             .chain(synthetic::COLOURS.iter().map(|(c, _)| c))
             .flat_map(|s| s.split_whitespace())
-            .chain(synthetic::POSITIONS.iter().flat_map(|p| p.split_whitespace()))
+            .chain(
+                synthetic::POSITIONS
+                    .iter()
+                    .flat_map(|p| p.split_whitespace()),
+            )
             .chain(["a", "at", "the"]);
         let vocab = WordVocab::new(words);
         if vocab.size() > model.text.vocab_size {
@@ -40,7 +44,9 @@ impl SyntheticSource {
             )));
         }
         if model.vision.channels != 3 {
-            return Err(Error::Msg("the synthetic images are RGB: vision.channels must be 3".into()));
+            return Err(Error::Msg(
+                "the synthetic images are RGB: vision.channels must be 3".into(),
+            ));
         }
         Ok(SyntheticSource {
             shapes: SyntheticShapes::new(seed, model.vision.image_size),
@@ -55,7 +61,13 @@ impl SyntheticSource {
     }
 
     /// The input for `tower` of samples `indices` of `stream`.
-    pub fn tower_input(&self, tower: Tower, stream: Stream, indices: &[u64], device: &Device) -> Result<TowerInput> {
+    pub fn tower_input(
+        &self,
+        tower: Tower,
+        stream: Stream,
+        indices: &[u64],
+        device: &Device,
+    ) -> Result<TowerInput> {
         let n = indices.len();
         match tower {
             Tower::Image => {

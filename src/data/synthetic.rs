@@ -16,7 +16,13 @@ pub const COLOURS: [(&str, [f32; 3]); 6] = [
     ("white", [0.95, 0.95, 0.95]),
 ];
 pub const SIZES: [&str; 2] = ["small", "large"];
-pub const POSITIONS: [&str; 5] = ["top left", "top right", "bottom left", "bottom right", "centre"];
+pub const POSITIONS: [&str; 5] = [
+    "top left",
+    "top right",
+    "bottom left",
+    "bottom right",
+    "centre",
+];
 
 /// CLIP's image normalisation constants.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -61,7 +67,8 @@ impl SyntheticShapes {
             Stream::Train => 0x7472_6169_6e00_0000,
             Stream::Heldout => 0x6865_6c64_6f75_7400,
         };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(splitmix(self.seed ^ stream_tag ^ splitmix(index)));
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(splitmix(self.seed ^ stream_tag ^ splitmix(index)));
         Sample {
             shape: rng.random_range(0..SHAPES.len()),
             colour: rng.random_range(0..COLOURS.len()),
@@ -105,7 +112,9 @@ impl SyntheticShapes {
                     0 => dx * dx + dy * dy <= 1.0,
                     1 => dx.abs() <= 0.85 && dy.abs() <= 0.85,
                     2 => (-0.9..=0.9).contains(&dy) && dx.abs() <= (dy + 0.9) / 1.8,
-                    _ => (dx.abs() <= 1.0 && dy.abs() <= 0.3) || (dy.abs() <= 1.0 && dx.abs() <= 0.3),
+                    _ => {
+                        (dx.abs() <= 1.0 && dy.abs() <= 0.3) || (dy.abs() <= 1.0 && dx.abs() <= 0.3)
+                    }
                 };
                 for c in 0..3 {
                     let base = if inside { colour[c] } else { background };

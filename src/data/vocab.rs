@@ -29,14 +29,20 @@ impl WordVocab {
     /// Token ids padded to `context`, and the position of the end-of-text token.
     pub fn encode(&self, text: &str, context: usize) -> Result<(Vec<u32>, u32)> {
         if context < 2 {
-            return Err(Error::Msg(format!("context length {context} leaves no room for a caption")));
+            return Err(Error::Msg(format!(
+                "context length {context} leaves no room for a caption"
+            )));
         }
         let mut ids = vec![SOT];
         for w in text.split_whitespace() {
             let id = self
                 .words
                 .binary_search_by(|v| v.as_str().cmp(w))
-                .map_err(|_| Error::Msg(format!("caption `{text}`: word `{w}` is not in the vocabulary")))?;
+                .map_err(|_| {
+                    Error::Msg(format!(
+                        "caption `{text}`: word `{w}` is not in the vocabulary"
+                    ))
+                })?;
             ids.push(id as u32 + 3);
         }
         ids.truncate(context - 1);

@@ -66,7 +66,8 @@ impl ClipConfig {
     }
 
     pub fn default_tiny() -> Self {
-        Self::from_str(DEFAULT_TINY, Path::new("configs/clip-tiny.toml")).expect("the built-in model config is valid")
+        Self::from_str(DEFAULT_TINY, Path::new("configs/clip-tiny.toml"))
+            .expect("the built-in model config is valid")
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
@@ -96,14 +97,23 @@ impl ClipConfig {
         if v.image_size % v.patch_size != 0 {
             return bad(
                 "vision.patch_size",
-                format!("patch size {} does not divide image size {}", v.patch_size, v.image_size),
+                format!(
+                    "patch size {} does not divide image size {}",
+                    v.patch_size, v.image_size
+                ),
             );
         }
         if v.width % v.heads != 0 {
-            return bad("vision.heads", format!("{} heads do not divide width {}", v.heads, v.width));
+            return bad(
+                "vision.heads",
+                format!("{} heads do not divide width {}", v.heads, v.width),
+            );
         }
         if t.width % t.heads != 0 {
-            return bad("text.heads", format!("{} heads do not divide width {}", t.heads, t.width));
+            return bad(
+                "text.heads",
+                format!("{} heads do not divide width {}", t.heads, t.width),
+            );
         }
         Ok(())
     }

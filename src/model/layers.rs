@@ -52,7 +52,12 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, 1e-5)?)
+        Ok(candle_nn::ops::layer_norm_slow(
+            x,
+            &self.weight,
+            &self.bias,
+            1e-5,
+        )?)
     }
 }
 
@@ -78,13 +83,23 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(pb: &ParamBuilder, width: usize, heads: usize, in_std: f64, out_std: f64) -> Result<Self> {
+    pub fn new(
+        pb: &ParamBuilder,
+        width: usize,
+        heads: usize,
+        in_std: f64,
+        out_std: f64,
+    ) -> Result<Self> {
         let in_proj = Linear {
             weight: pb.get((3 * width, width), "in_proj_weight", Init::Normal(in_std))?,
             bias: Some(pb.get(3 * width, "in_proj_bias", Init::Zeros)?),
         };
         let out_proj = Linear::new(&pb.pp("out_proj"), width, width, out_std)?;
-        Ok(Attention { in_proj, out_proj, heads })
+        Ok(Attention {
+            in_proj,
+            out_proj,
+            heads,
+        })
     }
 
     /// `x`: `[batch, len, width]`; `mask`: additive `[len, len]` (−∞ where attention is barred).
@@ -97,7 +112,9 @@ impl Attention {
             .forward(x)?
             .reshape((n, len, 3, h, d))?
             .permute((2, 0, 3, 1, 4))?; // [3, n, h, len, d]
-        let part = |i: usize| -> Result<Tensor> { Ok(qkv.get(i)?.contiguous()?.reshape((n * h, len, d))?) };
+        let part = |i: usize| -> Result<Tensor> {
+            Ok(qkv.get(i)?.contiguous()?.reshape((n * h, len, d))?)
+        };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
         let scores = match mask {
@@ -150,7 +167,13 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn new(pb: &ParamBuilder, width: usize, layers: usize, heads: usize, mlp_ratio: usize) -> Result<Self> {
+    pub fn new(
+        pb: &ParamBuilder,
+        width: usize,
+        layers: usize,
+        heads: usize,
+        mlp_ratio: usize,
+    ) -> Result<Self> {
         let attn_std = (width as f64).powf(-0.5);
         let proj_std = attn_std * ((2 * layers) as f64).powf(-0.5);
         let fc_std = ((2 * width) as f64).powf(-0.5);
@@ -162,8 +185,18 @@ impl Transformer {
                     attn: Attention::new(&pb.pp("attn"), width, heads, attn_std, proj_std)?,
                     ln_2: LayerNorm::new(&pb.pp("ln_2"), width)?,
                     mlp: Mlp {
-                        c_fc: Linear::new(&pb.pp("mlp").pp("c_fc"), width, mlp_ratio * width, fc_std)?,
-                        c_proj: Linear::new(&pb.pp("mlp").pp("c_proj"), mlp_ratio * width, width, proj_std)?,
+                        c_fc: Linear::new(
+                            &pb.pp("mlp").pp("c_fc"),
+                            width,
+                            mlp_ratio * width,
+                            fc_std,
+                        )?,
+                        c_proj: Linear::new(
+                            &pb.pp("mlp").pp("c_proj"),
+                            mlp_ratio * width,
+                            width,
+                            proj_std,
+                        )?,
                     },
                 })
             })

@@ -52,7 +52,11 @@ pub enum Encoder {
 impl Encoder {
     pub fn new(pb: &ParamBuilder, cfg: &ClipConfig, tower: Tower) -> Result<Self> {
         Ok(match tower {
-            Tower::Image => Encoder::Image(VisionTower::new(&pb.pp("visual"), &cfg.vision, cfg.embed_dim)?),
+            Tower::Image => Encoder::Image(VisionTower::new(
+                &pb.pp("visual"),
+                &cfg.vision,
+                cfg.embed_dim,
+            )?),
             Tower::Text => Encoder::Text(TextTower::new(pb, &cfg.text, cfg.embed_dim)?),
         })
     }
@@ -62,7 +66,9 @@ impl Encoder {
         match (self, input) {
             (Encoder::Image(m), TowerInput::Images(x)) => m.forward(x),
             (Encoder::Text(m), TowerInput::Captions { tokens, eot }) => m.forward(tokens, eot),
-            _ => Err(crate::error::Error::Msg("encoder and input are of different modalities".into())),
+            _ => Err(crate::error::Error::Msg(
+                "encoder and input are of different modalities".into(),
+            )),
         }
     }
 }

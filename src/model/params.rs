@@ -108,8 +108,9 @@ fn draw(shape: &Shape, init: Init, seed: u64, name: &str) -> Vec<f64> {
 
 /// FNV-1a: a stable hash of the parameter name (std's hasher may change between releases).
 fn fnv1a(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// A model's parameters, sorted by name: the order every collective over them uses.
@@ -146,7 +147,12 @@ impl Params {
     /// The parameters whose names satisfy `keep`.
     pub fn filter(&self, keep: impl Fn(&str) -> bool) -> Params {
         Params {
-            vars: self.vars.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            vars: self
+                .vars
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 

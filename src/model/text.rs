@@ -23,11 +23,29 @@ impl TextTower {
         let w = cfg.width;
         Ok(TextTower {
             cfg: cfg.clone(),
-            token_embedding: pb.get((cfg.vocab_size, w), "token_embedding.weight", Init::Normal(0.02))?,
-            positional_embedding: pb.get((cfg.context_length, w), "positional_embedding", Init::Normal(0.01))?,
-            transformer: Transformer::new(&pb.pp("transformer"), w, cfg.layers, cfg.heads, cfg.mlp_ratio)?,
+            token_embedding: pb.get(
+                (cfg.vocab_size, w),
+                "token_embedding.weight",
+                Init::Normal(0.02),
+            )?,
+            positional_embedding: pb.get(
+                (cfg.context_length, w),
+                "positional_embedding",
+                Init::Normal(0.01),
+            )?,
+            transformer: Transformer::new(
+                &pb.pp("transformer"),
+                w,
+                cfg.layers,
+                cfg.heads,
+                cfg.mlp_ratio,
+            )?,
             ln_final: LayerNorm::new(&pb.pp("ln_final"), w)?,
-            text_projection: pb.get((w, embed_dim), "text_projection", Init::Normal((w as f64).powf(-0.5)))?,
+            text_projection: pb.get(
+                (w, embed_dim),
+                "text_projection",
+                Init::Normal((w as f64).powf(-0.5)),
+            )?,
         })
     }
 
@@ -54,7 +72,11 @@ impl TextTower {
 }
 
 /// Additive mask: 0 on and below the diagonal, −∞ above (a token sees only earlier ones).
-fn causal_mask(len: usize, dtype: candle_core::DType, device: &candle_core::Device) -> Result<Tensor> {
+fn causal_mask(
+    len: usize,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let rows = Tensor::arange(0u32, len as u32, device)?.reshape((len, 1))?;
     let cols = Tensor::arange(0u32, len as u32, device)?.reshape((1, len))?;
     let future = cols.broadcast_gt(&rows)?;

@@ -31,9 +31,19 @@ impl VisionTower {
             cfg: cfg.clone(),
             conv1: pb.get((w, cfg.channels, p, p), "conv1.weight", Init::Normal(scale))?,
             class_embedding: pb.get(w, "class_embedding", Init::Normal(scale))?,
-            positional_embedding: pb.get((cfg.num_patches() + 1, w), "positional_embedding", Init::Normal(scale))?,
+            positional_embedding: pb.get(
+                (cfg.num_patches() + 1, w),
+                "positional_embedding",
+                Init::Normal(scale),
+            )?,
             ln_pre: LayerNorm::new(&pb.pp("ln_pre"), w)?,
-            transformer: Transformer::new(&pb.pp("transformer"), w, cfg.layers, cfg.heads, cfg.mlp_ratio)?,
+            transformer: Transformer::new(
+                &pb.pp("transformer"),
+                w,
+                cfg.layers,
+                cfg.heads,
+                cfg.mlp_ratio,
+            )?,
             ln_post: LayerNorm::new(&pb.pp("ln_post"), w)?,
             proj: pb.get((w, embed_dim), "proj", Init::Normal(scale))?,
         })
@@ -54,8 +64,13 @@ impl VisionTower {
             .contiguous()?
             .reshape((n * gh * gw, c.patch_dim()))?;
         let weight = self.conv1.reshape((c.width, c.patch_dim()))?;
-        let x = patches.matmul(&weight.t()?)?.reshape((n, gh * gw, c.width))?;
-        let cls = self.class_embedding.reshape((1, 1, c.width))?.broadcast_as((n, 1, c.width))?;
+        let x = patches
+            .matmul(&weight.t()?)?
+            .reshape((n, gh * gw, c.width))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, c.width))?
+            .broadcast_as((n, 1, c.width))?;
         let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.positional_embedding)?;
         let x = self.ln_pre.forward(&x)?;
         let x = self.transformer.forward(&x, None)?;

@@ -73,7 +73,11 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         retrieval: lead.retrieval,
         seconds,
         samples_per_second: (cfg.steps * cfg.global_batch) as f64 / seconds,
-        phases: outcomes.iter().zip(&topology.ranks).map(|(o, r)| (r.tower, o.phases)).collect(),
+        phases: outcomes
+            .iter()
+            .zip(&topology.ranks)
+            .map(|(o, r)| (r.tower, o.phases))
+            .collect(),
         final_logit_scale: lead.logit_scale,
     })
 }
@@ -101,7 +105,9 @@ fn run_rank(
         losses.push(loss);
         if let Some(bar) = &bar {
             let rate = ((step + 1) * cfg.global_batch) as f64 / started.elapsed().as_secs_f64();
-            bar.set_message(format!("loss {loss:.3} · {rate:.0} samples/s · lr {lr:.1e}"));
+            bar.set_message(format!(
+                "loss {loss:.3} · {rate:.0} samples/s · lr {lr:.1e}"
+            ));
             bar.inc(1);
         }
     }
@@ -134,7 +140,10 @@ pub fn evaluate(
     const CHUNK: usize = 256;
     let r = &topology.ranks[rank];
     let size = topology.group_size(r.tower);
-    let (offset, len) = (split_offset(pairs, size, r.group_rank), split_len(pairs, size, r.group_rank));
+    let (offset, len) = (
+        split_offset(pairs, size, r.group_rank),
+        split_len(pairs, size, r.group_rank),
+    );
     let mut parts = Vec::new();
     for start in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - start);
@@ -151,15 +160,19 @@ pub fn evaluate(
     if rank != 0 {
         return Ok(None);
     }
-    let captions: Vec<String> = (0..pairs as u64).map(|i| source.caption(Stream::Heldout, i)).collect();
+    let captions: Vec<String> = (0..pairs as u64)
+        .map(|i| source.caption(Stream::Heldout, i))
+        .collect();
     Ok(Some(recall_at_1(&image, &text, &captions)?))
 }
 
 fn progress_bar(len: u64) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} steps · {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} steps · {msg}",
+        )
+        .expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar

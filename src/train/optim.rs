@@ -17,7 +17,10 @@ pub struct AdamWConfig {
 /// OpenCLIP's rule: no weight decay on gains, biases, norms and the temperature: every
 /// tensor with fewer than two dimensions, and anything named like a norm or bias.
 pub fn decays(name: &str, var: &Var) -> bool {
-    !(var.rank() < 2 || name.contains("bias") || name.contains("ln_") || name.contains("logit_scale"))
+    !(var.rank() < 2
+        || name.contains("bias")
+        || name.contains("ln_")
+        || name.contains("logit_scale"))
 }
 
 struct Slot {
@@ -46,7 +49,11 @@ impl AdamW {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(AdamW { cfg, slots, step: 0 })
+        Ok(AdamW {
+            cfg,
+            slots,
+            step: 0,
+        })
     }
 
     pub fn steps_taken(&self) -> usize {

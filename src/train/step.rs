@@ -13,7 +13,9 @@ use crate::comm::{all_reduce_bucket, RankComms};
 use crate::error::{Error, Result};
 use crate::loss::{clip_loss_lse, split_len, split_offset, FeatureLayout};
 use crate::model::layers::l2_normalize;
-use crate::model::{logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX};
+use crate::model::{
+    logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX,
+};
 use crate::topology::{Topology, Tower};
 
 /// Wall time of each phase of one step on one rank.
@@ -28,10 +30,24 @@ pub struct PhaseTimes {
 }
 
 impl PhaseTimes {
-    pub const NAMES: [&'static str; 6] = ["forward", "exchange", "loss", "backward", "grad all-reduce", "optimizer"];
+    pub const NAMES: [&'static str; 6] = [
+        "forward",
+        "exchange",
+        "loss",
+        "backward",
+        "grad all-reduce",
+        "optimizer",
+    ];
 
     pub fn as_array(&self) -> [Duration; 6] {
-        [self.forward, self.exchange, self.loss, self.backward, self.grad_all_reduce, self.optimizer]
+        [
+            self.forward,
+            self.exchange,
+            self.loss,
+            self.backward,
+            self.grad_all_reduce,
+            self.optimizer,
+        ]
     }
 
     pub fn add(&mut self, o: &PhaseTimes) {
@@ -110,7 +126,11 @@ impl RankTrainer {
     }
 
     pub fn logit_scale(&self) -> Result<f64> {
-        Ok(self.logit_scale.as_tensor().to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        Ok(self
+            .logit_scale
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
     }
 
     /// Normalised features of `input`, without building a graph (evaluation).
@@ -142,7 +162,13 @@ impl RankTrainer {
         times.exchange = t.elapsed();
 
         let t = Instant::now();
-        let out = clip_loss_lse(comms, &features.detach(), &other, self.offset, self.logit_scale()?)?;
+        let out = clip_loss_lse(
+            comms,
+            &features.detach(),
+            &other,
+            self.offset,
+            self.logit_scale()?,
+        )?;
         times.loss = t.elapsed();
 
         // Backpropagate ∂L/∂features into the tower: d/dθ Σ features ⊙ g = (∂L/∂features)·∂features/∂θ.
@@ -193,10 +219,18 @@ impl RankTrainer {
     }
 
     /// A whole step; returns the loss and the phase times.
-    pub fn step(&mut self, comms: &RankComms, input: &TowerInput, lr: f64) -> Result<(f64, PhaseTimes)> {
+    pub fn step(
+        &mut self,
+        comms: &RankComms,
+        input: &TowerInput,
+        lr: f64,
+    ) -> Result<(f64, PhaseTimes)> {
         let mut g = self.compute_grads(comms, input)?;
         if !g.loss.is_finite() {
-            return Err(Error::Msg(format!("the loss is {}: training diverged", g.loss)));
+            return Err(Error::Msg(format!(
+                "the loss is {}: training diverged",
+                g.loss
+            )));
         }
         g.times.optimizer = self.apply(&g.grads, lr)?;
         Ok((g.loss, g.times))

@@ -1,0 +1,225 @@
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use mmpipe::comm::thread::{group, ThreadCommunicator};
+use mmpipe::comm::{all_reduce_bucket, Communicator};
+use mmpipe::Error;
+
+/// Runs `f` on each rank of a fresh group of `n` on its own thread, with a deadline: a
+/// hang fails the test instead of blocking it.
+fn on_ranks<T: Send + 'static>(
+    n: usize,
+    timeout: Duration,
+    f: impl Fn(ThreadCommunicator) -> mmpipe::Result<T> + Send + Sync + Clone + 'static,
+) -> Vec<mmpipe::Result<T>> {
+    let (tx, rx) = mpsc::channel();
+    for (rank, comm) in group("test", n, timeout).into_iter().enumerate() {
+        let (tx, f) = (tx.clone(), f.clone());
+        std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(comm)));
+            let r = r.unwrap_or_else(|_| Err(Error::Msg("panicked".into())));
+            let _ = tx.send((rank, r));
+        });
+    }
+    let mut out: Vec<Option<mmpipe::Result<T>>> = (0..n).map(|_| None).collect();
+    for _ in 0..n {
+        let (rank, r) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a rank hung");
+        out[rank] = Some(r);
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Rank r's input: `rows` rows of 3 values, distinct per rank and element.
+fn input(rank: usize, rows: usize) -> Tensor {
+    let v: Vec<f32> = (0..rows * 3)
+        .map(|i| (rank * 100 + i) as f32 * 0.37 - 5.0)
+        .collect();
+    Tensor::from_vec(v, (rows, 3), &Device::Cpu).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2().unwrap()
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[test]
+fn all_gather_concatenates_in_rank_order_even_with_ragged_rows() {
+    for n in 1..=4 {
+        let results = on_ranks(n, T, move |c| c.all_gather(&input(c.rank(), c.rank() + 1)));
+        let expected =
+            Tensor::cat(&(0..n).map(|r| input(r, r + 1)).collect::<Vec<_>>(), 0).unwrap();
+        for r in results {
+            assert_eq!(rows(&r.unwrap()), rows(&expected), "{n} ranks");
+        }
+    }
+}
+
+#[test]
+fn all_reduce_equals_the_serial_sum_bit_for_bit_on_every_rank() {
+    for n in 1..=4 {
+        let results = on_ranks(n, T, |c| c.all_reduce_sum(&input(c.rank(), 4)));
+        let mut serial = input(0, 4);
+        for r in 1..n {
+            serial = (serial + input(r, 4)).unwrap();
+        }
+        for r in results {
+            assert_eq!(rows(&r.unwrap()), rows(&serial), "{n} ranks");
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_gives_each_rank_its_block_of_the_sum() {
+    for n in 1..=4 {
+        let results = on_ranks(n, T, move |c| c.reduce_scatter_sum(&input(c.rank(), 2 * n)));
+        let mut serial = input(0, 2 * n);
+        for r in 1..n {
+            serial = (serial + input(r, 2 * n)).unwrap();
+        }
+        for (rank, r) in results.into_iter().enumerate() {
+            assert_eq!(
+                rows(&r.unwrap()),
+                rows(&serial.narrow(0, 2 * rank, 2).unwrap()),
+                "{n} ranks"
+            );
+        }
+    }
+}
+
+#[test]
+fn broadcast_copies_the_root_tensor_and_barrier_returns() {
+    for n in 1..=4 {
+        for root in 0..n {
+            let results = on_ranks(n, T, move |c| {
+                c.barrier()?;
+                c.broadcast(&input(c.rank(), 2), root)
+            });
+            for r in results {
+                assert_eq!(rows(&r.unwrap()), rows(&input(root, 2)));
+            }
+        }
+    }
+}
+
+#[test]
+fn bucketed_all_reduce_keeps_shapes_and_sums() {
+    let results = on_ranks(3, T, |c| {
+        let a = input(c.rank(), 2);
+        let b = input(c.rank() + 10, 5).reshape((3, 5)).unwrap();
+        all_reduce_bucket(&c, &[a, b])
+    });
+    let sum = |f: &dyn Fn(usize) -> Tensor| (f(0) + f(1)).unwrap().add(&f(2)).unwrap();
+    let a = sum(&|r| input(r, 2));
+    let b = sum(&|r| input(r + 10, 5).reshape((3, 5)).unwrap());
+    for r in results {
+        let r = r.unwrap();
+        assert_eq!(rows(&r[0]), rows(&a));
+        assert_eq!(r[1].to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
+}
+
+#[test]
+fn consecutive_collectives_do_not_mix_up_messages() {
+    // Rank 0 races ahead through many gathers; per-pair ordering keeps them apart.
+    let results = on_ranks(3, T, |c| {
+        let mut out = Vec::new();
+        for step in 0..50 {
+            if c.rank() == 2 && step % 7 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let t = Tensor::new(&[(c.rank() * 1000 + step) as f32], &Device::Cpu).unwrap();
+            out.push(c.all_gather(&t)?.to_vec1::<f32>().unwrap());
+        }
+        Ok(out)
+    });
+    for r in results {
+        for (step, got) in r.unwrap().into_iter().enumerate() {
+            assert_eq!(
+                got,
+                vec![step as f32, (1000 + step) as f32, (2000 + step) as f32]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_failing_rank_makes_the_others_return_an_error() {
+    let results = on_ranks(4, T, |c| {
+        if c.rank() == 1 {
+            return Err(Error::Msg("rank 1 failed on purpose".into()));
+        }
+        c.all_reduce_sum(&input(c.rank(), 2))
+    });
+    assert!(matches!(&results[1], Err(Error::Msg(_))));
+    for (rank, r) in results.iter().enumerate().filter(|(r, _)| *r != 1) {
+        match r {
+            // Rank 1, or a rank that already gave up because of it.
+            Err(Error::PeerLost { .. }) => {}
+            other => panic!("rank {rank}: expected PeerLost, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_panicking_rank_makes_the_others_return_an_error() {
+    let results = on_ranks(3, T, |c| {
+        c.barrier()?;
+        if c.rank() == 2 {
+            panic!("rank 2 panics on purpose");
+        }
+        c.all_gather(&input(c.rank(), 1))
+    });
+    assert!(
+        results.iter().all(|r| r.is_err()),
+        "every rank must see the failure"
+    );
+    let msg = results[0].as_ref().unwrap_err().to_string();
+    assert!(msg.contains("rank 2 of 3 left"), "{msg}");
+}
+
+#[test]
+fn a_silent_rank_times_out_with_a_message() {
+    let results = on_ranks(2, Duration::from_millis(200), |c| {
+        if c.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(1500));
+            return Ok(None);
+        }
+        c.all_reduce_sum(&input(0, 1)).map(Some)
+    });
+    let msg = results[0].as_ref().unwrap_err().to_string();
+    assert!(
+        msg.contains("rank 1 of 2 did not answer within 0.2 s"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn mismatched_shapes_are_an_error_not_garbage() {
+    let results = on_ranks(2, T, |c| c.all_reduce_sum(&input(c.rank(), c.rank() + 1)));
+    for r in results {
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("shape"), "{msg}");
+    }
+}
+
+#[test]
+fn run_ranks_reports_the_root_cause_not_the_echoes() {
+    let topology = super::common::cpu_topology(2, 2);
+    let err = mmpipe::comm::thread::run_ranks(&topology, T, |rank, comms| {
+        if rank == 3 {
+            panic!("boom");
+        }
+        comms.world.barrier()?;
+        comms.world.barrier()
+    })
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("rank 3") && msg.contains("panicked: boom"),
+        "{msg}"
+    );
+}

@@ -1,0 +1,167 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use mmpipe::data::{Stream, SyntheticSource};
+use mmpipe::loss::clip_loss_reference;
+use mmpipe::model::layers::l2_normalize;
+use mmpipe::model::{Clip, ClipConfig, ParamBuilder, Params, TowerInput};
+use mmpipe::topology::{Topology, Tower};
+use mmpipe::train::TrainConfig;
+
+/// Small enough for many runs per test, with every kind of layer (two blocks per tower).
+pub const TEST_MODEL: &str = r#"
+embed_dim = 16
+[vision]
+image_size = 16
+patch_size = 8
+width = 24
+layers = 2
+heads = 2
+mlp_ratio = 2
+[text]
+vocab_size = 32
+context_length = 12
+width = 24
+layers = 2
+heads = 2
+mlp_ratio = 2
+"#;
+
+pub fn test_model() -> ClipConfig {
+    ClipConfig::from_str(TEST_MODEL, Path::new("tests/common.rs")).unwrap()
+}
+
+/// A CPU topology of `image` + `text` rank threads, through the real parser.
+pub fn cpu_topology(image: usize, text: usize) -> Topology {
+    let text_toml = format!(
+        "device = \"cpu\"\n[[nodes]]\nname = \"host\"\ndevices = {}\n[groups]\nimage = [\"host:0-{}\"]\ntext = [\"host:{}-{}\"]\n",
+        image + text,
+        image - 1,
+        image,
+        image + text - 1
+    );
+    Topology::from_str(&text_toml, Path::new(&format!("cpu-{image}x{text}.toml"))).unwrap()
+}
+
+pub fn train_config(global_batch: usize) -> TrainConfig {
+    TrainConfig {
+        seed: 7,
+        global_batch,
+        steps: 5,
+        progress: false,
+        eval_pairs: 0,
+        ..TrainConfig::default()
+    }
+}
+
+/// Both modalities of samples `indices`.
+pub fn batch(source: &SyntheticSource, indices: &[u64], dtype: DType) -> (TowerInput, TowerInput) {
+    let dev = Device::Cpu;
+    let images = match source
+        .tower_input(Tower::Image, Stream::Train, indices, &dev)
+        .unwrap()
+    {
+        TowerInput::Images(t) => TowerInput::Images(t.to_dtype(dtype).unwrap()),
+        other => other,
+    };
+    (
+        images,
+        source
+            .tower_input(Tower::Text, Stream::Train, indices, &dev)
+            .unwrap(),
+    )
+}
+
+/// The whole model on one device.
+pub struct Reference {
+    pub model: Clip,
+    pub params: Params,
+}
+
+impl Reference {
+    pub fn new(cfg: &ClipConfig, seed: u64, dtype: DType) -> Self {
+        let pb = ParamBuilder::new(seed, dtype, &Device::Cpu);
+        let model = Clip::new(&pb, cfg).unwrap();
+        Reference {
+            model,
+            params: pb.params(),
+        }
+    }
+
+    pub fn loss(&self, images: &TowerInput, texts: &TowerInput) -> Tensor {
+        let (TowerInput::Images(img), TowerInput::Captions { tokens, eot }) = (images, texts)
+        else {
+            panic!("inputs of the wrong modality")
+        };
+        let x = l2_normalize(&self.model.visual.forward(img).unwrap()).unwrap();
+        let y = l2_normalize(&self.model.text.forward(tokens, eot).unwrap()).unwrap();
+        clip_loss_reference(&x, &y, &self.model.logit_scale).unwrap()
+    }
+
+    /// Loss and every parameter's gradient by plain autograd, keyed by name.
+    pub fn grads(
+        &self,
+        images: &TowerInput,
+        texts: &TowerInput,
+    ) -> (f64, BTreeMap<String, Tensor>) {
+        let loss = self.loss(images, texts);
+        let store = loss.backward().unwrap();
+        let grads = self
+            .params
+            .names()
+            .into_iter()
+            .zip(self.params.grads(&store).unwrap())
+            .map(|(n, g)| (n.to_string(), g))
+            .collect();
+        (scalar(&loss), grads)
+    }
+}
+
+pub fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// What a tolerance is relative to.
+#[derive(Debug, Clone, Copy)]
+pub enum Relative {
+    /// Each element's own magnitude (`allclose`).
+    Element,
+    /// The tensor's largest magnitude: f32 rounding in a sum is relative to the terms
+    /// summed, so an element that is small only by cancellation carries the error of the
+    /// large ones.
+    Tensor,
+}
+
+/// Largest violation of `|a − b| ≤ abs + rel·|b|` (or `rel·max|b|`), as (index, a, b);
+/// None when all pass.
+pub fn worst_violation(
+    a: &Tensor,
+    b: &Tensor,
+    rel: f64,
+    abs: f64,
+    relative: Relative,
+) -> Option<(usize, f64, f64)> {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let (a, b) = (values(a), values(b));
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let bound = |y: f64| match relative {
+        Relative::Element => abs + rel * y.abs(),
+        Relative::Tensor => abs + rel * scale,
+    };
+    a.iter()
+        .zip(&b)
+        .enumerate()
+        .filter(|(_, (x, y))| (*x - *y).abs() > bound(**y) || !x.is_finite())
+        .max_by(|(_, (x1, y1)), (_, (x2, y2))| (*x1 - *y1).abs().total_cmp(&(*x2 - *y2).abs()))
+        .map(|(i, (x, y))| (i, *x, *y))
+}

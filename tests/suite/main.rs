@@ -1,0 +1,16 @@
+//! One integration-test binary (one link, shared helpers); each module is one concern.
+
+/// Thread-backend collectives against serial computations; failing ranks give errors.
+mod collectives;
+/// Tiny model, topologies and tolerance helpers shared by the modules below.
+mod common;
+/// The autograd reference against finite differences: every parameter's gradient.
+mod gradients;
+/// The split loss and training on 1x1 .. 3x1 ranks against one device on the whole batch.
+mod parity;
+/// `mmpipe plan`: placement and bytes per step.
+mod plan;
+/// Topology files: the shipped ones parse, broken ones name file and field.
+mod topology_files;
+/// The embedded default run learns: retrieval far above chance.
+mod training;

@@ -1,0 +1,81 @@
+use std::path::Path;
+
+use mmpipe::model::{ClipConfig, Encoder};
+use mmpipe::plan::Plan;
+use mmpipe::topology::{Topology, Tower};
+
+#[test]
+fn four_by_four_plan_has_one_row_per_rank_with_its_slice() {
+    let t = Topology::from_file(Path::new("topology/4x4.toml")).unwrap();
+    let model = ClipConfig::default_tiny();
+    let plan = Plan::new(&t, &model, 128, "--batch").unwrap();
+    assert_eq!(plan.ranks.len(), 8);
+    for r in &plan.ranks {
+        assert_eq!(r.local_batch, 32);
+        assert_eq!(
+            r.tower,
+            if r.global_rank < 4 {
+                Tower::Image
+            } else {
+                Tower::Text
+            }
+        );
+        assert_eq!(r.node, if r.global_rank < 4 { "node0" } else { "node1" });
+    }
+    let text = plan.render();
+    for needle in [
+        "node1",
+        "cuda:3",
+        "text-transformer",
+        "feature all-gather",
+        "gradient all-reduce",
+    ] {
+        assert!(text.contains(needle), "plan lacks {needle}:\n{text}");
+    }
+}
+
+#[test]
+fn bytes_per_step_follow_from_batch_width_and_parameters() {
+    let t = super::common::cpu_topology(2, 1);
+    let model = ClipConfig::default_tiny();
+    let plan = Plan::new(&t, &model, 12, "--batch").unwrap();
+    let tr = &plan.traffic;
+    // 12 image + 12 text features of embed_dim floats.
+    assert_eq!(tr.feature_all_gather, 2 * 12 * model.embed_dim as u64 * 4);
+    assert_eq!(
+        tr.lse_all_gather,
+        [(Tower::Image, 2 * 12 * 4), (Tower::Text, 12 * 4)]
+    );
+    let image_bytes = model.vision.num_params(model.embed_dim) as u64 * 4;
+    assert_eq!(
+        tr.grad_all_reduce,
+        [(Tower::Image, image_bytes), (Tower::Text, 0)]
+    );
+    assert_eq!(tr.grad_ring_per_rank[0], (Tower::Image, image_bytes));
+}
+
+#[test]
+fn parameter_counts_match_the_built_towers() {
+    for model in [ClipConfig::default_tiny(), super::common::test_model()] {
+        for (tower, expected) in [
+            (Tower::Image, model.vision.num_params(model.embed_dim)),
+            (Tower::Text, model.text.num_params(model.embed_dim)),
+        ] {
+            let pb = mmpipe::model::cpu_builder(0);
+            Encoder::new(&pb, &model, tower).unwrap();
+            assert_eq!(pb.params().num_elements(), expected, "{tower}");
+        }
+    }
+}
+
+#[test]
+fn plan_rejects_a_batch_the_groups_cannot_split() {
+    let t = Topology::from_file(Path::new("topology/cpu-2x1.toml")).unwrap();
+    let e = Plan::new(&t, &ClipConfig::default_tiny(), 7, "--batch")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("groups.image") && e.contains("cpu-2x1.toml"),
+        "{e}"
+    );
+}
