@@ -272,7 +272,7 @@ impl Topology {
         }
         for tower in [Tower::Image, Tower::Text] {
             let size = self.group_size(tower);
-            if global_batch % size != 0 {
+            if !global_batch.is_multiple_of(size) {
                 return Err(Error::invalid(
                     &self.source,
                     format!("groups.{tower}"),

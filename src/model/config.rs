@@ -94,7 +94,7 @@ impl ClipConfig {
                 return bad(field, "must be at least 1".into());
             }
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return bad(
                 "vision.patch_size",
                 format!(
@@ -103,13 +103,13 @@ impl ClipConfig {
                 ),
             );
         }
-        if v.width % v.heads != 0 {
+        if !v.width.is_multiple_of(v.heads) {
             return bad(
                 "vision.heads",
                 format!("{} heads do not divide width {}", v.heads, v.width),
             );
         }
-        if t.width % t.heads != 0 {
+        if !t.width.is_multiple_of(t.heads) {
             return bad(
                 "text.heads",
                 format!("{} heads do not divide width {}", t.heads, t.width),

@@ -18,9 +18,9 @@ use crate::error::Result;
 use crate::topology::Tower;
 
 /// OpenCLIP's initial temperature: `logit_scale = ln(1/0.07)`.
-pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778_6;
+pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
 /// The scale `exp(logit_scale)` is clamped to 100 after every optimizer step.
-pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_091;
+pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
 
 /// A batch for one tower: images, or tokenised captions.
 #[derive(Debug, Clone)]
