@@ -1,1 +1,131 @@
-fn main() {}
+//! Criterion benches: `cargo bench` (one compute thread per rank: RAYON_NUM_THREADS=1 from
+//! .cargo/config.toml). Everything runs on the CPU, so no device sync is needed before the
+//! clock stops.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mmpipe::comm::thread::{group, DEFAULT_TIMEOUT};
+use mmpipe::comm::{Communicator, RankComms};
+use mmpipe::data::{Stream, SyntheticSource};
+use mmpipe::loss::{clip_loss_lse, clip_loss_reference};
+use mmpipe::model::layers::l2_normalize;
+use mmpipe::model::{cpu_builder, ClipConfig, Encoder};
+use mmpipe::topology::Tower;
+
+/// Thread-backend all-reduce: bytes/s against message size and rank count.
+fn collectives(c: &mut Criterion) {
+    let mut g = c.benchmark_group("all_reduce_threads");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    for ranks in [2, 4] {
+        for floats in [256usize, 16 * 1024, 1024 * 1024] {
+            g.throughput(Throughput::Bytes((floats * 4) as u64));
+            g.bench_with_input(
+                BenchmarkId::new(format!("{ranks}_ranks"), floats * 4),
+                &floats,
+                |b, &floats| {
+                    b.iter_custom(|iters| {
+                        let comms = group("bench", ranks, DEFAULT_TIMEOUT);
+                        let handles: Vec<_> = comms
+                            .into_iter()
+                            .map(|c| {
+                                std::thread::spawn(move || {
+                                    let t = Tensor::ones(floats, DType::F32, &Device::Cpu).unwrap();
+                                    c.barrier().unwrap();
+                                    let start = Instant::now();
+                                    for _ in 0..iters {
+                                        c.all_reduce_sum(&t).unwrap();
+                                    }
+                                    start.elapsed()
+                                })
+                            })
+                            .collect();
+                        handles
+                            .into_iter()
+                            .map(|h| h.join().unwrap())
+                            .max()
+                            .unwrap()
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+fn random_features(n: usize, d: usize) -> Tensor {
+    l2_normalize(&Tensor::randn(0f32, 1f32, (n, d), &Device::Cpu).unwrap()).unwrap()
+}
+
+/// The split loss on one image rank (its rows against all columns) against the autograd
+/// reference on the whole batch, forward + backward.
+fn loss(c: &mut Criterion) {
+    let mut g = c.benchmark_group("clip_loss");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let d = 256;
+    for batch in [256usize, 1024] {
+        let (x, y) = (random_features(batch, d), random_features(batch, d));
+        let comms = RankComms {
+            world: Box::new(group("world", 1, DEFAULT_TIMEOUT).remove(0)),
+            group: Box::new(group("image", 1, DEFAULT_TIMEOUT).remove(0)),
+            tower: Tower::Image,
+        };
+        g.bench_with_input(BenchmarkId::new("lse_one_rank", batch), &batch, |b, _| {
+            b.iter(|| clip_loss_lse(&comms, &x, &y, 0, 2.66).unwrap())
+        });
+        let scale = candle_core::Var::new(2.66f32, &Device::Cpu).unwrap();
+        let (xv, yv) = (
+            candle_core::Var::from_tensor(&x).unwrap(),
+            candle_core::Var::from_tensor(&y).unwrap(),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("autograd_reference", batch),
+            &batch,
+            |b, _| {
+                b.iter(|| {
+                    clip_loss_reference(xv.as_tensor(), yv.as_tensor(), scale.as_tensor())
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+/// Each tiny tower's forward + backward, per sample.
+fn towers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tower_fwd_bwd_clip_tiny");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    let model = ClipConfig::default_tiny();
+    let source = SyntheticSource::new(0, &model).unwrap();
+    let batch = 64;
+    g.throughput(Throughput::Elements(batch as u64));
+    for tower in [Tower::Image, Tower::Text] {
+        let pb = cpu_builder(0);
+        let encoder = Encoder::new(&pb, &model, tower).unwrap();
+        let indices: Vec<u64> = (0..batch as u64).collect();
+        let input = source
+            .tower_input(tower, Stream::Train, &indices, &Device::Cpu)
+            .unwrap();
+        g.bench_function(tower.name(), |b| {
+            b.iter(|| {
+                encoder
+                    .forward(&input)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, collectives, loss, towers);
+criterion_main!(benches);

@@ -131,7 +131,6 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         report.final_logit_scale,
         report.final_logit_scale.exp()
     );
-    print_phases(&report.phases, cfg.steps);
     if let Some(r) = report.retrieval {
         println!(
             "held-out retrieval on {} pairs: image->text recall@1 {:.1}%, text->image recall@1 {:.1}% (chance {:.1}%)",
@@ -140,6 +139,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             100.0 * r.text_to_image_r1,
             100.0 * r.chance
         );
+    }
+    print_phases(&report.phases, cfg.steps);
+    if let Some(mib) = peak_memory_mib() {
+        println!("peak memory (resident, whole process): {mib:.0} MiB");
     }
     Ok(())
 }
@@ -161,6 +164,14 @@ fn compute_threads_per_rank(world_size: usize) -> usize {
     // Read by rayon's pool and by gemm when first used; nothing has used them yet.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     n
+}
+
+/// The process's peak resident set, from Linux's /proc (None elsewhere).
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn print_phases(phases: &[(Tower, PhaseTimes)], steps: usize) {

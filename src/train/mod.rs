@@ -61,6 +61,15 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         ));
     }
     topology.check_batch(cfg.global_batch, "the global batch (--batch)")?;
+    let largest_group = topology
+        .group_size(Tower::Image)
+        .max(topology.group_size(Tower::Text));
+    if cfg.eval_pairs != 0 && cfg.eval_pairs < largest_group {
+        return Err(Error::Msg(format!(
+            "--eval-pairs {} is fewer than the {largest_group} ranks of a group: use at least that many, or 0",
+            cfg.eval_pairs
+        )));
+    }
     let source = SyntheticSource::new(cfg.seed, model)?;
     let started = Instant::now();
     let outcomes = thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
@@ -92,6 +101,7 @@ fn run_rank(
 ) -> Result<RankOutcome> {
     let device = Device::Cpu;
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
+    trainer.check_replicas(&comms)?;
     let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64));
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut phases = PhaseTimes::default();

@@ -138,6 +138,34 @@ impl RankTrainer {
         Ok(l2_normalize(&self.encoder.forward(input)?)?.detach())
     }
 
+    /// Checks that every rank of the group holds bit-identical weights (one checksum per
+    /// parameter, all-gathered): data parallelism is only exact if the replicas agree.
+    pub fn check_replicas(&self, comms: &RankComms) -> Result<()> {
+        let sums: Vec<f64> = self
+            .params
+            .iter()
+            .map(|(_, v)| {
+                Ok(v.as_tensor()
+                    .to_dtype(DType::F64)?
+                    .sum_all()?
+                    .to_scalar::<f64>()?)
+            })
+            .collect::<Result<_>>()?;
+        let n = sums.len();
+        let mine = Tensor::from_vec(sums, (1, n), &Device::Cpu)?;
+        let all: Vec<Vec<f64>> = comms.group.all_gather(&mine)?.to_vec2()?;
+        for (rank, row) in all.iter().enumerate() {
+            if let Some(i) = (0..n).find(|&i| row[i].to_bits() != all[0][i].to_bits()) {
+                return Err(Error::Msg(format!(
+                    "{} group: rank {rank}'s `{}` differs from rank 0's: the replicas did not start identical",
+                    self.tower,
+                    self.params.names()[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Forward, exchange, loss, backward and the group reduction: the exact gradient of the
     /// global-batch loss for every parameter this rank holds.
     pub fn compute_grads(&self, comms: &RankComms, input: &TowerInput) -> Result<StepGrads> {

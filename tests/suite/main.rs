@@ -1,5 +1,7 @@
 //! One integration-test binary (one link, shared helpers); each module is one concern.
 
+/// The binary: `plan` and `train` as a user runs them.
+mod cli;
 /// Thread-backend collectives against serial computations; failing ranks give errors.
 mod collectives;
 /// Tiny model, topologies and tolerance helpers shared by the modules below.

@@ -79,3 +79,9 @@ fn plan_rejects_a_batch_the_groups_cannot_split() {
         "{e}"
     );
 }
+
+#[test]
+fn temperature_constants_are_openclips() {
+    assert!((mmpipe::model::LOGIT_SCALE_INIT - (1.0f64 / 0.07).ln()).abs() < 1e-15);
+    assert!((mmpipe::model::LOGIT_SCALE_MAX - 100f64.ln()).abs() < 1e-15);
+}
