@@ -74,8 +74,8 @@ impl Plan {
             .collect();
         // logit_scale lives on both groups but its gradient comes from the world scalar
         // all-reduce, not from the group's gradient bucket.
-        let image_params = model.vision.num_params(model.embed_dim);
-        let text_params = model.text.num_params(model.embed_dim);
+        let image_params = model.vision.size().num_params(model.embed_dim);
+        let text_params = model.text.size().num_params(model.embed_dim);
         let b = global_batch as u64;
         let per_group = |f: &dyn Fn(Tower) -> u64| {
             [

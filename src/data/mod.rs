@@ -36,23 +36,23 @@ impl SyntheticSource {
             )
             .chain(["a", "at", "the"]);
         let vocab = WordVocab::new(words);
-        if vocab.size() > model.text.vocab_size {
+        if vocab.size() > model.vocab_size() {
             return Err(Error::Msg(format!(
                 "the synthetic captions need a vocabulary of {} tokens but text.vocab_size is {}",
                 vocab.size(),
-                model.text.vocab_size
+                model.vocab_size()
             )));
         }
-        if model.vision.channels != 3 {
+        if model.channels() != 3 {
             return Err(Error::Msg(
                 "the synthetic images are RGB: vision.channels must be 3".into(),
             ));
         }
         Ok(SyntheticSource {
-            shapes: SyntheticShapes::new(seed, model.vision.image_size),
+            shapes: SyntheticShapes::new(seed, model.image_size()),
             vocab,
-            context: model.text.context_length,
-            channels: model.vision.channels,
+            context: model.context_length(),
+            channels: model.channels(),
         })
     }
 

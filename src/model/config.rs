@@ -1,4 +1,21 @@
-//! Tower configurations, read from `configs/*.toml`, and the sizes that follow from them.
+//! Model configurations, read from `configs/*.toml`, and the sizes that follow from them:
+//! parameters, forward FLOPs and activation memory per sample.
+//!
+//! A model file names its embedding size and its two towers, each either inline or as a
+//! path (relative to the model file) to a tower file in `configs/towers/`:
+//!
+//! ```toml
+//! embed_dim = 512
+//! vision = "towers/vit-b-16.toml"
+//! [text]
+//! kind = "clip"
+//! vocab_size = 49408
+//! # ...
+//! ```
+//!
+//! FLOP convention: a multiply-add counts as 2 FLOPs, and only matrix products and
+//! convolutions are counted (norms, softmax, activations are ignored). This reproduces
+//! OpenCLIP's published profile (`docs/model_profile.csv`, from fvcore) to within 0.1%.
 
 use std::path::Path;
 
@@ -9,7 +26,7 @@ use crate::error::{parse_toml, read_toml, Error, Result};
 /// A CLIP-style ViT: class token, learned positions, pre-norm blocks, class-token pooling.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct VisionConfig {
+pub struct VitConfig {
     pub image_size: usize,
     pub patch_size: usize,
     #[serde(default = "three")]
@@ -21,10 +38,26 @@ pub struct VisionConfig {
     pub mlp_ratio: usize,
 }
 
+/// CLIP's modified ResNet: a three-convolution stem, anti-aliased (average-pool) strides,
+/// and attention pooling over the final feature map.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    pub image_size: usize,
+    /// Bottleneck blocks per stage: `[3, 4, 6, 3]` for ResNet-50.
+    pub layers: [usize; 4],
+    /// Channels of the first stage (the stem ends with this many).
+    pub width: usize,
+    /// Heads of the attention pool.
+    pub heads: usize,
+    #[serde(default = "three")]
+    pub channels: usize,
+}
+
 /// CLIP's causal text transformer, pooled at the end-of-text token.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TextConfig {
+pub struct TextTransformerConfig {
     pub vocab_size: usize,
     pub context_length: usize,
     pub width: usize,
@@ -34,14 +67,65 @@ pub struct TextConfig {
     pub mlp_ratio: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClipConfig {
-    pub embed_dim: usize,
-    pub vision: VisionConfig,
-    pub text: TextConfig,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BertPooling {
+    Mean,
+    Cls,
 }
 
+/// A BERT encoder (bidirectional, attention mask), as in HF's `BertModel`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    /// Tokens per caption during training (at most `max_position_embeddings`).
+    pub context_length: usize,
+    pub pooling: BertPooling,
+    /// HF checkpoints carry a pooler (dense + tanh on the CLS token).
+    #[serde(default)]
+    pub pooler: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ImageTowerConfig {
+    Vit(VitConfig),
+    Resnet(ResNetConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TextTowerConfig {
+    Clip(TextTransformerConfig),
+    Bert(BertConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub embed_dim: usize,
+    pub vision: ImageTowerConfig,
+    pub text: TextTowerConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClipConfigFile {
+    embed_dim: usize,
+    vision: toml::Value,
+    text: toml::Value,
+}
+
+fn two() -> usize {
+    2
+}
 fn three() -> usize {
     3
 }
@@ -54,15 +138,14 @@ pub const DEFAULT_TINY: &str = include_str!("../../configs/clip-tiny.toml");
 
 impl ClipConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let c: ClipConfig = read_toml(path)?;
-        c.validate(path)?;
-        Ok(c)
+        let file: ClipConfigFile = read_toml(path)?;
+        Self::build(file, path)
     }
 
+    /// Parses model text; `origin` names it in errors and anchors relative tower paths.
     pub fn from_str(text: &str, origin: &Path) -> Result<Self> {
-        let c: ClipConfig = parse_toml(text, origin)?;
-        c.validate(origin)?;
-        Ok(c)
+        let file: ClipConfigFile = parse_toml(text, origin)?;
+        Self::build(file, origin)
     }
 
     pub fn default_tiny() -> Self {
@@ -70,64 +153,219 @@ impl ClipConfig {
             .expect("the built-in model config is valid")
     }
 
+    fn build(file: ClipConfigFile, path: &Path) -> Result<Self> {
+        let c = ClipConfig {
+            embed_dim: file.embed_dim,
+            vision: resolve_tower(file.vision, "vision", path)?,
+            text: resolve_tower(file.text, "text", path)?,
+        };
+        c.validate(path)?;
+        Ok(c)
+    }
+
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, msg: String| Err(Error::invalid(path, field, msg));
-        let v = &self.vision;
-        let t = &self.text;
-        for (field, value) in [
-            ("embed_dim", self.embed_dim),
-            ("vision.image_size", v.image_size),
-            ("vision.patch_size", v.patch_size),
-            ("vision.channels", v.channels),
-            ("vision.width", v.width),
-            ("vision.layers", v.layers),
-            ("vision.heads", v.heads),
-            ("vision.mlp_ratio", v.mlp_ratio),
-            ("text.vocab_size", t.vocab_size),
-            ("text.context_length", t.context_length),
-            ("text.width", t.width),
-            ("text.layers", t.layers),
-            ("text.heads", t.heads),
-            ("text.mlp_ratio", t.mlp_ratio),
-        ] {
+        let mut fields: Vec<(&str, usize)> = vec![("embed_dim", self.embed_dim)];
+        match &self.vision {
+            ImageTowerConfig::Vit(v) => {
+                fields.extend([
+                    ("vision.image_size", v.image_size),
+                    ("vision.patch_size", v.patch_size),
+                    ("vision.channels", v.channels),
+                    ("vision.width", v.width),
+                    ("vision.layers", v.layers),
+                    ("vision.heads", v.heads),
+                    ("vision.mlp_ratio", v.mlp_ratio),
+                ]);
+                if v.patch_size > 0 && !v.image_size.is_multiple_of(v.patch_size) {
+                    return bad(
+                        "vision.patch_size",
+                        format!(
+                            "patch size {} does not divide image size {}",
+                            v.patch_size, v.image_size
+                        ),
+                    );
+                }
+                if v.heads > 0 && !v.width.is_multiple_of(v.heads) {
+                    return bad(
+                        "vision.heads",
+                        format!("{} heads do not divide width {}", v.heads, v.width),
+                    );
+                }
+            }
+            ImageTowerConfig::Resnet(r) => {
+                fields.extend([
+                    ("vision.image_size", r.image_size),
+                    ("vision.width", r.width),
+                    ("vision.heads", r.heads),
+                    ("vision.channels", r.channels),
+                ]);
+                if !r.image_size.is_multiple_of(32) {
+                    return bad(
+                        "vision.image_size",
+                        format!(
+                            "{} is not a multiple of 32 (the total stride)",
+                            r.image_size
+                        ),
+                    );
+                }
+                if r.heads > 0 && !(32 * r.width).is_multiple_of(r.heads) {
+                    return bad(
+                        "vision.heads",
+                        format!(
+                            "{} heads do not divide the pool width {}",
+                            r.heads,
+                            32 * r.width
+                        ),
+                    );
+                }
+            }
+        }
+        match &self.text {
+            TextTowerConfig::Clip(t) => {
+                fields.extend([
+                    ("text.vocab_size", t.vocab_size),
+                    ("text.context_length", t.context_length),
+                    ("text.width", t.width),
+                    ("text.layers", t.layers),
+                    ("text.heads", t.heads),
+                    ("text.mlp_ratio", t.mlp_ratio),
+                ]);
+                if t.heads > 0 && !t.width.is_multiple_of(t.heads) {
+                    return bad(
+                        "text.heads",
+                        format!("{} heads do not divide width {}", t.heads, t.width),
+                    );
+                }
+            }
+            TextTowerConfig::Bert(b) => {
+                fields.extend([
+                    ("text.vocab_size", b.vocab_size),
+                    ("text.hidden_size", b.hidden_size),
+                    ("text.layers", b.layers),
+                    ("text.heads", b.heads),
+                    ("text.intermediate_size", b.intermediate_size),
+                    ("text.context_length", b.context_length),
+                ]);
+                if b.context_length > b.max_position_embeddings {
+                    return bad(
+                        "text.context_length",
+                        format!(
+                            "{} exceeds max_position_embeddings {}",
+                            b.context_length, b.max_position_embeddings
+                        ),
+                    );
+                }
+                if b.heads > 0 && !b.hidden_size.is_multiple_of(b.heads) {
+                    return bad(
+                        "text.heads",
+                        format!(
+                            "{} heads do not divide hidden size {}",
+                            b.heads, b.hidden_size
+                        ),
+                    );
+                }
+            }
+        }
+        for (field, value) in fields {
             if value == 0 {
                 return bad(field, "must be at least 1".into());
             }
         }
-        if !v.image_size.is_multiple_of(v.patch_size) {
-            return bad(
-                "vision.patch_size",
-                format!(
-                    "patch size {} does not divide image size {}",
-                    v.patch_size, v.image_size
-                ),
-            );
-        }
-        if !v.width.is_multiple_of(v.heads) {
-            return bad(
-                "vision.heads",
-                format!("{} heads do not divide width {}", v.heads, v.width),
-            );
-        }
-        if !t.width.is_multiple_of(t.heads) {
-            return bad(
-                "text.heads",
-                format!("{} heads do not divide width {}", t.heads, t.width),
-            );
-        }
         Ok(())
+    }
+
+    pub fn image_size(&self) -> usize {
+        match &self.vision {
+            ImageTowerConfig::Vit(v) => v.image_size,
+            ImageTowerConfig::Resnet(r) => r.image_size,
+        }
+    }
+
+    pub fn channels(&self) -> usize {
+        match &self.vision {
+            ImageTowerConfig::Vit(v) => v.channels,
+            ImageTowerConfig::Resnet(r) => r.channels,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match &self.text {
+            TextTowerConfig::Clip(t) => t.vocab_size,
+            TextTowerConfig::Bert(b) => b.vocab_size,
+        }
+    }
+
+    pub fn context_length(&self) -> usize {
+        match &self.text {
+            TextTowerConfig::Clip(t) => t.context_length,
+            TextTowerConfig::Bert(b) => b.context_length,
+        }
     }
 }
 
-/// Parameters of one pre-norm transformer block of width `w` and MLP ratio `r`.
-fn block_params(w: usize, r: usize) -> usize {
+/// A tower given inline (a table) or as a path to a tower file, relative to the model file.
+fn resolve_tower<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    field: &str,
+    model_path: &Path,
+) -> Result<T> {
+    match value {
+        toml::Value::String(rel) => {
+            let path = model_path.parent().unwrap_or(Path::new("")).join(&rel);
+            read_toml(&path)
+        }
+        toml::Value::Table(t) => {
+            T::deserialize(t).map_err(|e| Error::invalid(model_path, field, e.to_string()))
+        }
+        other => Err(Error::invalid(
+            model_path,
+            field,
+            format!(
+                "expected a table or a path to a tower file, found {}",
+                other.type_str()
+            ),
+        )),
+    }
+}
+
+/// Sizes of one tower, per sample. Multiply-adds count 2 FLOPs (see the module docs).
+pub trait TowerSize {
+    /// Short name for tables ("vit-b/16"-like descriptions are the user's file names).
+    fn family(&self) -> &'static str;
+    fn num_params(&self, embed_dim: usize) -> usize;
+    fn forward_flops(&self, embed_dim: usize) -> f64;
+    /// Activation elements kept for backward, per sample. Transformers follow Korthikanti
+    /// et al. 2022 ("Reducing activation recomputation"): `17·s·h + 2.5·a·s²` elements per
+    /// layer (their 34 bytes at 2 bytes per element); with checkpointing each layer keeps
+    /// only its input `s·h` and one layer is live at a time. ResNets keep three tensors
+    /// (conv, norm, activation outputs) per convolution, or stage inputs when checkpointing.
+    fn activation_elems(&self, checkpointing: bool) -> f64;
+}
+
+/// Per-layer parameters of a pre-norm transformer block with two norms.
+fn block_params(w: usize, hidden: usize) -> usize {
     let ln = 2 * w;
     let attn = w * 3 * w + 3 * w + w * w + w;
-    let mlp = w * r * w + r * w + r * w * w + w;
+    let mlp = w * hidden + hidden + hidden * w + w;
     2 * ln + attn + mlp
 }
 
-impl VisionConfig {
+/// Multiply-adds of one transformer layer on `s` tokens of width `w`, MLP hidden `hidden`.
+fn layer_macs(s: f64, w: f64, hidden: f64) -> f64 {
+    s * (4.0 * w * w + 2.0 * w * hidden) + 2.0 * s * s * w
+}
+
+fn transformer_activations(s: f64, w: f64, heads: f64, layers: f64, checkpointing: bool) -> f64 {
+    let full_layer = 17.0 * s * w + 2.5 * heads * s * s;
+    if checkpointing {
+        layers * s * w + full_layer
+    } else {
+        layers * full_layer
+    }
+}
+
+impl VitConfig {
     pub fn num_patches(&self) -> usize {
         (self.image_size / self.patch_size).pow(2)
     }
@@ -135,26 +373,233 @@ impl VisionConfig {
     pub fn patch_dim(&self) -> usize {
         self.channels * self.patch_size * self.patch_size
     }
+}
 
-    pub fn num_params(&self, embed_dim: usize) -> usize {
+impl TowerSize for VitConfig {
+    fn family(&self) -> &'static str {
+        "vit"
+    }
+
+    fn num_params(&self, embed_dim: usize) -> usize {
         let w = self.width;
         self.patch_dim() * w          // patch embedding (no bias, as CLIP)
             + w                       // class token
             + (self.num_patches() + 1) * w
             + 2 * w                   // ln_pre
-            + self.layers * block_params(w, self.mlp_ratio)
+            + self.layers * block_params(w, self.mlp_ratio * w)
             + 2 * w                   // ln_post
             + w * embed_dim
     }
+
+    fn forward_flops(&self, embed_dim: usize) -> f64 {
+        let (w, p) = (self.width as f64, self.num_patches() as f64);
+        let macs = p * self.patch_dim() as f64 * w
+            + self.layers as f64 * layer_macs(p + 1.0, w, (self.mlp_ratio * self.width) as f64)
+            + w * embed_dim as f64;
+        2.0 * macs
+    }
+
+    fn activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = (self.num_patches() + 1) as f64;
+        transformer_activations(
+            s,
+            self.width as f64,
+            self.heads as f64,
+            self.layers as f64,
+            checkpointing,
+        )
+    }
 }
 
-impl TextConfig {
-    pub fn num_params(&self, embed_dim: usize) -> usize {
+impl TowerSize for TextTransformerConfig {
+    fn family(&self) -> &'static str {
+        "clip-text"
+    }
+
+    fn num_params(&self, embed_dim: usize) -> usize {
         let w = self.width;
         self.vocab_size * w
             + self.context_length * w
-            + self.layers * block_params(w, self.mlp_ratio)
+            + self.layers * block_params(w, self.mlp_ratio * w)
             + 2 * w                   // ln_final
             + w * embed_dim
+    }
+
+    fn forward_flops(&self, embed_dim: usize) -> f64 {
+        let (w, s) = (self.width as f64, self.context_length as f64);
+        // The projection applies to the end-of-text token only; the embedding is a lookup.
+        2.0 * (self.layers as f64 * layer_macs(s, w, (self.mlp_ratio * self.width) as f64)
+            + w * embed_dim as f64)
+    }
+
+    fn activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = self.context_length as f64;
+        transformer_activations(
+            s,
+            self.width as f64,
+            self.heads as f64,
+            self.layers as f64,
+            checkpointing,
+        )
+    }
+}
+
+impl TowerSize for BertConfig {
+    fn family(&self) -> &'static str {
+        "bert"
+    }
+
+    fn num_params(&self, embed_dim: usize) -> usize {
+        let h = self.hidden_size;
+        let embeddings =
+            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * h + 2 * h;
+        let pooler = if self.pooler { h * h + h } else { 0 };
+        embeddings + self.layers * block_params(h, self.intermediate_size) + pooler + h * embed_dim
+    }
+
+    fn forward_flops(&self, embed_dim: usize) -> f64 {
+        let (h, s) = (self.hidden_size as f64, self.context_length as f64);
+        let pooler = if self.pooler { h * h } else { 0.0 };
+        2.0 * (self.layers as f64 * layer_macs(s, h, self.intermediate_size as f64)
+            + pooler
+            + h * embed_dim as f64)
+    }
+
+    fn activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = self.context_length as f64;
+        transformer_activations(
+            s,
+            self.hidden_size as f64,
+            self.heads as f64,
+            self.layers as f64,
+            checkpointing,
+        )
+    }
+}
+
+/// One convolution of the walk: stage (0 = stem), input and output channels, kernel side,
+/// output side.
+struct Conv {
+    stage: usize,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    side: usize,
+}
+
+/// Walks CLIP's modified ResNet, calling `conv` for each convolution and `norm(channels)`
+/// for each batch norm; returns the side of the final feature map.
+fn walk_resnet(r: &ResNetConfig, mut conv: impl FnMut(Conv), mut norm: impl FnMut(usize)) -> usize {
+    let w = r.width;
+    let mut side = r.image_size / 2;
+    let mut c = |stage, cin, cout, kernel, side| {
+        conv(Conv {
+            stage,
+            cin,
+            cout,
+            kernel,
+            side,
+        })
+    };
+    c(0, r.channels, w / 2, 3, side);
+    norm(w / 2);
+    c(0, w / 2, w / 2, 3, side);
+    norm(w / 2);
+    c(0, w / 2, w, 3, side);
+    norm(w);
+    side /= 2; // average pool
+    let mut inplanes = w;
+    for (stage, &blocks) in r.layers.iter().enumerate() {
+        let planes = w << stage;
+        for b in 0..blocks {
+            let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+            let s = stage + 1;
+            c(s, inplanes, planes, 1, side);
+            norm(planes);
+            c(s, planes, planes, 3, side);
+            norm(planes);
+            side /= stride; // anti-aliased stride: average pool before the expansion conv
+            c(s, planes, 4 * planes, 1, side);
+            norm(4 * planes);
+            if stride > 1 || inplanes != 4 * planes {
+                c(s, inplanes, 4 * planes, 1, side);
+                norm(4 * planes);
+            }
+            inplanes = 4 * planes;
+        }
+    }
+    side
+}
+
+impl TowerSize for ResNetConfig {
+    fn family(&self) -> &'static str {
+        "resnet"
+    }
+
+    fn num_params(&self, embed_dim: usize) -> usize {
+        let (mut convs, mut norms) = (0, 0);
+        let side = walk_resnet(
+            self,
+            |c| convs += c.cin * c.cout * c.kernel * c.kernel,
+            |c| norms += 2 * c,
+        );
+        let params = convs + norms;
+        let e = 32 * self.width;
+        let tokens = side * side + 1;
+        params + tokens * e + 3 * (e * e + e) + e * embed_dim + embed_dim
+    }
+
+    fn forward_flops(&self, embed_dim: usize) -> f64 {
+        let mut macs = 0.0;
+        let side = walk_resnet(
+            self,
+            |c| macs += (c.cin * c.cout * c.kernel * c.kernel * c.side * c.side) as f64,
+            |_| {},
+        );
+        let e = (32 * self.width) as f64;
+        let t = (side * side + 1) as f64;
+        // OpenCLIP's attention pool runs every token as a query and keeps the first.
+        macs += 3.0 * t * e * e + 2.0 * t * t * e + t * e * embed_dim as f64;
+        2.0 * macs
+    }
+
+    fn activation_elems(&self, checkpointing: bool) -> f64 {
+        // Per stage: three kept tensors per convolution, and the stage's input.
+        let mut kept = [0.0f64; 5];
+        let mut input = [0.0f64; 5];
+        walk_resnet(
+            self,
+            |c| {
+                if kept[c.stage] == 0.0 {
+                    input[c.stage] = (c.cin * c.side * c.side) as f64;
+                }
+                kept[c.stage] += 3.0 * (c.cout * c.side * c.side) as f64;
+            },
+            |_| {},
+        );
+        if checkpointing {
+            // Stage boundaries kept; one stage recomputed and live at a time.
+            input.iter().sum::<f64>() + kept.iter().cloned().fold(0.0, f64::max)
+        } else {
+            kept.iter().sum()
+        }
+    }
+}
+
+impl ImageTowerConfig {
+    pub fn size(&self) -> &dyn TowerSize {
+        match self {
+            ImageTowerConfig::Vit(v) => v,
+            ImageTowerConfig::Resnet(r) => r,
+        }
+    }
+}
+
+impl TextTowerConfig {
+    pub fn size(&self) -> &dyn TowerSize {
+        match self {
+            TextTowerConfig::Clip(t) => t,
+            TextTowerConfig::Bert(b) => b,
+        }
     }
 }

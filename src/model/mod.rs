@@ -9,12 +9,15 @@ pub mod vision;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use config::{ClipConfig, TextConfig, VisionConfig};
+pub use config::{
+    BertConfig, ClipConfig, ImageTowerConfig, ResNetConfig, TextTowerConfig, TextTransformerConfig,
+    TowerSize, VitConfig,
+};
 pub use params::{Init, ParamBuilder, Params};
 pub use text::TextTower;
 pub use vision::VisionTower;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::topology::Tower;
 
 /// OpenCLIP's initial temperature: `logit_scale = ln(1/0.07)`.
@@ -49,15 +52,34 @@ pub enum Encoder {
     Text(TextTower),
 }
 
+/// The towers that can be built and trained today; the others are costed by `mmpipe plan`.
+fn vit(cfg: &ClipConfig) -> Result<&VitConfig> {
+    match &cfg.vision {
+        ImageTowerConfig::Vit(v) => Ok(v),
+        ImageTowerConfig::Resnet(_) => Err(Error::Msg(
+            "the ResNet image tower is not trainable yet (only costed by `mmpipe plan`): use kind = \"vit\"".into(),
+        )),
+    }
+}
+
+fn clip_text(cfg: &ClipConfig) -> Result<&TextTransformerConfig> {
+    match &cfg.text {
+        TextTowerConfig::Clip(t) => Ok(t),
+        TextTowerConfig::Bert(_) => Err(Error::Msg(
+            "the BERT text tower is not trainable yet (only costed by `mmpipe plan`): use kind = \"clip\"".into(),
+        )),
+    }
+}
+
 impl Encoder {
     pub fn new(pb: &ParamBuilder, cfg: &ClipConfig, tower: Tower) -> Result<Self> {
         Ok(match tower {
             Tower::Image => Encoder::Image(VisionTower::new(
                 &pb.pp("visual"),
-                &cfg.vision,
+                vit(cfg)?,
                 cfg.embed_dim,
             )?),
-            Tower::Text => Encoder::Text(TextTower::new(pb, &cfg.text, cfg.embed_dim)?),
+            Tower::Text => Encoder::Text(TextTower::new(pb, clip_text(cfg)?, cfg.embed_dim)?),
         })
     }
 
@@ -66,7 +88,7 @@ impl Encoder {
         match (self, input) {
             (Encoder::Image(m), TowerInput::Images(x)) => m.forward(x),
             (Encoder::Text(m), TowerInput::Captions { tokens, eot }) => m.forward(tokens, eot),
-            _ => Err(crate::error::Error::Msg(
+            _ => Err(Error::Msg(
                 "encoder and input are of different modalities".into(),
             )),
         }
@@ -84,8 +106,8 @@ pub struct Clip {
 impl Clip {
     pub fn new(pb: &ParamBuilder, cfg: &ClipConfig) -> Result<Self> {
         Ok(Clip {
-            visual: VisionTower::new(&pb.pp("visual"), &cfg.vision, cfg.embed_dim)?,
-            text: TextTower::new(pb, &cfg.text, cfg.embed_dim)?,
+            visual: VisionTower::new(&pb.pp("visual"), vit(cfg)?, cfg.embed_dim)?,
+            text: TextTower::new(pb, clip_text(cfg)?, cfg.embed_dim)?,
             logit_scale: logit_scale(pb)?,
         })
     }

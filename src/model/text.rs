@@ -2,14 +2,14 @@
 
 use candle_core::Tensor;
 
-use super::config::TextConfig;
+use super::config::TextTransformerConfig;
 use super::layers::{LayerNorm, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
 pub struct TextTower {
-    cfg: TextConfig,
+    cfg: TextTransformerConfig,
     token_embedding: Tensor,
     positional_embedding: Tensor,
     transformer: Transformer,
@@ -19,7 +19,7 @@ pub struct TextTower {
 
 impl TextTower {
     /// `pb` unprefixed: OpenCLIP keeps the text tower's names at the top level.
-    pub fn new(pb: &ParamBuilder, cfg: &TextConfig, embed_dim: usize) -> Result<Self> {
+    pub fn new(pb: &ParamBuilder, cfg: &TextTransformerConfig, embed_dim: usize) -> Result<Self> {
         let w = cfg.width;
         Ok(TextTower {
             cfg: cfg.clone(),

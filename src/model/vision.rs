@@ -4,14 +4,14 @@
 
 use candle_core::Tensor;
 
-use super::config::VisionConfig;
+use super::config::VitConfig;
 use super::layers::{LayerNorm, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
 pub struct VisionTower {
-    cfg: VisionConfig,
+    cfg: VitConfig,
     conv1: Tensor,
     class_embedding: Tensor,
     positional_embedding: Tensor,
@@ -23,7 +23,7 @@ pub struct VisionTower {
 
 impl VisionTower {
     /// `pb` should be prefixed `visual` for OpenCLIP's parameter names.
-    pub fn new(pb: &ParamBuilder, cfg: &VisionConfig, embed_dim: usize) -> Result<Self> {
+    pub fn new(pb: &ParamBuilder, cfg: &VitConfig, embed_dim: usize) -> Result<Self> {
         let w = cfg.width;
         let scale = (w as f64).powf(-0.5);
         let p = cfg.patch_size;

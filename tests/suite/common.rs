@@ -13,6 +13,7 @@ use mmpipe::train::TrainConfig;
 pub const TEST_MODEL: &str = r#"
 embed_dim = 16
 [vision]
+kind = "vit"
 image_size = 16
 patch_size = 8
 width = 24
@@ -20,6 +21,7 @@ layers = 2
 heads = 2
 mlp_ratio = 2
 [text]
+kind = "clip"
 vocab_size = 32
 context_length = 12
 width = 24

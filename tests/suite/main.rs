@@ -8,6 +8,8 @@ mod collectives;
 mod common;
 /// The autograd reference against finite differences: every parameter's gradient.
 mod gradients;
+/// Parameters and FLOPs from the configs against published figures.
+mod model_sizes;
 /// The split loss and training on 1x1 .. 3x1 ranks against one device on the whole batch.
 mod parity;
 /// `mmpipe plan`: placement and bytes per step.

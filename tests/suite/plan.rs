@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use mmpipe::model::{ClipConfig, Encoder};
+use mmpipe::model::{ClipConfig, Encoder, TowerSize};
 use mmpipe::plan::Plan;
 use mmpipe::topology::{Topology, Tower};
 
@@ -46,7 +46,7 @@ fn bytes_per_step_follow_from_batch_width_and_parameters() {
         tr.lse_all_gather,
         [(Tower::Image, 2 * 12 * 4), (Tower::Text, 12 * 4)]
     );
-    let image_bytes = model.vision.num_params(model.embed_dim) as u64 * 4;
+    let image_bytes = model.vision.size().num_params(model.embed_dim) as u64 * 4;
     assert_eq!(
         tr.grad_all_reduce,
         [(Tower::Image, image_bytes), (Tower::Text, 0)]
@@ -58,8 +58,11 @@ fn bytes_per_step_follow_from_batch_width_and_parameters() {
 fn parameter_counts_match_the_built_towers() {
     for model in [ClipConfig::default_tiny(), super::common::test_model()] {
         for (tower, expected) in [
-            (Tower::Image, model.vision.num_params(model.embed_dim)),
-            (Tower::Text, model.text.num_params(model.embed_dim)),
+            (
+                Tower::Image,
+                model.vision.size().num_params(model.embed_dim),
+            ),
+            (Tower::Text, model.text.size().num_params(model.embed_dim)),
         ] {
             let pb = mmpipe::model::cpu_builder(0);
             Encoder::new(&pb, &model, tower).unwrap();
