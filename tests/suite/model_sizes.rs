@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use mmpipe::model::{ClipConfig, TowerSize};
+use mmpipe::model::ClipConfig;
 
 fn load(name: &str) -> ClipConfig {
     ClipConfig::from_file(&Path::new("configs").join(name)).unwrap_or_else(|e| panic!("{e}"))

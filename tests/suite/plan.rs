@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use mmpipe::model::{ClipConfig, Encoder, TowerSize};
+use mmpipe::model::{ClipConfig, Encoder};
 use mmpipe::plan::Plan;
 use mmpipe::topology::{Topology, Tower};
 
