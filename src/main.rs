@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -15,9 +16,9 @@ use mmpipe::model::ClipConfig;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use mmpipe::plan::Plan;
-use mmpipe::topology::{Topology, Tower};
-use mmpipe::train::{self, PhaseTimes, TrainConfig};
+use mmpipe::plan::{search, svg, CostOptions, Optimizer, Plan, Precision};
+use mmpipe::topology::{DeviceKind, Topology, Tower};
+use mmpipe::train::{self, calibrate, PhaseTimes, TrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +56,37 @@ struct PlanArgs {
     topology: PathBuf,
     #[command(flatten)]
     model: ModelArgs,
+    /// Training precision (default: bf16 on cuda topologies, fp32 on cpu).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    #[arg(long, value_enum, default_value_t = Optimizer::Adamw)]
+    optimizer: Optimizer,
+    /// Gradient checkpointing: recompute each layer's activations in backward.
+    #[arg(long)]
+    checkpointing: bool,
+    /// Do not overlap the gradient all-reduce with the backward pass.
+    #[arg(long)]
+    no_overlap: bool,
+    /// Search the split and its placement on the nodes; print the best plans.
+    #[arg(long)]
+    auto: bool,
+    /// How many plans `--auto` prints.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Measure each tower's forward + backward rate here and use it instead of peak × efficiency.
+    #[arg(long)]
+    calibrate: bool,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Draw the cluster, each device coloured by group, to this SVG file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -91,8 +123,71 @@ fn load_model(path: &Option<PathBuf>) -> anyhow::Result<ClipConfig> {
 fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let topology = Topology::from_file(&args.topology)?;
     let model = load_model(&args.model.model)?;
-    let plan = Plan::new(&topology, &model, args.model.batch, "--batch")?;
-    print!("{}", plan.render());
+    let calibration = if args.calibrate {
+        if topology.device != DeviceKind::Cpu {
+            anyhow::bail!(
+                "{}: --calibrate measures on this machine's CPU; calibrating `{}` devices needs the CUDA build",
+                topology.source.display(),
+                topology.device
+            );
+        }
+        let world = topology.devices().len();
+        let threads = compute_threads_per_rank(world);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let share = (cores as f64 / (world * threads) as f64).min(1.0);
+        let c = calibrate::calibrate(&model, 32, Duration::from_secs(2), share)
+            .context("calibration failed")?;
+        eprintln!(
+            "calibrated on {cores} cores, {threads} compute thread(s) per rank, {world} ranks: image {:.0}, \
+             text {:.0} samples/s per rank (forward + backward)",
+            c.image_samples_per_s, c.text_samples_per_s
+        );
+        Some(c)
+    } else {
+        None
+    };
+    let options = CostOptions {
+        global_batch: args.model.batch,
+        precision: args.precision.unwrap_or(match topology.device {
+            DeviceKind::Cuda => Precision::Bf16,
+            DeviceKind::Cpu => Precision::Fp32,
+        }),
+        optimizer: args.optimizer,
+        checkpointing: args.checkpointing,
+        overlap: !args.no_overlap,
+        calibration,
+    };
+    let (text, json, chosen) = if args.auto || topology.auto_groups {
+        let auto = search::search(&topology, &model, &options, args.top)?;
+        let best = &auto.candidates[0];
+        let chosen = topology.with_groups(&best.image_devices, &best.text_devices)?;
+        let plan = Plan::new(&chosen, &model, &options)?;
+        let text = format!(
+            "{}\nthe best plan in full:\n{}",
+            auto.render(),
+            plan.render()
+        );
+        let json = serde_json::json!({ "auto": auto, "best": plan });
+        (text, json, chosen)
+    } else {
+        let plan = Plan::new(&topology, &model, &options)?;
+        (
+            plan.render(),
+            serde_json::to_value(&plan)?,
+            topology.clone(),
+        )
+    };
+    match args.format {
+        Format::Text => print!("{text}"),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg::render(&chosen))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
 

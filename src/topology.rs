@@ -4,12 +4,19 @@
 //!
 //! ```toml
 //! device = "cuda"                 # or "cpu": one rank thread per device
+//! groups = "auto"                 # or a [groups] table (below)
+//! [device_kinds.h100]             # for the cost model: peak TFLOP/s, memory, efficiency
+//! tflops = 989.0
+//! memory_gib = 80.0
+//! [links]                         # GB/s per device, one direction; latency in µs
+//! intra_node_gbps = 450.0
+//! intra_node_latency_us = 3.0
+//! inter_node_gbps = 50.0
+//! inter_node_latency_us = 8.0
 //! [[nodes]]
 //! name = "node0"
 //! devices = 4
-//! [[nodes]]
-//! name = "node1"
-//! devices = 4
+//! kind = "h100"                   # optional when one kind is declared
 //! [groups]
 //! image = ["node0:0-3"]           # "NODE:INDEX" or "NODE:FIRST-LAST"
 //! text = ["node1:0-3"]
@@ -21,11 +28,13 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use crate::error::{parse_toml, read_toml, Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     Cpu,
@@ -42,7 +51,10 @@ impl fmt::Display for DeviceKind {
 }
 
 /// The two encoders; each group of ranks trains exactly one of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Tower {
     Image,
     Text,
@@ -68,8 +80,12 @@ impl fmt::Display for Tower {
 struct TopologyFile {
     name: Option<String>,
     device: DeviceKind,
+    #[serde(default)]
+    device_kinds: BTreeMap<String, DeviceSpecFile>,
+    links: Option<Links>,
     nodes: Vec<NodeFile>,
-    groups: GroupsFile,
+    /// `"auto"`, or a table with `image` and `text` lists.
+    groups: toml::Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +93,7 @@ struct TopologyFile {
 struct NodeFile {
     name: String,
     devices: usize,
+    kind: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,11 +103,48 @@ struct GroupsFile {
     text: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceSpecFile {
+    tflops: f64,
+    memory_gib: f64,
+    efficiency: Option<f64>,
+}
+
+/// One kind of device: what the cost model needs to know of it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct DeviceSpec {
+    pub name: String,
+    /// Peak dense TFLOP/s at the training precision.
+    pub tflops: f64,
+    pub memory_gib: f64,
+    /// The fraction of peak a training step sustains (model FLOPs utilisation).
+    pub efficiency: f64,
+}
+
+/// The default sustained fraction of peak: typical of well-tuned transformer training.
+pub const DEFAULT_EFFICIENCY: f64 = 0.4;
+
+/// Bandwidths (GB/s, one direction, per device) and latencies of the two kinds of link.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Links {
+    pub intra_node_gbps: f64,
+    pub intra_node_latency_us: f64,
+    pub inter_node_gbps: f64,
+    pub inter_node_latency_us: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub name: String,
     pub devices: usize,
+    /// Index into [`Topology::kinds`]; None when the file declares no device kinds.
+    pub kind: Option<usize>,
 }
+
+/// A device, by node index and index on the node.
+pub type DeviceRef = (usize, usize);
 
 /// One rank: a device and the role it plays.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,9 +163,13 @@ pub struct Topology {
     /// Where it was read from; named in every later error about it.
     pub source: PathBuf,
     pub device: DeviceKind,
+    pub kinds: Vec<DeviceSpec>,
+    pub links: Option<Links>,
     pub nodes: Vec<Node>,
-    /// Indexed by global rank.
+    /// Indexed by global rank; empty while the groups are `auto` (see [`Self::with_groups`]).
     pub ranks: Vec<Rank>,
+    /// The file asked the planner to choose the groups.
+    pub auto_groups: bool,
 }
 
 /// The topology `mmpipe train` uses when given none: two image rank threads, one text.
@@ -136,6 +194,56 @@ impl Topology {
 
     fn build(file: TopologyFile, path: &Path) -> Result<Self> {
         let err = |field: String, msg: String| Error::invalid(path, field, msg);
+        let mut kinds = Vec::new();
+        for (name, k) in &file.device_kinds {
+            let field = |f: &str| format!("device_kinds.{name}.{f}");
+            if !(k.tflops.is_finite() && k.tflops > 0.0) {
+                return Err(err(
+                    field("tflops"),
+                    format!("{} is not a positive throughput", k.tflops),
+                ));
+            }
+            if !(k.memory_gib.is_finite() && k.memory_gib > 0.0) {
+                return Err(err(
+                    field("memory_gib"),
+                    format!("{} is not a positive size", k.memory_gib),
+                ));
+            }
+            let efficiency = k.efficiency.unwrap_or(DEFAULT_EFFICIENCY);
+            if !(efficiency > 0.0 && efficiency <= 1.0) {
+                return Err(err(
+                    field("efficiency"),
+                    format!("{efficiency} is not in (0, 1]"),
+                ));
+            }
+            kinds.push(DeviceSpec {
+                name: name.clone(),
+                tflops: k.tflops,
+                memory_gib: k.memory_gib,
+                efficiency,
+            });
+        }
+        if let Some(l) = &file.links {
+            for (f, v) in [
+                ("intra_node_gbps", l.intra_node_gbps),
+                ("inter_node_gbps", l.inter_node_gbps),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(err(
+                        format!("links.{f}"),
+                        format!("{v} is not a positive bandwidth"),
+                    ));
+                }
+            }
+            for (f, v) in [
+                ("intra_node_latency_us", l.intra_node_latency_us),
+                ("inter_node_latency_us", l.inter_node_latency_us),
+            ] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(err(format!("links.{f}"), format!("{v} is not a latency")));
+                }
+            }
+        }
         if file.nodes.is_empty() {
             return Err(err(
                 "nodes".into(),
@@ -165,32 +273,113 @@ impl Topology {
                     format!("node `{}` has no devices", n.name),
                 ));
             }
+            let kind = match (&n.kind, kinds.len()) {
+                (None, 0) => None,
+                (None, 1) => Some(0),
+                (None, _) => {
+                    return Err(err(
+                        format!("nodes[{i}].kind"),
+                        "several device kinds are declared: name this node's".into(),
+                    ))
+                }
+                (Some(k), _) => Some(kinds.iter().position(|d| &d.name == k).ok_or_else(|| {
+                    let known: Vec<&str> = kinds.iter().map(|d| d.name.as_str()).collect();
+                    err(
+                        format!("nodes[{i}].kind"),
+                        format!("unknown device kind `{k}` (declared: {})", known.join(", ")),
+                    )
+                })?),
+            };
             nodes.push(Node {
                 name: n.name.clone(),
                 devices: n.devices,
+                kind,
             });
         }
+        let name = file.name.unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "topology".into())
+        });
+        let mut topology = Topology {
+            name,
+            source: path.to_path_buf(),
+            device: file.device,
+            kinds,
+            links: file.links,
+            nodes,
+            ranks: Vec::new(),
+            auto_groups: false,
+        };
+        match file.groups {
+            toml::Value::String(s) if s == "auto" => {
+                topology.auto_groups = true;
+                Ok(topology)
+            }
+            toml::Value::Table(t) => {
+                let groups =
+                    GroupsFile::deserialize(t).map_err(|e| err("groups".into(), e.to_string()))?;
+                let mut parsed = Vec::new();
+                for (tower, list) in [(Tower::Image, &groups.image), (Tower::Text, &groups.text)] {
+                    let mut entries = Vec::new();
+                    for (i, entry) in list.iter().enumerate() {
+                        let field = format!("groups.{tower}[{i}]");
+                        let (node, devices) = parse_device_ref(entry, &topology.nodes)
+                            .map_err(|m| err(field.clone(), m))?;
+                        entries.push((field, devices.into_iter().map(|d| (node, d)).collect()));
+                    }
+                    parsed.push(entries);
+                }
+                let text = parsed.pop().expect("two towers");
+                let image = parsed.pop().expect("two towers");
+                topology.assign(&image, &text)?;
+                Ok(topology)
+            }
+            other => Err(err(
+                "groups".into(),
+                format!("expected \"auto\" or a table with `image` and `text`, found {other}"),
+            )),
+        }
+    }
 
-        // (node, device) -> (tower, group rank)
+    /// This cluster with the given groups (group rank = list order), checked as a file is.
+    pub fn with_groups(&self, image: &[DeviceRef], text: &[DeviceRef]) -> Result<Self> {
+        let mut t = self.clone();
+        t.auto_groups = false;
+        let named = |tower: Tower, list: &[DeviceRef]| -> Vec<(String, Vec<DeviceRef>)> {
+            list.iter()
+                .enumerate()
+                .map(|(i, d)| (format!("groups.{tower}[{i}]"), vec![*d]))
+                .collect()
+        };
+        t.assign(&named(Tower::Image, image), &named(Tower::Text, text))?;
+        Ok(t)
+    }
+
+    /// Fills `ranks` from the groups' entries, each (field name, devices).
+    fn assign(
+        &mut self,
+        image: &[(String, Vec<DeviceRef>)],
+        text: &[(String, Vec<DeviceRef>)],
+    ) -> Result<()> {
+        let err = |field: String, msg: String| Error::invalid(&self.source, field, msg);
+        let nodes = &self.nodes;
+        // (node, device) -> (tower, group rank, field)
         let mut owner: Vec<Vec<Option<(Tower, usize, String)>>> =
             nodes.iter().map(|n| vec![None; n.devices]).collect();
-        for (tower, list) in [
-            (Tower::Image, &file.groups.image),
-            (Tower::Text, &file.groups.text),
-        ] {
-            let field = format!("groups.{tower}");
-            if list.is_empty() {
+        for (tower, entries) in [(Tower::Image, image), (Tower::Text, text)] {
+            if entries.is_empty() {
                 return Err(err(
-                    field,
+                    format!("groups.{tower}"),
                     format!("the {tower} group is empty: it needs at least one device"),
                 ));
             }
             let mut group_rank = 0;
-            for (i, entry) in list.iter().enumerate() {
-                let entry_field = format!("{field}[{i}]");
-                let (node, devices) =
-                    parse_device_ref(entry, &nodes).map_err(|m| err(entry_field.clone(), m))?;
-                for d in devices {
+            for (field, devices) in entries {
+                for &(node, d) in devices {
+                    if node >= nodes.len() || d >= nodes[node].devices {
+                        return Err(err(field.clone(), format!("no device {d} on node {node}")));
+                    }
                     if let Some((t, _, f)) = &owner[node][d] {
                         let what = if *t == tower {
                             "listed twice in"
@@ -198,19 +387,18 @@ impl Topology {
                             "already in"
                         };
                         return Err(err(
-                            entry_field,
+                            field.clone(),
                             format!(
                                 "device {}:{d} is {what} `{f}`: the groups must not overlap",
                                 nodes[node].name
                             ),
                         ));
                     }
-                    owner[node][d] = Some((tower, group_rank, entry_field.clone()));
+                    owner[node][d] = Some((tower, group_rank, field.clone()));
                     group_rank += 1;
                 }
             }
         }
-
         let mut ranks = Vec::new();
         for (n, devs) in owner.iter().enumerate() {
             for (d, o) in devs.iter().enumerate() {
@@ -233,18 +421,34 @@ impl Topology {
                 });
             }
         }
-        let name = file.name.unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "topology".into())
-        });
-        Ok(Topology {
-            name,
-            source: path.to_path_buf(),
-            device: file.device,
-            nodes,
-            ranks,
-        })
+        self.ranks = ranks;
+        Ok(())
+    }
+
+    /// Errors when the groups are still `auto`: what needs ranks calls this first.
+    pub fn require_groups(&self) -> Result<()> {
+        if self.auto_groups {
+            return Err(Error::invalid(
+                &self.source,
+                "groups",
+                "the groups are \"auto\": run `mmpipe plan --auto` to choose them, then list them in the file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every device, node by node.
+    pub fn devices(&self) -> Vec<DeviceRef> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(n, node)| (0..node.devices).map(move |d| (n, d)))
+            .collect()
+    }
+
+    /// The device spec of a node, if the file declares kinds.
+    pub fn spec(&self, node: usize) -> Option<&DeviceSpec> {
+        self.nodes[node].kind.map(|k| &self.kinds[k])
     }
 
     pub fn world_size(&self) -> usize {
@@ -265,6 +469,7 @@ impl Topology {
     /// Checks that a global batch splits evenly over both groups. `batch_origin` names where
     /// the batch size came from (a config field or a flag).
     pub fn check_batch(&self, global_batch: usize, batch_origin: &str) -> Result<()> {
+        self.require_groups()?;
         if global_batch == 0 {
             return Err(Error::Msg(format!(
                 "{batch_origin}: the global batch must be at least 1"

@@ -1,6 +1,7 @@
 //! `mmpipe train`: one thread per rank, each running its tower's steps; world rank 0 shows
 //! progress, and at the end the towers encode held-out pairs for a retrieval check.
 
+pub mod calibrate;
 pub mod config;
 pub mod optim;
 pub mod step;

@@ -14,6 +14,8 @@ mod model_sizes;
 mod parity;
 /// `mmpipe plan`: placement and bytes per step.
 mod plan;
+/// The cost model, the split search, JSON and errors.
+mod planner;
 /// Topology files: the shipped ones parse, broken ones name file and field.
 mod topology_files;
 /// The embedded default run learns: retrieval far above chance.

@@ -1,14 +1,25 @@
 use std::path::Path;
 
 use mmpipe::model::{ClipConfig, Encoder};
-use mmpipe::plan::Plan;
+use mmpipe::plan::{CostOptions, Optimizer, Plan, Precision};
 use mmpipe::topology::{Topology, Tower};
+
+pub fn options(global_batch: usize) -> CostOptions {
+    CostOptions {
+        global_batch,
+        precision: Precision::Bf16,
+        optimizer: Optimizer::Adamw,
+        checkpointing: false,
+        overlap: true,
+        calibration: None,
+    }
+}
 
 #[test]
 fn four_by_four_plan_has_one_row_per_rank_with_its_slice() {
     let t = Topology::from_file(Path::new("topology/4x4.toml")).unwrap();
     let model = ClipConfig::default_tiny();
-    let plan = Plan::new(&t, &model, 128, "--batch").unwrap();
+    let plan = Plan::new(&t, &model, &options(128)).unwrap();
     assert_eq!(plan.ranks.len(), 8);
     for r in &plan.ranks {
         assert_eq!(r.local_batch, 32);
@@ -26,7 +37,7 @@ fn four_by_four_plan_has_one_row_per_rank_with_its_slice() {
     for needle in [
         "node1",
         "cuda:3",
-        "text-transformer",
+        "clip-text",
         "feature all-gather",
         "gradient all-reduce",
     ] {
@@ -38,7 +49,7 @@ fn four_by_four_plan_has_one_row_per_rank_with_its_slice() {
 fn bytes_per_step_follow_from_batch_width_and_parameters() {
     let t = super::common::cpu_topology(2, 1);
     let model = ClipConfig::default_tiny();
-    let plan = Plan::new(&t, &model, 12, "--batch").unwrap();
+    let plan = Plan::new(&t, &model, &options(12)).unwrap();
     let tr = &plan.traffic;
     // 12 image + 12 text features of embed_dim floats.
     assert_eq!(tr.feature_all_gather, 2 * 12 * model.embed_dim as u64 * 4);
@@ -74,7 +85,7 @@ fn parameter_counts_match_the_built_towers() {
 #[test]
 fn plan_rejects_a_batch_the_groups_cannot_split() {
     let t = Topology::from_file(Path::new("topology/cpu-2x1.toml")).unwrap();
-    let e = Plan::new(&t, &ClipConfig::default_tiny(), 7, "--batch")
+    let e = Plan::new(&t, &ClipConfig::default_tiny(), &options(7))
         .unwrap_err()
         .to_string();
     assert!(

@@ -1,0 +1,473 @@
+//! The cost model: time and memory of one training step, for the modality split and for
+//! plain data parallelism on the same devices. Pure arithmetic over the topology, the
+//! model's sizes and the options; every assumption is named here.
+//!
+//! - Compute: forward + backward = 3 × forward FLOPs (+1 forward when checkpointing
+//!   recomputes), at `tflops × efficiency` per device, or at calibrated samples/s.
+//! - Collectives: ring algorithms, `α–β` model. All-reduce of `n` bytes over `p` ranks:
+//!   `2(p−1)/p · n/bw + 2(p−1)·latency`; all-gather of `n` bytes in total:
+//!   `(p−1)/p · n/bw + (p−1)·latency`. A ring runs at the slowest link it crosses: the
+//!   inter-node link as soon as its ranks span two nodes.
+//! - Overlap: the gradient all-reduce can overlap the backward pass (bucketed, as DDP
+//!   does); only what exceeds the backward is exposed. The feature all-gather and the
+//!   loss's normaliser exchange sit between forward and backward: always exposed.
+//! - Synchronisation: the groups meet at the feature all-gather once per step, so the
+//!   step lasts as long as the busier group; the lighter group idles for the difference.
+//! - Memory per rank: fp32 weights and gradients, optimizer state, a bf16 working copy
+//!   of the weights under bf16, activations at the training precision, the loss's
+//!   `b × B` logit blocks and the gathered features.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{ClipConfig, TowerSize};
+use crate::topology::{Links, Topology, Tower};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// Mixed precision: bf16 compute and activations, fp32 master weights and gradients.
+    Bf16,
+}
+
+impl Precision {
+    pub fn activation_bytes(self) -> f64 {
+        match self {
+            Precision::Fp32 => 4.0,
+            Precision::Bf16 => 2.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    /// Two fp32 moments per parameter.
+    Adamw,
+    /// One fp32 momentum buffer per parameter.
+    Sgd,
+}
+
+impl Optimizer {
+    pub fn state_bytes(self) -> f64 {
+        match self {
+            Optimizer::Adamw => 8.0,
+            Optimizer::Sgd => 4.0,
+        }
+    }
+}
+
+/// Measured forward + backward throughput of each tower on one rank's share of this
+/// machine (`mmpipe plan --calibrate`), used instead of peak × efficiency.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub image_samples_per_s: f64,
+    pub text_samples_per_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CostOptions {
+    pub global_batch: usize,
+    pub precision: Precision,
+    pub optimizer: Optimizer,
+    pub checkpointing: bool,
+    /// Overlap the gradient all-reduce with the backward pass.
+    pub overlap: bool,
+    pub calibration: Option<Calibration>,
+}
+
+/// Bytes one rank holds at the peak of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub weights: f64,
+    pub gradients: f64,
+    pub optimizer: f64,
+    pub activations: f64,
+    pub loss: f64,
+    pub total: f64,
+    /// The smallest device this applies to.
+    pub device: f64,
+    pub fits: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupEstimate {
+    pub tower: Tower,
+    pub ranks: usize,
+    pub local_batch: usize,
+    /// "intra-node", "inter-node", or "none" for one rank.
+    pub link: String,
+    pub forward_s: f64,
+    /// Backward, with the recomputed forward when checkpointing.
+    pub backward_s: f64,
+    pub loss_s: f64,
+    pub loss_exchange_s: f64,
+    pub grad_all_reduce_s: f64,
+    pub grad_all_reduce_exposed_s: f64,
+    /// The step's time split for this group; the three add up to the step time.
+    pub compute_s: f64,
+    pub comm_s: f64,
+    pub idle_s: f64,
+    pub memory: Memory,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitEstimate {
+    pub groups: Vec<GroupEstimate>,
+    pub feature_all_gather_s: f64,
+    pub step_s: f64,
+    pub samples_per_s: f64,
+    pub lighter: Tower,
+    /// The lighter group's idle share of the step.
+    pub idle_fraction: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataParallelEstimate {
+    pub ranks: usize,
+    pub local_batch: usize,
+    pub link: String,
+    pub compute_s: f64,
+    pub feature_all_gather_s: f64,
+    pub grad_all_reduce_s: f64,
+    pub grad_all_reduce_exposed_s: f64,
+    pub step_s: f64,
+    pub samples_per_s: f64,
+    pub memory: Memory,
+}
+
+/// Ring all-reduce of `bytes` over `ranks` on `link`.
+pub fn ring_all_reduce_s(bytes: f64, ranks: usize, link: Option<LinkCost>) -> f64 {
+    match link {
+        Some(l) if ranks > 1 => {
+            let p = ranks as f64;
+            2.0 * (p - 1.0) / p * bytes / l.bytes_per_s + 2.0 * (p - 1.0) * l.latency_s
+        }
+        _ => 0.0,
+    }
+}
+
+/// Ring all-gather producing `total_bytes` on every one of `ranks`.
+pub fn ring_all_gather_s(total_bytes: f64, ranks: usize, link: Option<LinkCost>) -> f64 {
+    match link {
+        Some(l) if ranks > 1 => {
+            let p = ranks as f64;
+            (p - 1.0) / p * total_bytes / l.bytes_per_s + (p - 1.0) * l.latency_s
+        }
+        _ => 0.0,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkCost {
+    pub bytes_per_s: f64,
+    pub latency_s: f64,
+    pub inter_node: bool,
+}
+
+/// The slowest link a ring over `members` (global ranks) crosses; None for one rank.
+pub fn ring_link(topology: &Topology, links: &Links, members: &[usize]) -> Option<LinkCost> {
+    if members.len() < 2 {
+        return None;
+    }
+    let first = topology.ranks[members[0]].node;
+    let inter = members.iter().any(|&r| topology.ranks[r].node != first);
+    Some(if inter {
+        LinkCost {
+            bytes_per_s: links.inter_node_gbps * 1e9,
+            latency_s: links.inter_node_latency_us * 1e-6,
+            inter_node: true,
+        }
+    } else {
+        LinkCost {
+            bytes_per_s: links.intra_node_gbps * 1e9,
+            latency_s: links.intra_node_latency_us * 1e-6,
+            inter_node: false,
+        }
+    })
+}
+
+fn link_name(link: Option<LinkCost>) -> String {
+    match link {
+        None => "none".into(),
+        Some(l) if l.inter_node => "inter-node".into(),
+        Some(_) => "intra-node".into(),
+    }
+}
+
+/// Per-tower numbers the estimates share.
+struct TowerNumbers {
+    params: f64,
+    forward_flops: f64,
+    activation_elems: f64,
+}
+
+fn tower_numbers(model: &ClipConfig, tower: Tower, checkpointing: bool) -> TowerNumbers {
+    let size: &dyn TowerSize = match tower {
+        Tower::Image => model.vision.size(),
+        Tower::Text => model.text.size(),
+    };
+    TowerNumbers {
+        params: size.num_params(model.embed_dim) as f64,
+        forward_flops: size.forward_flops(model.embed_dim),
+        activation_elems: size.activation_elems(checkpointing),
+    }
+}
+
+pub struct CostModel<'a> {
+    pub topology: &'a Topology,
+    pub model: &'a ClipConfig,
+    pub options: &'a CostOptions,
+}
+
+impl CostModel<'_> {
+    fn links(&self) -> Result<Links> {
+        if let Some(l) = self.topology.links {
+            return Ok(l);
+        }
+        Err(Error::invalid(
+            &self.topology.source,
+            "links",
+            "the cost model needs the links' bandwidth and latency: add a [links] table",
+        ))
+    }
+
+    /// Sustained FLOP/s of `rank` running `tower`.
+    fn flops_per_s(&self, rank: usize, tower: Tower) -> Result<f64> {
+        let t = self.topology;
+        if let Some(c) = self.options.calibration {
+            // Measured on one rank's share of the cores, so it already is per rank.
+            let rate = match tower {
+                Tower::Image => c.image_samples_per_s,
+                Tower::Text => c.text_samples_per_s,
+            };
+            let per_sample = tower_numbers(self.model, tower, false).forward_flops * 3.0;
+            return Ok(rate * per_sample);
+        }
+        let node = t.ranks[rank].node;
+        match t.spec(node) {
+            Some(s) => Ok(s.tflops * 1e12 * s.efficiency),
+            None => Err(Error::invalid(
+                &t.source,
+                format!("nodes[{node}].kind"),
+                "the cost model needs each device's throughput: declare [device_kinds] or run with --calibrate",
+            )),
+        }
+    }
+
+    fn device_memory(&self, rank: usize) -> f64 {
+        let node = self.topology.ranks[rank].node;
+        self.topology
+            .spec(node)
+            .map(|s| s.memory_gib * (1u64 << 30) as f64)
+            .unwrap_or(f64::INFINITY)
+    }
+
+    fn compute_factor(&self) -> f64 {
+        if self.options.checkpointing {
+            4.0
+        } else {
+            3.0
+        }
+    }
+
+    fn memory(&self, params: f64, activations: f64, loss: f64, device: f64) -> Memory {
+        let o = self.options;
+        let working_copy = match o.precision {
+            Precision::Fp32 => 0.0,
+            Precision::Bf16 => 2.0 * params,
+        };
+        let weights = 4.0 * params + working_copy;
+        let gradients = 4.0 * params;
+        let optimizer = o.optimizer.state_bytes() * params;
+        let total = weights + gradients + optimizer + activations + loss;
+        Memory {
+            weights,
+            gradients,
+            optimizer,
+            activations,
+            loss,
+            total,
+            device,
+            fits: total <= device,
+        }
+    }
+
+    /// The step under the topology's groups.
+    pub fn split(&self) -> Result<SplitEstimate> {
+        let t = self.topology;
+        let o = self.options;
+        t.check_batch(o.global_batch, "--batch")?;
+        let links = self.links()?;
+        let b_global = o.global_batch as f64;
+        let d = self.model.embed_dim as f64;
+        let world: Vec<usize> = (0..t.world_size()).collect();
+        // Every rank contributes its b × D fp32 features; every rank ends with all 2·B·D.
+        let feature_all_gather_s = ring_all_gather_s(
+            2.0 * b_global * d * 4.0,
+            world.len(),
+            ring_link(t, &links, &world),
+        );
+
+        let mut groups = Vec::new();
+        for tower in [Tower::Image, Tower::Text] {
+            let members = t.group(tower);
+            let n = members.len();
+            let b = o.global_batch / n;
+            let num = tower_numbers(self.model, tower, o.checkpointing);
+            let link = ring_link(t, &links, &members);
+            let slowest = members
+                .iter()
+                .map(|&r| self.flops_per_s(r, tower))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .fold(f64::INFINITY, f64::min);
+            let forward_s = b as f64 * num.forward_flops / slowest;
+            let backward_s = (self.compute_factor() - 1.0) * forward_s;
+            // Logits and the two gradient products of the rank's b × B block.
+            let loss_s = 3.0 * 2.0 * b as f64 * b_global * d / slowest;
+            let loss_exchange_s = ring_all_gather_s(n as f64 * b_global * 4.0, n, link);
+            let grad_all_reduce_s = ring_all_reduce_s(num.params * 4.0, n, link);
+            let grad_all_reduce_exposed_s = if o.overlap {
+                (grad_all_reduce_s - backward_s).max(0.0)
+            } else {
+                grad_all_reduce_s
+            };
+            let activations = b as f64 * num.activation_elems * o.precision.activation_bytes();
+            let loss_bytes = 3.0 * b as f64 * b_global * 4.0 + 2.0 * b_global * d * 4.0;
+            let device = members
+                .iter()
+                .map(|&r| self.device_memory(r))
+                .fold(f64::INFINITY, f64::min);
+            let memory = self.memory(num.params, activations, loss_bytes, device);
+            groups.push(GroupEstimate {
+                tower,
+                ranks: n,
+                local_batch: b,
+                link: link_name(link),
+                forward_s,
+                backward_s,
+                loss_s,
+                loss_exchange_s,
+                grad_all_reduce_s,
+                grad_all_reduce_exposed_s,
+                compute_s: forward_s + backward_s + loss_s,
+                comm_s: feature_all_gather_s + loss_exchange_s + grad_all_reduce_exposed_s,
+                idle_s: 0.0,
+                memory,
+            });
+        }
+        let busy = |g: &GroupEstimate| g.compute_s + g.comm_s;
+        let step_s = groups.iter().map(busy).fold(0.0, f64::max);
+        for g in &mut groups {
+            g.idle_s = step_s - busy(g);
+        }
+        let lighter = if busy(&groups[0]) <= busy(&groups[1]) {
+            Tower::Image
+        } else {
+            Tower::Text
+        };
+        let idle_fraction = groups
+            .iter()
+            .find(|g| g.tower == lighter)
+            .map_or(0.0, |g| g.idle_s / step_s);
+        Ok(SplitEstimate {
+            groups,
+            feature_all_gather_s,
+            step_s,
+            samples_per_s: b_global / step_s,
+            lighter,
+            idle_fraction,
+        })
+    }
+
+    /// The same global batch with every device holding both towers (OpenCLIP's layout:
+    /// features all-gathered, each rank's local loss, gradients all-reduced over all).
+    pub fn data_parallel(&self) -> Result<DataParallelEstimate> {
+        let t = self.topology;
+        let o = self.options;
+        let links = self.links()?;
+        let n = t.devices().len();
+        if !o.global_batch.is_multiple_of(n) {
+            return Err(Error::Msg(format!(
+                "data parallelism over {n} devices needs a global batch divisible by {n} (got {})",
+                o.global_batch
+            )));
+        }
+        // Data parallelism puts ranks on every device, node by node.
+        let dp = t.with_groups(&t.devices()[..1], &t.devices()[1..]).ok();
+        let world: Vec<usize> = (0..n).collect();
+        let link = dp.as_ref().and_then(|dp| ring_link(dp, &links, &world));
+        let b = o.global_batch / n;
+        let b_global = o.global_batch as f64;
+        let d = self.model.embed_dim as f64;
+        let (img, txt) = (
+            tower_numbers(self.model, Tower::Image, o.checkpointing),
+            tower_numbers(self.model, Tower::Text, o.checkpointing),
+        );
+        // The slowest device sets the pace; with calibration, each tower runs at its
+        // measured rate and the loss at the image tower's FLOP rate.
+        let mut slowest = f64::INFINITY;
+        for &(node, _) in &t.devices() {
+            let rate = match (o.calibration, t.spec(node)) {
+                (Some(c), _) => c.image_samples_per_s * img.forward_flops * 3.0,
+                (None, Some(s)) => s.tflops * 1e12 * s.efficiency,
+                (None, None) => {
+                    return Err(Error::invalid(
+                        &t.source,
+                        format!("nodes[{node}].kind"),
+                        "the cost model needs each device's throughput: declare [device_kinds] or run with --calibrate",
+                    ))
+                }
+            };
+            slowest = slowest.min(rate);
+        }
+        let towers_s = match o.calibration {
+            Some(c) => {
+                b as f64
+                    * (self.compute_factor() / 3.0)
+                    * (1.0 / c.image_samples_per_s + 1.0 / c.text_samples_per_s)
+            }
+            None => {
+                b as f64 * self.compute_factor() * (img.forward_flops + txt.forward_flops) / slowest
+            }
+        };
+        // Two b × B logit blocks (one per direction), each with two gradient products.
+        let compute_s = towers_s + 2.0 * 3.0 * 2.0 * b as f64 * b_global * d / slowest;
+        let feature_all_gather_s = ring_all_gather_s(2.0 * b_global * d * 4.0, n, link);
+        let grad_all_reduce_s = ring_all_reduce_s((img.params + txt.params) * 4.0, n, link);
+        let backward_s = compute_s * (self.compute_factor() - 1.0) / self.compute_factor();
+        let grad_all_reduce_exposed_s = if o.overlap {
+            (grad_all_reduce_s - backward_s).max(0.0)
+        } else {
+            grad_all_reduce_s
+        };
+        let step_s = compute_s + feature_all_gather_s + grad_all_reduce_exposed_s;
+        let activations = b as f64
+            * (img.activation_elems + txt.activation_elems)
+            * o.precision.activation_bytes();
+        // OpenCLIP's local loss: b × B logits per direction, and all features.
+        let loss = 2.0 * 3.0 * b as f64 * b_global * 4.0 + 2.0 * b_global * d * 4.0;
+        let device = t
+            .devices()
+            .iter()
+            .map(|&(node, _)| {
+                t.spec(node)
+                    .map_or(f64::INFINITY, |s| s.memory_gib * (1u64 << 30) as f64)
+            })
+            .fold(f64::INFINITY, f64::min);
+        Ok(DataParallelEstimate {
+            ranks: n,
+            local_batch: b,
+            link: link_name(link),
+            compute_s,
+            feature_all_gather_s,
+            grad_all_reduce_s,
+            grad_all_reduce_exposed_s,
+            step_s,
+            samples_per_s: b_global / step_s,
+            memory: self.memory(img.params + txt.params, activations, loss, device),
+        })
+    }
+}

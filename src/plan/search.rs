@@ -1,0 +1,257 @@
+//! `mmpipe plan --auto`: search the split (how many devices each tower gets) and the
+//! mapping of the groups onto nodes, and rank the candidates by predicted step time.
+//!
+//! Candidates cut an ordering of the devices in two: the first `k` devices for one tower,
+//! the rest for the other, for every `k` and both towers first. Orderings: node by node as
+//! listed (so a group stays inside as few nodes as possible and its all-reduce on the fast
+//! links), and, on mixed clusters, fastest kind first and slowest kind first (so either
+//! tower can get the faster devices).
+
+use serde::{Deserialize, Serialize};
+
+use super::cost::{CostModel, CostOptions, DataParallelEstimate, SplitEstimate};
+use crate::error::{Error, Result};
+use crate::model::ClipConfig;
+use crate::topology::{DeviceRef, Topology, Tower};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Group entries as a topology file writes them ("node0:0-5").
+    pub image: Vec<String>,
+    pub text: Vec<String>,
+    /// The same devices as (node index, device index), in group-rank order.
+    pub image_devices: Vec<DeviceRef>,
+    pub text_devices: Vec<DeviceRef>,
+    pub split: SplitEstimate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoPlan {
+    /// Best first.
+    pub candidates: Vec<Candidate>,
+    pub data_parallel: Option<DataParallelEstimate>,
+    pub considered: usize,
+    /// Splits the batch does not divide evenly.
+    pub indivisible: usize,
+    /// Splits whose memory exceeds a device.
+    pub too_big: usize,
+    pub warnings: Vec<String>,
+}
+
+/// Writes devices as topology-file entries, merging consecutive indices on a node.
+pub fn entries(topology: &Topology, devices: &[DeviceRef]) -> Vec<String> {
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    for &(node, d) in devices {
+        match out.last_mut() {
+            Some((n, _, last)) if *n == node && *last + 1 == d => *last = d,
+            _ => out.push((node, d, d)),
+        }
+    }
+    out.into_iter()
+        .map(|(n, first, last)| {
+            let name = &topology.nodes[n].name;
+            if first == last {
+                format!("{name}:{first}")
+            } else {
+                format!("{name}:{first}-{last}")
+            }
+        })
+        .collect()
+}
+
+fn orderings(topology: &Topology) -> Vec<Vec<DeviceRef>> {
+    let listed = topology.devices();
+    let speed =
+        |&(node, _): &DeviceRef| topology.spec(node).map_or(0.0, |s| s.tflops * s.efficiency);
+    let mut fastest_first = listed.clone();
+    fastest_first.sort_by(|a, b| speed(b).total_cmp(&speed(a)));
+    let mut slowest_first = listed.clone();
+    slowest_first.sort_by(|a, b| speed(a).total_cmp(&speed(b)));
+    let mut out = vec![listed];
+    for o in [fastest_first, slowest_first] {
+        if !out.contains(&o) {
+            out.push(o);
+        }
+    }
+    out
+}
+
+pub fn search(
+    topology: &Topology,
+    model: &ClipConfig,
+    options: &CostOptions,
+    keep: usize,
+) -> Result<AutoPlan> {
+    let devices = topology.devices();
+    if devices.len() < 2 {
+        return Err(Error::invalid(
+            &topology.source,
+            "nodes",
+            format!(
+                "a split needs at least two devices (one per tower); this cluster has {}",
+                devices.len()
+            ),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut candidates = Vec::new();
+    let (mut considered, mut indivisible, mut too_big) = (0, 0, 0);
+    for order in orderings(topology) {
+        for k in 1..order.len() {
+            for first in [Tower::Image, Tower::Text] {
+                let (a, b) = order.split_at(k);
+                let (image, text) = if first == Tower::Image {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
+                let mut key = (image.to_vec(), text.to_vec());
+                key.0.sort();
+                key.1.sort();
+                if !seen.insert(key) {
+                    continue;
+                }
+                considered += 1;
+                if !options.global_batch.is_multiple_of(image.len())
+                    || !options.global_batch.is_multiple_of(text.len())
+                {
+                    indivisible += 1;
+                    continue;
+                }
+                let t = topology.with_groups(image, text)?;
+                let split = CostModel {
+                    topology: &t,
+                    model,
+                    options,
+                }
+                .split()?;
+                if split.groups.iter().any(|g| !g.memory.fits) {
+                    too_big += 1;
+                    continue;
+                }
+                candidates.push(Candidate {
+                    image: entries(topology, image),
+                    text: entries(topology, text),
+                    image_devices: image.to_vec(),
+                    text_devices: text.to_vec(),
+                    split,
+                });
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no split works for a global batch of {}: of {considered} splits, {indivisible} do not divide \
+             the batch evenly and {too_big} do not fit in device memory (the model does not fit anywhere at \
+             this batch: lower it, or use --checkpointing)",
+            topology.source.display(),
+            options.global_batch
+        )));
+    }
+    candidates.sort_by(|a, b| a.split.step_s.total_cmp(&b.split.step_s));
+    candidates.truncate(keep.max(1));
+    let mut warnings = Vec::new();
+    let data_parallel = match (CostModel {
+        topology,
+        model,
+        options,
+    })
+    .data_parallel()
+    {
+        Ok(dp) => Some(dp),
+        Err(e) => {
+            warnings.push(format!("no data-parallel comparison: {e}"));
+            None
+        }
+    };
+    if let Some(dp) = &data_parallel {
+        let best = &candidates[0].split;
+        if dp.memory.fits && dp.step_s < best.step_s {
+            warnings.push(format!(
+                "the best split ({} per step) loses to plain data parallelism on the same devices ({} per step, \
+                 {:.2}x faster): split only for memory or mixed hardware",
+                super::secs(best.step_s),
+                super::secs(dp.step_s),
+                best.step_s / dp.step_s
+            ));
+        } else if !dp.memory.fits {
+            warnings.push(format!(
+                "plain data parallelism does not fit ({} per device): the split does",
+                super::gib(dp.memory.total)
+            ));
+        }
+    }
+    Ok(AutoPlan {
+        candidates,
+        data_parallel,
+        considered,
+        indivisible,
+        too_big,
+        warnings,
+    })
+}
+
+impl AutoPlan {
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "searched {} splits ({} leave the batch uneven, {} do not fit); best first:",
+            self.considered, self.indivisible, self.too_big
+        );
+        let _ = writeln!(
+            s,
+            "{:>3}  {:>10} {:>10}  {:>7} {:>7}  {:<28} {:<28}",
+            "#", "step", "samples/s", "image", "text", "image group", "text group"
+        );
+        for (i, c) in self.candidates.iter().enumerate() {
+            let n = |t: Tower| {
+                c.split
+                    .groups
+                    .iter()
+                    .find(|g| g.tower == t)
+                    .map_or(0, |g| g.ranks)
+            };
+            let _ = writeln!(
+                s,
+                "{:>3}  {:>10} {:>10.0}  {:>7} {:>7}  {:<28} {:<28}",
+                i + 1,
+                super::secs(c.split.step_s),
+                c.split.samples_per_s,
+                n(Tower::Image),
+                n(Tower::Text),
+                c.image.join(","),
+                c.text.join(",")
+            );
+        }
+        if let Some(dp) = &self.data_parallel {
+            let _ = writeln!(
+                s,
+                "data parallel on all {} devices: {} per step ({:.0} samples/s), memory {}/device{}",
+                dp.ranks,
+                super::secs(dp.step_s),
+                dp.samples_per_s,
+                super::gib(dp.memory.total),
+                if dp.memory.fits { "" } else { " — DOES NOT FIT" }
+            );
+        }
+        let best = &self.candidates[0];
+        let quote = |v: &[String]| {
+            v.iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "\nto use the best, put in the topology file:\n[groups]\nimage = [{}]\ntext = [{}]",
+            quote(&best.image),
+            quote(&best.text)
+        );
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        s
+    }
+}

@@ -1,0 +1,205 @@
+//! The cost model's arithmetic on hand-checked cases, the split search, and the planner's
+//! outputs and errors.
+
+use std::path::Path;
+
+use mmpipe::model::ClipConfig;
+use mmpipe::plan::cost::{ring_all_gather_s, ring_all_reduce_s, ring_link, LinkCost};
+use mmpipe::plan::search::search;
+use mmpipe::plan::{CostModel, Plan};
+use mmpipe::topology::{Topology, Tower};
+
+use super::plan::options;
+
+fn model(name: &str) -> ClipConfig {
+    ClipConfig::from_file(&Path::new("configs").join(name)).unwrap()
+}
+
+/// A cluster of identical devices with round numbers: 100 TFLOP/s sustained, 1 TB/s
+/// everywhere (or as given between nodes), no latency.
+fn cluster(nodes: usize, per_node: usize, inter_gbps: f64, groups: &str) -> Topology {
+    let mut s = format!(
+        "device = \"cuda\"\n{groups}\n[device_kinds.x]\ntflops = 100.0\nmemory_gib = 80.0\nefficiency = 1.0\n\
+         [links]\nintra_node_gbps = 1000.0\nintra_node_latency_us = 0.0\ninter_node_gbps = {inter_gbps}\n\
+         inter_node_latency_us = 0.0\n"
+    );
+    for n in 0..nodes {
+        s += &format!("[[nodes]]\nname = \"n{n}\"\ndevices = {per_node}\n");
+    }
+    Topology::from_str(&s, Path::new("hand.toml")).unwrap()
+}
+
+#[test]
+fn a_two_rank_ring_all_reduce_moves_the_payload_once_each_way() {
+    let link = Some(LinkCost {
+        bytes_per_s: 1e9,
+        latency_s: 1e-6,
+        inter_node: false,
+    });
+    // 2(p−1)/p = 1: the payload over the link once, plus two latencies.
+    assert!((ring_all_reduce_s(1e9, 2, link) - (1.0 + 2e-6)).abs() < 1e-12);
+    // Four ranks: 2·3/4 of the payload, six latencies.
+    assert!((ring_all_reduce_s(1e9, 4, link) - (1.5 + 6e-6)).abs() < 1e-12);
+    // All-gather of 1 GB in total over 4 ranks: 3/4 of it, three latencies.
+    assert!((ring_all_gather_s(1e9, 4, link) - (0.75 + 3e-6)).abs() < 1e-12);
+    assert_eq!(ring_all_reduce_s(1e9, 1, link), 0.0);
+}
+
+#[test]
+fn a_group_spanning_two_nodes_uses_the_inter_node_link() {
+    let t = cluster(2, 2, 10.0, "groups = \"auto\"");
+    let t = t.with_groups(&[(0, 0), (1, 0)], &[(0, 1), (1, 1)]).unwrap();
+    let links = t.links.unwrap();
+    let image = ring_link(&t, &links, &t.group(Tower::Image)).unwrap();
+    assert!(image.inter_node && image.bytes_per_s == 10e9);
+    let inside = t.with_groups(&[(0, 0), (0, 1)], &[(1, 0), (1, 1)]).unwrap();
+    let image = ring_link(&inside, &links, &inside.group(Tower::Image)).unwrap();
+    assert!(!image.inter_node && image.bytes_per_s == 1000e9);
+    // And the estimate's all-reduce time follows: 10 GB/s vs 1000 GB/s.
+    let m = model("ViT-B-16.toml");
+    let est = |t: &Topology| {
+        CostModel {
+            topology: t,
+            model: &m,
+            options: &options(64),
+        }
+        .split()
+        .unwrap()
+        .groups[0]
+            .grad_all_reduce_s
+    };
+    let params_bytes = m.vision.size().num_params(512) as f64 * 4.0;
+    assert!(
+        (est(&t.with_groups(&[(0, 0), (1, 0)], &[(0, 1), (1, 1)]).unwrap()) - params_bytes / 10e9)
+            .abs()
+            < 1e-9
+    );
+    assert!((est(&inside) - params_bytes / 1000e9).abs() < 1e-9);
+}
+
+#[test]
+fn compute_time_is_three_forwards_at_sustained_throughput() {
+    let m = model("ViT-B-16.toml");
+    let t = cluster(1, 2, 1.0, "[groups]\nimage = [\"n0:0\"]\ntext = [\"n0:1\"]");
+    let mut o = options(100);
+    let est = CostModel {
+        topology: &t,
+        model: &m,
+        options: &o,
+    }
+    .split()
+    .unwrap();
+    // 100 samples × 35.13 GFLOPs × 3 at 100 TFLOP/s.
+    let image = &est.groups[0];
+    assert!((image.forward_s + image.backward_s - 100.0 * 3.0 * 35.13e9 / 100e12).abs() < 2e-4);
+    o.checkpointing = true;
+    let ckpt = CostModel {
+        topology: &t,
+        model: &m,
+        options: &o,
+    }
+    .split()
+    .unwrap();
+    assert!((ckpt.groups[0].backward_s / ckpt.groups[0].forward_s - 3.0).abs() < 1e-9);
+    assert!(ckpt.groups[0].memory.activations < 0.5 * image.memory.activations);
+    // The step is the busier group's; the text group idles the difference.
+    let text = &est.groups[1];
+    assert!((text.compute_s + text.comm_s + text.idle_s - est.step_s).abs() < 1e-12);
+    assert_eq!(est.lighter, Tower::Text);
+}
+
+#[test]
+fn auto_finds_the_balanced_split_worked_out_by_hand() {
+    // ViT-B/16 costs 35.13 / 5.96 = 5.89 text towers per sample. On 8 equal devices with
+    // fast links the step is max(5.89/k, 1/(8−k)) in text-tower units: k=6 gives 0.98,
+    // k=7 gives 1.0 (the text rank is the bottleneck), k=5 gives 1.18. Batch 840 divides
+    // by every k.
+    let m = model("ViT-B-16.toml");
+    let t = cluster(1, 8, 1000.0, "groups = \"auto\"");
+    let auto = search(&t, &m, &options(840), 3).unwrap();
+    let best = &auto.candidates[0].split;
+    let ranks = |t: Tower| best.groups.iter().find(|g| g.tower == t).unwrap().ranks;
+    assert_eq!((ranks(Tower::Image), ranks(Tower::Text)), (6, 2));
+    assert!(auto
+        .candidates
+        .windows(2)
+        .all(|w| w[0].split.step_s <= w[1].split.step_s));
+}
+
+#[test]
+fn auto_gives_the_faster_devices_to_the_heavier_tower_on_a_mixed_cluster() {
+    let m = model("ViT-B-16.toml");
+    let t = Topology::from_file(Path::new("topology/mixed.toml")).unwrap();
+    let auto = search(&t, &m, &options(1920), 5).unwrap();
+    let best = &auto.candidates[0];
+    assert!(
+        best.image.iter().all(|e| e.starts_with("fast")),
+        "{:?}",
+        best.image
+    );
+}
+
+#[test]
+fn auto_warns_when_the_best_split_loses_to_data_parallelism() {
+    let m = model("ViT-B-16.toml");
+    let t = Topology::from_file(Path::new("topology/2node-8gpu.toml")).unwrap();
+    let auto = search(&t, &m, &options(4800), 5).unwrap();
+    assert!(
+        auto.warnings
+            .iter()
+            .any(|w| w.contains("loses to plain data parallelism")),
+        "{:?}",
+        auto.warnings
+    );
+}
+
+#[test]
+fn eight_to_eight_is_about_1_7x_slower_than_data_parallel_for_vit_b_16() {
+    let m = model("ViT-B-16.toml");
+    let t = cluster(
+        2,
+        8,
+        1000.0,
+        "[groups]\nimage = [\"n0:0-7\"]\ntext = [\"n1:0-7\"]",
+    );
+    let plan = Plan::new(&t, &m, &options(1024)).unwrap();
+    let ratio = plan.split.unwrap().step_s / plan.data_parallel.unwrap().step_s;
+    assert!((1.6..1.8).contains(&ratio), "{ratio}");
+}
+
+#[test]
+fn the_plan_round_trips_through_json() {
+    let m = model("ViT-B-16.toml");
+    let t = Topology::from_file(Path::new("topology/4x4.toml")).unwrap();
+    let plan = Plan::new(&t, &m, &options(256)).unwrap();
+    let json = serde_json::to_string(&plan).unwrap();
+    let back: Plan = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, plan);
+    assert!(json.contains("\"step_s\""));
+}
+
+#[test]
+fn impossible_requests_are_errors() {
+    let m = model("ViT-B-16.toml");
+    let one = cluster(1, 1, 1.0, "groups = \"auto\"");
+    let e = search(&one, &m, &options(8), 3).unwrap_err().to_string();
+    assert!(e.contains("at least two devices"), "{e}");
+    let t = cluster(1, 4, 1.0, "groups = \"auto\"");
+    let e = search(&t, &m, &options(7), 3).unwrap_err().to_string();
+    assert!(e.contains("do not divide"), "{e}");
+    let e = search(&t, &model("ViT-L-14.toml"), &options(1 << 16), 3)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not fit anywhere"), "{e}");
+    // An auto topology cannot be planned or trained without choosing the groups.
+    let e = Plan::new(&t, &m, &options(8)).unwrap_err().to_string();
+    assert!(e.contains("--auto"), "{e}");
+}
+
+#[test]
+fn a_plan_without_device_specs_says_why_it_has_no_times() {
+    let t = Topology::from_file(Path::new("topology/cpu-2x1.toml")).unwrap();
+    let plan = Plan::new(&t, &ClipConfig::default_tiny(), &options(12)).unwrap();
+    assert!(plan.split.is_none());
+    assert!(plan.no_estimate.unwrap().contains("--calibrate"));
+}
