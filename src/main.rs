@@ -133,11 +133,8 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         }
         let world = topology.devices().len();
         let threads = compute_threads_per_rank(world);
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let share = (cores as f64 / (world * threads) as f64).min(1.0);
-        let c = calibrate::calibrate(&model, 32, Duration::from_secs(2), share)
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let c = calibrate::calibrate(&topology, &model, args.model.batch, Duration::from_secs(3))
             .context("calibration failed")?;
         eprintln!(
             "calibrated on {cores} cores, {threads} compute thread(s) per rank, {world} ranks: image {:.0}, \
@@ -163,7 +160,9 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         let auto = search::search(&topology, &model, &options, args.top)?;
         let best = &auto.candidates[0];
         let chosen = topology.with_groups(&best.image_devices, &best.text_devices)?;
-        let plan = Plan::new(&chosen, &model, &options)?;
+        let mut plan = Plan::new(&chosen, &model, &options)?;
+        // The search's own report already compares the best split with data parallelism.
+        plan.warnings.retain(|w| !w.contains("data parallelism"));
         let text = format!(
             "{}\nthe best plan in full:\n{}",
             auto.render(),
@@ -220,9 +219,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let first = report.losses.first().copied().unwrap_or(f64::NAN);
     let last = report.losses.last().copied().unwrap_or(f64::NAN);
     println!(
-        "loss {first:.4} -> {last:.4}; {:.1} s, {:.0} samples/s; logit scale {:.2} (exp {:.1})",
+        "loss {first:.4} -> {last:.4}; {:.1} s, {:.0} samples/s, median step {:.1} ms; logit scale {:.2} (exp {:.1})",
         report.seconds,
         report.samples_per_second,
+        report.median_step_seconds() * 1e3,
         report.final_logit_scale,
         report.final_logit_scale.exp()
     );

@@ -151,6 +151,14 @@ pub fn search(
     candidates.sort_by(|a, b| a.split.step_s.total_cmp(&b.split.step_s));
     candidates.truncate(keep.max(1));
     let mut warnings = Vec::new();
+    if indivisible * 2 > considered {
+        warnings.push(format!(
+            "{indivisible} of {considered} splits were skipped because the batch {} does not divide over them: \
+             a multiple of {} lets every split in",
+            options.global_batch,
+            batch_for_every_split(devices.len())
+        ));
+    }
     let data_parallel = match (CostModel {
         topology,
         model,
@@ -254,4 +262,16 @@ impl AutoPlan {
         }
         s
     }
+}
+
+/// The smallest batch every split of `devices` divides evenly: lcm(1, …, devices − 1).
+pub fn batch_for_every_split(devices: usize) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    (1..devices.max(2) as u64).fold(1, |l, k| l / gcd(l, k) * k)
 }

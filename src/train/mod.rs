@@ -27,6 +27,8 @@ use crate::topology::{DeviceKind, Topology, Tower};
 pub struct TrainReport {
     /// The global loss at every step.
     pub losses: Vec<f64>,
+    /// World rank 0's wall time of every step (data included), in seconds.
+    pub step_seconds: Vec<f64>,
     pub retrieval: Option<Retrieval>,
     pub seconds: f64,
     pub samples_per_second: f64,
@@ -35,8 +37,18 @@ pub struct TrainReport {
     pub final_logit_scale: f64,
 }
 
+impl TrainReport {
+    /// The median step time: robust to the first steps' warm-up.
+    pub fn median_step_seconds(&self) -> f64 {
+        let mut s = self.step_seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
 struct RankOutcome {
     losses: Vec<f64>,
+    step_seconds: Vec<f64>,
     retrieval: Option<Retrieval>,
     phases: PhaseTimes,
     logit_scale: f64,
@@ -80,6 +92,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
     let lead = &outcomes[0];
     Ok(TrainReport {
         losses: lead.losses.clone(),
+        step_seconds: lead.step_seconds.clone(),
         retrieval: lead.retrieval,
         seconds,
         samples_per_second: (cfg.steps * cfg.global_batch) as f64 / seconds,
@@ -105,15 +118,18 @@ fn run_rank(
     trainer.check_replicas(&comms)?;
     let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64));
     let mut losses = Vec::with_capacity(cfg.steps);
+    let mut step_seconds = Vec::with_capacity(cfg.steps);
     let mut phases = PhaseTimes::default();
     let started = Instant::now();
     for step in 0..cfg.steps {
+        let step_started = Instant::now();
         let indices = batch_indices(step, cfg.global_batch, trainer.offset, trainer.local_batch);
         let input = source.tower_input(trainer.tower, Stream::Train, &indices, &device)?;
         let lr = optim::cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps);
         let (loss, times) = trainer.step(&comms, &input, lr)?;
         phases.add(&times);
         losses.push(loss);
+        step_seconds.push(step_started.elapsed().as_secs_f64());
         if let Some(bar) = &bar {
             let rate = ((step + 1) * cfg.global_batch) as f64 / started.elapsed().as_secs_f64();
             bar.set_message(format!(
@@ -132,6 +148,7 @@ fn run_rank(
     };
     Ok(RankOutcome {
         losses,
+        step_seconds,
         retrieval,
         phases,
         logit_scale: trainer.logit_scale()?,

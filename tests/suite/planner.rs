@@ -203,3 +203,12 @@ fn a_plan_without_device_specs_says_why_it_has_no_times() {
     assert!(plan.split.is_none());
     assert!(plan.no_estimate.unwrap().contains("--calibrate"));
 }
+
+#[test]
+fn the_batch_hint_is_divisible_by_every_group_size() {
+    use mmpipe::plan::search::batch_for_every_split;
+    assert_eq!(batch_for_every_split(8), 420);
+    assert_eq!(batch_for_every_split(2), 1);
+    let b = batch_for_every_split(16);
+    assert!((1..16).all(|k| b % k == 0));
+}
