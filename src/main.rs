@@ -133,7 +133,9 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         }
         let world = topology.devices().len();
         let threads = compute_threads_per_rank(world);
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let c = calibrate::calibrate(&topology, &model, args.model.batch, Duration::from_secs(3))
             .context("calibration failed")?;
         eprintln!(

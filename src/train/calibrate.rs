@@ -41,16 +41,31 @@ pub fn tower_rate(model: &ClipConfig, tower: Tower, batch: usize, budget: Durati
 
 /// Runs every rank's tower at once (as [`tower_rate`]) and returns each tower's mean rate
 /// per rank. An `auto` topology is measured half image, half text.
-pub fn calibrate(topology: &Topology, model: &ClipConfig, global_batch: usize, budget: Duration) -> Result<Calibration> {
+pub fn calibrate(
+    topology: &Topology,
+    model: &ClipConfig,
+    global_batch: usize,
+    budget: Duration,
+) -> Result<Calibration> {
     let world = topology.devices().len();
     let towers: Vec<Tower> = if topology.auto_groups {
-        (0..world).map(|r| if r < world.div_ceil(2) { Tower::Image } else { Tower::Text }).collect()
+        (0..world)
+            .map(|r| {
+                if r < world.div_ceil(2) {
+                    Tower::Image
+                } else {
+                    Tower::Text
+                }
+            })
+            .collect()
     } else {
         topology.ranks.iter().map(|r| r.tower).collect()
     };
     let group_size = |t: Tower| towers.iter().filter(|&&x| x == t).count();
     if group_size(Tower::Image) == 0 || group_size(Tower::Text) == 0 {
-        return Err(Error::Msg("calibration needs at least one rank per tower".into()));
+        return Err(Error::Msg(
+            "calibration needs at least one rank per tower".into(),
+        ));
     }
     let rates: Vec<Result<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = towers
@@ -62,7 +77,10 @@ pub fn calibrate(topology: &Topology, model: &ClipConfig, global_batch: usize, b
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Msg("a calibration thread panicked".into()))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Msg("a calibration thread panicked".into())))
+            })
             .collect()
     });
     let mut sums = [0.0f64; 2];
