@@ -74,3 +74,50 @@ fn train_on_a_gpu_topology_says_what_is_missing() {
         "{stderr}"
     );
 }
+
+#[test]
+fn plan_auto_writes_json_and_an_svg() {
+    let svg = std::env::temp_dir().join(format!("mmpipe-plan-{}.svg", std::process::id()));
+    let out = mmpipe(&[
+        "plan",
+        "--topology",
+        "topology/mixed.toml",
+        "--model",
+        "configs/ViT-B-16.toml",
+        "--batch",
+        "1920",
+        "--format",
+        "json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert!(json["auto"]["candidates"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty()));
+    assert!(json["best"]["split"]["step_s"]
+        .as_f64()
+        .is_some_and(|s| s > 0.0));
+    let drawing = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawing.starts_with("<svg") && drawing.contains("fast") && drawing.contains("T7"));
+}
+
+#[test]
+fn plan_calibrate_measures_this_machine_and_predicts_a_step() {
+    let out = mmpipe(&[
+        "plan",
+        "--topology",
+        "topology/cpu-1x1.toml",
+        "--calibrate",
+        "--batch",
+        "16",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("calibrated on"));
+    assert!(
+        text(&out.stdout).contains("predicted step (split)"),
+        "{}",
+        text(&out.stdout)
+    );
+}
