@@ -2,11 +2,13 @@
 //! the global batch.
 
 pub mod synthetic;
+pub mod tokenizer;
 pub mod vocab;
 
 use candle_core::{Device, Tensor};
 
 pub use synthetic::{Stream, SyntheticShapes};
+pub use tokenizer::{TextTokenizer, Tokens};
 pub use vocab::WordVocab;
 
 use crate::error::{Error, Result};
@@ -14,10 +16,9 @@ use crate::model::{ClipConfig, TowerInput};
 use crate::topology::Tower;
 
 /// The synthetic shapes set, ready to hand any slice of samples to either tower.
-#[derive(Debug, Clone)]
 pub struct SyntheticSource {
     pub shapes: SyntheticShapes,
-    pub vocab: WordVocab,
+    tokenizer: TextTokenizer,
     context: usize,
     channels: usize,
 }
@@ -50,7 +51,7 @@ impl SyntheticSource {
         }
         Ok(SyntheticSource {
             shapes: SyntheticShapes::new(seed, model.image_size()),
-            vocab,
+            tokenizer: TextTokenizer::Words(vocab),
             context: model.context_length(),
             channels: model.channels(),
         })
@@ -83,16 +84,14 @@ impl SyntheticSource {
                 )?))
             }
             Tower::Text => {
-                let mut tokens = Vec::with_capacity(n * self.context);
-                let mut eot = Vec::with_capacity(n);
-                for &i in indices {
-                    let (ids, e) = self.vocab.encode(&self.caption(stream, i), self.context)?;
-                    tokens.extend(ids);
-                    eot.push(e);
-                }
+                let captions: Vec<String> =
+                    indices.iter().map(|&i| self.caption(stream, i)).collect();
+                let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+                let t = self.tokenizer.encode_batch(&refs, self.context)?;
                 Ok(TowerInput::Captions {
-                    tokens: Tensor::from_vec(tokens, (n, self.context), device)?,
-                    eot: Tensor::from_vec(eot, n, device)?,
+                    tokens: Tensor::from_vec(t.ids, (n, self.context), device)?,
+                    mask: Tensor::from_vec(t.mask, (n, self.context), device)?,
+                    eot: Tensor::from_vec(t.eot, n, device)?,
                 })
             }
         }

@@ -26,13 +26,8 @@ impl WordVocab {
         self.words.len() + 3
     }
 
-    /// Token ids padded to `context`, and the position of the end-of-text token.
-    pub fn encode(&self, text: &str, context: usize) -> Result<(Vec<u32>, u32)> {
-        if context < 2 {
-            return Err(Error::Msg(format!(
-                "context length {context} leaves no room for a caption"
-            )));
-        }
+    /// Start-of-text, the words' ids, end-of-text: unpadded, untruncated.
+    pub fn ids(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = vec![SOT];
         for w in text.split_whitespace() {
             let id = self
@@ -45,8 +40,22 @@ impl WordVocab {
                 })?;
             ids.push(id as u32 + 3);
         }
-        ids.truncate(context - 1);
         ids.push(EOT);
+        Ok(ids)
+    }
+
+    /// Token ids padded to `context`, and the position of the end-of-text token.
+    pub fn encode(&self, text: &str, context: usize) -> Result<(Vec<u32>, u32)> {
+        if context < 2 {
+            return Err(Error::Msg(format!(
+                "context length {context} leaves no room for a caption"
+            )));
+        }
+        let mut ids = self.ids(text)?;
+        if ids.len() > context {
+            ids.truncate(context - 1);
+            ids.push(EOT);
+        }
         let eot = (ids.len() - 1) as u32;
         ids.resize(context, PAD);
         Ok((ids, eot))

@@ -41,13 +41,20 @@ impl Linear {
 pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
+    pub eps: f32,
 }
 
 impl LayerNorm {
+    /// PyTorch's default epsilon, as CLIP uses.
     pub fn new(pb: &ParamBuilder, dim: usize) -> Result<Self> {
+        Self::with_eps(pb, dim, 1e-5)
+    }
+
+    pub fn with_eps(pb: &ParamBuilder, dim: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
             weight: pb.get(dim, "weight", Init::Ones)?,
             bias: pb.get(dim, "bias", Init::Zeros)?,
+            eps,
         })
     }
 
@@ -56,7 +63,7 @@ impl LayerNorm {
             x,
             &self.weight,
             &self.bias,
-            1e-5,
+            self.eps,
         )?)
     }
 }
@@ -74,10 +81,39 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?)
 }
 
-/// Multi-head self-attention with PyTorch `nn.MultiheadAttention`'s parameter layout.
+/// The query, key and value projections: packed as PyTorch's `nn.MultiheadAttention`
+/// keeps them, or separate as BERT does (concatenated at each forward, one GEMM).
+#[derive(Debug, Clone)]
+pub enum QkvProjection {
+    Packed(Linear),
+    Separate(Linear, Linear, Linear),
+}
+
+impl QkvProjection {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            QkvProjection::Packed(l) => l.forward(x),
+            QkvProjection::Separate(q, k, v) => {
+                let cat = |f: fn(&Linear) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+                    Ok(match (f(q), f(k), f(v)) {
+                        (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
+                        _ => None,
+                    })
+                };
+                let packed = Linear {
+                    weight: cat(|l| Some(&l.weight))?.expect("weights"),
+                    bias: cat(|l| l.bias.as_ref())?,
+                };
+                packed.forward(x)
+            }
+        }
+    }
+}
+
+/// Multi-head self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    in_proj: Linear,
+    qkv: QkvProjection,
     out_proj: Linear,
     heads: usize,
 }
@@ -96,19 +132,28 @@ impl Attention {
         };
         let out_proj = Linear::new(&pb.pp("out_proj"), width, width, out_std)?;
         Ok(Attention {
-            in_proj,
+            qkv: QkvProjection::Packed(in_proj),
             out_proj,
             heads,
         })
     }
 
-    /// `x`: `[batch, len, width]`; `mask`: additive `[len, len]` (−∞ where attention is barred).
+    pub fn from_parts(qkv: QkvProjection, out_proj: Linear, heads: usize) -> Self {
+        Attention {
+            qkv,
+            out_proj,
+            heads,
+        }
+    }
+
+    /// `x`: `[batch, len, width]`; `mask`: additive, broadcastable to `[batch, heads, len,
+    /// len]` (−∞ where attention is barred): `[len, len]` causal, `[batch, 1, 1, len]` padding.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (n, len, width) = x.dims3()?;
         let h = self.heads;
         let d = width / h;
         let qkv = self
-            .in_proj
+            .qkv
             .forward(x)?
             .reshape((n, len, 3, h, d))?
             .permute((2, 0, 3, 1, 4))?; // [3, n, h, len, d]
@@ -118,7 +163,10 @@ impl Attention {
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
         let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
+            Some(m) => scores
+                .reshape((n, h, len, len))?
+                .broadcast_add(m)?
+                .reshape((n * h, len, len))?,
             None => scores,
         };
         let attn = softmax(&scores)?.matmul(&v)?; // [n*h, len, d]

@@ -1,6 +1,8 @@
 //! Single-device encoders. Nothing here knows about ranks or collectives: a rank builds the
 //! tower it trains, and the test reference builds both.
 
+pub mod bert;
+pub mod checkpoint;
 pub mod config;
 pub mod layers;
 pub mod params;
@@ -9,6 +11,7 @@ pub mod vision;
 
 use candle_core::{DType, Device, Tensor};
 
+pub use bert::BertTower;
 pub use config::{
     BertConfig, ClipConfig, ImageTowerConfig, ResNetConfig, TextTowerConfig, TextTransformerConfig,
     TowerSize, VitConfig,
@@ -29,7 +32,12 @@ pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
 #[derive(Debug, Clone)]
 pub enum TowerInput {
     Images(Tensor),
-    Captions { tokens: Tensor, eot: Tensor },
+    /// `tokens` and `mask` `[n, context]` u32; `eot` `[n]`: each caption's last real token.
+    Captions {
+        tokens: Tensor,
+        mask: Tensor,
+        eot: Tensor,
+    },
 }
 
 impl TowerInput {
@@ -50,6 +58,7 @@ impl TowerInput {
 pub enum Encoder {
     Image(VisionTower),
     Text(TextTower),
+    Bert(BertTower),
 }
 
 /// The towers that can be built and trained today; the others are costed by `mmpipe plan`.
@@ -66,7 +75,8 @@ fn clip_text(cfg: &ClipConfig) -> Result<&TextTransformerConfig> {
     match &cfg.text {
         TextTowerConfig::Clip(t) => Ok(t),
         TextTowerConfig::Bert(_) => Err(Error::Msg(
-            "the BERT text tower is not trainable yet (only costed by `mmpipe plan`): use kind = \"clip\"".into(),
+            "the single-device Clip model pairs a ViT with CLIP's text tower; use Encoder for BERT"
+                .into(),
         )),
     }
 }
@@ -79,7 +89,12 @@ impl Encoder {
                 vit(cfg)?,
                 cfg.embed_dim,
             )?),
-            Tower::Text => Encoder::Text(TextTower::new(pb, clip_text(cfg)?, cfg.embed_dim)?),
+            Tower::Text => match &cfg.text {
+                TextTowerConfig::Clip(t) => Encoder::Text(TextTower::new(pb, t, cfg.embed_dim)?),
+                TextTowerConfig::Bert(b) => {
+                    Encoder::Bert(BertTower::new(&pb.pp("text"), b, cfg.embed_dim)?)
+                }
+            },
         })
     }
 
@@ -87,7 +102,10 @@ impl Encoder {
     pub fn forward(&self, input: &TowerInput) -> Result<Tensor> {
         match (self, input) {
             (Encoder::Image(m), TowerInput::Images(x)) => m.forward(x),
-            (Encoder::Text(m), TowerInput::Captions { tokens, eot }) => m.forward(tokens, eot),
+            (Encoder::Text(m), TowerInput::Captions { tokens, eot, .. }) => m.forward(tokens, eot),
+            (Encoder::Bert(m), TowerInput::Captions { tokens, mask, .. }) => {
+                m.forward(tokens, mask)
+            }
             _ => Err(Error::Msg(
                 "encoder and input are of different modalities".into(),
             )),

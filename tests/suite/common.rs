@@ -92,7 +92,7 @@ impl Reference {
     }
 
     pub fn loss(&self, images: &TowerInput, texts: &TowerInput) -> Tensor {
-        let (TowerInput::Images(img), TowerInput::Captions { tokens, eot }) = (images, texts)
+        let (TowerInput::Images(img), TowerInput::Captions { tokens, eot, .. }) = (images, texts)
         else {
             panic!("inputs of the wrong modality")
         };

@@ -1,5 +1,7 @@
 //! One integration-test binary (one link, shared helpers); each module is one concern.
 
+/// BERT with all-MiniLM-L6-v2's weights, tokenizers, safetensors checkpoints.
+mod bert;
 /// The binary: `plan` and `train` as a user runs them.
 mod cli;
 /// Thread-backend collectives against serial computations; failing ranks give errors.

