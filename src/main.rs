@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use mmpipe::model::ClipConfig;
+use mmpipe::model::{checkpoint, ClipConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -37,6 +37,34 @@ enum Command {
     Plan(PlanArgs),
     /// Train on the built-in synthetic image–caption set.
     Train(TrainArgs),
+    /// Turn an OpenCLIP or HF BERT checkpoint into an mmpipe checkpoint of a model config.
+    Convert(ConvertArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    /// An OpenCLIP `state_dict` saved as safetensors (the same names as mmpipe's).
+    Openclip,
+    /// An HF BERT `model.safetensors` for the model's BERT text tower; the rest keeps its
+    /// seeded initialisation.
+    HfBert,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The model config the checkpoint is for.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum)]
+    from: Source,
+    /// The checkpoint to read (safetensors).
+    input: PathBuf,
+    /// Where to write the mmpipe checkpoint (safetensors, written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed for the parameters the input does not cover.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -192,6 +220,31 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    let model = ClipConfig::from_file(&args.model)?;
+    let pb = mmpipe::model::cpu_builder(args.seed);
+    mmpipe::model::build_all(&pb, &model)?;
+    let params = pb.params();
+    let report = match args.from {
+        Source::Openclip => checkpoint::load(&params, &args.input)?,
+        Source::HfBert => checkpoint::load_hf_bert(&params, &args.input)?,
+    };
+    checkpoint::save(&params, &args.out)?;
+    println!(
+        "wrote {} ({} tensors: {} from {}, {} initialised with seed {})",
+        args.out.display(),
+        params.len(),
+        report.loaded,
+        args.input.display(),
+        params.len() - report.loaded,
+        args.seed
+    );
+    if !report.unused.is_empty() {
+        println!("not used from the input: {}", report.unused.join(", "));
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let topology = match &args.topology {
         Some(p) => Topology::from_file(p)?,
@@ -295,6 +348,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(a) => plan(a),
         Command::Train(a) => train(a),
+        Command::Convert(a) => convert(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

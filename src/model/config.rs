@@ -22,6 +22,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{parse_toml, read_toml, Error, Result};
+use crate::topology::Tower;
 
 /// A CLIP-style ViT: class token, learned positions, pre-norm blocks, class-token pooling.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -113,6 +114,12 @@ pub struct ClipConfig {
     pub embed_dim: usize,
     pub vision: ImageTowerConfig,
     pub text: TextTowerConfig,
+    /// Towers that do not train (no gradient, no optimizer state): LiT-style training
+    /// against a frozen pretrained tower.
+    pub locked: Vec<Tower>,
+    /// An HF BERT folder (`config.json`, `model.safetensors`, `tokenizer.json`) whose
+    /// weights initialise the BERT text tower.
+    pub pretrained_text: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +128,10 @@ struct ClipConfigFile {
     embed_dim: usize,
     vision: toml::Value,
     text: toml::Value,
+    #[serde(default)]
+    locked: Vec<Tower>,
+    /// Relative to the model file.
+    pretrained_text: Option<String>,
 }
 
 fn two() -> usize {
@@ -154,10 +165,13 @@ impl ClipConfig {
     }
 
     fn build(file: ClipConfigFile, path: &Path) -> Result<Self> {
+        let base = path.parent().unwrap_or(Path::new(""));
         let c = ClipConfig {
             embed_dim: file.embed_dim,
             vision: resolve_tower(file.vision, "vision", path)?,
             text: resolve_tower(file.text, "text", path)?,
+            locked: file.locked,
+            pretrained_text: file.pretrained_text.map(|p| base.join(p)),
         };
         c.validate(path)?;
         Ok(c)
@@ -165,6 +179,23 @@ impl ClipConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, msg: String| Err(Error::invalid(path, field, msg));
+        if self.locked.len() > 1 && self.locked[0] != self.locked[1] {
+            return bad(
+                "locked",
+                "both towers locked: nothing would train but the temperature".into(),
+            );
+        }
+        if let Some(dir) = &self.pretrained_text {
+            if !matches!(self.text, TextTowerConfig::Bert(_)) {
+                return bad("pretrained_text", "pretrained text weights are HF BERT checkpoints: the text tower must be kind = \"bert\"".into());
+            }
+            if !dir.join("model.safetensors").exists() {
+                return bad(
+                    "pretrained_text",
+                    format!("{} has no model.safetensors", dir.display()),
+                );
+            }
+        }
         let mut fields: Vec<(&str, usize)> = vec![("embed_dim", self.embed_dim)];
         match &self.vision {
             ImageTowerConfig::Vit(v) => {
@@ -294,6 +325,10 @@ impl ClipConfig {
             TextTowerConfig::Clip(t) => t.vocab_size,
             TextTowerConfig::Bert(b) => b.vocab_size,
         }
+    }
+
+    pub fn is_locked(&self, tower: Tower) -> bool {
+        self.locked.contains(&tower)
     }
 
     pub fn context_length(&self) -> usize {

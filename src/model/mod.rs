@@ -140,3 +140,12 @@ pub fn logit_scale(pb: &ParamBuilder) -> Result<Tensor> {
 pub fn cpu_builder(seed: u64) -> ParamBuilder {
     ParamBuilder::new(seed, DType::F32, &Device::Cpu)
 }
+
+/// Both towers and the temperature of `cfg`, registered in `pb`: everything a checkpoint
+/// of this model holds.
+pub fn build_all(pb: &ParamBuilder, cfg: &ClipConfig) -> Result<(Encoder, Encoder)> {
+    let image = Encoder::new(pb, cfg, Tower::Image)?;
+    let text = Encoder::new(pb, cfg, Tower::Text)?;
+    logit_scale(pb)?;
+    Ok((image, text))
+}

@@ -272,15 +272,23 @@ impl CostModel<'_> {
         }
     }
 
-    fn memory(&self, params: f64, activations: f64, loss: f64, device: f64) -> Memory {
+    /// `params` held, of which `trained` have gradients and optimizer state.
+    fn memory(
+        &self,
+        params: f64,
+        trained: f64,
+        activations: f64,
+        loss: f64,
+        device: f64,
+    ) -> Memory {
         let o = self.options;
         let working_copy = match o.precision {
             Precision::Fp32 => 0.0,
             Precision::Bf16 => 2.0 * params,
         };
         let weights = 4.0 * params + working_copy;
-        let gradients = 4.0 * params;
-        let optimizer = o.optimizer.state_bytes() * params;
+        let gradients = 4.0 * trained;
+        let optimizer = o.optimizer.state_bytes() * trained;
         let total = weights + gradients + optimizer + activations + loss;
         Memory {
             weights,
@@ -315,7 +323,9 @@ impl CostModel<'_> {
             let members = t.group(tower);
             let n = members.len();
             let b = o.global_batch / n;
-            let num = tower_numbers(self.model, tower, o.checkpointing);
+            // A locked tower runs forward only: no backward, no gradients to reduce.
+            let locked = self.model.is_locked(tower);
+            let num = tower_numbers(self.model, tower, o.checkpointing || locked);
             let link = ring_link(t, &links, &members);
             let slowest = members
                 .iter()
@@ -324,11 +334,19 @@ impl CostModel<'_> {
                 .into_iter()
                 .fold(f64::INFINITY, f64::min);
             let forward_s = b as f64 * num.forward_flops / slowest;
-            let backward_s = (self.compute_factor() - 1.0) * forward_s;
+            let backward_s = if locked {
+                0.0
+            } else {
+                (self.compute_factor() - 1.0) * forward_s
+            };
             // Logits and the two gradient products of the rank's b × B block.
             let loss_s = 3.0 * 2.0 * b as f64 * b_global * d / slowest;
             let loss_exchange_s = ring_all_gather_s(n as f64 * b_global * 4.0, n, link);
-            let grad_all_reduce_s = ring_all_reduce_s(num.params * 4.0, n, link);
+            let grad_all_reduce_s = if locked {
+                0.0
+            } else {
+                ring_all_reduce_s(num.params * 4.0, n, link)
+            };
             let grad_all_reduce_exposed_s = if o.overlap {
                 (grad_all_reduce_s - backward_s).max(0.0)
             } else {
@@ -340,7 +358,8 @@ impl CostModel<'_> {
                 .iter()
                 .map(|&r| self.device_memory(r))
                 .fold(f64::INFINITY, f64::min);
-            let memory = self.memory(num.params, activations, loss_bytes, device);
+            let trained = if locked { 0.0 } else { num.params };
+            let memory = self.memory(num.params, trained, activations, loss_bytes, device);
             groups.push(GroupEstimate {
                 tower,
                 ranks: n,
@@ -423,20 +442,33 @@ impl CostModel<'_> {
             };
             slowest = slowest.min(rate);
         }
+        // Forward passes of a locked tower count once, trained ones 3× (4× checkpointed).
+        let factor = |t: Tower| {
+            if self.model.is_locked(t) {
+                1.0
+            } else {
+                self.compute_factor()
+            }
+        };
         let towers_s = match o.calibration {
             Some(c) => {
                 b as f64
-                    * (self.compute_factor() / 3.0)
-                    * (1.0 / c.image_samples_per_s + 1.0 / c.text_samples_per_s)
+                    * (factor(Tower::Image) / 3.0 / c.image_samples_per_s
+                        + factor(Tower::Text) / 3.0 / c.text_samples_per_s)
             }
             None => {
-                b as f64 * self.compute_factor() * (img.forward_flops + txt.forward_flops) / slowest
+                b as f64
+                    * (factor(Tower::Image) * img.forward_flops
+                        + factor(Tower::Text) * txt.forward_flops)
+                    / slowest
             }
         };
+        let trained = |t: Tower, p: f64| if self.model.is_locked(t) { 0.0 } else { p };
+        let trained_params = trained(Tower::Image, img.params) + trained(Tower::Text, txt.params);
         // Two b × B logit blocks (one per direction), each with two gradient products.
         let compute_s = towers_s + 2.0 * 3.0 * 2.0 * b as f64 * b_global * d / slowest;
         let feature_all_gather_s = ring_all_gather_s(2.0 * b_global * d * 4.0, n, link);
-        let grad_all_reduce_s = ring_all_reduce_s((img.params + txt.params) * 4.0, n, link);
+        let grad_all_reduce_s = ring_all_reduce_s(trained_params * 4.0, n, link);
         let backward_s = compute_s * (self.compute_factor() - 1.0) / self.compute_factor();
         let grad_all_reduce_exposed_s = if o.overlap {
             (grad_all_reduce_s - backward_s).max(0.0)
@@ -467,7 +499,13 @@ impl CostModel<'_> {
             grad_all_reduce_exposed_s,
             step_s,
             samples_per_s: b_global / step_s,
-            memory: self.memory(img.params + txt.params, activations, loss, device),
+            memory: self.memory(
+                img.params + txt.params,
+                trained_params,
+                activations,
+                loss,
+                device,
+            ),
         })
     }
 }

@@ -99,11 +99,18 @@ impl Plan {
             Tower::Text => text_params as u64,
         };
         let size = |t: Tower| topology.group_size(t) as u64;
+        let trained_of = |t: Tower| if model.is_locked(t) { 0 } else { params_of(t) };
         let traffic = Traffic {
             feature_all_gather: 2 * b * model.embed_dim as u64 * bytes,
             lse_all_gather: per_group(&|t| size(t) * b * bytes),
-            grad_all_reduce: per_group(&|t| if size(t) > 1 { params_of(t) * bytes } else { 0 }),
-            grad_ring_per_rank: per_group(&|t| 2 * (size(t) - 1) * params_of(t) * bytes / size(t)),
+            grad_all_reduce: per_group(&|t| {
+                if size(t) > 1 {
+                    trained_of(t) * bytes
+                } else {
+                    0
+                }
+            }),
+            grad_ring_per_rank: per_group(&|t| 2 * (size(t) - 1) * trained_of(t) * bytes / size(t)),
             scalars: 2 * 8,
         };
 

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::loss::{clip_loss_lse, split_len, split_offset, FeatureLayout};
 use crate::model::layers::l2_normalize;
 use crate::model::{
-    logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX,
+    checkpoint, logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX,
 };
 use crate::topology::{Topology, Tower};
 
@@ -60,8 +60,8 @@ impl PhaseTimes {
     }
 }
 
-/// The gradients of one step, before the optimizer: every parameter's (name order), summed
-/// over the group, and the global loss.
+/// The gradients of one step, before the optimizer: every trainable parameter's (name
+/// order, as [`RankTrainer::trainable`]), summed over the group, and the global loss.
 #[derive(Debug, Clone)]
 pub struct StepGrads {
     pub loss: f64,
@@ -74,6 +74,9 @@ pub struct RankTrainer {
     encoder: Encoder,
     /// The tower's parameters and `logit_scale`, sorted by name.
     params: Params,
+    /// What the optimizer updates: `params`, less the tower's when it is locked.
+    trainable: Params,
+    locked: bool,
     logit_scale: Var,
     optimizer: AdamW,
     layout: FeatureLayout,
@@ -98,9 +101,18 @@ impl RankTrainer {
         let encoder = Encoder::new(&pb, model, rank.tower)?;
         logit_scale(&pb)?;
         let params = pb.params();
+        if let (Tower::Text, Some(dir)) = (rank.tower, &model.pretrained_text) {
+            checkpoint::load_hf_bert(&params, &dir.join("model.safetensors"))?;
+        }
+        let locked = model.is_locked(rank.tower);
+        let trainable = if locked {
+            params.filter(|n| n == "logit_scale")
+        } else {
+            params.clone()
+        };
         let logit_scale = params.get("logit_scale").expect("registered above").clone();
         let optimizer = AdamW::new(
-            &params,
+            &trainable,
             AdamWConfig {
                 beta1: cfg.beta1,
                 beta2: cfg.beta2,
@@ -113,6 +125,8 @@ impl RankTrainer {
             tower: rank.tower,
             encoder,
             params,
+            trainable,
+            locked,
             logit_scale,
             optimizer,
             layout: FeatureLayout::new(topology, cfg.global_batch),
@@ -123,6 +137,11 @@ impl RankTrainer {
 
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// The parameters the optimizer updates, in the order of [`StepGrads::grads`].
+    pub fn trainable(&self) -> &Params {
+        &self.trainable
     }
 
     pub fn logit_scale(&self) -> Result<f64> {
@@ -179,6 +198,12 @@ impl RankTrainer {
         let mut times = PhaseTimes::default();
         let t = Instant::now();
         let features = l2_normalize(&self.encoder.forward(input)?)?;
+        // A locked tower keeps no graph: its features are constants of the step.
+        let features = if self.locked {
+            features.detach()
+        } else {
+            features
+        };
         times.forward = t.elapsed();
 
         let t = Instant::now();
@@ -201,9 +226,13 @@ impl RankTrainer {
 
         // Backpropagate ∂L/∂features into the tower: d/dθ Σ features ⊙ g = (∂L/∂features)·∂features/∂θ.
         let t = Instant::now();
-        let store = (features * out.grad)?.sum_all()?.backward()?;
-        let tower_params = self.params.filter(|n| n != "logit_scale");
-        let local = tower_params.grads(&store)?;
+        let tower_params = self.trainable.filter(|n| n != "logit_scale");
+        let local = if tower_params.is_empty() {
+            Vec::new()
+        } else {
+            let store = (features * out.grad)?.sum_all()?.backward()?;
+            tower_params.grads(&store)?
+        };
         times.backward = t.elapsed();
 
         let t = Instant::now();
@@ -215,7 +244,7 @@ impl RankTrainer {
             .to_device(self.logit_scale.device())?;
         let mut reduced = reduced.into_iter();
         let grads = self
-            .params
+            .trainable
             .names()
             .into_iter()
             .map(|n| {

@@ -121,3 +121,49 @@ fn plan_calibrate_measures_this_machine_and_predicts_a_step() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn convert_turns_an_hf_bert_checkpoint_into_an_mmpipe_one() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("lit.toml");
+    let towers = std::fs::canonicalize("configs/towers").unwrap();
+    std::fs::write(
+        &model,
+        format!(
+            "embed_dim = 16\ntext = \"{}/minilm-l6.toml\"\n[vision]\nkind = \"vit\"\nimage_size = 16\npatch_size = 8\nwidth = 8\nlayers = 1\nheads = 2\n",
+            towers.display()
+        ),
+    )
+    .unwrap();
+    let hf = std::path::Path::new("target/fixtures/all-minilm-l6-v2/model.safetensors");
+    assert!(hf.exists(), "run `bash scripts/fetch-fixtures.sh`");
+    let out = dir.join("converted.safetensors");
+    let run = mmpipe(&[
+        "convert",
+        "--model",
+        model.to_str().unwrap(),
+        "--from",
+        "hf-bert",
+        hf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stdout).contains("101 from"),
+        "{}",
+        text(&run.stdout)
+    );
+    let ours = mmpipe::model::checkpoint::read_tensors(&out).unwrap();
+    let theirs = mmpipe::model::checkpoint::read_tensors(hf).unwrap();
+    let key = "encoder.layer.3.attention.self.query.weight";
+    let a = ours[&format!("text.transformer.{key}")]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = theirs[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b);
+    assert!(ours.contains_key("visual.conv1.weight") && ours.contains_key("logit_scale"));
+}

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
 use mmpipe::data::{Stream, SyntheticSource};
-use mmpipe::model::LOGIT_SCALE_MAX;
+use mmpipe::model::{ClipConfig, LOGIT_SCALE_MAX};
+use mmpipe::topology::Tower;
 use mmpipe::train::optim::{AdamW, AdamWConfig};
 use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
 
@@ -37,10 +38,19 @@ fn adamw(cfg: &TrainConfig) -> AdamWConfig {
 }
 
 fn reference_run(cfg: &TrainConfig, dtype: DType) -> Run {
-    let model = test_model();
+    reference_run_of(&test_model(), cfg, dtype)
+}
+
+/// One device; a locked tower's parameters are left out of the optimizer.
+fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run {
+    let model = model.clone();
     let reference = Reference::new(&model, cfg.seed, dtype);
     let source = SyntheticSource::new(cfg.seed, &model).unwrap();
-    let mut opt = AdamW::new(&reference.params, adamw(cfg)).unwrap();
+    let text_param = |n: &str| !n.starts_with("visual.") && n != "logit_scale";
+    let trainable = reference
+        .params
+        .filter(|n| !(model.is_locked(Tower::Text) && text_param(n)));
+    let mut opt = AdamW::new(&trainable, adamw(cfg)).unwrap();
     let mut run = Run {
         losses: vec![],
         grads: BTreeMap::new(),
@@ -54,8 +64,12 @@ fn reference_run(cfg: &TrainConfig, dtype: DType) -> Run {
         );
         let (loss, grads) = reference.grads(&images, &texts);
         run.losses.push(loss);
-        opt.step(&grads.values().cloned().collect::<Vec<_>>(), LR)
-            .unwrap();
+        let trainable_grads: Vec<Tensor> = trainable
+            .names()
+            .iter()
+            .map(|n| grads[*n].clone())
+            .collect();
+        opt.step(&trainable_grads, LR).unwrap();
         let t = &reference.params.get("logit_scale").unwrap();
         if scalar(t.as_tensor()) > LOGIT_SCALE_MAX {
             t.set(
@@ -80,13 +94,23 @@ fn reference_run(cfg: &TrainConfig, dtype: DType) -> Run {
 
 /// One `Run` per rank, each with the parameters that rank holds.
 fn split_run(image: usize, text: usize, cfg: &TrainConfig, dtype: DType) -> Vec<Run> {
+    split_run_of(&test_model(), image, text, cfg, dtype)
+}
+
+fn split_run_of(
+    model: &ClipConfig,
+    image: usize,
+    text: usize,
+    cfg: &TrainConfig,
+    dtype: DType,
+) -> Vec<Run> {
     let topology = cpu_topology(image, text);
-    let model = test_model();
+    let model = model.clone();
     let source = SyntheticSource::new(cfg.seed, &model).unwrap();
     run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
         let mut trainer = RankTrainer::new(&topology, rank, &model, cfg, dtype, &Device::Cpu)?;
         let names: Vec<String> = trainer
-            .params()
+            .trainable()
             .names()
             .iter()
             .map(|s| s.to_string())
@@ -250,4 +274,35 @@ fn weights_actually_move_so_the_weight_check_can_fail() {
         fresh.params.len(),
         "every parameter should move by more than the tolerance"
     );
+}
+
+#[test]
+fn a_locked_text_tower_stays_put_while_the_image_side_matches_one_device() {
+    let text = format!("locked = [\"text\"]\n{}", super::common::TEST_MODEL);
+    let model = ClipConfig::from_str(&text, std::path::Path::new("locked.toml")).unwrap();
+    let cfg = train_config(GLOBAL_BATCH);
+    let reference = reference_run_of(&model, &cfg, DType::F64);
+    let initial = Reference::new(&model, cfg.seed, DType::F64);
+    for (rank, run) in split_run_of(&model, 2, 1, &cfg, DType::F64)
+        .iter()
+        .enumerate()
+    {
+        for (name, w) in &run.weights {
+            let want = if name.starts_with("visual.") || name == "logit_scale" {
+                reference.weights[name].clone()
+            } else {
+                initial.params.get(name).unwrap().as_tensor().clone()
+            };
+            if let Some((i, a, b)) = worst_violation(w, &want, 0.0, 1e-9, Relative::Element) {
+                panic!("rank {rank}: {name}[{i}] is {a}, expected {b}");
+            }
+        }
+        if rank == 2 {
+            assert_eq!(
+                run.grads.keys().collect::<Vec<_>>(),
+                vec!["logit_scale"],
+                "no text gradients"
+            );
+        }
+    }
 }

@@ -212,3 +212,37 @@ fn the_batch_hint_is_divisible_by_every_group_size() {
     let b = batch_for_every_split(16);
     assert!((1..16).all(|k| b.is_multiple_of(k)));
 }
+
+#[test]
+fn a_locked_tower_costs_a_forward_and_no_gradient_traffic() {
+    let t = Topology::from_file(Path::new("topology/4x4.toml")).unwrap();
+    let free = model("ViT-B-16.toml");
+    let mut locked = free.clone();
+    locked.locked = vec![Tower::Text];
+    let est = |m: &ClipConfig| {
+        CostModel {
+            topology: &t,
+            model: m,
+            options: &options(256),
+        }
+        .split()
+        .unwrap()
+        .groups[1]
+            .clone()
+    };
+    let (a, b) = (est(&free), est(&locked));
+    assert_eq!(
+        (
+            b.backward_s,
+            b.grad_all_reduce_s,
+            b.memory.optimizer,
+            b.memory.gradients
+        ),
+        (0.0, 0.0, 0.0, 0.0)
+    );
+    assert!(a.backward_s > 0.0 && a.grad_all_reduce_s > 0.0);
+    assert_eq!(a.forward_s, b.forward_s);
+    assert!(b.memory.total < a.memory.total);
+    let plan = Plan::new(&t, &locked, &options(256)).unwrap();
+    assert_eq!(plan.traffic.grad_all_reduce[1], (Tower::Text, 0));
+}
