@@ -139,6 +139,10 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Compute precision. bf16 (with f32 master weights) needs CUDA: on CPU topologies
+    /// training stays in f32 and says so.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 fn load_model(path: &Option<PathBuf>) -> anyhow::Result<ClipConfig> {
@@ -251,6 +255,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         None => Topology::default_cpu(),
     };
     let model = load_model(&args.model.model)?;
+    if args.precision == Precision::Bf16 && topology.device == DeviceKind::Cpu {
+        eprintln!(
+            "note: --precision bf16 asks for bf16 compute with f32 master weights, which mmpipe runs on CUDA \
+             only; {} is a CPU topology, so this run trains in f32",
+            topology.source.display()
+        );
+    }
     let cfg = TrainConfig {
         seed: args.seed,
         steps: args.steps,

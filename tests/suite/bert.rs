@@ -309,3 +309,41 @@ pooler = true
     let b = bert.forward(&padded, &mask).unwrap();
     assert!(worst_violation(&a, &b, 0.0, 1e-12, Relative::Element).is_none());
 }
+
+#[test]
+fn our_bert_equals_candle_transformers_bert_on_the_same_weights() {
+    use candle_transformers::models::bert::{BertModel, Config};
+    let dir = minilm_dir();
+    let config: Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let files = [dir.join("model.safetensors")];
+    // SAFETY: the fixture file is not modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu).unwrap()
+    };
+    let reference = BertModel::load(vb, &config).unwrap();
+
+    let (encoder, _) = minilm();
+    let Encoder::Bert(bert) = &encoder else {
+        panic!("a BERT tower")
+    };
+    let tok = TextTokenizer::from_hf_file(&dir.join("tokenizer.json")).unwrap();
+    let texts: Vec<&str> = REFERENCE.iter().map(|r| r.0).collect();
+    let t = tok.encode_batch(&texts, 14).unwrap();
+    let n = texts.len();
+    let tokens = Tensor::from_vec(t.ids, (n, 14), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(t.mask.clone(), (n, 14), &Device::Cpu).unwrap();
+    let theirs = reference
+        .forward(&tokens, &tokens.zeros_like().unwrap(), Some(&mask))
+        .unwrap();
+    let ours = bert.hidden_states(&tokens, &mask).unwrap();
+    // Compare the real tokens' states (padding rows are don't-cares in both).
+    let keep = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let (a, b) = (
+        ours.broadcast_mul(&keep).unwrap(),
+        theirs.broadcast_mul(&keep).unwrap(),
+    );
+    if let Some((i, x, y)) = worst_violation(&a, &b, 0.0, 1e-5, Relative::Element) {
+        panic!("hidden state {i}: ours {x}, candle-transformers {y}");
+    }
+}

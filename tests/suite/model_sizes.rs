@@ -141,3 +141,24 @@ fn bad_model_files_name_file_and_field() {
         assert!(e.contains(needle), "expected {needle} in: {e}");
     }
 }
+
+/// Builds a tower at its real size (nothing is trained) and counts what was built.
+fn built_params(file: &str, tower: mmpipe::topology::Tower) -> usize {
+    let m = load(file);
+    let pb = mmpipe::model::cpu_builder(0);
+    mmpipe::model::Encoder::new(&pb, &m, tower).unwrap();
+    pb.params().num_elements()
+}
+
+#[test]
+fn real_size_towers_build_with_the_published_parameter_counts() {
+    use mmpipe::topology::Tower;
+    // One at a time: ViT-B/16's tower alone is 345 MB of f32.
+    assert_eq!(built_params("ViT-B-16.toml", Tower::Image), 86_192_640);
+    assert_eq!(built_params("ViT-B-16.toml", Tower::Text), 63_428_096);
+    // BERT-base with the projection into 512 and HF's pooler (CLS pooling).
+    assert_eq!(
+        built_params("ViT-B-16-bert-base.toml", Tower::Text),
+        109_482_240 + 768 * 512
+    );
+}
