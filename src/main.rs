@@ -143,6 +143,9 @@ struct TrainArgs {
     /// training stays in f32 and says so.
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     precision: Precision,
+    /// Gradient checkpointing per block: less activation memory, one more forward.
+    #[arg(long)]
+    checkpointing: bool,
 }
 
 fn load_model(path: &Option<PathBuf>) -> anyhow::Result<ClipConfig> {
@@ -270,6 +273,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         eval_pairs: args.eval_pairs,
         progress: !args.quiet,
+        checkpointing: args.checkpointing,
         ..TrainConfig::default()
     };
     let threads = compute_threads_per_rank(topology.world_size());

@@ -113,6 +113,16 @@ impl BertTower {
     /// The encoder's last hidden states `[n, len, hidden]` for `tokens` `[n, len]` with
     /// attention `mask` `[n, len]` (1 real, 0 padding).
     pub fn hidden_states(&self, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mut x = self.stem(tokens)?;
+        let additive = self.additive_mask(mask, &x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &additive)?;
+        }
+        Ok(x)
+    }
+
+    /// Word, position and type embeddings, normalised: the layers' input.
+    pub fn stem(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, len) = tokens.dims2()?;
         let h = self.cfg.hidden_size;
         let x = self
@@ -121,22 +131,34 @@ impl BertTower {
             .reshape((n, len, h))?
             .broadcast_add(&self.position_embeddings.narrow(0, 0, len)?)?
             .broadcast_add(&self.token_type_embeddings.narrow(0, 0, 1)?)?;
-        let mut x = self.embedding_norm.forward(&x)?;
-        // Padding keys get −∞: exp(−∞) = 0, so they take no attention and no gradient.
+        self.embedding_norm.forward(&x)
+    }
+
+    /// Padding keys get −∞: exp(−∞) = 0, so they take no attention and no gradient.
+    pub fn additive_mask(&self, mask: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let (n, len) = mask.dims2()?;
         let keep = mask.to_dtype(DType::U8)?.reshape((n, 1, 1, len))?;
         let zeros = Tensor::zeros((n, 1, 1, len), x.dtype(), x.device())?;
         let barred =
             Tensor::full(f32::NEG_INFINITY, (n, 1, 1, len), x.device())?.to_dtype(x.dtype())?;
-        let additive = keep.where_cond(&zeros, &barred)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &additive)?;
-        }
-        Ok(x)
+        Ok(keep.where_cond(&zeros, &barred)?)
     }
 
-    /// The pooled sentence representation `[n, hidden]`, before the projection.
-    pub fn pooled(&self, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = self.hidden_states(tokens, mask)?;
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layer `i` on `x` with the additive mask.
+    pub fn layer(&self, i: usize, x: &Tensor, additive: &Tensor) -> Result<Tensor> {
+        self.layers[i].forward(x, additive)
+    }
+
+    /// Pooling (and HF's pooler) and the projection, from the last hidden states.
+    pub fn head(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(self.pool(x, mask)?.matmul(&self.proj.t()?)?)
+    }
+
+    fn pool(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         match self.cfg.pooling {
             BertPooling::Mean => {
                 let m = mask.to_dtype(x.dtype())?.unsqueeze(D::Minus1)?;
@@ -152,8 +174,13 @@ impl BertTower {
         }
     }
 
+    /// The pooled sentence representation `[n, hidden]`, before the projection.
+    pub fn pooled(&self, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.pool(&self.hidden_states(tokens, mask)?, mask)
+    }
+
     /// Features `[n, embed_dim]`, not L2-normalised.
     pub fn forward(&self, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        Ok(self.pooled(tokens, mask)?.matmul(&self.proj.t()?)?)
+        self.head(&self.hidden_states(tokens, mask)?, mask)
     }
 }

@@ -259,4 +259,8 @@ impl Transformer {
         }
         Ok(x)
     }
+
+    pub fn blocks(&self) -> &[ResidualBlock] {
+        &self.blocks
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod config;
 pub mod layers;
 pub mod params;

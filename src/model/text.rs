@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::config::TextTransformerConfig;
-use super::layers::{LayerNorm, Transformer};
+use super::layers::{LayerNorm, ResidualBlock, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -52,16 +52,35 @@ impl TextTower {
     /// `tokens`: `[n, context_length]` u32 ids; `eot`: `[n]` u32, the position of each
     /// caption's end-of-text token. Returns `[n, embed_dim]`, not L2-normalised.
     pub fn forward(&self, tokens: &Tensor, eot: &Tensor) -> Result<Tensor> {
+        let x = self.stem(tokens)?;
+        let x = self.transformer.forward(&x, Some(&self.mask(&x)?))?;
+        self.head(&x, eot)
+    }
+
+    /// Token and position embeddings: the blocks' input.
+    pub fn stem(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, len) = tokens.dims2()?;
         let w = self.cfg.width;
-        let x = self
+        Ok(self
             .token_embedding
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((n, len, w))?
-            .broadcast_add(&self.positional_embedding.narrow(0, 0, len)?)?;
-        let mask = causal_mask(len, x.dtype(), x.device())?;
-        let x = self.transformer.forward(&x, Some(&mask))?;
-        let x = self.ln_final.forward(&x)?;
+            .broadcast_add(&self.positional_embedding.narrow(0, 0, len)?)?)
+    }
+
+    /// The causal mask for the blocks' input `x`.
+    pub fn mask(&self, x: &Tensor) -> Result<Tensor> {
+        causal_mask(x.dim(1)?, x.dtype(), x.device())
+    }
+
+    pub fn blocks(&self) -> &[ResidualBlock] {
+        self.transformer.blocks()
+    }
+
+    /// Final norm, the end-of-text token's state, projected.
+    pub fn head(&self, x: &Tensor, eot: &Tensor) -> Result<Tensor> {
+        let (n, len, w) = x.dims3()?;
+        let x = self.ln_final.forward(x)?;
         // Row i·len + eot[i] of the flattened sequence is caption i's end-of-text state.
         let offsets: Vec<u32> = (0..n as u32).map(|i| i * len as u32).collect();
         let offsets = Tensor::from_vec(offsets, n, x.device())?;

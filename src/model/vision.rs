@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::config::VitConfig;
-use super::layers::{LayerNorm, Transformer};
+use super::layers::{LayerNorm, ResidualBlock, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -52,6 +52,12 @@ impl VisionTower {
     /// `images`: `[n, channels, size, size]`, already normalised. Returns `[n, embed_dim]`,
     /// not L2-normalised.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let x = self.transformer.forward(&self.stem(images)?, None)?;
+        self.head(&x)
+    }
+
+    /// Patch embedding, class token, positions and the pre-norm: the blocks' input.
+    pub fn stem(&self, images: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
         let images = images.to_dtype(self.proj.dtype())?;
         let (n, ch, hgt, wid) = images.dims4()?;
@@ -72,8 +78,15 @@ impl VisionTower {
             .reshape((1, 1, c.width))?
             .broadcast_as((n, 1, c.width))?;
         let x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.positional_embedding)?;
-        let x = self.ln_pre.forward(&x)?;
-        let x = self.transformer.forward(&x, None)?;
+        self.ln_pre.forward(&x)
+    }
+
+    pub fn blocks(&self) -> &[ResidualBlock] {
+        self.transformer.blocks()
+    }
+
+    /// The class token's final state, normalised and projected.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let pooled = self.ln_post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
         Ok(pooled.matmul(&self.proj)?)
     }

@@ -17,6 +17,8 @@ pub struct TrainConfig {
     pub eval_pairs: usize,
     /// Show a progress bar on world rank 0.
     pub progress: bool,
+    /// Gradient checkpointing per block: keep block inputs, recompute in backward.
+    pub checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -33,6 +35,7 @@ impl Default for TrainConfig {
             eps: 1e-6,
             eval_pairs: 256,
             progress: true,
+            checkpointing: false,
         }
     }
 }

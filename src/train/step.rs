@@ -12,6 +12,7 @@ use super::optim::{AdamW, AdamWConfig};
 use crate::comm::{all_reduce_bucket, RankComms};
 use crate::error::{Error, Result};
 use crate::loss::{clip_loss_lse, split_len, split_offset, FeatureLayout};
+use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
 use crate::model::layers::l2_normalize;
 use crate::model::{
     checkpoint, logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX,
@@ -77,6 +78,7 @@ pub struct RankTrainer {
     /// What the optimizer updates: `params`, less the tower's when it is locked.
     trainable: Params,
     locked: bool,
+    checkpointing: bool,
     logit_scale: Var,
     optimizer: AdamW,
     layout: FeatureLayout,
@@ -127,6 +129,7 @@ impl RankTrainer {
             params,
             trainable,
             locked,
+            checkpointing: cfg.checkpointing,
             logit_scale,
             optimizer,
             layout: FeatureLayout::new(topology, cfg.global_batch),
@@ -197,12 +200,20 @@ impl RankTrainer {
         }
         let mut times = PhaseTimes::default();
         let t = Instant::now();
-        let features = l2_normalize(&self.encoder.forward(input)?)?;
-        // A locked tower keeps no graph: its features are constants of the step.
-        let features = if self.locked {
-            features.detach()
+        let checkpointed = self.checkpointing && !self.locked;
+        let (features, saved) = if checkpointed {
+            forward_keeping_block_inputs(&self.encoder, input, l2_normalize)?
         } else {
-            features
+            let features = l2_normalize(&self.encoder.forward(input)?)?;
+            // A locked tower keeps no graph: its features are constants of the step.
+            (
+                if self.locked {
+                    features.detach()
+                } else {
+                    features
+                },
+                Vec::new(),
+            )
         };
         times.forward = t.elapsed();
 
@@ -229,6 +240,15 @@ impl RankTrainer {
         let tower_params = self.trainable.filter(|n| n != "logit_scale");
         let local = if tower_params.is_empty() {
             Vec::new()
+        } else if checkpointed {
+            backward_recomputing(
+                &self.encoder,
+                input,
+                &saved,
+                &out.grad,
+                l2_normalize,
+                &tower_params,
+            )?
         } else {
             let store = (features * out.grad)?.sum_all()?.backward()?;
             tower_params.grads(&store)?

@@ -168,7 +168,30 @@ fn check_topology_in(
     weight_abs: f64,
     relative: Relative,
 ) {
-    let cfg = train_config(GLOBAL_BATCH);
+    check_run(
+        &train_config(GLOBAL_BATCH),
+        image,
+        text,
+        dtype,
+        rel,
+        abs,
+        weight_abs,
+        relative,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_run(
+    cfg: &TrainConfig,
+    image: usize,
+    text: usize,
+    dtype: DType,
+    rel: f64,
+    abs: f64,
+    weight_abs: f64,
+    relative: Relative,
+) {
+    let cfg = cfg.clone();
     let reference = reference_run(&cfg, dtype);
     let ranks = split_run(image, text, &cfg, dtype);
     if std::env::var("PARITY_DEBUG").is_ok() {
@@ -305,4 +328,24 @@ fn a_locked_text_tower_stays_put_while_the_image_side_matches_one_device() {
             );
         }
     }
+}
+
+#[test]
+fn checkpointed_2x2_equals_one_device() {
+    // Recomputing the blocks in backward changes nothing: the same f64 tolerance as
+    // without checkpointing, against the plain autograd reference.
+    let cfg = TrainConfig {
+        checkpointing: true,
+        ..train_config(GLOBAL_BATCH)
+    };
+    check_run(
+        &cfg,
+        2,
+        2,
+        DType::F64,
+        1e-10,
+        1e-12,
+        1e-9,
+        Relative::Element,
+    );
 }
