@@ -28,11 +28,17 @@ impl Encoder {
         }
     }
 
+    /// Checkpointing is per transformer block; the ResNet tower has none.
+    pub fn supports_checkpointing(&self) -> bool {
+        !matches!(self, Encoder::ResNet(_))
+    }
+
     pub fn num_blocks(&self) -> usize {
         match self {
             Encoder::Image(m) => m.blocks().len(),
             Encoder::Text(m) => m.blocks().len(),
             Encoder::Bert(m) => m.num_layers(),
+            Encoder::ResNet(_) => 0,
         }
     }
 
@@ -70,6 +76,11 @@ pub fn forward_keeping_block_inputs(
     input: &TowerInput,
     finish: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Vec<Tensor>)> {
+    if !encoder.supports_checkpointing() {
+        return Err(Error::Msg(
+            "gradient checkpointing works per transformer block: the ResNet tower does not support it".into(),
+        ));
+    }
     let mut saved = vec![encoder.stem(input)?.detach()];
     for i in 0..encoder.num_blocks() {
         // The block's graph dies with its output: only the detached copy stays.

@@ -7,6 +7,7 @@ pub mod checkpointing;
 pub mod config;
 pub mod layers;
 pub mod params;
+pub mod resnet;
 pub mod text;
 pub mod vision;
 
@@ -58,6 +59,7 @@ impl TowerInput {
 #[derive(Debug, Clone)]
 pub enum Encoder {
     Image(VisionTower),
+    ResNet(resnet::ResNetTower),
     Text(TextTower),
     Bert(BertTower),
 }
@@ -67,7 +69,7 @@ fn vit(cfg: &ClipConfig) -> Result<&VitConfig> {
     match &cfg.vision {
         ImageTowerConfig::Vit(v) => Ok(v),
         ImageTowerConfig::Resnet(_) => Err(Error::Msg(
-            "the ResNet image tower is not trainable yet (only costed by `mmpipe plan`): use kind = \"vit\"".into(),
+            "the single-device Clip model pairs a ViT with CLIP's text tower; use Encoder for ResNet".into(),
         )),
     }
 }
@@ -85,11 +87,16 @@ fn clip_text(cfg: &ClipConfig) -> Result<&TextTransformerConfig> {
 impl Encoder {
     pub fn new(pb: &ParamBuilder, cfg: &ClipConfig, tower: Tower) -> Result<Self> {
         Ok(match tower {
-            Tower::Image => Encoder::Image(VisionTower::new(
-                &pb.pp("visual"),
-                vit(cfg)?,
-                cfg.embed_dim,
-            )?),
+            Tower::Image => match &cfg.vision {
+                ImageTowerConfig::Vit(v) => {
+                    Encoder::Image(VisionTower::new(&pb.pp("visual"), v, cfg.embed_dim)?)
+                }
+                ImageTowerConfig::Resnet(r) => Encoder::ResNet(resnet::ResNetTower::new(
+                    &pb.pp("visual"),
+                    r,
+                    cfg.embed_dim,
+                )?),
+            },
             Tower::Text => match &cfg.text {
                 TextTowerConfig::Clip(t) => Encoder::Text(TextTower::new(pb, t, cfg.embed_dim)?),
                 TextTowerConfig::Bert(b) => {
@@ -103,6 +110,7 @@ impl Encoder {
     pub fn forward(&self, input: &TowerInput) -> Result<Tensor> {
         match (self, input) {
             (Encoder::Image(m), TowerInput::Images(x)) => m.forward(x),
+            (Encoder::ResNet(m), TowerInput::Images(x)) => m.forward(x, true),
             (Encoder::Text(m), TowerInput::Captions { tokens, eot, .. }) => m.forward(tokens, eot),
             (Encoder::Bert(m), TowerInput::Captions { tokens, mask, .. }) => {
                 m.forward(tokens, mask)

@@ -18,6 +18,8 @@ mod parity;
 mod plan;
 /// The cost model, the split search, JSON and errors.
 mod planner;
+/// The modified ResNet: gradients and real size.
+mod resnet;
 /// Topology files: the shipped ones parse, broken ones name file and field.
 mod topology_files;
 /// The embedded default run learns: retrieval far above chance.

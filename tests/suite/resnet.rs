@@ -1,0 +1,95 @@
+//! CLIP's modified ResNet: trainable (every parameter, finite differences), real size.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use mmpipe::model::{ClipConfig, Encoder, ParamBuilder, TowerInput};
+use mmpipe::topology::Tower;
+
+use super::common::values;
+
+const TINY: &str = r#"
+embed_dim = 6
+[vision]
+kind = "resnet"
+image_size = 32
+layers = [1, 2, 1, 1]
+width = 8
+heads = 2
+[text]
+kind = "clip"
+vocab_size = 40
+context_length = 8
+width = 8
+layers = 1
+heads = 2
+"#;
+
+#[test]
+fn every_resnet_parameter_gets_its_finite_difference_gradient() {
+    let cfg = ClipConfig::from_str(TINY, Path::new("rn-tiny.toml")).unwrap();
+    let pb = ParamBuilder::new(2, DType::F64, &Device::Cpu);
+    let Encoder::ResNet(net) = Encoder::new(&pb, &cfg, Tower::Image).unwrap() else {
+        panic!("a ResNet")
+    };
+    let params = pb.params();
+    assert_eq!(params.num_elements(), cfg.vision.size().num_params(6));
+    let images = Tensor::randn(0f64, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
+    let target = Tensor::randn(0f64, 1.0, (3, 6), &Device::Cpu).unwrap();
+    let loss = || {
+        (net.forward(&images, true).unwrap() - &target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = params.grads(&loss().backward().unwrap()).unwrap();
+    for ((name, var), g) in params.iter().zip(&grads) {
+        let g = values(g);
+        assert!(g.iter().any(|v| *v != 0.0), "{name}: zero gradient");
+        let idx = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        let original = var.as_tensor().copy().unwrap();
+        let at = |d: f64| {
+            let mut w = values(&original);
+            w[idx] += d;
+            var.set(&Tensor::from_vec(w, original.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            values(&loss())[0]
+        };
+        let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
+        var.set(&original).unwrap();
+        assert!(
+            (fd - g[idx]).abs() <= 1e-6 + 1e-4 * g[idx].abs(),
+            "{name}[{idx}]: autograd {} vs {fd}",
+            g[idx]
+        );
+    }
+}
+
+#[test]
+fn rn50_builds_at_its_real_size_with_openclips_names() {
+    let cfg = ClipConfig::from_file(Path::new("configs/RN50.toml")).unwrap();
+    let pb = mmpipe::model::cpu_builder(0);
+    let encoder = Encoder::new(&pb, &cfg, Tower::Image).unwrap();
+    let params = pb.params();
+    assert_eq!(params.num_elements(), 38_316_896);
+    for name in [
+        "visual.conv1.weight",
+        "visual.bn3.bias",
+        "visual.layer1.0.downsample.0.weight",
+        "visual.layer4.2.conv3.weight",
+        "visual.attnpool.positional_embedding",
+        "visual.attnpool.c_proj.weight",
+    ] {
+        assert!(params.get(name).is_some(), "missing {name}");
+    }
+    let out = encoder
+        .forward(&TowerInput::Images(
+            Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu).unwrap(),
+        ))
+        .unwrap();
+    assert_eq!(out.dims(), &[1, 1024]);
+}
