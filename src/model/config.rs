@@ -24,6 +24,8 @@ use serde::Deserialize;
 use crate::error::{parse_toml, read_toml, Error, Result};
 use crate::topology::Tower;
 
+pub use super::layers::Activation;
+
 /// A CLIP-style ViT: class token, learned positions, pre-norm blocks, class-token pooling.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +39,9 @@ pub struct VitConfig {
     pub heads: usize,
     #[serde(default = "four")]
     pub mlp_ratio: usize,
+    /// `"gelu"` (default) or `"quick_gelu"` (OpenAI's original checkpoints).
+    #[serde(default)]
+    pub act: Activation,
 }
 
 /// CLIP's modified ResNet: a three-convolution stem, anti-aliased (average-pool) strides,
@@ -66,6 +71,8 @@ pub struct TextTransformerConfig {
     pub heads: usize,
     #[serde(default = "four")]
     pub mlp_ratio: usize,
+    #[serde(default)]
+    pub act: Activation,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

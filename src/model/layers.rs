@@ -183,11 +183,32 @@ impl Attention {
 pub struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
+    act: Activation,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu_erf()?)
+        self.c_proj
+            .forward(&self.act.forward(&self.c_fc.forward(x)?)?)
+    }
+}
+
+/// The MLP's nonlinearity: exact GELU (OpenCLIP's default), or OpenAI's `x·σ(1.702x)`
+/// ("quick GELU") that the original CLIP checkpoints were trained with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Gelu,
+    QuickGelu,
+}
+
+impl Activation {
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+        })
     }
 }
 
@@ -221,6 +242,7 @@ impl Transformer {
         layers: usize,
         heads: usize,
         mlp_ratio: usize,
+        act: Activation,
     ) -> Result<Self> {
         let attn_std = (width as f64).powf(-0.5);
         let proj_std = attn_std * ((2 * layers) as f64).powf(-0.5);
@@ -245,6 +267,7 @@ impl Transformer {
                             width,
                             proj_std,
                         )?,
+                        act,
                     },
                 })
             })

@@ -39,6 +39,7 @@ impl TextTower {
                 cfg.layers,
                 cfg.heads,
                 cfg.mlp_ratio,
+                cfg.act,
             )?,
             ln_final: LayerNorm::new(&pb.pp("ln_final"), w)?,
             text_projection: pb.get(

@@ -43,6 +43,7 @@ impl VisionTower {
                 cfg.layers,
                 cfg.heads,
                 cfg.mlp_ratio,
+                cfg.act,
             )?,
             ln_post: LayerNorm::new(&pb.pp("ln_post"), w)?,
             proj: pb.get((w, embed_dim), "proj", Init::Normal(scale))?,

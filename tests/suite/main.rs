@@ -4,6 +4,8 @@
 mod bert;
 /// The binary: `plan` and `train` as a user runs them.
 mod cli;
+/// Our ViT and CLIP text towers against candle-transformers' CLIP.
+mod clip_reference;
 /// Thread-backend collectives against serial computations; failing ranks give errors.
 mod collectives;
 /// Tiny model, topologies and tolerance helpers shared by the modules below.
