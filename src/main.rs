@@ -230,13 +230,26 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     let model = ClipConfig::from_file(&args.model)?;
     let pb = mmpipe::model::cpu_builder(args.seed);
-    mmpipe::model::build_all(&pb, &model)?;
+    let (image, text) = mmpipe::model::build_all(&pb, &model)?;
     let params = pb.params();
-    let report = match args.from {
+    let mut report = match args.from {
         Source::Openclip => checkpoint::load(&params, &args.input)?,
         Source::HfBert => checkpoint::load_hf_bert(&params, &args.input)?,
     };
-    checkpoint::save(&params, &args.out)?;
+    // Batch-norm statistics travel with the weights (OpenCLIP's ResNets).
+    if args.from == Source::Openclip {
+        let tensors = checkpoint::read_tensors(&args.input)?;
+        if image.load_buffers(&tensors)? > 0 {
+            report.unused.retain(|k| {
+                !(k.ends_with("running_mean")
+                    || k.ends_with("running_var")
+                    || k.ends_with("num_batches_tracked"))
+            });
+        }
+    }
+    let mut buffers = image.buffers()?;
+    buffers.extend(text.buffers()?);
+    checkpoint::save_with_buffers(&params, &buffers, &args.out)?;
     println!(
         "wrote {} ({} tensors: {} from {}, {} initialised with seed {})",
         args.out.display(),

@@ -32,10 +32,18 @@ fn temporary_sibling(path: &Path) -> PathBuf {
 
 /// Saves every parameter under its name.
 pub fn save(params: &Params, path: &Path) -> Result<()> {
-    let tensors = params
+    save_with_buffers(params, &[], path)
+}
+
+/// Saves every parameter and the given buffers (batch-norm statistics) under their names.
+pub fn save_with_buffers(params: &Params, buffers: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let mut tensors = params
         .iter()
         .map(|(n, v)| Ok((n.to_string(), v.as_tensor().contiguous()?)))
         .collect::<Result<HashMap<_, _>>>()?;
+    for (n, t) in buffers {
+        tensors.insert(n.clone(), t.contiguous()?);
+    }
     write_tensors(&tensors, path)
 }
 

@@ -158,3 +158,29 @@ pub fn build_all(pb: &ParamBuilder, cfg: &ClipConfig) -> Result<(Encoder, Encode
     logit_scale(pb)?;
     Ok((image, text))
 }
+
+impl Encoder {
+    /// Non-parameter state a checkpoint must carry (batch-norm statistics), under full
+    /// OpenCLIP names.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Encoder::ResNet(m) => Ok(m
+                .buffers()?
+                .into_iter()
+                .map(|(n, t)| (format!("visual.{n}"), t))
+                .collect()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Restores [`Self::buffers`] from a checkpoint's tensors; returns how many were found.
+    pub fn load_buffers(
+        &self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<usize> {
+        match self {
+            Encoder::ResNet(m) => m.load_buffers(tensors, "visual."),
+            _ => Ok(0),
+        }
+    }
+}

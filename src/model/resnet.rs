@@ -108,6 +108,8 @@ pub struct BatchNorm {
     bias: Tensor,
     running_mean: Mutex<Tensor>,
     running_var: Mutex<Tensor>,
+    /// PyTorch's `num_batches_tracked`.
+    batches: Mutex<i64>,
     eps: f64,
     momentum: f64,
 }
@@ -119,6 +121,7 @@ impl Clone for BatchNorm {
             bias: self.bias.clone(),
             running_mean: Mutex::new(self.running_mean.lock().expect("bn stats").clone()),
             running_var: Mutex::new(self.running_var.lock().expect("bn stats").clone()),
+            batches: Mutex::new(*self.batches.lock().expect("bn stats")),
             eps: self.eps,
             momentum: self.momentum,
         }
@@ -127,14 +130,26 @@ impl Clone for BatchNorm {
 
 impl BatchNorm {
     fn new(pb: &ParamBuilder, c: usize) -> Result<Self> {
+        Self::with_weight(pb, c, Init::Ones)
+    }
+
+    fn with_weight(pb: &ParamBuilder, c: usize, weight: Init) -> Result<Self> {
         Ok(BatchNorm {
-            weight: pb.get(c, "weight", Init::Ones)?,
+            weight: pb.get(c, "weight", weight)?,
             bias: pb.get(c, "bias", Init::Zeros)?,
             running_mean: Mutex::new(Tensor::zeros(c, pb.dtype(), pb.device())?),
             running_var: Mutex::new(Tensor::ones(c, pb.dtype(), pb.device())?),
+            batches: Mutex::new(0),
             eps: 1e-5,
             momentum: 0.1,
         })
+    }
+
+    /// Sets the running statistics (from a checkpoint).
+    fn set_running(&self, mean: Tensor, var: Tensor, batches: i64) {
+        *self.running_mean.lock().expect("bn stats") = mean;
+        *self.running_var.lock().expect("bn stats") = var;
+        *self.batches.lock().expect("bn stats") = batches;
     }
 
     /// The running statistics (mean, variance), for checkpoints and tests.
@@ -160,6 +175,7 @@ impl BatchNorm {
             *rm = ((&*rm * (1.0 - m))? + (mean.detach() * m)?)?;
             let mut rv = self.running_var.lock().expect("bn stats");
             *rv = ((&*rv * (1.0 - m))? + (unbiased * m)?)?;
+            *self.batches.lock().expect("bn stats") += 1;
             (mean, var)
         } else {
             self.running_stats()
@@ -202,7 +218,8 @@ impl Bottleneck {
             conv2: Conv::new(&pb.pp("conv2"), planes, planes, 3, 1)?,
             bn2: BatchNorm::new(&pb.pp("bn2"), planes)?,
             conv3: Conv::new(&pb.pp("conv3"), planes, 4 * planes, 1, 1)?,
-            bn3: BatchNorm::new(&pb.pp("bn3"), 4 * planes)?,
+            // OpenCLIP zero-initialises the last norm of each block: blocks start as identities.
+            bn3: BatchNorm::with_weight(&pb.pp("bn3"), 4 * planes, Init::Zeros)?,
             stride,
             downsample,
         })
@@ -337,30 +354,65 @@ impl ResNetTower {
         self.attnpool.forward(&x)
     }
 
-    /// Every batch norm's running statistics, under OpenCLIP's buffer names relative to
-    /// the tower (`bn1.running_mean`, `layer1.0.downsample.1.running_var`, …).
-    pub fn running_stats(&self) -> Vec<(String, Tensor)> {
+    /// Every batch norm with its OpenCLIP name relative to the tower (`bn1`,
+    /// `layer1.0.downsample.1`, …).
+    fn norms(&self) -> Vec<(String, &BatchNorm)> {
         let mut out = Vec::new();
-        let mut push = |name: String, bn: &BatchNorm| {
-            let (m, v) = bn.running_stats();
-            out.push((format!("{name}.running_mean"), m));
-            out.push((format!("{name}.running_var"), v));
-        };
         for (i, (_, bn)) in self.stem.iter().enumerate() {
-            push(format!("bn{}", i + 1), bn);
+            out.push((format!("bn{}", i + 1), bn));
         }
         for (s, stage) in self.stages.iter().enumerate() {
             for (b, block) in stage.iter().enumerate() {
                 let p = format!("layer{}.{b}", s + 1);
-                push(format!("{p}.bn1"), &block.bn1);
-                push(format!("{p}.bn2"), &block.bn2);
-                push(format!("{p}.bn3"), &block.bn3);
+                out.push((format!("{p}.bn1"), &block.bn1));
+                out.push((format!("{p}.bn2"), &block.bn2));
+                out.push((format!("{p}.bn3"), &block.bn3));
                 if let Some((_, bn)) = &block.downsample {
-                    push(format!("{p}.downsample.1"), bn);
+                    out.push((format!("{p}.downsample.1"), bn));
                 }
             }
         }
         out
+    }
+
+    /// The batch norms' buffers as OpenCLIP's `state_dict` names them (relative to the
+    /// tower): `running_mean`, `running_var`, and `num_batches_tracked` (i64).
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, bn) in self.norms() {
+            let (m, v) = bn.running_stats();
+            let batches = Tensor::new(*bn.batches.lock().expect("bn stats"), m.device())?;
+            out.push((format!("{name}.running_mean"), m));
+            out.push((format!("{name}.running_var"), v));
+            out.push((format!("{name}.num_batches_tracked"), batches));
+        }
+        Ok(out)
+    }
+
+    /// Sets the buffers from `tensors` keyed by `prefix` + the names of [`Self::buffers`];
+    /// returns how many norms were set. A norm with no statistics in `tensors` keeps its own.
+    pub fn load_buffers(
+        &self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        prefix: &str,
+    ) -> Result<usize> {
+        let mut set = 0;
+        for (name, bn) in self.norms() {
+            let key = |b: &str| format!("{prefix}{name}.{b}");
+            if let (Some(m), Some(v)) = (
+                tensors.get(&key("running_mean")),
+                tensors.get(&key("running_var")),
+            ) {
+                let dtype = self.attnpool.positional_embedding.dtype();
+                let batches = match tensors.get(&key("num_batches_tracked")) {
+                    Some(t) => t.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()?,
+                    None => 0,
+                };
+                bn.set_running(m.to_dtype(dtype)?, v.to_dtype(dtype)?, batches);
+                set += 1;
+            }
+        }
+        Ok(set)
     }
 }
 

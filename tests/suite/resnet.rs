@@ -34,6 +34,19 @@ fn every_resnet_parameter_gets_its_finite_difference_gradient() {
     };
     let params = pb.params();
     assert_eq!(params.num_elements(), cfg.vision.size().num_params(6));
+    // OpenCLIP starts every block's last norm at zero (blocks are identities, and their
+    // convolutions get no gradient on the first step); move them off zero, as any step does.
+    for (name, var) in params
+        .iter()
+        .filter(|(n, _)| n.contains(".layer") && n.ends_with("bn3.weight"))
+    {
+        assert!(
+            values(var.as_tensor()).iter().all(|v| *v == 0.0),
+            "{name} starts at zero"
+        );
+        var.set(&Tensor::randn(0f64, 1.0, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
     let images = Tensor::randn(0f64, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
     let target = Tensor::randn(0f64, 1.0, (3, 6), &Device::Cpu).unwrap();
     let loss = || {
@@ -92,4 +105,44 @@ fn rn50_builds_at_its_real_size_with_openclips_names() {
         ))
         .unwrap();
     assert_eq!(out.dims(), &[1, 1024]);
+}
+
+#[test]
+fn batch_norm_statistics_travel_with_the_checkpoint() {
+    use mmpipe::model::checkpoint;
+    let cfg = ClipConfig::from_str(TINY, Path::new("rn-tiny.toml")).unwrap();
+    let build = |seed| {
+        let pb = ParamBuilder::new(seed, DType::F32, &Device::Cpu);
+        let e = Encoder::new(&pb, &cfg, Tower::Image).unwrap();
+        (e, pb.params())
+    };
+    let (trained, params) = build(1);
+    let images = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    trained.forward(&TowerInput::Images(images)).unwrap();
+    let path = std::env::temp_dir().join(format!("mmpipe-rn-{}.safetensors", std::process::id()));
+    checkpoint::save_with_buffers(&params, &trained.buffers().unwrap(), &path).unwrap();
+    let tensors = checkpoint::read_tensors(&path).unwrap();
+    assert!(tensors.contains_key("visual.layer2.0.downsample.1.running_var"));
+    assert_eq!(
+        tensors["visual.bn1.num_batches_tracked"]
+            .to_scalar::<i64>()
+            .unwrap(),
+        1
+    );
+
+    let (fresh, fresh_params) = build(2);
+    checkpoint::load(&fresh_params, &path).unwrap();
+    assert!(fresh.load_buffers(&tensors).unwrap() > 0);
+    for ((n, a), (_, b)) in trained
+        .buffers()
+        .unwrap()
+        .iter()
+        .zip(fresh.buffers().unwrap().iter())
+    {
+        let (a, b) = (
+            a.to_dtype(DType::F64).unwrap(),
+            b.to_dtype(DType::F64).unwrap(),
+        );
+        assert_eq!(values(&a), values(&b), "{n}");
+    }
 }
