@@ -13,7 +13,9 @@ use mmpipe::model::layers::l2_normalize;
 use mmpipe::model::{ClipConfig, Encoder, ParamBuilder};
 use mmpipe::topology::Tower;
 
-use super::common::{values, worst_violation, Relative};
+use super::common::{
+    check_against_finite_differences, values, worst_violation, FdTolerance, Relative,
+};
 
 /// The fixture `scripts/fetch-fixtures.sh` fetches (CI runs it first).
 fn minilm_dir() -> PathBuf {
@@ -275,30 +277,17 @@ pooler = true
             .sum_all()
             .unwrap()
     };
-    let store = loss().backward().unwrap();
-    let grads = params.grads(&store).unwrap();
-    for ((name, var), g) in params.iter().zip(&grads) {
-        let g = values(g);
-        assert!(g.iter().any(|v| *v != 0.0), "{name}: zero gradient");
-        let idx = (0..g.len())
-            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-            .unwrap();
-        let original = var.as_tensor().copy().unwrap();
-        let at = |d: f64| {
-            let mut w = values(&original);
-            w[idx] += d;
-            var.set(&Tensor::from_vec(w, original.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            values(&loss())[0]
-        };
-        let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
-        var.set(&original).unwrap();
-        assert!(
-            (fd - g[idx]).abs() <= 1e-6 + 1e-5 * g[idx].abs(),
-            "{name}[{idx}]: {} vs {fd}",
-            g[idx]
-        );
-    }
+    let grads = params.grads(&loss().backward().unwrap()).unwrap();
+    check_against_finite_differences(
+        &params,
+        &grads,
+        || values(&loss())[0],
+        FdTolerance {
+            step: 1e-6,
+            abs: 1e-6,
+            rel: 1e-5,
+        },
+    );
     // Padding takes no part: changing a padded token changes nothing.
     let padded = Tensor::new(
         &[[1u32, 5, 9, 2, 33, 33, 33, 33], [1, 7, 7, 3, 11, 2, 39, 39]],

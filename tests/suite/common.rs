@@ -167,3 +167,51 @@ pub fn worst_violation(
         .max_by(|(_, (x1, y1)), (_, (x2, y2))| (*x1 - *y1).abs().total_cmp(&(*x2 - *y2).abs()))
         .map(|(i, (x, y))| (i, *x, *y))
 }
+
+/// Tolerance of a finite-difference check: `|fd − g| ≤ abs + rel·|g|`.
+pub struct FdTolerance {
+    pub step: f64,
+    pub abs: f64,
+    pub rel: f64,
+}
+
+/// For every parameter: its gradient (name order, as `Params::grads`) is not all zero, and
+/// central finite differences of `loss` agree with it at the largest entry and at two more
+/// spread over the tensor. Returns how many entries were checked.
+pub fn check_against_finite_differences(
+    params: &Params,
+    grads: &[Tensor],
+    loss: impl Fn() -> f64,
+    tol: FdTolerance,
+) -> usize {
+    let mut checked = 0;
+    for ((name, var), g) in params.iter().zip(grads) {
+        let g = values(g);
+        assert!(
+            g.iter().any(|v| *v != 0.0),
+            "{name}: the gradient is all zero"
+        );
+        let largest = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        for idx in [largest, g.len() / 3, (7 * g.len()) / 9] {
+            let original = var.as_tensor().copy().unwrap();
+            let at = |delta: f64| {
+                let mut w = values(&original);
+                w[idx] += delta;
+                var.set(&Tensor::from_vec(w, original.shape(), original.device()).unwrap())
+                    .unwrap();
+                loss()
+            };
+            let fd = (at(tol.step) - at(-tol.step)) / (2.0 * tol.step);
+            var.set(&original).unwrap();
+            assert!(
+                (fd - g[idx]).abs() <= tol.abs + tol.rel * g[idx].abs(),
+                "{name}[{idx}]: autograd {} vs finite difference {fd}",
+                g[idx]
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
