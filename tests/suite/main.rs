@@ -14,6 +14,8 @@ mod common;
 mod gradients;
 /// Parameters and FLOPs from the configs against published figures.
 mod model_sizes;
+/// OpenCLIP's own state_dict and outputs, loaded and reproduced.
+mod openclip;
 /// The split loss and training on 1x1 .. 3x1 ranks against one device on the whole batch.
 mod parity;
 /// `mmpipe plan`: placement and bytes per step.
