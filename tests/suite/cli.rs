@@ -167,3 +167,42 @@ fn convert_turns_an_hf_bert_checkpoint_into_an_mmpipe_one() {
     assert_eq!(a, b);
     assert!(ours.contains_key("visual.conv1.weight") && ours.contains_key("logit_scale"));
 }
+
+#[test]
+fn train_runs_with_every_tower_kind() {
+    for model in [
+        "configs/clip-tiny-bert.toml",
+        "configs/clip-tiny-resnet.toml",
+    ] {
+        let out = mmpipe(&[
+            "train",
+            "--model",
+            model,
+            "--steps",
+            "2",
+            "--batch",
+            "12",
+            "--eval-pairs",
+            "12",
+            "--quiet",
+        ]);
+        assert!(out.status.success(), "{model}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("recall@1"), "{model}");
+    }
+    // Checkpointing needs transformer blocks: the ResNet says so.
+    let out = mmpipe(&[
+        "train",
+        "--model",
+        "configs/clip-tiny-resnet.toml",
+        "--steps",
+        "1",
+        "--checkpointing",
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no transformer blocks"),
+        "{}",
+        text(&out.stderr)
+    );
+}
