@@ -2,6 +2,7 @@
 
     python3 -m venv /tmp/openclip-venv && /tmp/openclip-venv/bin/pip install torch open_clip_torch safetensors
     /tmp/openclip-venv/bin/python scripts/reference/openclip_fixture.py write tests/fixtures/openclip-tiny.safetensors
+    /tmp/openclip-venv/bin/python scripts/reference/openclip_fixture.py write-attn-pool tests/fixtures/openclip-tiny-attnpool.safetensors
     /tmp/openclip-venv/bin/python scripts/reference/openclip_fixture.py check MMPIPE_CHECKPOINT.safetensors
 
 `write` builds OpenCLIP's own CLIP with the test model's config (tests/suite/common.rs,
@@ -17,11 +18,12 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file, save_file
 
 
-def model():
+def model(attn_pool=False):
     torch.manual_seed(0)
+    pool = dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2) if attn_pool else {}
     m = CLIP(
         embed_dim=16,
-        vision_cfg=CLIPVisionCfg(layers=2, width=24, head_width=12, mlp_ratio=2, patch_size=8, image_size=16),
+        vision_cfg=CLIPVisionCfg(layers=2, width=24, head_width=12, mlp_ratio=2, patch_size=8, image_size=16, **pool),
         text_cfg=CLIPTextCfg(context_length=12, vocab_size=32, width=24, heads=2, layers=2, mlp_ratio=2),
         quick_gelu=False,
     )
@@ -38,8 +40,8 @@ def inputs():
 
 def main(cmd, path):
     images, tokens = inputs()
-    m = model()
-    if cmd == "write":
+    m = model(attn_pool=cmd == "write-attn-pool")
+    if cmd.startswith("write"):
         with torch.no_grad():
             out = {"output.image_features": m.encode_image(images), "output.text_features": m.encode_text(tokens)}
         tensors = {k: v.detach().contiguous() for k, v in m.state_dict().items()}

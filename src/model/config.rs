@@ -42,6 +42,13 @@ pub struct VitConfig {
     /// `"gelu"` (default) or `"quick_gelu"` (OpenAI's original checkpoints).
     #[serde(default)]
     pub act: Activation,
+    /// Pool with OpenCLIP's attentional pooler (learned queries) instead of the class token.
+    #[serde(default)]
+    pub attentional_pool: bool,
+    #[serde(default = "two_five_six")]
+    pub attn_pooler_queries: usize,
+    #[serde(default = "eight")]
+    pub attn_pooler_heads: usize,
 }
 
 /// CLIP's modified ResNet: a three-convolution stem, anti-aliased (average-pool) strides,
@@ -149,6 +156,12 @@ fn three() -> usize {
 }
 fn four() -> usize {
     4
+}
+fn eight() -> usize {
+    8
+}
+fn two_five_six() -> usize {
+    256
 }
 
 /// The model `mmpipe train` uses when given none.
@@ -415,6 +428,28 @@ impl VitConfig {
     pub fn patch_dim(&self) -> usize {
         self.channels * self.patch_size * self.patch_size
     }
+
+    /// Width of what `ln_post` and `proj` see: the class token, or the pooler's output.
+    pub fn pool_dim(&self, embed_dim: usize) -> usize {
+        if self.attentional_pool {
+            embed_dim
+        } else {
+            self.width
+        }
+    }
+}
+
+impl VitConfig {
+    fn pooler_params(&self, embed_dim: usize) -> usize {
+        if !self.attentional_pool {
+            return 0;
+        }
+        let (e, w) = (embed_dim, self.width);
+        self.attn_pooler_queries * e       // queries
+            + e * e + 2 * e * w + 3 * e    // q, k, v projections and their biases
+            + e * e + e                    // output projection
+            + 2 * e + 2 * w // ln_q, ln_k
+    }
 }
 
 impl TowerSize for VitConfig {
@@ -429,15 +464,25 @@ impl TowerSize for VitConfig {
             + (self.num_patches() + 1) * w
             + 2 * w                   // ln_pre
             + self.layers * block_params(w, self.mlp_ratio * w)
-            + 2 * w                   // ln_post
-            + w * embed_dim
+            + self.pooler_params(embed_dim)
+            + 2 * self.pool_dim(embed_dim)    // ln_post
+            + self.pool_dim(embed_dim) * embed_dim
     }
 
     fn forward_flops(&self, embed_dim: usize) -> f64 {
         let (w, p) = (self.width as f64, self.num_patches() as f64);
+        let e = embed_dim as f64;
+        let pooler = if self.attentional_pool {
+            let (q, s) = (self.attn_pooler_queries as f64, p + 1.0);
+            // q, k, v projections, scores and mixing, output projection.
+            q * e * e + 2.0 * s * w * e + 2.0 * q * s * e + q * e * e
+        } else {
+            0.0
+        };
         let macs = p * self.patch_dim() as f64 * w
             + self.layers as f64 * layer_macs(p + 1.0, w, (self.mlp_ratio * self.width) as f64)
-            + w * embed_dim as f64;
+            + pooler
+            + self.pool_dim(embed_dim) as f64 * e;
         2.0 * macs
     }
 

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::config::VitConfig;
-use super::layers::{LayerNorm, ResidualBlock, Transformer};
+use super::layers::{softmax, LayerNorm, Linear, ResidualBlock, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -17,8 +17,86 @@ pub struct VisionTower {
     positional_embedding: Tensor,
     ln_pre: LayerNorm,
     transformer: Transformer,
+    /// OpenCLIP's attentional pooler, when configured; `ln_post` and `proj` then act on its
+    /// output (`embed_dim` wide) instead of the class token (`width` wide).
+    attn_pool: Option<AttentionalPooler>,
     ln_post: LayerNorm,
     proj: Tensor,
+}
+
+/// Learned queries cross-attending to the normalised tokens (OpenCLIP's
+/// `AttentionalPooler`, as its CoCa setup uses it: the first query's output is pooled).
+#[derive(Debug, Clone)]
+struct AttentionalPooler {
+    query: Tensor,
+    ln_q: LayerNorm,
+    ln_k: LayerNorm,
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    /// The three projections' biases, packed as PyTorch keeps them.
+    in_proj_bias: Tensor,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl AttentionalPooler {
+    fn new(
+        pb: &ParamBuilder,
+        d_model: usize,
+        context: usize,
+        heads: usize,
+        queries: usize,
+    ) -> Result<Self> {
+        let a = pb.pp("attn");
+        let std = (d_model as f64).powf(-0.5);
+        Ok(AttentionalPooler {
+            query: pb.get((queries, d_model), "query", Init::Normal(1.0))?,
+            ln_q: LayerNorm::new(&pb.pp("ln_q"), d_model)?,
+            ln_k: LayerNorm::new(&pb.pp("ln_k"), context)?,
+            q_proj: a.get((d_model, d_model), "q_proj_weight", Init::Normal(std))?,
+            k_proj: a.get((d_model, context), "k_proj_weight", Init::Normal(std))?,
+            v_proj: a.get((d_model, context), "v_proj_weight", Init::Normal(std))?,
+            in_proj_bias: a.get(3 * d_model, "in_proj_bias", Init::Zeros)?,
+            out_proj: Linear::new(&a.pp("out_proj"), d_model, d_model, std)?,
+            heads,
+        })
+    }
+
+    /// `x` `[n, len, context]` → `[n, queries, d_model]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, len, _) = x.dims3()?;
+        let (queries, d_model) = self.query.dims2()?;
+        let h = self.heads;
+        let d = d_model / h;
+        let x = self.ln_k.forward(x)?;
+        // Sliced at every forward, so the optimizer's updates of the packed bias show.
+        let proj = |w: &Tensor, i: usize| Linear {
+            weight: w.clone(),
+            bias: self.in_proj_bias.narrow(0, i * d_model, d_model).ok(),
+        };
+        let q = proj(&self.q_proj, 0).forward(&self.ln_q.forward(&self.query)?)?; // [queries, d_model]
+        let q = q
+            .reshape((1, queries, h, d))?
+            .transpose(1, 2)?
+            .broadcast_as((n, h, queries, d))?;
+        let heads =
+            |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, len, h, d))?.transpose(1, 2)?) };
+        let k = heads(proj(&self.k_proj, 1).forward(&x)?)?;
+        let v = heads(proj(&self.v_proj, 2).forward(&x)?)?;
+        let flat = |t: Tensor, rows: usize| -> Result<Tensor> {
+            Ok(t.contiguous()?.reshape((n * h, rows, d))?)
+        };
+        let (q, k, v) = (flat(q, queries)?, flat(k, len)?, flat(v, len)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let out = softmax(&scores)?.matmul(&v)?;
+        let out = out
+            .reshape((n, h, queries, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, queries, d_model))?;
+        self.out_proj.forward(&out)
+    }
 }
 
 impl VisionTower {
@@ -45,8 +123,23 @@ impl VisionTower {
                 cfg.mlp_ratio,
                 cfg.act,
             )?,
-            ln_post: LayerNorm::new(&pb.pp("ln_post"), w)?,
-            proj: pb.get((w, embed_dim), "proj", Init::Normal(scale))?,
+            attn_pool: if cfg.attentional_pool {
+                Some(AttentionalPooler::new(
+                    &pb.pp("attn_pool"),
+                    embed_dim,
+                    w,
+                    cfg.attn_pooler_heads,
+                    cfg.attn_pooler_queries,
+                )?)
+            } else {
+                None
+            },
+            ln_post: LayerNorm::new(&pb.pp("ln_post"), cfg.pool_dim(embed_dim))?,
+            proj: pb.get(
+                (cfg.pool_dim(embed_dim), embed_dim),
+                "proj",
+                Init::Normal(scale),
+            )?,
         })
     }
 
@@ -86,8 +179,13 @@ impl VisionTower {
         self.transformer.blocks()
     }
 
-    /// The class token's final state, normalised and projected.
+    /// The class token's final state (or the attentional pooler's first query), normalised
+    /// and projected.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match &self.attn_pool {
+            Some(pool) => pool.forward(x)?,
+            None => x.clone(),
+        };
         let pooled = self.ln_post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
         Ok(pooled.matmul(&self.proj)?)
     }

@@ -107,3 +107,39 @@ pooling = "mean"
         }
     }
 }
+
+#[test]
+fn the_attentional_pooler_trains_every_parameter() {
+    use mmpipe::model::{ClipConfig, Encoder, ParamBuilder, TowerInput};
+    use mmpipe::topology::Tower;
+    let body = super::common::TEST_MODEL.replace(
+        "[vision]\n",
+        "[vision]\nattentional_pool = true\nattn_pooler_queries = 3\nattn_pooler_heads = 2\n",
+    );
+    let cfg = ClipConfig::from_str(&body, std::path::Path::new("attn-pool.toml")).unwrap();
+    let pb = ParamBuilder::new(8, DType::F64, &candle_core::Device::Cpu);
+    let encoder = Encoder::new(&pb, &cfg, Tower::Image).unwrap();
+    let params = pb.params();
+    let images = Tensor::randn(0f64, 1.0, (2, 3, 16, 16), &candle_core::Device::Cpu).unwrap();
+    let input = TowerInput::Images(images);
+    let target = Tensor::randn(0f64, 1.0, (2, 16), &candle_core::Device::Cpu).unwrap();
+    let loss = || {
+        (encoder.forward(&input).unwrap() - &target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = params.grads(&loss().backward().unwrap()).unwrap();
+    check_against_finite_differences(
+        &params,
+        &grads,
+        || scalar(&loss()),
+        FdTolerance {
+            step: 1e-6,
+            abs: 1e-7,
+            rel: 1e-5,
+        },
+    );
+}
