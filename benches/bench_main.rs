@@ -69,6 +69,7 @@ fn loss(c: &mut Criterion) {
         let comms = RankComms {
             world: Box::new(group("world", 1, DEFAULT_TIMEOUT).remove(0)),
             group: Box::new(group("image", 1, DEFAULT_TIMEOUT).remove(0)),
+            group_stats: std::sync::Arc::new(group("image-stats", 1, DEFAULT_TIMEOUT).remove(0)),
             tower: Tower::Image,
         };
         g.bench_with_input(BenchmarkId::new("lse_one_rank", batch), &batch, |b, _| {

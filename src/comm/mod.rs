@@ -39,6 +39,9 @@ pub trait Communicator: Send {
 pub struct RankComms {
     pub world: Box<dyn Communicator>,
     pub group: Box<dyn Communicator>,
+    /// A second communicator over the same group, shareable with model code that reduces
+    /// inside forward and backward (synchronised batch norm).
+    pub group_stats: std::sync::Arc<dyn Communicator + Sync>,
     pub tower: Tower,
 }
 

@@ -256,13 +256,13 @@ pub fn rank_comms(topology: &Topology, timeout: Duration) -> Vec<RankComms> {
     let mut out: Vec<Option<RankComms>> = (0..topology.world_size()).map(|_| None).collect();
     for tower in [Tower::Image, Tower::Text] {
         let members = topology.group(tower);
-        for (comm, &global) in group(tower.name(), members.len(), timeout)
-            .into_iter()
-            .zip(&members)
-        {
+        let stats = group(&format!("{tower}-stats"), members.len(), timeout);
+        let comms = group(tower.name(), members.len(), timeout);
+        for ((comm, stats), &global) in comms.into_iter().zip(stats).zip(&members) {
             out[global] = Some(RankComms {
                 world: Box::new(world[global].take().expect("each rank once")),
                 group: Box::new(comm),
+                group_stats: std::sync::Arc::new(stats),
                 tower,
             });
         }

@@ -65,6 +65,10 @@ pub struct ResNetConfig {
     pub heads: usize,
     #[serde(default = "three")]
     pub channels: usize,
+    /// Batch-norm statistics over the whole image group's batch (exact: the split step
+    /// then equals the single-device step), instead of each rank's own.
+    #[serde(default)]
+    pub sync_batch_norm: bool,
 }
 
 /// CLIP's causal text transformer, pooled at the end-of-text token.
@@ -345,6 +349,11 @@ impl ClipConfig {
             TextTowerConfig::Clip(t) => t.vocab_size,
             TextTowerConfig::Bert(b) => b.vocab_size,
         }
+    }
+
+    /// Whether the image tower's batch norms are synchronised across the image group.
+    pub fn sync_batch_norm(&self) -> bool {
+        matches!(&self.vision, ImageTowerConfig::Resnet(r) if r.sync_batch_norm)
     }
 
     pub fn is_locked(&self, tower: Tower) -> bool {

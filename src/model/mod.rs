@@ -106,7 +106,16 @@ impl Encoder {
         })
     }
 
-    /// Unnormalised features `[n, embed_dim]`.
+    /// Features for evaluation: batch norms use their running statistics (and, when
+    /// synchronised, do not communicate). Other towers behave as in training.
+    pub fn forward_eval(&self, input: &TowerInput) -> Result<Tensor> {
+        match (self, input) {
+            (Encoder::ResNet(m), TowerInput::Images(x)) => m.forward(x, false),
+            _ => self.forward(input),
+        }
+    }
+
+    /// Unnormalised features `[n, embed_dim]` (training mode).
     pub fn forward(&self, input: &TowerInput) -> Result<Tensor> {
         match (self, input) {
             (Encoder::Image(m), TowerInput::Images(x)) => m.forward(x),
@@ -170,6 +179,14 @@ impl Encoder {
                 .map(|(n, t)| (format!("visual.{n}"), t))
                 .collect()),
             _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Synchronises batch-norm statistics through `reducer` (towers without batch norm
+    /// ignore it).
+    pub fn set_stats_reducer(&mut self, reducer: std::sync::Arc<dyn resnet::StatsReducer>) {
+        if let Encoder::ResNet(m) = self {
+            m.set_stats_reducer(reducer);
         }
     }
 

@@ -4,13 +4,14 @@
 //!
 //! Convolutions are written as shifted views + one matmul (im2col), so their backward is
 //! plain matmuls rather than candle's slow CPU transposed convolution. Batch norm runs in
-//! training mode on each rank's local batch and keeps running statistics for evaluation;
-//! it is not synchronised across the image group (so, unlike the transformer towers, a
-//! split ResNet step is not bit-for-bit the single-device step: the statistics are local).
+//! training mode and keeps running statistics for evaluation. Its statistics are each
+//! rank's own by default (so a split step then differs from the single-device step), or,
+//! with `sync_batch_norm = true`, the whole image group's: two all-reduces per norm in
+//! forward and one in backward, and the split step is exact again.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::config::ResNetConfig;
 use super::layers::{softmax, Linear};
@@ -100,9 +101,63 @@ fn avg_pool(x: &Tensor, s: usize) -> Result<Tensor> {
     Ok(x.reshape((n, c, h / s, s, w / s, s))?.mean(5)?.mean(3)?)
 }
 
+/// Sums per-channel statistics over every rank that shares the batch (for synchronised
+/// batch norm). Implemented by the training code over the image group; the model only
+/// knows this much of communication.
+pub trait StatsReducer: Send + Sync {
+    fn sum(&self, t: &Tensor) -> Result<Tensor>;
+}
+
+/// Identity in forward; in backward, turns the gradient of the normalised activations into
+/// what synchronised batch norm needs before the division by the (constant) global std:
+/// `g − mean(g) − x̂·mean(g·x̂)`, means over the whole group's batch.
+struct SyncNormGrad {
+    reducer: Arc<dyn StatsReducer>,
+    count: f64,
+}
+
+impl CustomOp1 for SyncNormGrad {
+    fn name(&self) -> &'static str {
+        "sync-batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("sync batch norm expects a contiguous tensor")
+        };
+        let copy = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+            _ => candle_core::bail!("sync batch norm supports f32 and f64"),
+        };
+        Ok((copy, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        normed: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let per_channel = |t: &Tensor| t.sum_keepdim(3)?.sum_keepdim(2)?.sum_keepdim(0);
+        let local = Tensor::cat(&[per_channel(grad)?, per_channel(&(grad * normed)?)?], 0)?;
+        let global = self.reducer.sum(&local).map_err(candle_core::Error::wrap)?;
+        let mean_g = (global.narrow(0, 0, 1)? / self.count)?;
+        let mean_gx = (global.narrow(0, 1, 1)? / self.count)?;
+        Ok(Some(
+            grad.broadcast_sub(&mean_g)?
+                .sub(&normed.broadcast_mul(&mean_gx)?)?,
+        ))
+    }
+}
+
 /// Batch norm over (batch, height, width) per channel, training mode, with running
-/// statistics (momentum 0.1, unbiased variance, as PyTorch) for evaluation.
-#[derive(Debug)]
+/// statistics (momentum 0.1, unbiased variance, as PyTorch) for evaluation. With a
+/// [`StatsReducer`], the statistics (and their gradient) span the whole group's batch.
 pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
@@ -112,6 +167,15 @@ pub struct BatchNorm {
     batches: Mutex<i64>,
     eps: f64,
     momentum: f64,
+    reducer: Option<Arc<dyn StatsReducer>>,
+}
+
+impl std::fmt::Debug for BatchNorm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchNorm")
+            .field("synchronised", &self.reducer.is_some())
+            .finish()
+    }
 }
 
 impl Clone for BatchNorm {
@@ -124,6 +188,7 @@ impl Clone for BatchNorm {
             batches: Mutex::new(*self.batches.lock().expect("bn stats")),
             eps: self.eps,
             momentum: self.momentum,
+            reducer: self.reducer.clone(),
         }
     }
 }
@@ -142,6 +207,7 @@ impl BatchNorm {
             batches: Mutex::new(0),
             eps: 1e-5,
             momentum: 0.1,
+            reducer: None,
         })
     }
 
@@ -163,26 +229,60 @@ impl BatchNorm {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let shape = (1, c, 1, 1);
-        let (mean, var) = if train {
-            let flat = x.transpose(0, 1)?.reshape((c, n * h * w))?;
-            let mean = flat.mean(1)?;
-            let centred = flat.broadcast_sub(&mean.unsqueeze(1)?)?;
-            let var = centred.sqr()?.mean(1)?;
-            let count = (n * h * w) as f64;
-            let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
-            let m = self.momentum;
-            let mut rm = self.running_mean.lock().expect("bn stats");
-            *rm = ((&*rm * (1.0 - m))? + (mean.detach() * m)?)?;
-            let mut rv = self.running_var.lock().expect("bn stats");
-            *rv = ((&*rv * (1.0 - m))? + (unbiased * m)?)?;
-            *self.batches.lock().expect("bn stats") += 1;
-            (mean, var)
-        } else {
-            self.running_stats()
+        if !train {
+            let (mean, var) = self.running_stats();
+            let x = x
+                .broadcast_sub(&mean.reshape(shape)?)?
+                .broadcast_div(&(var.reshape(shape)? + self.eps)?.sqrt()?)?;
+            return self.affine(&x, shape);
+        }
+        let flat = x.transpose(0, 1)?.reshape((c, n * h * w))?;
+        let (normed, mean, var, count) = match &self.reducer {
+            None => {
+                let mean = flat.mean(1)?;
+                let var = flat.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
+                let normed = x
+                    .broadcast_sub(&mean.reshape(shape)?)?
+                    .broadcast_div(&(var.reshape(shape)? + self.eps)?.sqrt()?)?;
+                (normed, mean.detach(), var.detach(), (n * h * w) as f64)
+            }
+            Some(reducer) => {
+                // Two passes over the group: the mean, then the variance around it.
+                let count_local =
+                    Tensor::full((n * h * w) as f64, 1, x.device())?.to_dtype(x.dtype())?;
+                let sums =
+                    reducer.sum(&Tensor::cat(&[&flat.detach().sum(1)?, &count_local], 0)?)?;
+                let count = sums
+                    .narrow(0, c, 1)?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_vec1::<f64>()?[0];
+                let mean = (sums.narrow(0, 0, c)? / count)?;
+                let centred = flat.detach().broadcast_sub(&mean.unsqueeze(1)?)?;
+                let var = (reducer.sum(&centred.sqr()?.sum(1)?)? / count)?;
+                // The statistics are constants here; SyncNormGrad adds their gradient terms.
+                let std = (var.reshape(shape)? + self.eps)?.sqrt()?;
+                let hat = x
+                    .broadcast_sub(&mean.reshape(shape)?)?
+                    .broadcast_div(&std)?
+                    .contiguous()?;
+                let op = SyncNormGrad {
+                    reducer: reducer.clone(),
+                    count,
+                };
+                (hat.apply_op1(op)?, mean, var, count)
+            }
         };
-        let x = x
-            .broadcast_sub(&mean.reshape(shape)?)?
-            .broadcast_div(&(var.reshape(shape)? + self.eps)?.sqrt()?)?;
+        let unbiased = (&var * (count / (count - 1.0).max(1.0)))?;
+        let m = self.momentum;
+        let mut rm = self.running_mean.lock().expect("bn stats");
+        *rm = ((&*rm * (1.0 - m))? + (mean * m)?)?;
+        let mut rv = self.running_var.lock().expect("bn stats");
+        *rv = ((&*rv * (1.0 - m))? + (unbiased * m)?)?;
+        *self.batches.lock().expect("bn stats") += 1;
+        self.affine(&normed, shape)
+    }
+
+    fn affine(&self, x: &Tensor, shape: (usize, usize, usize, usize)) -> Result<Tensor> {
         Ok(x.broadcast_mul(&self.weight.reshape(shape)?)?
             .broadcast_add(&self.bias.reshape(shape)?)?)
     }
@@ -352,6 +452,21 @@ impl ResNetTower {
             }
         }
         self.attnpool.forward(&x)
+    }
+
+    /// Synchronises every batch norm's statistics through `reducer`.
+    pub fn set_stats_reducer(&mut self, reducer: Arc<dyn StatsReducer>) {
+        for (_, bn) in &mut self.stem {
+            bn.reducer = Some(reducer.clone());
+        }
+        for block in self.stages.iter_mut().flatten() {
+            for bn in [&mut block.bn1, &mut block.bn2, &mut block.bn3] {
+                bn.reducer = Some(reducer.clone());
+            }
+            if let Some((_, bn)) = &mut block.downsample {
+                bn.reducer = Some(reducer.clone());
+            }
+        }
     }
 
     /// Every batch norm with its OpenCLIP name relative to the tower (`bn1`,

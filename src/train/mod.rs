@@ -115,6 +115,7 @@ fn run_rank(
 ) -> Result<RankOutcome> {
     let device = Device::Cpu;
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
+    trainer.attach(&comms);
     trainer.check_replicas(&comms)?;
     let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64));
     let mut losses = Vec::with_capacity(cfg.steps);

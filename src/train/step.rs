@@ -9,11 +9,14 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::TrainConfig;
 use super::optim::{AdamW, AdamWConfig};
-use crate::comm::{all_reduce_bucket, RankComms};
+use std::sync::Arc;
+
+use crate::comm::{all_reduce_bucket, Communicator, RankComms};
 use crate::error::{Error, Result};
 use crate::loss::{clip_loss_lse, split_len, split_offset, FeatureLayout};
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
 use crate::model::layers::l2_normalize;
+use crate::model::resnet::StatsReducer;
 use crate::model::{
     checkpoint, logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX,
 };
@@ -70,6 +73,15 @@ pub struct StepGrads {
     pub times: PhaseTimes,
 }
 
+/// Batch-norm statistics summed over the rank's group.
+struct GroupStats(Arc<dyn Communicator + Sync>);
+
+impl StatsReducer for GroupStats {
+    fn sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.0.all_reduce_sum(t)
+    }
+}
+
 pub struct RankTrainer {
     pub tower: Tower,
     encoder: Encoder,
@@ -79,6 +91,7 @@ pub struct RankTrainer {
     trainable: Params,
     locked: bool,
     checkpointing: bool,
+    sync_batch_norm: bool,
     logit_scale: Var,
     optimizer: AdamW,
     layout: FeatureLayout,
@@ -136,6 +149,7 @@ impl RankTrainer {
             trainable,
             locked,
             checkpointing: cfg.checkpointing,
+            sync_batch_norm: model.sync_batch_norm() && rank.tower == Tower::Image,
             logit_scale,
             optimizer,
             layout: FeatureLayout::new(topology, cfg.global_batch),
@@ -146,6 +160,15 @@ impl RankTrainer {
 
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// Connects what the model reduces inside its own passes to this rank's group (today:
+    /// synchronised batch norm, when the model asks for it). Call once, before training.
+    pub fn attach(&mut self, comms: &RankComms) {
+        if self.sync_batch_norm {
+            self.encoder
+                .set_stats_reducer(Arc::new(GroupStats(comms.group_stats.clone())));
+        }
     }
 
     /// The parameters the optimizer updates, in the order of [`StepGrads::grads`].
@@ -163,7 +186,7 @@ impl RankTrainer {
 
     /// Normalised features of `input`, without building a graph (evaluation).
     pub fn encode(&self, input: &TowerInput) -> Result<Tensor> {
-        Ok(l2_normalize(&self.encoder.forward(input)?)?.detach())
+        Ok(l2_normalize(&self.encoder.forward_eval(input)?)?.detach())
     }
 
     /// Checks that every rank of the group holds bit-identical weights (one checksum per

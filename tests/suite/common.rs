@@ -215,3 +215,13 @@ pub fn check_against_finite_differences(
     }
     checked
 }
+
+/// A deterministic tensor of values in [-1, 1] (candle's CPU RNG cannot be seeded, and a
+/// finite-difference check must not depend on the draw).
+pub fn fixed_values(shape: &[usize], phase: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|i| ((i as f64 + 1.0) * 0.7311 + phase).sin())
+        .collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}

@@ -120,9 +120,8 @@ fn the_attentional_pooler_trains_every_parameter() {
     let pb = ParamBuilder::new(8, DType::F64, &candle_core::Device::Cpu);
     let encoder = Encoder::new(&pb, &cfg, Tower::Image).unwrap();
     let params = pb.params();
-    let images = Tensor::randn(0f64, 1.0, (2, 3, 16, 16), &candle_core::Device::Cpu).unwrap();
-    let input = TowerInput::Images(images);
-    let target = Tensor::randn(0f64, 1.0, (2, 16), &candle_core::Device::Cpu).unwrap();
+    let input = TowerInput::Images(super::common::fixed_values(&[2, 3, 16, 16], 0.0));
+    let target = super::common::fixed_values(&[2, 16], 1.0);
     let loss = || {
         (encoder.forward(&input).unwrap() - &target)
             .unwrap()

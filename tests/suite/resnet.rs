@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use mmpipe::model::{ClipConfig, Encoder, ParamBuilder, TowerInput};
 use mmpipe::topology::Tower;
 
-use super::common::{check_against_finite_differences, values, FdTolerance};
+use super::common::{check_against_finite_differences, fixed_values, values, FdTolerance};
 
 const TINY: &str = r#"
 embed_dim = 6
@@ -44,11 +44,10 @@ fn every_resnet_parameter_gets_its_finite_difference_gradient() {
             values(var.as_tensor()).iter().all(|v| *v == 0.0),
             "{name} starts at zero"
         );
-        var.set(&Tensor::randn(0f64, 1.0, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
+        var.set(&fixed_values(var.dims(), 2.0)).unwrap();
     }
-    let images = Tensor::randn(0f64, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
-    let target = Tensor::randn(0f64, 1.0, (3, 6), &Device::Cpu).unwrap();
+    let images = fixed_values(&[3, 3, 32, 32], 0.0);
+    let target = fixed_values(&[3, 6], 1.0);
     let loss = || {
         (net.forward(&images, true).unwrap() - &target)
             .unwrap()
@@ -134,4 +133,94 @@ fn batch_norm_statistics_travel_with_the_checkpoint() {
         );
         assert_eq!(values(&a), values(&b), "{n}");
     }
+}
+
+/// A step's loss and its gradients by name: from every rank of the split, and from one device.
+type SplitStep = (f64, Vec<(String, Tensor)>);
+type SingleStep = (f64, std::collections::BTreeMap<String, Tensor>);
+
+/// Loss and gradients (by name) of one step on 2 image ranks + 1 text rank, and of one
+/// device on the whole batch, for the tiny ResNet CLIP with or without synchronised
+/// batch norm.
+fn split_and_single(sync: bool) -> (SplitStep, SingleStep) {
+    use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
+    use mmpipe::data::{Stream, SyntheticSource};
+    use mmpipe::loss::clip_loss_reference;
+    use mmpipe::model::layers::l2_normalize;
+    use mmpipe::train::{batch_indices, RankTrainer};
+
+    let body = TINY.replace(
+        "heads = 2\n[text]",
+        &format!("heads = 2\nsync_batch_norm = {sync}\n[text]"),
+    );
+    let cfg = ClipConfig::from_str(&body, Path::new("rn-sync.toml")).unwrap();
+    assert_eq!(cfg.sync_batch_norm(), sync);
+    let train = super::common::train_config(6);
+    let source = SyntheticSource::new(train.seed, &cfg).unwrap();
+
+    let pb = ParamBuilder::new(train.seed, DType::F64, &Device::Cpu);
+    let (image, text) = mmpipe::model::build_all(&pb, &cfg).unwrap();
+    let params = pb.params();
+    let (images, texts) = super::common::batch(&source, &batch_indices(0, 6, 0, 6), DType::F64);
+    let x = l2_normalize(&image.forward(&images).unwrap()).unwrap();
+    let y = l2_normalize(&text.forward(&texts).unwrap()).unwrap();
+    let loss = clip_loss_reference(&x, &y, params.get("logit_scale").unwrap().as_tensor()).unwrap();
+    let grads = params.grads(&loss.backward().unwrap()).unwrap();
+    let single = (
+        values(&loss)[0],
+        params
+            .names()
+            .iter()
+            .map(|n| n.to_string())
+            .zip(grads)
+            .collect(),
+    );
+
+    let topology = super::common::cpu_topology(2, 1);
+    let ranks = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+        let mut t = RankTrainer::new(&topology, rank, &cfg, &train, DType::F64, &Device::Cpu)?;
+        t.attach(&comms);
+        let indices = batch_indices(0, 6, t.offset, t.local_batch);
+        let input = source.tower_input(t.tower, Stream::Train, &indices, &Device::Cpu)?;
+        let g = t.compute_grads(&comms, &input)?;
+        let names: Vec<String> = t
+            .trainable()
+            .names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        Ok((g.loss, names.into_iter().zip(g.grads).collect::<Vec<_>>()))
+    })
+    .unwrap();
+    let loss = ranks[0].0;
+    let grads = ranks.into_iter().flat_map(|(_, g)| g).collect();
+    ((loss, grads), single)
+}
+
+#[test]
+fn synchronised_batch_norm_makes_the_split_resnet_step_exact() {
+    let ((loss, grads), (want_loss, want)) = split_and_single(true);
+    assert!(
+        (loss - want_loss).abs() < 1e-10 * want_loss.abs(),
+        "loss {loss} vs {want_loss}"
+    );
+    for (name, g) in &grads {
+        let (a, b) = (values(g), values(&want[name]));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-11 + 1e-8 * y.abs(),
+                "{name}: {x} vs {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn without_synchronisation_the_split_resnet_step_differs() {
+    // The control for the test above: per-rank statistics change the maths, visibly.
+    let ((loss, _), (want_loss, _)) = split_and_single(false);
+    assert!(
+        (loss - want_loss).abs() > 1e-6 * want_loss.abs(),
+        "loss {loss} vs {want_loss}"
+    );
 }
