@@ -1,11 +1,13 @@
-//! Gradient checkpointing per block: the forward keeps only each block's input; the
+//! Gradient checkpointing per block (transformer block, or ResNet bottleneck): the forward
+//! keeps only each block's input; the
 //! backward recomputes one segment at a time (head, then the blocks in reverse, then the
 //! stem), backpropagating into it the gradient of its output. Peak activation memory
 //! falls from all blocks' to one block's plus the saved inputs, for one more forward.
 //!
 //! candle has no hook to recompute inside `backward()`, so the segments are chained by
 //! hand: each segment's input is a fresh variable, and its gradient is the next
-//! (earlier) segment's upstream.
+//! (earlier) segment's upstream. A ResNet's recomputed forward updates its batch norms'
+//! running statistics a second time, as PyTorch's checkpointing does.
 
 use std::collections::HashMap;
 
@@ -22,15 +24,11 @@ impl Encoder {
             (Encoder::Image(m), TowerInput::Images(x)) => m.stem(x),
             (Encoder::Text(m), TowerInput::Captions { tokens, .. }) => m.stem(tokens),
             (Encoder::Bert(m), TowerInput::Captions { tokens, .. }) => m.stem(tokens),
+            (Encoder::ResNet(m), TowerInput::Images(x)) => m.stem(x, true),
             _ => Err(Error::Msg(
                 "encoder and input are of different modalities".into(),
             )),
         }
-    }
-
-    /// Checkpointing is per transformer block; the ResNet tower has none.
-    pub fn supports_checkpointing(&self) -> bool {
-        !matches!(self, Encoder::ResNet(_))
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -38,7 +36,7 @@ impl Encoder {
             Encoder::Image(m) => m.blocks().len(),
             Encoder::Text(m) => m.blocks().len(),
             Encoder::Bert(m) => m.num_layers(),
-            Encoder::ResNet(_) => 0,
+            Encoder::ResNet(m) => m.num_blocks(),
         }
     }
 
@@ -46,6 +44,7 @@ impl Encoder {
     pub fn block(&self, i: usize, x: &Tensor, input: &TowerInput) -> Result<Tensor> {
         match (self, input) {
             (Encoder::Image(m), _) => m.blocks()[i].forward(x, None),
+            (Encoder::ResNet(m), _) => m.block(i, x, true),
             (Encoder::Text(m), _) => m.blocks()[i].forward(x, Some(&m.mask(x)?)),
             (Encoder::Bert(m), TowerInput::Captions { mask, .. }) => {
                 m.layer(i, x, &m.additive_mask(mask, x)?)
@@ -60,6 +59,7 @@ impl Encoder {
     pub fn head(&self, x: &Tensor, input: &TowerInput) -> Result<Tensor> {
         match (self, input) {
             (Encoder::Image(m), _) => m.head(x),
+            (Encoder::ResNet(m), _) => m.head(x),
             (Encoder::Text(m), TowerInput::Captions { eot, .. }) => m.head(x, eot),
             (Encoder::Bert(m), TowerInput::Captions { mask, .. }) => m.head(x, mask),
             _ => Err(Error::Msg(
@@ -76,11 +76,6 @@ pub fn forward_keeping_block_inputs(
     input: &TowerInput,
     finish: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    if !encoder.supports_checkpointing() {
-        return Err(Error::Msg(
-            "gradient checkpointing works per transformer block: the ResNet tower does not support it".into(),
-        ));
-    }
     let mut saved = vec![encoder.stem(input)?.detach()];
     for i in 0..encoder.num_blocks() {
         // The block's graph dies with its output: only the detached copy stays.

@@ -441,17 +441,40 @@ impl ResNetTower {
     /// `images` `[n, channels, size, size]` → features `[n, embed_dim]`. `train` uses the
     /// batch's statistics (and updates the running ones); otherwise the running ones.
     pub fn forward(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = self.stem(images, train)?;
+        for i in 0..self.num_blocks() {
+            x = self.block(i, &x, train)?;
+        }
+        self.head(&x)
+    }
+
+    /// The three stem convolutions and the average pool: the first block's input.
+    pub fn stem(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = images.to_dtype(self.attnpool.positional_embedding.dtype())?;
         for (conv, bn) in &self.stem {
             x = bn.forward(&conv.forward(&x)?, train)?.relu()?;
         }
-        x = avg_pool(&x, 2)?;
-        for stage in &self.stages {
-            for block in stage {
-                x = block.forward(&x, train)?;
-            }
-        }
-        self.attnpool.forward(&x)
+        avg_pool(&x, 2)
+    }
+
+    /// Bottleneck blocks over all stages, in order.
+    pub fn num_blocks(&self) -> usize {
+        self.stages.iter().map(Vec::len).sum()
+    }
+
+    pub fn block(&self, i: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        let block = self
+            .stages
+            .iter()
+            .flatten()
+            .nth(i)
+            .expect("block index in range");
+        block.forward(x, train)
+    }
+
+    /// Attention pooling into the embedding.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        self.attnpool.forward(x)
     }
 
     /// Synchronises every batch norm's statistics through `reducer`.

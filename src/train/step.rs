@@ -120,12 +120,6 @@ impl RankTrainer {
             checkpoint::load_hf_bert(&params, &dir.join("model.safetensors"))?;
         }
         let locked = model.is_locked(rank.tower);
-        if cfg.checkpointing && !encoder.supports_checkpointing() {
-            return Err(Error::Msg(format!(
-                "--checkpointing: the {} tower has no transformer blocks to checkpoint",
-                rank.tower
-            )));
-        }
         let trainable = if locked {
             params.filter(|n| n == "logit_scale")
         } else {

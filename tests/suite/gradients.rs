@@ -61,8 +61,25 @@ max_position_embeddings = 12
 context_length = 12
 pooling = "mean"
 "#;
+    let resnet = r#"
+embed_dim = 6
+[vision]
+kind = "resnet"
+image_size = 32
+layers = [1, 2, 1, 1]
+width = 8
+heads = 2
+[text]
+kind = "clip"
+vocab_size = 40
+context_length = 8
+width = 8
+layers = 1
+heads = 2
+"#;
     let models = [
         test_model(),
+        ClipConfig::from_str(resnet, std::path::Path::new("resnet.toml")).unwrap(),
         ClipConfig::from_str(bert, std::path::Path::new("bert.toml")).unwrap(),
     ];
     for (m, cfg) in models.iter().enumerate() {
@@ -72,6 +89,15 @@ pooling = "mean"
             let pb = ParamBuilder::new(9, DType::F64, &candle_core::Device::Cpu);
             let encoder = Encoder::new(&pb, cfg, tower).unwrap();
             let params = pb.params();
+            // OpenCLIP zero-initialises each bottleneck's last norm; move it off zero so
+            // every parameter has a gradient to compare.
+            for (_, var) in params
+                .iter()
+                .filter(|(n, _)| n.contains(".layer") && n.ends_with("bn3.weight"))
+            {
+                var.set(&super::common::fixed_values(var.dims(), 3.0))
+                    .unwrap();
+            }
             let plain = l2_normalize(&encoder.forward(input).unwrap()).unwrap();
             let upstream =
                 Tensor::randn(0f64, 1.0, plain.shape(), &candle_core::Device::Cpu).unwrap();
