@@ -61,25 +61,9 @@ max_position_embeddings = 12
 context_length = 12
 pooling = "mean"
 "#;
-    let resnet = r#"
-embed_dim = 6
-[vision]
-kind = "resnet"
-image_size = 32
-layers = [1, 2, 1, 1]
-width = 8
-heads = 2
-[text]
-kind = "clip"
-vocab_size = 40
-context_length = 8
-width = 8
-layers = 1
-heads = 2
-"#;
     let models = [
         test_model(),
-        ClipConfig::from_str(resnet, std::path::Path::new("resnet.toml")).unwrap(),
+        ClipConfig::from_str(super::resnet::TINY, std::path::Path::new("resnet.toml")).unwrap(),
         ClipConfig::from_str(bert, std::path::Path::new("bert.toml")).unwrap(),
     ];
     for (m, cfg) in models.iter().enumerate() {

@@ -8,7 +8,8 @@ use mmpipe::topology::Tower;
 
 use super::common::{check_against_finite_differences, fixed_values, values, FdTolerance};
 
-const TINY: &str = r#"
+/// A ResNet CLIP small enough for finite differences (also used by `gradients.rs`).
+pub const TINY: &str = r#"
 embed_dim = 6
 [vision]
 kind = "resnet"
