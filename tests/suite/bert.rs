@@ -14,7 +14,7 @@ use mmpipe::model::{ClipConfig, Encoder, ParamBuilder};
 use mmpipe::topology::Tower;
 
 use super::common::{
-    check_against_finite_differences, values, worst_violation, FdTolerance, Relative,
+    check_against_finite_differences, squared_error, values, worst_violation, FdTolerance, Relative,
 };
 
 /// The fixture `scripts/fetch-fixtures.sh` fetches (CI runs it first).
@@ -269,14 +269,7 @@ pooler = true
         &Device::Cpu,
     )
     .unwrap();
-    let loss = || {
-        (bert.forward(&tokens, &mask).unwrap() - &target)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
+    let loss = || squared_error(bert.forward(&tokens, &mask).unwrap(), &target);
     let grads = params.grads(&loss().backward().unwrap()).unwrap();
     check_against_finite_differences(
         &params,

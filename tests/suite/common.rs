@@ -225,3 +225,13 @@ pub fn fixed_values(shape: &[usize], phase: f64) -> Tensor {
         .collect();
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
 }
+
+/// `Σ (prediction − target)²`: the loss the tower-level gradient tests differentiate.
+pub fn squared_error(prediction: Tensor, target: &Tensor) -> Tensor {
+    (prediction - target)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}

@@ -6,7 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use mmpipe::model::{ClipConfig, Encoder, ParamBuilder, TowerInput};
 use mmpipe::topology::Tower;
 
-use super::common::{check_against_finite_differences, fixed_values, values, FdTolerance};
+use super::common::{
+    check_against_finite_differences, fixed_values, squared_error, values, worst_violation,
+    FdTolerance, Relative,
+};
 
 /// A ResNet CLIP small enough for finite differences (also used by `gradients.rs`).
 pub const TINY: &str = r#"
@@ -49,14 +52,7 @@ fn every_resnet_parameter_gets_its_finite_difference_gradient() {
     }
     let images = fixed_values(&[3, 3, 32, 32], 0.0);
     let target = fixed_values(&[3, 6], 1.0);
-    let loss = || {
-        (net.forward(&images, true).unwrap() - &target)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
+    let loss = || squared_error(net.forward(&images, true).unwrap(), &target);
     let grads = params.grads(&loss().backward().unwrap()).unwrap();
     // A ReLU input within ±step of zero would break a finite difference; none is, at this seed.
     check_against_finite_differences(
@@ -206,12 +202,8 @@ fn synchronised_batch_norm_makes_the_split_resnet_step_exact() {
         "loss {loss} vs {want_loss}"
     );
     for (name, g) in &grads {
-        let (a, b) = (values(g), values(&want[name]));
-        for (x, y) in a.iter().zip(&b) {
-            assert!(
-                (x - y).abs() <= 1e-11 + 1e-8 * y.abs(),
-                "{name}: {x} vs {y}"
-            );
+        if let Some((i, a, b)) = worst_violation(g, &want[name], 1e-8, 1e-11, Relative::Element) {
+            panic!("{name}[{i}]: {a} vs {b}");
         }
     }
 }
