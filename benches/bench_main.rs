@@ -9,7 +9,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use mmpipe::comm::thread::{group, DEFAULT_TIMEOUT};
 use mmpipe::comm::{Communicator, RankComms};
 use mmpipe::data::{Stream, SyntheticSource};
-use mmpipe::loss::{clip_loss_lse, clip_loss_reference};
+use mmpipe::loss::{
+    clip_loss_reference, global_loss, FeatureLayout, LossConfig, LossKind, LossScalars, TileSize,
+};
 use mmpipe::model::layers::l2_normalize;
 use mmpipe::model::{cpu_builder, ClipConfig, Encoder};
 use mmpipe::topology::Tower;
@@ -72,9 +74,29 @@ fn loss(c: &mut Criterion) {
             group_stats: std::sync::Arc::new(group("image-stats", 1, DEFAULT_TIMEOUT).remove(0)),
             tower: Tower::Image,
         };
-        g.bench_with_input(BenchmarkId::new("lse_one_rank", batch), &batch, |b, _| {
-            b.iter(|| clip_loss_lse(&comms, &x, &y, 0, 2.66).unwrap())
-        });
+        // The image rank's half of a 1×1 split: its rows against all columns.
+        let topology =
+            mmpipe::topology::Topology::from_file(std::path::Path::new("topology/cpu-1x1.toml"))
+                .unwrap();
+        let layout = FeatureLayout::new(&topology, batch);
+        let scalars = LossScalars {
+            logit_scale: 2.66,
+            logit_bias: -10.0,
+        };
+        for (name, kind, tile) in [
+            ("clip_lse_untiled", LossKind::Clip, TileSize::Untiled),
+            ("clip_lse_tile_128", LossKind::Clip, TileSize::Columns(128)),
+            ("siglip_untiled", LossKind::Siglip, TileSize::Untiled),
+        ] {
+            let cfg = LossConfig {
+                kind,
+                tile,
+                ..LossConfig::default()
+            };
+            g.bench_with_input(BenchmarkId::new(name, batch), &batch, |b, _| {
+                b.iter(|| global_loss(&comms, &cfg, &layout, &x, &y, 0, scalars).unwrap())
+            });
+        }
         let scale = candle_core::Var::new(2.66f32, &Device::Cpu).unwrap();
         let (xv, yv) = (
             candle_core::Var::from_tensor(&x).unwrap(),

@@ -1,28 +1,280 @@
-//! The global-batch CLIP loss under the modality split: all of its distributed maths in one
-//! file. `../shared/docs/contrastive-loss-math.md` derives every formula used here.
+//! The global-batch contrastive losses under the modality split: all of their distributed
+//! maths in one file. `../shared/docs/contrastive-loss-math.md` derives every formula.
 //!
 //! Notation: global batch `B`; normalised image features `X` (rows `i`) and text features
-//! `Y` (rows `j`); scale `s = exp(t)`; logits `S = s·X·Yᵀ`; row normalisers
-//! `r_i = logsumexp_j S_ij`, column normalisers `c_j = logsumexp_i S_ij`;
-//! `L = 1/(2B)·[Σ_i (r_i − S_ii) + Σ_j (c_j − S_jj)]`.
+//! `Y` (rows `j`); scale `s = exp(t)`; logits `S = s·X·Yᵀ`.
+//! - CLIP: row normalisers `r_i = logsumexp_j S_ij`, column normalisers `c_j`;
+//!   `L = 1/(2B)·[Σ_i (r_i − S_ii) + Σ_j (c_j − S_jj)]`, `∂L/∂S = (P + Q − 2I)/(2B)`.
+//! - SigLIP: `U = S + β`; `L = 1/B·[Σ_ij softplus(U_ij) − Σ_i U_ii]`, `∂L/∂U = (σ(U) − I)/B`.
 //!
-//! Exchange scheme `lse` (no gradient traffic): each rank owns a contiguous slice of rows
-//! of its modality and holds, after a world all-gather, all features of the other one. An
-//! image rank's block `S_{R_k,:}` has complete row normalisers; the column normalisers are
-//! combined inside the image group from per-rank partials (`K·B` floats). With both it has
-//! `G = ∂L/∂S = (P + Q − 2I)/(2B)` on its rows and so the complete gradient of its own
-//! features. Text ranks do the same on `Sᵀ`: the maths is symmetric, so one function
-//! serves both sides.
+//! Both gradients are a smooth part plus a constant on the diagonal. A rank computes the
+//! smooth part tile by tile and adds the diagonal from its paired rows, so no rank ever
+//! holds more than `b × tile` logits; normalisers come from an online log-sum-exp and the
+//! tiles are recomputed for the gradient.
+//!
+//! Every rank owns a contiguous slice of rows of its modality and, after a world
+//! all-gather, holds all features of the other one. A text rank sees `Sᵀ`: the maths is
+//! symmetric, so one function serves both sides. Two exchange schemes:
+//! - `lse`: each rank computes the complete gradient of its own features. For CLIP it
+//!   needs the other direction's normalisers, combined inside its group from per-rank
+//!   partials (`size·B` floats); SigLIP has none. No gradient traffic.
+//! - `gather-scatter`: each side computes only its share of the loss (CLIP: image ranks
+//!   the image→text rows, text ranks the text→image rows; SigLIP: half of every pair each)
+//!   and the gradient of every feature it touched; the gradients of features owned
+//!   elsewhere are reduce-scattered back to their owners over the world.
 //!
 //! Convention for parameters: every rank's feature gradient is an exact partial derivative
 //! of the one global loss, so parameter gradients inside a group are **summed**, not
-//! averaged. The temperature's gradient `Σ G∘S` is counted on the image side only.
+//! averaged. A scalar summed over all of `S` (the temperature's and bias's gradients, the
+//! SigLIP loss) is counted once: on the image side, or half on each side.
 
-use candle_core::{DType, Tensor, D};
+use std::fmt;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
 
 use crate::comm::RankComms;
 use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
+
+/// Which contrastive loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Symmetric InfoNCE over the global batch.
+    #[default]
+    Clip,
+    /// Pairwise sigmoid with a learnable bias.
+    Siglip,
+}
+
+impl LossKind {
+    /// The stored temperature `t` at initialisation: OpenCLIP's `ln(1/0.07)` for CLIP,
+    /// `ln 10` for SigLIP.
+    pub fn initial_logit_scale(self) -> f64 {
+        match self {
+            LossKind::Clip => (1.0f64 / 0.07).ln(),
+            LossKind::Siglip => 10f64.ln(),
+        }
+    }
+
+    /// The learnable logit bias `β` at initialisation, for losses that have one.
+    pub fn initial_logit_bias(self) -> Option<f64> {
+        match self {
+            LossKind::Clip => None,
+            LossKind::Siglip => Some(-10.0),
+        }
+    }
+}
+
+impl fmt::Display for LossKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LossKind::Clip => "clip",
+            LossKind::Siglip => "siglip",
+        })
+    }
+}
+
+/// How the ranks of the two groups share the loss's work and gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exchange {
+    /// Normaliser partials inside each group; no gradient traffic.
+    #[default]
+    Lse,
+    /// Gradients of features owned elsewhere reduce-scattered back over the world.
+    GatherScatter,
+}
+
+impl fmt::Display for Exchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Exchange::Lse => "lse",
+            Exchange::GatherScatter => "gather-scatter",
+        })
+    }
+}
+
+/// Columns per tile of logits: `"auto"` (from [`LossConfig::tile_memory_mib`]), `"none"`
+/// (one `b × B` block, as OpenCLIP's local loss), or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TileSize {
+    #[default]
+    Auto,
+    Untiled,
+    Columns(usize),
+}
+
+impl<'de> Deserialize<'de> for TileSize {
+    fn deserialize<De: serde::Deserializer<'de>>(de: De) -> std::result::Result<Self, De::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = TileSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"auto\", \"none\" or a number of columns of at least 1")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<TileSize, E> {
+                if v < 1 {
+                    return Err(E::custom(format!("a tile of {v} columns: use at least 1")));
+                }
+                Ok(TileSize::Columns(v as usize))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<TileSize, E> {
+                self.visit_i64(v as i64)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<TileSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        de.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for TileSize {
+    fn serialize<Se: serde::Serializer>(&self, se: Se) -> std::result::Result<Se::Ok, Se::Error> {
+        match self {
+            TileSize::Columns(c) => se.serialize_u64(*c as u64),
+            named => se.serialize_str(&named.to_string()),
+        }
+    }
+}
+
+impl std::str::FromStr for TileSize {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(TileSize::Auto),
+            "none" => Ok(TileSize::Untiled),
+            n => match n.parse::<usize>() {
+                Ok(c) if c >= 1 => Ok(TileSize::Columns(c)),
+                _ => Err(format!(
+                    "tile `{s}`: expected \"auto\", \"none\" or a number of columns of at least 1"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for TileSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TileSize::Auto => f.write_str("auto"),
+            TileSize::Untiled => f.write_str("none"),
+            TileSize::Columns(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+/// The `[loss]` section of a training config.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    pub kind: LossKind,
+    pub exchange: Exchange,
+    pub tile: TileSize,
+    /// Budget for one tile's logits and their temporaries when `tile = "auto"`.
+    pub tile_memory_mib: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig {
+            kind: LossKind::Clip,
+            exchange: Exchange::Lse,
+            tile: TileSize::Auto,
+            tile_memory_mib: 256.0,
+        }
+    }
+}
+
+/// Live `rows × tile` blocks while a tile is processed (logits, two exponentials, their
+/// gradient): what the automatic tile size budgets for.
+pub const TILE_BLOCKS: usize = 4;
+
+impl LossConfig {
+    /// Payload bytes of the loss's own collectives per step on one rank of `tower`'s group,
+    /// as [`crate::comm::Communicator::payload_bytes`] counts them: the normaliser
+    /// partials (`lse`, CLIP) or the returned feature gradients (`gather-scatter`, padded
+    /// to the larger group's rows), and the world all-reduce of three f64 scalars.
+    pub fn exchange_payload(
+        &self,
+        topology: &Topology,
+        tower: Tower,
+        global_batch: usize,
+        embed_dim: usize,
+        elem_bytes: usize,
+    ) -> u64 {
+        let scalars = 3 * 8;
+        let exchanged = match (self.exchange, self.kind) {
+            (Exchange::Lse, LossKind::Clip) => topology.group_size(tower) * global_batch,
+            (Exchange::Lse, LossKind::Siglip) => 0,
+            (Exchange::GatherScatter, _) => {
+                let widest = [Tower::Image, Tower::Text]
+                    .map(|t| global_batch.div_ceil(topology.group_size(t)))
+                    .into_iter()
+                    .max()
+                    .unwrap_or(0);
+                topology.world_size() * widest * embed_dim
+            }
+        };
+        (exchanged * elem_bytes + scalars) as u64
+    }
+
+    /// Matrix products the size of a rank's `b × B × D` block per step: the logits once
+    /// per pass over the tiles (CLIP takes two: normalisers, then gradients), the own
+    /// gradient `G·Y`, and under `gather-scatter` the other side's `Gᵀ·X`.
+    pub fn block_products(&self) -> f64 {
+        let logits = match self.kind {
+            LossKind::Clip => 2.0,
+            LossKind::Siglip => 1.0,
+        };
+        let other = match self.exchange {
+            Exchange::Lse => 0.0,
+            Exchange::GatherScatter => 1.0,
+        };
+        logits + 1.0 + other
+    }
+
+    /// Peak bytes the loss holds on a rank with `rows` own rows: one tile's blocks, the
+    /// gathered features of both modalities, the own gradient, and under
+    /// `gather-scatter` the other side's gradients.
+    pub fn peak_bytes(&self, rows: usize, global_batch: usize, dim: usize, elem: usize) -> f64 {
+        let tile = self.tile_columns(rows, global_batch, elem);
+        let blocks = TILE_BLOCKS * rows * tile;
+        let features = 2 * global_batch * dim + rows * dim;
+        let returned = match self.exchange {
+            Exchange::Lse => 0,
+            Exchange::GatherScatter => 2 * global_batch * dim,
+        };
+        ((blocks + features + returned) * elem) as f64
+    }
+
+    /// Columns per tile for a rank with `rows` own rows against `columns` columns.
+    pub fn tile_columns(&self, rows: usize, columns: usize, elem_bytes: usize) -> usize {
+        let want = match self.tile {
+            TileSize::Untiled => columns,
+            TileSize::Columns(c) => c,
+            TileSize::Auto => {
+                let budget = self.tile_memory_mib * (1 << 20) as f64;
+                let per_column = (TILE_BLOCKS * rows.max(1) * elem_bytes) as f64;
+                // Multiples of 64 keep the matrix products on whole SIMD panels.
+                let fit = (budget / per_column) as usize;
+                (fit / 64 * 64).max(64)
+            }
+        };
+        want.clamp(1, columns.max(1))
+    }
+}
+
+/// The loss's learnable scalars, replicated on every rank.
+#[derive(Debug, Clone, Copy)]
+pub struct LossScalars {
+    /// The stored temperature `t`; the scale is `exp(t)`.
+    pub logit_scale: f64,
+    /// SigLIP's bias `β` (ignored by CLIP).
+    pub logit_bias: f64,
+}
 
 /// What one rank gets from the loss.
 #[derive(Debug, Clone)]
@@ -31,12 +283,14 @@ pub struct LossOutput {
     pub loss: f64,
     /// `∂L/∂(own normalised features)`, `[b, D]`: inject it as the upstream gradient.
     pub grad: Tensor,
-    /// `∂L/∂t` for the stored temperature `t` (the same on every rank).
+    /// `∂L/∂t` (the same on every rank).
     pub grad_logit_scale: f64,
+    /// `∂L/∂β` (the same on every rank; 0 for CLIP).
+    pub grad_logit_bias: f64,
 }
 
 /// Where each rank's rows sit in the world all-gather, so the gathered tensor can be cut
-/// back into `X` and `Y` in global sample order.
+/// back into `X` and `Y` in global sample order, and gradients sent back to their owners.
 #[derive(Debug, Clone)]
 pub struct FeatureLayout {
     /// Per global rank: its tower and its number of rows.
@@ -66,6 +320,28 @@ impl FeatureLayout {
         }
     }
 
+    fn order(&self, tower: Tower) -> &[usize] {
+        match tower {
+            Tower::Image => &self.image_order,
+            Tower::Text => &self.text_order,
+        }
+    }
+
+    /// First row of global rank `g` within its modality's global order.
+    fn modality_offset(&self, g: usize) -> usize {
+        let (tower, _) = self.ranks[g];
+        self.order(tower)
+            .iter()
+            .take_while(|&&r| r != g)
+            .map(|&r| self.ranks[r].1)
+            .sum()
+    }
+
+    /// Rows each global rank contributes to a world collective.
+    pub fn world_rows(&self) -> Vec<usize> {
+        self.ranks.iter().map(|(_, rows)| *rows).collect()
+    }
+
     /// All features of `tower`, in global sample order, from a world all-gather.
     fn select(&self, gathered: &Tensor, tower: Tower) -> Result<Tensor> {
         let mut starts = Vec::with_capacity(self.ranks.len());
@@ -80,11 +356,8 @@ impl FeatureLayout {
                 gathered.dim(0)?
             )));
         }
-        let order = match tower {
-            Tower::Image => &self.image_order,
-            Tower::Text => &self.text_order,
-        };
-        let parts: Vec<Tensor> = order
+        let parts: Vec<Tensor> = self
+            .order(tower)
             .iter()
             .map(|&g| gathered.narrow(0, starts[g], self.ranks[g].1))
             .collect::<candle_core::Result<_>>()?;
@@ -100,6 +373,32 @@ impl FeatureLayout {
             self.select(&gathered, Tower::Text)?,
         ))
     }
+
+    /// Sends `partial` (`[B, D]`: this rank's gradient contributions for every feature of
+    /// the other modality) to the features' owners over the world; returns the sum of the
+    /// other side's contributions for this rank's own rows.
+    fn return_gradients(&self, comms: &RankComms, partial: &Tensor) -> Result<Tensor> {
+        let (_, dim) = partial.dims2()?;
+        let blocks: Vec<Tensor> = self
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(g, &(tower, rows))| {
+                if tower == comms.tower {
+                    Ok(Tensor::zeros(
+                        (rows, dim),
+                        partial.dtype(),
+                        partial.device(),
+                    )?)
+                } else {
+                    Ok(partial.narrow(0, self.modality_offset(g), rows)?)
+                }
+            })
+            .collect::<Result<_>>()?;
+        comms
+            .world
+            .reduce_scatter_rows_sum(&Tensor::cat(&blocks, 0)?, &self.world_rows())
+    }
 }
 
 /// Rows that group rank `rank` of `size` gets out of `total`: even split, remainder first.
@@ -112,6 +411,10 @@ pub fn split_offset(total: usize, size: usize, rank: usize) -> usize {
     (0..rank).map(|r| split_len(total, size, r)).sum()
 }
 
+fn to_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
 /// `log Σ exp` along `dim`, stable.
 fn logsumexp(x: &Tensor, dim: usize) -> Result<Tensor> {
     let max = x.max_keepdim(dim)?;
@@ -119,36 +422,148 @@ fn logsumexp(x: &Tensor, dim: usize) -> Result<Tensor> {
     Ok((sum.log()? + max)?.squeeze(dim)?)
 }
 
-/// `[rows, cols]` matrix with ones at `(i, offset + i)`: the positive pairs of a row block.
-fn positives(
-    rows: usize,
-    cols: usize,
-    offset: usize,
-    dtype: DType,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let mut m = vec![0f32; rows * cols];
-    for i in 0..rows {
-        m[i * cols + offset + i] = 1.0;
-    }
-    Ok(Tensor::from_vec(m, (rows, cols), device)?.to_dtype(dtype)?)
+/// `log(1 + eˣ)` without overflow: `max(x, 0) + log(1 + e^−|x|)`.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
 
-/// The exact global CLIP loss for one rank, scheme `lse`.
+/// One rank's rows of logits, `S = s·own·otherᵀ` (`[b, B]`), never held whole: the
+/// positive of own row `i` is column `offset + i`.
+struct Block<'a> {
+    own: &'a Tensor,
+    other: &'a Tensor,
+    offset: usize,
+    scale: f64,
+    tile: usize,
+}
+
+/// The gradient sums of one block, with the scale `s` applied.
+struct BlockGrads {
+    /// `∂/∂own`, `[b, D]`.
+    own: Tensor,
+    /// `∂/∂other`, `[B, D]`, when asked for.
+    other: Option<Tensor>,
+    /// `Σ G∘S`: the temperature's gradient from this block.
+    g_dot_logits: f64,
+    /// `Σ G`: the bias's gradient from this block.
+    g_sum: f64,
+}
+
+impl Block<'_> {
+    fn columns(&self) -> Result<usize> {
+        Ok(self.other.dim(0)?)
+    }
+
+    /// `(start, len)` of each column tile.
+    fn tiles(&self) -> Result<Vec<(usize, usize)>> {
+        let n = self.columns()?;
+        Ok((0..n)
+            .step_by(self.tile)
+            .map(|c| (c, self.tile.min(n - c)))
+            .collect())
+    }
+
+    fn logits(&self, start: usize, len: usize) -> Result<Tensor> {
+        let cols = self.other.narrow(0, start, len)?;
+        Ok((self.own.matmul(&cols.t()?)? * self.scale)?)
+    }
+
+    /// `S_{i, offset+i}` for every own row, `[b]`.
+    fn positive_logits(&self) -> Result<Tensor> {
+        let b = self.own.dim(0)?;
+        let partners = self.other.narrow(0, self.offset, b)?;
+        Ok(((self.own * partners)?.sum(1)? * self.scale)?)
+    }
+
+    /// Row normalisers `[b]` (complete: the rows are local) and the column normalisers'
+    /// partials over these rows only `[B]`, by an online log-sum-exp over the tiles.
+    fn normalisers(&self) -> Result<(Tensor, Tensor)> {
+        let b = self.own.dim(0)?;
+        let (dtype, device) = (self.own.dtype(), self.own.device());
+        let mut max = Tensor::full(f64::NEG_INFINITY, (b, 1), device)?.to_dtype(dtype)?;
+        let mut sum = Tensor::zeros((b, 1), dtype, device)?;
+        let mut column_parts = Vec::new();
+        for (start, len) in self.tiles()? {
+            let s = self.logits(start, len)?;
+            let new_max = max.maximum(&s.max_keepdim(1)?)?;
+            let tile_sum = s.broadcast_sub(&new_max)?.exp()?.sum_keepdim(1)?;
+            sum = ((sum * (max - &new_max)?.exp()?)? + tile_sum)?;
+            max = new_max;
+            column_parts.push(logsumexp(&s, 0)?);
+        }
+        let rows = (sum.log()? + max)?.squeeze(1)?;
+        Ok((rows, Tensor::cat(&column_parts, 0)?))
+    }
+
+    /// Recomputes every tile, takes the gradient's smooth part `smooth(S_tile, start,
+    /// len)` plus `−diagonal` at each positive pair, and accumulates `∂L/∂own` (and
+    /// `∂L/∂other` with `with_other`).
+    fn backward(
+        &self,
+        smooth: &mut dyn FnMut(&Tensor, usize, usize) -> Result<Tensor>,
+        diagonal: f64,
+        with_other: bool,
+    ) -> Result<BlockGrads> {
+        let (b, dim) = self.own.dims2()?;
+        let mut own = Tensor::zeros((b, dim), self.own.dtype(), self.own.device())?;
+        let mut other_parts = Vec::new();
+        let (mut g_dot_logits, mut g_sum) = (0.0, 0.0);
+        for (start, len) in self.tiles()? {
+            let s = self.logits(start, len)?;
+            let g = smooth(&s, start, len)?;
+            own = (own + g.matmul(&self.other.narrow(0, start, len)?)?)?;
+            if with_other {
+                other_parts.push(g.t()?.matmul(self.own)?);
+            }
+            g_dot_logits += to_f64(&(&g * &s)?.sum_all()?)?;
+            g_sum += to_f64(&g.sum_all()?)?;
+        }
+        // The diagonal: G_{i, offset+i} −= diagonal.
+        let partners = self.other.narrow(0, self.offset, b)?;
+        let own = ((own - (partners * diagonal)?)? * self.scale)?;
+        let other = if with_other {
+            let all = Tensor::cat(&other_parts, 0)?;
+            let n = all.dim(0)?;
+            let end = self.offset + b;
+            let fixed = (all.narrow(0, self.offset, b)? - (self.own * diagonal)?)?;
+            let pieces = [
+                all.narrow(0, 0, self.offset)?,
+                fixed,
+                all.narrow(0, end, n - end)?,
+            ];
+            Some((Tensor::cat(&pieces, 0)? * self.scale)?)
+        } else {
+            None
+        };
+        g_dot_logits -= diagonal * to_f64(&self.positive_logits()?.sum_all()?)?;
+        g_sum -= diagonal * b as f64;
+        Ok(BlockGrads {
+            own,
+            other,
+            g_dot_logits,
+            g_sum,
+        })
+    }
+}
+
+/// The exact global loss for one rank.
 ///
-/// - `local`: this rank's normalised features `[b, D]` (rows `offset..offset+b` of its
-///   modality in the global batch), detached;
-/// - `other`: all `B` normalised features of the other modality, in global order;
-/// - `logit_scale`: the stored temperature `t`.
+/// - `local`: this rank's normalised features `[b, D]`, rows `offset..offset+b` of its
+///   modality in the global batch, detached;
+/// - `other`: all `B` normalised features of the other modality, in global order.
 ///
-/// Collectives: one all-gather of `B` floats per rank inside the rank's group, and one
-/// world all-reduce of two scalars.
-pub fn clip_loss_lse(
+/// Collectives: under `lse` with CLIP, an all-gather of `B` floats per rank inside the
+/// rank's group; under `gather-scatter`, a world reduce-scatter of `B·D` gradient
+/// elements; always one world all-reduce of three scalars.
+#[allow(clippy::too_many_arguments)]
+pub fn global_loss(
     comms: &RankComms,
+    cfg: &LossConfig,
+    layout: &FeatureLayout,
     local: &Tensor,
     other: &Tensor,
     offset: usize,
-    logit_scale: f64,
+    scalars: LossScalars,
 ) -> Result<LossOutput> {
     let (b, _) = local.dims2()?;
     let (batch, _) = other.dims2()?;
@@ -158,44 +573,123 @@ pub fn clip_loss_lse(
             offset + b
         )));
     }
-    let s = logit_scale.exp();
-    let inv_2b = 1.0 / (2.0 * batch as f64);
-
-    // This rank's block of logits: its rows against every column.
-    let logits = (local.matmul(&other.t()?)? * s)?; // [b, B]
-    let own_lse = logsumexp(&logits, 1)?; // complete: the row is local
-    let partial_lse = logsumexp(&logits, 0)?; // [B], over this rank's rows only
-    let other_lse = logsumexp(&comms.group.all_gather(&partial_lse.unsqueeze(0)?)?, 0)?;
-
-    let eye = positives(b, batch, offset, logits.dtype(), logits.device())?;
-    let p = logits.broadcast_sub(&own_lse.unsqueeze(1)?)?.exp()?;
-    let q = logits.broadcast_sub(&other_lse.unsqueeze(0)?)?.exp()?;
-    let g = (((p + q)? - (&eye * 2.0)?)? * inv_2b)?; // ∂L/∂S on this block
-
-    let grad = (g.matmul(other)? * s)?;
-    let positive_logits = (&logits * &eye)?.sum(1)?;
-    let loss_part = ((own_lse - positive_logits)?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?)
-        * inv_2b;
-    // The temperature gradient sums over all of S: count it on one side only.
-    let dt_part = match comms.tower {
-        Tower::Image => (&g * &logits)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?,
-        Tower::Text => 0.0,
+    let block = Block {
+        own: local,
+        other,
+        offset,
+        scale: scalars.logit_scale.exp(),
+        tile: cfg.tile_columns(b, batch, local.dtype().size_in_bytes()),
     };
+    let image_side = comms.tower == Tower::Image;
+    let gather_scatter = cfg.exchange == Exchange::GatherScatter;
+    let with_other = gather_scatter;
+    let n = batch as f64;
+
+    // Each arm gives this rank's gradient sums, its share of the loss, and how much of the
+    // block's `Σ G∘S` and `Σ G` belong to it (once over the world).
+    let (grads, loss_part, scalar_share) = match cfg.kind {
+        LossKind::Clip => {
+            let alpha = 1.0 / (2.0 * n);
+            let (own_lse, partial_lse) = block.normalisers()?;
+            let loss_part = alpha
+                * (to_f64(&own_lse.sum_all()?)? - to_f64(&block.positive_logits()?.sum_all()?)?);
+            let own_lse = own_lse.unsqueeze(1)?;
+            match cfg.exchange {
+                Exchange::Lse => {
+                    let other_lse =
+                        logsumexp(&comms.group.all_gather(&partial_lse.unsqueeze(0)?)?, 0)?;
+                    let grads = block.backward(
+                        &mut |s, start, len| {
+                            let p = s.broadcast_sub(&own_lse)?.exp()?;
+                            let cols = other_lse.narrow(0, start, len)?.unsqueeze(0)?;
+                            let q = s.broadcast_sub(&cols)?.exp()?;
+                            Ok(((p + q)? * alpha)?)
+                        },
+                        2.0 * alpha,
+                        false,
+                    )?;
+                    (grads, loss_part, if image_side { 1.0 } else { 0.0 })
+                }
+                Exchange::GatherScatter => {
+                    let grads = block.backward(
+                        &mut |s, _, _| Ok((s.broadcast_sub(&own_lse)?.exp()? * alpha)?),
+                        alpha,
+                        with_other,
+                    )?;
+                    (grads, loss_part, 1.0)
+                }
+            }
+        }
+        LossKind::Siglip => {
+            // Under `lse` each side takes the whole gradient of its own features and the
+            // image side the scalars; under `gather-scatter` each side takes half of all.
+            let (weight, loss_share) = match (cfg.exchange, image_side) {
+                (Exchange::Lse, true) => (1.0, 1.0),
+                (Exchange::Lse, false) => (1.0, 0.0),
+                (Exchange::GatherScatter, _) => (0.5, 0.5),
+            };
+            let bias = scalars.logit_bias;
+            let mut softplus_sum = 0.0;
+            let grads = block.backward(
+                &mut |s, _, _| {
+                    let u = (s + bias)?;
+                    if loss_share != 0.0 {
+                        softplus_sum += to_f64(&softplus(&u)?.sum_all()?)?;
+                    }
+                    Ok((candle_nn::ops::sigmoid(&u)? * (weight / n))?)
+                },
+                weight / n,
+                with_other,
+            )?;
+            let positives = to_f64(&block.positive_logits()?.sum_all()?)? + bias * b as f64;
+            let loss_part = loss_share * (softplus_sum - positives) / n;
+            (
+                grads,
+                loss_part,
+                if gather_scatter { 1.0 } else { loss_share },
+            )
+        }
+    };
+
+    let mut grad = grads.own;
+    if let Some(partial) = &grads.other {
+        grad = (grad + layout.return_gradients(comms, partial)?)?;
+    }
     let totals = comms
         .world
-        .all_reduce_sum(&Tensor::new(&[loss_part, dt_part], local.device())?)?
+        .all_reduce_sum(&Tensor::new(
+            &[
+                loss_part,
+                scalar_share * grads.g_dot_logits,
+                scalar_share * grads.g_sum,
+            ],
+            &Device::Cpu,
+        )?)?
         .to_vec1::<f64>()?;
     Ok(LossOutput {
         loss: totals[0],
         grad,
         grad_logit_scale: totals[1],
+        grad_logit_bias: match cfg.kind {
+            LossKind::Clip => 0.0,
+            LossKind::Siglip => totals[2],
+        },
     })
+}
+
+/// `[rows, cols]` matrix with ones at `(i, offset + i)`: the positive pairs of a row block.
+fn positives(
+    rows: usize,
+    cols: usize,
+    offset: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut m = vec![0f32; rows * cols];
+    for i in 0..rows {
+        m[i * cols + offset + i] = 1.0;
+    }
+    Ok(Tensor::from_vec(m, (rows, cols), device)?.to_dtype(dtype)?)
 }
 
 /// The single-device CLIP loss, by plain autograd: the reference the split loss is tested
@@ -211,4 +705,24 @@ pub fn clip_loss_reference(image: &Tensor, text: &Tensor, logit_scale: &Tensor) 
         Ok(((logp * &eye)?.sum_all()? * (-1.0 / batch as f64))?)
     };
     Ok(((ce(&logits)? + ce(&logits.t()?)?)? * 0.5)?)
+}
+
+/// The single-device SigLIP loss by plain autograd, written as the paper writes it:
+/// `−1/B · Σ_ij log σ(z_ij · (s·x_i·y_j + β))` with `z = 2I − 1`.
+pub fn siglip_loss_reference(
+    image: &Tensor,
+    text: &Tensor,
+    logit_scale: &Tensor,
+    logit_bias: &Tensor,
+) -> Result<Tensor> {
+    let batch = image.dim(0)?;
+    let logits = image
+        .matmul(&text.t()?)?
+        .broadcast_mul(&logit_scale.exp()?)?
+        .broadcast_add(logit_bias)?;
+    let eye = positives(batch, batch, 0, logits.dtype(), logits.device())?;
+    let signs = ((eye * 2.0)? - 1.0)?;
+    // −log σ(v) = log(1 + e^−v)
+    let nll = ((logits * signs)?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((nll.sum_all()? * (1.0 / batch as f64))?)
 }

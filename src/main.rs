@@ -12,13 +12,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use mmpipe::loss::{Exchange, LossConfig, LossKind, TileSize};
 use mmpipe::model::{checkpoint, ClipConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use mmpipe::plan::{search, svg, CostOptions, Optimizer, Plan, Precision};
+use mmpipe::plan::{self, search, svg, CostOptions, Optimizer, Plan, Precision};
 use mmpipe::topology::{DeviceKind, Topology, Tower};
-use mmpipe::train::{self, calibrate, PhaseTimes, TrainConfig};
+use mmpipe::train::{self, calibrate, PhaseBytes, PhaseTimes, TrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -72,9 +73,9 @@ struct ModelArgs {
     /// Model config (TOML); default: the built-in configs/clip-tiny.toml.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Global batch size (split evenly over each group).
-    #[arg(long, default_value_t = TrainConfig::default().global_batch)]
-    batch: usize,
+    /// Global batch size, split evenly over each group [default: 128].
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 #[derive(Args)]
@@ -109,6 +110,8 @@ struct PlanArgs {
     /// Draw the cluster, each device coloured by group, to this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
+    #[command(flatten)]
+    loss: LossArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -122,20 +125,23 @@ struct TrainArgs {
     /// Topology file (TOML); default: the built-in topology/cpu-2x1.toml.
     #[arg(long)]
     topology: Option<PathBuf>,
+    /// Training config (TOML, e.g. configs/train/siglip.toml); the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long, default_value_t = TrainConfig::default().steps)]
-    steps: usize,
+    #[arg(long)]
+    steps: Option<usize>,
     /// Peak learning rate (linear warm-up, then cosine decay).
-    #[arg(long, default_value_t = TrainConfig::default().lr)]
-    lr: f64,
-    #[arg(long, default_value_t = TrainConfig::default().warmup)]
-    warmup: usize,
-    #[arg(long, default_value_t = TrainConfig::default().seed)]
-    seed: u64,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
     /// Held-out pairs for the retrieval check at the end (0: skip).
-    #[arg(long, default_value_t = TrainConfig::default().eval_pairs)]
-    eval_pairs: usize,
+    #[arg(long)]
+    eval_pairs: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -146,6 +152,59 @@ struct TrainArgs {
     /// Gradient checkpointing per block: less activation memory, one more forward.
     #[arg(long)]
     checkpointing: bool,
+    #[command(flatten)]
+    loss: LossArgs,
+    /// Micro-batch per image rank (GradCache accumulation; default: the whole local batch).
+    #[arg(long)]
+    micro_batch_image: Option<usize>,
+    /// Micro-batch per text rank.
+    #[arg(long)]
+    micro_batch_text: Option<usize>,
+}
+
+#[derive(Args)]
+struct LossArgs {
+    /// Contrastive loss [default: clip].
+    #[arg(long = "loss", value_enum)]
+    kind: Option<CliLoss>,
+    /// How the groups share the loss [default: lse].
+    #[arg(long, value_enum)]
+    exchange: Option<CliExchange>,
+    /// Columns of logits per tile: auto, none, or a number [default: auto].
+    #[arg(long)]
+    tile: Option<TileSize>,
+}
+
+impl LossArgs {
+    fn apply(&self, cfg: &mut LossConfig) {
+        if let Some(k) = self.kind {
+            cfg.kind = match k {
+                CliLoss::Clip => LossKind::Clip,
+                CliLoss::Siglip => LossKind::Siglip,
+            };
+        }
+        if let Some(e) = self.exchange {
+            cfg.exchange = match e {
+                CliExchange::Lse => Exchange::Lse,
+                CliExchange::GatherScatter => Exchange::GatherScatter,
+            };
+        }
+        if let Some(t) = self.tile {
+            cfg.tile = t;
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CliLoss {
+    Clip,
+    Siglip,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CliExchange {
+    Lse,
+    GatherScatter,
 }
 
 fn load_model(path: &Option<PathBuf>) -> anyhow::Result<ClipConfig> {
@@ -158,6 +217,12 @@ fn load_model(path: &Option<PathBuf>) -> anyhow::Result<ClipConfig> {
 fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let topology = Topology::from_file(&args.topology)?;
     let model = load_model(&args.model.model)?;
+    let global_batch = args
+        .model
+        .batch
+        .unwrap_or(TrainConfig::default().global_batch);
+    let mut loss = LossConfig::default();
+    args.loss.apply(&mut loss);
     let calibration = if args.calibrate {
         if topology.device != DeviceKind::Cpu {
             anyhow::bail!(
@@ -171,7 +236,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let c = calibrate::calibrate(&topology, &model, args.model.batch, Duration::from_secs(3))
+        let c = calibrate::calibrate(&topology, &model, global_batch, Duration::from_secs(3))
             .context("calibration failed")?;
         eprintln!(
             "calibrated on {cores} cores, {threads} compute thread(s) per rank, {world} ranks: image {:.0}, \
@@ -183,7 +248,8 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         None
     };
     let options = CostOptions {
-        global_batch: args.model.batch,
+        global_batch,
+        loss,
         precision: args.precision.unwrap_or(match topology.device {
             DeviceKind::Cuda => Precision::Bf16,
             DeviceKind::Cpu => Precision::Fp32,
@@ -278,25 +344,43 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             topology.source.display()
         );
     }
-    let cfg = TrainConfig {
-        seed: args.seed,
-        steps: args.steps,
-        global_batch: args.model.batch,
-        lr: args.lr,
-        warmup: args.warmup,
-        eval_pairs: args.eval_pairs,
-        progress: !args.quiet,
-        checkpointing: args.checkpointing,
-        ..TrainConfig::default()
+    let (mut cfg, origin) = match &args.config {
+        Some(p) => (TrainConfig::from_file(p)?, p.clone()),
+        None => (TrainConfig::default(), PathBuf::from("the command line")),
     };
+    macro_rules! set {
+        ($($flag:expr => $field:expr),* $(,)?) => { $(if let Some(v) = $flag { $field = v; })* };
+    }
+    set! {
+        args.seed => cfg.seed,
+        args.steps => cfg.steps,
+        args.model.batch => cfg.global_batch,
+        args.lr => cfg.lr,
+        args.warmup => cfg.warmup,
+        args.eval_pairs => cfg.eval_pairs,
+    }
+    cfg.progress = !args.quiet;
+    cfg.checkpointing |= args.checkpointing;
+    args.loss.apply(&mut cfg.loss);
+    if args.micro_batch_image.is_some() {
+        cfg.micro_batch.image = args.micro_batch_image;
+    }
+    if args.micro_batch_text.is_some() {
+        cfg.micro_batch.text = args.micro_batch_text;
+    }
+    cfg.validate(&origin)?;
     let threads = compute_threads_per_rank(topology.world_size());
     println!(
-        "training on {} ({} image + {} text rank threads, {threads} compute threads), global batch {}, {} steps",
+        "training on {} ({} image + {} text rank threads, {threads} compute threads), global batch {}, {} steps; \
+         loss {} (exchange {}, tile {})",
         topology.source.display(),
         topology.group_size(Tower::Image),
         topology.group_size(Tower::Text),
         cfg.global_batch,
-        cfg.steps
+        cfg.steps,
+        cfg.loss.kind,
+        cfg.loss.exchange,
+        cfg.loss.tile,
     );
     let report = train::train(&topology, &model, &cfg).context("training failed")?;
     let first = report.losses.first().copied().unwrap_or(f64::NAN);
@@ -318,7 +402,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             100.0 * r.chance
         );
     }
+    if cfg.loss.kind == LossKind::Siglip {
+        println!("logit bias {:.2}", report.final_logit_bias);
+    }
     print_phases(&report.phases, cfg.steps);
+    print_bytes(&report.phases, &report.bytes, cfg.steps);
     if let Some(mib) = peak_memory_mib() {
         println!("peak memory (resident, whole process): {mib:.0} MiB");
     }
@@ -364,6 +452,21 @@ fn print_phases(phases: &[(Tower, PhaseTimes)], steps: usize) {
             print!(" {:>15.1}", d.as_secs_f64() * 1e3 / steps.max(1) as f64);
         }
         println!();
+    }
+}
+
+fn print_bytes(phases: &[(Tower, PhaseTimes)], bytes: &[PhaseBytes], steps: usize) {
+    println!(
+        "collective payload per step  rank tower  feature all-gather   loss exchange  grad all-reduce"
+    );
+    let per_step = |b: u64| plan::human_bytes(b / steps.max(1) as u64);
+    for (rank, ((tower, _), b)) in phases.iter().zip(bytes).enumerate() {
+        println!(
+            "                             {rank:>4} {tower:<5} {:>19} {:>15} {:>16}",
+            per_step(b.exchange),
+            per_step(b.loss),
+            per_step(b.grad_all_reduce)
+        );
     }
 }
 

@@ -13,7 +13,7 @@ pub mod thread;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::topology::Tower;
 
 pub trait Communicator: Send {
@@ -33,6 +33,61 @@ pub trait Communicator: Send {
     /// Rank `root`'s tensor on every rank (`t` is ignored elsewhere, except for its device).
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
     fn barrier(&self) -> Result<()>;
+
+    /// Bytes of the buffers this rank's collectives have handled so far: the gathered
+    /// result of an all-gather, the summed buffer of an all-reduce, the input of a
+    /// reduce-scatter, the tensor of a broadcast. Backend-independent, so it can be set
+    /// against `mmpipe plan`'s traffic table; what a ring puts on the wire follows from it.
+    fn payload_bytes(&self) -> u64;
+
+    /// Sums the ranks' tensors and gives rank r its `rows[r]` rows, rank 0's first. Every
+    /// rank passes the same `rows`; blocks may differ in size (the two modality groups
+    /// own different numbers of samples when their sizes differ).
+    fn reduce_scatter_rows_sum(&self, t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let op = "reduce_scatter";
+        let fail = |message: String| Error::Collective {
+            op,
+            group: self.name().to_string(),
+            message,
+        };
+        if rows.len() != self.size() {
+            return Err(fail(format!(
+                "{} row counts for {} ranks",
+                rows.len(),
+                self.size()
+            )));
+        }
+        let total: usize = rows.iter().sum();
+        if t.dim(0)? != total {
+            return Err(fail(format!(
+                "{} rows, but the blocks add up to {total}",
+                t.dim(0)?
+            )));
+        }
+        let widest = rows.iter().copied().max().unwrap_or(0);
+        if rows.iter().all(|&r| r == widest) {
+            return self.reduce_scatter_sum(t);
+        }
+        // Equal blocks are what every backend's reduce-scatter takes: pad, then trim.
+        let mut blocks = Vec::with_capacity(rows.len());
+        let mut at = 0;
+        for &r in rows {
+            let block = t.narrow(0, at, r)?;
+            at += r;
+            blocks.push(if r == widest {
+                block
+            } else {
+                let mut pad_shape = t.dims().to_vec();
+                pad_shape[0] = widest - r;
+                Tensor::cat(
+                    &[block, Tensor::zeros(pad_shape, t.dtype(), t.device())?],
+                    0,
+                )?
+            });
+        }
+        let mine = self.reduce_scatter_sum(&Tensor::cat(&blocks, 0)?)?;
+        Ok(mine.narrow(0, 0, rows[self.rank()])?)
+    }
 }
 
 /// What one rank holds: the world, and the group of the tower it trains.

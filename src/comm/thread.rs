@@ -5,6 +5,7 @@
 //! A rank's channels close when its communicator is dropped, which happens when its thread
 //! returns or unwinds; peers blocked on it then get [`Error::PeerLost`] at once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use candle_core::Tensor;
@@ -31,6 +32,7 @@ pub struct ThreadCommunicator {
     /// `from[r]` receives from rank r (None for self).
     from: Vec<Option<Receiver<Message>>>,
     timeout: Duration,
+    payload: AtomicU64,
 }
 
 /// Creates the communicators of one group of `size` ranks, indexed by rank.
@@ -60,6 +62,7 @@ pub fn group(name: &str, size: usize, timeout: Duration) -> Vec<ThreadCommunicat
             to,
             from,
             timeout,
+            payload: AtomicU64::new(0),
         })
         .collect()
 }
@@ -109,6 +112,11 @@ impl ThreadCommunicator {
         }
     }
 
+    fn count(&self, t: &Tensor) {
+        let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.payload.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn mismatch(&self, op: &'static str, message: String) -> Error {
         Error::Collective {
             op,
@@ -151,6 +159,10 @@ impl ThreadCommunicator {
 }
 
 impl Communicator for ThreadCommunicator {
+    fn payload_bytes(&self) -> u64 {
+        self.payload.load(Ordering::Relaxed)
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
@@ -177,12 +189,15 @@ impl Communicator for ThreadCommunicator {
                 ));
             }
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        let gathered = Tensor::cat(&parts, 0)?;
+        self.count(&gathered);
+        Ok(gathered)
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         let parts = self.exchange("all_reduce", t)?;
         self.check_same_shape("all_reduce", &parts)?;
+        self.count(t);
         Ok(sum_in_order(&parts)?)
     }
 
@@ -208,6 +223,7 @@ impl Communicator for ThreadCommunicator {
             });
         }
         self.check_same_shape(OP, &parts)?;
+        self.count(t);
         Ok(sum_in_order(&parts)?)
     }
 
@@ -223,9 +239,12 @@ impl Communicator for ThreadCommunicator {
             for peer in (0..self.size).filter(|&p| p != root) {
                 self.send(OP, peer, Message::Tensor(t.clone()))?;
             }
+            self.count(t);
             Ok(t.clone())
         } else {
-            self.recv_tensor(OP, root)
+            let t = self.recv_tensor(OP, root)?;
+            self.count(&t);
+            Ok(t)
         }
     }
 

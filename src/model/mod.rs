@@ -53,6 +53,18 @@ impl TowerInput {
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
+
+    /// Samples `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<TowerInput> {
+        Ok(match self {
+            TowerInput::Images(t) => TowerInput::Images(t.narrow(0, start, len)?),
+            TowerInput::Captions { tokens, mask, eot } => TowerInput::Captions {
+                tokens: tokens.narrow(0, start, len)?,
+                mask: mask.narrow(0, start, len)?,
+                eot: eot.narrow(0, start, len)?,
+            },
+        })
+    }
 }
 
 /// One of the two encoders: what a rank trains.
@@ -137,14 +149,30 @@ pub struct Clip {
     pub visual: VisionTower,
     pub text: TextTower,
     pub logit_scale: Tensor,
+    /// SigLIP's learnable logit bias.
+    pub logit_bias: Option<Tensor>,
 }
 
 impl Clip {
     pub fn new(pb: &ParamBuilder, cfg: &ClipConfig) -> Result<Self> {
+        Self::with_loss_scalars(pb, cfg, LOGIT_SCALE_INIT, None)
+    }
+
+    /// With the loss's own initial temperature, and a logit bias when `bias_init` is given.
+    pub fn with_loss_scalars(
+        pb: &ParamBuilder,
+        cfg: &ClipConfig,
+        scale_init: f64,
+        bias_init: Option<f64>,
+    ) -> Result<Self> {
+        let visual = VisionTower::new(&pb.pp("visual"), vit(cfg)?, cfg.embed_dim)?;
+        let text = TextTower::new(pb, clip_text(cfg)?, cfg.embed_dim)?;
+        let (logit_scale, logit_bias) = loss_scalars(pb, scale_init, bias_init)?;
         Ok(Clip {
-            visual: VisionTower::new(&pb.pp("visual"), vit(cfg)?, cfg.embed_dim)?,
-            text: TextTower::new(pb, clip_text(cfg)?, cfg.embed_dim)?,
-            logit_scale: logit_scale(pb)?,
+            visual,
+            text,
+            logit_scale,
+            logit_bias,
         })
     }
 }
@@ -152,6 +180,20 @@ impl Clip {
 /// The temperature parameter, named as OpenCLIP names it.
 pub fn logit_scale(pb: &ParamBuilder) -> Result<Tensor> {
     pb.get((), "logit_scale", Init::Const(LOGIT_SCALE_INIT))
+}
+
+/// The loss's learnable scalars, named as OpenCLIP names them: `logit_scale` and, for
+/// SigLIP, `logit_bias`.
+pub fn loss_scalars(
+    pb: &ParamBuilder,
+    scale_init: f64,
+    bias_init: Option<f64>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let scale = pb.get((), "logit_scale", Init::Const(scale_init))?;
+    let bias = bias_init
+        .map(|b| pb.get((), "logit_bias", Init::Const(b)))
+        .transpose()?;
+    Ok((scale, bias))
 }
 
 /// Parameter builder for the CPU in f32: what the thread backend trains with.

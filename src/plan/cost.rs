@@ -20,6 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::loss::{Exchange, LossConfig};
 use crate::model::{ClipConfig, TowerSize};
 use crate::topology::{Links, Topology, Tower};
 
@@ -69,6 +70,8 @@ pub struct Calibration {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CostOptions {
     pub global_batch: usize,
+    /// The loss, its exchange scheme and its tiling: compute, traffic and memory.
+    pub loss: LossConfig,
     pub precision: Precision,
     pub optimizer: Optimizer,
     pub checkpointing: bool,
@@ -339,9 +342,18 @@ impl CostModel<'_> {
             } else {
                 (self.compute_factor() - 1.0) * forward_s
             };
-            // Logits and the two gradient products of the rank's b × B block.
-            let loss_s = 3.0 * 2.0 * b as f64 * b_global * d / slowest;
-            let loss_exchange_s = ring_all_gather_s(n as f64 * b_global * 4.0, n, link);
+            let loss_s = o.loss.block_products() * 2.0 * b as f64 * b_global * d / slowest;
+            let loss_payload =
+                o.loss
+                    .exchange_payload(t, tower, o.global_batch, self.model.embed_dim, 4)
+                    as f64;
+            let loss_exchange_s = match o.loss.exchange {
+                Exchange::Lse => ring_all_gather_s(loss_payload, n, link),
+                // A reduce-scatter moves what an all-gather of its output would, over the world.
+                Exchange::GatherScatter => {
+                    ring_all_gather_s(loss_payload, world.len(), ring_link(t, &links, &world))
+                }
+            };
             let grad_all_reduce_s = if locked {
                 0.0
             } else {
@@ -353,7 +365,9 @@ impl CostModel<'_> {
                 grad_all_reduce_s
             };
             let activations = b as f64 * num.activation_elems * o.precision.activation_bytes();
-            let loss_bytes = 3.0 * b as f64 * b_global * 4.0 + 2.0 * b_global * d * 4.0;
+            let loss_bytes = o
+                .loss
+                .peak_bytes(b, o.global_batch, self.model.embed_dim, 4);
             let device = members
                 .iter()
                 .map(|&r| self.device_memory(r))

@@ -15,6 +15,7 @@ pub use cost::{
 };
 
 use crate::error::Result;
+use crate::loss::{Exchange, LossConfig, LossKind};
 use crate::model::{ClipConfig, ImageTowerConfig, TextTowerConfig};
 use crate::topology::{Topology, Tower};
 
@@ -40,8 +41,11 @@ pub struct RankPlan {
 pub struct Traffic {
     /// The world all-gather of normalised features: `2·B·D` elements.
     pub feature_all_gather: u64,
-    /// Per group: the all-gather of log-sum-exp partials (`size·B` elements).
-    pub lse_all_gather: [(Tower, u64); 2],
+    /// Per group, per rank: the loss's own collectives under the chosen scheme
+    /// (normaliser partials, or returned feature gradients; and three scalars).
+    pub loss_exchange: [(Tower, u64); 2],
+    /// The same under each exchange scheme, for comparison.
+    pub loss_exchange_by_scheme: Vec<(String, [(Tower, u64); 2])>,
     /// Per group: the gradient all-reduce payload (the tower's parameters).
     pub grad_all_reduce: [(Tower, u64); 2],
     /// Per group: bytes one rank sends in a ring all-reduce of that payload, `2(n−1)/n`.
@@ -102,7 +106,26 @@ impl Plan {
         let trained_of = |t: Tower| if model.is_locked(t) { 0 } else { params_of(t) };
         let traffic = Traffic {
             feature_all_gather: 2 * b * model.embed_dim as u64 * bytes,
-            lse_all_gather: per_group(&|t| size(t) * b * bytes),
+            loss_exchange: per_group(&|t| {
+                options
+                    .loss
+                    .exchange_payload(topology, t, global_batch, model.embed_dim, 4)
+            }),
+            loss_exchange_by_scheme: [Exchange::Lse, Exchange::GatherScatter]
+                .into_iter()
+                .map(|exchange| {
+                    let loss = LossConfig {
+                        exchange,
+                        ..options.loss
+                    };
+                    (
+                        exchange.to_string(),
+                        per_group(&|t| {
+                            loss.exchange_payload(topology, t, global_batch, model.embed_dim, 4)
+                        }),
+                    )
+                })
+                .collect(),
             grad_all_reduce: per_group(&|t| {
                 if size(t) > 1 {
                     trained_of(t) * bytes
@@ -111,7 +134,7 @@ impl Plan {
                 }
             }),
             grad_ring_per_rank: per_group(&|t| 2 * (size(t) - 1) * trained_of(t) * bytes / size(t)),
-            scalars: 2 * 8,
+            scalars: 3 * 8,
         };
 
         let cost = CostModel {
@@ -261,23 +284,48 @@ impl Plan {
             "  feature all-gather (world, across groups): {}",
             human_bytes(t.feature_all_gather)
         );
-        for ((tower, lse), ((_, grad), (_, ring))) in t
-            .lse_all_gather
+        let loss = &self.options.loss;
+        let what = match (loss.exchange, loss.kind) {
+            (Exchange::Lse, LossKind::Clip) => "normaliser partials",
+            (Exchange::Lse, LossKind::Siglip) => "scalars only",
+            (Exchange::GatherScatter, _) => "returned feature gradients",
+        };
+        for ((tower, exchange), ((_, grad), (_, ring))) in t
+            .loss_exchange
             .iter()
             .zip(t.grad_all_reduce.iter().zip(&t.grad_ring_per_rank))
         {
             let _ = writeln!(
                 s,
-                "  {tower:<5} group: loss normaliser all-gather {}; gradient all-reduce {}, {} sent per rank in a ring",
-                human_bytes(*lse),
+                "  {tower:<5} group, per rank: loss exchange {} ({what}); gradient all-reduce {}, {} sent in a ring",
+                human_bytes(*exchange),
                 human_bytes(*grad),
                 human_bytes(*ring)
             );
         }
         let _ = writeln!(
             s,
-            "  loss and temperature gradient all-reduce (world): {}",
+            "  of which the loss's scalars (loss, temperature and bias gradients; world all-reduce): {}",
             human_bytes(t.scalars)
+        );
+        let schemes: Vec<String> = t
+            .loss_exchange_by_scheme
+            .iter()
+            .map(|(name, per)| {
+                format!(
+                    "{name}: image {}, text {}",
+                    human_bytes(per[0].1),
+                    human_bytes(per[1].1)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "  {} loss exchange per rank by scheme (chosen: {}, tile {}): {}",
+            loss.kind,
+            loss.exchange,
+            loss.tile,
+            schemes.join("; ")
         );
 
         match (&self.split, &self.no_estimate) {

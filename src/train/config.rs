@@ -1,7 +1,17 @@
-//! Training settings. The full config file (optimizer groups, data, checkpoints) grows in
-//! later work; today the knobs of the synthetic run, each settable from the CLI.
+//! Training settings: a TOML file (`--config`), every field with a default, and the CLI's
+//! flags on top. The full file (optimizer groups, data, checkpoints) grows in later work;
+//! unknown fields are errors naming the field.
 
-#[derive(Debug, Clone, PartialEq)]
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::loss::{LossConfig, TileSize};
+use crate::topology::Tower;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub seed: u64,
     pub steps: usize,
@@ -15,10 +25,33 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Held-out pairs for the final retrieval evaluation (0: skip it).
     pub eval_pairs: usize,
-    /// Show a progress bar on world rank 0.
+    /// Show a progress bar on world rank 0 (a CLI matter, not a file field).
+    #[serde(skip)]
     pub progress: bool,
     /// Gradient checkpointing per block: keep block inputs, recompute in backward.
     pub checkpointing: bool,
+    pub loss: LossConfig,
+    /// Samples per forward pass on each rank of a group, when fewer than the rank's share
+    /// of the global batch: features first, the loss once on the whole batch, then each
+    /// micro-batch again with gradients (GradCache). Each group may pick its own.
+    pub micro_batch: MicroBatch,
+}
+
+/// Micro-batch size per rank, by group; absent: the whole local batch at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicroBatch {
+    pub image: Option<usize>,
+    pub text: Option<usize>,
+}
+
+impl MicroBatch {
+    pub fn of(&self, tower: Tower) -> Option<usize> {
+        match tower {
+            Tower::Image => self.image,
+            Tower::Text => self.text,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -36,6 +69,47 @@ impl Default for TrainConfig {
             eval_pairs: 256,
             progress: true,
             checkpointing: false,
+            loss: LossConfig::default(),
+            micro_batch: MicroBatch::default(),
         }
+    }
+}
+
+impl TrainConfig {
+    /// Reads and checks a training config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: TrainConfig = crate::error::read_toml(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but make no sense; `origin` names the file (or the CLI)
+    /// in the error.
+    pub fn validate(&self, origin: &Path) -> Result<()> {
+        let bad = |field: &str, message: String| Err(Error::invalid(origin, field, message));
+        if self.global_batch == 0 {
+            return bad("global_batch", "must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("{} is not a positive learning rate", self.lr));
+        }
+        for (field, mb) in [
+            ("micro_batch.image", self.micro_batch.image),
+            ("micro_batch.text", self.micro_batch.text),
+        ] {
+            if mb == Some(0) {
+                return bad(field, "a micro-batch holds at least 1 sample".into());
+            }
+        }
+        if !(self.loss.tile_memory_mib.is_finite() && self.loss.tile_memory_mib > 0.0) {
+            return bad(
+                "loss.tile_memory_mib",
+                format!("{} MiB is not a memory budget", self.loss.tile_memory_mib),
+            );
+        }
+        if let TileSize::Columns(0) = self.loss.tile {
+            return bad("loss.tile", "a tile has at least 1 column".into());
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use config::TrainConfig;
-pub use step::{PhaseTimes, RankTrainer, StepGrads};
+pub use step::{PhaseBytes, PhaseTimes, RankTrainer, StepGrads};
 
 use crate::comm::{thread, RankComms};
 use crate::data::{Stream, SyntheticSource};
@@ -34,7 +34,11 @@ pub struct TrainReport {
     pub samples_per_second: f64,
     /// Per global rank: its tower and its summed phase times.
     pub phases: Vec<(Tower, PhaseTimes)>,
+    /// Per global rank: its collective payload summed over the steps.
+    pub bytes: Vec<PhaseBytes>,
     pub final_logit_scale: f64,
+    /// SigLIP's logit bias at the end (0 for CLIP).
+    pub final_logit_bias: f64,
 }
 
 impl TrainReport {
@@ -51,7 +55,9 @@ struct RankOutcome {
     step_seconds: Vec<f64>,
     retrieval: Option<Retrieval>,
     phases: PhaseTimes,
+    bytes: PhaseBytes,
     logit_scale: f64,
+    logit_bias: f64,
 }
 
 /// Samples of step `step` owned by a rank: rows `offset..offset+len` of the global batch.
@@ -101,7 +107,9 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             .zip(&topology.ranks)
             .map(|(o, r)| (r.tower, o.phases))
             .collect(),
+        bytes: outcomes.iter().map(|o| o.bytes).collect(),
         final_logit_scale: lead.logit_scale,
+        final_logit_bias: lead.logit_bias,
     })
 }
 
@@ -121,14 +129,16 @@ fn run_rank(
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut step_seconds = Vec::with_capacity(cfg.steps);
     let mut phases = PhaseTimes::default();
+    let mut bytes = PhaseBytes::default();
     let started = Instant::now();
     for step in 0..cfg.steps {
         let step_started = Instant::now();
         let indices = batch_indices(step, cfg.global_batch, trainer.offset, trainer.local_batch);
         let input = source.tower_input(trainer.tower, Stream::Train, &indices, &device)?;
         let lr = optim::cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps);
-        let (loss, times) = trainer.step(&comms, &input, lr)?;
+        let (loss, times, moved) = trainer.step(&comms, &input, lr)?;
         phases.add(&times);
+        bytes.add(&moved);
         losses.push(loss);
         step_seconds.push(step_started.elapsed().as_secs_f64());
         if let Some(bar) = &bar {
@@ -152,7 +162,9 @@ fn run_rank(
         step_seconds,
         retrieval,
         phases,
+        bytes,
         logit_scale: trainer.logit_scale()?,
+        logit_bias: trainer.logit_bias()?,
     })
 }
 

@@ -1,7 +1,12 @@
 //! One rank's training step, top to bottom:
-//! forward own tower → normalise → world all-gather of features → split loss (own feature
-//! gradient, global loss, temperature gradient) → backward with the injected gradient →
-//! sum parameter gradients inside the group → AdamW → clamp the temperature.
+//! forward own tower → normalise → world all-gather of features → global loss (own feature
+//! gradient, global loss, temperature and bias gradients) → backward with the injected
+//! gradient → sum parameter gradients inside the group → AdamW → clamp the temperature.
+//!
+//! With a micro-batch smaller than the rank's slice (GradCache), the forward runs per
+//! micro-batch without keeping activations, the loss runs once on the whole global batch,
+//! and the backward re-runs each micro-batch's forward with its slice of the feature
+//! gradient: the step equals the unaccumulated one.
 
 use std::time::{Duration, Instant};
 
@@ -13,12 +18,13 @@ use std::sync::Arc;
 
 use crate::comm::{all_reduce_bucket, Communicator, RankComms};
 use crate::error::{Error, Result};
-use crate::loss::{clip_loss_lse, split_len, split_offset, FeatureLayout};
+use crate::loss::{global_loss, split_len, split_offset, FeatureLayout, LossConfig, LossScalars};
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
 use crate::model::layers::l2_normalize;
 use crate::model::resnet::StatsReducer;
 use crate::model::{
-    checkpoint, logit_scale, ClipConfig, Encoder, ParamBuilder, Params, TowerInput, LOGIT_SCALE_MAX,
+    checkpoint, loss_scalars, ClipConfig, Encoder, ParamBuilder, Params, TowerInput,
+    LOGIT_SCALE_MAX,
 };
 use crate::topology::{Topology, Tower};
 
@@ -64,6 +70,26 @@ impl PhaseTimes {
     }
 }
 
+/// Collective payload bytes of one step on one rank, by phase (see
+/// [`Communicator::payload_bytes`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PhaseBytes {
+    /// The world all-gather of features.
+    pub exchange: u64,
+    /// The loss's own traffic: normaliser partials (`lse`) or returned feature gradients
+    /// (`gather-scatter`), and its scalars.
+    pub loss: u64,
+    pub grad_all_reduce: u64,
+}
+
+impl PhaseBytes {
+    pub fn add(&mut self, o: &PhaseBytes) {
+        self.exchange += o.exchange;
+        self.loss += o.loss;
+        self.grad_all_reduce += o.grad_all_reduce;
+    }
+}
+
 /// The gradients of one step, before the optimizer: every trainable parameter's (name
 /// order, as [`RankTrainer::trainable`]), summed over the group, and the global loss.
 #[derive(Debug, Clone)]
@@ -71,6 +97,17 @@ pub struct StepGrads {
     pub loss: f64,
     pub grads: Vec<Tensor>,
     pub times: PhaseTimes,
+    pub bytes: PhaseBytes,
+}
+
+/// The loss's own learnable scalars: replicated on every rank, never tower parameters.
+fn is_loss_scalar(name: &str) -> bool {
+    name == "logit_scale" || name == "logit_bias"
+}
+
+/// Both of a rank's communicators' payload so far.
+fn payload(comms: &RankComms) -> u64 {
+    comms.world.payload_bytes() + comms.group.payload_bytes()
 }
 
 /// Batch-norm statistics summed over the rank's group.
@@ -93,6 +130,10 @@ pub struct RankTrainer {
     checkpointing: bool,
     sync_batch_norm: bool,
     logit_scale: Var,
+    logit_bias: Option<Var>,
+    loss: LossConfig,
+    /// Samples per forward pass when smaller than the local batch (GradCache).
+    micro_batch: Option<usize>,
     optimizer: AdamW,
     layout: FeatureLayout,
     /// This rank's rows of the global batch.
@@ -114,18 +155,38 @@ impl RankTrainer {
         let rank = &topology.ranks[global_rank];
         let pb = ParamBuilder::new(cfg.seed, dtype, device);
         let encoder = Encoder::new(&pb, model, rank.tower)?;
-        logit_scale(&pb)?;
+        loss_scalars(
+            &pb,
+            cfg.loss.kind.initial_logit_scale(),
+            cfg.loss.kind.initial_logit_bias(),
+        )?;
         let params = pb.params();
         if let (Tower::Text, Some(dir)) = (rank.tower, &model.pretrained_text) {
             checkpoint::load_hf_bert(&params, &dir.join("model.safetensors"))?;
         }
         let locked = model.is_locked(rank.tower);
         let trainable = if locked {
-            params.filter(|n| n == "logit_scale")
+            params.filter(is_loss_scalar)
         } else {
             params.clone()
         };
         let logit_scale = params.get("logit_scale").expect("registered above").clone();
+        let logit_bias = params.get("logit_bias").cloned();
+        let size = topology.group_size(rank.tower);
+        let local_batch = split_len(cfg.global_batch, size, rank.group_rank);
+        let micro_batch = cfg
+            .micro_batch
+            .of(rank.tower)
+            .filter(|&m| m < local_batch && !locked);
+        if micro_batch.is_some() && matches!(encoder, Encoder::ResNet(_)) {
+            return Err(Error::Msg(format!(
+                "micro_batch.image = {}: the ResNet tower's batch norm takes its statistics \
+                 from each forward pass, so micro-batches would change the step (and update \
+                 the running statistics twice); use the whole local batch of {local_batch}, \
+                 or a ViT",
+                micro_batch.unwrap_or(0)
+            )));
+        }
         let optimizer = AdamW::new(
             &trainable,
             AdamWConfig {
@@ -135,7 +196,6 @@ impl RankTrainer {
                 weight_decay: cfg.weight_decay,
             },
         )?;
-        let size = topology.group_size(rank.tower);
         Ok(RankTrainer {
             tower: rank.tower,
             encoder,
@@ -145,10 +205,13 @@ impl RankTrainer {
             checkpointing: cfg.checkpointing,
             sync_batch_norm: model.sync_batch_norm() && rank.tower == Tower::Image,
             logit_scale,
+            logit_bias,
+            loss: cfg.loss,
+            micro_batch,
             optimizer,
             layout: FeatureLayout::new(topology, cfg.global_batch),
             offset: split_offset(cfg.global_batch, size, rank.group_rank),
-            local_batch: split_len(cfg.global_batch, size, rank.group_rank),
+            local_batch,
         })
     }
 
@@ -176,6 +239,48 @@ impl RankTrainer {
             .as_tensor()
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?)
+    }
+
+    /// SigLIP's logit bias (0 for a loss without one).
+    pub fn logit_bias(&self) -> Result<f64> {
+        match &self.logit_bias {
+            Some(b) => Ok(b.as_tensor().to_dtype(DType::F64)?.to_scalar::<f64>()?),
+            None => Ok(0.0),
+        }
+    }
+
+    /// `(start, len)` of each forward pass over the local batch.
+    fn micro_batches(&self) -> Vec<(usize, usize)> {
+        let step = self.micro_batch.unwrap_or(self.local_batch).max(1);
+        (0..self.local_batch)
+            .step_by(step)
+            .map(|s| (s, step.min(self.local_batch - s)))
+            .collect()
+    }
+
+    /// The tower's parameter gradients for `input` with `grad` injected at its normalised
+    /// features: one forward with a graph (or with checkpoints) and its backward.
+    fn tower_grads(
+        &self,
+        input: &TowerInput,
+        grad: &Tensor,
+        tower_params: &Params,
+    ) -> Result<Vec<Tensor>> {
+        if self.checkpointing {
+            let (_, saved) = forward_keeping_block_inputs(&self.encoder, input, l2_normalize)?;
+            backward_recomputing(
+                &self.encoder,
+                input,
+                &saved,
+                grad,
+                l2_normalize,
+                tower_params,
+            )
+        } else {
+            let features = l2_normalize(&self.encoder.forward(input)?)?;
+            let store = (features * grad)?.sum_all()?.backward()?;
+            tower_params.grads(&store)
+        }
     }
 
     /// Normalised features of `input`, without building a graph (evaluation).
@@ -222,9 +327,22 @@ impl RankTrainer {
             )));
         }
         let mut times = PhaseTimes::default();
+        let mut bytes = PhaseBytes::default();
         let t = Instant::now();
         let checkpointed = self.checkpointing && !self.locked;
-        let (features, saved) = if checkpointed {
+        let micro_batches = self.micro_batches();
+        let accumulated = micro_batches.len() > 1;
+        let (features, saved) = if accumulated {
+            // Features only: each micro-batch's graph is dropped as soon as it is done.
+            let parts = micro_batches
+                .iter()
+                .map(|&(start, len)| {
+                    let x = self.encoder.forward(&input.narrow(start, len)?)?;
+                    Ok(l2_normalize(&x)?.detach())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (Tensor::cat(&parts, 0)?, Vec::new())
+        } else if checkpointed {
             forward_keeping_block_inputs(&self.encoder, input, l2_normalize)?
         } else {
             let features = l2_normalize(&self.encoder.forward(input)?)?;
@@ -241,28 +359,55 @@ impl RankTrainer {
         times.forward = t.elapsed();
 
         let t = Instant::now();
+        let before = payload(comms);
         let (image, text) = self.layout.exchange(comms, &features.detach())?;
         let other = match self.tower {
             Tower::Image => text,
             Tower::Text => image,
         };
+        bytes.exchange = payload(comms) - before;
         times.exchange = t.elapsed();
 
         let t = Instant::now();
-        let out = clip_loss_lse(
+        let before = payload(comms);
+        let out = global_loss(
             comms,
+            &self.loss,
+            &self.layout,
             &features.detach(),
             &other,
             self.offset,
-            self.logit_scale()?,
+            LossScalars {
+                logit_scale: self.logit_scale()?,
+                logit_bias: self.logit_bias()?,
+            },
         )?;
+        bytes.loss = payload(comms) - before;
         times.loss = t.elapsed();
 
         // Backpropagate ∂L/∂features into the tower: d/dθ Σ features ⊙ g = (∂L/∂features)·∂features/∂θ.
         let t = Instant::now();
-        let tower_params = self.trainable.filter(|n| n != "logit_scale");
+        let tower_params = self.trainable.filter(|n| !is_loss_scalar(n));
         let local = if tower_params.is_empty() {
             Vec::new()
+        } else if accumulated {
+            let mut sums: Option<Vec<Tensor>> = None;
+            for &(start, len) in &micro_batches {
+                let grads = self.tower_grads(
+                    &input.narrow(start, len)?,
+                    &out.grad.narrow(0, start, len)?,
+                    &tower_params,
+                )?;
+                sums = Some(match sums {
+                    None => grads,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&grads)
+                        .map(|(a, g)| a + g)
+                        .collect::<candle_core::Result<_>>()?,
+                });
+            }
+            sums.expect("at least two micro-batches")
         } else if checkpointed {
             backward_recomputing(
                 &self.encoder,
@@ -279,29 +424,32 @@ impl RankTrainer {
         times.backward = t.elapsed();
 
         let t = Instant::now();
+        let before = payload(comms);
         let reduced = all_reduce_bucket(comms.group.as_ref(), &local)?;
+        bytes.grad_all_reduce = payload(comms) - before;
         times.grad_all_reduce = t.elapsed();
 
-        let scale_grad = Tensor::new(out.grad_logit_scale, &Device::Cpu)?
-            .to_dtype(self.logit_scale.dtype())?
-            .to_device(self.logit_scale.device())?;
+        let scalar = |v: f64| -> Result<Tensor> {
+            Ok(Tensor::new(v, &Device::Cpu)?
+                .to_dtype(self.logit_scale.dtype())?
+                .to_device(self.logit_scale.device())?)
+        };
         let mut reduced = reduced.into_iter();
         let grads = self
             .trainable
             .names()
             .into_iter()
-            .map(|n| {
-                if n == "logit_scale" {
-                    scale_grad.clone()
-                } else {
-                    reduced.next().expect("one gradient per tower parameter")
-                }
+            .map(|n| match n {
+                "logit_scale" => scalar(out.grad_logit_scale),
+                "logit_bias" => scalar(out.grad_logit_bias),
+                _ => Ok(reduced.next().expect("one gradient per tower parameter")),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(StepGrads {
             loss: out.loss,
             grads,
             times,
+            bytes,
         })
     }
 
@@ -324,7 +472,7 @@ impl RankTrainer {
         comms: &RankComms,
         input: &TowerInput,
         lr: f64,
-    ) -> Result<(f64, PhaseTimes)> {
+    ) -> Result<(f64, PhaseTimes, PhaseBytes)> {
         let mut g = self.compute_grads(comms, input)?;
         if !g.loss.is_finite() {
             return Err(Error::Msg(format!(
@@ -333,6 +481,6 @@ impl RankTrainer {
             )));
         }
         g.times.optimizer = self.apply(&g.grads, lr)?;
-        Ok((g.loss, g.times))
+        Ok((g.loss, g.times, g.bytes))
     }
 }

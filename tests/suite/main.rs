@@ -12,6 +12,8 @@ mod collectives;
 mod common;
 /// The autograd reference against finite differences: every parameter's gradient.
 mod gradients;
+/// CLIP and SigLIP across groups, both exchange schemes, tiled: against one device.
+mod losses;
 /// Parameters and FLOPs from the configs against published figures.
 mod model_sizes;
 /// OpenCLIP's own state_dict and outputs, loaded and reproduced.

@@ -7,6 +7,7 @@ use mmpipe::topology::{Topology, Tower};
 pub fn options(global_batch: usize) -> CostOptions {
     CostOptions {
         global_batch,
+        loss: mmpipe::loss::LossConfig::default(),
         precision: Precision::Bf16,
         optimizer: Optimizer::Adamw,
         checkpointing: false,
@@ -53,9 +54,20 @@ fn bytes_per_step_follow_from_batch_width_and_parameters() {
     let tr = &plan.traffic;
     // 12 image + 12 text features of embed_dim floats.
     assert_eq!(tr.feature_all_gather, 2 * 12 * model.embed_dim as u64 * 4);
+    // lse: each group all-gathers one B-vector of normaliser partials per rank; every
+    // rank also all-reduces three f64 scalars.
     assert_eq!(
-        tr.lse_all_gather,
-        [(Tower::Image, 2 * 12 * 4), (Tower::Text, 12 * 4)]
+        tr.loss_exchange,
+        [(Tower::Image, 2 * 12 * 4 + 24), (Tower::Text, 12 * 4 + 24)]
+    );
+    // gather-scatter: a world reduce-scatter of 3 ranks' blocks, padded to the text rank's
+    // 12 rows.
+    let gs = &tr.loss_exchange_by_scheme[1];
+    assert_eq!(gs.0, "gather-scatter");
+    let world_buffer = 3 * 12 * model.embed_dim as u64 * 4 + 24;
+    assert_eq!(
+        gs.1,
+        [(Tower::Image, world_buffer), (Tower::Text, world_buffer)]
     );
     let image_bytes = model.vision.size().num_params(model.embed_dim) as u64 * 4;
     assert_eq!(
