@@ -53,7 +53,7 @@ impl LossKind {
     /// `ln 10` for SigLIP.
     pub fn initial_logit_scale(self) -> f64 {
         match self {
-            LossKind::Clip => (1.0f64 / 0.07).ln(),
+            LossKind::Clip => 2.659_260_036_932_778,
             LossKind::Siglip => 10f64.ln(),
         }
     }

@@ -17,7 +17,7 @@ use mmpipe::model::{checkpoint, ClipConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use mmpipe::plan::{self, search, svg, CostOptions, Optimizer, Plan, Precision};
+use mmpipe::plan::{self, search, svg, CostOptions, MicroBatch, Optimizer, Plan, Precision};
 use mmpipe::topology::{DeviceKind, Topology, Tower};
 use mmpipe::train::{self, calibrate, PhaseBytes, PhaseTimes, TrainConfig};
 
@@ -154,12 +154,6 @@ struct TrainArgs {
     checkpointing: bool,
     #[command(flatten)]
     loss: LossArgs,
-    /// Micro-batch per image rank (GradCache accumulation; default: the whole local batch).
-    #[arg(long)]
-    micro_batch_image: Option<usize>,
-    /// Micro-batch per text rank.
-    #[arg(long)]
-    micro_batch_text: Option<usize>,
 }
 
 #[derive(Args)]
@@ -173,9 +167,24 @@ struct LossArgs {
     /// Columns of logits per tile: auto, none, or a number [default: auto].
     #[arg(long)]
     tile: Option<TileSize>,
+    /// Micro-batch per image rank (GradCache accumulation) [default: the whole local batch].
+    #[arg(long)]
+    micro_batch_image: Option<usize>,
+    /// Micro-batch per text rank.
+    #[arg(long)]
+    micro_batch_text: Option<usize>,
 }
 
 impl LossArgs {
+    fn apply_micro_batch(&self, micro: &mut MicroBatch) {
+        if self.micro_batch_image.is_some() {
+            micro.image = self.micro_batch_image;
+        }
+        if self.micro_batch_text.is_some() {
+            micro.text = self.micro_batch_text;
+        }
+    }
+
     fn apply(&self, cfg: &mut LossConfig) {
         if let Some(k) = self.kind {
             cfg.kind = match k {
@@ -223,6 +232,8 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         .unwrap_or(TrainConfig::default().global_batch);
     let mut loss = LossConfig::default();
     args.loss.apply(&mut loss);
+    let mut micro_batch = MicroBatch::default();
+    args.loss.apply_micro_batch(&mut micro_batch);
     let calibration = if args.calibrate {
         if topology.device != DeviceKind::Cpu {
             anyhow::bail!(
@@ -250,6 +261,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let options = CostOptions {
         global_batch,
         loss,
+        micro_batch,
         precision: args.precision.unwrap_or(match topology.device {
             DeviceKind::Cuda => Precision::Bf16,
             DeviceKind::Cpu => Precision::Fp32,
@@ -362,12 +374,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     cfg.progress = !args.quiet;
     cfg.checkpointing |= args.checkpointing;
     args.loss.apply(&mut cfg.loss);
-    if args.micro_batch_image.is_some() {
-        cfg.micro_batch.image = args.micro_batch_image;
-    }
-    if args.micro_batch_text.is_some() {
-        cfg.micro_batch.text = args.micro_batch_text;
-    }
+    args.loss.apply_micro_batch(&mut cfg.micro_batch);
     cfg.validate(&origin)?;
     let threads = compute_threads_per_rank(topology.world_size());
     println!(
@@ -459,7 +466,7 @@ fn print_bytes(phases: &[(Tower, PhaseTimes)], bytes: &[PhaseBytes], steps: usiz
     println!(
         "collective payload per step  rank tower  feature all-gather   loss exchange  grad all-reduce"
     );
-    let per_step = |b: u64| plan::human_bytes(b / steps.max(1) as u64);
+    let per_step = |b: u64| plan::short_bytes(b / steps.max(1) as u64);
     for (rank, ((tower, _), b)) in phases.iter().zip(bytes).enumerate() {
         println!(
             "                             {rank:>4} {tower:<5} {:>19} {:>15} {:>16}",

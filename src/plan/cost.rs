@@ -67,11 +67,31 @@ pub struct Calibration {
     pub text_samples_per_s: f64,
 }
 
+/// Samples per forward pass on each rank, by group, when fewer than the rank's slice of
+/// the global batch (GradCache accumulation); absent: the whole slice at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicroBatch {
+    pub image: Option<usize>,
+    pub text: Option<usize>,
+}
+
+impl MicroBatch {
+    pub fn of(&self, tower: Tower) -> Option<usize> {
+        match tower {
+            Tower::Image => self.image,
+            Tower::Text => self.text,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CostOptions {
     pub global_batch: usize,
     /// The loss, its exchange scheme and its tiling: compute, traffic and memory.
     pub loss: LossConfig,
+    /// Accumulation: activations of one micro-batch at a time, one more forward pass.
+    pub micro_batch: MicroBatch,
     pub precision: Precision,
     pub optimizer: Optimizer,
     pub checkpointing: bool,
@@ -337,10 +357,13 @@ impl CostModel<'_> {
                 .into_iter()
                 .fold(f64::INFINITY, f64::min);
             let forward_s = b as f64 * num.forward_flops / slowest;
+            // A micro-batch smaller than the slice holds its activations only, and pays a
+            // second forward (features first, then again with gradients).
+            let micro = o.micro_batch.of(tower).filter(|&m| m < b && !locked);
             let backward_s = if locked {
                 0.0
             } else {
-                (self.compute_factor() - 1.0) * forward_s
+                (self.compute_factor() - 1.0 + f64::from(u8::from(micro.is_some()))) * forward_s
             };
             let loss_s = o.loss.block_products() * 2.0 * b as f64 * b_global * d / slowest;
             let loss_payload =
@@ -364,7 +387,8 @@ impl CostModel<'_> {
             } else {
                 grad_all_reduce_s
             };
-            let activations = b as f64 * num.activation_elems * o.precision.activation_bytes();
+            let activations =
+                micro.unwrap_or(b) as f64 * num.activation_elems * o.precision.activation_bytes();
             let loss_bytes = o
                 .loss
                 .peak_bytes(b, o.global_batch, self.model.embed_dim, 4);

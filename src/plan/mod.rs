@@ -11,7 +11,8 @@ use std::fmt::Write;
 use serde::{Deserialize, Serialize};
 
 pub use cost::{
-    Calibration, CostModel, CostOptions, DataParallelEstimate, Optimizer, Precision, SplitEstimate,
+    Calibration, CostModel, CostOptions, DataParallelEstimate, MicroBatch, Optimizer, Precision,
+    SplitEstimate,
 };
 
 use crate::error::Result;
@@ -314,8 +315,8 @@ impl Plan {
             .map(|(name, per)| {
                 format!(
                     "{name}: image {}, text {}",
-                    human_bytes(per[0].1),
-                    human_bytes(per[1].1)
+                    short_bytes(per[0].1),
+                    short_bytes(per[1].1)
                 )
             })
             .collect();
@@ -428,6 +429,16 @@ pub fn secs(s: f64) -> String {
 }
 
 pub fn human_bytes(b: u64) -> String {
+    let short = short_bytes(b);
+    if b < 1024 {
+        short
+    } else {
+        format!("{short} ({b} B)")
+    }
+}
+
+/// `b` in the largest binary unit below it, without the exact count: for tables.
+pub fn short_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;
@@ -438,6 +449,6 @@ pub fn human_bytes(b: u64) -> String {
     if u == 0 {
         format!("{b} B")
     } else {
-        format!("{v:.2} {} ({b} B)", UNITS[u])
+        format!("{v:.2} {}", UNITS[u])
     }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, TileSize};
-use crate::topology::Tower;
+pub use crate::plan::MicroBatch;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -35,23 +35,6 @@ pub struct TrainConfig {
     /// of the global batch: features first, the loss once on the whole batch, then each
     /// micro-batch again with gradients (GradCache). Each group may pick its own.
     pub micro_batch: MicroBatch,
-}
-
-/// Micro-batch size per rank, by group; absent: the whole local batch at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MicroBatch {
-    pub image: Option<usize>,
-    pub text: Option<usize>,
-}
-
-impl MicroBatch {
-    pub fn of(&self, tower: Tower) -> Option<usize> {
-        match tower {
-            Tower::Image => self.image,
-            Tower::Text => self.text,
-        }
-    }
 }
 
 impl Default for TrainConfig {

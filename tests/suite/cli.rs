@@ -205,3 +205,131 @@ fn train_runs_with_every_tower_kind() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn train_reads_a_training_config_and_flags_override_it() {
+    let out = mmpipe(&[
+        "train",
+        "--config",
+        "configs/train/gradcache.toml",
+        "--topology",
+        "topology/cpu-2x2.toml",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--eval-pairs",
+        "0",
+        "--loss",
+        "siglip",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for needle in [
+        "global batch 16",
+        "loss siglip (exchange gather-scatter, tile 64)",
+        "logit bias",
+        "collective payload per step",
+        "loss exchange",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle}:\n{stdout}");
+    }
+}
+
+#[test]
+fn every_shipped_training_config_parses() {
+    for entry in std::fs::read_dir("configs/train").unwrap() {
+        let path = entry.unwrap().path();
+        mmpipe::train::TrainConfig::from_file(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    // The documented default file is the built-in default.
+    let file =
+        mmpipe::train::TrainConfig::from_file(std::path::Path::new("configs/train/default.toml"))
+            .unwrap();
+    assert_eq!(
+        file,
+        mmpipe::train::TrainConfig::default(),
+        "configs/train/default.toml drifted from TrainConfig::default()"
+    );
+}
+
+#[test]
+fn bad_training_configs_name_the_file_and_field() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-train-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, body, needle) in [
+        (
+            "zero.toml",
+            "[micro_batch]\nimage = 0\n",
+            "micro_batch.image",
+        ),
+        (
+            "unknown.toml",
+            "[loss]\nkind = \"clip\"\nwidth = 3\n",
+            "unknown field `width`",
+        ),
+        ("kind.toml", "[loss]\nkind = \"triplet\"\n", "siglip"),
+        ("tile.toml", "[loss]\ntile = -4\n", "at least 1"),
+        (
+            "budget.toml",
+            "[loss]\ntile_memory_mib = 0\n",
+            "loss.tile_memory_mib",
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        let out = mmpipe(&["train", "--config", path.to_str().unwrap(), "--steps", "1"]);
+        assert!(!out.status.success(), "{name} was accepted");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(name) && stderr.contains(needle),
+            "{name}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn micro_batches_with_batch_norm_are_refused_with_the_reason() {
+    let out = mmpipe(&[
+        "train",
+        "--model",
+        "configs/clip-tiny-resnet.toml",
+        "--steps",
+        "1",
+        "--batch",
+        "16",
+        "--micro-batch-image",
+        "4",
+        "--eval-pairs",
+        "0",
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("micro_batch.image") && stderr.contains("batch norm"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_batch_a_group_does_not_divide_is_refused() {
+    let out = mmpipe(&[
+        "train",
+        "--topology",
+        "topology/cpu-2x1.toml",
+        "--batch",
+        "13",
+        "--steps",
+        "1",
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cpu-2x1.toml") && stderr.contains("13"),
+        "{stderr}"
+    );
+}

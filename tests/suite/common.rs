@@ -3,7 +3,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use mmpipe::data::{Stream, SyntheticSource};
-use mmpipe::loss::clip_loss_reference;
+use mmpipe::loss::{clip_loss_reference, siglip_loss_reference, LossKind};
 use mmpipe::model::layers::l2_normalize;
 use mmpipe::model::{Clip, ClipConfig, ParamBuilder, Params, TowerInput};
 use mmpipe::topology::{Topology, Tower};
@@ -79,15 +79,28 @@ pub fn batch(source: &SyntheticSource, indices: &[u64], dtype: DType) -> (TowerI
 pub struct Reference {
     pub model: Clip,
     pub params: Params,
+    pub kind: LossKind,
 }
 
 impl Reference {
     pub fn new(cfg: &ClipConfig, seed: u64, dtype: DType) -> Self {
+        Self::with_loss(cfg, seed, dtype, LossKind::Clip)
+    }
+
+    /// With the loss's own initial temperature (and SigLIP's bias).
+    pub fn with_loss(cfg: &ClipConfig, seed: u64, dtype: DType, kind: LossKind) -> Self {
         let pb = ParamBuilder::new(seed, dtype, &Device::Cpu);
-        let model = Clip::new(&pb, cfg).unwrap();
+        let model = Clip::with_loss_scalars(
+            &pb,
+            cfg,
+            kind.initial_logit_scale(),
+            kind.initial_logit_bias(),
+        )
+        .unwrap();
         Reference {
             model,
             params: pb.params(),
+            kind,
         }
     }
 
@@ -98,7 +111,12 @@ impl Reference {
         };
         let x = l2_normalize(&self.model.visual.forward(img).unwrap()).unwrap();
         let y = l2_normalize(&self.model.text.forward(tokens, eot).unwrap()).unwrap();
-        clip_loss_reference(&x, &y, &self.model.logit_scale).unwrap()
+        match (self.kind, &self.model.logit_bias) {
+            (LossKind::Siglip, Some(bias)) => {
+                siglip_loss_reference(&x, &y, &self.model.logit_scale, bias).unwrap()
+            }
+            _ => clip_loss_reference(&x, &y, &self.model.logit_scale).unwrap(),
+        }
     }
 
     /// Loss and every parameter's gradient by plain autograd, keyed by name.

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
 use mmpipe::data::{Stream, SyntheticSource};
+use mmpipe::loss::{Exchange, LossConfig, LossKind, TileSize};
 use mmpipe::model::{ClipConfig, LOGIT_SCALE_MAX};
 use mmpipe::topology::Tower;
+use mmpipe::train::config::MicroBatch;
 use mmpipe::train::optim::{AdamW, AdamWConfig};
 use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
 
@@ -44,9 +46,9 @@ fn reference_run(cfg: &TrainConfig, dtype: DType) -> Run {
 /// One device; a locked tower's parameters are left out of the optimizer.
 fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run {
     let model = model.clone();
-    let reference = Reference::new(&model, cfg.seed, dtype);
+    let reference = Reference::with_loss(&model, cfg.seed, dtype, cfg.loss.kind);
     let source = SyntheticSource::new(cfg.seed, &model).unwrap();
-    let text_param = |n: &str| !n.starts_with("visual.") && n != "logit_scale";
+    let text_param = |n: &str| !n.starts_with("visual.") && n != "logit_scale" && n != "logit_bias";
     let trainable = reference
         .params
         .filter(|n| !(model.is_locked(Tower::Text) && text_param(n)));
@@ -194,6 +196,21 @@ fn check_run(
     let cfg = cfg.clone();
     let reference = reference_run(&cfg, dtype);
     let ranks = split_run(image, text, &cfg, dtype);
+    let label = format!("{image}x{text} {dtype:?}");
+    compare(&label, &reference, &ranks, rel, abs, weight_abs, relative);
+}
+
+/// Every rank's run against the reference: losses, step-0 gradients, final weights; and
+/// every parameter is held by some rank.
+fn compare(
+    label: &str,
+    reference: &Run,
+    ranks: &[Run],
+    rel: f64,
+    abs: f64,
+    weight_abs: f64,
+    relative: Relative,
+) {
     if std::env::var("PARITY_DEBUG").is_ok() {
         for (rank, run) in ranks.iter().enumerate() {
             for (name, g) in &run.grads {
@@ -204,11 +221,10 @@ fn check_run(
                 let m = super::common::values(want)
                     .iter()
                     .fold(0f64, |m, v| m.max(v.abs()));
-                eprintln!("{dtype:?} {image}x{text} rank {rank} {name}: max|diff| {d:.2e} max|ref| {m:.2e}");
+                eprintln!("{label} rank {rank} {name}: max|diff| {d:.2e} max|ref| {m:.2e}");
             }
         }
     }
-    let label = format!("{image}x{text} {dtype:?}");
     let mut covered = std::collections::BTreeSet::new();
     for (rank, run) in ranks.iter().enumerate() {
         for (step, (got, want)) in run.losses.iter().zip(&reference.losses).enumerate() {
@@ -343,6 +359,128 @@ fn checkpointed_2x2_equals_one_device() {
         2,
         2,
         DType::F64,
+        1e-10,
+        1e-12,
+        1e-9,
+        Relative::Element,
+    );
+}
+
+/// The topologies of the loss issue: both groups single, one split, the other, both.
+const LOSS_TOPOLOGIES: [(usize, usize); 5] = [(1, 1), (2, 1), (1, 3), (2, 2), (3, 2)];
+
+/// Micro-batches that split the local slices (12, 6, 4 rows) unevenly, or not at all.
+const MICRO_BATCH: MicroBatch = MicroBatch {
+    image: Some(3),
+    text: Some(5),
+};
+
+fn loss_config(
+    kind: LossKind,
+    exchange: Exchange,
+    tile: TileSize,
+    micro: MicroBatch,
+) -> TrainConfig {
+    TrainConfig {
+        loss: LossConfig {
+            kind,
+            exchange,
+            tile,
+            ..LossConfig::default()
+        },
+        micro_batch: micro,
+        ..train_config(GLOBAL_BATCH)
+    }
+}
+
+/// Every loss × exchange scheme × tiling (a tile of 5 columns divides no slice) ×
+/// accumulation, on every topology: the loss, every gradient and the weights after 5
+/// steps equal one device in f64.
+fn check_every_combination(kind: LossKind) {
+    let reference = reference_run(
+        &loss_config(
+            kind,
+            Exchange::Lse,
+            TileSize::Untiled,
+            MicroBatch::default(),
+        ),
+        DType::F64,
+    );
+    for exchange in [Exchange::Lse, Exchange::GatherScatter] {
+        for tile in [TileSize::Untiled, TileSize::Columns(5)] {
+            for micro in [MicroBatch::default(), MICRO_BATCH] {
+                let cfg = loss_config(kind, exchange, tile, micro);
+                for (image, text) in LOSS_TOPOLOGIES {
+                    let label = format!(
+                        "{kind} {exchange} tile {tile} micro-batch {micro:?} {image}x{text}"
+                    );
+                    let ranks = split_run(image, text, &cfg, DType::F64);
+                    compare(
+                        &label,
+                        &reference,
+                        &ranks,
+                        1e-10,
+                        1e-12,
+                        1e-9,
+                        Relative::Element,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn clip_every_scheme_tiling_and_accumulation_equals_one_device() {
+    check_every_combination(LossKind::Clip);
+}
+
+#[test]
+fn siglip_every_scheme_tiling_and_accumulation_equals_one_device() {
+    check_every_combination(LossKind::Siglip);
+}
+
+/// The spec's f32 tolerances with everything on at once, on the largest topology.
+#[test]
+fn f32_gather_scatter_tiled_accumulated_3x2_equals_one_device() {
+    for kind in [LossKind::Clip, LossKind::Siglip] {
+        let cfg = loss_config(
+            kind,
+            Exchange::GatherScatter,
+            TileSize::Columns(5),
+            MICRO_BATCH,
+        );
+        let reference = reference_run(&cfg, DType::F32);
+        let ranks = split_run(3, 2, &cfg, DType::F32);
+        compare(
+            &format!("{kind} f32 3x2"),
+            &reference,
+            &ranks,
+            1e-5,
+            1e-6,
+            1e-4,
+            Relative::Tensor,
+        );
+    }
+}
+
+#[test]
+fn accumulation_with_checkpointing_equals_one_device() {
+    let cfg = TrainConfig {
+        checkpointing: true,
+        ..loss_config(
+            LossKind::Clip,
+            Exchange::Lse,
+            TileSize::Columns(5),
+            MICRO_BATCH,
+        )
+    };
+    let reference = reference_run(&cfg, DType::F64);
+    let ranks = split_run(2, 1, &cfg, DType::F64);
+    compare(
+        "checkpointed, accumulated 2x1",
+        &reference,
+        &ranks,
         1e-10,
         1e-12,
         1e-9,

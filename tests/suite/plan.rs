@@ -8,6 +8,7 @@ pub fn options(global_batch: usize) -> CostOptions {
     CostOptions {
         global_batch,
         loss: mmpipe::loss::LossConfig::default(),
+        micro_batch: mmpipe::plan::MicroBatch::default(),
         precision: Precision::Bf16,
         optimizer: Optimizer::Adamw,
         checkpointing: false,
@@ -110,4 +111,121 @@ fn plan_rejects_a_batch_the_groups_cannot_split() {
 fn temperature_constants_are_openclips() {
     assert!((mmpipe::model::LOGIT_SCALE_INIT - (1.0f64 / 0.07).ln()).abs() < 1e-15);
     assert!((mmpipe::model::LOGIT_SCALE_MAX - 100f64.ln()).abs() < 1e-15);
+}
+
+/// What the trainer's collectives actually carry (counted by the communicators) is what
+/// the plan says, for every loss and exchange scheme, on a topology with unequal groups.
+#[test]
+fn measured_payload_per_step_equals_the_plan() {
+    use candle_core::{DType, Device};
+    use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
+    use mmpipe::data::{Stream, SyntheticSource};
+    use mmpipe::loss::{Exchange, LossConfig, LossKind};
+    use mmpipe::train::{batch_indices, RankTrainer};
+
+    let topology = super::common::cpu_topology(3, 2);
+    let model = super::common::test_model();
+    for (kind, exchange) in [
+        (LossKind::Clip, Exchange::Lse),
+        (LossKind::Clip, Exchange::GatherScatter),
+        (LossKind::Siglip, Exchange::Lse),
+        (LossKind::Siglip, Exchange::GatherScatter),
+    ] {
+        let loss = LossConfig {
+            kind,
+            exchange,
+            ..LossConfig::default()
+        };
+        let cfg = mmpipe::train::TrainConfig {
+            loss,
+            ..super::common::train_config(12)
+        };
+        let plan = Plan::new(
+            &topology,
+            &model,
+            &CostOptions {
+                loss,
+                ..options(12)
+            },
+        )
+        .unwrap();
+        let source = SyntheticSource::new(cfg.seed, &model).unwrap();
+        let measured = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+            let mut trainer =
+                RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
+            let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
+            let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+            let (_, _, bytes) = trainer.step(&comms, &input, 1e-3)?;
+            Ok((trainer.tower, bytes))
+        })
+        .unwrap();
+        let t = &plan.traffic;
+        let of =
+            |per: &[(Tower, u64); 2], tower: Tower| per.iter().find(|p| p.0 == tower).unwrap().1;
+        for (rank, (tower, bytes)) in measured.into_iter().enumerate() {
+            let label = format!("{kind} {exchange} rank {rank} ({tower})");
+            assert_eq!(
+                bytes.exchange, t.feature_all_gather,
+                "{label}: feature all-gather"
+            );
+            assert_eq!(
+                bytes.loss,
+                of(&t.loss_exchange, tower),
+                "{label}: loss exchange"
+            );
+            assert_eq!(
+                bytes.grad_all_reduce,
+                of(&t.grad_all_reduce, tower),
+                "{label}: gradient all-reduce"
+            );
+        }
+    }
+}
+
+/// GradCache in the cost model: one micro-batch's activations instead of the slice's, and
+/// one more forward pass; tiling: the loss's b × B block shrinks to b × tile.
+#[test]
+fn micro_batches_and_tiles_trade_memory_for_time_in_the_plan() {
+    use mmpipe::loss::{LossConfig, TileSize};
+    use mmpipe::plan::MicroBatch;
+    let t = Topology::from_file(Path::new("topology/4x4.toml")).unwrap();
+    let model = ClipConfig::from_file(Path::new("configs/ViT-B-16.toml")).unwrap();
+    let estimate = |o: &CostOptions| {
+        let split = Plan::new(&t, &model, o).unwrap().split.unwrap();
+        let image = split
+            .groups
+            .iter()
+            .find(|g| g.tower == Tower::Image)
+            .unwrap()
+            .clone();
+        (split.step_s, image.memory)
+    };
+    let base = options(32768);
+    let (step, memory) = estimate(&base);
+    let accumulated = CostOptions {
+        micro_batch: MicroBatch {
+            image: Some(256),
+            text: None,
+        },
+        ..base.clone()
+    };
+    let (step_acc, memory_acc) = estimate(&accumulated);
+    assert!(
+        (memory_acc.activations - memory.activations * 256.0 / 8192.0).abs() < 1.0,
+        "{} vs {}",
+        memory_acc.activations,
+        memory.activations
+    );
+    assert!(step_acc > step, "the second forward costs time");
+    let untiled = CostOptions {
+        loss: LossConfig {
+            tile: TileSize::Untiled,
+            ..LossConfig::default()
+        },
+        ..base
+    };
+    let (_, memory_untiled) = estimate(&untiled);
+    // b × B logits in four blocks of fp32 against b × tile.
+    assert!(memory_untiled.loss > 4.0 * 8192.0 * 32768.0 * 4.0);
+    assert!(memory.loss < memory_untiled.loss / 10.0);
 }
