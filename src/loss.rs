@@ -435,6 +435,9 @@ struct Block<'a> {
     offset: usize,
     scale: f64,
     tile: usize,
+    /// The logits of the normaliser pass when they are one tile: the gradient pass then
+    /// reuses them instead of recomputing (the tile fits the budget either way).
+    kept: std::cell::RefCell<Option<Tensor>>,
 }
 
 /// The gradient sums of one block, with the scale `s` applied.
@@ -464,6 +467,9 @@ impl Block<'_> {
     }
 
     fn logits(&self, start: usize, len: usize) -> Result<Tensor> {
+        if let Some(kept) = self.kept.borrow_mut().take() {
+            return Ok(kept);
+        }
         let cols = self.other.narrow(0, start, len)?;
         Ok((self.own.matmul(&cols.t()?)? * self.scale)?)
     }
@@ -490,6 +496,9 @@ impl Block<'_> {
             sum = ((sum * (max - &new_max)?.exp()?)? + tile_sum)?;
             max = new_max;
             column_parts.push(logsumexp(&s, 0)?);
+            if len == self.columns()? {
+                *self.kept.borrow_mut() = Some(s);
+            }
         }
         let rows = (sum.log()? + max)?.squeeze(1)?;
         Ok((rows, Tensor::cat(&column_parts, 0)?))
@@ -579,6 +588,7 @@ pub fn global_loss(
         offset,
         scale: scalars.logit_scale.exp(),
         tile: cfg.tile_columns(b, batch, local.dtype().size_in_bytes()),
+        kept: Default::default(),
     };
     let image_side = comms.tower == Tower::Image;
     let gather_scatter = cfg.exchange == Exchange::GatherScatter;

@@ -488,6 +488,11 @@ impl CostModel<'_> {
                 self.compute_factor()
             }
         };
+        // A micro-batch smaller than the slice pays one more forward of its tower.
+        let factor = |t: Tower| {
+            let extra = o.micro_batch.of(t).is_some_and(|m| m < b) && !self.model.is_locked(t);
+            factor(t) + f64::from(u8::from(extra))
+        };
         let towers_s = match o.calibration {
             Some(c) => {
                 b as f64
@@ -514,8 +519,11 @@ impl CostModel<'_> {
             grad_all_reduce_s
         };
         let step_s = compute_s + feature_all_gather_s + grad_all_reduce_exposed_s;
-        let activations = b as f64
-            * (img.activation_elems + txt.activation_elems)
+        // With micro-batches (OpenCLIP's accum-freq does the same), one micro-batch's
+        // activations per tower.
+        let rows = |t: Tower| o.micro_batch.of(t).map_or(b, |m| m.min(b)) as f64;
+        let activations = (rows(Tower::Image) * img.activation_elems
+            + rows(Tower::Text) * txt.activation_elems)
             * o.precision.activation_bytes();
         // OpenCLIP's local loss: b × B logits per direction, and all features.
         let loss = 2.0 * 3.0 * b as f64 * b_global * 4.0 + 2.0 * b_global * d * 4.0;
