@@ -265,7 +265,11 @@ fn table(points: &[Point]) -> String {
             p.batch,
             p.split.0,
             p.split.1,
-            if p.alone { " (image rank alone, all cores)" } else { "" },
+            if p.alone {
+                " (image rank alone, all cores)"
+            } else {
+                ""
+            },
             if p.tiled { "tiled" } else { "untiled" },
             p.tile,
             p.seconds.map_or("—".into(), |t| format!("{t:.2}")),
@@ -286,11 +290,17 @@ fn plot(points: &[Point]) -> String {
         batches.iter().copied().fold(0.0, f64::max).log2(),
     );
     let (my0, my1) = (
-        mems.iter().copied().fold(f64::INFINITY, f64::min).log2().floor(),
+        mems.iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .log2()
+            .floor(),
         mems.iter().copied().fold(0.0, f64::max).log2().ceil(),
     );
     let px = |b: f64| left + (b.log2() - bx0) / (bx1 - bx0).max(1e-9) * (w - left - right);
-    let py = |m: f64| h - bottom - (m.max(1.0).log2() - my0) / (my1 - my0).max(1e-9) * (h - top - bottom);
+    let py = |m: f64| {
+        h - bottom - (m.max(1.0).log2() - my0) / (my1 - my0).max(1e-9) * (h - top - bottom)
+    };
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -355,7 +365,11 @@ fn plot(points: &[Point]) -> String {
             continue;
         }
         for segment in pts.windows(2) {
-            let dashed = if segment[1].measured { "" } else { " stroke-dasharray=\"5,4\"" };
+            let dashed = if segment[1].measured {
+                ""
+            } else {
+                " stroke-dasharray=\"5,4\""
+            };
             let _ = writeln!(
                 s,
                 "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"2\"{dashed}/>",
@@ -487,5 +501,8 @@ fn main() {
     std::fs::write(out.join("loss-scaling.md"), md).expect("write table");
     std::fs::write(out.join("loss-scaling.svg"), plot(&points)).expect("write plot");
     std::fs::write(&csv, to_csv(&points)).expect("write points");
-    eprintln!("wrote {0}/loss-scaling.md and {0}/loss-scaling.svg", out.display());
+    eprintln!(
+        "wrote {0}/loss-scaling.md and {0}/loss-scaling.svg",
+        out.display()
+    );
 }

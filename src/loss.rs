@@ -337,13 +337,34 @@ impl FeatureLayout {
             .sum()
     }
 
+    /// The same ranks with other row counts (per global rank): a step that dropped pairs.
+    pub fn with_rows(&self, rows: &[usize]) -> FeatureLayout {
+        FeatureLayout {
+            ranks: self
+                .ranks
+                .iter()
+                .zip(rows)
+                .map(|(&(tower, _), &r)| (tower, r))
+                .collect(),
+            image_order: self.image_order.clone(),
+            text_order: self.text_order.clone(),
+        }
+    }
+
+    /// Per global rank: its tower, its first row within its modality, and its rows.
+    pub fn slices(&self) -> Vec<(Tower, usize, usize)> {
+        (0..self.ranks.len())
+            .map(|g| (self.ranks[g].0, self.modality_offset(g), self.ranks[g].1))
+            .collect()
+    }
+
     /// Rows each global rank contributes to a world collective.
     pub fn world_rows(&self) -> Vec<usize> {
         self.ranks.iter().map(|(_, rows)| *rows).collect()
     }
 
     /// All features of `tower`, in global sample order, from a world all-gather.
-    fn select(&self, gathered: &Tensor, tower: Tower) -> Result<Tensor> {
+    pub fn select(&self, gathered: &Tensor, tower: Tower) -> Result<Tensor> {
         let mut starts = Vec::with_capacity(self.ranks.len());
         let mut at = 0;
         for (_, rows) in &self.ranks {

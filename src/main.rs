@@ -154,6 +154,13 @@ struct TrainArgs {
     checkpointing: bool,
     #[command(flatten)]
     loss: LossArgs,
+    /// Train on WebDataset shards (paths or brace patterns, relative to here) instead of
+    /// the synthetic set; repeat for several.
+    #[arg(long = "shards", num_args = 1..)]
+    shards: Vec<String>,
+    /// Decoding threads per rank.
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 #[derive(Args)]
@@ -375,6 +382,15 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     cfg.checkpointing |= args.checkpointing;
     args.loss.apply(&mut cfg.loss);
     args.loss.apply_micro_batch(&mut cfg.micro_batch);
+    if !args.shards.is_empty() {
+        cfg.data.kind = mmpipe::data::DataKind::Webdataset;
+        cfg.data.shards = args.shards.clone();
+        cfg.data.base_dir = PathBuf::from(".");
+        cfg.data.origin = PathBuf::from("--shards");
+    }
+    if let Some(w) = args.workers {
+        cfg.data.workers = w;
+    }
     cfg.validate(&origin)?;
     let threads = compute_threads_per_rank(topology.world_size());
     println!(
@@ -413,6 +429,19 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         println!("logit bias {:.2}", report.final_logit_bias);
     }
     print_phases(&report.phases, cfg.steps);
+    let skipped = &report.skipped[0];
+    let decode: Vec<String> = report
+        .skipped
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.total() > 0)
+        .map(|(rank, s)| format!("rank {rank}: {s}"))
+        .collect();
+    if skipped.total() > 0 || !decode.is_empty() {
+        println!("samples skipped: {}", decode.join("; "));
+    } else if cfg.data.kind != mmpipe::data::DataKind::Synthetic {
+        println!("samples skipped: none");
+    }
     print_bytes(&report.phases, &report.bytes, cfg.steps);
     if let Some(mib) = peak_memory_mib() {
         println!("peak memory (resident, whole process): {mib:.0} MiB");

@@ -1,11 +1,18 @@
 //! Data for the towers. Each rank materialises only its own modality for its own slice of
 //! the global batch.
 
+pub mod order;
+pub mod pipeline;
+pub mod shards;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod transform;
 pub mod vocab;
 
+use std::path::PathBuf;
+
 use candle_core::{Device, Tensor};
+use serde::Deserialize;
 
 pub use synthetic::{Stream, SyntheticShapes};
 pub use tokenizer::{TextTokenizer, Tokens};
@@ -15,10 +22,63 @@ use crate::error::{Error, Result};
 use crate::model::{ClipConfig, TowerInput};
 use crate::topology::Tower;
 
+/// Where the training pairs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// The built-in shapes set, generated on the fly.
+    #[default]
+    Synthetic,
+    /// WebDataset tar shards (`KEY.jpg|png|webp` + `KEY.txt`), as img2dataset writes.
+    Webdataset,
+}
+
+/// The `[data]` section of a training config.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub kind: DataKind,
+    /// Shard paths or brace patterns (`data/{00000..00099}.tar`), relative to the config
+    /// file.
+    pub shards: Vec<String>,
+    /// Samples held for shuffling across shards (1: the shards' own order).
+    pub shuffle_buffer: usize,
+    /// Draw shards with replacement: endless runs without epochs.
+    pub resample: bool,
+    /// Decoding threads per rank.
+    pub workers: usize,
+    /// Batches prepared ahead of the step, per rank.
+    pub prefetch: usize,
+    /// OpenCLIP's random resized crop (scale 0.9–1) instead of the centre crop.
+    pub random_crop: bool,
+    /// What relative shard paths are relative to (the config file's folder).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// Where the settings came from, for errors: the config file, or the command line.
+    #[serde(skip)]
+    pub origin: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            kind: DataKind::Synthetic,
+            shards: Vec::new(),
+            shuffle_buffer: 1000,
+            resample: false,
+            workers: 2,
+            prefetch: 2,
+            random_crop: false,
+            base_dir: PathBuf::from("."),
+            origin: PathBuf::from("the command line"),
+        }
+    }
+}
+
 /// The synthetic shapes set, ready to hand any slice of samples to either tower.
 pub struct SyntheticSource {
     pub shapes: SyntheticShapes,
-    tokenizer: TextTokenizer,
+    tokenizer: std::sync::Arc<TextTokenizer>,
     context: usize,
     channels: usize,
 }
@@ -51,10 +111,15 @@ impl SyntheticSource {
         }
         Ok(SyntheticSource {
             shapes: SyntheticShapes::new(seed, model.image_size()),
-            tokenizer: TextTokenizer::Words(vocab),
+            tokenizer: std::sync::Arc::new(TextTokenizer::Words(vocab)),
             context: model.context_length(),
             channels: model.channels(),
         })
+    }
+
+    /// The word tokenizer the synthetic captions use.
+    pub fn tokenizer(&self) -> std::sync::Arc<TextTokenizer> {
+        self.tokenizer.clone()
     }
 
     pub fn caption(&self, stream: Stream, index: u64) -> String {

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::data::{DataConfig, DataKind};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, TileSize};
 pub use crate::plan::MicroBatch;
@@ -35,6 +36,7 @@ pub struct TrainConfig {
     /// of the global batch: features first, the loss once on the whole batch, then each
     /// micro-batch again with gradients (GradCache). Each group may pick its own.
     pub micro_batch: MicroBatch,
+    pub data: DataConfig,
 }
 
 impl Default for TrainConfig {
@@ -54,6 +56,7 @@ impl Default for TrainConfig {
             checkpointing: false,
             loss: LossConfig::default(),
             micro_batch: MicroBatch::default(),
+            data: DataConfig::default(),
         }
     }
 }
@@ -61,7 +64,12 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Reads and checks a training config file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: TrainConfig = crate::error::read_toml(path)?;
+        let mut cfg: TrainConfig = crate::error::read_toml(path)?;
+        cfg.data.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| ".".into());
+        cfg.data.origin = path.to_path_buf();
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -89,6 +97,15 @@ impl TrainConfig {
                 "loss.tile_memory_mib",
                 format!("{} MiB is not a memory budget", self.loss.tile_memory_mib),
             );
+        }
+        if self.data.kind == DataKind::Webdataset && self.data.shards.is_empty() {
+            return bad(
+                "data.shards",
+                "kind = \"webdataset\" needs at least one shard or pattern".into(),
+            );
+        }
+        if self.data.workers == 0 {
+            return bad("data.workers", "at least 1 decoding thread per rank".into());
         }
         if let TileSize::Columns(0) = self.loss.tile {
             return bad("loss.tile", "a tile has at least 1 column".into());

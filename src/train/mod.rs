@@ -15,7 +15,14 @@ pub use config::TrainConfig;
 pub use step::{PhaseBytes, PhaseTimes, RankTrainer, StepGrads};
 
 use crate::comm::{thread, RankComms};
-use crate::data::{Stream, SyntheticSource};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::data::order::{GlobalStream, OrderConfig, SkipCounts};
+use crate::data::pipeline::{Assembler, Materialiser, PipelineConfig, RankData, SampleOrder};
+use crate::data::shards;
+use crate::data::transform::{Crop, ImageTransform};
+use crate::data::{DataKind, Stream, SyntheticSource, TextTokenizer};
 use crate::error::{Error, Result};
 use crate::eval::{recall_at_1, Retrieval};
 use crate::loss::{split_len, split_offset, FeatureLayout};
@@ -36,6 +43,10 @@ pub struct TrainReport {
     pub phases: Vec<(Tower, PhaseTimes)>,
     /// Per global rank: its collective payload summed over the steps.
     pub bytes: Vec<PhaseBytes>,
+    /// Per global rank: samples it could not use, by cause. Header problems (missing
+    /// members, truncated shards) show on every rank; decoding problems on the ranks of
+    /// the modality that hit them.
+    pub skipped: Vec<SkipCounts>,
     pub final_logit_scale: f64,
     /// SigLIP's logit bias at the end (0 for CLIP).
     pub final_logit_bias: f64,
@@ -56,6 +67,8 @@ struct RankOutcome {
     retrieval: Option<Retrieval>,
     phases: PhaseTimes,
     bytes: PhaseBytes,
+    /// Samples this rank could not use, by cause (the order's skips included).
+    skipped: SkipCounts,
     logit_scale: f64,
     logit_bias: f64,
 }
@@ -89,10 +102,29 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             cfg.eval_pairs
         )));
     }
-    let source = SyntheticSource::new(cfg.seed, model)?;
+    let source = Arc::new(SyntheticSource::new(cfg.seed, model)?);
+    // Missing shards are an error now, before any rank starts.
+    let shards = match cfg.data.kind {
+        DataKind::Synthetic => Vec::new(),
+        DataKind::Webdataset => shards::resolve(
+            &cfg.data.shards,
+            &cfg.data.base_dir,
+            &cfg.data.origin,
+            "data.shards",
+        )?,
+    };
+    let captions = match cfg.data.kind {
+        DataKind::Synthetic => source.tokenizer(),
+        DataKind::Webdataset => Arc::new(caption_tokenizer(model)?),
+    };
     let started = Instant::now();
     let outcomes = thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
-        run_rank(topology, rank, comms, model, cfg, &source)
+        let data = RankInputs {
+            source: &source,
+            shards: &shards,
+            captions: captions.clone(),
+        };
+        run_rank(topology, rank, comms, model, cfg, data)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     let lead = &outcomes[0];
@@ -108,9 +140,95 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             .map(|(o, r)| (r.tower, o.phases))
             .collect(),
         bytes: outcomes.iter().map(|o| o.bytes).collect(),
+        skipped: outcomes.iter().map(|o| o.skipped.clone()).collect(),
         final_logit_scale: lead.logit_scale,
         final_logit_bias: lead.logit_bias,
     })
+}
+
+/// The tokenizer for captions read from shards: the pretrained BERT's own, or CLIP's BPE
+/// for a CLIP text tower with its vocabulary.
+fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
+    if let Some(dir) = &model.pretrained_text {
+        return TextTokenizer::from_hf_file(&dir.join("tokenizer.json"));
+    }
+    const CLIP_VOCAB: usize = 49408;
+    if model.vocab_size() < CLIP_VOCAB {
+        return Err(Error::Msg(format!(
+            "captions from shards are tokenised with CLIP's BPE ({CLIP_VOCAB} tokens), but the \
+             model's text.vocab_size is {}: use a model with a CLIP vocabulary (e.g. \
+             configs/clip-tiny-bpe.toml) or a pretrained BERT text tower",
+            model.vocab_size()
+        )));
+    }
+    Ok(TextTokenizer::clip())
+}
+
+/// What every rank's data pipeline is built from.
+struct RankInputs<'a> {
+    source: &'a Arc<SyntheticSource>,
+    shards: &'a [PathBuf],
+    captions: Arc<TextTokenizer>,
+}
+
+/// Starts this rank's pipeline: its modality, its slice of every global batch.
+fn start_data(
+    topology: &Topology,
+    rank: usize,
+    trainer: &RankTrainer,
+    model: &ClipConfig,
+    cfg: &TrainConfig,
+    inputs: &RankInputs,
+) -> RankData {
+    let tower = topology.ranks[rank].tower;
+    let (order, materialiser) = match cfg.data.kind {
+        DataKind::Synthetic => (
+            SampleOrder::Synthetic { next: 0 },
+            Materialiser::Synthetic(inputs.source.clone(), tower),
+        ),
+        DataKind::Webdataset => {
+            let mut stream = GlobalStream::new(
+                inputs.shards.to_vec(),
+                OrderConfig {
+                    seed: cfg.seed,
+                    shuffle_buffer: cfg.data.shuffle_buffer,
+                    resample: cfg.data.resample,
+                },
+            );
+            stream.log = rank == 0;
+            let crop = if cfg.data.random_crop {
+                Crop::OPENCLIP_TRAIN
+            } else {
+                Crop::Centre
+            };
+            let materialiser = match tower {
+                Tower::Image => {
+                    Materialiser::ShardImages(ImageTransform::clip(model.image_size(), crop))
+                }
+                Tower::Text => Materialiser::ShardCaptions,
+            };
+            (SampleOrder::Shards(stream), materialiser)
+        }
+    };
+    let assembler = Assembler {
+        tower,
+        image_shape: (model.channels(), model.image_size(), model.image_size()),
+        tokenizer: inputs.captions.clone(),
+        context: model.context_length(),
+    };
+    RankData::spawn(
+        order,
+        trainer.offset,
+        trainer.local_batch,
+        cfg.global_batch,
+        Arc::new(materialiser),
+        assembler,
+        PipelineConfig {
+            workers: cfg.data.workers,
+            prefetch: cfg.data.prefetch,
+            seed: cfg.seed,
+        },
+    )
 }
 
 fn run_rank(
@@ -119,12 +237,18 @@ fn run_rank(
     comms: RankComms,
     model: &ClipConfig,
     cfg: &TrainConfig,
-    source: &SyntheticSource,
+    inputs: RankInputs,
 ) -> Result<RankOutcome> {
     let device = Device::Cpu;
+    let source = inputs.source.as_ref();
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
     trainer.attach(&comms);
     trainer.check_replicas(&comms)?;
+    let data = start_data(topology, rank, &trainer, model, cfg, &inputs);
+    // Synthetic samples always materialise: no mask, no extra collective.
+    let masked = cfg.data.kind != DataKind::Synthetic;
+    let mut skipped = SkipCounts::default();
+    let mut skipped_by_order = SkipCounts::default();
     let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64));
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut step_seconds = Vec::with_capacity(cfg.steps);
@@ -133,10 +257,14 @@ fn run_rank(
     let started = Instant::now();
     for step in 0..cfg.steps {
         let step_started = Instant::now();
-        let indices = batch_indices(step, cfg.global_batch, trainer.offset, trainer.local_batch);
-        let input = source.tower_input(trainer.tower, Stream::Train, &indices, &device)?;
+        let batch = data.next()?;
+        let data_wait = step_started.elapsed();
+        skipped.merge(&batch.failed);
+        skipped_by_order = batch.skipped_by_order.clone();
         let lr = optim::cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps);
-        let (loss, times, moved) = trainer.step(&comms, &input, lr)?;
+        let valid = masked.then_some(batch.valid.as_slice());
+        let (loss, mut times, moved) = trainer.step(&comms, &batch.input, valid, lr)?;
+        times.data_wait = data_wait;
         phases.add(&times);
         bytes.add(&moved);
         losses.push(loss);
@@ -152,7 +280,8 @@ fn run_rank(
     if let Some(bar) = bar {
         bar.finish();
     }
-    let retrieval = if cfg.eval_pairs > 0 {
+    skipped.merge(&skipped_by_order);
+    let retrieval = if cfg.eval_pairs > 0 && cfg.data.kind == DataKind::Synthetic {
         evaluate(topology, rank, &comms, &trainer, source, cfg.eval_pairs)?
     } else {
         None
@@ -163,6 +292,7 @@ fn run_rank(
         retrieval,
         phases,
         bytes,
+        skipped,
         logit_scale: trainer.logit_scale()?,
         logit_bias: trainer.logit_bias()?,
     })

@@ -31,6 +31,8 @@ use crate::topology::{Topology, Tower};
 /// Wall time of each phase of one step on one rank.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PhaseTimes {
+    /// Waiting for the data pipeline's next batch.
+    pub data_wait: Duration,
     pub forward: Duration,
     pub exchange: Duration,
     pub loss: Duration,
@@ -40,7 +42,8 @@ pub struct PhaseTimes {
 }
 
 impl PhaseTimes {
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
+        "data wait",
         "forward",
         "exchange",
         "loss",
@@ -49,8 +52,9 @@ impl PhaseTimes {
         "optimizer",
     ];
 
-    pub fn as_array(&self) -> [Duration; 6] {
+    pub fn as_array(&self) -> [Duration; 7] {
         [
+            self.data_wait,
             self.forward,
             self.exchange,
             self.loss,
@@ -61,6 +65,7 @@ impl PhaseTimes {
     }
 
     pub fn add(&mut self, o: &PhaseTimes) {
+        self.data_wait += o.data_wait;
         self.forward += o.forward;
         self.exchange += o.exchange;
         self.loss += o.loss;
@@ -319,6 +324,57 @@ impl RankTrainer {
     /// Forward, exchange, loss, backward and the group reduction: the exact gradient of the
     /// global-batch loss for every parameter this rank holds.
     pub fn compute_grads(&self, comms: &RankComms, input: &TowerInput) -> Result<StepGrads> {
+        self.compute_grads_masked(comms, input, None)
+    }
+
+    /// Which pairs of the global batch every rank keeps, from each rank's `valid` (a
+    /// world all-gather of one byte per sample): a pair stays only if its image and its
+    /// caption both materialised. Returns the step's layout, this rank's offset in it, and
+    /// the local rows kept.
+    fn kept_pairs(
+        &self,
+        comms: &RankComms,
+        valid: &[bool],
+    ) -> Result<(FeatureLayout, usize, Vec<u32>)> {
+        let mine: Vec<f32> = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
+        let mine = Tensor::from_vec(mine, (valid.len(), 1), &Device::Cpu)?;
+        let gathered = comms.world.all_gather(&mine)?;
+        let side = |tower| -> Result<Vec<bool>> {
+            let t = self.layout.select(&gathered, tower)?.flatten_all()?;
+            Ok(t.to_vec1::<f32>()?.into_iter().map(|v| v > 0.5).collect())
+        };
+        let (image, text) = (side(Tower::Image)?, side(Tower::Text)?);
+        let pair: Vec<bool> = image.iter().zip(&text).map(|(a, b)| *a && *b).collect();
+        let kept = |from: usize, len: usize| pair[from..from + len].iter().filter(|&&p| p).count();
+        if kept(0, pair.len()) < 2 {
+            return Err(Error::Msg(format!(
+                "only {} of the {} pairs of this global batch could be read: see the skipped samples above",
+                kept(0, pair.len()),
+                pair.len()
+            )));
+        }
+        let rows: Vec<usize> = self
+            .layout
+            .slices()
+            .iter()
+            .map(|&(_, from, len)| kept(from, len))
+            .collect();
+        let local: Vec<u32> = (0..self.local_batch)
+            .filter(|&i| pair[self.offset + i])
+            .map(|i| i as u32)
+            .collect();
+        Ok((self.layout.with_rows(&rows), kept(0, self.offset), local))
+    }
+
+    /// [`Self::compute_grads`] on a batch where some samples could not be read: `valid`
+    /// marks this rank's usable ones. The loss is the exact global loss over the pairs
+    /// every rank could read; the others get no gradient.
+    pub fn compute_grads_masked(
+        &self,
+        comms: &RankComms,
+        input: &TowerInput,
+        valid: Option<&[bool]>,
+    ) -> Result<StepGrads> {
         if input.len()? != self.local_batch {
             return Err(Error::Msg(format!(
                 "rank got {} samples, expected its slice of {}",
@@ -360,7 +416,22 @@ impl RankTrainer {
 
         let t = Instant::now();
         let before = payload(comms);
-        let (image, text) = self.layout.exchange(comms, &features.detach())?;
+        let masked = match valid {
+            Some(v) => Some(self.kept_pairs(comms, v)?),
+            None => None,
+        };
+        let (layout, offset, kept) = match &masked {
+            Some((layout, offset, rows)) => (layout, *offset, Some(rows)),
+            None => (&self.layout, self.offset, None),
+        };
+        let local = match kept {
+            Some(rows) => {
+                let index = Tensor::from_vec(rows.clone(), rows.len(), features.device())?;
+                features.detach().index_select(&index, 0)?
+            }
+            None => features.detach(),
+        };
+        let (image, text) = layout.exchange(comms, &local)?;
         let other = match self.tower {
             Tower::Image => text,
             Tower::Text => image,
@@ -370,18 +441,26 @@ impl RankTrainer {
 
         let t = Instant::now();
         let before = payload(comms);
-        let out = global_loss(
+        let mut out = global_loss(
             comms,
             &self.loss,
-            &self.layout,
-            &features.detach(),
+            layout,
+            &local,
             &other,
-            self.offset,
+            offset,
             LossScalars {
                 logit_scale: self.logit_scale()?,
                 logit_bias: self.logit_bias()?,
             },
         )?;
+        if let Some(rows) = kept {
+            // Dropped rows get no gradient.
+            let index = Tensor::from_vec(rows.clone(), rows.len(), out.grad.device())?;
+            out.grad = features
+                .detach()
+                .zeros_like()?
+                .index_add(&index, &out.grad, 0)?;
+        }
         bytes.loss = payload(comms) - before;
         times.loss = t.elapsed();
 
@@ -471,9 +550,10 @@ impl RankTrainer {
         &mut self,
         comms: &RankComms,
         input: &TowerInput,
+        valid: Option<&[bool]>,
         lr: f64,
     ) -> Result<(f64, PhaseTimes, PhaseBytes)> {
-        let mut g = self.compute_grads(comms, input)?;
+        let mut g = self.compute_grads_masked(comms, input, valid)?;
         if !g.loss.is_finite() {
             return Err(Error::Msg(format!(
                 "the loss is {}: training diverged",

@@ -1,0 +1,390 @@
+//! One rank's data: a reader thread walks the global order and keeps the rank's slice of
+//! every global batch, worker threads decode and transform those samples while the tower
+//! computes, and an assembler puts them back in order into batches, a bounded number
+//! ahead. A sample that fails to decode keeps its slot, marked invalid, so both modalities
+//! keep the same positions; the step then drops the pair on every rank.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::thread;
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use super::order::{GlobalStream, SkipCounts};
+use super::shards::{ShardSample, SkipCause};
+use super::synthetic::Stream;
+use super::tokenizer::TextTokenizer;
+use super::transform::ImageTransform;
+use super::SyntheticSource;
+use crate::error::{Error, Result};
+use crate::model::TowerInput;
+use crate::topology::Tower;
+
+/// A sample of the global order, before its rank reads it.
+#[derive(Debug, Clone)]
+pub enum SampleRef {
+    /// Sample `i` of the synthetic training stream.
+    Synthetic(u64),
+    Shard(ShardSample),
+}
+
+impl SampleRef {
+    pub fn key(&self) -> String {
+        match self {
+            SampleRef::Synthetic(i) => format!("synthetic/{i}"),
+            SampleRef::Shard(s) => s.key.clone(),
+        }
+    }
+}
+
+/// Where the global order comes from.
+pub enum SampleOrder {
+    /// The synthetic set: sample `i` is position `i`.
+    Synthetic {
+        next: u64,
+    },
+    Shards(GlobalStream),
+}
+
+impl SampleOrder {
+    fn next(&mut self) -> Result<SampleRef> {
+        match self {
+            SampleOrder::Synthetic { next } => {
+                *next += 1;
+                Ok(SampleRef::Synthetic(*next - 1))
+            }
+            SampleOrder::Shards(s) => Ok(SampleRef::Shard(s.next_sample()?)),
+        }
+    }
+
+    fn skipped(&self) -> SkipCounts {
+        match self {
+            SampleOrder::Synthetic { .. } => SkipCounts::default(),
+            SampleOrder::Shards(s) => s.skipped.clone(),
+        }
+    }
+}
+
+/// One sample as its tower takes it.
+pub enum Item {
+    Pixels(Vec<f32>),
+    Caption(String),
+}
+
+/// Turns samples of the rank's modality into items: reads and decodes images, or reads
+/// captions. Runs on the worker threads.
+pub enum Materialiser {
+    ShardImages(ImageTransform),
+    ShardCaptions,
+    Synthetic(Arc<SyntheticSource>, Tower),
+}
+
+impl Materialiser {
+    /// `seed` drives this sample's random augmentation (the same on a replay).
+    pub fn item(&self, sample: &SampleRef, seed: u64) -> std::result::Result<Item, SkipCause> {
+        match (self, sample) {
+            (Materialiser::ShardImages(t), SampleRef::Shard(s)) => {
+                let member = s.image().ok_or(SkipCause::MissingImage)?;
+                let bytes = s.read(member).map_err(|_| SkipCause::UnreadableShard)?;
+                t.apply(&bytes, seed)
+                    .map(Item::Pixels)
+                    .map_err(|_| SkipCause::CorruptImage)
+            }
+            (Materialiser::ShardCaptions, SampleRef::Shard(s)) => {
+                let member = s.caption().ok_or(SkipCause::MissingCaption)?;
+                let bytes = s.read(member).map_err(|_| SkipCause::UnreadableShard)?;
+                let text = String::from_utf8(bytes).map_err(|_| SkipCause::EmptyCaption)?;
+                let text = text.trim();
+                if text.is_empty() {
+                    Err(SkipCause::EmptyCaption)
+                } else {
+                    Ok(Item::Caption(text.to_string()))
+                }
+            }
+            (Materialiser::Synthetic(source, Tower::Image), SampleRef::Synthetic(i)) => {
+                let s = source.shapes.sample(Stream::Train, *i);
+                Ok(Item::Pixels(source.shapes.render(&s)))
+            }
+            (Materialiser::Synthetic(source, Tower::Text), SampleRef::Synthetic(i)) => {
+                Ok(Item::Caption(source.caption(Stream::Train, *i)))
+            }
+            _ => Err(SkipCause::UnreadableShard),
+        }
+    }
+}
+
+/// Stacks a batch's items into the tower's input.
+pub struct Assembler {
+    pub tower: Tower,
+    /// `[channels, size, size]` of an image.
+    pub image_shape: (usize, usize, usize),
+    pub tokenizer: Arc<TextTokenizer>,
+    pub context: usize,
+}
+
+impl Assembler {
+    fn input(&self, items: Vec<Option<Item>>) -> Result<TowerInput> {
+        let n = items.len();
+        match self.tower {
+            Tower::Image => {
+                let (c, h, w) = self.image_shape;
+                let mut pixels = Vec::with_capacity(n * c * h * w);
+                for item in items {
+                    match item {
+                        Some(Item::Pixels(p)) if p.len() == c * h * w => pixels.extend(p),
+                        // An invalid slot: its pair is dropped from the loss; zeros keep
+                        // the tensor's shape.
+                        _ => pixels.resize(pixels.len() + c * h * w, 0.0),
+                    }
+                }
+                Ok(TowerInput::Images(Tensor::from_vec(
+                    pixels,
+                    (n, c, h, w),
+                    &Device::Cpu,
+                )?))
+            }
+            Tower::Text => {
+                let captions: Vec<String> = items
+                    .into_iter()
+                    .map(|i| match i {
+                        Some(Item::Caption(c)) => c,
+                        _ => String::new(),
+                    })
+                    .collect();
+                let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+                let t = self.tokenizer.encode_batch(&refs, self.context)?;
+                let dev = Device::Cpu;
+                Ok(TowerInput::Captions {
+                    tokens: Tensor::from_vec(t.ids, (n, self.context), &dev)?,
+                    mask: Tensor::from_vec(t.mask, (n, self.context), &dev)?,
+                    eot: Tensor::from_vec(t.eot, n, &dev)?,
+                })
+            }
+        }
+    }
+}
+
+/// One global batch's slice for this rank.
+pub struct Batch {
+    pub step: u64,
+    pub input: TowerInput,
+    /// False where the sample could not be used (the pair is dropped on every rank).
+    pub valid: Vec<bool>,
+    /// The samples' keys: the same on the image and the text side.
+    pub keys: Vec<String>,
+    /// Samples this rank could not materialise in this batch, by cause.
+    pub failed: SkipCounts,
+    /// Left out by the order so far (headers: missing members, truncated shards).
+    pub skipped_by_order: SkipCounts,
+    /// Global samples consumed after this batch: where a resume starts.
+    pub position: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineConfig {
+    pub workers: usize,
+    /// Batches ready ahead of the step.
+    pub prefetch: usize,
+    /// Mixed into each sample's augmentation seed.
+    pub seed: u64,
+}
+
+struct Job {
+    step: u64,
+    slot: usize,
+    sample: SampleRef,
+    seed: u64,
+}
+
+enum ToAssembler {
+    Meta {
+        step: u64,
+        keys: Vec<String>,
+        skipped: SkipCounts,
+        position: u64,
+    },
+    Done {
+        step: u64,
+        slot: usize,
+        item: std::result::Result<Item, SkipCause>,
+    },
+    Failed(Error),
+}
+
+/// This rank's batches, produced ahead on background threads.
+pub struct RankData {
+    batches: Receiver<Result<Batch>>,
+}
+
+impl RankData {
+    /// Starts the threads. `offset..offset+len` is the rank's slice of each global batch of
+    /// `global_batch` samples.
+    pub fn spawn(
+        mut order: SampleOrder,
+        offset: usize,
+        len: usize,
+        global_batch: usize,
+        materialiser: Arc<Materialiser>,
+        assembler: Assembler,
+        cfg: PipelineConfig,
+    ) -> Self {
+        let workers = cfg.workers.max(1);
+        let prefetch = cfg.prefetch.max(1);
+        let (jobs_tx, jobs_rx) = bounded::<Job>(prefetch * len.max(1));
+        let (to_asm, from_workers) = unbounded::<ToAssembler>();
+        let (batches_tx, batches) = bounded::<Result<Batch>>(prefetch);
+
+        let reader_out = to_asm.clone();
+        thread::spawn(move || {
+            for step in 0u64.. {
+                let mut keys = Vec::with_capacity(len);
+                for pos in 0..global_batch {
+                    let sample = match order.next() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = reader_out.send(ToAssembler::Failed(e));
+                            return;
+                        }
+                    };
+                    if pos < offset || pos >= offset + len {
+                        continue;
+                    }
+                    keys.push(sample.key());
+                    let index = step * global_batch as u64 + pos as u64;
+                    let seed = cfg.seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                    let job = Job {
+                        step,
+                        slot: pos - offset,
+                        sample,
+                        seed,
+                    };
+                    if jobs_tx.send(job).is_err() {
+                        return;
+                    }
+                }
+                let meta = ToAssembler::Meta {
+                    step,
+                    keys,
+                    skipped: order.skipped(),
+                    position: (step + 1) * global_batch as u64,
+                };
+                if reader_out.send(meta).is_err() {
+                    return;
+                }
+            }
+        });
+
+        for _ in 0..workers {
+            let (jobs, out, m) = (jobs_rx.clone(), to_asm.clone(), materialiser.clone());
+            thread::spawn(move || {
+                while let Ok(job) = jobs.recv() {
+                    let item = m.item(&job.sample, job.seed);
+                    let done = ToAssembler::Done {
+                        step: job.step,
+                        slot: job.slot,
+                        item,
+                    };
+                    if out.send(done).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(to_asm);
+
+        thread::spawn(move || assemble(from_workers, batches_tx, assembler, len));
+        RankData { batches }
+    }
+
+    /// The next batch; blocks while the workers are behind (the time the step waits for
+    /// data).
+    pub fn next(&self) -> Result<Batch> {
+        self.batches
+            .recv()
+            .map_err(|_| Error::Msg("the data pipeline stopped".into()))?
+    }
+}
+
+struct Partial {
+    items: Vec<Option<std::result::Result<Item, SkipCause>>>,
+    done: usize,
+    meta: Option<(Vec<String>, SkipCounts, u64)>,
+}
+
+fn assemble(
+    from: Receiver<ToAssembler>,
+    out: Sender<Result<Batch>>,
+    assembler: Assembler,
+    len: usize,
+) {
+    let mut partial: BTreeMap<u64, Partial> = BTreeMap::new();
+    let mut next = 0u64;
+    fn entry(partial: &mut BTreeMap<u64, Partial>, step: u64, len: usize) -> &mut Partial {
+        partial.entry(step).or_insert_with(|| Partial {
+            items: (0..len).map(|_| None).collect(),
+            done: 0,
+            meta: None,
+        })
+    }
+    while let Ok(message) = from.recv() {
+        match message {
+            ToAssembler::Failed(e) => {
+                let _ = out.send(Err(e));
+                return;
+            }
+            ToAssembler::Meta {
+                step,
+                keys,
+                skipped,
+                position,
+            } => entry(&mut partial, step, len).meta = Some((keys, skipped, position)),
+            ToAssembler::Done { step, slot, item } => {
+                let p = entry(&mut partial, step, len);
+                p.items[slot] = Some(item);
+                p.done += 1;
+            }
+        }
+        while partial
+            .get(&next)
+            .is_some_and(|p| p.done == len && p.meta.is_some())
+        {
+            let p = partial.remove(&next).expect("checked above");
+            let (keys, skipped_by_order, position) = p.meta.expect("checked above");
+            let mut failed = SkipCounts::default();
+            let mut valid = Vec::with_capacity(len);
+            let items: Vec<Option<Item>> = p
+                .items
+                .into_iter()
+                .map(|i| match i {
+                    Some(Ok(item)) => {
+                        valid.push(true);
+                        Some(item)
+                    }
+                    Some(Err(cause)) => {
+                        failed.add(cause, 1);
+                        valid.push(false);
+                        None
+                    }
+                    None => {
+                        valid.push(false);
+                        None
+                    }
+                })
+                .collect();
+            let batch = assembler.input(items).map(|input| Batch {
+                step: next,
+                input,
+                valid,
+                keys,
+                failed,
+                skipped_by_order,
+                position,
+            });
+            if out.send(batch).is_err() {
+                return;
+            }
+            next += 1;
+        }
+    }
+}

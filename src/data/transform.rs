@@ -1,0 +1,129 @@
+//! CLIP's image preprocessing: decode, crop, resize, normalise to CHW floats.
+//!
+//! The centre crop takes the largest centred square and resizes it to `size × size` in
+//! one pass: the same pixels as torchvision's "resize the shorter side, then centre crop",
+//! with one resampling instead of a resample and a copy. Bicubic (Catmull-Rom), as
+//! OpenCLIP's transform.
+
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use rand::{Rng, SeedableRng};
+
+/// OpenAI CLIP's per-channel mean and standard deviation (RGB, on [0, 1]).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// Which part of the image becomes the square input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Crop {
+    /// The largest centred square (evaluation, and training by default).
+    Centre,
+    /// torchvision's RandomResizedCrop: a random area fraction in `scale` and aspect
+    /// ratio in `ratio` (log-uniform), ten tries, else the centre.
+    RandomResized {
+        scale: (f64, f64),
+        ratio: (f64, f64),
+    },
+}
+
+impl Crop {
+    /// OpenCLIP's training augmentation.
+    pub const OPENCLIP_TRAIN: Crop = Crop::RandomResized {
+        scale: (0.9, 1.0),
+        ratio: (3.0 / 4.0, 4.0 / 3.0),
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageTransform {
+    pub size: usize,
+    pub crop: Crop,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl ImageTransform {
+    pub fn clip(size: usize, crop: Crop) -> Self {
+        ImageTransform {
+            size,
+            crop,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        }
+    }
+
+    /// The crop rectangle `(left, top, width, height)` in a `w × h` image; `seed` draws
+    /// the random crop, so a replay gives the same one.
+    pub fn crop_box(&self, w: u32, h: u32, seed: u64) -> (u32, u32, u32, u32) {
+        let centre = || {
+            let side = w.min(h);
+            ((w - side) / 2, (h - side) / 2, side, side)
+        };
+        match self.crop {
+            Crop::Centre => centre(),
+            Crop::RandomResized { scale, ratio } => {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let area = (w as f64) * (h as f64);
+                let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());
+                for _ in 0..10 {
+                    let target = area * rng.random_range(scale.0..=scale.1);
+                    let aspect = rng.random_range(log_lo..=log_hi).exp();
+                    let cw = (target * aspect).sqrt().round() as u32;
+                    let ch = (target / aspect).sqrt().round() as u32;
+                    if cw > 0 && ch > 0 && cw <= w && ch <= h {
+                        let x = rng.random_range(0..=w - cw);
+                        let y = rng.random_range(0..=h - ch);
+                        return (x, y, cw, ch);
+                    }
+                }
+                centre()
+            }
+        }
+    }
+
+    /// Decodes `bytes` (JPEG, PNG or WebP; grey or alpha become RGB) and returns the
+    /// normalised `[3, size, size]` pixels, row-major.
+    pub fn apply(&self, bytes: &[u8], seed: u64) -> std::result::Result<Vec<f32>, String> {
+        let decoded = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+        let rgb = decoded.to_rgb8();
+        self.apply_rgb(rgb.width(), rgb.height(), rgb.into_raw(), seed)
+    }
+
+    /// The transform on decoded RGB bytes (`w × h × 3`).
+    pub fn apply_rgb(
+        &self,
+        w: u32,
+        h: u32,
+        rgb: Vec<u8>,
+        seed: u64,
+    ) -> std::result::Result<Vec<f32>, String> {
+        if w == 0 || h == 0 {
+            return Err("empty image".into());
+        }
+        let (x, y, cw, ch) = self.crop_box(w, h, seed);
+        let src = Image::from_vec_u8(w, h, rgb, PixelType::U8x3).map_err(|e| e.to_string())?;
+        let side = self.size as u32;
+        let mut dst = Image::new(side, side, PixelType::U8x3);
+        let options = ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
+            .crop(x as f64, y as f64, cw as f64, ch as f64);
+        Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| e.to_string())?;
+        Ok(self.normalise(dst.buffer()))
+    }
+
+    /// `[h·w·3]` bytes → `[3, h, w]` floats, `(v/255 − mean)/std`.
+    pub fn normalise(&self, hwc: &[u8]) -> Vec<f32> {
+        let plane = hwc.len() / 3;
+        let mut out = vec![0f32; hwc.len()];
+        for c in 0..3 {
+            let (scale, shift) = (1.0 / (255.0 * self.std[c]), self.mean[c] / self.std[c]);
+            let dst = &mut out[c * plane..(c + 1) * plane];
+            for (d, px) in dst.iter_mut().zip(hwc.chunks_exact(3)) {
+                *d = px[c] as f32 * scale - shift;
+            }
+        }
+        out
+    }
+}
