@@ -44,7 +44,7 @@ pub enum SampleOrder {
     Synthetic {
         next: u64,
     },
-    Shards(GlobalStream),
+    Shards(Box<GlobalStream>),
 }
 
 impl SampleOrder {

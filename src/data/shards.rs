@@ -303,9 +303,12 @@ pub fn scan(path: &Path) -> Scan {
     }
 }
 
+/// A sample to write: its key and its members as `(extension, bytes)`.
+pub type SampleMembers = (String, Vec<(String, Vec<u8>)>);
+
 /// Writes samples as one tar shard, members in key order: what `mmpipe data synth` and
 /// `convert` produce, and what tests build fixtures with.
-pub fn write_shard(path: &Path, samples: &[(String, Vec<(String, Vec<u8>)>)]) -> Result<()> {
+pub fn write_shard(path: &Path, samples: &[SampleMembers]) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,

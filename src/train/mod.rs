@@ -207,7 +207,7 @@ fn start_data(
                 }
                 Tower::Text => Materialiser::ShardCaptions,
             };
-            (SampleOrder::Shards(stream), materialiser)
+            (SampleOrder::Shards(Box::new(stream)), materialiser)
         }
     };
     let assembler = Assembler {
