@@ -19,7 +19,8 @@ pub enum Crop {
     /// The largest centred square (evaluation, and training by default).
     Centre,
     /// torchvision's RandomResizedCrop: a random area fraction in `scale` and aspect
-    /// ratio in `ratio` (log-uniform), ten tries, else the centre.
+    /// ratio in `ratio` (log-uniform), ten tries, else the whole image's centre clamped
+    /// to the ratio range, as torchvision falls back.
     RandomResized {
         scale: (f64, f64),
         ratio: (f64, f64),
@@ -76,7 +77,15 @@ impl ImageTransform {
                         return (x, y, cw, ch);
                     }
                 }
-                centre()
+                let aspect = w as f64 / h as f64;
+                let (cw, ch) = if aspect < ratio.0 {
+                    (w, ((w as f64 / ratio.0).round() as u32).min(h))
+                } else if aspect > ratio.1 {
+                    (((h as f64 * ratio.1).round() as u32).min(w), h)
+                } else {
+                    (w, h)
+                };
+                ((w - cw) / 2, (h - ch) / 2, cw, ch)
             }
         }
     }

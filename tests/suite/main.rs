@@ -10,6 +10,8 @@ mod clip_reference;
 mod collectives;
 /// Tiny model, topologies and tolerance helpers shared by the modules below.
 mod common;
+/// The data pipeline on real photos: shards, order, transforms, bad input, resume.
+mod data;
 /// The autograd reference against finite differences: every parameter's gradient.
 mod gradients;
 /// CLIP and SigLIP across groups, both exchange schemes, tiled: against one device.

@@ -1,0 +1,568 @@
+//! The data pipeline on real photos: shards, the global order split by modality, image
+//! transforms, bad input, resume.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
+use mmpipe::data::order::{GlobalStream, OrderConfig};
+use mmpipe::data::pipeline::{Assembler, Materialiser, PipelineConfig, RankData, SampleOrder};
+use mmpipe::data::shards::{expand_braces, resolve, scan, write_shard, SampleMembers, SkipCause};
+use mmpipe::data::transform::{Crop, ImageTransform, CLIP_MEAN, CLIP_STD};
+use mmpipe::data::{DataConfig, DataKind, Stream, SyntheticSource, TextTokenizer};
+use mmpipe::model::ClipConfig;
+use mmpipe::topology::Tower;
+use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
+use rand::{Rng, SeedableRng};
+
+use super::common::{batch, cpu_topology, scalar, test_model, train_config, Reference};
+
+/// The shared real-photo shard: 22 photos and scans (PNG and JPEG) with captions.
+fn real_shard() -> PathBuf {
+    let p = PathBuf::from("../shared/data/real-photos/shard-000000.tar");
+    assert!(
+        p.is_file(),
+        "{} is missing: the shared fixtures sit beside the repository",
+        p.display()
+    );
+    p
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mmpipe-data-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The real shard's samples as `(key, [(extension, bytes)])`.
+fn real_samples() -> Vec<SampleMembers> {
+    let shard = real_shard();
+    scan(&shard)
+        .samples
+        .iter()
+        .map(|s| {
+            let members = s
+                .members
+                .iter()
+                .map(|m| (m.extension.clone(), s.read(m).unwrap()))
+                .collect();
+            (s.key.clone(), members)
+        })
+        .collect()
+}
+
+#[test]
+fn brace_patterns_expand_like_a_shell() {
+    assert_eq!(
+        expand_braces("data/{008..011}.tar").unwrap(),
+        [
+            "data/008.tar",
+            "data/009.tar",
+            "data/010.tar",
+            "data/011.tar"
+        ]
+    );
+    assert_eq!(
+        expand_braces("{a,b}/{0..1}.tar").unwrap(),
+        ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    );
+    assert_eq!(expand_braces("plain.tar").unwrap(), ["plain.tar"]);
+    for bad in [
+        "data/{3..1}.tar",
+        "data/{1..x}.tar",
+        "data/{0..3.tar",
+        "data/0}.tar",
+    ] {
+        assert!(expand_braces(bad).is_err(), "{bad} was accepted");
+    }
+}
+
+#[test]
+fn a_pattern_that_matches_nothing_is_an_error_naming_the_field() {
+    let dir = temp_dir("resolve");
+    write_shard(&dir.join("000.tar"), &real_samples()[..2]).unwrap();
+    let found = resolve(
+        &["{000..000}.tar".into()],
+        &dir,
+        Path::new("cfg.toml"),
+        "data.shards",
+    )
+    .unwrap();
+    assert_eq!(found, [dir.join("000.tar")]);
+    let err = resolve(
+        &["000.tar".into(), "{000..002}.tar".into()],
+        &dir,
+        Path::new("cfg.toml"),
+        "data.shards",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cfg.toml")
+            && err.contains("data.shards[1]")
+            && err.contains("2 shard(s) not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_real_shard_scans_into_22_complete_pairs() {
+    let s = scan(&real_shard());
+    assert!(s.stopped.is_none());
+    assert_eq!(s.samples.len(), 22);
+    for (i, sample) in s.samples.iter().enumerate() {
+        assert_eq!(sample.key, format!("{i:06}"));
+        assert!(sample.structural_problem().is_none(), "{}", sample.key);
+        let caption = String::from_utf8(sample.read(sample.caption().unwrap()).unwrap()).unwrap();
+        assert!(!caption.trim().is_empty());
+    }
+}
+
+#[test]
+fn every_real_photo_decodes_to_normalised_pixels() {
+    let t = ImageTransform::clip(32, Crop::Centre);
+    for sample in scan(&real_shard()).samples {
+        let bytes = sample.read(sample.image().unwrap()).unwrap();
+        let px = t
+            .apply(&bytes, 0)
+            .unwrap_or_else(|e| panic!("{}: {e}", sample.key));
+        assert_eq!(px.len(), 3 * 32 * 32);
+        let lo = (0..3)
+            .map(|c| -CLIP_MEAN[c] / CLIP_STD[c])
+            .fold(f32::INFINITY, f32::min);
+        let hi = (0..3)
+            .map(|c| (1.0 - CLIP_MEAN[c]) / CLIP_STD[c])
+            .fold(0.0, f32::max);
+        assert!(px
+            .iter()
+            .all(|v| v.is_finite() && *v >= lo - 1e-4 && *v <= hi + 1e-4));
+        let mean = px.iter().sum::<f32>() / px.len() as f32;
+        let var = px.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / px.len() as f32;
+        assert!(
+            var > 0.01,
+            "{}: a photo is not flat (variance {var})",
+            sample.key
+        );
+    }
+}
+
+#[test]
+fn a_flat_colour_comes_out_as_its_normalised_value_and_crops_are_where_they_should_be() {
+    let img = image::RgbImage::from_pixel(300, 200, image::Rgb([200, 100, 50]));
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let t = ImageTransform::clip(16, Crop::Centre);
+    let px = t.apply(&png, 0).unwrap();
+    for (c, v) in [200.0, 100.0, 50.0].iter().enumerate() {
+        let want = (v / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+        for got in &px[c * 256..(c + 1) * 256] {
+            assert!((got - want).abs() < 1e-5, "channel {c}: {got} vs {want}");
+        }
+    }
+    // The centre crop is the largest centred square.
+    assert_eq!(t.crop_box(300, 200, 0), (50, 0, 200, 200));
+    // The random crop stays inside, keeps 90–100% of the area, and replays by seed.
+    let r = ImageTransform::clip(16, Crop::OPENCLIP_TRAIN);
+    for (w0, h0) in [(300, 280), (300, 200), (120, 400)] {
+        for seed in 0..50 {
+            let (x, y, w, h) = r.crop_box(w0, h0, seed);
+            assert!(x + w <= w0 && y + h <= h0);
+            let area = (w * h) as f64 / (w0 * h0) as f64;
+            let aspect = w as f64 / h as f64;
+            // Inside the scale range, or torchvision's fallback: the widest centred box
+            // of an allowed aspect ratio.
+            assert!(
+                (0.9 - 1e-2..=1.0).contains(&area) || (0.74..=1.34).contains(&aspect),
+                "{w0}x{h0}: area fraction {area}, aspect {aspect}"
+            );
+            assert_eq!(r.crop_box(w0, h0, seed), (x, y, w, h));
+        }
+    }
+    assert_ne!(r.crop_box(300, 280, 1), r.crop_box(300, 280, 2));
+}
+
+fn caption_assembler(tower: Tower, image_size: usize) -> Assembler {
+    Assembler {
+        tower,
+        image_shape: (3, image_size, image_size),
+        tokenizer: Arc::new(TextTokenizer::clip()),
+        context: 16,
+    }
+}
+
+/// Every rank's keys for `steps` batches of `global_batch`, from its own pipeline.
+fn keys_per_rank(
+    shards: &[PathBuf],
+    image: usize,
+    text: usize,
+    global_batch: usize,
+    steps: usize,
+) -> Vec<(Tower, usize, Vec<Vec<String>>, Vec<Vec<bool>>)> {
+    let topology = cpu_topology(image, text);
+    topology
+        .ranks
+        .iter()
+        .map(|r| {
+            let size = topology.group_size(r.tower);
+            let offset = mmpipe::loss::split_offset(global_batch, size, r.group_rank);
+            let len = mmpipe::loss::split_len(global_batch, size, r.group_rank);
+            let order = SampleOrder::Shards(Box::new(GlobalStream::new(
+                shards.to_vec(),
+                OrderConfig {
+                    seed: 3,
+                    shuffle_buffer: 5,
+                    resample: false,
+                },
+            )));
+            let materialiser = match r.tower {
+                Tower::Image => Materialiser::ShardImages(ImageTransform::clip(16, Crop::Centre)),
+                Tower::Text => Materialiser::ShardCaptions,
+            };
+            let data = RankData::spawn(
+                order,
+                offset,
+                len,
+                global_batch,
+                Arc::new(materialiser),
+                caption_assembler(r.tower, 16),
+                PipelineConfig {
+                    workers: 3,
+                    prefetch: 2,
+                    seed: 3,
+                },
+            );
+            let (mut keys, mut valid) = (Vec::new(), Vec::new());
+            for step in 0..steps {
+                let b = data.next().unwrap();
+                assert_eq!(b.step, step as u64);
+                assert_eq!(b.input.len().unwrap(), len);
+                keys.push(b.keys);
+                valid.push(b.valid);
+            }
+            (r.tower, r.group_rank, keys, valid)
+        })
+        .collect()
+}
+
+/// The real shard cut into three shards of 7, 7 and 8 samples.
+fn three_shards(dir: &Path) -> Vec<PathBuf> {
+    let samples = real_samples();
+    let cuts = [(0, 7), (7, 14), (14, 22)];
+    cuts.iter()
+        .enumerate()
+        .map(|(i, &(a, b))| {
+            let p = dir.join(format!("{i:03}.tar"));
+            write_shard(&p, &samples[a..b]).unwrap();
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn image_and_text_ranks_see_the_same_keys_at_every_step_on_unequal_groups() {
+    let dir = temp_dir("pairs");
+    let shards = three_shards(&dir);
+    // 7 steps of 6 cross the 22-sample epoch boundary once.
+    for (image, text) in [(2, 1), (1, 3), (3, 2)] {
+        let ranks = keys_per_rank(&shards, image, text, 6, 7);
+        let side = |tower: Tower| -> Vec<Vec<String>> {
+            let mut of_tower: Vec<_> = ranks.iter().filter(|r| r.0 == tower).collect();
+            of_tower.sort_by_key(|r| r.1);
+            (0..7)
+                .map(|step| of_tower.iter().flat_map(|r| r.2[step].clone()).collect())
+                .collect()
+        };
+        let (img, txt) = (side(Tower::Image), side(Tower::Text));
+        assert_eq!(
+            img, txt,
+            "{image}x{text}: the two modalities disagree on the pairs"
+        );
+        let all: Vec<&String> = img.iter().flatten().collect();
+        assert_eq!(all.len(), 42);
+        // The shuffle buffer mixes shards: the first batch is not just shard 0 in order.
+        assert_ne!(
+            img[0],
+            ["000000", "000001", "000002", "000003", "000004", "000005"]
+        );
+        // Nothing lost: 42 draws over a 22-sample epoch (the buffer blurs its boundary)
+        // see every sample, none more than twice.
+        let mut counts = std::collections::BTreeMap::new();
+        for k in &all {
+            *counts.entry(k.as_str()).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 22, "{image}x{text}: a sample never came");
+        assert!(
+            counts.values().all(|&c| c <= 2),
+            "{image}x{text}: {counts:?}"
+        );
+        for r in &ranks {
+            assert!(r.3.iter().flatten().all(|&v| v), "real photos all decode");
+        }
+    }
+}
+
+#[test]
+fn resuming_at_a_position_gives_exactly_the_samples_that_came_next() {
+    let dir = temp_dir("resume");
+    let shards = three_shards(&dir);
+    let cfg = OrderConfig {
+        seed: 11,
+        shuffle_buffer: 4,
+        resample: false,
+    };
+    let mut straight = GlobalStream::new(shards.clone(), cfg);
+    let keys: Vec<String> = (0..60)
+        .map(|_| straight.next_sample().unwrap().key)
+        .collect();
+    for at in [0u64, 1, 21, 22, 37] {
+        let mut resumed = GlobalStream::new(shards.clone(), cfg);
+        resumed.skip(at).unwrap();
+        assert_eq!(resumed.position, at);
+        let next: Vec<String> = (0..10)
+            .map(|_| resumed.next_sample().unwrap().key)
+            .collect();
+        assert_eq!(next, keys[at as usize..at as usize + 10], "resumed at {at}");
+    }
+    // Resampling draws shards with replacement, still the same on every replay.
+    let resample = OrderConfig {
+        resample: true,
+        ..cfg
+    };
+    let a: Vec<String> = {
+        let mut s = GlobalStream::new(shards.clone(), resample);
+        (0..30).map(|_| s.next_sample().unwrap().key).collect()
+    };
+    let mut s = GlobalStream::new(shards, resample);
+    let b: Vec<String> = (0..30).map(|_| s.next_sample().unwrap().key).collect();
+    assert_eq!(a, b);
+}
+
+/// A shard with every kind of damage, and good pairs around it.
+fn damaged_shards(dir: &Path) -> Vec<PathBuf> {
+    let good = real_samples();
+    let caption = |s: &str| ("txt".to_string(), s.as_bytes().to_vec());
+    let jpeg = good[3].1.iter().find(|m| m.0 == "jpg").unwrap().1.clone();
+    let mut samples: Vec<SampleMembers> = good[..6].to_vec();
+    samples.push((
+        "corrupt".into(),
+        vec![
+            ("jpg".into(), b"not a jpeg at all".to_vec()),
+            caption("garbage"),
+        ],
+    ));
+    samples.push((
+        "cut".into(),
+        vec![
+            ("jpg".into(), jpeg[..jpeg.len() / 3].to_vec()),
+            caption("half a rocket"),
+        ],
+    ));
+    samples.push(("nocaption".into(), vec![("jpg".into(), jpeg.clone())]));
+    samples.push((
+        "blank".into(),
+        vec![("jpg".into(), jpeg.clone()), caption("   \n")],
+    ));
+    samples.push(("noimage".into(), vec![caption("a caption alone")]));
+    samples.extend(good[6..12].iter().cloned());
+    let damaged = dir.join("000.tar");
+    write_shard(&damaged, &samples).unwrap();
+    // A second shard cut off in the middle of a member.
+    let truncated = dir.join("001.tar");
+    write_shard(&truncated, &good[12..22]).unwrap();
+    let len = std::fs::metadata(&truncated).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap();
+    f.set_len(len * 2 / 3).unwrap();
+    vec![damaged, truncated]
+}
+
+#[test]
+fn damaged_samples_are_skipped_counted_by_cause_and_the_run_goes_on() {
+    let dir = temp_dir("damaged");
+    let shards = damaged_shards(&dir);
+    let scan_cut = scan(&shards[1]);
+    assert_eq!(
+        scan_cut.stopped.as_ref().map(|s| s.0),
+        Some(SkipCause::TruncatedShard)
+    );
+    assert!(!scan_cut.samples.is_empty() && scan_cut.samples.len() < 10);
+
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let cfg = TrainConfig {
+        steps: 6,
+        global_batch: 4,
+        eval_pairs: 0,
+        progress: false,
+        data: DataConfig {
+            kind: DataKind::Webdataset,
+            shards: vec!["{000..001}.tar".into()],
+            shuffle_buffer: 1,
+            base_dir: dir.clone(),
+            workers: 2,
+            ..DataConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    let report = mmpipe::train::train(&cpu_topology(2, 1), &model, &cfg).unwrap();
+    assert_eq!(report.losses.len(), 6);
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    let image = {
+        let mut s = report.skipped[0].clone();
+        s.merge(&report.skipped[1]);
+        s
+    };
+    let text = &report.skipped[2];
+    // Header problems, seen by every rank alike (once per epoch the order passes them).
+    for cause in [
+        SkipCause::MissingCaption,
+        SkipCause::MissingImage,
+        SkipCause::TruncatedShard,
+    ] {
+        let seen: Vec<u64> = report.skipped.iter().map(|s| s.get(cause)).collect();
+        assert!(
+            seen[0] >= 1 && seen.iter().all(|&n| n == seen[0]),
+            "{cause:?}: {seen:?}"
+        );
+    }
+    // Content problems, seen by the modality that reads them (24 samples cover the 19
+    // complete pairs at least once). A JPEG cut short still decodes (the missing rows
+    // come out grey), as with Pillow's LOAD_TRUNCATED_IMAGES; bytes that are no JPEG
+    // do not.
+    assert!(image.get(SkipCause::CorruptImage) >= 1, "{image}");
+    assert_eq!(image.get(SkipCause::EmptyCaption), 0, "{image}");
+    assert!(text.get(SkipCause::EmptyCaption) >= 1, "{text}");
+    assert_eq!(
+        text.get(SkipCause::CorruptImage),
+        0,
+        "text ranks never decode images: {text}"
+    );
+}
+
+#[test]
+fn a_pattern_with_no_shard_stops_training_before_it_starts() {
+    let cfg = TrainConfig {
+        data: DataConfig {
+            kind: DataKind::Webdataset,
+            shards: vec!["nowhere/{0..9}.tar".into()],
+            origin: "run.toml".into(),
+            ..DataConfig::default()
+        },
+        ..train_config(4)
+    };
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let err = mmpipe::train::train(&cpu_topology(1, 1), &model, &cfg)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("run.toml") && err.contains("data.shards[0]"),
+        "{err}"
+    );
+}
+
+/// Dropping pairs keeps the loss exact: a step where one image failed equals one device
+/// on the batch without that pair.
+#[test]
+fn a_step_without_an_unreadable_pair_equals_one_device_on_the_rest() {
+    let model = test_model();
+    let cfg = train_config(12);
+    let source = SyntheticSource::new(cfg.seed, &model).unwrap();
+    let dropped = 3; // image rank 0's fourth sample
+    let kept: Vec<u64> = (0..12).filter(|&i| i != dropped).collect();
+    let reference = Reference::new(&model, cfg.seed, DType::F64);
+    let (images, texts) = batch(&source, &kept, DType::F64);
+    let (want_loss, want_grads) = reference.grads(&images, &texts);
+
+    let topology = cpu_topology(2, 1);
+    let runs = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+        let trainer = RankTrainer::new(&topology, rank, &model, &cfg, DType::F64, &Device::Cpu)?;
+        let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
+        let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+        let valid: Vec<bool> = indices.iter().map(|&i| i != dropped).collect();
+        let g = trainer.compute_grads_masked(&comms, &input, Some(&valid))?;
+        let names: Vec<String> = trainer
+            .trainable()
+            .names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        Ok((g.loss, names, g.grads))
+    })
+    .unwrap();
+    for (rank, (loss, names, grads)) in runs.iter().enumerate() {
+        assert!(
+            (loss - want_loss).abs() < 1e-10,
+            "rank {rank}: {loss} vs {want_loss}"
+        );
+        for (name, g) in names.iter().zip(grads) {
+            let want = &want_grads[name];
+            let diff = scalar(&(g - want).unwrap().abs().unwrap().max_all().unwrap());
+            let size = scalar(&want.abs().unwrap().max_all().unwrap());
+            assert!(
+                diff <= 1e-10 * size.max(1e-12),
+                "rank {rank} {name}: off by {diff}"
+            );
+        }
+    }
+}
+
+/// Malformed inputs never panic: truncated and bit-flipped shards scan to fewer samples
+/// or stop with a cause; mangled image bytes are an error, not a crash.
+#[test]
+fn mangled_shards_and_images_never_panic() {
+    let bytes = std::fs::read(real_shard()).unwrap();
+    let dir = temp_dir("fuzz");
+    let path = dir.join("x.tar");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let t = ImageTransform::clip(8, Crop::OPENCLIP_TRAIN);
+    let jpeg = real_samples()[3]
+        .1
+        .iter()
+        .find(|m| m.0 == "jpg")
+        .unwrap()
+        .1
+        .clone();
+    for case in 0..120 {
+        let mut b = bytes.clone();
+        match case % 3 {
+            0 => b.truncate(rng.random_range(0..b.len())),
+            1 => {
+                // Flip bytes in the first headers.
+                for _ in 0..8 {
+                    let i = rng.random_range(0..4096.min(b.len()));
+                    b[i] ^= rng.random::<u8>() | 1;
+                }
+            }
+            _ => {
+                let i = rng.random_range(0..b.len());
+                b.splice(
+                    i..i,
+                    (0..rng.random_range(1..2000)).map(|_| rng.random::<u8>()),
+                );
+            }
+        }
+        std::fs::write(&path, &b).unwrap();
+        let s = scan(&path);
+        assert!(s.samples.len() <= 40, "case {case}");
+        for sample in s.samples.iter().take(3) {
+            if let Some(m) = sample.image() {
+                if let Ok(img) = sample.read(m) {
+                    let _ = t.apply(&img, case);
+                }
+            }
+        }
+        let mut img = jpeg.clone();
+        let cut = rng.random_range(0..img.len());
+        img.truncate(cut);
+        if !img.is_empty() {
+            let i = rng.random_range(0..img.len());
+            img[i] ^= 0x5a;
+        }
+        let _ = t.apply(&img, case);
+    }
+}
