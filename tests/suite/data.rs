@@ -193,6 +193,9 @@ fn caption_assembler(tower: Tower, image_size: usize) -> Assembler {
     }
 }
 
+/// A rank's tower, group rank, and per step its keys and validity.
+type RankKeys = (Tower, usize, Vec<Vec<String>>, Vec<Vec<bool>>);
+
 /// Every rank's keys for `steps` batches of `global_batch`, from its own pipeline.
 fn keys_per_rank(
     shards: &[PathBuf],
@@ -200,7 +203,7 @@ fn keys_per_rank(
     text: usize,
     global_batch: usize,
     steps: usize,
-) -> Vec<(Tower, usize, Vec<Vec<String>>, Vec<Vec<bool>>)> {
+) -> Vec<RankKeys> {
     let topology = cpu_topology(image, text);
     topology
         .ranks
