@@ -1,6 +1,7 @@
 //! Data for the towers. Each rank materialises only its own modality for its own slice of
 //! the global batch.
 
+pub mod fashion_mnist;
 pub mod order;
 pub mod pipeline;
 pub mod shards;
@@ -31,6 +32,9 @@ pub enum DataKind {
     Synthetic,
     /// WebDataset tar shards (`KEY.jpg|png|webp` + `KEY.txt`), as img2dataset writes.
     Webdataset,
+    /// Fashion-MNIST's IDX files, captions from class names and prompt templates.
+    #[serde(rename = "fashion-mnist")]
+    FashionMnist,
 }
 
 /// The `[data]` section of a training config.
@@ -51,6 +55,9 @@ pub struct DataConfig {
     pub prefetch: usize,
     /// OpenCLIP's random resized crop (scale 0.9–1) instead of the centre crop.
     pub random_crop: bool,
+    /// Fashion-MNIST's folder (Debian's by default) and split.
+    pub dir: PathBuf,
+    pub split: fashion_mnist::Split,
     /// What relative shard paths are relative to (the config file's folder).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -69,6 +76,8 @@ impl Default for DataConfig {
             workers: 2,
             prefetch: 2,
             random_crop: false,
+            dir: PathBuf::from(fashion_mnist::DEBIAN_DIR),
+            split: fashion_mnist::Split::Train,
             base_dir: PathBuf::from("."),
             origin: PathBuf::from("the command line"),
         }

@@ -11,6 +11,7 @@ use std::thread;
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use super::fashion_mnist::FashionMnist;
 use super::order::{GlobalStream, SkipCounts};
 use super::shards::{ShardSample, SkipCause};
 use super::synthetic::Stream;
@@ -24,15 +25,15 @@ use crate::topology::Tower;
 /// A sample of the global order, before its rank reads it.
 #[derive(Debug, Clone)]
 pub enum SampleRef {
-    /// Sample `i` of the synthetic training stream.
-    Synthetic(u64),
+    /// Sample `i` of an indexed source (the synthetic stream, Fashion-MNIST).
+    Index(u64),
     Shard(ShardSample),
 }
 
 impl SampleRef {
     pub fn key(&self) -> String {
         match self {
-            SampleRef::Synthetic(i) => format!("synthetic/{i}"),
+            SampleRef::Index(i) => i.to_string(),
             SampleRef::Shard(s) => s.key.clone(),
         }
     }
@@ -40,27 +41,74 @@ impl SampleRef {
 
 /// Where the global order comes from.
 pub enum SampleOrder {
-    /// The synthetic set: sample `i` is position `i`.
-    Synthetic {
+    /// An endless indexed source: sample `i` is position `i` (the synthetic set).
+    Sequential {
         next: u64,
+    },
+    /// `len` indexed samples, in a seeded permutation per epoch.
+    Permuted {
+        len: u64,
+        seed: u64,
+        position: u64,
+        permutation: Vec<u64>,
     },
     Shards(Box<GlobalStream>),
 }
 
 impl SampleOrder {
-    fn next(&mut self) -> Result<SampleRef> {
+    pub fn permuted(len: u64, seed: u64) -> Self {
+        SampleOrder::Permuted {
+            len,
+            seed,
+            position: 0,
+            permutation: Vec::new(),
+        }
+    }
+
+    pub fn next(&mut self) -> Result<SampleRef> {
         match self {
-            SampleOrder::Synthetic { next } => {
+            SampleOrder::Sequential { next } => {
                 *next += 1;
-                Ok(SampleRef::Synthetic(*next - 1))
+                Ok(SampleRef::Index(*next - 1))
+            }
+            SampleOrder::Permuted {
+                len,
+                seed,
+                position,
+                permutation,
+            } => {
+                if *len == 0 {
+                    return Err(Error::Msg("the source holds no samples".into()));
+                }
+                let at = *position % *len;
+                if at == 0 || permutation.is_empty() {
+                    use rand::seq::SliceRandom;
+                    use rand::SeedableRng;
+                    let epoch = *position / *len;
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(
+                        *seed ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    );
+                    *permutation = (0..*len).collect();
+                    permutation.shuffle(&mut rng);
+                }
+                *position += 1;
+                Ok(SampleRef::Index(permutation[at as usize]))
             }
             SampleOrder::Shards(s) => Ok(SampleRef::Shard(s.next_sample()?)),
         }
     }
 
+    /// Skips `n` samples: resuming at a recorded position.
+    pub fn skip(&mut self, n: u64) -> Result<()> {
+        for _ in 0..n {
+            self.next()?;
+        }
+        Ok(())
+    }
+
     fn skipped(&self) -> SkipCounts {
         match self {
-            SampleOrder::Synthetic { .. } => SkipCounts::default(),
+            SampleOrder::Sequential { .. } | SampleOrder::Permuted { .. } => SkipCounts::default(),
             SampleOrder::Shards(s) => s.skipped.clone(),
         }
     }
@@ -78,6 +126,7 @@ pub enum Materialiser {
     ShardImages(ImageTransform),
     ShardCaptions,
     Synthetic(Arc<SyntheticSource>, Tower),
+    FashionMnist(Arc<FashionMnist>, ImageTransform, Tower),
 }
 
 impl Materialiser {
@@ -102,12 +151,24 @@ impl Materialiser {
                     Ok(Item::Caption(text.to_string()))
                 }
             }
-            (Materialiser::Synthetic(source, Tower::Image), SampleRef::Synthetic(i)) => {
+            (Materialiser::Synthetic(source, Tower::Image), SampleRef::Index(i)) => {
                 let s = source.shapes.sample(Stream::Train, *i);
                 Ok(Item::Pixels(source.shapes.render(&s)))
             }
-            (Materialiser::Synthetic(source, Tower::Text), SampleRef::Synthetic(i)) => {
+            (Materialiser::Synthetic(source, Tower::Text), SampleRef::Index(i)) => {
                 Ok(Item::Caption(source.caption(Stream::Train, *i)))
+            }
+            (Materialiser::FashionMnist(set, t, Tower::Image), SampleRef::Index(i)) => {
+                let side = super::fashion_mnist::SIDE as u32;
+                t.apply_rgb(side, side, set.rgb(*i as usize), seed)
+                    .map(Item::Pixels)
+                    .map_err(|_| SkipCause::CorruptImage)
+            }
+            (Materialiser::FashionMnist(set, _, Tower::Text), SampleRef::Index(i)) => {
+                // The template varies with the draw, not only with the image.
+                Ok(Item::Caption(
+                    set.caption(*i as usize, (seed >> 33) as usize),
+                ))
             }
             _ => Err(SkipCause::UnreadableShard),
         }
@@ -215,6 +276,10 @@ enum ToAssembler {
 /// This rank's batches, produced ahead on background threads.
 pub struct RankData {
     batches: Receiver<Result<Batch>>,
+    /// One ticket per batch in flight (being read, decoded, or ready): the reader takes
+    /// one before each batch and the step returns it, so the pipeline runs at most
+    /// `prefetch` batches ahead however fast decoding is.
+    tickets: Receiver<()>,
 }
 
 impl RankData {
@@ -233,11 +298,15 @@ impl RankData {
         let prefetch = cfg.prefetch.max(1);
         let (jobs_tx, jobs_rx) = bounded::<Job>(prefetch * len.max(1));
         let (to_asm, from_workers) = unbounded::<ToAssembler>();
-        let (batches_tx, batches) = bounded::<Result<Batch>>(prefetch);
+        let (batches_tx, batches) = unbounded::<Result<Batch>>();
+        let (tickets_tx, tickets) = bounded::<()>(prefetch);
 
         let reader_out = to_asm.clone();
         thread::spawn(move || {
             for step in 0u64.. {
+                if tickets_tx.send(()).is_err() {
+                    return;
+                }
                 let mut keys = Vec::with_capacity(len);
                 for pos in 0..global_batch {
                     let sample = match order.next() {
@@ -294,15 +363,19 @@ impl RankData {
         drop(to_asm);
 
         thread::spawn(move || assemble(from_workers, batches_tx, assembler, len));
-        RankData { batches }
+        RankData { batches, tickets }
     }
 
     /// The next batch; blocks while the workers are behind (the time the step waits for
     /// data).
     pub fn next(&self) -> Result<Batch> {
-        self.batches
+        let batch = self
+            .batches
             .recv()
-            .map_err(|_| Error::Msg("the data pipeline stopped".into()))?
+            .map_err(|_| Error::Msg("the data pipeline stopped".into()))?;
+        // This batch is out of the pipeline: the reader may start another.
+        let _ = self.tickets.try_recv();
+        batch
     }
 }
 

@@ -18,6 +18,7 @@ use crate::comm::{thread, RankComms};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::data::fashion_mnist::FashionMnist;
 use crate::data::order::{GlobalStream, OrderConfig, SkipCounts};
 use crate::data::pipeline::{Assembler, Materialiser, PipelineConfig, RankData, SampleOrder};
 use crate::data::shards;
@@ -105,7 +106,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
     let source = Arc::new(SyntheticSource::new(cfg.seed, model)?);
     // Missing shards are an error now, before any rank starts.
     let shards = match cfg.data.kind {
-        DataKind::Synthetic => Vec::new(),
+        DataKind::Synthetic | DataKind::FashionMnist => Vec::new(),
         DataKind::Webdataset => shards::resolve(
             &cfg.data.shards,
             &cfg.data.base_dir,
@@ -113,14 +114,22 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             "data.shards",
         )?,
     };
+    let fashion = match cfg.data.kind {
+        DataKind::FashionMnist => Some(Arc::new(FashionMnist::load(
+            &cfg.data.base_dir.join(&cfg.data.dir),
+            cfg.data.split,
+        )?)),
+        _ => None,
+    };
     let captions = match cfg.data.kind {
         DataKind::Synthetic => source.tokenizer(),
-        DataKind::Webdataset => Arc::new(caption_tokenizer(model)?),
+        _ => Arc::new(caption_tokenizer(model)?),
     };
     let started = Instant::now();
     let outcomes = thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
         let data = RankInputs {
             source: &source,
+            fashion: fashion.clone(),
             shards: &shards,
             captions: captions.clone(),
         };
@@ -167,6 +176,7 @@ fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
 /// What every rank's data pipeline is built from.
 struct RankInputs<'a> {
     source: &'a Arc<SyntheticSource>,
+    fashion: Option<Arc<FashionMnist>>,
     shards: &'a [PathBuf],
     captions: Arc<TextTokenizer>,
 }
@@ -181,11 +191,27 @@ fn start_data(
     inputs: &RankInputs,
 ) -> RankData {
     let tower = topology.ranks[rank].tower;
+    let crop = if cfg.data.random_crop {
+        Crop::OPENCLIP_TRAIN
+    } else {
+        Crop::Centre
+    };
     let (order, materialiser) = match cfg.data.kind {
         DataKind::Synthetic => (
-            SampleOrder::Synthetic { next: 0 },
+            SampleOrder::Sequential { next: 0 },
             Materialiser::Synthetic(inputs.source.clone(), tower),
         ),
+        DataKind::FashionMnist => {
+            let set = inputs.fashion.clone().expect("loaded for this kind");
+            (
+                SampleOrder::permuted(set.len() as u64, cfg.seed),
+                Materialiser::FashionMnist(
+                    set,
+                    ImageTransform::clip(model.image_size(), crop),
+                    tower,
+                ),
+            )
+        }
         DataKind::Webdataset => {
             let mut stream = GlobalStream::new(
                 inputs.shards.to_vec(),
@@ -196,11 +222,6 @@ fn start_data(
                 },
             );
             stream.log = rank == 0;
-            let crop = if cfg.data.random_crop {
-                Crop::OPENCLIP_TRAIN
-            } else {
-                Crop::Centre
-            };
             let materialiser = match tower {
                 Tower::Image => {
                     Materialiser::ShardImages(ImageTransform::clip(model.image_size(), crop))
