@@ -65,7 +65,7 @@ impl SampleOrder {
         }
     }
 
-    pub fn next(&mut self) -> Result<SampleRef> {
+    pub fn draw(&mut self) -> Result<SampleRef> {
         match self {
             SampleOrder::Sequential { next } => {
                 *next += 1;
@@ -101,7 +101,7 @@ impl SampleOrder {
     /// Skips `n` samples: resuming at a recorded position.
     pub fn skip(&mut self, n: u64) -> Result<()> {
         for _ in 0..n {
-            self.next()?;
+            self.draw()?;
         }
         Ok(())
     }
@@ -309,7 +309,7 @@ impl RankData {
                 }
                 let mut keys = Vec::with_capacity(len);
                 for pos in 0..global_batch {
-                    let sample = match order.next() {
+                    let sample = match order.draw() {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = reader_out.send(ToAssembler::Failed(e));
