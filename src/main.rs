@@ -40,6 +40,68 @@ enum Command {
     Train(TrainArgs),
     /// Turn an OpenCLIP or HF BERT checkpoint into an mmpipe checkpoint of a model config.
     Convert(ConvertArgs),
+    /// Write WebDataset shards (synthetic, Fashion-MNIST, CSV/TSV) and inspect them.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write the synthetic shapes set as PNG + caption shards.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        samples: usize,
+        #[arg(long, default_value_t = 1000)]
+        per_shard: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        image_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Convert Fashion-MNIST or a CSV/TSV of image paths and captions into shards.
+    Convert {
+        #[arg(long, value_enum)]
+        from: ConvertSource,
+        /// The CSV/TSV file, or Fashion-MNIST's folder [default: Debian's].
+        input: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        per_shard: usize,
+        /// Fashion-MNIST split.
+        #[arg(long, value_enum, default_value_t = CliSplit::Train)]
+        split: CliSplit,
+        /// Fashion-MNIST: only the first N images.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// CSV: the column of image paths (relative to the file).
+        #[arg(long, default_value = "filepath")]
+        image_column: String,
+        /// CSV: the column of captions.
+        #[arg(long, default_value = "title")]
+        caption_column: String,
+    },
+    /// Print a shard's sample counts, member types, problems and its first samples.
+    Inspect {
+        shard: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        show: usize,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ConvertSource {
+    FashionMnist,
+    Csv,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CliSplit {
+    Train,
+    Test,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -350,6 +412,94 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn data(command: DataCommand) -> anyhow::Result<()> {
+    use mmpipe::data::convert;
+    use mmpipe::data::fashion_mnist::{Split, DEBIAN_DIR};
+    let wrote = |(shards, samples): (Vec<PathBuf>, usize), out: &PathBuf| {
+        println!(
+            "wrote {samples} samples in {} shard(s) to {}",
+            shards.len(),
+            out.display()
+        );
+    };
+    match command {
+        DataCommand::Synth {
+            out,
+            samples,
+            per_shard,
+            image_size,
+            seed,
+        } => wrote(
+            convert::synth(&out, samples, per_shard, image_size, seed)?,
+            &out,
+        ),
+        DataCommand::Convert {
+            from: ConvertSource::FashionMnist,
+            input,
+            out,
+            per_shard,
+            split,
+            limit,
+            ..
+        } => {
+            let dir = input.unwrap_or_else(|| PathBuf::from(DEBIAN_DIR));
+            let split = match split {
+                CliSplit::Train => Split::Train,
+                CliSplit::Test => Split::Test,
+            };
+            wrote(
+                convert::fashion_mnist(&dir, split, &out, per_shard, limit)?,
+                &out,
+            )
+        }
+        DataCommand::Convert {
+            from: ConvertSource::Csv,
+            input,
+            out,
+            per_shard,
+            image_column,
+            caption_column,
+            ..
+        } => {
+            let input = input.context("--from csv needs the CSV/TSV file")?;
+            let columns = convert::CsvColumns {
+                image: image_column,
+                caption: caption_column,
+                delimiter: None,
+            };
+            let (shards, samples, skipped) = convert::csv(&input, &columns, &out, per_shard)?;
+            wrote((shards, samples), &out);
+            println!("rows skipped: {skipped}");
+        }
+        DataCommand::Inspect { shard, show } => {
+            if !shard.is_file() {
+                anyhow::bail!("{}: no such shard", shard.display());
+            }
+            let r = convert::inspect(&shard, show);
+            println!(
+                "{}: {} samples, {} complete image-caption pairs",
+                shard.display(),
+                r.samples,
+                r.complete
+            );
+            let members: Vec<String> = r
+                .by_extension
+                .iter()
+                .map(|(e, n)| format!("{n} .{e}"))
+                .collect();
+            println!("members: {}", members.join(", "));
+            println!("problems: {}", r.problems);
+            if let Some(s) = &r.stopped {
+                println!("scan stopped early: {s}");
+            }
+            for (key, caption, image) in &r.first {
+                println!("  {key}: {image}; \"{caption}\"");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let topology = match &args.topology {
         Some(p) => Topology::from_file(p)?,
@@ -516,6 +666,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan(a),
         Command::Train(a) => train(a),
         Command::Convert(a) => convert(a),
+        Command::Data(c) => data(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Data for the towers. Each rank materialises only its own modality for its own slice of
 //! the global batch.
 
+pub mod convert;
 pub mod fashion_mnist;
 pub mod order;
 pub mod pipeline;

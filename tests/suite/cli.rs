@@ -333,3 +333,63 @@ fn a_batch_a_group_does_not_divide_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn data_synth_inspect_and_train_on_the_shards() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-cli-data-{}", std::process::id()));
+    let out = mmpipe(&[
+        "data",
+        "synth",
+        "--out",
+        dir.to_str().unwrap(),
+        "--samples",
+        "24",
+        "--per-shard",
+        "10",
+        "--image-size",
+        "32",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("wrote 24 samples in 3 shard(s)"));
+    let out = mmpipe(&["data", "inspect", dir.join("000000.tar").to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("10 samples, 10 complete") && stdout.contains("32x32 png"),
+        "{stdout}"
+    );
+    let pattern = format!("{}/{{000000..000002}}.tar", dir.display());
+    let out = mmpipe(&[
+        "train",
+        "--model",
+        "configs/clip-tiny-bpe.toml",
+        "--shards",
+        &pattern,
+        "--steps",
+        "2",
+        "--batch",
+        "8",
+        "--quiet",
+        "--eval-pairs",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("data wait") && stdout.contains("samples skipped: none"),
+        "{stdout}"
+    );
+    // A pattern that names a missing shard fails before training.
+    let missing = format!("{}/{{000000..000009}}.tar", dir.display());
+    let out = mmpipe(&[
+        "train",
+        "--model",
+        "configs/clip-tiny-bpe.toml",
+        "--shards",
+        &missing,
+        "--steps",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("7 shard(s) not found"), "{stderr}");
+}

@@ -569,3 +569,128 @@ fn mangled_shards_and_images_never_panic() {
         let _ = t.apply(&img, case);
     }
 }
+
+#[test]
+fn a_tsv_of_image_paths_and_captions_becomes_shards_skipping_bad_rows() {
+    use mmpipe::data::convert::{csv, inspect, CsvColumns};
+    let dir = temp_dir("csv");
+    let mut rows = String::from("path\tcaption\n");
+    for (i, (key, members)) in real_samples().iter().take(5).enumerate() {
+        let (ext, bytes) = members.iter().find(|m| m.0 != "txt").unwrap();
+        let name = format!("images/{key}.{ext}");
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        std::fs::write(dir.join(&name), bytes).unwrap();
+        let caption =
+            String::from_utf8(members.iter().find(|m| m.0 == "txt").unwrap().1.clone()).unwrap();
+        rows += &format!("{name}\t{}\n", if i == 1 { "  " } else { caption.trim() });
+    }
+    std::fs::write(dir.join("images/broken.jpg"), b"no jpeg").unwrap();
+    rows += "images/missing.png\ta missing photo\nimages/broken.jpg\ta broken photo\n";
+    let tsv = dir.join("pairs.tsv");
+    std::fs::write(&tsv, rows).unwrap();
+    let columns = CsvColumns {
+        image: "path".into(),
+        caption: "caption".into(),
+        delimiter: None,
+    };
+    let (shards, samples, skipped) = csv(&tsv, &columns, &dir.join("out"), 3).unwrap();
+    assert_eq!((shards.len(), samples), (2, 4));
+    assert_eq!(skipped.get(SkipCause::EmptyCaption), 1);
+    assert_eq!(skipped.get(SkipCause::MissingImage), 1);
+    assert_eq!(skipped.get(SkipCause::CorruptImage), 1);
+    let report = inspect(&shards[0], 3);
+    assert_eq!((report.samples, report.complete), (3, 3));
+    assert!(
+        report.first[0].2.contains("512x512"),
+        "{:?}",
+        report.first[0]
+    );
+    // A column that is not there is named, with the columns that are.
+    let wrong = CsvColumns {
+        image: "file".into(),
+        ..columns
+    };
+    let err = csv(&tsv, &wrong, &dir.join("out2"), 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pairs.tsv") && err.contains("file") && err.contains("path, caption"),
+        "{err}"
+    );
+}
+
+#[test]
+fn synthetic_shards_train_like_any_other_shards() {
+    use mmpipe::data::convert::synth;
+    let dir = temp_dir("synth");
+    let (shards, samples) = synth(&dir, 40, 16, 32, 0).unwrap();
+    assert_eq!((shards.len(), samples), (3, 40));
+    let s = scan(&shards[0]);
+    assert_eq!(s.samples.len(), 16);
+    // The PNG round trip keeps the rendered image to within one grey level.
+    let t = ImageTransform::clip(32, Crop::Centre);
+    let source = SyntheticSource::new(0, &test_model_32()).unwrap();
+    let want = source
+        .shapes
+        .render(&source.shapes.sample(Stream::Train, 0));
+    let got = t
+        .apply(
+            &s.samples[0].read(s.samples[0].image().unwrap()).unwrap(),
+            0,
+        )
+        .unwrap();
+    let worst = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1.0 / (255.0 * 0.26) + 1e-4, "off by {worst}");
+}
+
+fn test_model_32() -> ClipConfig {
+    ClipConfig::default_tiny()
+}
+
+/// Fashion-MNIST read from Debian's files: sizes, labels, captions; and a few training
+/// steps on it through the pipeline. (`scripts/fetch-fixtures.sh` installs the package.)
+#[test]
+fn fashion_mnist_loads_as_real_labelled_images_and_trains() {
+    use mmpipe::data::fashion_mnist::{FashionMnist, Split, CLASSES, DEBIAN_DIR};
+    let test = FashionMnist::load(Path::new(DEBIAN_DIR), Split::Test).unwrap();
+    assert_eq!(test.len(), 10_000);
+    let mut per_class = [0usize; 10];
+    for i in 0..test.len() {
+        per_class[test.label(i)] += 1;
+    }
+    assert_eq!(per_class, [1000; 10], "the test split is balanced");
+    // The first test image is an ankle boot (label 9), as in the dataset's own docs.
+    assert_eq!(CLASSES[test.label(0)], "ankle boot");
+    assert_eq!(test.caption(0, 0), "a photo of a ankle boot.");
+    let rgb = test.rgb(0);
+    assert_eq!(rgb.len(), 28 * 28 * 3);
+    assert!(rgb.iter().any(|&v| v > 200) && rgb.iter().any(|&v| v == 0));
+
+    let err = FashionMnist::load(Path::new("/nonexistent"), Split::Test)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("dataset-fashion-mnist"), "{err}");
+
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let cfg = TrainConfig {
+        steps: 3,
+        global_batch: 16,
+        eval_pairs: 0,
+        progress: false,
+        data: DataConfig {
+            kind: DataKind::FashionMnist,
+            split: Split::Test,
+            ..DataConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    let report = mmpipe::train::train(&cpu_topology(1, 2), &model, &cfg).unwrap();
+    assert_eq!(report.losses.len(), 3);
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    assert!(report.skipped.iter().all(|s| s.total() == 0));
+}
