@@ -149,6 +149,55 @@ pub fn csv(
     out: &Path,
     per_shard: usize,
 ) -> Result<(Vec<PathBuf>, usize, SkipCounts)> {
+    let rows = read_rows(path, columns)?;
+    let mut w = ShardWriter::new(out, per_shard)?;
+    let mut skipped = SkipCounts::default();
+    for (row, (file, caption)) in rows.iter().enumerate() {
+        let line = row + 2;
+        if caption.is_empty() {
+            tracing::warn!("{}:{line}: blank caption, row skipped", path.display());
+            skipped.add(SkipCause::EmptyCaption, 1);
+            continue;
+        }
+        let extension = file
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        let bytes = match std::fs::read(file) {
+            Ok(b) if IMAGE_EXTENSIONS.contains(&extension.as_str()) && !b.is_empty() => b,
+            _ => {
+                tracing::warn!(
+                    "{}:{line}: image {} missing, empty or not jpg/png/webp; row skipped",
+                    path.display(),
+                    file.display()
+                );
+                skipped.add(SkipCause::MissingImage, 1);
+                continue;
+            }
+        };
+        if image::load_from_memory(&bytes).is_err() {
+            tracing::warn!(
+                "{}:{line}: image {} does not decode; row skipped",
+                path.display(),
+                file.display()
+            );
+            skipped.add(SkipCause::CorruptImage, 1);
+            continue;
+        }
+        w.push(
+            format!("{:08}", w.samples),
+            vec![
+                (extension, bytes),
+                ("txt".into(), caption.as_bytes().to_vec()),
+            ],
+        )?;
+    }
+    let (written, samples) = w.finish()?;
+    Ok((written, samples, skipped))
+}
+
+/// A CSV/TSV's rows as (image path resolved against the file's folder, trimmed caption).
+pub fn read_rows(path: &Path, columns: &CsvColumns) -> Result<Vec<(PathBuf, String)>> {
     let delimiter = columns.delimiter.unwrap_or_else(|| {
         if path
             .extension()
@@ -181,56 +230,16 @@ pub fn csv(
     };
     let (image_col, caption_col) = (column(&columns.image)?, column(&columns.caption)?);
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut w = ShardWriter::new(out, per_shard)?;
-    let mut skipped = SkipCounts::default();
+    let mut rows = Vec::new();
     for (row, record) in reader.records().enumerate() {
-        let line = row + 2;
-        let record = record.map_err(|e| Error::Msg(format!("{}:{line}: {e}", path.display())))?;
-        let (image, caption) = (
-            record.get(image_col).unwrap_or("").trim(),
-            record.get(caption_col).unwrap_or("").trim(),
-        );
-        if caption.is_empty() {
-            tracing::warn!("{}:{line}: blank caption, row skipped", path.display());
-            skipped.add(SkipCause::EmptyCaption, 1);
-            continue;
-        }
-        let file = base.join(image);
-        let extension = file
-            .extension()
-            .map(|e| e.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
-        let bytes = match std::fs::read(&file) {
-            Ok(b) if IMAGE_EXTENSIONS.contains(&extension.as_str()) && !b.is_empty() => b,
-            _ => {
-                tracing::warn!(
-                    "{}:{line}: image {} missing, empty or not jpg/png/webp; row skipped",
-                    path.display(),
-                    file.display()
-                );
-                skipped.add(SkipCause::MissingImage, 1);
-                continue;
-            }
-        };
-        if image::load_from_memory(&bytes).is_err() {
-            tracing::warn!(
-                "{}:{line}: image {} does not decode; row skipped",
-                path.display(),
-                file.display()
-            );
-            skipped.add(SkipCause::CorruptImage, 1);
-            continue;
-        }
-        w.push(
-            format!("{:08}", w.samples),
-            vec![
-                (extension, bytes),
-                ("txt".into(), caption.as_bytes().to_vec()),
-            ],
-        )?;
+        let record =
+            record.map_err(|e| Error::Msg(format!("{}:{}: {e}", path.display(), row + 2)))?;
+        rows.push((
+            base.join(record.get(image_col).unwrap_or("").trim()),
+            record.get(caption_col).unwrap_or("").trim().to_string(),
+        ));
     }
-    let (written, samples) = w.finish()?;
-    Ok((written, samples, skipped))
+    Ok(rows)
 }
 
 /// What a shard holds.

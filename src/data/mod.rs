@@ -36,6 +36,22 @@ pub enum DataKind {
     /// Fashion-MNIST's IDX files, captions from class names and prompt templates.
     #[serde(rename = "fashion-mnist")]
     FashionMnist,
+    /// A CSV/TSV of image paths (relative to it) and captions.
+    Csv,
+}
+
+/// One of several shard sets mixed by weight.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSource {
+    pub shards: Vec<String>,
+    /// Relative share of the samples drawn (any positive scale).
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The `[data]` section of a training config.
@@ -46,6 +62,13 @@ pub struct DataConfig {
     /// Shard paths or brace patterns (`data/{00000..00099}.tar`), relative to the config
     /// file.
     pub shards: Vec<String>,
+    /// Several shard sets mixed by weight (`[[data.sources]]`), instead of `shards`.
+    pub sources: Vec<ShardSource>,
+    /// `kind = "csv"`: the file, and its image-path and caption columns (OpenCLIP's
+    /// defaults); `.tsv` files are tab-separated.
+    pub csv: PathBuf,
+    pub image_column: String,
+    pub caption_column: String,
     /// Samples held for shuffling across shards (1: the shards' own order).
     pub shuffle_buffer: usize,
     /// Draw shards with replacement: endless runs without epochs.
@@ -72,6 +95,10 @@ impl Default for DataConfig {
         DataConfig {
             kind: DataKind::Synthetic,
             shards: Vec::new(),
+            sources: Vec::new(),
+            csv: PathBuf::new(),
+            image_column: "filepath".into(),
+            caption_column: "title".into(),
             shuffle_buffer: 1000,
             resample: false,
             workers: 2,

@@ -5,6 +5,7 @@
 //! keep the same positions; the step then drops the pair on every rank.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 
@@ -53,6 +54,13 @@ pub enum SampleOrder {
         permutation: Vec<u64>,
     },
     Shards(Box<GlobalStream>),
+    /// Several shard sets, one drawn per sample by weight with a seeded generator.
+    Mix {
+        streams: Vec<GlobalStream>,
+        /// Cumulative weights, normalised to end at 1.
+        cumulative: Vec<f64>,
+        rng: rand::rngs::StdRng,
+    },
 }
 
 impl SampleOrder {
@@ -95,6 +103,38 @@ impl SampleOrder {
                 Ok(SampleRef::Index(permutation[at as usize]))
             }
             SampleOrder::Shards(s) => Ok(SampleRef::Shard(s.next_sample()?)),
+            SampleOrder::Mix {
+                streams,
+                cumulative,
+                rng,
+            } => {
+                use rand::Rng;
+                let u: f64 = rng.random();
+                let pick = cumulative
+                    .iter()
+                    .position(|&c| u < c)
+                    .unwrap_or(streams.len() - 1);
+                Ok(SampleRef::Shard(streams[pick].next_sample()?))
+            }
+        }
+    }
+
+    /// A mixture of shard sets drawn with probabilities proportional to `weights`.
+    pub fn mix(streams: Vec<GlobalStream>, weights: &[f64], seed: u64) -> Self {
+        use rand::SeedableRng;
+        let total: f64 = weights.iter().sum();
+        let mut at = 0.0;
+        let cumulative = weights
+            .iter()
+            .map(|w| {
+                at += w / total;
+                at
+            })
+            .collect();
+        SampleOrder::Mix {
+            streams,
+            cumulative,
+            rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_0F_5A3B1E5),
         }
     }
 
@@ -110,6 +150,13 @@ impl SampleOrder {
         match self {
             SampleOrder::Sequential { .. } | SampleOrder::Permuted { .. } => SkipCounts::default(),
             SampleOrder::Shards(s) => s.skipped.clone(),
+            SampleOrder::Mix { streams, .. } => {
+                let mut all = SkipCounts::default();
+                for s in streams {
+                    all.merge(&s.skipped);
+                }
+                all
+            }
         }
     }
 }
@@ -127,6 +174,8 @@ pub enum Materialiser {
     ShardCaptions,
     Synthetic(Arc<SyntheticSource>, Tower),
     FashionMnist(Arc<FashionMnist>, ImageTransform, Tower),
+    /// Rows of a CSV/TSV: an image file and its caption.
+    Rows(Arc<Vec<(PathBuf, String)>>, ImageTransform, Tower),
 }
 
 impl Materialiser {
@@ -163,6 +212,21 @@ impl Materialiser {
                 t.apply_rgb(side, side, set.rgb(*i as usize), seed)
                     .map(Item::Pixels)
                     .map_err(|_| SkipCause::CorruptImage)
+            }
+            (Materialiser::Rows(rows, t, Tower::Image), SampleRef::Index(i)) => {
+                let bytes =
+                    std::fs::read(&rows[*i as usize].0).map_err(|_| SkipCause::MissingImage)?;
+                t.apply(&bytes, seed)
+                    .map(Item::Pixels)
+                    .map_err(|_| SkipCause::CorruptImage)
+            }
+            (Materialiser::Rows(rows, _, Tower::Text), SampleRef::Index(i)) => {
+                let caption = rows[*i as usize].1.trim();
+                if caption.is_empty() {
+                    Err(SkipCause::EmptyCaption)
+                } else {
+                    Ok(Item::Caption(caption.to_string()))
+                }
             }
             (Materialiser::FashionMnist(set, _, Tower::Text), SampleRef::Index(i)) => {
                 // The template varies with the draw, not only with the image.
@@ -249,6 +313,8 @@ pub struct PipelineConfig {
     pub prefetch: usize,
     /// Mixed into each sample's augmentation seed.
     pub seed: u64,
+    /// The first step to produce: a resume replays the order up to it (headers only).
+    pub start_step: u64,
 }
 
 struct Job {
@@ -302,8 +368,13 @@ impl RankData {
         let (tickets_tx, tickets) = bounded::<()>(prefetch);
 
         let reader_out = to_asm.clone();
+        let start = cfg.start_step;
         thread::spawn(move || {
-            for step in 0u64.. {
+            if let Err(e) = order.skip(start * global_batch as u64) {
+                let _ = reader_out.send(ToAssembler::Failed(e));
+                return;
+            }
+            for step in start.. {
                 if tickets_tx.send(()).is_err() {
                     return;
                 }
@@ -362,7 +433,7 @@ impl RankData {
         }
         drop(to_asm);
 
-        thread::spawn(move || assemble(from_workers, batches_tx, assembler, len));
+        thread::spawn(move || assemble(from_workers, batches_tx, assembler, len, start));
         RankData { batches, tickets }
     }
 
@@ -390,9 +461,10 @@ fn assemble(
     out: Sender<Result<Batch>>,
     assembler: Assembler,
     len: usize,
+    start: u64,
 ) {
     let mut partial: BTreeMap<u64, Partial> = BTreeMap::new();
-    let mut next = 0u64;
+    let mut next = start;
     fn entry(partial: &mut BTreeMap<u64, Partial>, step: u64, len: usize) -> &mut Partial {
         partial.entry(step).or_insert_with(|| Partial {
             items: (0..len).map(|_| None).collect(),

@@ -98,11 +98,23 @@ impl TrainConfig {
                 format!("{} MiB is not a memory budget", self.loss.tile_memory_mib),
             );
         }
-        if self.data.kind == DataKind::Webdataset && self.data.shards.is_empty() {
+        let d = &self.data;
+        if d.kind == DataKind::Webdataset && d.shards.is_empty() == d.sources.is_empty() {
             return bad(
                 "data.shards",
-                "kind = \"webdataset\" needs at least one shard or pattern".into(),
+                "kind = \"webdataset\" needs shards, or [[data.sources]] with weights: one of the two".into(),
             );
+        }
+        for (i, s) in d.sources.iter().enumerate() {
+            if !(s.weight.is_finite() && s.weight > 0.0) {
+                return bad(
+                    &format!("data.sources[{i}].weight"),
+                    format!("{} is not a positive weight", s.weight),
+                );
+            }
+        }
+        if d.kind == DataKind::Csv && d.csv.as_os_str().is_empty() {
+            return bad("data.csv", "kind = \"csv\" needs the file".into());
         }
         if self.data.workers == 0 {
             return bad("data.workers", "at least 1 decoding thread per rank".into());

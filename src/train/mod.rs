@@ -18,6 +18,7 @@ use crate::comm::{thread, RankComms};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::data::convert::{read_rows, CsvColumns};
 use crate::data::fashion_mnist::FashionMnist;
 use crate::data::order::{GlobalStream, OrderConfig, SkipCounts};
 use crate::data::pipeline::{Assembler, Materialiser, PipelineConfig, RankData, SampleOrder};
@@ -105,14 +106,44 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
     }
     let source = Arc::new(SyntheticSource::new(cfg.seed, model)?);
     // Missing shards are an error now, before any rank starts.
-    let shards = match cfg.data.kind {
-        DataKind::Synthetic | DataKind::FashionMnist => Vec::new(),
-        DataKind::Webdataset => shards::resolve(
-            &cfg.data.shards,
-            &cfg.data.base_dir,
-            &cfg.data.origin,
-            "data.shards",
-        )?,
+    let d = &cfg.data;
+    let shards: Vec<(Vec<PathBuf>, f64)> = match d.kind {
+        DataKind::Webdataset if d.sources.is_empty() => vec![(
+            shards::resolve(&d.shards, &d.base_dir, &d.origin, "data.shards")?,
+            1.0,
+        )],
+        DataKind::Webdataset => d
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let field = format!("data.sources[{i}].shards");
+                Ok((
+                    shards::resolve(&s.shards, &d.base_dir, &d.origin, &field)?,
+                    s.weight,
+                ))
+            })
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
+    let rows = match d.kind {
+        DataKind::Csv => {
+            let columns = CsvColumns {
+                image: d.image_column.clone(),
+                caption: d.caption_column.clone(),
+                delimiter: None,
+            };
+            let rows = read_rows(&d.base_dir.join(&d.csv), &columns)?;
+            if rows.is_empty() {
+                return Err(Error::invalid(
+                    &d.origin,
+                    "data.csv",
+                    "the file has no rows",
+                ));
+            }
+            Some(Arc::new(rows))
+        }
+        _ => None,
     };
     let fashion = match cfg.data.kind {
         DataKind::FashionMnist => Some(Arc::new(FashionMnist::load(
@@ -130,6 +161,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         let data = RankInputs {
             source: &source,
             fashion: fashion.clone(),
+            rows: rows.clone(),
             shards: &shards,
             captions: captions.clone(),
         };
@@ -177,7 +209,9 @@ fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
 struct RankInputs<'a> {
     source: &'a Arc<SyntheticSource>,
     fashion: Option<Arc<FashionMnist>>,
-    shards: &'a [PathBuf],
+    rows: Option<Arc<Vec<(PathBuf, String)>>>,
+    /// Shard sets and their weights.
+    shards: &'a [(Vec<PathBuf>, f64)],
     captions: Arc<TextTokenizer>,
 }
 
@@ -212,23 +246,44 @@ fn start_data(
                 ),
             )
         }
+        DataKind::Csv => {
+            let rows = inputs.rows.clone().expect("read for this kind");
+            (
+                SampleOrder::permuted(rows.len() as u64, cfg.seed),
+                Materialiser::Rows(rows, ImageTransform::clip(model.image_size(), crop), tower),
+            )
+        }
         DataKind::Webdataset => {
-            let mut stream = GlobalStream::new(
-                inputs.shards.to_vec(),
-                OrderConfig {
-                    seed: cfg.seed,
-                    shuffle_buffer: cfg.data.shuffle_buffer,
-                    resample: cfg.data.resample,
-                },
-            );
-            stream.log = rank == 0;
+            let mut streams: Vec<GlobalStream> = inputs
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, (paths, _))| {
+                    let mut stream = GlobalStream::new(
+                        paths.clone(),
+                        OrderConfig {
+                            seed: cfg.seed.wrapping_add(i as u64),
+                            shuffle_buffer: cfg.data.shuffle_buffer,
+                            resample: cfg.data.resample,
+                        },
+                    );
+                    stream.log = rank == 0;
+                    stream
+                })
+                .collect();
+            let order = if streams.len() == 1 {
+                SampleOrder::Shards(Box::new(streams.remove(0)))
+            } else {
+                let weights: Vec<f64> = inputs.shards.iter().map(|s| s.1).collect();
+                SampleOrder::mix(streams, &weights, cfg.seed)
+            };
             let materialiser = match tower {
                 Tower::Image => {
                     Materialiser::ShardImages(ImageTransform::clip(model.image_size(), crop))
                 }
                 Tower::Text => Materialiser::ShardCaptions,
             };
-            (SampleOrder::Shards(Box::new(stream)), materialiser)
+            (order, materialiser)
         }
     };
     let assembler = Assembler {
@@ -248,6 +303,7 @@ fn start_data(
             workers: cfg.data.workers,
             prefetch: cfg.data.prefetch,
             seed: cfg.seed,
+            start_step: 0,
         },
     )
 }

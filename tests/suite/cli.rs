@@ -393,3 +393,34 @@ fn data_synth_inspect_and_train_on_the_shards() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("7 shard(s) not found"), "{stderr}");
 }
+
+#[test]
+fn bad_data_sections_name_the_field() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-data-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, body, needle) in [
+        (
+            "noshards.toml",
+            "[data]\nkind = \"webdataset\"\n",
+            "data.shards",
+        ),
+        (
+            "weight.toml",
+            "[data]\nkind = \"webdataset\"\n[[data.sources]]\nshards = [\"a.tar\"]\nweight = 0\n",
+            "data.sources[0].weight",
+        ),
+        ("csv.toml", "[data]\nkind = \"csv\"\n", "data.csv"),
+        ("kind.toml", "[data]\nkind = \"laion\"\n", "webdataset"),
+        ("workers.toml", "[data]\nworkers = 0\n", "data.workers"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        let out = mmpipe(&["train", "--config", path.to_str().unwrap(), "--steps", "1"]);
+        assert!(!out.status.success(), "{name} was accepted");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(name) && stderr.contains(needle),
+            "{name}: {stderr}"
+        );
+    }
+}
