@@ -59,7 +59,7 @@ pub enum SampleOrder {
         streams: Vec<GlobalStream>,
         /// Cumulative weights, normalised to end at 1.
         cumulative: Vec<f64>,
-        rng: rand::rngs::StdRng,
+        rng: Box<rand::rngs::StdRng>,
     },
 }
 
@@ -134,7 +134,7 @@ impl SampleOrder {
         SampleOrder::Mix {
             streams,
             cumulative,
-            rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_0F_5A3B1E5),
+            rng: Box::new(rand::rngs::StdRng::seed_from_u64(seed ^ 0x0005_EED0_F5A3_B1E5)),
         }
     }
 
