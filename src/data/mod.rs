@@ -1,6 +1,7 @@
 //! Data for the towers. Each rank materialises only its own modality for its own slice of
 //! the global batch.
 
+pub mod cache;
 pub mod convert;
 pub mod fashion_mnist;
 pub mod order;
@@ -79,6 +80,12 @@ pub struct DataConfig {
     pub prefetch: usize,
     /// OpenCLIP's random resized crop (scale 0.9–1) instead of the centre crop.
     pub random_crop: bool,
+    /// Keep the image ranks' decoded squares in this memory-mapped file (relative to the
+    /// config file) and read them from there in later epochs (shards only).
+    pub cache: Option<PathBuf>,
+    /// Pixels per side of a cached square (default: the model's image size); larger
+    /// leaves random crops more to work with.
+    pub cache_side: Option<usize>,
     /// Fashion-MNIST's folder (Debian's by default) and split.
     pub dir: PathBuf,
     pub split: fashion_mnist::Split,
@@ -104,6 +111,8 @@ impl Default for DataConfig {
             workers: 2,
             prefetch: 2,
             random_crop: false,
+            cache: None,
+            cache_side: None,
             dir: PathBuf::from(fashion_mnist::DEBIAN_DIR),
             split: fashion_mnist::Split::Train,
             base_dir: PathBuf::from("."),

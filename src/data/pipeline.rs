@@ -12,6 +12,7 @@ use std::thread;
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
+use super::cache::ImageCache;
 use super::fashion_mnist::FashionMnist;
 use super::order::{GlobalStream, SkipCounts};
 use super::shards::{ShardSample, SkipCause};
@@ -134,7 +135,9 @@ impl SampleOrder {
         SampleOrder::Mix {
             streams,
             cumulative,
-            rng: Box::new(rand::rngs::StdRng::seed_from_u64(seed ^ 0x0005_EED0_F5A3_B1E5)),
+            rng: Box::new(rand::rngs::StdRng::seed_from_u64(
+                seed ^ 0x0005_EED0_F5A3_B1E5,
+            )),
         }
     }
 
@@ -170,7 +173,8 @@ pub enum Item {
 /// Turns samples of the rank's modality into items: reads and decodes images, or reads
 /// captions. Runs on the worker threads.
 pub enum Materialiser {
-    ShardImages(ImageTransform),
+    /// With a cache, decoded squares are kept for later epochs.
+    ShardImages(ImageTransform, Option<Arc<ImageCache>>),
     ShardCaptions,
     Synthetic(Arc<SyntheticSource>, Tower),
     FashionMnist(Arc<FashionMnist>, ImageTransform, Tower),
@@ -182,10 +186,27 @@ impl Materialiser {
     /// `seed` drives this sample's random augmentation (the same on a replay).
     pub fn item(&self, sample: &SampleRef, seed: u64) -> std::result::Result<Item, SkipCause> {
         match (self, sample) {
-            (Materialiser::ShardImages(t), SampleRef::Shard(s)) => {
+            (Materialiser::ShardImages(t, cache), SampleRef::Shard(s)) => {
                 let member = s.image().ok_or(SkipCause::MissingImage)?;
-                let bytes = s.read(member).map_err(|_| SkipCause::UnreadableShard)?;
-                t.apply(&bytes, seed)
+                let read = || s.read(member).map_err(|_| SkipCause::UnreadableShard);
+                let pixels = match cache {
+                    None => t.apply(&read()?, seed),
+                    Some(cache) => {
+                        let id = format!("{}#{}", s.shard.display(), s.key);
+                        let square = match cache.get(&id) {
+                            Some(square) => square,
+                            None => {
+                                let square = t
+                                    .square(&read()?, cache.side)
+                                    .map_err(|_| SkipCause::CorruptImage)?;
+                                cache.put(&id, &square);
+                                square
+                            }
+                        };
+                        t.apply_rgb(cache.side as u32, cache.side as u32, square, seed)
+                    }
+                };
+                pixels
                     .map(Item::Pixels)
                     .map_err(|_| SkipCause::CorruptImage)
             }

@@ -98,6 +98,33 @@ impl ImageTransform {
         self.apply_rgb(rgb.width(), rgb.height(), rgb.into_raw(), seed)
     }
 
+    /// The largest centred square of `bytes`' image, resized to `side × side`, as RGB
+    /// bytes: what the preprocessed cache stores (crops then apply on top).
+    pub fn square(&self, bytes: &[u8], side: usize) -> std::result::Result<Vec<u8>, String> {
+        let decoded = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+        let rgb = decoded.to_rgb8();
+        let (w, h) = (rgb.width(), rgb.height());
+        if w == 0 || h == 0 {
+            return Err("empty image".into());
+        }
+        let edge = w.min(h);
+        let src =
+            Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3).map_err(|e| e.to_string())?;
+        let mut dst = Image::new(side as u32, side as u32, PixelType::U8x3);
+        let options = ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
+            .crop(
+                ((w - edge) / 2) as f64,
+                ((h - edge) / 2) as f64,
+                edge as f64,
+                edge as f64,
+            );
+        Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| e.to_string())?;
+        Ok(dst.into_vec())
+    }
+
     /// The transform on decoded RGB bytes (`w × h × 3`).
     pub fn apply_rgb(
         &self,

@@ -18,6 +18,7 @@ use crate::comm::{thread, RankComms};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::data::cache::ImageCache;
 use crate::data::convert::{read_rows, CsvColumns};
 use crate::data::fashion_mnist::FashionMnist;
 use crate::data::order::{GlobalStream, OrderConfig, SkipCounts};
@@ -145,6 +146,30 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         }
         _ => None,
     };
+    // One cache for all image ranks, sized for every sample the shards hold.
+    let cache = match (&d.cache, d.kind) {
+        (Some(path), DataKind::Webdataset) => {
+            let samples: usize = shards
+                .iter()
+                .flat_map(|(paths, _)| paths)
+                .map(|p| shards::scan(p).samples.len())
+                .sum();
+            let side = d.cache_side.unwrap_or(model.image_size());
+            Some(Arc::new(ImageCache::create(
+                &d.base_dir.join(path),
+                side,
+                samples,
+            )?))
+        }
+        (Some(_), _) => {
+            return Err(Error::invalid(
+                &d.origin,
+                "data.cache",
+                "the decoded-image cache is for shards (kind = \"webdataset\")",
+            ))
+        }
+        (None, _) => None,
+    };
     let fashion = match cfg.data.kind {
         DataKind::FashionMnist => Some(Arc::new(FashionMnist::load(
             &cfg.data.base_dir.join(&cfg.data.dir),
@@ -162,6 +187,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             source: &source,
             fashion: fashion.clone(),
             rows: rows.clone(),
+            cache: cache.clone(),
             shards: &shards,
             captions: captions.clone(),
         };
@@ -210,6 +236,7 @@ struct RankInputs<'a> {
     source: &'a Arc<SyntheticSource>,
     fashion: Option<Arc<FashionMnist>>,
     rows: Option<Arc<Vec<(PathBuf, String)>>>,
+    cache: Option<Arc<ImageCache>>,
     /// Shard sets and their weights.
     shards: &'a [(Vec<PathBuf>, f64)],
     captions: Arc<TextTokenizer>,
@@ -278,9 +305,10 @@ fn start_data(
                 SampleOrder::mix(streams, &weights, cfg.seed)
             };
             let materialiser = match tower {
-                Tower::Image => {
-                    Materialiser::ShardImages(ImageTransform::clip(model.image_size(), crop))
-                }
+                Tower::Image => Materialiser::ShardImages(
+                    ImageTransform::clip(model.image_size(), crop),
+                    inputs.cache.clone(),
+                ),
                 Tower::Text => Materialiser::ShardCaptions,
             };
             (order, materialiser)

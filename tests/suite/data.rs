@@ -221,7 +221,9 @@ fn keys_per_rank(
                 },
             )));
             let materialiser = match r.tower {
-                Tower::Image => Materialiser::ShardImages(ImageTransform::clip(16, Crop::Centre)),
+                Tower::Image => {
+                    Materialiser::ShardImages(ImageTransform::clip(16, Crop::Centre), None)
+                }
                 Tower::Text => Materialiser::ShardCaptions,
             };
             let data = RankData::spawn(
@@ -710,10 +712,10 @@ fn image_pipeline(shards: &[PathBuf], start_step: u64) -> RankData {
         2,
         3,
         6,
-        Arc::new(Materialiser::ShardImages(ImageTransform::clip(
-            8,
-            Crop::OPENCLIP_TRAIN,
-        ))),
+        Arc::new(Materialiser::ShardImages(
+            ImageTransform::clip(8, Crop::OPENCLIP_TRAIN),
+            None,
+        )),
         caption_assembler(Tower::Image, 8),
         PipelineConfig {
             workers: 2,
@@ -823,4 +825,76 @@ fn a_csv_of_paths_and_captions_trains_directly() {
         report.skipped[0]
     );
     assert_eq!(report.skipped[1].total(), 0, "{}", report.skipped[1]);
+}
+
+#[test]
+fn cached_squares_give_the_same_pixels_and_are_read_back_on_later_passes() {
+    use mmpipe::data::cache::ImageCache;
+    use mmpipe::data::pipeline::SampleRef;
+    let dir = temp_dir("cache");
+    let samples: Vec<SampleRef> = scan(&real_shard())
+        .samples
+        .into_iter()
+        .map(SampleRef::Shard)
+        .collect();
+    let t = ImageTransform::clip(32, Crop::Centre);
+    let cache = Arc::new(ImageCache::create(&dir.join("c.bin"), 32, samples.len()).unwrap());
+    let plain = Materialiser::ShardImages(t, None);
+    let cached = Materialiser::ShardImages(t, Some(cache.clone()));
+    let pixels = |m: &Materialiser, s: &SampleRef| match m.item(s, 0) {
+        Ok(mmpipe::data::pipeline::Item::Pixels(p)) => p,
+        _ => panic!("an image"),
+    };
+    let mut worst = 0f32;
+    for pass in 0..2 {
+        for s in &samples {
+            let (a, b) = (pixels(&plain, s), pixels(&cached, s));
+            worst = worst.max(
+                a.iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max),
+            );
+            let _ = pass;
+        }
+    }
+    // One uint8 rounding of the resized square: at most one grey level.
+    assert!(
+        worst <= 1.0 / (255.0 * 0.26),
+        "cached pixels differ by {worst}"
+    );
+    assert_eq!(
+        cache.stats(),
+        (22, 22),
+        "22 misses fill it, 22 hits read it back"
+    );
+}
+
+#[test]
+fn training_with_the_cache_runs_over_several_epochs() {
+    let dir = temp_dir("cache-train");
+    let shard = dir.join("photos.tar");
+    std::fs::copy(real_shard(), &shard).unwrap();
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let cfg = TrainConfig {
+        steps: 4,
+        global_batch: 16,
+        eval_pairs: 0,
+        progress: false,
+        data: DataConfig {
+            kind: DataKind::Webdataset,
+            shards: vec!["photos.tar".into()],
+            cache: Some("cache/images.bin".into()),
+            random_crop: true,
+            base_dir: dir.clone(),
+            ..DataConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    let report = mmpipe::train::train(&cpu_topology(2, 1), &model, &cfg).unwrap();
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    let size = std::fs::metadata(dir.join("cache/images.bin"))
+        .unwrap()
+        .len();
+    assert_eq!(size, 22 * 64 * 64 * 3, "one 64x64 RGB square per sample");
 }

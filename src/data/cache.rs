@@ -1,0 +1,113 @@
+//! The preprocessed cache for multi-epoch runs: the image ranks store each sample's
+//! decoded, centre-square, resized pixels (uint8) in a memory-mapped file on first use and
+//! read them from there afterwards, skipping the decode. Random crops still apply on top
+//! of the cached square.
+//!
+//! One cache serves all image ranks of a process (rank threads share it); slots are
+//! handed out in first-come order and keyed by the sample's identity.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use memmap2::MmapMut;
+
+use crate::error::{Error, Result};
+
+pub struct ImageCache {
+    path: PathBuf,
+    /// Pixels per side of a cached square.
+    pub side: usize,
+    capacity: usize,
+    state: Mutex<State>,
+}
+
+struct State {
+    slots: HashMap<String, usize>,
+    map: MmapMut,
+    hits: u64,
+    misses: u64,
+}
+
+impl ImageCache {
+    /// A cache file of `capacity` squares of `side × side × 3` bytes at `path` (created or
+    /// overwritten: its contents are only valid for this run's slot table).
+    pub fn create(path: &Path, side: usize, capacity: usize) -> Result<Self> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
+        let bytes = (capacity.max(1) * side * side * 3) as u64;
+        file.set_len(bytes).map_err(io)?;
+        // SAFETY: the file is ours for the run (created and truncated above); nothing
+        // else maps or resizes it while the map lives.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
+        Ok(ImageCache {
+            path: path.to_path_buf(),
+            side,
+            capacity,
+            state: Mutex::new(State {
+                slots: HashMap::new(),
+                map,
+                hits: 0,
+                misses: 0,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn bytes(&self) -> usize {
+        self.side * self.side * 3
+    }
+
+    /// The cached square of `key`, if stored.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut s = self.state.lock().expect("cache lock");
+        let n = self.bytes();
+        let slot = s.slots.get(key).copied();
+        match slot {
+            Some(slot) => {
+                s.hits += 1;
+                Some(s.map[slot * n..(slot + 1) * n].to_vec())
+            }
+            None => {
+                s.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Stores `rgb` (`side × side × 3`) for `key`; a full cache stores nothing more.
+    pub fn put(&self, key: &str, rgb: &[u8]) {
+        let n = self.bytes();
+        if rgb.len() != n {
+            return;
+        }
+        let mut s = self.state.lock().expect("cache lock");
+        if s.slots.contains_key(key) || s.slots.len() >= self.capacity {
+            return;
+        }
+        let slot = s.slots.len();
+        s.map[slot * n..(slot + 1) * n].copy_from_slice(rgb);
+        s.slots.insert(key.to_string(), slot);
+    }
+
+    /// (hits, misses) so far.
+    pub fn stats(&self) -> (u64, u64) {
+        let s = self.state.lock().expect("cache lock");
+        (s.hits, s.misses)
+    }
+}
