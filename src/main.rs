@@ -587,6 +587,12 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         .filter(|(_, s)| s.total() > 0)
         .map(|(rank, s)| format!("rank {rank}: {s}"))
         .collect();
+    if report.skipped_steps > 0 {
+        println!(
+            "steps skipped (fewer than two readable pairs): {}",
+            report.skipped_steps
+        );
+    }
     if skipped.total() > 0 || !decode.is_empty() {
         println!("samples skipped: {}", decode.join("; "));
     } else if cfg.data.kind != mmpipe::data::DataKind::Synthetic {
@@ -658,7 +664,11 @@ fn print_bytes(phases: &[(Tower, PhaseTimes)], bytes: &[PhaseBytes], steps: usiz
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MMPIPE_LOG"))
+        // Warnings (skipped samples, with shard and key) show unless MMPIPE_LOG says otherwise.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MMPIPE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

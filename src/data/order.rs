@@ -54,6 +54,18 @@ impl std::fmt::Display for SkipCounts {
     }
 }
 
+/// True the first time a sample fails for a cause in this process: each problem is
+/// logged once, however many epochs and ranks meet it (all are counted).
+pub(crate) fn first_report(key: &str, cause: SkipCause) -> bool {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static SEEN: OnceLock<Mutex<HashSet<(String, SkipCause)>>> = OnceLock::new();
+    SEEN.get_or_init(Default::default)
+        .lock()
+        .map(|mut seen| seen.insert((key.to_string(), cause)))
+        .unwrap_or(true)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrderConfig {
     pub seed: u64,
@@ -133,13 +145,15 @@ impl GlobalStream {
         Ok(())
     }
 
-    /// The next complete sample from the shards, in shard order.
-    fn next_in_shards(&mut self) -> Result<ShardSample> {
+    /// The next complete sample of this epoch's shards, in shard order; None when the
+    /// epoch has no more.
+    fn next_in_shards(&mut self) -> Option<ShardSample> {
         loop {
             if let Some(s) = self.current.pop_front() {
                 if let Some(cause) = s.structural_problem() {
                     self.skipped.add(cause, 1);
-                    if self.log {
+                    let id = format!("{}#{}", s.shard.display(), s.key);
+                    if self.log && first_report(&id, cause) {
                         tracing::warn!(
                             "skipping {} in {}: {}",
                             s.key,
@@ -150,17 +164,14 @@ impl GlobalStream {
                     continue;
                 }
                 self.found_this_epoch += 1;
-                return Ok(s);
+                return Some(s);
             }
-            let Some(shard) = self.plan.pop_front() else {
-                self.start_epoch()?;
-                continue;
-            };
+            let shard = self.plan.pop_front()?;
             let path = &self.shards[shard];
             let scan = scan(path);
             if let Some((cause, message)) = &scan.stopped {
                 self.skipped.add(*cause, 1);
-                if self.log {
+                if self.log && first_report(&path.display().to_string(), *cause) {
                     tracing::warn!(
                         "{}: {} after {} samples: {message}",
                         path.display(),
@@ -181,11 +192,21 @@ impl GlobalStream {
         Ok(())
     }
 
+    /// The next sample. The shuffle buffer never reaches into the next epoch: it drains
+    /// at an epoch's end, so each epoch holds every complete sample exactly once.
     pub fn next_sample(&mut self) -> Result<ShardSample> {
         let capacity = self.config.shuffle_buffer.max(1);
-        while self.buffer.len() < capacity {
-            let s = self.next_in_shards()?;
-            self.buffer.push(s);
+        loop {
+            while self.buffer.len() < capacity {
+                match self.next_in_shards() {
+                    Some(s) => self.buffer.push(s),
+                    None => break,
+                }
+            }
+            if !self.buffer.is_empty() {
+                break;
+            }
+            self.start_epoch()?;
         }
         let pick = self.rng.random_range(0..self.buffer.len());
         self.position += 1;

@@ -14,7 +14,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::cache::ImageCache;
 use super::fashion_mnist::FashionMnist;
-use super::order::{GlobalStream, SkipCounts};
+use super::order::{first_report, GlobalStream, SkipCounts};
 use super::shards::{ShardSample, SkipCause};
 use super::synthetic::Stream;
 use super::tokenizer::TextTokenizer;
@@ -441,6 +441,25 @@ impl RankData {
             thread::spawn(move || {
                 while let Ok(job) = jobs.recv() {
                     let item = m.item(&job.sample, job.seed);
+                    if let Err(cause) = item.as_ref().map(|_| ()).map_err(|c| *c) {
+                        let id = match &job.sample {
+                            SampleRef::Shard(s) => format!("{}#{}", s.shard.display(), s.key),
+                            SampleRef::Index(i) => i.to_string(),
+                        };
+                        if first_report(&id, cause) {
+                            match &job.sample {
+                                SampleRef::Shard(s) => tracing::warn!(
+                                    "skipping {} in {}: {}",
+                                    s.key,
+                                    s.shard.display(),
+                                    cause.describe()
+                                ),
+                                SampleRef::Index(i) => {
+                                    tracing::warn!("skipping sample {i}: {}", cause.describe())
+                                }
+                            }
+                        }
+                    }
                     let done = ToAssembler::Done {
                         step: job.step,
                         slot: job.slot,

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use config::TrainConfig;
-pub use step::{PhaseBytes, PhaseTimes, RankTrainer, StepGrads};
+pub use step::{PhaseBytes, PhaseTimes, RankTrainer, StepGrads, StepOutcome};
 
 use crate::comm::{thread, RankComms};
 use std::path::PathBuf;
@@ -50,6 +50,8 @@ pub struct TrainReport {
     /// members, truncated shards) show on every rank; decoding problems on the ranks of
     /// the modality that hit them.
     pub skipped: Vec<SkipCounts>,
+    /// Steps skipped because fewer than two pairs of their batch could be read.
+    pub skipped_steps: usize,
     pub final_logit_scale: f64,
     /// SigLIP's logit bias at the end (0 for CLIP).
     pub final_logit_bias: f64,
@@ -72,6 +74,7 @@ struct RankOutcome {
     bytes: PhaseBytes,
     /// Samples this rank could not use, by cause (the order's skips included).
     skipped: SkipCounts,
+    skipped_steps: usize,
     logit_scale: f64,
     logit_bias: f64,
 }
@@ -208,6 +211,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             .collect(),
         bytes: outcomes.iter().map(|o| o.bytes).collect(),
         skipped: outcomes.iter().map(|o| o.skipped.clone()).collect(),
+        skipped_steps: lead.skipped_steps,
         final_logit_scale: lead.logit_scale,
         final_logit_bias: lead.logit_bias,
     })
@@ -353,6 +357,7 @@ fn run_rank(
     // Synthetic samples always materialise: no mask, no extra collective.
     let masked = cfg.data.kind != DataKind::Synthetic;
     let mut skipped = SkipCounts::default();
+    let mut skipped_steps = 0;
     let mut skipped_by_order = SkipCounts::default();
     let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64));
     let mut losses = Vec::with_capacity(cfg.steps);
@@ -368,10 +373,23 @@ fn run_rank(
         skipped_by_order = batch.skipped_by_order.clone();
         let lr = optim::cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps);
         let valid = masked.then_some(batch.valid.as_slice());
-        let (loss, mut times, moved) = trainer.step(&comms, &batch.input, valid, lr)?;
+        let outcome = trainer.step(&comms, &batch.input, valid, lr)?;
+        let mut times = outcome.times;
         times.data_wait = data_wait;
         phases.add(&times);
-        bytes.add(&moved);
+        bytes.add(&outcome.bytes);
+        let Some(loss) = outcome.loss else {
+            skipped_steps += 1;
+            if rank == 0 {
+                tracing::warn!(
+                    "step {step}: fewer than two pairs of the global batch could be read; step skipped"
+                );
+            }
+            if let Some(bar) = &bar {
+                bar.inc(1);
+            }
+            continue;
+        };
         losses.push(loss);
         step_seconds.push(step_started.elapsed().as_secs_f64());
         if let Some(bar) = &bar {
@@ -398,6 +416,7 @@ fn run_rank(
         phases,
         bytes,
         skipped,
+        skipped_steps,
         logit_scale: trainer.logit_scale()?,
         logit_bias: trainer.logit_bias()?,
     })

@@ -103,6 +103,18 @@ pub struct StepGrads {
     pub grads: Vec<Tensor>,
     pub times: PhaseTimes,
     pub bytes: PhaseBytes,
+    /// Fewer than two pairs of the global batch could be read: no loss, no update (every
+    /// rank decides alike, from the same gathered validity).
+    pub skipped: bool,
+}
+
+/// What one step did on one rank.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// The global loss; None for a step skipped for unreadable data.
+    pub loss: Option<f64>,
+    pub times: PhaseTimes,
+    pub bytes: PhaseBytes,
 }
 
 /// The loss's own learnable scalars: replicated on every rank, never tower parameters.
@@ -335,7 +347,7 @@ impl RankTrainer {
         &self,
         comms: &RankComms,
         valid: &[bool],
-    ) -> Result<(FeatureLayout, usize, Vec<u32>)> {
+    ) -> Result<Option<(FeatureLayout, usize, Vec<u32>)>> {
         let mine: Vec<f32> = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
         let mine = Tensor::from_vec(mine, (valid.len(), 1), &Device::Cpu)?;
         let gathered = comms.world.all_gather(&mine)?;
@@ -347,11 +359,7 @@ impl RankTrainer {
         let pair: Vec<bool> = image.iter().zip(&text).map(|(a, b)| *a && *b).collect();
         let kept = |from: usize, len: usize| pair[from..from + len].iter().filter(|&&p| p).count();
         if kept(0, pair.len()) < 2 {
-            return Err(Error::Msg(format!(
-                "only {} of the {} pairs of this global batch could be read: see the skipped samples above",
-                kept(0, pair.len()),
-                pair.len()
-            )));
+            return Ok(None);
         }
         let rows: Vec<usize> = self
             .layout
@@ -363,7 +371,11 @@ impl RankTrainer {
             .filter(|&i| pair[self.offset + i])
             .map(|i| i as u32)
             .collect();
-        Ok((self.layout.with_rows(&rows), kept(0, self.offset), local))
+        Ok(Some((
+            self.layout.with_rows(&rows),
+            kept(0, self.offset),
+            local,
+        )))
     }
 
     /// [`Self::compute_grads`] on a batch where some samples could not be read: `valid`
@@ -417,7 +429,19 @@ impl RankTrainer {
         let t = Instant::now();
         let before = payload(comms);
         let masked = match valid {
-            Some(v) => Some(self.kept_pairs(comms, v)?),
+            Some(v) => match self.kept_pairs(comms, v)? {
+                Some(kept) => Some(kept),
+                None => {
+                    times.exchange = t.elapsed();
+                    return Ok(StepGrads {
+                        loss: f64::NAN,
+                        grads: Vec::new(),
+                        times,
+                        bytes,
+                        skipped: true,
+                    });
+                }
+            },
             None => None,
         };
         let (layout, offset, kept) = match &masked {
@@ -529,6 +553,7 @@ impl RankTrainer {
             grads,
             times,
             bytes,
+            skipped: false,
         })
     }
 
@@ -552,8 +577,15 @@ impl RankTrainer {
         input: &TowerInput,
         valid: Option<&[bool]>,
         lr: f64,
-    ) -> Result<(f64, PhaseTimes, PhaseBytes)> {
+    ) -> Result<StepOutcome> {
         let mut g = self.compute_grads_masked(comms, input, valid)?;
+        if g.skipped {
+            return Ok(StepOutcome {
+                loss: None,
+                times: g.times,
+                bytes: g.bytes,
+            });
+        }
         if !g.loss.is_finite() {
             return Err(Error::Msg(format!(
                 "the loss is {}: training diverged",
@@ -561,6 +593,10 @@ impl RankTrainer {
             )));
         }
         g.times.optimizer = self.apply(&g.grads, lr)?;
-        Ok((g.loss, g.times, g.bytes))
+        Ok(StepOutcome {
+            loss: Some(g.loss),
+            times: g.times,
+            bytes: g.bytes,
+        })
     }
 }

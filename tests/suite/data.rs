@@ -293,16 +293,22 @@ fn image_and_text_ranks_see_the_same_keys_at_every_step_on_unequal_groups() {
             img[0],
             ["000000", "000001", "000002", "000003", "000004", "000005"]
         );
-        // Nothing lost: 42 draws over a 22-sample epoch (the buffer blurs its boundary)
-        // see every sample, none more than twice.
-        let mut counts = std::collections::BTreeMap::new();
-        for k in &all {
-            *counts.entry(k.as_str()).or_insert(0) += 1;
+        // Each epoch holds every sample exactly once (the buffer drains at its end), and
+        // the second epoch starts in another order.
+        for epoch in [&all[..22], &all[22..42]] {
+            let mut keys: Vec<&String> = epoch.to_vec();
+            keys.sort();
+            keys.dedup();
+            assert_eq!(
+                keys.len(),
+                epoch.len(),
+                "{image}x{text}: an epoch repeats a sample"
+            );
         }
-        assert_eq!(counts.len(), 22, "{image}x{text}: a sample never came");
-        assert!(
-            counts.values().all(|&c| c <= 2),
-            "{image}x{text}: {counts:?}"
+        assert_ne!(
+            all[..20],
+            all[22..42],
+            "{image}x{text}: epochs share an order"
         );
         for r in &ranks {
             assert!(r.3.iter().flatten().all(|&v| v), "real photos all decode");
@@ -897,4 +903,44 @@ fn training_with_the_cache_runs_over_several_epochs() {
         .unwrap()
         .len();
     assert_eq!(size, 22 * 64 * 64 * 3, "one 64x64 RGB square per sample");
+}
+
+/// A global batch with fewer than two readable pairs has no contrastive loss: every rank
+/// skips the step alike, and the weights stay as they were.
+#[test]
+fn a_batch_with_fewer_than_two_readable_pairs_is_skipped_on_every_rank() {
+    let model = test_model();
+    let cfg = train_config(6);
+    let source = SyntheticSource::new(cfg.seed, &model).unwrap();
+    let topology = cpu_topology(1, 2);
+    let outcomes = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+        let mut trainer =
+            RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
+        let indices = batch_indices(0, 6, trainer.offset, trainer.local_batch);
+        let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+        let before = trainer
+            .params()
+            .get("logit_scale")
+            .unwrap()
+            .as_tensor()
+            .copy()?;
+        // Only sample 4's image is readable on the image rank; every caption is.
+        let valid: Vec<bool> = indices
+            .iter()
+            .map(|&i| trainer.tower == Tower::Text || i == 4)
+            .collect();
+        let outcome = trainer.step(&comms, &input, Some(&valid), 1e-2)?;
+        let after = trainer
+            .params()
+            .get("logit_scale")
+            .unwrap()
+            .as_tensor()
+            .copy()?;
+        Ok((outcome.loss, scalar(&(after - before)?)))
+    })
+    .unwrap();
+    for (rank, (loss, moved)) in outcomes.into_iter().enumerate() {
+        assert!(loss.is_none(), "rank {rank} did not skip");
+        assert_eq!(moved, 0.0, "rank {rank} updated its weights");
+    }
 }

@@ -155,8 +155,8 @@ fn measured_payload_per_step_equals_the_plan() {
                 RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
             let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
             let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
-            let (_, _, bytes) = trainer.step(&comms, &input, None, 1e-3)?;
-            Ok((trainer.tower, bytes))
+            let outcome = trainer.step(&comms, &input, None, 1e-3)?;
+            Ok((trainer.tower, outcome.bytes))
         })
         .unwrap();
         let t = &plan.traffic;
