@@ -46,6 +46,20 @@ fn ours(blobs: &[Vec<u8>]) -> f64 {
     }
 }
 
+/// "W×H to W×H": the smallest and largest images by area.
+fn dimensions(blobs: &[Vec<u8>]) -> String {
+    let mut dims: Vec<(u32, u32)> = blobs
+        .iter()
+        .filter_map(|b| image::load_from_memory(b).ok())
+        .map(|i| (i.width(), i.height()))
+        .collect();
+    dims.sort_by_key(|(w, h)| w * h);
+    match (dims.first(), dims.last()) {
+        (Some(a), Some(b)) => format!("{}×{} to {}×{}", a.0, a.1, b.0, b.1),
+        _ => "-".into(),
+    }
+}
+
 /// The Python anchor's images per second and what ran, or why it did not.
 fn anchor(files: &[PathBuf]) -> Result<(f64, String), String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
@@ -192,11 +206,7 @@ fn main() {
             md,
             "| {} {kind} ({}) | {mine:.1} | {} | {} | {what} |",
             files.len(),
-            if *kind == "jpg" {
-                "640×427 to 1411×1411"
-            } else {
-                "up to 512×512 and larger scans"
-            },
+            dimensions(blobs),
             theirs.map_or("—".into(), |t| format!("{t:.1}")),
             theirs.map_or("—".into(), |t| format!("{:.2}×", mine / t)),
         );
