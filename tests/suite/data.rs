@@ -944,3 +944,38 @@ fn a_batch_with_fewer_than_two_readable_pairs_is_skipped_on_every_rank() {
         assert_eq!(moved, 0.0, "rank {rank} updated its weights");
     }
 }
+
+#[test]
+fn webp_members_decode_too() {
+    let img = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
+    });
+    let mut webp = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut webp),
+        image::ImageFormat::WebP,
+    )
+    .unwrap();
+    let dir = temp_dir("webp");
+    let shard = dir.join("w.tar");
+    write_shard(
+        &shard,
+        &[(
+            "a".into(),
+            vec![
+                ("webp".into(), webp),
+                ("txt".into(), b"a gradient".to_vec()),
+            ],
+        )],
+    )
+    .unwrap();
+    let s = scan(&shard).samples.remove(0);
+    assert_eq!(s.image().unwrap().extension, "webp");
+    let px = ImageTransform::clip(8, Crop::Centre)
+        .apply(&s.read(s.image().unwrap()).unwrap(), 0)
+        .unwrap();
+    assert_eq!(px.len(), 3 * 8 * 8);
+    // The blue channel is flat at 90 after a lossless round trip.
+    let want = (90.0 / 255.0 - CLIP_MEAN[2]) / CLIP_STD[2];
+    assert!(px[128..].iter().all(|v| (v - want).abs() < 1e-5));
+}
