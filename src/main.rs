@@ -587,6 +587,12 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         .filter(|(_, s)| s.total() > 0)
         .map(|(rank, s)| format!("rank {rank}: {s}"))
         .collect();
+    if report.non_finite_steps > 0 {
+        println!(
+            "steps skipped (NaN or infinite loss or gradient): {}",
+            report.non_finite_steps
+        );
+    }
     if report.skipped_steps > 0 {
         println!(
             "steps skipped (fewer than two readable pairs): {}",

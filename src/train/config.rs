@@ -31,6 +31,9 @@ pub struct TrainConfig {
     pub progress: bool,
     /// Gradient checkpointing per block: keep block inputs, recompute in backward.
     pub checkpointing: bool,
+    /// Steps in a row whose loss or gradients may be NaN or infinite (each skipped and
+    /// counted) before the run stops as diverged.
+    pub max_bad_steps: usize,
     pub loss: LossConfig,
     /// Samples per forward pass on each rank of a group, when fewer than the rank's share
     /// of the global batch: features first, the loss once on the whole batch, then each
@@ -54,6 +57,7 @@ impl Default for TrainConfig {
             eval_pairs: 256,
             progress: true,
             checkpointing: false,
+            max_bad_steps: 5,
             loss: LossConfig::default(),
             micro_batch: MicroBatch::default(),
             data: DataConfig::default(),

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use config::TrainConfig;
-pub use step::{PhaseBytes, PhaseTimes, RankTrainer, StepGrads, StepOutcome};
+pub use step::{PhaseBytes, PhaseTimes, RankTrainer, SkipReason, StepGrads, StepOutcome};
 
 use crate::comm::{thread, RankComms};
 use std::path::PathBuf;
@@ -52,6 +52,8 @@ pub struct TrainReport {
     pub skipped: Vec<SkipCounts>,
     /// Steps skipped because fewer than two pairs of their batch could be read.
     pub skipped_steps: usize,
+    /// Steps skipped because the loss or a gradient was NaN or infinite.
+    pub non_finite_steps: usize,
     pub final_logit_scale: f64,
     /// SigLIP's logit bias at the end (0 for CLIP).
     pub final_logit_bias: f64,
@@ -75,6 +77,7 @@ struct RankOutcome {
     /// Samples this rank could not use, by cause (the order's skips included).
     skipped: SkipCounts,
     skipped_steps: usize,
+    non_finite_steps: usize,
     logit_scale: f64,
     logit_bias: f64,
 }
@@ -212,6 +215,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         bytes: outcomes.iter().map(|o| o.bytes).collect(),
         skipped: outcomes.iter().map(|o| o.skipped.clone()).collect(),
         skipped_steps: lead.skipped_steps,
+        non_finite_steps: lead.non_finite_steps,
         final_logit_scale: lead.logit_scale,
         final_logit_bias: lead.logit_bias,
     })
@@ -358,6 +362,8 @@ fn run_rank(
     let masked = cfg.data.kind != DataKind::Synthetic;
     let mut skipped = SkipCounts::default();
     let mut skipped_steps = 0;
+    let mut non_finite_steps = 0;
+    let mut bad_in_a_row = 0;
     let mut skipped_by_order = SkipCounts::default();
     let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64));
     let mut losses = Vec::with_capacity(cfg.steps);
@@ -379,17 +385,38 @@ fn run_rank(
         phases.add(&times);
         bytes.add(&outcome.bytes);
         let Some(loss) = outcome.loss else {
-            skipped_steps += 1;
-            if rank == 0 {
-                tracing::warn!(
-                    "step {step}: fewer than two pairs of the global batch could be read; step skipped"
-                );
+            match outcome.skipped {
+                Some(SkipReason::NonFinite { loss }) => {
+                    non_finite_steps += 1;
+                    bad_in_a_row += 1;
+                    if bad_in_a_row > cfg.max_bad_steps {
+                        return Err(Error::Msg(format!(
+                            "the loss or a gradient was NaN or infinite for {bad_in_a_row} steps in a row \
+                             (last loss {loss}, step {step}, learning rate {lr:.2e}): training diverged; \
+                             lower the learning rate or check the data"
+                        )));
+                    }
+                    if rank == 0 {
+                        tracing::warn!(
+                            "step {step}: loss {loss}, or a gradient, is not finite; step skipped"
+                        );
+                    }
+                }
+                _ => {
+                    skipped_steps += 1;
+                    if rank == 0 {
+                        tracing::warn!(
+                            "step {step}: fewer than two pairs of the global batch could be read; step skipped"
+                        );
+                    }
+                }
             }
             if let Some(bar) = &bar {
                 bar.inc(1);
             }
             continue;
         };
+        bad_in_a_row = 0;
         losses.push(loss);
         step_seconds.push(step_started.elapsed().as_secs_f64());
         if let Some(bar) = &bar {
@@ -417,6 +444,7 @@ fn run_rank(
         bytes,
         skipped,
         skipped_steps,
+        non_finite_steps,
         logit_scale: trainer.logit_scale()?,
         logit_bias: trainer.logit_bias()?,
     })

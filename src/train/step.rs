@@ -108,11 +108,21 @@ pub struct StepGrads {
     pub skipped: bool,
 }
 
+/// Why a step made no update (every rank decides alike).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SkipReason {
+    /// Fewer than two pairs of the global batch could be read.
+    UnreadableBatch,
+    /// The loss or a gradient was NaN or infinite somewhere in the world.
+    NonFinite { loss: f64 },
+}
+
 /// What one step did on one rank.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOutcome {
-    /// The global loss; None for a step skipped for unreadable data.
+    /// The global loss; None for a skipped step.
     pub loss: Option<f64>,
+    pub skipped: Option<SkipReason>,
     pub times: PhaseTimes,
     pub bytes: PhaseBytes,
 }
@@ -582,19 +592,35 @@ impl RankTrainer {
         if g.skipped {
             return Ok(StepOutcome {
                 loss: None,
+                skipped: Some(SkipReason::UnreadableBatch),
                 times: g.times,
                 bytes: g.bytes,
             });
         }
-        if !g.loss.is_finite() {
-            return Err(Error::Msg(format!(
-                "the loss is {}: training diverged",
-                g.loss
-            )));
+        // One flag over the world: a NaN in one tower's gradients skips the step on both
+        // groups, so neither moves without the other.
+        let mut bad = !g.loss.is_finite();
+        for grad in &g.grads {
+            bad |= !grad
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .is_finite();
+        }
+        let flag = Tensor::new(&[f32::from(u8::from(bad))], &Device::Cpu)?;
+        if comms.world.all_reduce_sum(&flag)?.to_vec1::<f32>()?[0] > 0.0 {
+            return Ok(StepOutcome {
+                loss: None,
+                skipped: Some(SkipReason::NonFinite { loss: g.loss }),
+                times: g.times,
+                bytes: g.bytes,
+            });
         }
         g.times.optimizer = self.apply(&g.grads, lr)?;
         Ok(StepOutcome {
             loss: Some(g.loss),
+            skipped: None,
             times: g.times,
             bytes: g.bytes,
         })

@@ -25,3 +25,90 @@ fn default_run_retrieves_far_above_chance() {
     let (first, last) = (report.losses[0], *report.losses.last().unwrap());
     assert!(last < 0.5 * first, "loss {first} -> {last}");
 }
+
+/// A NaN in one rank's batch skips the step on every rank (no weight moves), and the
+/// next step trains as usual.
+#[test]
+fn a_non_finite_step_is_skipped_everywhere_and_training_goes_on() {
+    use candle_core::{DType, Device, Tensor};
+    use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
+    use mmpipe::data::{Stream, SyntheticSource};
+    use mmpipe::model::TowerInput;
+    use mmpipe::train::{batch_indices, RankTrainer, SkipReason};
+
+    let model = super::common::test_model();
+    let cfg = super::common::train_config(8);
+    let source = SyntheticSource::new(cfg.seed, &model).unwrap();
+    let topology = super::common::cpu_topology(2, 1);
+    let results = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+        let mut trainer =
+            RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
+        let mut out = Vec::new();
+        for step in 0..3 {
+            let indices = batch_indices(step, 8, trainer.offset, trainer.local_batch);
+            let mut input =
+                source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+            if step == 1 && rank == 1 {
+                if let TowerInput::Images(x) = &input {
+                    input = TowerInput::Images((x * f64::NAN)?);
+                }
+            }
+            let before: Vec<Tensor> = trainer
+                .params()
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy().unwrap())
+                .collect();
+            let o = trainer.step(&comms, &input, None, 1e-3)?;
+            let moved = trainer.params().iter().zip(&before).any(|((_, v), b)| {
+                super::common::scalar(
+                    &(v.as_tensor() - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap(),
+                ) > 0.0
+            });
+            out.push((o.loss, o.skipped, moved));
+        }
+        Ok(out)
+    })
+    .unwrap();
+    for (rank, steps) in results.iter().enumerate() {
+        assert!(
+            steps[0].0.is_some() && steps[0].2,
+            "rank {rank}: step 0 trains"
+        );
+        assert!(
+            matches!(steps[1].1, Some(SkipReason::NonFinite { .. })) && !steps[1].2,
+            "rank {rank}: step 1 must be skipped without moving a weight"
+        );
+        assert!(
+            steps[2].0.is_some_and(f64::is_finite) && steps[2].2,
+            "rank {rank}: step 2 trains again"
+        );
+    }
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_message() {
+    let cfg = mmpipe::train::TrainConfig {
+        lr: 1e9,
+        warmup: 0,
+        steps: 30,
+        max_bad_steps: 2,
+        ..super::common::train_config(8)
+    };
+    let err = mmpipe::train::train(
+        &super::common::cpu_topology(1, 1),
+        &super::common::test_model(),
+        &cfg,
+    )
+    .err()
+    .expect("a learning rate of 1e9 diverges")
+    .to_string();
+    assert!(
+        err.contains("3 steps in a row") && err.contains("lower the learning rate"),
+        "{err}"
+    );
+}
