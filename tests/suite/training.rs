@@ -104,8 +104,7 @@ fn a_diverging_run_stops_with_a_clear_message() {
         &super::common::test_model(),
         &cfg,
     )
-    .err()
-    .expect("a learning rate of 1e9 diverges")
+    .expect_err("a learning rate of 1e9 diverges")
     .to_string();
     assert!(
         err.contains("3 steps in a row") && err.contains("lower the learning rate"),
