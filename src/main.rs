@@ -223,6 +223,9 @@ struct TrainArgs {
     /// Decoding threads per rank.
     #[arg(long)]
     workers: Option<usize>,
+    /// Write per-step metrics (JSON lines) to this file.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -540,6 +543,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(w) = args.workers {
         cfg.data.workers = w;
+    }
+    if args.metrics.is_some() {
+        cfg.metrics = args.metrics.clone();
     }
     cfg.validate(&origin)?;
     let threads = compute_threads_per_rank(topology.world_size());

@@ -34,6 +34,9 @@ pub struct TrainConfig {
     /// Steps in a row whose loss or gradients may be NaN or infinite (each skipped and
     /// counted) before the run stops as diverged.
     pub max_bad_steps: usize,
+    /// Write one JSON line per step here (loss, lr, temperature, throughput, every rank's
+    /// phase times and bytes, memory, skipped samples).
+    pub metrics: Option<std::path::PathBuf>,
     pub loss: LossConfig,
     /// Samples per forward pass on each rank of a group, when fewer than the rank's share
     /// of the global batch: features first, the loss once on the whole batch, then each
@@ -58,6 +61,7 @@ impl Default for TrainConfig {
             progress: true,
             checkpointing: false,
             max_bad_steps: 5,
+            metrics: None,
             loss: LossConfig::default(),
             micro_batch: MicroBatch::default(),
             data: DataConfig::default(),

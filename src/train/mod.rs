@@ -3,6 +3,7 @@
 
 pub mod calibrate;
 pub mod config;
+pub mod metrics;
 pub mod optim;
 pub mod step;
 
@@ -31,6 +32,7 @@ use crate::eval::{recall_at_1, Retrieval};
 use crate::loss::{split_len, split_offset, FeatureLayout};
 use crate::model::ClipConfig;
 use crate::topology::{DeviceKind, Topology, Tower};
+use metrics::{MetricsFile, RankStep};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -187,6 +189,11 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         DataKind::Synthetic => source.tokenizer(),
         _ => Arc::new(caption_tokenizer(model)?),
     };
+    let metrics = cfg
+        .metrics
+        .as_ref()
+        .map(|p| MetricsFile::create(p, topology.world_size(), cfg.global_batch))
+        .transpose()?;
     let started = Instant::now();
     let outcomes = thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
         let data = RankInputs {
@@ -196,9 +203,14 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             cache: cache.clone(),
             shards: &shards,
             captions: captions.clone(),
+            metrics: metrics.as_ref().map(MetricsFile::sender),
         };
         run_rank(topology, rank, comms, model, cfg, data)
-    })?;
+    });
+    if let Some(m) = metrics {
+        m.finish()?;
+    }
+    let outcomes = outcomes?;
     let seconds = started.elapsed().as_secs_f64();
     let lead = &outcomes[0];
     Ok(TrainReport {
@@ -248,6 +260,7 @@ struct RankInputs<'a> {
     /// Shard sets and their weights.
     shards: &'a [(Vec<PathBuf>, f64)],
     captions: Arc<TextTokenizer>,
+    metrics: Option<crossbeam_channel::Sender<RankStep>>,
 }
 
 /// Starts this rank's pipeline: its modality, its slice of every global batch.
@@ -382,6 +395,24 @@ fn run_rank(
         let outcome = trainer.step(&comms, &batch.input, valid, lr)?;
         let mut times = outcome.times;
         times.data_wait = data_wait;
+        if let Some(tx) = &inputs.metrics {
+            let report = RankStep {
+                rank,
+                tower: trainer.tower,
+                step,
+                loss: outcome.loss,
+                skipped: outcome.skipped,
+                lr,
+                logit_scale: trainer.logit_scale()?,
+                logit_bias: trainer.logit_bias()?,
+                times,
+                bytes: outcome.bytes,
+                seconds: step_started.elapsed().as_secs_f64(),
+                samples_skipped: batch.failed.total(),
+            };
+            // The writer only stops if it failed; its error surfaces at the end.
+            let _ = tx.send(report);
+        }
         phases.add(&times);
         bytes.add(&outcome.bytes);
         let Some(loss) = outcome.loss else {

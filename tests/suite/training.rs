@@ -111,3 +111,52 @@ fn a_diverging_run_stops_with_a_clear_message() {
         "{err}"
     );
 }
+
+/// The metrics file: valid JSON per line, one line per step, every rank with every phase,
+/// and the losses the run reports.
+#[test]
+fn the_metrics_file_has_a_line_per_step_with_every_rank_and_phase() {
+    let path = std::env::temp_dir().join(format!("mmpipe-metrics-{}/m.jsonl", std::process::id()));
+    let cfg = mmpipe::train::TrainConfig {
+        steps: 4,
+        metrics: Some(path.clone()),
+        ..super::common::train_config(8)
+    };
+    let report = mmpipe::train::train(
+        &super::common::cpu_topology(2, 1),
+        &super::common::test_model(),
+        &cfg,
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (step, (line, loss)) in lines.iter().zip(&report.losses).enumerate() {
+        assert_eq!(line["step"], step);
+        assert_eq!(line["loss"].as_f64().unwrap(), *loss);
+        for key in [
+            "lr",
+            "logit_scale",
+            "samples_per_s",
+            "step_ms",
+            "samples_skipped",
+        ] {
+            assert!(line[key].is_number(), "step {step}: {key} missing: {line}");
+        }
+        let ranks = line["ranks"].as_array().unwrap();
+        assert_eq!(ranks.len(), 3);
+        for r in ranks {
+            for phase in mmpipe::train::PhaseTimes::NAMES {
+                let key = format!("{}_ms", phase.replace([' ', '-'], "_"));
+                assert!(
+                    r["phases"][&key].as_f64().is_some_and(|v| v >= 0.0),
+                    "{key}: {r}"
+                );
+            }
+            assert!(r["bytes"]["feature_exchange"].as_u64().unwrap() > 0);
+        }
+    }
+}

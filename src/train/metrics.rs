@@ -1,0 +1,150 @@
+//! The metrics file: one JSON object per step and line (JSONL), from every rank's report
+//! of that step. Written as the run goes and flushed per line, so a stopped run keeps
+//! what it measured.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{unbounded, Sender};
+use serde_json::json;
+
+use super::step::{PhaseBytes, PhaseTimes, SkipReason};
+use crate::error::{Error, Result};
+use crate::topology::Tower;
+
+/// One rank's account of one step.
+#[derive(Debug, Clone)]
+pub struct RankStep {
+    pub rank: usize,
+    pub tower: Tower,
+    pub step: usize,
+    pub loss: Option<f64>,
+    pub skipped: Option<SkipReason>,
+    pub lr: f64,
+    pub logit_scale: f64,
+    pub logit_bias: f64,
+    pub times: PhaseTimes,
+    pub bytes: PhaseBytes,
+    /// Wall time of the whole step on this rank, data included.
+    pub seconds: f64,
+    /// Samples this rank could not use in this step's batch.
+    pub samples_skipped: u64,
+}
+
+/// Collects every rank's steps and writes one line per step.
+pub struct MetricsFile {
+    tx: Option<Sender<RankStep>>,
+    writer: Option<JoinHandle<Result<()>>>,
+}
+
+/// The process's resident memory now, from Linux's /proc (None elsewhere).
+pub fn resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn line(steps: &[RankStep], global_batch: usize) -> serde_json::Value {
+    let lead = &steps[0];
+    let slowest = steps.iter().map(|s| s.seconds).fold(0.0, f64::max);
+    let ranks: Vec<serde_json::Value> = steps
+        .iter()
+        .map(|s| {
+            let mut phases = serde_json::Map::new();
+            for (name, d) in PhaseTimes::NAMES.iter().zip(s.times.as_array()) {
+                phases.insert(
+                    format!("{}_ms", name.replace([' ', '-'], "_")),
+                    json!(ms(d)),
+                );
+            }
+            json!({
+                "rank": s.rank,
+                "tower": s.tower.to_string(),
+                "phases": phases,
+                "bytes": {
+                    "feature_exchange": s.bytes.exchange,
+                    "loss_exchange": s.bytes.loss,
+                    "grad_all_reduce": s.bytes.grad_all_reduce,
+                },
+                "samples_skipped": s.samples_skipped,
+            })
+        })
+        .collect();
+    json!({
+        "step": lead.step,
+        "loss": lead.loss,
+        "skipped_step": lead.skipped.map(|r| match r {
+            SkipReason::UnreadableBatch => "unreadable batch",
+            SkipReason::NonFinite { .. } => "non-finite loss or gradient",
+        }),
+        "lr": lead.lr,
+        "logit_scale": lead.logit_scale,
+        "logit_bias": lead.logit_bias,
+        "step_ms": slowest * 1e3,
+        "samples_per_s": global_batch as f64 / slowest,
+        "resident_mib": resident_mib(),
+        "samples_skipped": steps.iter().map(|s| s.samples_skipped).sum::<u64>(),
+        "ranks": ranks,
+    })
+}
+
+impl MetricsFile {
+    /// Creates `path` (and its folder) and starts the writer for `world` ranks.
+    pub fn create(path: &Path, world: usize, global_batch: usize) -> Result<Self> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = std::fs::File::create(path).map_err(io)?;
+        let (tx, rx) = unbounded::<RankStep>();
+        let path: PathBuf = path.to_path_buf();
+        let writer = std::thread::spawn(move || -> Result<()> {
+            let mut out = std::io::BufWriter::new(file);
+            let mut pending: std::collections::BTreeMap<usize, Vec<RankStep>> = Default::default();
+            while let Ok(s) = rx.recv() {
+                let step = s.step;
+                let entry = pending.entry(step).or_default();
+                entry.push(s);
+                if entry.len() == world {
+                    let mut steps = pending.remove(&step).expect("just filled");
+                    steps.sort_by_key(|s| s.rank);
+                    let write =
+                        writeln!(out, "{}", line(&steps, global_batch)).and_then(|_| out.flush());
+                    write.map_err(|source| Error::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+            }
+            Ok(())
+        });
+        Ok(MetricsFile {
+            tx: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    /// A sender for one rank's thread.
+    pub fn sender(&self) -> Sender<RankStep> {
+        self.tx.clone().expect("open until finish")
+    }
+
+    /// Waits for the last lines to be written.
+    pub fn finish(mut self) -> Result<()> {
+        drop(self.tx.take());
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Msg("the metrics writer panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
