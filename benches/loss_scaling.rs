@@ -4,7 +4,7 @@
 //! `docs/loss-scaling.svg`.
 //!
 //! ```text
-//! cargo bench --bench loss_scaling                       # 4K .. 256K (~40 min on 2 cores)
+//! cargo bench --bench loss_scaling                       # 4K .. 256K (about 1 h on 2 cores)
 //! LOSS_SCALING_MAX=65536 LOSS_SCALING_WORLD_MAX=16384 cargo bench --bench loss_scaling
 //! # one more point into the existing docs/loss-scaling.{csv,md,svg}:
 //! LOSS_SCALING_MIN=262144 LOSS_SCALING_APPEND=1 cargo bench --bench loss_scaling
