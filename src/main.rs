@@ -226,6 +226,14 @@ struct TrainArgs {
     /// Write per-step metrics (JSON lines) to this file.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Save checkpoints in this folder (at the end, and every --checkpoint-every steps).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue from a checkpoint folder, or `latest` in --checkpoint-dir.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -546,6 +554,15 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     if args.metrics.is_some() {
         cfg.metrics = args.metrics.clone();
+    }
+    if args.checkpoint_dir.is_some() {
+        cfg.checkpoint_dir = args.checkpoint_dir.clone();
+    }
+    if let Some(n) = args.checkpoint_every {
+        cfg.checkpoint_every = n;
+    }
+    if args.resume.is_some() {
+        cfg.resume = args.resume.clone();
     }
     cfg.validate(&origin)?;
     let threads = compute_threads_per_rank(topology.world_size());

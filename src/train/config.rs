@@ -37,6 +37,13 @@ pub struct TrainConfig {
     /// Write one JSON line per step here (loss, lr, temperature, throughput, every rank's
     /// phase times and bytes, memory, skipped samples).
     pub metrics: Option<std::path::PathBuf>,
+    /// Save checkpoints here: every `checkpoint_every` steps (0: only at the end), keeping
+    /// the newest `keep_checkpoints`.
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    /// Continue from this checkpoint folder, or `latest` in `checkpoint_dir`.
+    pub resume: Option<std::path::PathBuf>,
     pub loss: LossConfig,
     /// Samples per forward pass on each rank of a group, when fewer than the rank's share
     /// of the global batch: features first, the loss once on the whole batch, then each
@@ -62,6 +69,10 @@ impl Default for TrainConfig {
             checkpointing: false,
             max_bad_steps: 5,
             metrics: None,
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+            resume: None,
             loss: LossConfig::default(),
             micro_batch: MicroBatch::default(),
             data: DataConfig::default(),

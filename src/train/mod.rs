@@ -2,6 +2,7 @@
 //! progress, and at the end the towers encode held-out pairs for a retrieval check.
 
 pub mod calibrate;
+pub mod checkpoints;
 pub mod config;
 pub mod metrics;
 pub mod optim;
@@ -80,6 +81,8 @@ struct RankOutcome {
     skipped: SkipCounts,
     skipped_steps: usize,
     non_finite_steps: usize,
+    /// Steps this run took (fewer than `steps` after a resume).
+    steps_run: usize,
     logit_scale: f64,
     logit_bias: f64,
 }
@@ -218,7 +221,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         step_seconds: lead.step_seconds.clone(),
         retrieval: lead.retrieval,
         seconds,
-        samples_per_second: (cfg.steps * cfg.global_batch) as f64 / seconds,
+        samples_per_second: (lead.steps_run * cfg.global_batch) as f64 / seconds,
         phases: outcomes
             .iter()
             .zip(&topology.ranks)
@@ -271,6 +274,7 @@ fn start_data(
     model: &ClipConfig,
     cfg: &TrainConfig,
     inputs: &RankInputs,
+    start_step: usize,
 ) -> RankData {
     let tower = topology.ranks[rank].tower;
     let crop = if cfg.data.random_crop {
@@ -352,7 +356,7 @@ fn start_data(
             workers: cfg.data.workers,
             prefetch: cfg.data.prefetch,
             seed: cfg.seed,
-            start_step: 0,
+            start_step: start_step as u64,
         },
     )
 }
@@ -369,8 +373,21 @@ fn run_rank(
     let source = inputs.source.as_ref();
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
     trainer.attach(&comms);
+    // Resuming: every rank loads its tower's part; the data order replays to the step.
+    let start = match &cfg.resume {
+        Some(resume) => {
+            let dir = checkpoints::resolve(cfg.checkpoint_dir.as_deref(), resume)?;
+            let state = checkpoints::read_state(&dir, cfg)?;
+            trainer.load_part(&dir.join(checkpoints::part_file(trainer.tower)))?;
+            if rank == 0 {
+                tracing::info!("resuming from {} at step {}", dir.display(), state.step);
+            }
+            state.step
+        }
+        None => 0,
+    };
     trainer.check_replicas(&comms)?;
-    let data = start_data(topology, rank, &trainer, model, cfg, &inputs);
+    let data = start_data(topology, rank, &trainer, model, cfg, &inputs, start);
     // Synthetic samples always materialise: no mask, no extra collective.
     let masked = cfg.data.kind != DataKind::Synthetic;
     let mut skipped = SkipCounts::default();
@@ -378,13 +395,25 @@ fn run_rank(
     let mut non_finite_steps = 0;
     let mut bad_in_a_row = 0;
     let mut skipped_by_order = SkipCounts::default();
-    let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64));
+    let bar = (rank == 0 && cfg.progress).then(|| {
+        let bar = progress_bar(cfg.steps as u64);
+        bar.set_position(start as u64);
+        bar
+    });
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut step_seconds = Vec::with_capacity(cfg.steps);
     let mut phases = PhaseTimes::default();
     let mut bytes = PhaseBytes::default();
     let started = Instant::now();
-    for step in 0..cfg.steps {
+    let mut saved_at = None;
+    for step in start..cfg.steps {
+        // Steps 0..step are done: save them before the next.
+        if let Some(dir) = &cfg.checkpoint_dir {
+            if cfg.checkpoint_every > 0 && step > start && step % cfg.checkpoint_every == 0 {
+                checkpoints::save(dir, step, &comms, &trainer, cfg)?;
+                saved_at = Some(step);
+            }
+        }
         let step_started = Instant::now();
         let batch = data.next()?;
         let data_wait = step_started.elapsed();
@@ -451,11 +480,17 @@ fn run_rank(
         losses.push(loss);
         step_seconds.push(step_started.elapsed().as_secs_f64());
         if let Some(bar) = &bar {
-            let rate = ((step + 1) * cfg.global_batch) as f64 / started.elapsed().as_secs_f64();
+            let rate =
+                ((step + 1 - start) * cfg.global_batch) as f64 / started.elapsed().as_secs_f64();
             bar.set_message(format!(
                 "loss {loss:.3} · {rate:.0} samples/s · lr {lr:.1e}"
             ));
             bar.inc(1);
+        }
+    }
+    if let (Some(dir), true) = (&cfg.checkpoint_dir, cfg.steps > start) {
+        if saved_at != Some(cfg.steps) {
+            checkpoints::save(dir, cfg.steps, &comms, &trainer, cfg)?;
         }
     }
     if let Some(bar) = bar {
@@ -476,6 +511,7 @@ fn run_rank(
         skipped,
         skipped_steps,
         non_finite_steps,
+        steps_run: cfg.steps.saturating_sub(start),
         logit_scale: trainer.logit_scale()?,
         logit_bias: trainer.logit_bias()?,
     })

@@ -60,6 +60,57 @@ impl AdamW {
         self.step
     }
 
+    /// The state to checkpoint: each parameter's moments as `optimizer.m.NAME` and
+    /// `optimizer.v.NAME` (`names` in parameter order), and the step count.
+    pub fn state(&self, names: &[&str]) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.slots.len() + 1);
+        for (slot, name) in self.slots.iter().zip(names) {
+            out.push((format!("optimizer.m.{name}"), slot.m.clone()));
+            out.push((format!("optimizer.v.{name}"), slot.v.clone()));
+        }
+        out.push((
+            "optimizer.step".into(),
+            Tensor::new(&[self.step as f64], &candle_core::Device::Cpu)?,
+        ));
+        Ok(out)
+    }
+
+    /// Restores [`Self::state`]; a missing or misshapen tensor is an error naming it.
+    pub fn load_state(
+        &mut self,
+        names: &[&str],
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let get = |key: String, like: &Tensor| -> Result<Tensor> {
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| Error::Msg(format!("the checkpoint has no `{key}`")))?;
+            if t.shape() != like.shape() {
+                return Err(Error::Msg(format!(
+                    "`{key}` has shape {:?}, the model {:?}",
+                    t.dims(),
+                    like.dims()
+                )));
+            }
+            Ok(t.to_dtype(like.dtype())?.to_device(like.device())?)
+        };
+        for (slot, name) in self.slots.iter_mut().zip(names) {
+            slot.m = get(format!("optimizer.m.{name}"), &slot.m)?;
+            slot.v = get(format!("optimizer.v.{name}"), &slot.v)?;
+        }
+        let step = tensors
+            .get("optimizer.step")
+            .ok_or_else(|| Error::Msg("the checkpoint has no `optimizer.step`".into()))?;
+        self.step = step
+            .to_dtype(candle_core::DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?
+            .first()
+            .copied()
+            .unwrap_or(0.0) as usize;
+        Ok(())
+    }
+
     /// One update; `grads` in the same (name) order as the parameters.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.slots.len() {

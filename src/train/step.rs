@@ -268,6 +268,26 @@ impl RankTrainer {
             .to_scalar::<f64>()?)
     }
 
+    /// Writes this rank's part of a checkpoint: its tower's parameters and the loss's
+    /// scalars (OpenCLIP names), batch-norm statistics, and the optimizer's state.
+    pub fn save_part(&self, path: &std::path::Path) -> Result<()> {
+        let mut extra = self.encoder.buffers()?;
+        extra.extend(self.optimizer.state(&self.trainable.names())?);
+        checkpoint::save_with_buffers(&self.params, &extra, path)
+    }
+
+    /// Restores [`Self::save_part`]'s file: every parameter, statistic and optimizer
+    /// moment must be there.
+    pub fn load_part(&mut self, path: &std::path::Path) -> Result<()> {
+        checkpoint::load(&self.params, path)?;
+        let tensors = checkpoint::read_tensors(path)?;
+        self.encoder.load_buffers(&tensors)?;
+        let names = self.trainable.names();
+        self.optimizer
+            .load_state(&names, &tensors)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    }
+
     /// SigLIP's logit bias (0 for a loss without one).
     pub fn logit_bias(&self) -> Result<f64> {
         match &self.logit_bias {

@@ -160,3 +160,133 @@ fn the_metrics_file_has_a_line_per_step_with_every_rank_and_phase() {
         }
     }
 }
+
+/// Every tensor of a checkpoint folder's parts (parameters, statistics, optimizer state).
+fn checkpoint_tensors(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let mut all = std::collections::BTreeMap::new();
+    for part in ["image.safetensors", "text.safetensors"] {
+        for (name, t) in mmpipe::model::checkpoint::read_tensors(&dir.join(part)).unwrap() {
+            all.insert(format!("{part}/{name}"), super::common::values(&t));
+        }
+    }
+    all
+}
+
+/// 10 steps straight, and 5 steps + resume + 5: the same losses, weights and optimizer
+/// state, on synthetic data and on shards with random crops and a shuffle buffer.
+#[test]
+fn resuming_from_a_checkpoint_is_exact() {
+    let base = std::env::temp_dir().join(format!("mmpipe-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let shard = std::path::PathBuf::from("../shared/data/real-photos/shard-000000.tar");
+    let bpe =
+        mmpipe::model::ClipConfig::from_file(std::path::Path::new("configs/clip-tiny-bpe.toml"))
+            .unwrap();
+    let webdataset = mmpipe::data::DataConfig {
+        kind: mmpipe::data::DataKind::Webdataset,
+        shards: vec![std::fs::canonicalize(&shard).unwrap().display().to_string()],
+        shuffle_buffer: 5,
+        random_crop: true,
+        ..mmpipe::data::DataConfig::default()
+    };
+    for (name, model, data, topology) in [
+        (
+            "synthetic",
+            super::common::test_model(),
+            mmpipe::data::DataConfig::default(),
+            super::common::cpu_topology(2, 1),
+        ),
+        ("shards", bpe, webdataset, super::common::cpu_topology(1, 2)),
+    ] {
+        let run = |dir: &str, resume: Option<std::path::PathBuf>| {
+            let cfg = mmpipe::train::TrainConfig {
+                steps: 10,
+                global_batch: 8,
+                warmup: 2,
+                checkpoint_dir: Some(base.join(name).join(dir)),
+                checkpoint_every: 5,
+                resume,
+                data: data.clone(),
+                ..super::common::train_config(8)
+            };
+            mmpipe::train::train(&topology, &model, &cfg).unwrap()
+        };
+        // A run that stopped after step 5 left exactly the step-5 checkpoint behind.
+        let straight = run("straight", None);
+        let halfway = base.join(name).join("straight/step-00000005");
+        let second = run("resumed", Some(halfway));
+        assert_eq!(second.losses.len(), 5, "{name}");
+        for (step, (a, b)) in straight.losses[5..].iter().zip(&second.losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs(),
+                "{name} step {}: {a} vs {b}",
+                step + 5
+            );
+        }
+        let want = checkpoint_tensors(&base.join(name).join("straight/step-00000010"));
+        let got = checkpoint_tensors(&base.join(name).join("resumed/step-00000010"));
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>()
+        );
+        assert!(
+            want.keys().any(|k| k.contains("optimizer.m.")),
+            "optimizer state is saved"
+        );
+        for (k, w) in &want {
+            let worst = w
+                .iter()
+                .zip(&got[k])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(worst <= 1e-6, "{name}: {k} differs by {worst}");
+        }
+    }
+}
+
+/// A save cut short leaves only a `.partial` folder: `latest` still names the previous
+/// checkpoint, which loads; a resume with another batch size is refused by name.
+#[test]
+fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-atomic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = mmpipe::train::TrainConfig {
+        steps: 3,
+        checkpoint_dir: Some(dir.clone()),
+        ..super::common::train_config(8)
+    };
+    let topology = super::common::cpu_topology(1, 1);
+    let model = super::common::test_model();
+    mmpipe::train::train(&topology, &model, &cfg).unwrap();
+    // What a kill during the next save leaves: a half-written folder.
+    let partial = dir.join("step-00000006.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("image.safetensors"), b"half a file").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap(),
+        "step-00000003"
+    );
+    let resumed = mmpipe::train::TrainConfig {
+        steps: 5,
+        resume: Some("latest".into()),
+        ..cfg.clone()
+    };
+    let report = mmpipe::train::train(&topology, &model, &resumed).unwrap();
+    assert_eq!(report.losses.len(), 2, "steps 3 and 4 after the resume");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap(),
+        "step-00000005"
+    );
+    let other_batch = mmpipe::train::TrainConfig {
+        global_batch: 4,
+        steps: 6,
+        ..resumed
+    };
+    let err = mmpipe::train::train(&topology, &model, &other_batch)
+        .expect_err("another batch size cannot resume exactly")
+        .to_string();
+    assert!(
+        err.contains("state.json") && err.contains("global_batch"),
+        "{err}"
+    );
+}
