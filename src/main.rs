@@ -36,8 +36,8 @@ struct Cli {
 enum Command {
     /// Print where each rank runs and what each step moves between them.
     Plan(PlanArgs),
-    /// Train on the built-in synthetic image–caption set.
-    Train(TrainArgs),
+    /// Train: the built-in synthetic set, shards, Fashion-MNIST or a CSV.
+    Train(Box<TrainArgs>),
     /// Turn an OpenCLIP or HF BERT checkpoint into an mmpipe checkpoint of a model config.
     Convert(ConvertArgs),
     /// Write WebDataset shards (synthetic, Fashion-MNIST, CSV/TSV) and inspect them.
@@ -190,6 +190,9 @@ struct TrainArgs {
     /// Training config (TOML, e.g. configs/train/siglip.toml); the flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Override any config field: --set loss.kind=siglip --set grad_clip=1.0 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long)]
@@ -524,10 +527,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             topology.source.display()
         );
     }
-    let (mut cfg, origin) = match &args.config {
-        Some(p) => (TrainConfig::from_file(p)?, p.clone()),
-        None => (TrainConfig::default(), PathBuf::from("the command line")),
-    };
+    let mut cfg = TrainConfig::load(args.config.as_deref(), &args.sets)?;
+    let origin = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("the command line"));
     macro_rules! set {
         ($($flag:expr => $field:expr),* $(,)?) => { $(if let Some(v) = $flag { $field = v; })* };
     }
@@ -703,7 +707,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(a) => plan(a),
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Convert(a) => convert(a),
         Command::Data(c) => data(c),
     };

@@ -20,7 +20,12 @@ pub struct TrainConfig {
     /// Peak learning rate, reached after `warmup` steps, then cosine decay to 0.
     pub lr: f64,
     pub warmup: usize,
+    /// After the warm-up: `"cosine"` decay to 0, or `"constant"`.
+    pub schedule: super::optim::Schedule,
     pub weight_decay: f64,
+    /// Scale each tower's gradients (summed over its group) down to this L2 norm when
+    /// they exceed it; the loss's scalars are not clipped. None: no clipping.
+    pub grad_clip: Option<f64>,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -60,7 +65,9 @@ impl Default for TrainConfig {
             global_batch: 128,
             lr: 2e-3,
             warmup: 40,
+            schedule: super::optim::Schedule::Cosine,
             weight_decay: 0.1,
+            grad_clip: None,
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-6,
@@ -81,6 +88,62 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Reads a training config (or the defaults, without a file), applies `key=value`
+    /// overrides (`optim`-style dotted keys: `loss.kind=siglip`, `lr=5e-4`; values in
+    /// TOML syntax, bare words as strings), and checks the result. Errors name the file,
+    /// or `--set` and the key.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
+        let origin = path.map_or_else(|| Path::new("--set").to_path_buf(), Path::to_path_buf);
+        let mut table: toml::Table = match path {
+            Some(p) => crate::error::read_toml(p)?,
+            None => toml::Table::new(),
+        };
+        for set in sets {
+            let (key, raw) = set.split_once('=').ok_or_else(|| {
+                Error::invalid(
+                    "--set",
+                    set.as_str(),
+                    "expected KEY=VALUE, e.g. loss.kind=siglip",
+                )
+            })?;
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let mut at = &mut table;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            for part in &parts[..parts.len() - 1] {
+                at = at
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| {
+                        Error::invalid("--set", key, format!("`{part}` is not a section"))
+                    })?;
+            }
+            at.insert(parts[parts.len() - 1].to_string(), value);
+        }
+        let mut cfg: TrainConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Parse {
+                    path: match (path, sets.is_empty()) {
+                        (Some(p), false) => format!("{} with --set", p.display()).into(),
+                        _ => origin.clone(),
+                    },
+                    message: e.to_string().trim_end().to_string(),
+                })?;
+        if let Some(p) = path {
+            cfg.data.base_dir = p
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| ".".into());
+            cfg.data.origin = p.to_path_buf();
+        }
+        cfg.validate(&origin)?;
+        Ok(cfg)
+    }
+
     /// Reads and checks a training config file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let mut cfg: TrainConfig = crate::error::read_toml(path)?;
@@ -97,6 +160,11 @@ impl TrainConfig {
     /// in the error.
     pub fn validate(&self, origin: &Path) -> Result<()> {
         let bad = |field: &str, message: String| Err(Error::invalid(origin, field, message));
+        if let Some(c) = self.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return bad("grad_clip", format!("{c} is not a positive norm"));
+            }
+        }
         if self.global_batch == 0 {
             return bad("global_batch", "must be at least 1".into());
         }

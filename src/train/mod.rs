@@ -419,7 +419,7 @@ fn run_rank(
         let data_wait = step_started.elapsed();
         skipped.merge(&batch.failed);
         skipped_by_order = batch.skipped_by_order.clone();
-        let lr = optim::cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps);
+        let lr = cfg.schedule.lr(step, cfg.lr, cfg.warmup, cfg.steps);
         let valid = masked.then_some(batch.valid.as_slice());
         let outcome = trainer.step(&comms, &batch.input, valid, lr)?;
         let mut times = outcome.times;

@@ -14,13 +14,38 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// OpenCLIP's rule: no weight decay on gains, biases, norms and the temperature: every
-/// tensor with fewer than two dimensions, and anything named like a norm or bias.
+/// The parameter groups: no weight decay on gains, biases, norms, embeddings and the
+/// loss's scalars: every tensor with fewer than two dimensions, and anything named like a
+/// norm, a bias or an embedding (token, position, class, BERT's word/position/type).
 pub fn decays(name: &str, var: &Var) -> bool {
     !(var.rank() < 2
         || name.contains("bias")
         || name.contains("ln_")
-        || name.contains("logit_scale"))
+        || name.contains("LayerNorm")
+        || name.contains("embedding")
+        || name.contains("logit_"))
+}
+
+/// How the learning rate moves after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine decay to 0 at the last step.
+    #[default]
+    Cosine,
+    /// The peak, held.
+    Constant,
+}
+
+impl Schedule {
+    /// The learning rate of `step` (0-based) with linear warm-up over `warmup` steps.
+    pub fn lr(self, step: usize, peak: f64, warmup: usize, total: usize) -> f64 {
+        match self {
+            Schedule::Cosine => cosine_lr(step, peak, warmup, total),
+            Schedule::Constant if step < warmup => peak * (step + 1) as f64 / warmup as f64,
+            Schedule::Constant => peak,
+        }
+    }
 }
 
 struct Slot {

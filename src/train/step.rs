@@ -127,6 +127,28 @@ pub struct StepOutcome {
     pub bytes: PhaseBytes,
 }
 
+/// Scales `grads` down to L2 norm `max_norm` when their joint norm exceeds it. Applied to
+/// a tower's group-summed gradients, which every rank of the group holds alike.
+pub fn clip_to_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<Vec<Tensor>> {
+    let mut sum = 0.0;
+    for g in &grads {
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sum.sqrt();
+    if norm <= max_norm || !norm.is_finite() {
+        return Ok(grads);
+    }
+    let scale = max_norm / norm;
+    Ok(grads
+        .into_iter()
+        .map(|g| g * scale)
+        .collect::<candle_core::Result<_>>()?)
+}
+
 /// The loss's own learnable scalars: replicated on every rank, never tower parameters.
 fn is_loss_scalar(name: &str) -> bool {
     name == "logit_scale" || name == "logit_bias"
@@ -161,6 +183,7 @@ pub struct RankTrainer {
     loss: LossConfig,
     /// Samples per forward pass when smaller than the local batch (GradCache).
     micro_batch: Option<usize>,
+    grad_clip: Option<f64>,
     optimizer: AdamW,
     layout: FeatureLayout,
     /// This rank's rows of the global batch.
@@ -235,6 +258,7 @@ impl RankTrainer {
             logit_bias,
             loss: cfg.loss,
             micro_batch,
+            grad_clip: cfg.grad_clip,
             optimizer,
             layout: FeatureLayout::new(topology, cfg.global_batch),
             offset: split_offset(cfg.global_batch, size, rank.group_rank),
@@ -558,9 +582,12 @@ impl RankTrainer {
 
         let t = Instant::now();
         let before = payload(comms);
-        let reduced = all_reduce_bucket(comms.group.as_ref(), &local)?;
+        let mut reduced = all_reduce_bucket(comms.group.as_ref(), &local)?;
         bytes.grad_all_reduce = payload(comms) - before;
         times.grad_all_reduce = t.elapsed();
+        if let Some(max_norm) = self.grad_clip {
+            reduced = clip_to_norm(reduced, max_norm)?;
+        }
 
         let scalar = |v: f64| -> Result<Tensor> {
             Ok(Tensor::new(v, &Device::Cpu)?

@@ -427,3 +427,36 @@ fn bad_data_sections_name_the_field() {
         );
     }
 }
+
+#[test]
+fn set_overrides_any_field_and_names_bad_ones() {
+    use mmpipe::train::TrainConfig;
+    let cfg = TrainConfig::load(
+        Some(std::path::Path::new("configs/train/gradcache.toml")),
+        &[
+            "loss.kind=siglip".into(),
+            "lr=5e-4".into(),
+            "micro_batch.text=16".into(),
+            "schedule=constant".into(),
+            "grad_clip=1.0".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(cfg.loss.kind, mmpipe::loss::LossKind::Siglip);
+    assert_eq!(cfg.lr, 5e-4);
+    assert_eq!(cfg.micro_batch.text, Some(16));
+    assert_eq!(cfg.micro_batch.image, Some(32), "the file's value stays");
+    assert_eq!(cfg.global_batch, 256);
+    assert_eq!(cfg.grad_clip, Some(1.0));
+    for (set, needle) in [
+        ("nonsense=1", "unknown field `nonsense`"),
+        ("loss.tile=oops", "loss.tile"),
+        ("grad_clip=-1", "grad_clip"),
+        ("lr", "KEY=VALUE"),
+    ] {
+        let err = TrainConfig::load(None, &[set.into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{set}: {err}");
+    }
+}

@@ -64,7 +64,28 @@ fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run 
             &batch_indices(step, GLOBAL_BATCH, 0, GLOBAL_BATCH),
             dtype,
         );
-        let (loss, grads) = reference.grads(&images, &texts);
+        let (loss, mut grads) = reference.grads(&images, &texts);
+        if let Some(max_norm) = cfg.grad_clip {
+            // Each tower on its own, the loss's scalars never.
+            let is_image = |n: &str| n.starts_with("visual.");
+            let is_text = |n: &str| !n.starts_with("visual.") && !n.starts_with("logit_");
+            for in_tower in [&is_image as &dyn Fn(&str) -> bool, &is_text] {
+                let names: Vec<String> = grads.keys().filter(|n| in_tower(n)).cloned().collect();
+                let tower: Vec<Tensor> = names.iter().map(|n| grads[n].clone()).collect();
+                let norm: f64 = tower
+                    .iter()
+                    .map(|g| scalar(&g.sqr().unwrap().sum_all().unwrap()))
+                    .sum::<f64>()
+                    .sqrt();
+                if step == 0 {
+                    assert!(norm > max_norm, "the test's clip must bite: norm {norm}");
+                }
+                let clipped = mmpipe::train::step::clip_to_norm(tower, max_norm).unwrap();
+                for (n, g) in names.into_iter().zip(clipped) {
+                    grads.insert(n, g);
+                }
+            }
+        }
         run.losses.push(loss);
         let trainable_grads: Vec<Tensor> = trainable
             .names()
@@ -481,6 +502,26 @@ fn accumulation_with_checkpointing_equals_one_device() {
         "checkpointed, accumulated 2x1",
         &reference,
         &ranks,
+        1e-10,
+        1e-12,
+        1e-9,
+        Relative::Element,
+    );
+}
+
+/// Gradient clipping per tower, on the group-summed gradients: the same as clipping each
+/// tower's gradients on one device.
+#[test]
+fn clipped_2x2_equals_one_device_clipped_per_tower() {
+    let cfg = TrainConfig {
+        grad_clip: Some(0.05),
+        ..train_config(GLOBAL_BATCH)
+    };
+    check_run(
+        &cfg,
+        2,
+        2,
+        DType::F64,
         1e-10,
         1e-12,
         1e-9,
