@@ -582,7 +582,22 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         cfg.loss.exchange,
         cfg.loss.tile,
     );
+    // Ctrl-C or SIGTERM: finish the step, save a checkpoint (with --checkpoint-dir), exit 0.
+    if let Err(e) = ctrlc::set_handler(train::request_stop) {
+        eprintln!("note: no Ctrl-C handler ({e}): an interrupt stops the run without a checkpoint");
+    }
     let report = train::train(&topology, &model, &cfg).context("training failed")?;
+    if let Some(step) = report.interrupted_at {
+        println!(
+            "interrupted: stopped after step {step}{}",
+            cfg.checkpoint_dir
+                .as_ref()
+                .map_or(String::new(), |d| format!(
+                    "; checkpoint in {} (resume with --resume latest)",
+                    d.display()
+                ))
+        );
+    }
     let first = report.losses.first().copied().unwrap_or(f64::NAN);
     let last = report.losses.last().copied().unwrap_or(f64::NAN);
     println!(

@@ -35,6 +35,15 @@ use crate::model::ClipConfig;
 use crate::topology::{DeviceKind, Topology, Tower};
 use metrics::{MetricsFile, RankStep};
 
+/// Set by SIGINT/SIGTERM (or [`request_stop`]): the run finishes its step, saves a
+/// checkpoint and returns.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running [`train`] to stop after its current step.
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
@@ -57,6 +66,8 @@ pub struct TrainReport {
     pub skipped_steps: usize,
     /// Steps skipped because the loss or a gradient was NaN or infinite.
     pub non_finite_steps: usize,
+    /// Set when a stop request ended the run early: the steps completed.
+    pub interrupted_at: Option<usize>,
     pub final_logit_scale: f64,
     /// SigLIP's logit bias at the end (0 for CLIP).
     pub final_logit_bias: f64,
@@ -83,6 +94,7 @@ struct RankOutcome {
     non_finite_steps: usize,
     /// Steps this run took (fewer than `steps` after a resume).
     steps_run: usize,
+    interrupted_at: Option<usize>,
     logit_scale: f64,
     logit_bias: f64,
 }
@@ -192,6 +204,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         DataKind::Synthetic => source.tokenizer(),
         _ => Arc::new(caption_tokenizer(model)?),
     };
+    STOP.store(false, std::sync::atomic::Ordering::SeqCst);
     let metrics = cfg
         .metrics
         .as_ref()
@@ -231,6 +244,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         skipped: outcomes.iter().map(|o| o.skipped.clone()).collect(),
         skipped_steps: lead.skipped_steps,
         non_finite_steps: lead.non_finite_steps,
+        interrupted_at: lead.interrupted_at,
         final_logit_scale: lead.logit_scale,
         final_logit_bias: lead.logit_bias,
     })
@@ -406,7 +420,17 @@ fn run_rank(
     let mut bytes = PhaseBytes::default();
     let started = Instant::now();
     let mut saved_at = None;
+    let mut interrupted_at = None;
+    let mut end = cfg.steps;
     for step in start..cfg.steps {
+        // Every rank must stop at the same step: agree on the request over the world.
+        let asked = f32::from(u8::from(STOP.load(std::sync::atomic::Ordering::SeqCst)));
+        let flag = candle_core::Tensor::new(&[asked], &Device::Cpu)?;
+        if comms.world.all_reduce_sum(&flag)?.to_vec1::<f32>()?[0] > 0.0 {
+            interrupted_at = Some(step);
+            end = step;
+            break;
+        }
         // Steps 0..step are done: save them before the next.
         if let Some(dir) = &cfg.checkpoint_dir {
             if cfg.checkpoint_every > 0 && step > start && step % cfg.checkpoint_every == 0 {
@@ -488,9 +512,9 @@ fn run_rank(
             bar.inc(1);
         }
     }
-    if let (Some(dir), true) = (&cfg.checkpoint_dir, cfg.steps > start) {
-        if saved_at != Some(cfg.steps) {
-            checkpoints::save(dir, cfg.steps, &comms, &trainer, cfg)?;
+    if let (Some(dir), true) = (&cfg.checkpoint_dir, end > start) {
+        if saved_at != Some(end) {
+            checkpoints::save(dir, end, &comms, &trainer, cfg)?;
         }
     }
     if let Some(bar) = bar {
@@ -511,7 +535,8 @@ fn run_rank(
         skipped,
         skipped_steps,
         non_finite_steps,
-        steps_run: cfg.steps.saturating_sub(start),
+        steps_run: end.saturating_sub(start),
+        interrupted_at,
         logit_scale: trainer.logit_scale()?,
         logit_bias: trainer.logit_bias()?,
     })

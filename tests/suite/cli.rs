@@ -460,3 +460,54 @@ fn set_overrides_any_field_and_names_bad_ones() {
         assert!(err.contains(needle), "{set}: {err}");
     }
 }
+
+/// SIGINT: the run finishes its step, saves a checkpoint, says where, and exits 0.
+#[test]
+fn an_interrupted_run_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let metrics = dir.join("metrics.jsonl");
+    let child = Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args([
+            "train",
+            "--steps",
+            "100000",
+            "--batch",
+            "16",
+            "--quiet",
+            "--eval-pairs",
+            "0",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(&dir)
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 120, "the run never got going");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let step: usize = stdout
+        .split("stopped after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no stop message:\n{stdout}"));
+    assert!(step >= 3, "{stdout}");
+    let latest = std::fs::read_to_string(dir.join("latest")).unwrap();
+    assert_eq!(latest, format!("step-{step:08}"));
+    let state = std::fs::read_to_string(dir.join(&latest).join("state.json")).unwrap();
+    assert!(state.contains(&format!("\"step\": {step}")), "{state}");
+}
