@@ -40,6 +40,18 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Turn an OpenCLIP or HF BERT checkpoint into an mmpipe checkpoint of a model config.
     Convert(ConvertArgs),
+    /// Evaluate a training checkpoint: Fashion-MNIST zero-shot accuracy and recall@1/5/10.
+    Eval {
+        /// A checkpoint folder (step-NNNNNNNN/), as `train --checkpoint-dir` writes.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The model config it was trained with [default: the built-in clip-tiny].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Test images to use (of 10,000).
+        #[arg(long, default_value_t = 10_000)]
+        images: usize,
+    },
     /// Write WebDataset shards (synthetic, Fashion-MNIST, CSV/TSV) and inspect them.
     #[command(subcommand)]
     Data(DataCommand),
@@ -725,6 +737,29 @@ fn main() -> ExitCode {
         Command::Train(a) => train(*a),
         Command::Convert(a) => convert(a),
         Command::Data(c) => data(c),
+        Command::Eval {
+            checkpoint,
+            model,
+            images,
+        } => (|| {
+            let model = load_model(&model)?;
+            let r = mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, images)?;
+            println!(
+                "{}: Fashion-MNIST test, {} images: zero-shot accuracy {:.1}% (chance 10.0%)",
+                checkpoint.display(),
+                r.images,
+                100.0 * r.zero_shot
+            );
+            for (k, i2t, t2i) in &r.recall {
+                println!(
+                    "  recall@{k}: image->text {:.1}%, text->image {:.1}%",
+                    100.0 * i2t,
+                    100.0 * t2i
+                );
+            }
+            println!("  (recall@1 chance {:.1}%; captions are class prompts, so any image of the class counts)", 100.0 * r.chance);
+            Ok(())
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -252,7 +252,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
 
 /// The tokenizer for captions read from shards: the pretrained BERT's own, or CLIP's BPE
 /// for a CLIP text tower with its vocabulary.
-fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
+pub fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
     if let Some(dir) = &model.pretrained_text {
         return TextTokenizer::from_hf_file(&dir.join("tokenizer.json"));
     }

@@ -511,3 +511,56 @@ fn an_interrupted_run_saves_a_checkpoint_and_exits_cleanly() {
     let state = std::fs::read_to_string(dir.join(&latest).join("state.json")).unwrap();
     assert!(state.contains(&format!("\"step\": {step}")), "{state}");
 }
+
+#[test]
+fn eval_scores_a_checkpoint_on_fashion_mnist() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = mmpipe(&[
+        "train",
+        "--model",
+        "configs/clip-tiny-bpe.toml",
+        "--set",
+        "data.kind=fashion-mnist",
+        "--batch",
+        "16",
+        "--steps",
+        "2",
+        "--quiet",
+        "--eval-pairs",
+        "0",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let checkpoint = dir.join("step-00000002");
+    let out = mmpipe(&[
+        "eval",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--model",
+        "configs/clip-tiny-bpe.toml",
+        "--images",
+        "100",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("100 images: zero-shot accuracy") && stdout.contains("recall@10"),
+        "{stdout}"
+    );
+    // A checkpoint of another model is refused, naming the file.
+    let out = mmpipe(&[
+        "eval",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--images",
+        "10",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("image.safetensors"),
+        "{}",
+        text(&out.stderr)
+    );
+}

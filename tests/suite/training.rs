@@ -290,3 +290,42 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() {
         "{err}"
     );
 }
+
+/// Known answers: matching embeddings retrieve perfectly, a shuffled pairing sits near
+/// chance; zero-shot on embeddings built from the class features scores 1.
+#[test]
+fn retrieval_and_zero_shot_metrics_give_the_known_answers() {
+    use candle_core::{Device, Tensor};
+    use mmpipe::eval::{recall_at_k, zero_shot_accuracy};
+    let n = 200;
+    let x = super::common::fixed_values(&[n, 16], 0.4);
+    let x = x
+        .broadcast_div(&x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap())
+        .unwrap();
+    let captions: Vec<String> = (0..n).map(|i| format!("caption {i}")).collect();
+    let perfect = recall_at_k(&x, &x, &captions, &[1, 5, 10]).unwrap();
+    assert_eq!(perfect, vec![(1, 1.0, 1.0), (5, 1.0, 1.0), (10, 1.0, 1.0)]);
+    // Shuffled partners: recall@k about k/n.
+    let perm: Vec<u32> = (0..n as u32).map(|i| (i * 71 + 13) % n as u32).collect();
+    let shuffled = x
+        .index_select(&Tensor::new(perm.as_slice(), &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let r = recall_at_k(&x, &shuffled, &captions, &[1, 10]).unwrap();
+    assert!(r[0].1 <= 0.03 && r[1].1 <= 0.15, "{r:?}");
+    // Zero-shot: images equal to their class feature plus a little noise.
+    let classes = x.narrow(0, 0, 10).unwrap();
+    let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
+    let index = Tensor::new(
+        labels
+            .iter()
+            .map(|&l| l as u32)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let images = (classes.index_select(&index, 0).unwrap() + (x * 0.01).unwrap()).unwrap();
+    assert_eq!(zero_shot_accuracy(&images, &classes, &labels).unwrap(), 1.0);
+    let wrong: Vec<usize> = labels.iter().map(|l| (l + 1) % 10).collect();
+    assert_eq!(zero_shot_accuracy(&images, &classes, &wrong).unwrap(), 0.0);
+}
