@@ -686,10 +686,7 @@ fn compute_threads_per_rank(world_size: usize) -> usize {
 
 /// The process's peak resident set, from Linux's /proc (None elsewhere).
 fn peak_memory_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    train::metrics::process_status_mib("VmHWM")
 }
 
 fn print_phases(phases: &[(Tower, PhaseTimes)], steps: usize) {

@@ -38,12 +38,21 @@ pub struct MetricsFile {
     writer: Option<JoinHandle<Result<()>>>,
 }
 
-/// The process's resident memory now, from Linux's /proc (None elsewhere).
-pub fn resident_mib() -> Option<f64> {
+/// A memory figure of this process from Linux's /proc/self/status (`VmRSS`: resident
+/// now, `VmHWM`: its peak), in MiB; None elsewhere.
+pub fn process_status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// The process's resident memory now.
+pub fn resident_mib() -> Option<f64> {
+    process_status_mib("VmRSS")
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -221,6 +221,19 @@ fn check_run(
     compare(&label, &reference, &ranks, rel, abs, weight_abs, relative);
 }
 
+/// [`compare`] at the f64 tolerances: every element to 1e-10 of itself.
+fn compare_f64(label: &str, reference: &Run, ranks: &[Run]) {
+    compare(
+        label,
+        reference,
+        ranks,
+        1e-10,
+        1e-12,
+        1e-9,
+        Relative::Element,
+    );
+}
+
 /// Every rank's run against the reference: losses, step-0 gradients, final weights; and
 /// every parameter is held by some rank.
 fn compare(
@@ -436,15 +449,7 @@ fn check_every_combination(kind: LossKind) {
                         "{kind} {exchange} tile {tile} micro-batch {micro:?} {image}x{text}"
                     );
                     let ranks = split_run(image, text, &cfg, DType::F64);
-                    compare(
-                        &label,
-                        &reference,
-                        &ranks,
-                        1e-10,
-                        1e-12,
-                        1e-9,
-                        Relative::Element,
-                    );
+                    compare_f64(&label, &reference, &ranks);
                 }
             }
         }
@@ -498,15 +503,7 @@ fn accumulation_with_checkpointing_equals_one_device() {
     };
     let reference = reference_run(&cfg, DType::F64);
     let ranks = split_run(2, 1, &cfg, DType::F64);
-    compare(
-        "checkpointed, accumulated 2x1",
-        &reference,
-        &ranks,
-        1e-10,
-        1e-12,
-        1e-9,
-        Relative::Element,
-    );
+    compare_f64("checkpointed, accumulated 2x1", &reference, &ranks);
 }
 
 /// Gradient clipping per tower, on the group-summed gradients: the same as clipping each
