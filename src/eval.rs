@@ -2,9 +2,18 @@
 //! them), so a retrieval counts as a hit when the retrieved item carries the same caption
 //! as the true partner; chance is computed under the same rule.
 
-use candle_core::{DType, Tensor};
+use std::path::Path;
+use std::sync::Arc;
 
-use crate::error::Result;
+use candle_core::{DType, Device, Tensor};
+
+use crate::data::fashion_mnist::{FashionMnist, Split, CLASSES, SIDE, TEMPLATES};
+use crate::data::transform::{Crop, ImageTransform};
+use crate::data::{Stream, SyntheticSource, TextTokenizer};
+use crate::error::{Error, Result};
+use crate::model::layers::l2_normalize;
+use crate::model::{ClipConfig, TowerInput};
+use crate::topology::Tower;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Retrieval {
@@ -44,24 +53,48 @@ pub fn recall_at_1(image: &Tensor, text: &Tensor, captions: &[String]) -> Result
 
 /// Recall@k both ways at each `k`: a query hits when an item carrying its partner's
 /// caption ranks among the `k` most similar. Returns `(k, image→text, text→image)`.
+/// Similarities are computed a block of queries at a time, so 10,000 pairs stay small.
 pub fn recall_at_k(
     image: &Tensor,
     text: &Tensor,
     captions: &[String],
     ks: &[usize],
 ) -> Result<Vec<(usize, f64, f64)>> {
+    const BLOCK: usize = 512;
     let n = captions.len();
-    let sim: Vec<Vec<f32>> = image.matmul(&text.t()?)?.to_dtype(DType::F32)?.to_vec2()?;
-    // The rank of the best correct item for query q over candidates c(q, j).
-    let rank = |score: &dyn Fn(usize) -> f32, q: usize| {
-        let best_correct = (0..n)
-            .filter(|&j| captions[j] == captions[q])
-            .map(score)
-            .fold(f32::NEG_INFINITY, f32::max);
-        (0..n).filter(|&j| score(j) > best_correct).count()
+    // Captions as small ids: equal captions, equal ids.
+    let mut ids = std::collections::HashMap::new();
+    let caption_id: Vec<usize> = captions
+        .iter()
+        .map(|c| {
+            let next = ids.len();
+            *ids.entry(c.as_str()).or_insert(next)
+        })
+        .collect();
+    // The rank of each query's best correct candidate: how many candidates score higher.
+    let ranks = |queries: &Tensor, candidates: &Tensor| -> Result<Vec<usize>> {
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - start);
+            let sim: Vec<Vec<f32>> = queries
+                .narrow(0, start, len)?
+                .matmul(&candidates.t()?)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            for (row, q) in sim.iter().zip(start..) {
+                let best_correct = row
+                    .iter()
+                    .zip(&caption_id)
+                    .filter(|(_, &c)| c == caption_id[q])
+                    .map(|(&s, _)| s)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                out.push(row.iter().filter(|&&s| s > best_correct).count());
+            }
+        }
+        Ok(out)
     };
-    let i2t: Vec<usize> = (0..n).map(|q| rank(&|j| sim[q][j], q)).collect();
-    let t2i: Vec<usize> = (0..n).map(|q| rank(&|j| sim[j][q], q)).collect();
+    let i2t = ranks(image, text)?;
+    let t2i = ranks(text, image)?;
     let share =
         |ranks: &[usize], k: usize| ranks.iter().filter(|&&r| r < k).count() as f64 / n as f64;
     Ok(ks
@@ -86,30 +119,200 @@ pub fn zero_shot_accuracy(image: &Tensor, classes: &Tensor, labels: &[usize]) ->
         / labels.len().max(1) as f64)
 }
 
-/// What `mmpipe eval` reports.
-#[derive(Debug, Clone)]
-pub struct CheckpointEval {
-    pub images: usize,
-    /// Fashion-MNIST zero-shot accuracy over the class names × prompt templates.
-    pub zero_shot: f64,
-    /// `(k, image→text, text→image)` on image–caption pairs (first template).
+/// What an evaluation measured: retrieval both ways on held-out pairs, and zero-shot
+/// accuracy where the pairs carry class labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalScores {
+    pub pairs: usize,
+    /// `(k, image→text, text→image)` for k = 1, 5, 10.
     pub recall: Vec<(usize, f64, f64)>,
-    /// Recall@1 chance under the same-caption rule.
+    /// Recall@1 of a uniformly random pick, under the same-caption rule.
     pub chance: f64,
+    /// Zero-shot classification accuracy over class names × prompt templates.
+    pub zero_shot: Option<f64>,
+}
+
+impl EvalScores {
+    /// Recall@1 image→text and text→image.
+    pub fn recall_at_1(&self) -> (f64, f64) {
+        self.recall
+            .iter()
+            .find(|r| r.0 == 1)
+            .map_or((f64::NAN, f64::NAN), |r| (r.1, r.2))
+    }
+
+    /// One line for logs and the progress bar.
+    pub fn summary(&self) -> String {
+        let recall: Vec<String> = self
+            .recall
+            .iter()
+            .map(|(k, a, b)| format!("R@{k} {:.1}/{:.1}%", 100.0 * a, 100.0 * b))
+            .collect();
+        let zero_shot = self
+            .zero_shot
+            .map_or(String::new(), |z| format!("zero-shot {:.1}%, ", 100.0 * z));
+        format!(
+            "{zero_shot}image->text/text->image {} (R@1 chance {:.1}%) on {} pairs",
+            recall.join(", "),
+            100.0 * self.chance,
+            self.pairs
+        )
+    }
+}
+
+/// Scores normalised features: `image[i]`, `text[i]` and `captions[i]` are pair `i`;
+/// `classes` (`[C, D]` class features and each pair's label) adds zero-shot accuracy.
+pub fn score(
+    image: &Tensor,
+    text: &Tensor,
+    captions: &[String],
+    classes: Option<(&Tensor, &[usize])>,
+) -> Result<EvalScores> {
+    Ok(EvalScores {
+        pairs: captions.len(),
+        recall: recall_at_k(image, text, captions, &[1, 5, 10])?,
+        chance: same_caption_chance(captions),
+        zero_shot: classes
+            .map(|(c, labels)| zero_shot_accuracy(image, c, labels))
+            .transpose()?,
+    })
+}
+
+/// Expected recall@1 of a uniformly random pick when any item with the partner's caption
+/// counts.
+fn same_caption_chance(captions: &[String]) -> f64 {
+    let n = captions.len() as f64;
+    let mut counts = std::collections::HashMap::new();
+    for c in captions {
+        *counts.entry(c.as_str()).or_insert(0usize) += 1;
+    }
+    counts.values().map(|&k| (k * k) as f64 / n).sum::<f64>() / n
+}
+
+/// Held-out pairs a run scores itself on, `len` of them at most.
+pub enum HeldOut {
+    /// The synthetic set's held-out stream (never trained on).
+    Synthetic(Arc<SyntheticSource>),
+    /// Fashion-MNIST's test split, captions from the first prompt template, and zero-shot
+    /// classes from every template.
+    FashionMnist {
+        set: Arc<FashionMnist>,
+        transform: ImageTransform,
+        tokenizer: Arc<TextTokenizer>,
+        context: usize,
+    },
+}
+
+impl HeldOut {
+    /// Fashion-MNIST's test split from `dir`, shaped for `model`.
+    pub fn fashion_mnist(dir: &Path, model: &ClipConfig) -> Result<Self> {
+        Ok(HeldOut::FashionMnist {
+            set: Arc::new(FashionMnist::load(dir, Split::Test)?),
+            transform: ImageTransform::clip(model.image_size(), Crop::Centre),
+            tokenizer: Arc::new(crate::train::caption_tokenizer(model)?),
+            context: model.context_length(),
+        })
+    }
+
+    /// How many pairs there are (None: endless).
+    pub fn pairs(&self) -> Option<usize> {
+        match self {
+            HeldOut::Synthetic(_) => None,
+            HeldOut::FashionMnist { set, .. } => Some(set.len()),
+        }
+    }
+
+    pub fn caption(&self, i: u64) -> String {
+        match self {
+            HeldOut::Synthetic(source) => source.caption(Stream::Heldout, i),
+            HeldOut::FashionMnist { set, .. } => set.caption(i as usize, 0),
+        }
+    }
+
+    /// The input of `tower` for pairs `indices`.
+    pub fn tower_input(&self, tower: Tower, indices: &[u64]) -> Result<TowerInput> {
+        match self {
+            HeldOut::Synthetic(source) => {
+                source.tower_input(tower, Stream::Heldout, indices, &Device::Cpu)
+            }
+            HeldOut::FashionMnist { set, transform, .. } if tower == Tower::Image => {
+                let side = transform.size;
+                let mut pixels = Vec::with_capacity(indices.len() * 3 * side * side);
+                for &i in indices {
+                    pixels.extend(
+                        transform
+                            .apply_rgb(SIDE as u32, SIDE as u32, set.rgb(i as usize), 0)
+                            .map_err(Error::Msg)?,
+                    );
+                }
+                Ok(TowerInput::Images(Tensor::from_vec(
+                    pixels,
+                    (indices.len(), 3, side, side),
+                    &Device::Cpu,
+                )?))
+            }
+            HeldOut::FashionMnist { .. } => {
+                let captions: Vec<String> = indices.iter().map(|&i| self.caption(i)).collect();
+                self.text_input(&captions)
+                    .map(|t| t.expect("Fashion-MNIST has a tokenizer"))
+            }
+        }
+    }
+
+    fn text_input(&self, texts: &[String]) -> Result<Option<TowerInput>> {
+        let HeldOut::FashionMnist {
+            tokenizer, context, ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let tok = tokenizer.encode_batch(&refs, *context)?;
+        let m = texts.len();
+        Ok(Some(TowerInput::Captions {
+            tokens: Tensor::from_vec(tok.ids, (m, *context), &Device::Cpu)?,
+            mask: Tensor::from_vec(tok.mask, (m, *context), &Device::Cpu)?,
+            eot: Tensor::from_vec(tok.eot, m, &Device::Cpu)?,
+        }))
+    }
+
+    /// Each pair's class, where the pairs have classes.
+    pub fn labels(&self, n: usize) -> Option<Vec<usize>> {
+        match self {
+            HeldOut::Synthetic(_) => None,
+            HeldOut::FashionMnist { set, .. } => Some((0..n).map(|i| set.label(i)).collect()),
+        }
+    }
+
+    /// Zero-shot class features `[C, D]` with `encode` (a text tower giving normalised
+    /// features): each class's prompts encoded, averaged and normalised again. None for a
+    /// set without classes.
+    pub fn class_features(
+        &self,
+        encode: &dyn Fn(&TowerInput) -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if !matches!(self, HeldOut::FashionMnist { .. }) {
+            return Ok(None);
+        }
+        let mut classes = Vec::with_capacity(CLASSES.len());
+        for class in CLASSES {
+            let prompts: Vec<String> = TEMPLATES.iter().map(|t| t.replace("{}", class)).collect();
+            let input = self.text_input(&prompts)?.expect("checked above");
+            classes.push(encode(&input)?.mean_keepdim(0)?);
+        }
+        Ok(Some(l2_normalize(&Tensor::cat(&classes, 0)?)?))
+    }
 }
 
 /// Loads a training checkpoint's parts into both towers on the CPU and evaluates them on
-/// the first `images` of Fashion-MNIST's test split.
+/// the first `images` of Fashion-MNIST's test split (from `dir`).
 pub fn evaluate_checkpoint(
-    checkpoint: &std::path::Path,
-    model: &crate::model::ClipConfig,
+    checkpoint: &Path,
+    model: &ClipConfig,
+    dir: &Path,
     images: usize,
-) -> Result<CheckpointEval> {
-    use crate::data::fashion_mnist::{FashionMnist, Split, CLASSES, DEBIAN_DIR, SIDE, TEMPLATES};
-    use crate::data::transform::{Crop, ImageTransform};
-    use crate::model::layers::l2_normalize;
-    use crate::model::{build_all, checkpoint as ckpt, cpu_builder, TowerInput};
-    use candle_core::Device;
+) -> Result<EvalScores> {
+    use crate::model::{build_all, checkpoint as ckpt, cpu_builder};
 
     let pb = cpu_builder(0);
     let (image_tower, text_tower) = build_all(&pb, model)?;
@@ -121,62 +324,30 @@ pub fn evaluate_checkpoint(
     image_tower.load_buffers(&ckpt::read_tensors(&image_part)?)?;
     ckpt::load(&text_params, &checkpoint.join("text.safetensors"))?;
 
-    let set = FashionMnist::load(std::path::Path::new(DEBIAN_DIR), Split::Test)?;
-    let n = images.min(set.len()).max(1);
-    let t = ImageTransform::clip(model.image_size(), Crop::Centre);
-    let side = model.image_size();
-    let mut image_features = Vec::new();
-    for start in (0..n).step_by(256) {
-        let len = 256.min(n - start);
-        let mut pixels = Vec::with_capacity(len * 3 * side * side);
-        for i in start..start + len {
-            pixels.extend(
-                t.apply_rgb(SIDE as u32, SIDE as u32, set.rgb(i), 0)
-                    .map_err(crate::error::Error::Msg)?,
-            );
-        }
-        let x = Tensor::from_vec(pixels, (len, 3, side, side), &Device::Cpu)?;
-        image_features.push(l2_normalize(
-            &image_tower.forward_eval(&TowerInput::Images(x))?,
-        )?);
-    }
-    let image_features = Tensor::cat(&image_features, 0)?;
-
-    let tokenizer = crate::train::caption_tokenizer(model)?;
-    let context = model.context_length();
-    let encode = |texts: &[String]| -> Result<Tensor> {
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let tok = tokenizer.encode_batch(&refs, context)?;
-        let m = texts.len();
-        let input = TowerInput::Captions {
-            tokens: Tensor::from_vec(tok.ids, (m, context), &Device::Cpu)?,
-            mask: Tensor::from_vec(tok.mask, (m, context), &Device::Cpu)?,
-            eot: Tensor::from_vec(tok.eot, m, &Device::Cpu)?,
-        };
-        l2_normalize(&text_tower.forward_eval(&input)?)
+    let held_out = HeldOut::fashion_mnist(dir, model)?;
+    let n = images.min(held_out.pairs().unwrap_or(images)).max(1);
+    let encode_image = |x: &TowerInput| -> Result<Tensor> {
+        let features = image_tower.forward_eval(x)?;
+        l2_normalize(&features)
     };
-    // Each class: its prompts' features averaged, then normalised.
-    let mut classes = Vec::new();
-    for class in CLASSES {
-        let prompts: Vec<String> = TEMPLATES.iter().map(|t| t.replace("{}", class)).collect();
-        classes.push(encode(&prompts)?.mean_keepdim(0)?);
-    }
-    let classes = l2_normalize(&Tensor::cat(&classes, 0)?)?;
-    let labels: Vec<usize> = (0..n).map(|i| set.label(i)).collect();
-    let zero_shot = zero_shot_accuracy(&image_features, &classes, &labels)?;
-
-    let captions: Vec<String> = (0..n).map(|i| set.caption(i, 0)).collect();
-    let mut text_features = Vec::new();
-    for chunk in captions.chunks(256) {
-        text_features.push(encode(chunk)?);
-    }
-    let text_features = Tensor::cat(&text_features, 0)?;
-    let recall = recall_at_k(&image_features, &text_features, &captions, &[1, 5, 10])?;
-    let chance = recall_at_1(&image_features, &text_features, &captions)?.chance;
-    Ok(CheckpointEval {
-        images: n,
-        zero_shot,
-        recall,
-        chance,
-    })
+    let encode_text = |x: &TowerInput| -> Result<Tensor> {
+        let features = text_tower.forward_eval(x)?;
+        l2_normalize(&features)
+    };
+    let encode_all = |tower: Tower, encode: &dyn Fn(&TowerInput) -> Result<Tensor>| {
+        let mut parts = Vec::new();
+        for start in (0..n as u64).step_by(256) {
+            let indices: Vec<u64> = (start..(start + 256).min(n as u64)).collect();
+            parts.push(encode(&held_out.tower_input(tower, &indices)?)?);
+        }
+        Ok::<_, Error>(Tensor::cat(&parts, 0)?)
+    };
+    let image = encode_all(Tower::Image, &encode_image)?;
+    let text = encode_all(Tower::Text, &encode_text)?;
+    let classes = held_out
+        .class_features(&encode_text)?
+        .expect("Fashion-MNIST has classes");
+    let labels = held_out.labels(n).expect("Fashion-MNIST has labels");
+    let captions: Vec<String> = (0..n as u64).map(|i| held_out.caption(i)).collect();
+    score(&image, &text, &captions, Some((&classes, &labels)))
 }

@@ -45,9 +45,13 @@ enum Command {
         /// A checkpoint folder (step-NNNNNNNN/), as `train --checkpoint-dir` writes.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// The model config it was trained with [default: the built-in clip-tiny].
+        /// The model config it was trained with [default: the checkpoint's model.toml,
+        /// else the built-in clip-tiny].
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Fashion-MNIST's folder (IDX files).
+        #[arg(long, default_value = mmpipe::data::fashion_mnist::DEBIAN_DIR)]
+        dir: PathBuf,
         /// Test images to use (of 10,000).
         #[arg(long, default_value_t = 10_000)]
         images: usize,
@@ -216,16 +220,19 @@ struct TrainArgs {
     warmup: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Held-out pairs for the retrieval check at the end (0: skip).
+    /// Held-out pairs for evaluation (eval.pairs; 0: none).
     #[arg(long)]
     eval_pairs: Option<usize>,
+    /// Evaluate every N steps as well as at the end (eval.every).
+    #[arg(long)]
+    eval_every: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Compute precision. bf16 (with f32 master weights) needs CUDA: on CPU topologies
-    /// training stays in f32 and says so.
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    precision: Precision,
+    /// Compute precision [default: fp32]. bf16 (with f32 master weights) needs CUDA: on
+    /// CPU topologies training stays in f32 and says so.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Gradient checkpointing per block: less activation memory, one more forward.
     #[arg(long)]
     checkpointing: bool,
@@ -531,15 +538,25 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         Some(p) => Topology::from_file(p)?,
         None => Topology::default_cpu(),
     };
-    let model = load_model(&args.model.model)?;
-    if args.precision == Precision::Bf16 && topology.device == DeviceKind::Cpu {
+    let mut cfg = TrainConfig::load(args.config.as_deref(), &args.sets)?;
+    if args.model.model.is_some() {
+        cfg.model = args.model.model.clone();
+    }
+    let model =
+        load_model(&cfg.model).with_context(|| match (&args.model.model, &args.config) {
+            (None, Some(config)) => format!("{}: field `model`", config.display()),
+            _ => "--model".to_string(),
+        })?;
+    if let Some(p) = args.precision {
+        cfg.precision = p;
+    }
+    if cfg.precision == Precision::Bf16 && topology.device == DeviceKind::Cpu {
         eprintln!(
-            "note: --precision bf16 asks for bf16 compute with f32 master weights, which mmpipe runs on CUDA \
+            "note: precision bf16 asks for bf16 compute with f32 master weights, which mmpipe runs on CUDA \
              only; {} is a CPU topology, so this run trains in f32",
             topology.source.display()
         );
     }
-    let mut cfg = TrainConfig::load(args.config.as_deref(), &args.sets)?;
     let origin = args
         .config
         .clone()
@@ -553,7 +570,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         args.model.batch => cfg.global_batch,
         args.lr => cfg.lr,
         args.warmup => cfg.warmup,
-        args.eval_pairs => cfg.eval_pairs,
+        args.eval_pairs => cfg.eval.pairs,
+        args.eval_every => cfg.eval.every,
     }
     cfg.progress = !args.quiet;
     cfg.checkpointing |= args.checkpointing;
@@ -620,13 +638,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         report.final_logit_scale,
         report.final_logit_scale.exp()
     );
-    if let Some(r) = report.retrieval {
+    if let Some((step, scores)) = report.evals.last() {
         println!(
-            "held-out retrieval on {} pairs: image->text recall@1 {:.1}%, text->image recall@1 {:.1}% (chance {:.1}%)",
-            r.pairs,
-            100.0 * r.image_to_text_r1,
-            100.0 * r.text_to_image_r1,
-            100.0 * r.chance
+            "held-out evaluation after step {}: {}",
+            step + 1,
+            scores.summary()
         );
     }
     if cfg.loss.kind == LossKind::Siglip {
@@ -737,15 +753,21 @@ fn main() -> ExitCode {
         Command::Eval {
             checkpoint,
             model,
+            dir,
             images,
         } => (|| {
-            let model = load_model(&model)?;
-            let r = mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, images)?;
+            let saved = checkpoint.join("model.toml");
+            let model = match model {
+                Some(m) => ClipConfig::from_file(&m)?,
+                None if saved.is_file() => ClipConfig::from_file(&saved)?,
+                None => ClipConfig::default_tiny(),
+            };
+            let r = mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, &dir, images)?;
             println!(
                 "{}: Fashion-MNIST test, {} images: zero-shot accuracy {:.1}% (chance 10.0%)",
                 checkpoint.display(),
-                r.images,
-                100.0 * r.zero_shot
+                r.pairs,
+                100.0 * r.zero_shot.unwrap_or(f64::NAN)
             );
             for (k, i2t, t2i) in &r.recall {
                 println!(

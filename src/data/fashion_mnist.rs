@@ -35,7 +35,10 @@ pub const TEMPLATES: [&str; 6] = [
 
 pub const SIDE: usize = 28;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+/// Images in the test split: the held-out pairs of a Fashion-MNIST run.
+pub const TEST_IMAGES: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     /// 60,000 images.

@@ -26,7 +26,7 @@ use crate::model::{ClipConfig, TowerInput};
 use crate::topology::Tower;
 
 /// Where the training pairs come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataKind {
     /// The built-in shapes set, generated on the fly.
@@ -42,7 +42,7 @@ pub enum DataKind {
 }
 
 /// One of several shard sets mixed by weight.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardSource {
     pub shards: Vec<String>,
@@ -56,7 +56,7 @@ fn one() -> f64 {
 }
 
 /// The `[data]` section of a training config.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     pub kind: DataKind,

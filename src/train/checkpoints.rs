@@ -76,6 +76,16 @@ pub fn save(
         let json = serde_json::to_string_pretty(&state).expect("plain data");
         let state_path = partial.join("state.json");
         std::fs::write(&state_path, json).map_err(io(&state_path))?;
+        // The settings it was trained with, and the model's own file: enough to evaluate
+        // or continue it without the original command line.
+        let config_path = partial.join("train.toml");
+        let config = toml::to_string(cfg)
+            .map_err(|e| Error::Msg(format!("{}: {e}", config_path.display())))?;
+        std::fs::write(&config_path, config).map_err(io(&config_path))?;
+        if let Some(model) = &cfg.model {
+            let copy = partial.join("model.toml");
+            std::fs::copy(model, &copy).map_err(io(model))?;
+        }
         if done.exists() {
             std::fs::remove_dir_all(&done).map_err(io(&done))?;
         }

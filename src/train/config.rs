@@ -2,16 +2,37 @@
 //! flags on top. The full file (optimizer groups, data, checkpoints) grows in later work;
 //! unknown fields are errors naming the field.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::{DataConfig, DataKind};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, TileSize};
-pub use crate::plan::MicroBatch;
+pub use crate::plan::{MicroBatch, Precision};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Evaluation during training: zero-shot classification and retrieval on held-out pairs
+/// (the synthetic set's held-out stream, or Fashion-MNIST's test split when training on
+/// Fashion-MNIST), every `every` steps and at the end.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Steps between evaluations (0: only at the end).
+    pub every: usize,
+    /// Held-out pairs (0: no evaluation). Fashion-MNIST has 10,000 test images.
+    pub pairs: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every: 0,
+            pairs: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub seed: u64,
@@ -29,8 +50,13 @@ pub struct TrainConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
-    /// Held-out pairs for the final retrieval evaluation (0: skip it).
-    pub eval_pairs: usize,
+    /// The model config file, relative to this file (to the working directory without
+    /// one); `--model` overrides it. None: the built-in tiny model.
+    pub model: Option<PathBuf>,
+    /// `fp32`, or `bf16` compute with f32 master weights (CUDA only: CPU runs say so and
+    /// stay in f32).
+    pub precision: Precision,
+    pub eval: EvalConfig,
     /// Show a progress bar on world rank 0 (a CLI matter, not a file field).
     #[serde(skip)]
     pub progress: bool,
@@ -71,7 +97,9 @@ impl Default for TrainConfig {
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-6,
-            eval_pairs: 256,
+            model: None,
+            precision: Precision::Fp32,
+            eval: EvalConfig::default(),
             progress: true,
             checkpointing: false,
             max_bad_steps: 5,
@@ -139,6 +167,7 @@ impl TrainConfig {
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| ".".into());
             cfg.data.origin = p.to_path_buf();
+            cfg.model = cfg.model.map(|m| cfg.data.base_dir.join(m));
         }
         cfg.validate(&origin)?;
         Ok(cfg)
@@ -152,6 +181,7 @@ impl TrainConfig {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| ".".into());
         cfg.data.origin = path.to_path_buf();
+        cfg.model = cfg.model.map(|m| cfg.data.base_dir.join(m));
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -205,6 +235,16 @@ impl TrainConfig {
         }
         if self.data.workers == 0 {
             return bad("data.workers", "at least 1 decoding thread per rank".into());
+        }
+        let test_images = crate::data::fashion_mnist::TEST_IMAGES;
+        if d.kind == DataKind::FashionMnist && self.eval.pairs > test_images {
+            return bad(
+                "eval.pairs",
+                format!(
+                    "{} held-out pairs asked for; Fashion-MNIST's test split has {test_images}",
+                    self.eval.pairs
+                ),
+            );
         }
         if let TileSize::Columns(0) = self.loss.tile {
             return bad("loss.tile", "a tile has at least 1 column".into());

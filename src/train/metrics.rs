@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::step::{PhaseBytes, PhaseTimes, SkipReason};
 use crate::error::{Error, Result};
+use crate::eval::EvalScores;
 use crate::topology::Tower;
 
 /// One rank's account of one step.
@@ -32,9 +33,18 @@ pub struct RankStep {
     pub samples_skipped: u64,
 }
 
-/// Collects every rank's steps and writes one line per step.
+/// What the ranks send the writer.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Step(RankStep),
+    /// World rank 0's evaluation after this step (0-based).
+    Eval(usize, EvalScores),
+}
+
+/// Collects every rank's steps and writes one line per step, and one per evaluation
+/// (`{"step": s, "eval": {...}}`, after step `s`'s line).
 pub struct MetricsFile {
-    tx: Option<Sender<RankStep>>,
+    tx: Option<Sender<Record>>,
     writer: Option<JoinHandle<Result<()>>>,
 }
 
@@ -103,6 +113,23 @@ fn line(steps: &[RankStep], global_batch: usize) -> serde_json::Value {
     })
 }
 
+fn eval_line(step: usize, scores: &EvalScores) -> serde_json::Value {
+    let mut recall = serde_json::Map::new();
+    for (k, i2t, t2i) in &scores.recall {
+        recall.insert(format!("image_to_text_r{k}"), json!(i2t));
+        recall.insert(format!("text_to_image_r{k}"), json!(t2i));
+    }
+    json!({
+        "step": step,
+        "eval": {
+            "pairs": scores.pairs,
+            "zero_shot": scores.zero_shot,
+            "recall": recall,
+            "chance_r1": scores.chance,
+        },
+    })
+}
+
 impl MetricsFile {
     /// Creates `path` (and its folder) and starts the writer for `world` ranks.
     pub fn create(path: &Path, world: usize, global_batch: usize) -> Result<Self> {
@@ -114,25 +141,48 @@ impl MetricsFile {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let file = std::fs::File::create(path).map_err(io)?;
-        let (tx, rx) = unbounded::<RankStep>();
+        let (tx, rx) = unbounded::<Record>();
         let path: PathBuf = path.to_path_buf();
         let writer = std::thread::spawn(move || -> Result<()> {
             let mut out = std::io::BufWriter::new(file);
             let mut pending: std::collections::BTreeMap<usize, Vec<RankStep>> = Default::default();
-            while let Ok(s) = rx.recv() {
+            let mut evals: Vec<(usize, EvalScores)> = Vec::new();
+            let mut write = |value: serde_json::Value| {
+                writeln!(out, "{value}")
+                    .and_then(|_| out.flush())
+                    .map_err(|source| Error::Io {
+                        path: path.clone(),
+                        source,
+                    })
+            };
+            while let Ok(record) = rx.recv() {
+                let s = match record {
+                    Record::Step(s) => s,
+                    Record::Eval(step, scores) => {
+                        // After its step's line, which may still wait for slower ranks.
+                        if pending.contains_key(&step) {
+                            evals.push((step, scores));
+                        } else {
+                            write(eval_line(step, &scores))?;
+                        }
+                        continue;
+                    }
+                };
                 let step = s.step;
                 let entry = pending.entry(step).or_default();
                 entry.push(s);
                 if entry.len() == world {
                     let mut steps = pending.remove(&step).expect("just filled");
                     steps.sort_by_key(|s| s.rank);
-                    let write =
-                        writeln!(out, "{}", line(&steps, global_batch)).and_then(|_| out.flush());
-                    write.map_err(|source| Error::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    write(line(&steps, global_batch))?;
+                    for (_, scores) in evals.iter().filter(|(s, _)| *s == step) {
+                        write(eval_line(step, scores))?;
+                    }
+                    evals.retain(|(s, _)| *s != step);
                 }
+            }
+            for (step, scores) in &evals {
+                write(eval_line(*step, scores))?;
             }
             Ok(())
         });
@@ -143,7 +193,7 @@ impl MetricsFile {
     }
 
     /// A sender for one rank's thread.
-    pub fn sender(&self) -> Sender<RankStep> {
+    pub fn sender(&self) -> Sender<Record> {
         self.tx.clone().expect("open until finish")
     }
 

@@ -27,13 +27,13 @@ use crate::data::order::{GlobalStream, OrderConfig, SkipCounts};
 use crate::data::pipeline::{Assembler, Materialiser, PipelineConfig, RankData, SampleOrder};
 use crate::data::shards;
 use crate::data::transform::{Crop, ImageTransform};
-use crate::data::{DataKind, Stream, SyntheticSource, TextTokenizer};
+use crate::data::{DataKind, SyntheticSource, TextTokenizer};
 use crate::error::{Error, Result};
-use crate::eval::{recall_at_1, Retrieval};
+use crate::eval::{EvalScores, HeldOut};
 use crate::loss::{split_len, split_offset, FeatureLayout};
 use crate::model::ClipConfig;
 use crate::topology::{DeviceKind, Topology, Tower};
-use metrics::{MetricsFile, RankStep};
+use metrics::{MetricsFile, RankStep, Record};
 
 /// Set by SIGINT/SIGTERM (or [`request_stop`]): the run finishes its step, saves a
 /// checkpoint and returns.
@@ -51,7 +51,9 @@ pub struct TrainReport {
     pub losses: Vec<f64>,
     /// World rank 0's wall time of every step (data included), in seconds.
     pub step_seconds: Vec<f64>,
-    pub retrieval: Option<Retrieval>,
+    /// Evaluations on held-out pairs: after which step (0-based), and the scores. The last
+    /// one is the final model's.
+    pub evals: Vec<(usize, EvalScores)>,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// Per global rank: its tower and its summed phase times.
@@ -85,7 +87,7 @@ impl TrainReport {
 struct RankOutcome {
     losses: Vec<f64>,
     step_seconds: Vec<f64>,
-    retrieval: Option<Retrieval>,
+    evals: Vec<(usize, EvalScores)>,
     phases: PhaseTimes,
     bytes: PhaseBytes,
     /// Samples this rank could not use, by cause (the order's skips included).
@@ -122,10 +124,10 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
     let largest_group = topology
         .group_size(Tower::Image)
         .max(topology.group_size(Tower::Text));
-    if cfg.eval_pairs != 0 && cfg.eval_pairs < largest_group {
+    if cfg.eval.pairs != 0 && cfg.eval.pairs < largest_group {
         return Err(Error::Msg(format!(
-            "--eval-pairs {} is fewer than the {largest_group} ranks of a group: use at least that many, or 0",
-            cfg.eval_pairs
+            "eval.pairs = {} is fewer than the {largest_group} ranks of a group: use at least that many, or 0",
+            cfg.eval.pairs
         )));
     }
     let source = Arc::new(SyntheticSource::new(cfg.seed, model)?);
@@ -200,6 +202,30 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         )?)),
         _ => None,
     };
+    let held_out = match (cfg.eval.pairs, cfg.data.kind) {
+        (0, _) => None,
+        (_, DataKind::Synthetic) => Some(HeldOut::Synthetic(source.clone())),
+        (_, DataKind::FashionMnist) => Some(HeldOut::fashion_mnist(&cfg.data.dir, model)?),
+        (_, kind) => {
+            tracing::warn!(
+                "no held-out set for data.kind = {kind:?} yet: this run is not evaluated \
+                 (evaluate a checkpoint with `mmpipe eval`)"
+            );
+            None
+        }
+    };
+    if let Some(len) = held_out.as_ref().and_then(HeldOut::pairs) {
+        if cfg.eval.pairs > len {
+            return Err(Error::invalid(
+                &cfg.data.origin,
+                "eval.pairs",
+                format!(
+                    "{} held-out pairs asked for, the test split has {len}",
+                    cfg.eval.pairs
+                ),
+            ));
+        }
+    }
     let captions = match cfg.data.kind {
         DataKind::Synthetic => source.tokenizer(),
         _ => Arc::new(caption_tokenizer(model)?),
@@ -214,6 +240,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
     let outcomes = thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
         let data = RankInputs {
             source: &source,
+            held_out: held_out.as_ref(),
             fashion: fashion.clone(),
             rows: rows.clone(),
             cache: cache.clone(),
@@ -232,7 +259,7 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
     Ok(TrainReport {
         losses: lead.losses.clone(),
         step_seconds: lead.step_seconds.clone(),
-        retrieval: lead.retrieval,
+        evals: lead.evals.clone(),
         seconds,
         samples_per_second: (lead.steps_run * cfg.global_batch) as f64 / seconds,
         phases: outcomes
@@ -271,13 +298,14 @@ pub fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
 /// What every rank's data pipeline is built from.
 struct RankInputs<'a> {
     source: &'a Arc<SyntheticSource>,
+    held_out: Option<&'a HeldOut>,
     fashion: Option<Arc<FashionMnist>>,
     rows: Option<Arc<Vec<(PathBuf, String)>>>,
     cache: Option<Arc<ImageCache>>,
     /// Shard sets and their weights.
     shards: &'a [(Vec<PathBuf>, f64)],
     captions: Arc<TextTokenizer>,
-    metrics: Option<crossbeam_channel::Sender<RankStep>>,
+    metrics: Option<crossbeam_channel::Sender<Record>>,
 }
 
 /// Starts this rank's pipeline: its modality, its slice of every global batch.
@@ -384,7 +412,6 @@ fn run_rank(
     inputs: RankInputs,
 ) -> Result<RankOutcome> {
     let device = Device::Cpu;
-    let source = inputs.source.as_ref();
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
     trainer.attach(&comms);
     // Resuming: every rank loads its tower's part; the data order replays to the step.
@@ -422,6 +449,8 @@ fn run_rank(
     let mut saved_at = None;
     let mut interrupted_at = None;
     let mut end = cfg.steps;
+    let mut evals = Vec::new();
+    let mut evaluated_at = None;
     for step in start..cfg.steps {
         // Every rank must stop at the same step: agree on the request over the world.
         let asked = f32::from(u8::from(STOP.load(std::sync::atomic::Ordering::SeqCst)));
@@ -431,7 +460,20 @@ fn run_rank(
             end = step;
             break;
         }
-        // Steps 0..step are done: save them before the next.
+        // Steps 0..step are done: evaluate and save them before the next.
+        if cfg.eval.every > 0 && step > start && step % cfg.eval.every == 0 {
+            evals.extend(evaluate_and_show(
+                topology,
+                rank,
+                &comms,
+                &trainer,
+                &inputs,
+                cfg,
+                bar.as_ref(),
+                step,
+            )?);
+            evaluated_at = Some(step);
+        }
         if let Some(dir) = &cfg.checkpoint_dir {
             if cfg.checkpoint_every > 0 && step > start && step % cfg.checkpoint_every == 0 {
                 checkpoints::save(dir, step, &comms, &trainer, cfg)?;
@@ -464,7 +506,7 @@ fn run_rank(
                 samples_skipped: batch.failed.total(),
             };
             // The writer only stops if it failed; its error surfaces at the end.
-            let _ = tx.send(report);
+            let _ = tx.send(Record::Step(report));
         }
         phases.add(&times);
         bytes.add(&outcome.bytes);
@@ -521,15 +563,15 @@ fn run_rank(
         bar.finish();
     }
     skipped.merge(&skipped_by_order);
-    let retrieval = if cfg.eval_pairs > 0 && cfg.data.kind == DataKind::Synthetic {
-        evaluate(topology, rank, &comms, &trainer, source, cfg.eval_pairs)?
-    } else {
-        None
-    };
+    if end > 0 && evaluated_at != Some(end) {
+        evals.extend(evaluate_and_show(
+            topology, rank, &comms, &trainer, &inputs, cfg, None, end,
+        )?);
+    }
     Ok(RankOutcome {
         losses,
         step_seconds,
-        retrieval,
+        evals,
         phases,
         bytes,
         skipped,
@@ -542,16 +584,47 @@ fn run_rank(
     })
 }
 
-/// Each rank encodes its share of `pairs` held-out samples (its own modality only); world
-/// rank 0 gathers both sides and scores retrieval. Other ranks return `None`.
+/// Evaluates the model after `done` steps, shows the scores (above the progress bar while
+/// it runs) and sends them to the metrics file. World rank 0 returns `(done - 1, scores)`.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_and_show(
+    topology: &Topology,
+    rank: usize,
+    comms: &RankComms,
+    trainer: &RankTrainer,
+    inputs: &RankInputs,
+    cfg: &TrainConfig,
+    bar: Option<&ProgressBar>,
+    done: usize,
+) -> Result<Option<(usize, EvalScores)>> {
+    let Some(held_out) = inputs.held_out else {
+        return Ok(None);
+    };
+    let Some(scores) = evaluate(topology, rank, comms, trainer, held_out, cfg.eval.pairs)? else {
+        return Ok(None);
+    };
+    let line = format!("eval after step {done}: {}", scores.summary());
+    match bar {
+        Some(bar) => bar.println(line),
+        None => tracing::info!("{line}"),
+    }
+    if let Some(tx) = &inputs.metrics {
+        let _ = tx.send(Record::Eval(done - 1, scores.clone()));
+    }
+    Ok(Some((done - 1, scores)))
+}
+
+/// Each rank encodes its share of `pairs` held-out pairs (its own modality only); the
+/// first text rank encodes the zero-shot classes; world rank 0 gathers everything and
+/// scores it. Other ranks return `None`.
 pub fn evaluate(
     topology: &Topology,
     rank: usize,
     comms: &RankComms,
     trainer: &RankTrainer,
-    source: &SyntheticSource,
+    held_out: &HeldOut,
     pairs: usize,
-) -> Result<Option<Retrieval>> {
+) -> Result<Option<EvalScores>> {
     const CHUNK: usize = 256;
     let r = &topology.ranks[rank];
     let size = topology.group_size(r.tower);
@@ -563,8 +636,7 @@ pub fn evaluate(
     for start in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - start);
         let indices: Vec<u64> = ((offset + start) as u64..(offset + start + n) as u64).collect();
-        let input = source.tower_input(r.tower, Stream::Heldout, &indices, &Device::Cpu)?;
-        parts.push(trainer.encode(&input)?);
+        parts.push(trainer.encode(&held_out.tower_input(r.tower, &indices)?)?);
     }
     let local = if parts.is_empty() {
         candle_core::Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?
@@ -572,13 +644,33 @@ pub fn evaluate(
         candle_core::Tensor::cat(&parts, 0)?
     };
     let (image, text) = FeatureLayout::new(topology, pairs).exchange(comms, &local)?;
+    let first_text = topology
+        .ranks
+        .iter()
+        .position(|r| r.tower == Tower::Text)
+        .expect("a topology has a text group");
+    let labels = held_out.labels(pairs);
+    let classes = match &labels {
+        Some(_) => {
+            let mine = if rank == first_text {
+                held_out
+                    .class_features(&|x| trainer.encode(x))?
+                    .expect("labelled sets have classes")
+            } else {
+                // The shape a collective needs; only the root's values travel.
+                let n = crate::data::fashion_mnist::CLASSES.len();
+                candle_core::Tensor::zeros((n, image.dim(1)?), image.dtype(), &Device::Cpu)?
+            };
+            Some(comms.world.broadcast(&mine, first_text)?)
+        }
+        None => None,
+    };
     if rank != 0 {
         return Ok(None);
     }
-    let captions: Vec<String> = (0..pairs as u64)
-        .map(|i| source.caption(Stream::Heldout, i))
-        .collect();
-    Ok(Some(recall_at_1(&image, &text, &captions)?))
+    let captions: Vec<String> = (0..pairs as u64).map(|i| held_out.caption(i)).collect();
+    let classes = classes.as_ref().zip(labels.as_deref());
+    Ok(Some(crate::eval::score(&image, &text, &captions, classes)?))
 }
 
 fn progress_bar(len: u64) -> ProgressBar {

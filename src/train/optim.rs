@@ -27,7 +27,7 @@ pub fn decays(name: &str, var: &Var) -> bool {
 }
 
 /// How the learning rate moves after the warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Cosine decay to 0 at the last step.

@@ -59,7 +59,7 @@ fn train_runs_a_few_steps_and_reports_retrieval() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    for needle in ["samples/s", "recall@1", "chance", "backward", "peak memory"] {
+    for needle in ["samples/s", "R@1", "chance", "backward", "peak memory"] {
         assert!(stdout.contains(needle), "missing {needle}:\n{stdout}");
     }
 }
@@ -187,7 +187,7 @@ fn train_runs_with_every_tower_kind() {
             "--quiet",
         ]);
         assert!(out.status.success(), "{model}: {}", text(&out.stderr));
-        assert!(text(&out.stdout).contains("recall@1"), "{model}");
+        assert!(text(&out.stdout).contains("R@1"), "{model}");
     }
     // Checkpointing works per block in every tower, the ResNet's bottlenecks included.
     let out = mmpipe(&[
@@ -241,8 +241,13 @@ fn train_reads_a_training_config_and_flags_override_it() {
 fn every_shipped_training_config_parses() {
     for entry in std::fs::read_dir("configs/train").unwrap() {
         let path = entry.unwrap().path();
-        mmpipe::train::TrainConfig::from_file(&path)
+        let cfg = mmpipe::train::TrainConfig::from_file(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // A model named by the file is found relative to it.
+        if let Some(model) = &cfg.model {
+            mmpipe::model::ClipConfig::from_file(model)
+                .unwrap_or_else(|e| panic!("{}: model: {e}", path.display()));
+        }
     }
     // The documented default file is the built-in default.
     let mut file =
@@ -280,6 +285,17 @@ fn bad_training_configs_name_the_file_and_field() {
             "[loss]\ntile_memory_mib = 0\n",
             "loss.tile_memory_mib",
         ),
+        (
+            "model.toml",
+            "model = \"no-such-model.toml\"\n",
+            "no-such-model.toml",
+        ),
+        (
+            "pairs.toml",
+            "[data]\nkind = \"fashion-mnist\"\n[eval]\npairs = 10001\n",
+            "eval.pairs",
+        ),
+        ("precision.toml", "precision = \"fp8\"\n", "bf16"),
     ] {
         let path = dir.join(name);
         std::fs::write(&path, body).unwrap();
@@ -512,10 +528,14 @@ fn an_interrupted_run_saves_a_checkpoint_and_exits_cleanly() {
     assert!(state.contains(&format!("\"step\": {step}")), "{state}");
 }
 
+/// Training evaluates on Fashion-MNIST's test split as it goes (ranks split the pairs,
+/// the metrics file gets each evaluation), and `mmpipe eval` on the final checkpoint, one
+/// process with both towers, reproduces the last evaluation.
 #[test]
 fn eval_scores_a_checkpoint_on_fashion_mnist() {
     let dir = std::env::temp_dir().join(format!("mmpipe-eval-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let metrics = dir.join("metrics.jsonl");
     let out = mmpipe(&[
         "train",
         "--model",
@@ -528,18 +548,45 @@ fn eval_scores_a_checkpoint_on_fashion_mnist() {
         "2",
         "--quiet",
         "--eval-pairs",
-        "0",
+        "100",
+        "--eval-every",
+        "1",
+        "--metrics",
+        metrics.to_str().unwrap(),
         "--checkpoint-dir",
         dir.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let trained = text(&out.stdout);
+    // The number before the first `%` after "zero-shot".
+    let zero_shot = |s: &str| -> String {
+        s.split("zero-shot")
+            .nth(1)
+            .and_then(|r| r.split('%').next())
+            .and_then(|r| r.split_whitespace().last())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no zero-shot accuracy in:\n{s}"))
+    };
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2, "one evaluation after each step");
+    assert_eq!(evals[1]["step"], 1);
+    assert_eq!(evals[1]["eval"]["pairs"], 100);
+    let last = evals[1]["eval"]["zero_shot"].as_f64().unwrap();
+    assert_eq!(format!("{:.1}", 100.0 * last), zero_shot(&trained));
+    for k in [1, 5, 10] {
+        assert!(evals[1]["eval"]["recall"][format!("text_to_image_r{k}")].is_f64());
+    }
+    // The checkpoint carries its model file: no --model needed.
     let checkpoint = dir.join("step-00000002");
     let out = mmpipe(&[
         "eval",
         "--checkpoint",
         checkpoint.to_str().unwrap(),
-        "--model",
-        "configs/clip-tiny-bpe.toml",
         "--images",
         "100",
     ]);
@@ -549,11 +596,18 @@ fn eval_scores_a_checkpoint_on_fashion_mnist() {
         stdout.contains("100 images: zero-shot accuracy") && stdout.contains("recall@10"),
         "{stdout}"
     );
-    // A checkpoint of another model is refused, naming the file.
+    assert_eq!(
+        zero_shot(&stdout),
+        zero_shot(&trained),
+        "{stdout}\n{trained}"
+    );
+    // A checkpoint read as another model is refused, naming the file.
     let out = mmpipe(&[
         "eval",
         "--checkpoint",
         checkpoint.to_str().unwrap(),
+        "--model",
+        "configs/clip-tiny.toml",
         "--images",
         "10",
     ]);

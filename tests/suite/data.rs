@@ -408,7 +408,7 @@ fn damaged_samples_are_skipped_counted_by_cause_and_the_run_goes_on() {
     let cfg = TrainConfig {
         steps: 6,
         global_batch: 4,
-        eval_pairs: 0,
+        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
         progress: false,
         data: DataConfig {
             kind: DataKind::Webdataset,
@@ -689,7 +689,7 @@ fn fashion_mnist_loads_as_real_labelled_images_and_trains() {
     let cfg = TrainConfig {
         steps: 3,
         global_batch: 16,
-        eval_pairs: 0,
+        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
         progress: false,
         data: DataConfig {
             kind: DataKind::FashionMnist,
@@ -812,7 +812,7 @@ fn a_csv_of_paths_and_captions_trains_directly() {
     let cfg = TrainConfig {
         steps: 4,
         global_batch: 6,
-        eval_pairs: 0,
+        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
         progress: false,
         data: DataConfig {
             kind: DataKind::Csv,
@@ -885,7 +885,7 @@ fn training_with_the_cache_runs_over_several_epochs() {
     let cfg = TrainConfig {
         steps: 4,
         global_batch: 16,
-        eval_pairs: 0,
+        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
         progress: false,
         data: DataConfig {
             kind: DataKind::Webdataset,
