@@ -2,7 +2,7 @@
 //! encoder on separate groups of devices.
 //!
 //! Data flows one way: [`topology`] → [`plan`] → [`comm`] → [`model`] / [`loss`] →
-//! [`train`], with [`data`] → [`train`].
+//! [`train`], with [`data`] → [`train`]; [`eval`] scores models and [`report`] draws runs.
 
 pub mod comm;
 pub mod data;
@@ -11,6 +11,7 @@ pub mod eval;
 pub mod loss;
 pub mod model;
 pub mod plan;
+pub mod report;
 pub mod topology;
 pub mod train;
 

@@ -56,6 +56,16 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         images: usize,
     },
+    /// Draw PNG plots of runs' metrics (loss, throughput, evaluations, time per phase);
+    /// several runs share the axes and their losses are compared step by step.
+    Report {
+        /// Run folders (holding metrics.jsonl) or metrics files; the first is the reference.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where the PNGs go [default: the first run's folder].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write WebDataset shards (synthetic, Fashion-MNIST, CSV/TSV) and inspect them.
     #[command(subcommand)]
     Data(DataCommand),
@@ -533,6 +543,58 @@ fn data(command: DataCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn report(runs: &[PathBuf], out: Option<PathBuf>) -> anyhow::Result<()> {
+    let out = out.unwrap_or_else(|| {
+        let first = &runs[0];
+        if first.is_dir() {
+            first.clone()
+        } else {
+            first
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), PathBuf::from)
+        }
+    });
+    let report = mmpipe::report::write(runs, &out)?;
+    for run in &report.runs {
+        let losses = run.losses();
+        let rates: Vec<f64> = run.steps.iter().map(|s| s.samples_per_s).collect();
+        let mut sorted = rates.clone();
+        sorted.sort_by(f64::total_cmp);
+        let eval = run.evals.last().map_or(String::new(), |e| {
+            let zero_shot = e
+                .zero_shot
+                .map_or(String::new(), |z| format!("zero-shot {:.1}%, ", 100.0 * z));
+            format!(
+                "; last evaluation (after step {}): {zero_shot}recall@1 {:.1}/{:.1}%",
+                e.step + 1,
+                100.0 * e.image_to_text_r1,
+                100.0 * e.text_to_image_r1
+            )
+        });
+        println!(
+            "{}: {} steps, loss {:.4} -> {:.4}, median {:.0} samples/s{eval}",
+            run.name,
+            run.steps.len(),
+            losses.first().map_or(f64::NAN, |l| l.1),
+            losses.last().map_or(f64::NAN, |l| l.1),
+            sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
+        );
+    }
+    for other in report.runs.iter().skip(1) {
+        if let Some((gap, step, compared)) = mmpipe::report::loss_gap(&report.runs[0], other) {
+            println!(
+                "loss of {} vs {}: largest difference {gap:.3e} (step {step}) over {compared} common steps",
+                other.name, report.runs[0].name
+            );
+        }
+    }
+    for plot in &report.plots {
+        println!("wrote {}", plot.display());
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let topology = match &args.topology {
         Some(p) => Topology::from_file(p)?,
@@ -750,6 +812,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train(*a),
         Command::Convert(a) => convert(a),
         Command::Data(c) => data(c),
+        Command::Report { runs, out } => report(&runs, out),
         Command::Eval {
             checkpoint,
             model,

@@ -618,3 +618,85 @@ fn eval_scores_a_checkpoint_on_fashion_mnist() {
         text(&out.stderr)
     );
 }
+
+/// `mmpipe report` draws real PNGs from metrics files, compares two runs' losses step by
+/// step, and names the file and line of a malformed metrics line.
+#[test]
+fn report_draws_pngs_and_compares_runs() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-report-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut runs = Vec::new();
+    for topology in ["topology/cpu-1x1.toml", "topology/cpu-2x1.toml"] {
+        let run = dir.join(
+            topology
+                .trim_start_matches("topology/cpu-")
+                .trim_end_matches(".toml"),
+        );
+        let out = mmpipe(&[
+            "train",
+            "--topology",
+            topology,
+            "--steps",
+            "4",
+            "--batch",
+            "12",
+            "--eval-pairs",
+            "12",
+            "--eval-every",
+            "2",
+            "--quiet",
+            "--metrics",
+            run.join("metrics.jsonl").to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        runs.push(run);
+    }
+    let out = mmpipe(&[
+        "report",
+        runs[0].to_str().unwrap(),
+        runs[1].to_str().unwrap(),
+        "--out",
+        dir.join("plots").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // Same seed, same batch: the 2x1 split's losses equal the single rank's to float
+    // tolerance.
+    let gap: f64 = stdout
+        .split("largest difference ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no loss comparison:\n{stdout}"));
+    assert!(gap < 1e-4, "{stdout}");
+    assert!(stdout.contains("over 4 common steps"), "{stdout}");
+    for (name, size) in [
+        ("training.png", (1400, 900)),
+        ("eval.png", (1000, 600)),
+        ("phases.png", (1400, 600)),
+    ] {
+        let png =
+            image::open(dir.join("plots").join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((png.width(), png.height()), size, "{name}");
+        // Something was drawn: not a blank white page.
+        let rgb = png.to_rgb8();
+        let ink = rgb.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+        assert!(ink > 10_000, "{name}: only {ink} drawn pixels");
+    }
+    // A malformed line in the middle is an error naming the file and the line.
+    let metrics = runs[0].join("metrics.jsonl");
+    let mut lines: Vec<String> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines[1] = "{\"step\": 1, \"loss\": ".into();
+    std::fs::write(&metrics, lines.join("\n") + "\n").unwrap();
+    let out = mmpipe(&["report", runs[0].to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("metrics.jsonl") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+}

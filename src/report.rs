@@ -1,0 +1,498 @@
+//! `mmpipe report`: reads runs' metrics files (JSONL, one line per step and one per
+//! evaluation) and draws PNG plots: the training curves, the evaluations, and where each
+//! tower's step time goes. Several runs are drawn on the same axes, and their losses
+//! compared step by step (the convergence check of one topology against another).
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::train::PhaseTimes;
+
+/// One step line of a metrics file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPoint {
+    pub step: usize,
+    /// None on a skipped step.
+    pub loss: Option<f64>,
+    pub lr: f64,
+    pub logit_scale: f64,
+    pub samples_per_s: f64,
+    /// Per phase (in [`PhaseTimes::NAMES`] order), the mean over each tower's ranks, ms.
+    pub image_phases_ms: [f64; 7],
+    pub text_phases_ms: [f64; 7],
+}
+
+/// One evaluation line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalPoint {
+    pub step: usize,
+    pub zero_shot: Option<f64>,
+    pub image_to_text_r1: f64,
+    pub text_to_image_r1: f64,
+}
+
+/// A run's metrics, as read back.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub name: String,
+    pub path: PathBuf,
+    pub steps: Vec<StepPoint>,
+    pub evals: Vec<EvalPoint>,
+}
+
+/// The metrics file of `run`: the path itself, or `metrics.jsonl` in a run folder.
+pub fn metrics_path(run: &Path) -> PathBuf {
+    if run.is_dir() {
+        run.join("metrics.jsonl")
+    } else {
+        run.to_path_buf()
+    }
+}
+
+fn phase_key(name: &str) -> String {
+    format!("{}_ms", name.replace([' ', '-'], "_"))
+}
+
+impl Run {
+    /// Reads a metrics file. A malformed line is an error naming the file and line,
+    /// except a cut-off last line (a run killed mid-write), which is skipped.
+    pub fn read(run: &Path) -> Result<Run> {
+        let path = metrics_path(run);
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let name = run
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n != "metrics.jsonl")
+            .or_else(|| {
+                run.parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| run.display().to_string());
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let mut steps = Vec::new();
+        let mut evals = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let bad = |message: String| Error::Parse {
+                path: path.clone(),
+                message: format!("line {}: {message}", i + 1),
+            };
+            let value: serde_json::Value = match serde_json::from_str(line) {
+                Ok(v) => v,
+                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                    tracing::warn!("{}: the last line is cut off; skipped", path.display());
+                    continue;
+                }
+                Err(e) => return Err(bad(e.to_string())),
+            };
+            let step = value["step"]
+                .as_u64()
+                .ok_or_else(|| bad("no `step`".into()))? as usize;
+            if let Some(eval) = value.get("eval") {
+                let recall = |key: &str| eval["recall"][key].as_f64().unwrap_or(f64::NAN);
+                evals.push(EvalPoint {
+                    step,
+                    zero_shot: eval["zero_shot"].as_f64(),
+                    image_to_text_r1: recall("image_to_text_r1"),
+                    text_to_image_r1: recall("text_to_image_r1"),
+                });
+                continue;
+            }
+            let number = |key: &str| {
+                value[key]
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("no number `{key}`")))
+            };
+            let ranks = value["ranks"]
+                .as_array()
+                .ok_or_else(|| bad("no `ranks`".into()))?;
+            let mut phases = [[0.0; 7]; 2];
+            let mut counts = [0usize; 2];
+            for rank in ranks {
+                let side = usize::from(rank["tower"].as_str() == Some("text"));
+                counts[side] += 1;
+                for (p, name) in PhaseTimes::NAMES.iter().enumerate() {
+                    phases[side][p] += rank["phases"][phase_key(name)]
+                        .as_f64()
+                        .ok_or_else(|| bad(format!("a rank has no `{}`", phase_key(name))))?;
+                }
+            }
+            for (side, count) in counts.iter().enumerate() {
+                for p in &mut phases[side] {
+                    *p /= (*count).max(1) as f64;
+                }
+            }
+            steps.push(StepPoint {
+                step,
+                loss: value["loss"].as_f64(),
+                lr: number("lr")?,
+                logit_scale: number("logit_scale")?,
+                samples_per_s: number("samples_per_s")?,
+                image_phases_ms: phases[0],
+                text_phases_ms: phases[1],
+            });
+        }
+        if steps.is_empty() {
+            return Err(Error::Msg(format!(
+                "{}: no step lines (is this a metrics file written by `mmpipe train --metrics`?)",
+                path.display()
+            )));
+        }
+        Ok(Run {
+            name,
+            path,
+            steps,
+            evals,
+        })
+    }
+
+    /// `(step, loss)` of the steps that trained.
+    pub fn losses(&self) -> Vec<(usize, f64)> {
+        self.steps
+            .iter()
+            .filter_map(|s| s.loss.map(|l| (s.step, l)))
+            .collect()
+    }
+}
+
+/// How far `other`'s losses stray from `reference`'s at the steps both ran: the largest
+/// absolute difference and the step where it occurs, and how many steps were compared.
+pub fn loss_gap(reference: &Run, other: &Run) -> Option<(f64, usize, usize)> {
+    let reference: std::collections::HashMap<usize, f64> = reference.losses().into_iter().collect();
+    let mut worst: Option<(f64, usize)> = None;
+    let mut compared = 0;
+    for (step, loss) in other.losses() {
+        if let Some(r) = reference.get(&step) {
+            compared += 1;
+            let gap = (loss - r).abs();
+            if worst.is_none_or(|(w, _)| gap > w) {
+                worst = Some((gap, step));
+            }
+        }
+    }
+    worst.map(|(gap, step)| (gap, step, compared))
+}
+
+/// The font the plots' text uses: `MMPIPE_FONT`, or a sans-serif TrueType font from the
+/// usual Linux places.
+fn register_font() -> Result<()> {
+    const CANDIDATES: [&str; 5] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+    ];
+    let chosen = std::env::var_os("MMPIPE_FONT")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(CANDIDATES.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Msg(format!(
+                "no TrueType font for the plots' labels: install one (Debian: apt install fonts-dejavu-core) \
+                 or point MMPIPE_FONT at a .ttf file; looked in {}",
+                CANDIDATES.join(", ")
+            ))
+        })?;
+    let bytes = std::fs::read(&chosen).map_err(|source| Error::Io {
+        path: chosen.clone(),
+        source,
+    })?;
+    // plotters keeps fonts for the life of the process.
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| Error::Msg(format!("{}: not a usable TrueType font", chosen.display())))
+}
+
+fn plot_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> Error + '_ {
+    move |e| Error::Msg(format!("{}: drawing failed: {e:?}", path.display()))
+}
+
+const SERIES: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+const PHASE_COLOURS: [RGBColor; 7] = [
+    RGBColor(127, 127, 127),
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(188, 189, 34),
+];
+
+fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-9);
+    (lo - pad, hi + pad)
+}
+
+/// One panel: a line per run of `value` over the steps.
+fn line_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[Run],
+    title: &str,
+    value: &dyn Fn(&StepPoint) -> Option<f64>,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let last_step = runs
+        .iter()
+        .flat_map(|r| r.steps.last().map(|s| s.step))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let (lo, hi) = range(runs.iter().flat_map(|r| r.steps.iter().filter_map(value)));
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..last_step as f64, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    for (i, run) in runs.iter().enumerate() {
+        let colour = SERIES[i % SERIES.len()];
+        let points: Vec<(f64, f64)> = run
+            .steps
+            .iter()
+            .filter_map(|s| value(s).map(|v| (s.step as f64, v)))
+            .collect();
+        let drawn = chart.draw_series(LineSeries::new(points, colour.stroke_width(2)))?;
+        if runs.len() > 1 {
+            drawn
+                .label(run.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+        }
+    }
+    if runs.len() > 1 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()?;
+    }
+    Ok(())
+}
+
+/// `training.png`: loss, samples/s, learning rate, logit scale.
+fn draw_training(runs: &[Run], path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (1400, 900)).into_drawing_area();
+    let err = plot_err(path);
+    root.fill(&WHITE).map_err(&err)?;
+    let panels = root.split_evenly((2, 2));
+    line_panel(&panels[0], runs, "loss", &|s| s.loss).map_err(&err)?;
+    line_panel(&panels[1], runs, "samples/s (slowest rank)", &|s| {
+        Some(s.samples_per_s)
+    })
+    .map_err(&err)?;
+    line_panel(&panels[2], runs, "learning rate", &|s| Some(s.lr)).map_err(&err)?;
+    line_panel(&panels[3], runs, "logit scale (ln 1/T)", &|s| {
+        Some(s.logit_scale)
+    })
+    .map_err(&err)?;
+    root.present().map_err(&err)
+}
+
+/// `eval.png`: zero-shot accuracy (where measured) and recall@1 both ways, in percent.
+fn draw_evals(runs: &[Run], path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    let err = plot_err(path);
+    root.fill(&WHITE).map_err(&err)?;
+    let last_step = runs
+        .iter()
+        .flat_map(|r| r.steps.last().map(|s| s.step))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "held-out evaluation (solid: zero-shot, dashed: image→text R@1, dotted: text→image R@1)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..last_step as f64, 0f64..100f64)
+        .map_err(&err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("%")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(&err)?;
+    for (i, run) in runs.iter().enumerate() {
+        let colour = SERIES[i % SERIES.len()];
+        let series = |f: &dyn Fn(&EvalPoint) -> Option<f64>| -> Vec<(f64, f64)> {
+            run.evals
+                .iter()
+                .filter_map(|e| f(e).map(|v| (e.step as f64, 100.0 * v)))
+                .collect()
+        };
+        let zero_shot = series(&|e| e.zero_shot);
+        if !zero_shot.is_empty() {
+            chart
+                .draw_series(LineSeries::new(zero_shot.clone(), colour.stroke_width(3)))
+                .map_err(&err)?
+                .label(format!("{} zero-shot", run.name))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3))
+                });
+            chart
+                .draw_series(
+                    zero_shot
+                        .iter()
+                        .map(|&p| Circle::new(p, 4, colour.filled())),
+                )
+                .map_err(&err)?;
+        }
+        let i2t = series(&|e| Some(e.image_to_text_r1));
+        chart
+            .draw_series(DashedLineSeries::new(i2t, 8, 5, colour.stroke_width(2)))
+            .map_err(&err)?
+            .label(format!("{} recall@1", run.name))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+        let t2i = series(&|e| Some(e.text_to_image_r1));
+        chart
+            .draw_series(DashedLineSeries::new(t2i, 2, 4, colour.stroke_width(2)))
+            .map_err(&err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(&err)?;
+    root.present().map_err(&err)
+}
+
+/// `phases.png`: each tower's step time split by phase (stacked, ms, mean over the
+/// tower's ranks), for one run.
+fn draw_phases(run: &Run, path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (1400, 600)).into_drawing_area();
+    let err = plot_err(path);
+    root.fill(&WHITE).map_err(&err)?;
+    let panels = root.split_evenly((1, 2));
+    let last_step = run.steps.last().map_or(1, |s| s.step).max(1) as f64;
+    for (panel, (tower, pick)) in panels.iter().zip([
+        (
+            "image",
+            (|s: &StepPoint| s.image_phases_ms) as fn(&StepPoint) -> [f64; 7],
+        ),
+        ("text", |s: &StepPoint| s.text_phases_ms),
+    ]) {
+        // Cumulative sums: phase p's band lies between the sums of phases < p and <= p.
+        let stacked: Vec<(usize, [f64; 7])> = run
+            .steps
+            .iter()
+            .map(|s| {
+                let mut acc = pick(s);
+                for p in 1..7 {
+                    acc[p] += acc[p - 1];
+                }
+                (s.step, acc)
+            })
+            .collect();
+        // A few slow steps (the first, an evaluation's) would flatten the rest.
+        let mut totals: Vec<f64> = stacked.iter().map(|(_, a)| a[6]).collect();
+        totals.sort_by(f64::total_cmp);
+        let top = totals
+            .get(totals.len() * 98 / 100)
+            .copied()
+            .unwrap_or(1.0)
+            .max(1e-3)
+            * 1.1;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!("{} tower: ms per step by phase ({})", tower, run.name),
+                ("sans-serif", 18),
+            )
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..last_step, 0f64..top)
+            .map_err(&err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc("ms")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(&err)?;
+        // Top band first, so each lower band paints over the area below its upper edge.
+        for p in (0..7).rev() {
+            let colour = PHASE_COLOURS[p];
+            chart
+                .draw_series(AreaSeries::new(
+                    stacked.iter().map(|(s, acc)| (*s as f64, acc[p].min(top))),
+                    0.0,
+                    colour.mix(0.85).filled(),
+                ))
+                .map_err(&err)?
+                .label(PhaseTimes::NAMES[p])
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], colour.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(&err)?;
+    }
+    root.present().map_err(&err)
+}
+
+/// What `mmpipe report` wrote and measured.
+pub struct Report {
+    pub plots: Vec<PathBuf>,
+    pub runs: Vec<Run>,
+}
+
+/// Reads the runs and draws `training.png`, `eval.png` (when a run evaluated) and
+/// `phases.png` (the first run) into `out`.
+pub fn write(runs: &[PathBuf], out: &Path) -> Result<Report> {
+    let runs: Vec<Run> = runs.iter().map(|r| Run::read(r)).collect::<Result<_>>()?;
+    register_font()?;
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut plots = vec![out.join("training.png")];
+    draw_training(&runs, &plots[0])?;
+    if runs.iter().any(|r| !r.evals.is_empty()) {
+        plots.push(out.join("eval.png"));
+        draw_evals(&runs, plots.last().expect("just pushed"))?;
+    }
+    plots.push(out.join("phases.png"));
+    draw_phases(&runs[0], plots.last().expect("just pushed"))?;
+    Ok(Report { plots, runs })
+}
