@@ -304,14 +304,80 @@ impl HeldOut {
     }
 }
 
+/// The linear probe: multinomial logistic regression fitted on `train` features
+/// (standardised with the training statistics, a little L2), then scored on `test`.
+/// Full-batch Adam with the gradient written out: `X^T (softmax(XW + b) - Y) / n`.
+pub fn linear_probe(
+    train: &Tensor,
+    train_labels: &[usize],
+    test: &Tensor,
+    test_labels: &[usize],
+    classes: usize,
+) -> Result<f64> {
+    const STEPS: usize = 500;
+    const LR: f64 = 0.05;
+    const L2: f64 = 1e-4;
+    let train = train.to_dtype(DType::F32)?;
+    let test = test.to_dtype(DType::F32)?;
+    let (n, d) = train.dims2()?;
+    let mean = train.mean_keepdim(0)?;
+    let std = (train.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)? + 1e-6)?.sqrt()?;
+    let standardise = |x: &Tensor| x.broadcast_sub(&mean)?.broadcast_div(&std);
+    let (x, x_test) = (standardise(&train)?, standardise(&test)?);
+    let mut one_hot = vec![0f32; n * classes];
+    for (i, &l) in train_labels.iter().enumerate() {
+        one_hot[i * classes + l] = 1.0;
+    }
+    let y = Tensor::from_vec(one_hot, (n, classes), &Device::Cpu)?;
+    let mut w = Tensor::zeros((d, classes), DType::F32, &Device::Cpu)?;
+    let mut b = Tensor::zeros((1, classes), DType::F32, &Device::Cpu)?;
+    let (mut mw, mut vw) = (w.zeros_like()?, w.zeros_like()?);
+    let (mut mb, mut vb) = (b.zeros_like()?, b.zeros_like()?);
+    let xt = x.t()?.contiguous()?;
+    let (beta1, beta2) = (0.9f64, 0.999f64);
+    for t in 1..=STEPS as i32 {
+        let p = candle_nn::ops::softmax(&x.matmul(&w)?.broadcast_add(&b)?, 1)?;
+        let g = ((p - &y)? / n as f64)?;
+        let gw = (xt.matmul(&g)? + (&w * L2)?)?;
+        let gb = g.sum_keepdim(0)?;
+        let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        let adam = |param: &Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor| {
+            *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
+            *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+            let step = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + 1e-8)?)?;
+            param - (step * LR)?
+        };
+        w = adam(&w, &gw, &mut mw, &mut vw)?;
+        b = adam(&b, &gb, &mut mb, &mut vb)?;
+    }
+    let predicted: Vec<u32> = x_test.matmul(&w)?.broadcast_add(&b)?.argmax(1)?.to_vec1()?;
+    Ok(predicted
+        .iter()
+        .zip(test_labels)
+        .filter(|(p, l)| **p as usize == **l)
+        .count() as f64
+        / test_labels.len().max(1) as f64)
+}
+
+/// Linear-probe accuracies on Fashion-MNIST's test images: on the image tower's features,
+/// and on the raw pixels (the supervised baseline a representation should beat).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbeScores {
+    pub train_images: usize,
+    pub features: f64,
+    pub pixels: f64,
+}
+
 /// Loads a training checkpoint's parts into both towers on the CPU and evaluates them on
-/// the first `images` of Fashion-MNIST's test split (from `dir`).
+/// the first `images` of Fashion-MNIST's test split (from `dir`); with `probe`, also fits
+/// linear probes on that many training images.
 pub fn evaluate_checkpoint(
     checkpoint: &Path,
     model: &ClipConfig,
     dir: &Path,
     images: usize,
-) -> Result<EvalScores> {
+    probe: Option<usize>,
+) -> Result<(EvalScores, Option<ProbeScores>)> {
     use crate::model::{build_all, checkpoint as ckpt, cpu_builder};
 
     let pb = cpu_builder(0);
@@ -349,5 +415,62 @@ pub fn evaluate_checkpoint(
         .expect("Fashion-MNIST has classes");
     let labels = held_out.labels(n).expect("Fashion-MNIST has labels");
     let captions: Vec<String> = (0..n as u64).map(|i| held_out.caption(i)).collect();
-    score(&image, &text, &captions, Some((&classes, &labels)))
+    let scores = score(&image, &text, &captions, Some((&classes, &labels)))?;
+    let probe = match (probe, &held_out) {
+        (Some(train_images), HeldOut::FashionMnist { set, transform, .. }) => {
+            let train_set = FashionMnist::load(dir, Split::Train)?;
+            let m = train_images.min(train_set.len()).max(classes.dim(0)?);
+            let side = transform.size;
+            let mut features = Vec::new();
+            for start in (0..m).step_by(256) {
+                let len = 256.min(m - start);
+                let mut pixels = Vec::with_capacity(len * 3 * side * side);
+                for i in start..start + len {
+                    pixels.extend(
+                        transform
+                            .apply_rgb(SIDE as u32, SIDE as u32, train_set.rgb(i), 0)
+                            .map_err(Error::Msg)?,
+                    );
+                }
+                let x = Tensor::from_vec(pixels, (len, 3, side, side), &Device::Cpu)?;
+                features.push(encode_image(&TowerInput::Images(x))?);
+            }
+            let train_labels: Vec<usize> = (0..m).map(|i| train_set.label(i)).collect();
+            let grey = |set: &FashionMnist, count: usize| -> Result<Tensor> {
+                let values: Vec<f32> = (0..count)
+                    .flat_map(|i| {
+                        set.rgb(i)
+                            .into_iter()
+                            .step_by(3)
+                            .map(|g| f32::from(g) / 255.0)
+                    })
+                    .collect();
+                Ok(Tensor::from_vec(
+                    values,
+                    (count, SIDE * SIDE),
+                    &Device::Cpu,
+                )?)
+            };
+            let c = CLASSES.len();
+            Some(ProbeScores {
+                train_images: m,
+                features: linear_probe(
+                    &Tensor::cat(&features, 0)?,
+                    &train_labels,
+                    &image,
+                    &labels,
+                    c,
+                )?,
+                pixels: linear_probe(
+                    &grey(&train_set, m)?,
+                    &train_labels,
+                    &grey(set, n)?,
+                    &labels,
+                    c,
+                )?,
+            })
+        }
+        _ => None,
+    };
+    Ok((scores, probe))
 }

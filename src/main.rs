@@ -55,6 +55,10 @@ enum Command {
         /// Test images to use (of 10,000).
         #[arg(long, default_value_t = 10_000)]
         images: usize,
+        /// Also fit linear probes (multinomial logistic regression) on this many training
+        /// images: on the image tower's features, and on raw pixels for reference.
+        #[arg(long)]
+        linear_probe: Option<usize>,
     },
     /// Draw PNG plots of runs' metrics (loss, throughput, evaluations, time per phase);
     /// several runs share the axes and their losses are compared step by step.
@@ -818,6 +822,7 @@ fn main() -> ExitCode {
             model,
             dir,
             images,
+            linear_probe,
         } => (|| {
             let saved = checkpoint.join("model.toml");
             let model = match model {
@@ -825,7 +830,8 @@ fn main() -> ExitCode {
                 None if saved.is_file() => ClipConfig::from_file(&saved)?,
                 None => ClipConfig::default_tiny(),
             };
-            let r = mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, &dir, images)?;
+            let (r, probe) =
+                mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, &dir, images, linear_probe)?;
             println!(
                 "{}: Fashion-MNIST test, {} images: zero-shot accuracy {:.1}% (chance 10.0%)",
                 checkpoint.display(),
@@ -840,6 +846,14 @@ fn main() -> ExitCode {
                 );
             }
             println!("  (recall@1 chance {:.1}%; captions are class prompts, so any image of the class counts)", 100.0 * r.chance);
+            if let Some(p) = probe {
+                println!(
+                    "  linear probe ({} training images): image features {:.1}%, raw pixels {:.1}%",
+                    p.train_images,
+                    100.0 * p.features,
+                    100.0 * p.pixels
+                );
+            }
             Ok(())
         })(),
     };

@@ -329,3 +329,36 @@ fn retrieval_and_zero_shot_metrics_give_the_known_answers() {
     let wrong: Vec<usize> = labels.iter().map(|l| (l + 1) % 10).collect();
     assert_eq!(zero_shot_accuracy(&images, &classes, &wrong).unwrap(), 0.0);
 }
+
+/// The linear probe on a case with a known answer: classes that a hyperplane separates are
+/// told apart perfectly; labels unrelated to the features score near chance on new data.
+#[test]
+fn the_linear_probe_separates_separable_classes_and_not_noise() {
+    use candle_core::{Device, Tensor};
+    use mmpipe::eval::linear_probe;
+    let (n, d, classes) = (300, 8, 3);
+    let noise = super::common::fixed_values(&[n, d], 0.3)
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let labels: Vec<usize> = (0..n).map(|i| i % classes).collect();
+    // Class c sits at +2 on axis c: far beyond the noise.
+    let mut centres = vec![0f32; n * d];
+    for (i, &l) in labels.iter().enumerate() {
+        centres[i * d + l] = 2.0;
+    }
+    let x = (Tensor::from_vec(centres, (n, d), &Device::Cpu).unwrap() + &noise).unwrap();
+    let (train, test) = (x.narrow(0, 0, 200).unwrap(), x.narrow(0, 200, 100).unwrap());
+    let accuracy = linear_probe(&train, &labels[..200], &test, &labels[200..], classes).unwrap();
+    assert_eq!(accuracy, 1.0);
+    // Labels that ignore the features: nothing to learn that carries over.
+    let scrambled: Vec<usize> = (0..n).map(|i| (i * 7 / 5) % classes).collect();
+    let accuracy = linear_probe(
+        &noise.narrow(0, 0, 200).unwrap(),
+        &scrambled[..200],
+        &noise.narrow(0, 200, 100).unwrap(),
+        &scrambled[200..],
+        classes,
+    )
+    .unwrap();
+    assert!(accuracy < 0.6, "{accuracy}");
+}
