@@ -69,6 +69,9 @@ enum Command {
         /// Where the PNGs go [default: the first run's folder].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also write a markdown table of the runs (loss, evaluation, throughput) here.
+        #[arg(long)]
+        table: Option<PathBuf>,
     },
     /// Write WebDataset shards (synthetic, Fashion-MNIST, CSV/TSV) and inspect them.
     #[command(subcommand)]
@@ -547,7 +550,7 @@ fn data(command: DataCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(runs: &[PathBuf], out: Option<PathBuf>) -> anyhow::Result<()> {
+fn report(runs: &[PathBuf], out: Option<PathBuf>, table: Option<PathBuf>) -> anyhow::Result<()> {
     let out = out.unwrap_or_else(|| {
         let first = &runs[0];
         if first.is_dir() {
@@ -595,6 +598,11 @@ fn report(runs: &[PathBuf], out: Option<PathBuf>) -> anyhow::Result<()> {
     }
     for plot in &report.plots {
         println!("wrote {}", plot.display());
+    }
+    if let Some(path) = table {
+        std::fs::write(&path, mmpipe::report::markdown_table(&report.runs))
+            .with_context(|| path.display().to_string())?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }
@@ -816,7 +824,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train(*a),
         Command::Convert(a) => convert(a),
         Command::Data(c) => data(c),
-        Command::Report { runs, out } => report(&runs, out),
+        Command::Report { runs, out, table } => report(&runs, out, table),
         Command::Eval {
             checkpoint,
             model,

@@ -471,6 +471,44 @@ fn draw_phases(run: &Run, path: &Path) -> Result<()> {
     root.present().map_err(&err)
 }
 
+/// A markdown table of the runs: the loss at the end (last step, and the mean of the last
+/// tenth of the steps, which evens out batch-to-batch noise), the last evaluation, median
+/// throughput, and the largest loss difference from the first run.
+pub fn markdown_table(runs: &[Run]) -> String {
+    let mut out = String::from(
+        "| run | steps | last loss | mean loss, last 10% | zero-shot | R@1 image→text / text→image | samples/s (median) | max \\|Δ loss\\| vs first |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (i, run) in runs.iter().enumerate() {
+        let losses = run.losses();
+        let tail = &losses[losses.len() - (losses.len() / 10).max(1).min(losses.len())..];
+        let tail_mean = tail.iter().map(|l| l.1).sum::<f64>() / tail.len().max(1) as f64;
+        let mut rates: Vec<f64> = run.steps.iter().map(|s| s.samples_per_s).collect();
+        rates.sort_by(f64::total_cmp);
+        let eval = run.evals.last();
+        let percent =
+            |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.1}%", 100.0 * v));
+        let gap = if i == 0 {
+            "–".to_string()
+        } else {
+            loss_gap(&runs[0], run).map_or("–".to_string(), |(g, _, _)| format!("{g:.1e}"))
+        };
+        out.push_str(&format!(
+            "| {} | {} | {:.4} | {:.4} | {} | {} / {} | {:.0} | {} |\n",
+            run.name,
+            run.steps.len(),
+            losses.last().map_or(f64::NAN, |l| l.1),
+            tail_mean,
+            percent(eval.and_then(|e| e.zero_shot)),
+            percent(eval.map(|e| e.image_to_text_r1)),
+            percent(eval.map(|e| e.text_to_image_r1)),
+            rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),
+            gap,
+        ));
+    }
+    out
+}
+
 /// What `mmpipe report` wrote and measured.
 pub struct Report {
     pub plots: Vec<PathBuf>,

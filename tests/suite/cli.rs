@@ -657,8 +657,17 @@ fn report_draws_pngs_and_compares_runs() {
         runs[1].to_str().unwrap(),
         "--out",
         dir.join("plots").to_str().unwrap(),
+        "--table",
+        dir.join("runs.md").to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = std::fs::read_to_string(dir.join("runs.md")).unwrap();
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| 1x1") || l.starts_with("| 2x1"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows[1].contains("| 4 |"), "4 steps: {table}");
     let stdout = text(&out.stdout);
     // Same seed, same batch: the 2x1 split's losses equal the single rank's to float
     // tolerance.
