@@ -392,13 +392,15 @@ pub fn evaluate_checkpoint(
 
     let held_out = HeldOut::fashion_mnist(dir, model)?;
     let n = images.min(held_out.pairs().unwrap_or(images)).max(1);
+    // Detached: the parameters are variables, and a kept output would keep its whole
+    // forward graph (every activation) alive.
     let encode_image = |x: &TowerInput| -> Result<Tensor> {
-        let features = image_tower.forward_eval(x)?;
-        l2_normalize(&features)
+        let features = image_tower.forward_eval(x)?.detach();
+        Ok(l2_normalize(&features)?.detach())
     };
     let encode_text = |x: &TowerInput| -> Result<Tensor> {
-        let features = text_tower.forward_eval(x)?;
-        l2_normalize(&features)
+        let features = text_tower.forward_eval(x)?.detach();
+        Ok(l2_normalize(&features)?.detach())
     };
     let encode_all = |tower: Tower, encode: &dyn Fn(&TowerInput) -> Result<Tensor>| {
         let mut parts = Vec::new();

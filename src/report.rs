@@ -22,6 +22,9 @@ pub struct StepPoint {
     /// Per phase (in [`PhaseTimes::NAMES`] order), the mean over each tower's ranks, ms.
     pub image_phases_ms: [f64; 7],
     pub text_phases_ms: [f64; 7],
+    /// Each tower's gradient norm before clipping (absent in older files: NaN).
+    pub image_grad_norm: f64,
+    pub text_grad_norm: f64,
 }
 
 /// One evaluation line.
@@ -113,9 +116,12 @@ impl Run {
                 .ok_or_else(|| bad("no `ranks`".into()))?;
             let mut phases = [[0.0; 7]; 2];
             let mut counts = [0usize; 2];
+            let mut grad_norms = [f64::NAN; 2];
             for rank in ranks {
                 let side = usize::from(rank["tower"].as_str() == Some("text"));
                 counts[side] += 1;
+                // Every rank of a group holds the same summed gradients.
+                grad_norms[side] = rank["grad_norm"].as_f64().unwrap_or(f64::NAN);
                 for (p, name) in PhaseTimes::NAMES.iter().enumerate() {
                     phases[side][p] += rank["phases"][phase_key(name)]
                         .as_f64()
@@ -135,6 +141,8 @@ impl Run {
                 samples_per_s: number("samples_per_s")?,
                 image_phases_ms: phases[0],
                 text_phases_ms: phases[1],
+                image_grad_norm: grad_norms[0],
+                text_grad_norm: grad_norms[1],
             });
         }
         if steps.is_empty() {
@@ -296,12 +304,23 @@ fn line_panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// `training.png`: loss, samples/s, learning rate, logit scale.
+/// `training.png`: loss, samples/s, learning rate, logit scale, each tower's gradient
+/// norm.
 fn draw_training(runs: &[Run], path: &Path) -> Result<()> {
-    let root = BitMapBackend::new(path, (1400, 900)).into_drawing_area();
+    // Files written before gradient norms were logged get the four panels only.
+    let norms = runs
+        .iter()
+        .flat_map(|r| &r.steps)
+        .any(|s| s.image_grad_norm.is_finite() || s.text_grad_norm.is_finite());
+    let (size, grid) = if norms {
+        ((1400, 1200), (3, 2))
+    } else {
+        ((1400, 900), (2, 2))
+    };
+    let root = BitMapBackend::new(path, size).into_drawing_area();
     let err = plot_err(path);
     root.fill(&WHITE).map_err(&err)?;
-    let panels = root.split_evenly((2, 2));
+    let panels = root.split_evenly(grid);
     line_panel(&panels[0], runs, "loss", &|s| s.loss).map_err(&err)?;
     line_panel(&panels[1], runs, "samples/s (slowest rank)", &|s| {
         Some(s.samples_per_s)
@@ -310,6 +329,18 @@ fn draw_training(runs: &[Run], path: &Path) -> Result<()> {
     line_panel(&panels[2], runs, "learning rate", &|s| Some(s.lr)).map_err(&err)?;
     line_panel(&panels[3], runs, "logit scale (ln 1/T)", &|s| {
         Some(s.logit_scale)
+    })
+    .map_err(&err)?;
+    if !norms {
+        return root.present().map_err(&err);
+    }
+    let finite = |v: f64| v.is_finite().then_some(v);
+    line_panel(&panels[4], runs, "image tower gradient norm", &|s| {
+        finite(s.image_grad_norm)
+    })
+    .map_err(&err)?;
+    line_panel(&panels[5], runs, "text tower gradient norm", &|s| {
+        finite(s.text_grad_norm)
     })
     .map_err(&err)?;
     root.present().map_err(&err)
@@ -334,11 +365,12 @@ fn draw_evals(runs: &[Run], path: &Path) -> Result<()> {
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..last_step as f64, 0f64..100f64)
+        .build_cartesian_2d(0f64..(last_step + 1) as f64, 0f64..100f64)
         .map_err(&err)?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc("steps trained")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("%")
         .label_style(("sans-serif", 13))
         .draw()
@@ -348,7 +380,7 @@ fn draw_evals(runs: &[Run], path: &Path) -> Result<()> {
         let series = |f: &dyn Fn(&EvalPoint) -> Option<f64>| -> Vec<(f64, f64)> {
             run.evals
                 .iter()
-                .filter_map(|e| f(e).map(|v| (e.step as f64, 100.0 * v)))
+                .filter_map(|e| f(e).map(|v| ((e.step + 1) as f64, 100.0 * v)))
                 .collect()
         };
         let zero_shot = series(&|e| e.zero_shot);

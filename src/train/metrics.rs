@@ -27,6 +27,8 @@ pub struct RankStep {
     pub logit_bias: f64,
     pub times: PhaseTimes,
     pub bytes: PhaseBytes,
+    /// The tower's gradient norm (group-summed, before clipping).
+    pub grad_norm: f64,
     /// Wall time of the whole step on this rank, data included.
     pub seconds: f64,
     /// Samples this rank could not use in this step's batch.
@@ -91,6 +93,7 @@ fn line(steps: &[RankStep], global_batch: usize) -> serde_json::Value {
                     "loss_exchange": s.bytes.loss,
                     "grad_all_reduce": s.bytes.grad_all_reduce,
                 },
+                "grad_norm": s.grad_norm,
                 "samples_skipped": s.samples_skipped,
             })
         })

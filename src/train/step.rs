@@ -106,6 +106,10 @@ pub struct StepGrads {
     /// Fewer than two pairs of the global batch could be read: no loss, no update (every
     /// rank decides alike, from the same gathered validity).
     pub skipped: bool,
+    /// L2 norm of the tower's group-summed gradients before clipping; NaN or infinite
+    /// when a gradient, the loss's scalars' included, is. One pass serves clipping, the
+    /// NaN check and the metrics.
+    pub grad_norm: f64,
 }
 
 /// Why a step made no update (every rank decides alike).
@@ -125,20 +129,32 @@ pub struct StepOutcome {
     pub skipped: Option<SkipReason>,
     pub times: PhaseTimes,
     pub bytes: PhaseBytes,
+    /// The tower's gradient norm before clipping (NaN when the batch was unreadable).
+    pub grad_norm: f64,
 }
 
 /// Scales `grads` down to L2 norm `max_norm` when their joint norm exceeds it. Applied to
 /// a tower's group-summed gradients, which every rank of the group holds alike.
 pub fn clip_to_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<Vec<Tensor>> {
+    let norm = grad_norm(&grads)?;
+    clip_with_norm(grads, norm, max_norm)
+}
+
+/// The joint L2 norm of `grads` (NaN or infinite when one of them is).
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0.0;
-    for g in &grads {
+    for g in grads {
         sum += g
             .sqr()?
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
     }
-    let norm = sum.sqrt();
+    Ok(sum.sqrt())
+}
+
+/// [`clip_to_norm`] with the norm already known.
+fn clip_with_norm(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>> {
     if norm <= max_norm || !norm.is_finite() {
         return Ok(grads);
     }
@@ -493,6 +509,7 @@ impl RankTrainer {
                         times,
                         bytes,
                         skipped: true,
+                        grad_norm: f64::NAN,
                     });
                 }
             },
@@ -585,8 +602,12 @@ impl RankTrainer {
         let mut reduced = all_reduce_bucket(comms.group.as_ref(), &local)?;
         bytes.grad_all_reduce = payload(comms) - before;
         times.grad_all_reduce = t.elapsed();
+        let mut norm = grad_norm(&reduced)?;
         if let Some(max_norm) = self.grad_clip {
-            reduced = clip_to_norm(reduced, max_norm)?;
+            reduced = clip_with_norm(reduced, norm, max_norm)?;
+        }
+        if !(out.grad_logit_scale.is_finite() && out.grad_logit_bias.is_finite()) {
+            norm = f64::NAN;
         }
 
         let scalar = |v: f64| -> Result<Tensor> {
@@ -611,6 +632,7 @@ impl RankTrainer {
             times,
             bytes,
             skipped: false,
+            grad_norm: norm,
         })
     }
 
@@ -642,19 +664,12 @@ impl RankTrainer {
                 skipped: Some(SkipReason::UnreadableBatch),
                 times: g.times,
                 bytes: g.bytes,
+                grad_norm: g.grad_norm,
             });
         }
         // One flag over the world: a NaN in one tower's gradients skips the step on both
         // groups, so neither moves without the other.
-        let mut bad = !g.loss.is_finite();
-        for grad in &g.grads {
-            bad |= !grad
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                .is_finite();
-        }
+        let bad = !(g.loss.is_finite() && g.grad_norm.is_finite());
         let flag = Tensor::new(&[f32::from(u8::from(bad))], &Device::Cpu)?;
         if comms.world.all_reduce_sum(&flag)?.to_vec1::<f32>()?[0] > 0.0 {
             return Ok(StepOutcome {
@@ -662,6 +677,7 @@ impl RankTrainer {
                 skipped: Some(SkipReason::NonFinite { loss: g.loss }),
                 times: g.times,
                 bytes: g.bytes,
+                grad_norm: g.grad_norm,
             });
         }
         g.times.optimizer = self.apply(&g.grads, lr)?;
@@ -670,6 +686,7 @@ impl RankTrainer {
             skipped: None,
             times: g.times,
             bytes: g.bytes,
+            grad_norm: g.grad_norm,
         })
     }
 }

@@ -680,7 +680,7 @@ fn report_draws_pngs_and_compares_runs() {
     assert!(gap < 1e-4, "{stdout}");
     assert!(stdout.contains("over 4 common steps"), "{stdout}");
     for (name, size) in [
-        ("training.png", (1400, 900)),
+        ("training.png", (1400, 1200)),
         ("eval.png", (1000, 600)),
         ("phases.png", (1400, 600)),
     ] {

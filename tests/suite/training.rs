@@ -157,7 +157,11 @@ fn the_metrics_file_has_a_line_per_step_with_every_rank_and_phase() {
                 );
             }
             assert!(r["bytes"]["feature_exchange"].as_u64().unwrap() > 0);
+            let norm = r["grad_norm"].as_f64().unwrap();
+            assert!(norm.is_finite() && norm > 0.0, "grad_norm: {r}");
         }
+        // The image ranks hold the same group-summed gradients.
+        assert_eq!(ranks[0]["grad_norm"], ranks[1]["grad_norm"]);
     }
 }
 
