@@ -18,6 +18,17 @@ if [ ! -f "$fmnist/t10k-images-idx3-ubyte.gz" ]; then
   fi
 fi
 
+# MPI for the multi-process tests (feature `mpi`): OpenMPI, and libclang for the bindings.
+if ! command -v mpicc >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+    echo "installed OpenMPI and libclang (the mpi feature's tests)"
+  else
+    echo "note: no MPI here (apt install libopenmpi-dev openmpi-bin libclang-dev): the mpi feature's tests are skipped" >&2
+  fi
+fi
+
 dest=target/fixtures/all-minilm-l6-v2
 if [ -f "$dest/model.safetensors" ] && [ -f "$dest/tokenizer.json" ]; then
   exit 0

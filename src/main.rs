@@ -273,6 +273,17 @@ struct TrainArgs {
     /// Continue from a checkpoint folder, or `latest` in --checkpoint-dir.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// How ranks talk: `thread` (every rank a thread of this process) or `mpi` (one
+    /// process per rank under mpirun; needs a build with `--features mpi`) [default:
+    /// mpi when mpirun started this process, else thread].
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Thread,
+    Mpi,
 }
 
 #[derive(Args)]
@@ -607,6 +618,46 @@ fn report(runs: &[PathBuf], out: Option<PathBuf>, table: Option<PathBuf>) -> any
     Ok(())
 }
 
+fn launched_by_mpi() -> bool {
+    #[cfg(feature = "mpi")]
+    {
+        mmpipe::comm::mpi::launched_by_mpi()
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        false
+    }
+}
+
+/// This process's rank and communicators under mpirun, after checking that every
+/// process runs the same job.
+fn mpi_ranks(
+    topology: &Topology,
+    model: &ClipConfig,
+    cfg: &TrainConfig,
+) -> anyhow::Result<train::Ranks> {
+    #[cfg(feature = "mpi")]
+    {
+        use mmpipe::comm::rendezvous::stable_hash;
+        let (rank, comms) = mmpipe::comm::mpi::rank_comms(topology)?;
+        let topology_hash =
+            stable_hash(format!("{:?}{:?}", topology.device, topology.ranks).as_bytes());
+        let config_hash = stable_hash(
+            format!("{}{model:?}", toml::to_string(cfg).unwrap_or_default()).as_bytes(),
+        );
+        mmpipe::comm::agree_on_run(comms.world.as_ref(), topology_hash, config_hash)?;
+        Ok(train::Ranks::Process { rank, comms })
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = (topology, model, cfg);
+        anyhow::bail!(
+            "--backend mpi needs a build with MPI: cargo build --release --features mpi \
+             (Debian: apt install libopenmpi-dev libclang-dev openmpi-bin)"
+        )
+    }
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let topology = match &args.topology {
         Some(p) => Topology::from_file(p)?,
@@ -673,13 +724,57 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         cfg.resume = args.resume.clone();
     }
     cfg.validate(&origin)?;
-    let threads = compute_threads_per_rank(topology.world_size());
+    let backend = args.backend.unwrap_or(if launched_by_mpi() {
+        Backend::Mpi
+    } else {
+        Backend::Thread
+    });
+    let launch = mmpipe::comm::rendezvous::LaunchEnv::from_env()?;
+    // A single-task launch (srun without -n) is just this process.
+    if let (Some(env), Backend::Thread) = (launch.as_ref().filter(|e| e.world_size > 1), backend) {
+        anyhow::bail!(
+            "{} started this process as rank {} of {}, but rank threads run the whole topology in one \
+             process: for CPU ranks across processes use the MPI backend (build with --features mpi, \
+             start with scripts/launch.sh --backend mpi); NCCL ranks on GPUs are not in this build",
+            env.launcher,
+            env.rank,
+            env.world_size
+        );
+    }
+    let ranks = match backend {
+        Backend::Thread => train::Ranks::Threads,
+        Backend::Mpi => mpi_ranks(&topology, &model, &cfg)?,
+    };
+    // Across processes, world rank 0 speaks for the run.
+    let lead = match &ranks {
+        train::Ranks::Threads => true,
+        train::Ranks::Process { rank, .. } => *rank == 0,
+    };
+    cfg.progress &= lead;
+    let threads = match &ranks {
+        train::Ranks::Threads => compute_threads_per_rank(topology.world_size()),
+        // The processes on this machine share its cores.
+        train::Ranks::Process { .. } => compute_threads_per_rank(
+            ["OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok()?.parse().ok())
+                .unwrap_or(1),
+        ),
+    };
+    if !lead {
+        train::train_ranks(&topology, &model, &cfg, ranks).context("training failed")?;
+        return Ok(());
+    }
     println!(
-        "training on {} ({} image + {} text rank threads, {threads} compute threads), global batch {}, {} steps; \
+        "training on {} ({} image + {} text rank {}, {threads} compute threads each), global batch {}, {} steps; \
          loss {} (exchange {}, tile {})",
         topology.source.display(),
         topology.group_size(Tower::Image),
         topology.group_size(Tower::Text),
+        match backend {
+            Backend::Thread => "threads",
+            Backend::Mpi => "processes (MPI)",
+        },
         cfg.global_batch,
         cfg.steps,
         cfg.loss.kind,
@@ -690,7 +785,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Err(e) = ctrlc::set_handler(train::request_stop) {
         eprintln!("note: no Ctrl-C handler ({e}): an interrupt stops the run without a checkpoint");
     }
-    let report = train::train(&topology, &model, &cfg).context("training failed")?;
+    let report = train::train_ranks(&topology, &model, &cfg, ranks).context("training failed")?;
     if let Some(step) = report.interrupted_at {
         println!(
             "interrupted: stopped after step {step}{}",
@@ -865,6 +960,8 @@ fn main() -> ExitCode {
             Ok(())
         })(),
     };
+    #[cfg(feature = "mpi")]
+    mmpipe::comm::mpi::finalize();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

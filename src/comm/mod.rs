@@ -9,6 +9,9 @@
 //! - a peer that leaves (error, panic, drop) turns the collective into an error on the
 //!   ranks still waiting, never a hang.
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod rendezvous;
 pub mod thread;
 
 use candle_core::Tensor;
@@ -88,6 +91,46 @@ pub trait Communicator: Send {
         let mine = self.reduce_scatter_sum(&Tensor::cat(&blocks, 0)?)?;
         Ok(mine.narrow(0, 0, rows[self.rank()])?)
     }
+}
+
+/// Checks, over `world`, that every rank runs the same job: the same topology and config
+/// hashes as rank 0 (see [`rendezvous::stable_hash`]). A mismatch names the ranks and
+/// both hashes.
+pub fn agree_on_run(world: &dyn Communicator, topology_hash: u64, config_hash: u64) -> Result<()> {
+    let halves = |h: u64| [(h >> 32) as u32, h as u32];
+    let mine: Vec<u32> = halves(topology_hash)
+        .into_iter()
+        .chain(halves(config_hash))
+        .collect();
+    let all: Vec<Vec<u32>> = world
+        .all_gather(&Tensor::from_vec(mine, (1, 4), &candle_core::Device::Cpu)?)?
+        .to_vec2()?;
+    let join = |r: &[u32]| {
+        (
+            u64::from(r[0]) << 32 | u64::from(r[1]),
+            u64::from(r[2]) << 32 | u64::from(r[3]),
+        )
+    };
+    let (topology0, config0) = join(&all[0]);
+    for (rank, r) in all.iter().enumerate().skip(1) {
+        let (topology, config) = join(r);
+        for (what, lead, theirs) in [
+            ("topology", topology0, topology),
+            ("config", config0, config),
+        ] {
+            if lead != theirs {
+                return Err(Error::Collective {
+                    op: "agree_on_run",
+                    group: world.name().to_string(),
+                    message: format!(
+                        "ranks run different jobs: rank 0 has {what} hash {lead:016x}, rank {rank} has {theirs:016x}; \
+                         start every rank with the same topology file, model and training config"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What one rank holds: the world, and the group of the tower it trains.

@@ -107,8 +107,30 @@ pub fn batch_indices(step: usize, global_batch: usize, offset: usize, len: usize
     (start..start + len as u64).collect()
 }
 
-/// Trains the model on the built-in synthetic set over the topology's rank threads.
+/// Which of the topology's ranks this process runs.
+pub enum Ranks {
+    /// All of them, one thread each (the embedded default).
+    Threads,
+    /// One: this process is rank `rank` of a multi-process run (MPI, or one process per
+    /// GPU), with its communicators.
+    Process { rank: usize, comms: RankComms },
+}
+
+/// Trains the model over the topology's rank threads.
 pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Result<TrainReport> {
+    train_ranks(topology, model, cfg, Ranks::Threads)
+}
+
+/// Trains the model on `ranks`. In a multi-process run every process calls this with its
+/// own rank; world rank 0 writes the metrics file (its own rank's phases) and evaluates,
+/// and every process's report carries all ranks' phase times and bytes (gathered at the
+/// end).
+pub fn train_ranks(
+    topology: &Topology,
+    model: &ClipConfig,
+    cfg: &TrainConfig,
+    ranks: Ranks,
+) -> Result<TrainReport> {
     if topology.device != DeviceKind::Cpu {
         return Err(Error::invalid(
             &topology.source,
@@ -231,13 +253,20 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         _ => Arc::new(caption_tokenizer(model)?),
     };
     STOP.store(false, std::sync::atomic::Ordering::SeqCst);
+    // Ranks whose lines the metrics file collects: all of them as threads, rank 0's alone
+    // across processes.
+    let (writes_metrics, metric_ranks) = match &ranks {
+        Ranks::Threads => (true, topology.world_size()),
+        Ranks::Process { rank, .. } => (*rank == 0, 1),
+    };
     let metrics = cfg
         .metrics
         .as_ref()
-        .map(|p| MetricsFile::create(p, topology.world_size(), cfg.global_batch))
+        .filter(|_| writes_metrics)
+        .map(|p| MetricsFile::create(p, metric_ranks, cfg.global_batch))
         .transpose()?;
     let started = Instant::now();
-    let outcomes = thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
+    let work = |rank: usize, comms: &RankComms| {
         let data = RankInputs {
             source: &source,
             held_out: held_out.as_ref(),
@@ -249,25 +278,38 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
             metrics: metrics.as_ref().map(MetricsFile::sender),
         };
         run_rank(topology, rank, comms, model, cfg, data)
-    });
+    };
+    let outcomes = match &ranks {
+        Ranks::Threads => thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
+            work(rank, &comms)
+        }),
+        Ranks::Process { rank, comms } => work(*rank, comms).map(|o| vec![o]),
+    };
     if let Some(m) = metrics {
         m.finish()?;
     }
     let outcomes = outcomes?;
     let seconds = started.elapsed().as_secs_f64();
     let lead = &outcomes[0];
+    let (phases, bytes) = match &ranks {
+        Ranks::Threads => (
+            outcomes.iter().map(|o| o.phases).collect(),
+            outcomes.iter().map(|o| o.bytes).collect(),
+        ),
+        Ranks::Process { comms, .. } => gather_accounts(comms, lead)?,
+    };
     Ok(TrainReport {
         losses: lead.losses.clone(),
         step_seconds: lead.step_seconds.clone(),
         evals: lead.evals.clone(),
         seconds,
         samples_per_second: (lead.steps_run * cfg.global_batch) as f64 / seconds,
-        phases: outcomes
-            .iter()
+        phases: phases
+            .into_iter()
             .zip(&topology.ranks)
-            .map(|(o, r)| (r.tower, o.phases))
+            .map(|(p, r)| (r.tower, p))
             .collect(),
-        bytes: outcomes.iter().map(|o| o.bytes).collect(),
+        bytes,
         skipped: outcomes.iter().map(|o| o.skipped.clone()).collect(),
         skipped_steps: lead.skipped_steps,
         non_finite_steps: lead.non_finite_steps,
@@ -275,6 +317,52 @@ pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Resu
         final_logit_scale: lead.logit_scale,
         final_logit_bias: lead.logit_bias,
     })
+}
+
+/// Every process's phase times and bytes, by world rank: one small world all-gather.
+fn gather_accounts(
+    comms: &RankComms,
+    mine: &RankOutcome,
+) -> Result<(Vec<PhaseTimes>, Vec<PhaseBytes>)> {
+    let mut row: Vec<f64> = mine
+        .phases
+        .as_array()
+        .iter()
+        .map(Duration::as_secs_f64)
+        .collect();
+    let b = mine.bytes;
+    row.extend([b.exchange, b.loss, b.grad_all_reduce].map(|v| v as f64));
+    let width = row.len();
+    let all: Vec<Vec<f64>> = comms
+        .world
+        .all_gather(&candle_core::Tensor::from_vec(
+            row,
+            (1, width),
+            &Device::Cpu,
+        )?)?
+        .to_vec2()?;
+    let seconds = Duration::from_secs_f64;
+    Ok(all
+        .iter()
+        .map(|r| {
+            (
+                PhaseTimes {
+                    data_wait: seconds(r[0]),
+                    forward: seconds(r[1]),
+                    exchange: seconds(r[2]),
+                    loss: seconds(r[3]),
+                    backward: seconds(r[4]),
+                    grad_all_reduce: seconds(r[5]),
+                    optimizer: seconds(r[6]),
+                },
+                PhaseBytes {
+                    exchange: r[7] as u64,
+                    loss: r[8] as u64,
+                    grad_all_reduce: r[9] as u64,
+                },
+            )
+        })
+        .unzip())
 }
 
 /// The tokenizer for captions read from shards: the pretrained BERT's own, or CLIP's BPE
@@ -406,14 +494,14 @@ fn start_data(
 fn run_rank(
     topology: &Topology,
     rank: usize,
-    comms: RankComms,
+    comms: &RankComms,
     model: &ClipConfig,
     cfg: &TrainConfig,
     inputs: RankInputs,
 ) -> Result<RankOutcome> {
     let device = Device::Cpu;
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
-    trainer.attach(&comms);
+    trainer.attach(comms);
     // Resuming: every rank loads its tower's part; the data order replays to the step.
     let start = match &cfg.resume {
         Some(resume) => {
@@ -427,7 +515,7 @@ fn run_rank(
         }
         None => 0,
     };
-    trainer.check_replicas(&comms)?;
+    trainer.check_replicas(comms)?;
     let data = start_data(topology, rank, &trainer, model, cfg, &inputs, start);
     // Synthetic samples always materialise: no mask, no extra collective.
     let masked = cfg.data.kind != DataKind::Synthetic;
@@ -465,7 +553,7 @@ fn run_rank(
             evals.extend(evaluate_and_show(
                 topology,
                 rank,
-                &comms,
+                comms,
                 &trainer,
                 &inputs,
                 cfg,
@@ -476,7 +564,7 @@ fn run_rank(
         }
         if let Some(dir) = &cfg.checkpoint_dir {
             if cfg.checkpoint_every > 0 && step > start && step % cfg.checkpoint_every == 0 {
-                checkpoints::save(dir, step, &comms, &trainer, cfg)?;
+                checkpoints::save(dir, step, comms, &trainer, cfg)?;
                 saved_at = Some(step);
             }
         }
@@ -487,7 +575,7 @@ fn run_rank(
         skipped_by_order = batch.skipped_by_order.clone();
         let lr = cfg.schedule.lr(step, cfg.lr, cfg.warmup, cfg.steps);
         let valid = masked.then_some(batch.valid.as_slice());
-        let outcome = trainer.step(&comms, &batch.input, valid, lr)?;
+        let outcome = trainer.step(comms, &batch.input, valid, lr)?;
         let mut times = outcome.times;
         times.data_wait = data_wait;
         if let Some(tx) = &inputs.metrics {
@@ -502,6 +590,7 @@ fn run_rank(
                 logit_bias: trainer.logit_bias()?,
                 times,
                 bytes: outcome.bytes,
+                grad_norm: outcome.grad_norm,
                 seconds: step_started.elapsed().as_secs_f64(),
                 samples_skipped: batch.failed.total(),
             };
@@ -556,7 +645,7 @@ fn run_rank(
     }
     if let (Some(dir), true) = (&cfg.checkpoint_dir, end > start) {
         if saved_at != Some(end) {
-            checkpoints::save(dir, end, &comms, &trainer, cfg)?;
+            checkpoints::save(dir, end, comms, &trainer, cfg)?;
         }
     }
     if let Some(bar) = bar {
@@ -565,7 +654,7 @@ fn run_rank(
     skipped.merge(&skipped_by_order);
     if end > 0 && evaluated_at != Some(end) {
         evals.extend(evaluate_and_show(
-            topology, rank, &comms, &trainer, &inputs, cfg, None, end,
+            topology, rank, comms, &trainer, &inputs, cfg, None, end,
         )?);
     }
     Ok(RankOutcome {

@@ -18,6 +18,9 @@ mod gradients;
 mod losses;
 /// Parameters and FLOPs from the configs against published figures.
 mod model_sizes;
+/// Ranks as processes under mpirun: collectives, losses, launch script, a killed rank.
+#[cfg(feature = "mpi")]
+mod mpi;
 /// OpenCLIP's own state_dict and outputs, loaded and reproduced.
 mod openclip;
 /// The split loss and training on 1x1 .. 3x1 ranks against one device on the whole batch.
@@ -26,6 +29,9 @@ mod parity;
 mod plan;
 /// The cost model, the split search, JSON and errors.
 mod planner;
+/// Launcher variables (torchrun, Slurm) and the TCP rendezvous: agreement, refusals,
+/// time-outs.
+mod rendezvous;
 /// The modified ResNet: gradients and real size.
 mod resnet;
 /// Topology files: the shipped ones parse, broken ones name file and field.

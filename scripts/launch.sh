@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Starts one mmpipe process per rank on several nodes, and stops them together.
+#
+#   scripts/launch.sh --hostfile hosts.txt [--backend mpi|env] [--port 29500] -- \
+#       target/release/mmpipe train --topology topology/X.toml --config configs/train/Y.toml
+#   scripts/launch.sh --slurm [--backend mpi|env] -- target/release/mmpipe train ...
+#
+# hosts.txt: one node per line, `HOST [slots=N]` (N processes there: its GPUs, or its
+# ranks on a CPU topology); `#` starts a comment. The first host runs rank 0.
+#
+# --backend mpi (CPU ranks, a build with --features mpi): mpirun starts the processes from
+#   the host file (or srun --mpi=pmix inside Slurm); MPI itself tells each its rank.
+# --backend env (NCCL, one process per GPU): this script starts every process itself, over
+#   ssh (or directly for this machine's own names), with torchrun's variables RANK,
+#   WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; mmpipe's
+#   rendezvous takes it from there. Inside Slurm, srun sets SLURM_PROCID & co. instead.
+#
+# Either way: SIGINT/SIGTERM are forwarded to every rank (each finishes its step, saves a
+# checkpoint and exits 0); when a rank dies, the others are stopped within 60 s and the
+# dead rank is named; the exit code is the first failing rank's.
+set -uo pipefail
+
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+hostfile="" slurm=0 backend="" port="${MASTER_PORT:-29500}" grace=60
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --hostfile) hostfile="$2"; shift 2 ;;
+        --slurm) slurm=1; shift ;;
+        --backend) backend="$2"; shift 2 ;;
+        --port) port="$2"; shift 2 ;;
+        --grace) grace="$2"; shift 2 ;;
+        --) shift; break ;;
+        -h|--help) usage ;;
+        *) echo "launch.sh: unknown option $1 (the command goes after --)" >&2; usage ;;
+    esac
+done
+[ $# -gt 0 ] || { echo "launch.sh: no command after --" >&2; usage; }
+[ -n "$hostfile" ] || [ "$slurm" = 1 ] || { echo "launch.sh: give --hostfile FILE or --slurm" >&2; usage; }
+backend="${backend:-mpi}"
+case "$backend" in mpi|env) ;; *) echo "launch.sh: --backend is mpi or env, not $backend" >&2; exit 2 ;; esac
+
+# ---- Slurm: srun starts the ranks and stops them all if one fails. ----
+if [ "$slurm" = 1 ]; then
+    [ -n "${SLURM_JOB_ID:-}" ] || { echo "launch.sh: --slurm outside a Slurm allocation (no SLURM_JOB_ID)" >&2; exit 2; }
+    export MASTER_PORT="$port"
+    extra=()
+    [ "$backend" = mpi ] && extra=(--mpi=pmix) && set -- "$@" --backend mpi
+    # --kill-on-bad-exit: a failing rank ends the step for all; srun forwards signals.
+    exec srun --kill-on-bad-exit=1 --wait="$grace" "${extra[@]}" "$@"
+fi
+
+# ---- Host file ----
+[ -r "$hostfile" ] || { echo "launch.sh: cannot read host file $hostfile" >&2; exit 2; }
+hosts=() slots=()
+while read -r host rest; do
+    case "$host" in ''|'#'*) continue ;; esac
+    n=1
+    if [[ "$rest" =~ slots=([0-9]+) ]]; then n="${BASH_REMATCH[1]}"; fi
+    hosts+=("$host"); slots+=("$n")
+done < "$hostfile"
+[ ${#hosts[@]} -gt 0 ] || { echo "launch.sh: $hostfile names no hosts" >&2; exit 2; }
+world=0
+for n in "${slots[@]}"; do world=$((world + n)); done
+
+if [ "$backend" = mpi ]; then
+    mpi_hosts=()
+    for i in "${!hosts[@]}"; do mpi_hosts+=("${hosts[$i]}:${slots[$i]}"); done
+    exports=()
+    for v in RAYON_NUM_THREADS MMPIPE_LOG; do [ -n "${!v:-}" ] && exports+=(-x "$v"); done
+    root_flags=()
+    [ "$(id -u)" = 0 ] && root_flags=(--allow-run-as-root)
+    echo "launch.sh: $world ranks on ${#hosts[@]} host(s) through mpirun"
+    # mpirun forwards SIGINT/SIGTERM to every rank and aborts the job when one dies.
+    mpirun "${root_flags[@]}" --oversubscribe --host "$(IFS=,; echo "${mpi_hosts[*]}")" -np "$world" \
+        --mca btl self,tcp \
+        "${exports[@]}" "$@" --backend mpi
+    code=$?
+    [ $code = 0 ] || echo "launch.sh: mpirun exited with code $code (see above for the rank that failed)" >&2
+    exit $code
+fi
+
+# env backend: start each rank ourselves.
+is_local() {
+    case "$1" in localhost|127.*|"$(hostname)"|"$(hostname -f 2>/dev/null)") return 0 ;; esac
+    return 1
+}
+master="${hosts[0]}"
+is_local "$master" && master=127.0.0.1
+pids=() names=()
+rank=0
+for i in "${!hosts[@]}"; do
+    host="${hosts[$i]}"
+    for ((local_rank = 0; local_rank < slots[i]; local_rank++)); do
+        vars=(RANK=$rank WORLD_SIZE=$world LOCAL_RANK=$local_rank LOCAL_WORLD_SIZE=${slots[$i]}
+              MASTER_ADDR=$master MASTER_PORT=$port)
+        if is_local "$host"; then
+            env "${vars[@]}" "$@" &
+        else
+            # -tt: the remote process dies with the connection when we stop it.
+            ssh -tt -o BatchMode=yes "$host" "cd $(printf %q "$PWD") && env ${vars[*]} $(printf '%q ' "$@")" &
+        fi
+        pids+=($!); names+=("rank $rank ($host)")
+        rank=$((rank + 1))
+    done
+done
+echo "launch.sh: $world ranks on ${#hosts[@]} host(s), rendezvous at $master:$port"
+
+stop_all() {  # $1: signal
+    for pid in "${pids[@]}"; do kill -"$1" "$pid" 2>/dev/null; done
+}
+trap 'echo "launch.sh: forwarding SIGINT to every rank" >&2; stop_all INT' INT
+trap 'echo "launch.sh: forwarding SIGTERM to every rank" >&2; stop_all TERM' TERM
+
+first_failure=0 remaining=${#pids[@]} killer=""
+declare -A done_rank=()
+while [ "$remaining" -gt 0 ]; do
+    wait -n -p finished "${pids[@]}" 2>/dev/null
+    code=$?
+    [ -n "${finished:-}" ] || continue   # a trapped signal interrupted the wait
+    for i in "${!pids[@]}"; do
+        [ "${pids[$i]}" = "$finished" ] || continue
+        done_rank[$i]=1
+        remaining=$((remaining - 1))
+        if [ "$code" != 0 ] && [ "$first_failure" = 0 ]; then
+            first_failure=$code
+            echo "launch.sh: ${names[$i]} exited with code $code: stopping the other ranks" >&2
+            stop_all TERM
+            # Ranks blocked in a collective may not see SIGTERM: kill what is left.
+            ( sleep "$grace"; stop_all KILL ) &
+            killer=$!
+        fi
+    done
+    finished=""
+done
+[ -n "$killer" ] && kill "$killer" 2>/dev/null
+exit "$first_failure"

@@ -1,0 +1,208 @@
+//! Ranks as processes under mpirun (feature `mpi`): the collectives and the global losses
+//! against serial answers and one device, training through scripts/launch.sh against the
+//! single-process thread run, and a killed rank stopping the run.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn mpirun_flags() -> Vec<&'static str> {
+    let mut flags = vec!["--oversubscribe", "--mca", "btl", "self,tcp"];
+    if is_root() {
+        flags.insert(0, "--allow-run-as-root");
+    }
+    flags
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `target/<profile>/examples/NAME`, beside this test binary's `deps/`.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+#[test]
+fn mpi_collectives_and_losses_match_serial_answers_and_one_device() {
+    for np in ["3", "4"] {
+        let out: Output = Command::new("mpirun")
+            .args(mpirun_flags())
+            .args(["-np", np])
+            .arg(example("mpi_check"))
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .expect("mpirun runs (apt install openmpi-bin)");
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("all checks passed"),
+            "np {np}:\n{stdout}\n{}",
+            text(&out.stderr)
+        );
+        // Every check ran: collectives on the world and the groups, 2 losses x 2 schemes x 2 tilings.
+        assert!(stdout.matches("ok   ").count() >= 2 * 5 + 16, "{stdout}");
+    }
+}
+
+fn losses(metrics: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_none())
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// scripts/launch.sh with a host file of two "nodes" on loopback starts three MPI ranks;
+/// 20 steps give the losses of the single-process thread run, bit for bit (the MPI
+/// backend sums in rank order, as the thread backend does).
+#[test]
+fn launch_script_trains_over_mpi_like_the_thread_run() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-launch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let common = [
+        "train",
+        "--topology",
+        "topology/cpu-2x1.toml",
+        "--steps",
+        "20",
+        "--batch",
+        "12",
+        "--eval-pairs",
+        "12",
+        "--quiet",
+    ];
+    let threads = dir.join("threads.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(common)
+        .args(["--metrics", threads.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let thread_stdout = text(&out.stdout);
+    let hosts = dir.join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        "localhost slots=2\n127.0.0.1 slots=1  # a second 'node'\n",
+    )
+    .unwrap();
+    let processes = dir.join("processes.jsonl");
+    let out = Command::new("bash")
+        .args([
+            "scripts/launch.sh",
+            "--hostfile",
+            hosts.to_str().unwrap(),
+            "--backend",
+            "mpi",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(common)
+        .args(["--metrics", processes.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("rank processes (MPI)"), "{stdout}");
+    let (a, b) = (losses(&threads), losses(&processes));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a, b, "thread run vs MPI processes");
+    // Rank 0 evaluates, as the thread run does: the same scores.
+    let eval = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("held-out evaluation"))
+            .map(str::to_string)
+    };
+    assert_eq!(eval(&stdout), eval(&thread_stdout), "{stdout}");
+    assert!(eval(&stdout).is_some(), "{stdout}");
+}
+
+/// Killing one rank mid-run stops the others within 60 s, and the failure names it.
+#[test]
+fn a_killed_rank_stops_the_run_naming_it() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts.txt");
+    std::fs::write(&hosts, "localhost slots=3\n").unwrap();
+    let metrics = dir.join("m.jsonl");
+    let child = Command::new("bash")
+        .args([
+            "scripts/launch.sh",
+            "--hostfile",
+            hosts.to_str().unwrap(),
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_mmpipe"))
+        .args([
+            "train",
+            "--topology",
+            "topology/cpu-2x1.toml",
+            "--steps",
+            "100000",
+            "--batch",
+            "12",
+            "--quiet",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ])
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs (a few metrics lines), then kill rank 1.
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rank_one = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+            has(&environ, b"OMPI_COMM_WORLD_RANK=1\0")
+                && has(&cmdline, metrics.to_str().unwrap().as_bytes())
+        })
+        .expect("rank 1's process");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &rank_one.to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let waited = killed.elapsed();
+    assert!(
+        waited < Duration::from_secs(60),
+        "the others ran on for {waited:?}"
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr) + &text(&out.stdout);
+    assert!(stderr.contains("rank 1"), "{stderr}");
+}
