@@ -5,6 +5,7 @@
 //! device's autograd on the whole batch (every rank's feature gradient, the loss, the
 //! scalars' gradients), on a split of image = ⌈n/2⌉, text = ⌊n/2⌋ processes. Rank 0 prints
 //! one line per check; any failure exits non-zero (and mpirun stops the others).
+//! With `MPI_CHECK_STALL=1`, rank 1 hangs instead, for the collective watchdog to catch.
 
 use std::path::Path;
 
@@ -221,6 +222,16 @@ fn main() {
     let topology = topology(n.div_ceil(2), n / 2);
     let (rank_again, comms) = rank_comms(&topology).expect("communicators");
     assert_eq!(rank, rank_again);
+    // `MPI_CHECK_STALL=1`: rank 1 hangs before a barrier; the watchdog must end the run.
+    if std::env::var_os("MPI_CHECK_STALL").is_some() {
+        mmpipe::comm::mpi::set_collective_timeout(std::time::Duration::from_secs(2));
+        if rank == 1 {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        comms.world.barrier().unwrap();
+        eprintln!("rank {rank}: the barrier completed: the watchdog did not fire");
+        std::process::exit(0);
+    }
     let mut checks = Checks { rank, failed: 0 };
     collectives(comms.world.as_ref(), &mut checks);
     collectives(comms.group.as_ref(), &mut checks);

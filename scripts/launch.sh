@@ -95,7 +95,8 @@ for i in "${!hosts[@]}"; do
         vars=(RANK=$rank WORLD_SIZE=$world LOCAL_RANK=$local_rank LOCAL_WORLD_SIZE=${slots[$i]}
               MASTER_ADDR=$master MASTER_PORT=$port)
         if is_local "$host"; then
-            env "${vars[@]}" "$@" &
+            # Its own process group: stopping a rank stops everything it started.
+            setsid env "${vars[@]}" "$@" &
         else
             # -tt: the remote process dies with the connection when we stop it.
             ssh -tt -o BatchMode=yes "$host" "cd $(printf %q "$PWD") && env ${vars[*]} $(printf '%q ' "$@")" &
@@ -106,8 +107,8 @@ for i in "${!hosts[@]}"; do
 done
 echo "launch.sh: $world ranks on ${#hosts[@]} host(s), rendezvous at $master:$port"
 
-stop_all() {  # $1: signal
-    for pid in "${pids[@]}"; do kill -"$1" "$pid" 2>/dev/null; done
+stop_all() {  # $1: signal; to each rank's process group, or the process alone
+    for pid in "${pids[@]}"; do kill -"$1" -- "-$pid" 2>/dev/null || kill -"$1" "$pid" 2>/dev/null; done
 }
 trap 'echo "launch.sh: forwarding SIGINT to every rank" >&2; stop_all INT' INT
 trap 'echo "launch.sh: forwarding SIGTERM to every rank" >&2; stop_all TERM' TERM
@@ -115,9 +116,22 @@ trap 'echo "launch.sh: forwarding SIGTERM to every rank" >&2; stop_all TERM' TER
 first_failure=0 remaining=${#pids[@]} killer=""
 declare -A done_rank=()
 while [ "$remaining" -gt 0 ]; do
-    wait -n -p finished "${pids[@]}" 2>/dev/null
+    running=()
+    for i in "${!pids[@]}"; do [ -n "${done_rank[$i]:-}" ] || running+=("${pids[$i]}"); done
+    # Only unreaped children: wait -n fails at once on a pid it already reaped.
+    wait -n -p finished "${running[@]}" 2>/dev/null
     code=$?
-    [ -n "${finished:-}" ] || continue   # a trapped signal interrupted the wait
+    if [ -z "${finished:-}" ]; then
+        # A trapped signal interrupted the wait, or bash reaped two ranks at once and
+        # reported one: whatever is gone now has ended (its status is lost).
+        for i in "${!pids[@]}"; do
+            if [ -z "${done_rank[$i]:-}" ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
+                done_rank[$i]=1
+                remaining=$((remaining - 1))
+            fi
+        done
+        continue
+    fi
     for i in "${!pids[@]}"; do
         [ "${pids[$i]}" = "$finished" ] || continue
         done_rank[$i]=1

@@ -639,6 +639,9 @@ fn mpi_ranks(
     #[cfg(feature = "mpi")]
     {
         use mmpipe::comm::rendezvous::stable_hash;
+        mmpipe::comm::mpi::set_collective_timeout(std::time::Duration::from_secs_f64(
+            cfg.collective_timeout,
+        ));
         let (rank, comms) = mmpipe::comm::mpi::rank_comms(topology)?;
         let topology_hash =
             stable_hash(format!("{:?}{:?}", topology.device, topology.ranks).as_bytes());

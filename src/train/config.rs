@@ -75,6 +75,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Continue from this checkpoint folder, or `latest` in `checkpoint_dir`.
     pub resume: Option<std::path::PathBuf>,
+    /// Seconds one collective may take before the run is aborted, naming it (a peer that
+    /// hangs would otherwise hang everyone).
+    pub collective_timeout: f64,
     pub loss: LossConfig,
     /// Samples per forward pass on each rank of a group, when fewer than the rank's share
     /// of the global batch: features first, the loss once on the whole batch, then each
@@ -108,6 +111,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 3,
             resume: None,
+            collective_timeout: 300.0,
             loss: LossConfig::default(),
             micro_batch: MicroBatch::default(),
             data: DataConfig::default(),
@@ -194,6 +198,15 @@ impl TrainConfig {
             if !(c.is_finite() && c > 0.0) {
                 return bad("grad_clip", format!("{c} is not a positive norm"));
             }
+        }
+        if !(self.collective_timeout.is_finite() && self.collective_timeout > 0.0) {
+            return bad(
+                "collective_timeout",
+                format!(
+                    "{} is not a positive number of seconds",
+                    self.collective_timeout
+                ),
+            );
         }
         if self.global_batch == 0 {
             return bad("global_batch", "must be at least 1".into());

@@ -280,9 +280,11 @@ pub fn train_ranks(
         run_rank(topology, rank, comms, model, cfg, data)
     };
     let outcomes = match &ranks {
-        Ranks::Threads => thread::run_ranks(topology, thread::DEFAULT_TIMEOUT, |rank, comms| {
-            work(rank, &comms)
-        }),
+        Ranks::Threads => thread::run_ranks(
+            topology,
+            Duration::from_secs_f64(cfg.collective_timeout),
+            |rank, comms| work(rank, &comms),
+        ),
         Ranks::Process { rank, comms } => work(*rank, comms).map(|o| vec![o]),
     };
     if let Some(m) = metrics {

@@ -709,3 +709,110 @@ fn report_draws_pngs_and_compares_runs() {
         "{stderr}"
     );
 }
+
+fn launch(hosts: &str, command: &str) -> std::process::Child {
+    let dir = std::env::temp_dir().join(format!("mmpipe-env-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("hosts-{}.txt", hosts.len() + command.len()));
+    std::fs::write(&file, hosts).unwrap();
+    std::process::Command::new("bash")
+        .args([
+            "scripts/launch.sh",
+            "--hostfile",
+            file.to_str().unwrap(),
+            "--backend",
+            "env",
+            "--port",
+            "29555",
+            "--grace",
+            "5",
+            "--",
+        ])
+        .args(["sh", "-c", command])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// launch.sh's own process mode (the NCCL layout): torchrun's variables per rank, a failing
+/// rank stops the others and is named, SIGTERM reaches every rank.
+#[test]
+fn launch_script_sets_rank_variables_and_stops_together() {
+    let hosts = "# two nodes on loopback\nlocalhost slots=2\n127.0.0.1 slots=1\n";
+    let out = launch(
+        hosts,
+        r#"echo "$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT""#,
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut lines: Vec<String> = text(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("launch.sh"))
+        .map(String::from)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "0 3 0 2 127.0.0.1 29555",
+            "1 3 1 2 127.0.0.1 29555",
+            "2 3 0 1 127.0.0.1 29555"
+        ]
+    );
+    // Rank 1 fails: the others (which would run for 100 s) are stopped, rank 1 is named,
+    // and its exit code is the launcher's.
+    let started = std::time::Instant::now();
+    let out = launch(hosts, r#"[ "$RANK" = 1 ] && exit 3; sleep 100"#)
+        .wait_with_output()
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stderr).contains("rank 1 (localhost) exited with code 3"),
+        "{}",
+        text(&out.stderr)
+    );
+    // SIGTERM to the launcher reaches every rank; each stops cleanly.
+    let child = launch(
+        hosts,
+        r#"trap 'echo "rank $RANK stopping"; exit 0' TERM; echo "rank $RANK up"; while :; do sleep 0.1; done"#,
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for rank in 0..3 {
+        assert!(
+            stdout.contains(&format!("rank {rank} stopping")),
+            "{stdout}"
+        );
+    }
+}
+
+/// torchrun's variables without a backend across processes: a clear refusal, not a
+/// silent single-process run.
+#[test]
+fn train_started_as_one_of_several_ranks_needs_a_process_backend() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["train", "--steps", "1", "--quiet", "--backend", "thread"])
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29556"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("rank 1 of 2") && stderr.contains("--backend mpi"),
+        "{stderr}"
+    );
+}

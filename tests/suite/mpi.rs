@@ -206,3 +206,24 @@ fn a_killed_rank_stops_the_run_naming_it() {
     let stderr = text(&out.stderr) + &text(&out.stdout);
     assert!(stderr.contains("rank 1"), "{stderr}");
 }
+
+/// A rank that hangs (alive, but never reaching the collective): the others' watchdog
+/// aborts the run after the configured time, naming the collective and its group.
+#[test]
+fn a_hanging_rank_is_caught_by_the_collective_timeout() {
+    let started = Instant::now();
+    let out = Command::new("mpirun")
+        .args(mpirun_flags())
+        .args(["-np", "3", "-x", "MPI_CHECK_STALL=1"])
+        .arg(example("mpi_check"))
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(!out.status.success());
+    assert!(elapsed < Duration::from_secs(40), "took {elapsed:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("collective `barrier` in group `world` did not complete within 2 s"),
+        "{stderr}"
+    );
+}
