@@ -71,11 +71,21 @@ if [ "$backend" = mpi ]; then
     root_flags=()
     [ "$(id -u)" = 0 ] && root_flags=(--allow-run-as-root)
     echo "launch.sh: $world ranks on ${#hosts[@]} host(s) through mpirun"
-    # mpirun forwards SIGINT/SIGTERM to every rank and aborts the job when one dies.
+    # mpirun aborts the job when a rank dies. It runs in the background so that this
+    # script's SIGINT/SIGTERM are handled at once (a foreground child would delay the
+    # trap). mpirun ends the job on SIGINT/SIGTERM without waiting, but passes SIGUSR1 on
+    # to every rank, which mmpipe takes as Ctrl-C: finish the step, checkpoint, exit 0.
     mpirun "${root_flags[@]}" --oversubscribe --host "$(IFS=,; echo "${mpi_hosts[*]}")" -np "$world" \
         --mca btl self,tcp \
-        "${exports[@]}" "$@" --backend mpi
-    code=$?
+        "${exports[@]}" "$@" --backend mpi &
+    mpi_pid=$!
+    trap 'echo "launch.sh: asking every rank to stop (SIGUSR1)" >&2; kill -USR1 $mpi_pid' INT TERM
+    while :; do
+        wait "$mpi_pid"
+        code=$?
+        # Above 128 with mpirun still there: a trapped signal interrupted the wait.
+        kill -0 "$mpi_pid" 2>/dev/null || break
+    done
     [ $code = 0 ] || echo "launch.sh: mpirun exited with code $code (see above for the rank that failed)" >&2
     exit $code
 fi

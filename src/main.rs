@@ -618,6 +618,20 @@ fn report(runs: &[PathBuf], out: Option<PathBuf>, table: Option<PathBuf>) -> any
     Ok(())
 }
 
+/// SIGUSR1 asks for a stop like Ctrl-C. mpirun ends the job at once on SIGINT/SIGTERM but
+/// passes SIGUSR1 on to every rank, so scripts/launch.sh turns a stop request into it.
+fn stop_on_sigusr1() {
+    extern "C" fn on_usr1(_: nix::libc::c_int) {
+        // An atomic store: safe in a signal handler.
+        train::request_stop();
+    }
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: the handler only stores to an atomic.
+    if let Err(e) = unsafe { signal(Signal::SIGUSR1, SigHandler::Handler(on_usr1)) } {
+        eprintln!("note: no SIGUSR1 handler ({e})");
+    }
+}
+
 fn launched_by_mpi() -> bool {
     #[cfg(feature = "mpi")]
     {
@@ -764,6 +778,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .unwrap_or(1),
         ),
     };
+    // On every rank: Ctrl-C or SIGTERM: finish the step, save a checkpoint (with --checkpoint-dir), exit 0.
+    if let Err(e) = ctrlc::set_handler(train::request_stop) {
+        eprintln!("note: no Ctrl-C handler ({e}): an interrupt stops the run without a checkpoint");
+    }
+    stop_on_sigusr1();
     if !lead {
         train::train_ranks(&topology, &model, &cfg, ranks).context("training failed")?;
         return Ok(());
@@ -784,10 +803,6 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         cfg.loss.exchange,
         cfg.loss.tile,
     );
-    // Ctrl-C or SIGTERM: finish the step, save a checkpoint (with --checkpoint-dir), exit 0.
-    if let Err(e) = ctrlc::set_handler(train::request_stop) {
-        eprintln!("note: no Ctrl-C handler ({e}): an interrupt stops the run without a checkpoint");
-    }
     let report = train::train_ranks(&topology, &model, &cfg, ranks).context("training failed")?;
     if let Some(step) = report.interrupted_at {
         println!(
@@ -820,7 +835,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if cfg.loss.kind == LossKind::Siglip {
         println!("logit bias {:.2}", report.final_logit_bias);
     }
-    print_phases(&report.phases, cfg.steps);
+    // Per step this run took (fewer than `steps` when interrupted or resumed).
+    let steps_run = (report.losses.len() + report.non_finite_steps + report.skipped_steps).max(1);
+    print_phases(&report.phases, steps_run);
     let skipped = &report.skipped[0];
     let decode: Vec<String> = report
         .skipped
@@ -846,7 +863,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     } else if cfg.data.kind != mmpipe::data::DataKind::Synthetic {
         println!("samples skipped: none");
     }
-    print_bytes(&report.phases, &report.bytes, cfg.steps);
+    print_bytes(&report.phases, &report.bytes, steps_run);
     if let Some(mib) = peak_memory_mib() {
         println!("peak memory (resident, whole process): {mib:.0} MiB");
     }

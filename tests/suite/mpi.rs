@@ -227,3 +227,72 @@ fn a_hanging_rank_is_caught_by_the_collective_timeout() {
         "{stderr}"
     );
 }
+
+/// SIGTERM to the launcher: mpirun would end the job at once, so launch.sh passes the
+/// request on as SIGUSR1; every rank finishes its step, they checkpoint together, and the
+/// run exits 0.
+#[test]
+fn sigterm_to_the_launcher_checkpoints_every_rank_and_exits_cleanly() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-mpi-stop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts.txt");
+    std::fs::write(&hosts, "localhost slots=3\n").unwrap();
+    let metrics = dir.join("m.jsonl");
+    let checkpoints = dir.join("ck");
+    let child = Command::new("bash")
+        .args([
+            "scripts/launch.sh",
+            "--hostfile",
+            hosts.to_str().unwrap(),
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_mmpipe"))
+        .args([
+            "train",
+            "--topology",
+            "topology/cpu-2x1.toml",
+            "--steps",
+            "100000",
+            "--batch",
+            "12",
+            "--eval-pairs",
+            "0",
+            "--quiet",
+            "--metrics",
+            metrics.to_str().unwrap(),
+            "--checkpoint-dir",
+            checkpoints.to_str().unwrap(),
+        ])
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let step: usize = stdout
+        .split("stopped after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no stop message:\n{stdout}"));
+    let latest = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
+    assert_eq!(latest, format!("step-{step:08}"));
+    for part in ["image.safetensors", "text.safetensors", "state.json"] {
+        assert!(checkpoints.join(&latest).join(part).is_file(), "{part}");
+    }
+}
