@@ -7,7 +7,7 @@
 #   2. ablations on 2x1: loss exchange, tiling, micro-batch accumulation, SigLIP;
 #   3. linear probes on the 1x1 model's image features and on raw pixels, for reference.
 # Plots and tables go to docs/convergence/; runs (metrics, checkpoints) to $OUT.
-# About 25 minutes on 2 cores. STEPS=100 scripts/convergence.sh for a quick look.
+# About 20 minutes on 2 cores. STEPS=100 scripts/convergence.sh for a quick look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-600}
