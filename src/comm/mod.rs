@@ -143,6 +143,26 @@ pub struct RankComms {
     pub tower: Tower,
 }
 
+/// Why the ranks' tensors of one collective do not fit together, in the words every
+/// backend uses: the first rank whose shape differs from rank 0's. With
+/// `rows_may_differ` (all-gather), dimension 0 is free but every tensor needs one.
+pub(crate) fn shape_mismatch(parts: &[Tensor], rows_may_differ: bool) -> Option<String> {
+    let first = parts[0].dims();
+    parts.iter().enumerate().find_map(|(peer, p)| {
+        let fits = if rows_may_differ {
+            p.rank() > 0 && p.dims()[1..] == first[1..]
+        } else {
+            p.dims() == first
+        };
+        (!fits).then(|| {
+            format!(
+                "rank 0 sent shape {first:?} but rank {peer} sent {:?}",
+                p.dims()
+            )
+        })
+    })
+}
+
 /// Sums a list of tensors in their order: the fixed reduction order of every backend.
 pub(crate) fn sum_in_order(parts: &[Tensor]) -> candle_core::Result<Tensor> {
     let mut acc = parts[0].clone();

@@ -19,7 +19,7 @@ use mpi::datatype::PartitionMut;
 use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 use mpi::traits::*;
 
-use super::{sum_in_order, Communicator, RankComms};
+use super::{shape_mismatch, sum_in_order, Communicator, RankComms};
 use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
 
@@ -302,19 +302,10 @@ impl MpiCommunicator {
     }
 
     fn check_same_shape(&self, op: &'static str, parts: &[Tensor]) -> Result<()> {
-        for (peer, p) in parts.iter().enumerate() {
-            if p.dims() != parts[0].dims() {
-                return Err(self.fail(
-                    op,
-                    format!(
-                        "rank 0 sent shape {:?} but rank {peer} sent {:?}",
-                        parts[0].dims(),
-                        p.dims()
-                    ),
-                ));
-            }
+        match shape_mismatch(parts, false) {
+            Some(message) => Err(self.fail(op, message)),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -344,17 +335,8 @@ impl Communicator for MpiCommunicator {
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
         let parts = self.exchange("all_gather", t)?;
-        for (peer, p) in parts.iter().enumerate() {
-            if p.rank() == 0 || p.dims()[1..] != parts[0].dims()[1..] {
-                return Err(self.fail(
-                    "all_gather",
-                    format!(
-                        "rank 0 sent shape {:?} but rank {peer} sent {:?}",
-                        parts[0].dims(),
-                        p.dims()
-                    ),
-                ));
-            }
+        if let Some(message) = shape_mismatch(&parts, true) {
+            return Err(self.fail("all_gather", message));
         }
         let gathered = Tensor::cat(&parts, 0)?;
         self.count(&gathered);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
-use super::{sum_in_order, Communicator, RankComms};
+use super::{shape_mismatch, sum_in_order, Communicator, RankComms};
 use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
 
@@ -142,19 +142,10 @@ impl ThreadCommunicator {
     }
 
     fn check_same_shape(&self, op: &'static str, parts: &[Tensor]) -> Result<()> {
-        for (peer, p) in parts.iter().enumerate() {
-            if p.shape() != parts[0].shape() {
-                return Err(self.mismatch(
-                    op,
-                    format!(
-                        "rank 0 sent shape {:?} but rank {peer} sent {:?}",
-                        parts[0].dims(),
-                        p.dims()
-                    ),
-                ));
-            }
+        match shape_mismatch(parts, false) {
+            Some(message) => Err(self.mismatch(op, message)),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -177,17 +168,8 @@ impl Communicator for ThreadCommunicator {
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
         let parts = self.exchange("all_gather", t)?;
-        for (peer, p) in parts.iter().enumerate() {
-            if p.rank() == 0 || p.dims()[1..] != parts[0].dims()[1..] {
-                return Err(self.mismatch(
-                    "all_gather",
-                    format!(
-                        "rank 0 sent shape {:?} but rank {peer} sent {:?}",
-                        parts[0].dims(),
-                        p.dims()
-                    ),
-                ));
-            }
+        if let Some(message) = shape_mismatch(&parts, true) {
+            return Err(self.mismatch("all_gather", message));
         }
         let gathered = Tensor::cat(&parts, 0)?;
         self.count(&gathered);

@@ -515,12 +515,7 @@ fn an_interrupted_run_saves_a_checkpoint_and_exits_cleanly() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    let step: usize = stdout
-        .split("stopped after step ")
-        .nth(1)
-        .and_then(|s| s.split(';').next())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no stop message:\n{stdout}"));
+    let step = super::common::stopped_after_step(&stdout);
     assert!(step >= 3, "{stdout}");
     let latest = std::fs::read_to_string(dir.join("latest")).unwrap();
     assert_eq!(latest, format!("step-{step:08}"));

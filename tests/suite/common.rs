@@ -253,3 +253,13 @@ pub fn squared_error(prediction: Tensor, target: &Tensor) -> Tensor {
         .sum_all()
         .unwrap()
 }
+
+/// The step an interrupted `mmpipe train` reports stopping after ("stopped after step N;").
+pub fn stopped_after_step(stdout: &str) -> usize {
+    stdout
+        .split("stopped after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no stop message:\n{stdout}"))
+}

@@ -137,10 +137,10 @@ fn launch_script_trains_over_mpi_like_the_thread_run() {
     assert!(eval(&stdout).is_some(), "{stdout}");
 }
 
-/// Killing one rank mid-run stops the others within 60 s, and the failure names it.
-#[test]
-fn a_killed_rank_stops_the_run_naming_it() {
-    let dir = std::env::temp_dir().join(format!("mmpipe-kill-{}", std::process::id()));
+/// Starts a long 3-rank MPI training run through scripts/launch.sh (extra `train` flags
+/// appended) and returns once it has written a few steps' metrics.
+fn start_long_run(name: &str, extra: &[&str]) -> (std::process::Child, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mmpipe-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let hosts = dir.join("hosts.txt");
@@ -166,12 +166,12 @@ fn a_killed_rank_stops_the_run_naming_it() {
             "--metrics",
             metrics.to_str().unwrap(),
         ])
+        .args(extra)
         .env("RAYON_NUM_THREADS", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until training runs (a few metrics lines), then kill rank 1.
     let started = Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
         assert!(
@@ -180,6 +180,13 @@ fn a_killed_rank_stops_the_run_naming_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    (child, metrics)
+}
+
+/// Killing one rank mid-run stops the others within 60 s, and the failure names it.
+#[test]
+fn a_killed_rank_stops_the_run_naming_it() {
+    let (child, metrics) = start_long_run("kill", &[]);
     let rank_one = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -233,50 +240,18 @@ fn a_hanging_rank_is_caught_by_the_collective_timeout() {
 /// run exits 0.
 #[test]
 fn sigterm_to_the_launcher_checkpoints_every_rank_and_exits_cleanly() {
-    let dir = std::env::temp_dir().join(format!("mmpipe-mpi-stop-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let hosts = dir.join("hosts.txt");
-    std::fs::write(&hosts, "localhost slots=3\n").unwrap();
-    let metrics = dir.join("m.jsonl");
-    let checkpoints = dir.join("ck");
-    let child = Command::new("bash")
-        .args([
-            "scripts/launch.sh",
-            "--hostfile",
-            hosts.to_str().unwrap(),
-            "--",
-        ])
-        .arg(env!("CARGO_BIN_EXE_mmpipe"))
-        .args([
-            "train",
-            "--topology",
-            "topology/cpu-2x1.toml",
-            "--steps",
-            "100000",
-            "--batch",
-            "12",
+    let checkpoints =
+        std::env::temp_dir().join(format!("mmpipe-mpi-stop-ck-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&checkpoints);
+    let (child, _) = start_long_run(
+        "mpi-stop",
+        &[
             "--eval-pairs",
             "0",
-            "--quiet",
-            "--metrics",
-            metrics.to_str().unwrap(),
             "--checkpoint-dir",
             checkpoints.to_str().unwrap(),
-        ])
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "training never started"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        ],
+    );
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -284,12 +259,7 @@ fn sigterm_to_the_launcher_checkpoints_every_rank_and_exits_cleanly() {
     let out = child.wait_with_output().unwrap();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    let step: usize = stdout
-        .split("stopped after step ")
-        .nth(1)
-        .and_then(|s| s.split(';').next())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no stop message:\n{stdout}"));
+    let step = super::common::stopped_after_step(&stdout);
     let latest = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
     assert_eq!(latest, format!("step-{step:08}"));
     for part in ["image.safetensors", "text.safetensors", "state.json"] {
