@@ -224,7 +224,7 @@ fn main() {
     assert_eq!(rank, rank_again);
     // `MPI_CHECK_STALL=1`: rank 1 hangs before a barrier; the watchdog must end the run.
     if std::env::var_os("MPI_CHECK_STALL").is_some() {
-        mmpipe::comm::mpi::set_collective_timeout(std::time::Duration::from_secs(2));
+        mmpipe::comm::watchdog::set_collective_timeout(std::time::Duration::from_secs(2));
         if rank == 1 {
             std::thread::sleep(std::time::Duration::from_secs(60));
         }

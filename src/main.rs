@@ -273,9 +273,10 @@ struct TrainArgs {
     /// Continue from a checkpoint folder, or `latest` in --checkpoint-dir.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// How ranks talk: `thread` (every rank a thread of this process) or `mpi` (one
-    /// process per rank under mpirun; needs a build with `--features mpi`) [default:
-    /// mpi when mpirun started this process, else thread].
+    /// How ranks talk: `thread` (every rank a thread of this process), `mpi` (one
+    /// process per rank under mpirun; needs `--features mpi`) or `nccl` (one process per
+    /// GPU, started by scripts/launch.sh, torchrun or srun; needs `--features cuda`)
+    /// [default: mpi under mpirun; nccl for a cuda topology under a launcher; else thread].
     #[arg(long, value_enum)]
     backend: Option<Backend>,
 }
@@ -284,6 +285,7 @@ struct TrainArgs {
 enum Backend {
     Thread,
     Mpi,
+    Nccl,
 }
 
 #[derive(Args)]
@@ -643,6 +645,76 @@ fn launched_by_mpi() -> bool {
     }
 }
 
+/// What every process of a run must agree on: hashes of the topology's placement and of
+/// the training and model configs.
+#[cfg(any(feature = "mpi", feature = "cuda"))]
+fn run_hashes(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> (u64, u64) {
+    use mmpipe::comm::rendezvous::stable_hash;
+    (
+        stable_hash(format!("{:?}{:?}", topology.device, topology.ranks).as_bytes()),
+        stable_hash(format!("{}{model:?}", toml::to_string(cfg).unwrap_or_default()).as_bytes()),
+    )
+}
+
+/// This process's rank and NCCL communicators: the rendezvous (rank 0 serves it and
+/// hands out the NCCL ids) checks that every process runs the same job.
+fn nccl_ranks(
+    topology: &Topology,
+    model: &ClipConfig,
+    cfg: &TrainConfig,
+    env: Option<&mmpipe::comm::rendezvous::LaunchEnv>,
+) -> anyhow::Result<train::Ranks> {
+    let Some(env) = env else {
+        anyhow::bail!(
+            "--backend nccl runs one process per GPU: start them with scripts/launch.sh, torchrun or \
+             srun (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE or Slurm's variables); this process \
+             has none of those variables"
+        );
+    };
+    if env.world_size != topology.world_size() {
+        anyhow::bail!(
+            "{}: the topology has {} ranks but {} started {} processes",
+            topology.source.display(),
+            topology.world_size(),
+            env.launcher,
+            env.world_size
+        );
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use mmpipe::comm::nccl;
+        let timeout = std::time::Duration::from_secs_f64(cfg.collective_timeout);
+        mmpipe::comm::watchdog::set_collective_timeout(timeout);
+        let (topology_hash, config_hash) = run_hashes(topology, model, cfg);
+        let shared = if env.rank == 0 {
+            nccl::new_ids()?
+        } else {
+            Vec::new()
+        };
+        let rendezvous =
+            mmpipe::comm::rendezvous::join(env, topology_hash, config_hash, shared, timeout)?;
+        let device = train::rank_device(topology, env.rank)?;
+        let comms = nccl::rank_comms(
+            topology,
+            env.rank,
+            &|key| rendezvous.get(key).map(<[u8]>::to_vec),
+            &device,
+        )?;
+        Ok(train::Ranks::Process {
+            rank: env.rank,
+            comms,
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (model, cfg);
+        anyhow::bail!(
+            "--backend nccl needs a build with CUDA: cargo build --release --features cuda \
+             (scripts/cuda-build.sh builds it without a system CUDA toolkit)"
+        )
+    }
+}
+
 /// This process's rank and communicators under mpirun, after checking that every
 /// process runs the same job.
 fn mpi_ranks(
@@ -652,16 +724,11 @@ fn mpi_ranks(
 ) -> anyhow::Result<train::Ranks> {
     #[cfg(feature = "mpi")]
     {
-        use mmpipe::comm::rendezvous::stable_hash;
-        mmpipe::comm::mpi::set_collective_timeout(std::time::Duration::from_secs_f64(
+        mmpipe::comm::watchdog::set_collective_timeout(std::time::Duration::from_secs_f64(
             cfg.collective_timeout,
         ));
         let (rank, comms) = mmpipe::comm::mpi::rank_comms(topology)?;
-        let topology_hash =
-            stable_hash(format!("{:?}{:?}", topology.device, topology.ranks).as_bytes());
-        let config_hash = stable_hash(
-            format!("{}{model:?}", toml::to_string(cfg).unwrap_or_default()).as_bytes(),
-        );
+        let (topology_hash, config_hash) = run_hashes(topology, model, cfg);
         mmpipe::comm::agree_on_run(comms.world.as_ref(), topology_hash, config_hash)?;
         Ok(train::Ranks::Process { rank, comms })
     }
@@ -741,18 +808,21 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         cfg.resume = args.resume.clone();
     }
     cfg.validate(&origin)?;
+    let launch = mmpipe::comm::rendezvous::LaunchEnv::from_env()?;
+    // A single-task launch (srun without -n) is just this process.
+    let launch = launch.filter(|e| e.world_size > 1);
     let backend = args.backend.unwrap_or(if launched_by_mpi() {
         Backend::Mpi
+    } else if launch.is_some() && topology.device == DeviceKind::Cuda {
+        Backend::Nccl
     } else {
         Backend::Thread
     });
-    let launch = mmpipe::comm::rendezvous::LaunchEnv::from_env()?;
-    // A single-task launch (srun without -n) is just this process.
-    if let (Some(env), Backend::Thread) = (launch.as_ref().filter(|e| e.world_size > 1), backend) {
+    if let (Some(env), Backend::Thread) = (launch.as_ref(), backend) {
         anyhow::bail!(
             "{} started this process as rank {} of {}, but rank threads run the whole topology in one \
              process: for CPU ranks across processes use the MPI backend (build with --features mpi, \
-             start with scripts/launch.sh --backend mpi); NCCL ranks on GPUs are not in this build",
+             start with scripts/launch.sh --backend mpi); for GPUs, a cuda topology with --backend nccl",
             env.launcher,
             env.rank,
             env.world_size
@@ -761,6 +831,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let ranks = match backend {
         Backend::Thread => train::Ranks::Threads,
         Backend::Mpi => mpi_ranks(&topology, &model, &cfg)?,
+        Backend::Nccl => nccl_ranks(&topology, &model, &cfg, launch.as_ref())?,
     };
     // Across processes, world rank 0 speaks for the run.
     let lead = match &ranks {
@@ -796,6 +867,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         match backend {
             Backend::Thread => "threads",
             Backend::Mpi => "processes (MPI)",
+            Backend::Nccl => "processes (NCCL)",
         },
         cfg.global_batch,
         cfg.steps,
@@ -866,6 +938,14 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     print_bytes(&report.phases, &report.bytes, steps_run);
     if let Some(mib) = peak_memory_mib() {
         println!("peak memory (resident, whole process): {mib:.0} MiB");
+    }
+    #[cfg(feature = "cuda")]
+    if let Some((used, total)) = mmpipe::comm::nccl::memory_peak() {
+        println!(
+            "peak GPU memory in use (whole device, after backward): {:.0} of {:.0} MiB",
+            used as f64 / 1048576.0,
+            total as f64 / 1048576.0
+        );
     }
     Ok(())
 }

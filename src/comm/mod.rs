@@ -1,5 +1,6 @@
-//! Collectives over groups of ranks. One trait, several backends: today rank threads in
-//! one process ([`thread`]); NCCL and MPI later, behind features. Model and loss code only
+//! Collectives over groups of ranks. One trait, three backends: rank threads in one
+//! process ([`thread`]), processes on CPUs over MPI (`mpi`, feature `mpi`), GPUs over
+//! NCCL (`nccl`, feature `cuda`). Model and loss code only
 //! ever see `&dyn Communicator`.
 //!
 //! Conventions every backend keeps:
@@ -11,8 +12,11 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod thread;
+pub mod watchdog;
 
 use candle_core::Tensor;
 

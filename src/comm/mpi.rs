@@ -19,6 +19,7 @@ use mpi::datatype::PartitionMut;
 use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 use mpi::traits::*;
 
+use super::watchdog::InFlight;
 use super::{shape_mismatch, sum_in_order, Communicator, RankComms};
 use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
@@ -54,72 +55,6 @@ fn process() -> Result<&'static MpiProcess> {
         })
         .as_ref()
         .map_err(|e| Error::Msg(e.clone()))
-}
-
-/// What this process is waiting for: a collective's name and group, and since when.
-struct Waiting {
-    what: Mutex<Option<(String, std::time::Instant)>>,
-    timeout: Mutex<std::time::Duration>,
-}
-
-static WAITING: OnceLock<Waiting> = OnceLock::new();
-
-/// Aborts the run when one collective takes longer than `timeout`: MPI's collectives
-/// block for ever on a peer that hangs (one that dies, mpirun reports itself). The
-/// watchdog names the collective and the group; the process exits non-zero, and mpirun
-/// stops the others.
-pub fn set_collective_timeout(timeout: std::time::Duration) {
-    let waiting = WAITING.get_or_init(|| {
-        std::thread::Builder::new()
-            .name("mpi-watchdog".into())
-            .spawn(|| loop {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                let w = WAITING.get().expect("set before the thread starts");
-                let limit = *w.timeout.lock().expect("watchdog");
-                if let Some((what, since)) = w.what.lock().expect("watchdog").as_ref() {
-                    if since.elapsed() > limit {
-                        let rank = std::env::var("OMPI_COMM_WORLD_RANK")
-                            .or_else(|_| std::env::var("PMI_RANK"))
-                            .unwrap_or_else(|_| "?".into());
-                        eprintln!(
-                            "mmpipe: rank {rank}: {what} did not complete within {:.0} s: a peer is stuck \
-                             (or gone without exiting); aborting the run",
-                            limit.as_secs_f64()
-                        );
-                        std::process::exit(3);
-                    }
-                }
-            })
-            .expect("spawn the MPI watchdog");
-        Waiting {
-            what: Mutex::new(None),
-            timeout: Mutex::new(timeout),
-        }
-    });
-    *waiting.timeout.lock().expect("watchdog") = timeout;
-}
-
-/// Marks a collective as in flight for the watchdog until dropped.
-struct InFlight;
-
-impl InFlight {
-    fn start(op: &str, group: &str) -> InFlight {
-        if let Some(w) = WAITING.get() {
-            *w.what.lock().expect("watchdog") = Some((
-                format!("collective `{op}` in group `{group}`"),
-                std::time::Instant::now(),
-            ));
-        }
-        InFlight
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Some(w) = WAITING.get() {
-            *w.what.lock().expect("watchdog") = None;
-        }
-    }
 }
 
 /// Ends MPI for this process (mpirun counts a process that exits without it as failed).

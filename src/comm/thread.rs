@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::{shape_mismatch, sum_in_order, Communicator, RankComms};
@@ -94,9 +94,11 @@ impl ThreadCommunicator {
         }
     }
 
-    fn recv_tensor(&self, op: &'static str, peer: usize) -> Result<Tensor> {
+    /// A peer's tensor, on `device`: rank threads on different GPUs (or a CPU tensor
+    /// meeting CUDA ones) each get the result where their own tensor lives.
+    fn recv_tensor(&self, op: &'static str, peer: usize, device: &Device) -> Result<Tensor> {
         match self.recv(op, peer)? {
-            Message::Tensor(t) => Ok(t),
+            Message::Tensor(t) => Ok(t.to_device(device)?),
             Message::Barrier => {
                 Err(self.mismatch(op, format!("rank {peer} entered a barrier instead")))
             }
@@ -135,7 +137,7 @@ impl ThreadCommunicator {
             parts.push(if peer == self.rank {
                 t.clone()
             } else {
-                self.recv_tensor(op, peer)?
+                self.recv_tensor(op, peer, t.device())?
             });
         }
         Ok(parts)
@@ -201,7 +203,7 @@ impl Communicator for ThreadCommunicator {
             parts.push(if peer == self.rank {
                 t.narrow(0, self.rank * block, block)?
             } else {
-                self.recv_tensor(OP, peer)?
+                self.recv_tensor(OP, peer, t.device())?
             });
         }
         self.check_same_shape(OP, &parts)?;
@@ -224,7 +226,7 @@ impl Communicator for ThreadCommunicator {
             self.count(t);
             Ok(t.clone())
         } else {
-            let t = self.recv_tensor(OP, root)?;
+            let t = self.recv_tensor(OP, root, t.device())?;
             self.count(&t);
             Ok(t)
         }

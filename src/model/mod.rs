@@ -54,6 +54,18 @@ impl TowerInput {
         Ok(self.len()? == 0)
     }
 
+    /// The same samples on `device` (the data pipeline builds them on the CPU).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<TowerInput> {
+        Ok(match self {
+            TowerInput::Images(t) => TowerInput::Images(t.to_device(device)?),
+            TowerInput::Captions { tokens, mask, eot } => TowerInput::Captions {
+                tokens: tokens.to_device(device)?,
+                mask: mask.to_device(device)?,
+                eot: eot.to_device(device)?,
+            },
+        })
+    }
+
     /// Samples `start..start + len`.
     pub fn narrow(&self, start: usize, len: usize) -> Result<TowerInput> {
         Ok(match self {

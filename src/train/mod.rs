@@ -131,15 +131,13 @@ pub fn train_ranks(
     cfg: &TrainConfig,
     ranks: Ranks,
 ) -> Result<TrainReport> {
-    if topology.device != DeviceKind::Cpu {
+    if topology.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
         return Err(Error::invalid(
             &topology.source,
             "device",
-            format!(
-                "`{}` ranks need the NCCL backend, which this build does not have yet; \
-                 train with a cpu topology, or inspect this one with `mmpipe plan`",
-                topology.device
-            ),
+            "`cuda` ranks need a build with CUDA (cargo build --release --features cuda; \
+             scripts/cuda-build.sh does it without a system toolkit); train with a cpu topology, \
+             or inspect this one with `mmpipe plan`",
         ));
     }
     topology.check_batch(cfg.global_batch, "the global batch (--batch)")?;
@@ -493,6 +491,29 @@ fn start_data(
     )
 }
 
+/// Where rank `rank` computes: the CPU, or the GPU of its position on its node (modulo
+/// the GPUs this process sees, so rank threads of a many-GPU topology can share one GPU,
+/// and a process limited by CUDA_VISIBLE_DEVICES takes the one it sees).
+pub fn rank_device(topology: &Topology, rank: usize) -> Result<Device> {
+    match topology.device {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => {
+            let count = crate::comm::nccl::device_count()?;
+            if count == 0 {
+                return Err(Error::Msg("no CUDA GPU is visible to this process".into()));
+            }
+            crate::comm::nccl::cuda_device(topology.ranks[rank].device % count)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => Err(Error::invalid(
+            &topology.source,
+            "device",
+            format!("rank {rank} is a `cuda` rank: that needs a build with --features cuda"),
+        )),
+    }
+}
+
 fn run_rank(
     topology: &Topology,
     rank: usize,
@@ -501,7 +522,7 @@ fn run_rank(
     cfg: &TrainConfig,
     inputs: RankInputs,
 ) -> Result<RankOutcome> {
-    let device = Device::Cpu;
+    let device = rank_device(topology, rank)?;
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
     trainer.attach(comms);
     // Resuming: every rank loads its tower's part; the data order replays to the step.
@@ -735,6 +756,11 @@ pub fn evaluate(
         candle_core::Tensor::cat(&parts, 0)?
     };
     let (image, text) = FeatureLayout::new(topology, pairs).exchange(comms, &local)?;
+    // Scoring runs on the host, whatever device the towers ran on.
+    let (image, text) = (
+        image.to_device(&Device::Cpu)?,
+        text.to_device(&Device::Cpu)?,
+    );
     let first_text = topology
         .ranks
         .iter()
@@ -752,7 +778,12 @@ pub fn evaluate(
                 let n = crate::data::fashion_mnist::CLASSES.len();
                 candle_core::Tensor::zeros((n, image.dim(1)?), image.dtype(), &Device::Cpu)?
             };
-            Some(comms.world.broadcast(&mine, first_text)?)
+            Some(
+                comms
+                    .world
+                    .broadcast(&mine, first_text)?
+                    .to_device(&Device::Cpu)?,
+            )
         }
         None => None,
     };

@@ -186,6 +186,8 @@ impl StatsReducer for GroupStats {
 
 pub struct RankTrainer {
     pub tower: Tower,
+    /// Where this rank's weights live and its steps run.
+    device: Device,
     encoder: Encoder,
     /// The tower's parameters and `logit_scale`, sorted by name.
     params: Params,
@@ -264,6 +266,7 @@ impl RankTrainer {
         )?;
         Ok(RankTrainer {
             tower: rank.tower,
+            device: device.clone(),
             encoder,
             params,
             trainable,
@@ -370,9 +373,17 @@ impl RankTrainer {
         }
     }
 
+    /// Time since `t` once this rank's device has finished the work queued so far: CUDA
+    /// kernels run asynchronously, and a phase's time is when its kernels are done.
+    fn elapsed(&self, t: Instant) -> Result<Duration> {
+        self.device.synchronize()?;
+        Ok(t.elapsed())
+    }
+
     /// Normalised features of `input`, without building a graph (evaluation).
     pub fn encode(&self, input: &TowerInput) -> Result<Tensor> {
-        Ok(l2_normalize(&self.encoder.forward_eval(input)?)?.detach())
+        let input = input.to_device(&self.device)?;
+        Ok(l2_normalize(&self.encoder.forward_eval(&input)?)?.detach())
     }
 
     /// Checks that every rank of the group holds bit-identical weights (one checksum per
@@ -467,6 +478,7 @@ impl RankTrainer {
         let mut times = PhaseTimes::default();
         let mut bytes = PhaseBytes::default();
         let t = Instant::now();
+        let input = &input.to_device(&self.device)?;
         let checkpointed = self.checkpointing && !self.locked;
         let micro_batches = self.micro_batches();
         let accumulated = micro_batches.len() > 1;
@@ -494,7 +506,7 @@ impl RankTrainer {
                 Vec::new(),
             )
         };
-        times.forward = t.elapsed();
+        times.forward = self.elapsed(t)?;
 
         let t = Instant::now();
         let before = payload(comms);
@@ -502,7 +514,7 @@ impl RankTrainer {
             Some(v) => match self.kept_pairs(comms, v)? {
                 Some(kept) => Some(kept),
                 None => {
-                    times.exchange = t.elapsed();
+                    times.exchange = self.elapsed(t)?;
                     return Ok(StepGrads {
                         loss: f64::NAN,
                         grads: Vec::new(),
@@ -532,7 +544,7 @@ impl RankTrainer {
             Tower::Text => image,
         };
         bytes.exchange = payload(comms) - before;
-        times.exchange = t.elapsed();
+        times.exchange = self.elapsed(t)?;
 
         let t = Instant::now();
         let before = payload(comms);
@@ -557,7 +569,7 @@ impl RankTrainer {
                 .index_add(&index, &out.grad, 0)?;
         }
         bytes.loss = payload(comms) - before;
-        times.loss = t.elapsed();
+        times.loss = self.elapsed(t)?;
 
         // Backpropagate ∂L/∂features into the tower: d/dθ Σ features ⊙ g = (∂L/∂features)·∂features/∂θ.
         let t = Instant::now();
@@ -595,13 +607,16 @@ impl RankTrainer {
             let store = (features * out.grad)?.sum_all()?.backward()?;
             tower_params.grads(&store)?
         };
-        times.backward = t.elapsed();
+        times.backward = self.elapsed(t)?;
+        // Activations and gradients are all alive here: the step's high-water mark.
+        #[cfg(feature = "cuda")]
+        crate::comm::nccl::sample_memory(&self.device);
 
         let t = Instant::now();
         let before = payload(comms);
         let mut reduced = all_reduce_bucket(comms.group.as_ref(), &local)?;
         bytes.grad_all_reduce = payload(comms) - before;
-        times.grad_all_reduce = t.elapsed();
+        times.grad_all_reduce = self.elapsed(t)?;
         let mut norm = grad_norm(&reduced)?;
         if let Some(max_norm) = self.grad_clip {
             reduced = clip_with_norm(reduced, norm, max_norm)?;
@@ -646,7 +661,7 @@ impl RankTrainer {
                 .to_device(self.logit_scale.device())?;
             self.logit_scale.set(&clamped)?;
         }
-        Ok(t.elapsed())
+        self.elapsed(t)
     }
 
     /// A whole step; returns the loss and the phase times.

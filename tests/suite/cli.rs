@@ -64,13 +64,33 @@ fn train_runs_a_few_steps_and_reports_retrieval() {
     }
 }
 
+#[cfg(not(feature = "cuda"))]
 #[test]
 fn train_on_a_gpu_topology_says_what_is_missing() {
     let out = mmpipe(&["train", "--topology", "topology/4x4.toml", "--steps", "1"]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("4x4.toml") && stderr.contains("NCCL"),
+        stderr.contains("4x4.toml") && stderr.contains("--features cuda"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_nccl_backend_without_a_launcher_says_how_to_start_it() {
+    let out = mmpipe(&[
+        "train",
+        "--topology",
+        "topology/4x4.toml",
+        "--steps",
+        "1",
+        "--backend",
+        "nccl",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("one process per GPU") && stderr.contains("scripts/launch.sh"),
         "{stderr}"
     );
 }

@@ -21,6 +21,9 @@ mod model_sizes;
 /// Ranks as processes under mpirun: collectives, losses, launch script, a killed rank.
 #[cfg(feature = "mpi")]
 mod mpi;
+/// The NCCL backend on one GPU (single-rank communicators): needs a CUDA GPU.
+#[cfg(feature = "cuda")]
+mod nccl;
 /// OpenCLIP's own state_dict and outputs, loaded and reproduced.
 mod openclip;
 /// The split loss and training on 1x1 .. 3x1 ranks against one device on the whole batch.

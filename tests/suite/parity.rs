@@ -127,11 +127,24 @@ fn split_run_of(
     cfg: &TrainConfig,
     dtype: DType,
 ) -> Vec<Run> {
+    split_run_on(&Device::Cpu, model, image, text, cfg, dtype)
+}
+
+/// [`split_run_of`] with every rank thread's weights and steps on `device` (the batches
+/// start on the CPU, as the data pipeline makes them).
+fn split_run_on(
+    device: &Device,
+    model: &ClipConfig,
+    image: usize,
+    text: usize,
+    cfg: &TrainConfig,
+    dtype: DType,
+) -> Vec<Run> {
     let topology = cpu_topology(image, text);
     let model = model.clone();
     let source = SyntheticSource::new(cfg.seed, &model).unwrap();
     run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
-        let mut trainer = RankTrainer::new(&topology, rank, &model, cfg, dtype, &Device::Cpu)?;
+        let mut trainer = RankTrainer::new(&topology, rank, &model, cfg, dtype, device)?;
         let names: Vec<String> = trainer
             .trainable()
             .names()
@@ -524,4 +537,68 @@ fn clipped_2x2_equals_one_device_clipped_per_tower() {
         1e-9,
         Relative::Element,
     );
+}
+
+/// The same parity with CUDA tensors: several rank threads share the GPU (one stream),
+/// and the reference is the CPU on the whole batch. f64 agrees to 1e-10 (only the
+/// summation order differs); f32 to the spec's tolerances.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+
+    fn gpu() -> Device {
+        mmpipe::comm::nccl::cuda_device(0).expect("these tests need a CUDA GPU")
+    }
+
+    fn check_on_gpu(image: usize, text: usize, dtype: DType) {
+        let cfg = train_config(GLOBAL_BATCH);
+        let reference = reference_run(&cfg, dtype);
+        let ranks = split_run_on(&gpu(), &test_model(), image, text, &cfg, dtype);
+        let label = format!("cuda {image}x{text} {dtype:?}");
+        match dtype {
+            DType::F64 => compare_f64(&label, &reference, &ranks),
+            _ => compare(
+                &label,
+                &reference,
+                &ranks,
+                1e-5,
+                1e-6,
+                1e-4,
+                Relative::Tensor,
+            ),
+        }
+    }
+
+    #[test]
+    fn cuda_1x1_equals_one_cpu_device() {
+        check_on_gpu(1, 1, DType::F64);
+        check_on_gpu(1, 1, DType::F32);
+    }
+
+    #[test]
+    fn cuda_2x2_rank_threads_on_one_gpu_equal_one_cpu_device() {
+        check_on_gpu(2, 2, DType::F64);
+        check_on_gpu(2, 2, DType::F32);
+    }
+
+    #[test]
+    fn cuda_every_scheme_tiled_and_accumulated_equals_one_cpu_device() {
+        let model = test_model();
+        for kind in [LossKind::Clip, LossKind::Siglip] {
+            let reference = reference_run(
+                &loss_config(
+                    kind,
+                    Exchange::Lse,
+                    TileSize::Untiled,
+                    MicroBatch::default(),
+                ),
+                DType::F64,
+            );
+            for exchange in [Exchange::Lse, Exchange::GatherScatter] {
+                let cfg = loss_config(kind, exchange, TileSize::Columns(5), MICRO_BATCH);
+                let ranks = split_run_on(&gpu(), &model, 3, 2, &cfg, DType::F64);
+                compare_f64(&format!("cuda 3x2 {kind} {exchange}"), &reference, &ranks);
+            }
+        }
+    }
 }

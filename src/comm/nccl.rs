@@ -1,0 +1,480 @@
+//! GPU ranks over NCCL: one process per GPU (the conventional layout), communicators for
+//! the world and for each tower's group, built from unique ids that world rank 0 creates
+//! and hands out through the rendezvous ([`super::rendezvous`]).
+//!
+//! The collectives run on the compute stream of the rank's device, so they are ordered
+//! after the kernels that produce their inputs with no extra events. Each one then waits
+//! for its stream: candle's backward hands back every gradient at once (there is no
+//! per-parameter hook to overlap a bucket with the rest of backward), and a collective
+//! that never completes must surface inside the watchdog's window
+//! ([`super::watchdog`]), not at some later copy to the host.
+//!
+//! Conventions of the trait that NCCL does not keep by itself, kept here: all-gather takes
+//! different row counts (the counts go first, then padded blocks); broadcast takes any
+//! shape on non-root ranks (the root's shape goes first). CPU tensors (flags, checksums,
+//! the run's hashes) make a round trip through the GPU. NCCL's ring sums are identical on
+//! every rank but not taken in rank order: results agree with a single device to float
+//! tolerance, not bit for bit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda_backend::cudarc::nccl::{result::NcclError, sys};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use super::watchdog::InFlight;
+use super::{Communicator, RankComms};
+use crate::error::{Error, Result};
+use crate::topology::{Topology, Tower};
+
+/// The CUDA device of ordinal `ordinal`, one per process: every rank thread on that GPU
+/// gets the same device and so the same stream, which orders their kernels and makes
+/// tensors safe to pass between them (a fresh `Device::new_cuda` would give each thread
+/// its own per-thread stream, with no ordering between them).
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    static DEVICES: OnceLock<Mutex<Vec<(usize, Device)>>> = OnceLock::new();
+    let mut devices = DEVICES
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .expect("device list");
+    if let Some((_, d)) = devices.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(d.clone());
+    }
+    let device = Device::new_cuda_with_stream(ordinal).map_err(|e| {
+        Error::Msg(format!(
+            "CUDA device {ordinal} could not be opened: {e} (is there an NVIDIA driver and GPU here?)"
+        ))
+    })?;
+    devices.push((ordinal, device.clone()));
+    Ok(device)
+}
+
+/// How many GPUs this process sees (CUDA_VISIBLE_DEVICES applied).
+pub fn device_count() -> Result<usize> {
+    candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+        .map(|n| n as usize)
+        .map_err(|e| Error::Msg(format!("no CUDA driver or GPU: {e:?}")))
+}
+
+/// The most GPU memory seen in use (whole device, bytes) by [`sample_memory`], and the
+/// device's total.
+static MEMORY_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static MEMORY_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records how much of `device`'s memory is in use now (all processes on it, the CUDA
+/// context included: what decides whether the next batch fits). A no-op on the CPU.
+pub fn sample_memory(device: &Device) {
+    let Ok(cuda) = device.as_cuda_device() else {
+        return;
+    };
+    if let Ok((free, total)) = cuda.cuda_stream().context().mem_get_info() {
+        MEMORY_PEAK.fetch_max((total - free) as u64, Ordering::Relaxed);
+        MEMORY_TOTAL.store(total as u64, Ordering::Relaxed);
+    }
+}
+
+/// (peak in use, total) in bytes, once [`sample_memory`] has seen a GPU.
+pub fn memory_peak() -> Option<(u64, u64)> {
+    let total = MEMORY_TOTAL.load(Ordering::Relaxed);
+    (total > 0).then(|| (MEMORY_PEAK.load(Ordering::Relaxed), total))
+}
+
+fn nccl_message(e: &NcclError) -> String {
+    // SAFETY: NCCL returns a static, NUL-terminated string for every result code.
+    let text = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetErrorString(e.0)) };
+    format!("{} ({:?})", text.to_string_lossy(), e.0)
+}
+
+/// A communicator is used by one thread at a time (the lock in [`NcclCommunicator`]);
+/// NCCL allows that from any thread.
+struct SendComm(Comm);
+// SAFETY: see above; the raw handle is only used under the communicator's lock.
+unsafe impl Send for SendComm {}
+
+pub struct NcclCommunicator {
+    comm: Mutex<SendComm>,
+    device: Device,
+    name: String,
+    rank: usize,
+    size: usize,
+    payload: AtomicU64,
+}
+
+/// Every NCCL communicator this process made, for the watchdog to abort.
+static LIVE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+fn abort_all() {
+    if let Ok(live) = LIVE.try_lock() {
+        for &handle in live.iter() {
+            // SAFETY: handles are removed from LIVE before their communicator is dropped.
+            unsafe {
+                sys::ncclCommAbort(handle as sys::ncclComm_t);
+            }
+        }
+    }
+}
+
+/// Bytes of one NCCL unique id.
+const ID_BYTES: usize = 128;
+
+/// A fresh unique id, as bytes for the rendezvous.
+pub fn new_id() -> Result<Vec<u8>> {
+    let id = Id::new().map_err(|e| Error::Msg(format!("ncclGetUniqueId: {}", nccl_message(&e))))?;
+    Ok(id.internal().iter().map(|&c| c as u8).collect())
+}
+
+fn id_from_bytes(bytes: &[u8], what: &str) -> Result<Id> {
+    if bytes.len() != ID_BYTES {
+        return Err(Error::Msg(format!(
+            "the rendezvous gave {} bytes for the NCCL id of {what}, not {ID_BYTES}",
+            bytes.len()
+        )));
+    }
+    let mut internal = [0 as std::ffi::c_char; ID_BYTES];
+    for (i, b) in internal.iter_mut().zip(bytes) {
+        *i = *b as std::ffi::c_char;
+    }
+    Ok(Id::uninit(internal))
+}
+
+impl NcclCommunicator {
+    /// Joins the communicator of `id` as `rank` of `size`, on `device`'s stream. Blocks
+    /// until every member has joined (NCCL's init is collective).
+    pub fn new(id: &[u8], rank: usize, size: usize, device: &Device, name: &str) -> Result<Self> {
+        let cuda = device.as_cuda_device()?;
+        let id = id_from_bytes(id, name)?;
+        let comm = Comm::from_rank(cuda.cuda_stream(), rank, size, id).map_err(|e| {
+            Error::Msg(format!(
+                "NCCL communicator `{name}` (rank {rank} of {size}) could not start: {}",
+                nccl_message(&e)
+            ))
+        })?;
+        LIVE.lock().expect("live list").extend(handle(&comm));
+        Ok(NcclCommunicator {
+            comm: Mutex::new(SendComm(comm)),
+            device: device.clone(),
+            name: name.to_string(),
+            rank,
+            size,
+            payload: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs one NCCL collective on `t` (moved to this rank's GPU, made contiguous) and
+    /// hands the result back on `t`'s device.
+    fn run(&self, op: Op, t: &Tensor) -> Result<Tensor> {
+        let _watch = InFlight::start(op.name(), &self.name);
+        let input = t.to_device(&self.device)?.contiguous()?;
+        let out = {
+            let comm = self.comm.lock().expect("NCCL communicator");
+            let out = input
+                .apply_op1_no_bwd(&Collective {
+                    comm: &comm.0,
+                    op,
+                    size: self.size,
+                })
+                .map_err(|e| Error::Collective {
+                    op: op.name(),
+                    group: self.name.clone(),
+                    message: e.to_string(),
+                })?;
+            self.device.synchronize()?;
+            out
+        };
+        Ok(out.to_device(t.device())?)
+    }
+
+    /// Whether the watchdog can abort this communicator (its raw handle was readable).
+    pub fn abortable(&self) -> bool {
+        let h = handle(&self.comm.lock().expect("NCCL communicator").0);
+        h.is_some_and(|h| LIVE.lock().expect("live list").contains(&h))
+    }
+
+    fn count(&self, t: &Tensor) {
+        let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.payload.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The raw `ncclComm_t` of `comm`, for the watchdog's abort. cudarc keeps the field
+/// private; its derived Debug output prints it (`Comm { comm: 0x…, …`), which stays
+/// right whatever the struct's layout. None if that ever changes: the watchdog then
+/// only exits.
+fn handle(comm: &Comm) -> Option<usize> {
+    let text = format!("{comm:?}");
+    let hex = text.split("comm: 0x").nth(1)?;
+    let end = hex
+        .find(|c: char| !c.is_ascii_hexdigit())
+        .unwrap_or(hex.len());
+    usize::from_str_radix(&hex[..end], 16).ok()
+}
+
+impl Drop for NcclCommunicator {
+    fn drop(&mut self) {
+        if let Some(h) = handle(&self.comm.lock().expect("NCCL communicator").0) {
+            LIVE.lock().expect("live list").retain(|&x| x != h);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    AllGather,
+    AllReduce,
+    ReduceScatter,
+    Broadcast(usize),
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::AllGather => "all_gather",
+            Op::AllReduce => "all_reduce",
+            Op::ReduceScatter => "reduce_scatter",
+            Op::Broadcast(_) => "broadcast",
+        }
+    }
+}
+
+/// One collective as a candle op: candle hands over the input's CUDA storage and takes
+/// back the output's, which is how a tensor's buffer is reached from outside candle.
+struct Collective<'a> {
+    comm: &'a Comm,
+    op: Op,
+    size: usize,
+}
+
+impl Collective<'_> {
+    fn run<T>(&self, s: &CudaStorage, l: &Layout, out: Shape) -> candle_core::Result<CudaStorage>
+    where
+        T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits,
+    {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("NCCL needs a contiguous tensor".into()))?;
+        let src = s.as_cuda_slice::<T>()?.slice(start..end);
+        let device: CudaDevice = s.device().clone();
+        let mut dst = device.alloc_zeros::<T>(out.elem_count())?;
+        let done = match self.op {
+            Op::AllGather => self.comm.all_gather(&src, &mut dst),
+            Op::AllReduce => self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
+            Op::ReduceScatter => self.comm.reduce_scatter(&src, &mut dst, &ReduceOp::Sum),
+            Op::Broadcast(root) => {
+                let send = (self.comm.rank() == root).then_some(&src);
+                self.comm.broadcast(send, &mut dst, root as i32)
+            }
+        };
+        done.map_err(|e| candle_core::Error::Msg(format!("NCCL: {}", nccl_message(&e))))?;
+        Ok(T::wrap_cuda_slice(dst, device))
+    }
+}
+
+impl CustomOp1 for Collective<'_> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg(
+            "NCCL collectives take CUDA tensors".into(),
+        ))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let mut dims = l.shape().dims().to_vec();
+        match self.op {
+            Op::AllGather => dims[0] *= self.size,
+            Op::ReduceScatter => dims[0] /= self.size,
+            Op::AllReduce | Op::Broadcast(_) => {}
+        }
+        let out = Shape::from(dims);
+        let storage = match s.dtype() {
+            DType::F32 => self.run::<f32>(s, l, out.clone())?,
+            DType::F64 => self.run::<f64>(s, l, out.clone())?,
+            DType::BF16 => self.run::<half::bf16>(s, l, out.clone())?,
+            DType::F16 => self.run::<half::f16>(s, l, out.clone())?,
+            DType::U32 => self.run::<u32>(s, l, out.clone())?,
+            DType::U8 => self.run::<u8>(s, l, out.clone())?,
+            DType::I64 => self.run::<i64>(s, l, out.clone())?,
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "NCCL collectives here take f32, f64, bf16, f16, u32, u8 or i64, not {other:?}"
+                )))
+            }
+        };
+        Ok((storage, out))
+    }
+}
+
+impl Communicator for NcclCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        if t.rank() == 0 {
+            return Err(Error::Collective {
+                op: "all_gather",
+                group: self.name.clone(),
+                message: "a scalar has no rows to gather".into(),
+            });
+        }
+        // NCCL gathers equal blocks: first every rank's row count, then padded blocks.
+        let rows = t.dim(0)?;
+        let counts: Vec<u32> = self
+            .run(Op::AllGather, &Tensor::new(&[rows as u32], &Device::Cpu)?)?
+            .to_vec1()?;
+        let widest = counts.iter().copied().max().unwrap_or(0) as usize;
+        let padded = if rows == widest {
+            t.clone()
+        } else {
+            let mut pad = t.dims().to_vec();
+            pad[0] = widest - rows;
+            Tensor::cat(&[t.clone(), Tensor::zeros(pad, t.dtype(), t.device())?], 0)?
+        };
+        let gathered = if widest == 0 {
+            padded.clone()
+        } else {
+            self.run(Op::AllGather, &padded)?
+        };
+        let out = if counts.iter().all(|&c| c as usize == widest) {
+            gathered
+        } else {
+            let blocks = counts
+                .iter()
+                .enumerate()
+                .map(|(r, &c)| gathered.narrow(0, r * widest, c as usize))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&blocks, 0)?
+        };
+        self.count(&out);
+        Ok(out)
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let out = self.run(Op::AllReduce, t)?;
+        self.count(&out);
+        Ok(out)
+    }
+
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let rows = t.dim(0)?;
+        if rows % self.size != 0 {
+            return Err(Error::Collective {
+                op: "reduce_scatter",
+                group: self.name.clone(),
+                message: format!("{rows} rows do not split into {} equal blocks", self.size),
+            });
+        }
+        self.count(t);
+        self.run(Op::ReduceScatter, t)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        // The root's shape first: other ranks' `t` only says where the result goes.
+        let mut header = [0u32; 9];
+        if self.rank == root {
+            header[0] = t.rank() as u32;
+            for (h, &d) in header[1..].iter_mut().zip(t.dims()) {
+                *h = d as u32;
+            }
+        }
+        let header: Vec<u32> = self
+            .run(Op::Broadcast(root), &Tensor::new(&header, &Device::Cpu)?)?
+            .to_vec1()?;
+        let dims: Vec<usize> = header[1..=header[0] as usize]
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
+        let mine = if self.rank == root {
+            t.clone()
+        } else {
+            Tensor::zeros(dims, t.dtype(), t.device())?
+        };
+        let out = self.run(Op::Broadcast(root), &mine)?;
+        self.count(&out);
+        Ok(out)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.run(Op::AllReduce, &Tensor::new(&[0f32], &Device::Cpu)?)?;
+        Ok(())
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        self.payload.load(Ordering::Relaxed)
+    }
+}
+
+/// The rendezvous keys of the NCCL ids rank 0 creates.
+pub fn id_keys() -> [&'static str; 5] {
+    [
+        "nccl/world",
+        "nccl/image",
+        "nccl/text",
+        "nccl/image-stats",
+        "nccl/text-stats",
+    ]
+}
+
+/// Fresh ids for every key of [`id_keys`] (world rank 0 calls this before the
+/// rendezvous).
+pub fn new_ids() -> Result<Vec<(String, Vec<u8>)>> {
+    id_keys()
+        .iter()
+        .map(|k| Ok((k.to_string(), new_id()?)))
+        .collect()
+}
+
+/// This rank's communicators from the ids the rendezvous handed out, on `device`.
+pub fn rank_comms(
+    topology: &Topology,
+    rank: usize,
+    ids: &dyn Fn(&str) -> Option<Vec<u8>>,
+    device: &Device,
+) -> Result<RankComms> {
+    let id = |key: &str| {
+        ids(key).ok_or_else(|| Error::Msg(format!("the rendezvous has no NCCL id `{key}`")))
+    };
+    set_abort_hook();
+    let me = &topology.ranks[rank];
+    let name = me.tower.to_string();
+    let (group_key, stats_key) = match me.tower {
+        Tower::Image => ("nccl/image", "nccl/image-stats"),
+        Tower::Text => ("nccl/text", "nccl/text-stats"),
+    };
+    let size = topology.group_size(me.tower);
+    let world = NcclCommunicator::new(
+        &id("nccl/world")?,
+        rank,
+        topology.world_size(),
+        device,
+        "world",
+    )?;
+    let group = NcclCommunicator::new(&id(group_key)?, me.group_rank, size, device, &name)?;
+    let stats = NcclCommunicator::new(&id(stats_key)?, me.group_rank, size, device, &name)?;
+    Ok(RankComms {
+        world: Box::new(world),
+        group: Box::new(group),
+        group_stats: Arc::new(stats),
+        tower: me.tower,
+    })
+}
+
+/// Makes the collective watchdog abort this process's NCCL communicators before it
+/// exits (freeing the GPU for the peers' own aborts).
+pub fn set_abort_hook() {
+    super::watchdog::set_abort_hook(abort_all);
+}
