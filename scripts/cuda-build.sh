@@ -6,6 +6,7 @@
 # usage: scripts/cuda-build.sh [--bundle DIR] [--dev]
 #   (no option)    cargo build --release --features cuda   (binary: $CARGO_TARGET_DIR/release/mmpipe)
 #   --dev          the dev profile instead (what CI builds: it shares CI's other builds' deps)
+#   --setup        only make the CUDA venv; then `source $CUDA_VENV/cuda-env.sh` for cargo
 #   --bundle DIR   also builds the test executables and copies, stripped, the binary and the
 #                  integration-test executable into DIR (default .gpu), for
 #                  scripts/gpu-check.sh on a GPU machine with no Rust toolchain
@@ -20,6 +21,7 @@ cd "$(dirname "$0")/.."
 
 bundle=""
 pack=0
+setup_only=0
 profile=(--release)
 profile_dir=release
 while [ $# -gt 0 ]; do
@@ -27,6 +29,7 @@ while [ $# -gt 0 ]; do
     --bundle) bundle="${2:-.gpu}"; shift 2 || shift ;;
     --dev) profile=(); profile_dir=debug; shift ;;
     --pack) pack=1; shift ;;
+    --setup) setup_only=1; shift ;;
     *) echo "cuda-build.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +44,7 @@ if [ ! -f "$venv/cuda-env.sh" ]; then
 fi
 # shellcheck disable=SC1091
 source "$venv/cuda-env.sh"
+[ "$setup_only" = 1 ] && { echo "cuda-build.sh: source $venv/cuda-env.sh"; exit 0; }
 
 cargo build "${profile[@]}" --features cuda
 echo "cuda-build.sh: built $CARGO_TARGET_DIR/$profile_dir/mmpipe"
