@@ -4,6 +4,7 @@
 //! Data flows one way: [`topology`] → [`plan`] → [`comm`] → [`model`] / [`loss`] →
 //! [`train`], with [`data`] → [`train`]; [`eval`] scores models and [`report`] draws runs.
 
+pub mod bench;
 pub mod comm;
 pub mod data;
 pub mod error;

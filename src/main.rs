@@ -34,6 +34,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time the training step (default: OpenCLIP's CPU anchor configuration) and set its
+    /// FLOP rate against this machine's f32 matrix-multiply peak.
+    Bench(BenchArgs),
     /// Print where each rank runs and what each step moves between them.
     Plan(PlanArgs),
     /// Train: the built-in synthetic set, shards, Fashion-MNIST or a CSV.
@@ -1004,7 +1007,113 @@ fn print_bytes(phases: &[(Tower, PhaseTimes)], bytes: &[PhaseBytes], steps: usiz
     }
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// Model config [default: the OpenCLIP anchor's tiny CLIP].
+    #[arg(long, default_value = "configs/openclip-anchor.toml")]
+    model: PathBuf,
+    /// Topology [default: 2 image + 1 text rank threads, the fastest split measured on 2
+    /// cores].
+    #[arg(long, default_value = "topology/cpu-2x1.toml")]
+    topology: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Only measure the f32 GEMM peak on this process's threads and print it (GFLOP/s).
+    #[arg(long, hide = true)]
+    gemm_peak_only: bool,
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use mmpipe::bench;
+    if args.gemm_peak_only {
+        println!("{}", bench::gemm_peak_gflops()?);
+        return Ok(());
+    }
+    let topology = Topology::from_file(&args.topology)?;
+    let model = load_model(&Some(args.model.clone()))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(cores);
+    // The peak in a process of its own: this one's thread pool is sized per rank.
+    let peak_out = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "--gemm-peak-only"])
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()?;
+    let peak: f64 = String::from_utf8_lossy(&peak_out.stdout)
+        .trim()
+        .parse()
+        .context("measuring the GEMM peak")?;
+    let per_rank = compute_threads_per_rank(topology.world_size());
+    println!(
+        "bench: {} on {} ({} image + {} text rank threads, {per_rank} compute thread{} each, {threads} in all), \
+         batch {}, {} timed steps after {} untimed",
+        args.model.display(),
+        topology.source.display(),
+        topology.group_size(Tower::Image),
+        topology.group_size(Tower::Text),
+        if per_rank == 1 { "" } else { "s" },
+        args.batch,
+        args.steps,
+        args.warmup
+    );
+    let report = bench::run(
+        &bench::BenchOptions {
+            model,
+            topology,
+            batch: args.batch,
+            steps: args.steps,
+            warmup: args.warmup,
+        },
+        threads,
+        peak,
+    )?;
+    println!(
+        "step: median {:.1} ms (min {:.1}, max {:.1}) = {:.1} samples/s",
+        report.step_ms_median, report.step_ms_min, report.step_ms_max, report.samples_per_second
+    );
+    println!(
+        "compute: {:.3} GFLOP/sample (forward + backward) = {:.1} GFLOP/s; f32 GEMM peak on {threads} threads {:.1} GFLOP/s; {:.0}% of peak",
+        report.gflop_per_sample,
+        report.achieved_gflops,
+        report.gemm_peak_gflops,
+        100.0 * report.fraction_of_peak
+    );
+    println!("ms/step by phase  rank tower     data wait   forward  exchange      loss  backward grad a-r optimizer");
+    for (rank, (tower, p)) in report.phases_ms.iter().enumerate() {
+        print!("                  {rank:>4} {tower:<6}");
+        for v in p {
+            print!("{v:>10.1}");
+        }
+        println!();
+    }
+    println!("RESULT_JSON {}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Keeps the memory a step frees for the next step: mimalloc otherwise returns freed
+/// pages to the OS after 10 ms, and the next step's fresh buffers fault them back in, each
+/// page cleared by the kernel (measured: about a third of a CPU training step).
+fn keep_freed_memory() {
+    // mimalloc's option numbers (mimalloc.h, v2 and v3 alike).
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: plain setters of mimalloc's global options.
+    unsafe {
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         // Warnings (skipped samples, with shard and key) show unless MMPIPE_LOG says otherwise.
         .with_env_filter(
@@ -1020,6 +1129,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert(a),
         Command::Data(c) => data(c),
         Command::Report { runs, out, table } => report(&runs, out, table),
+        Command::Bench(a) => bench(a),
         Command::Eval {
             checkpoint,
             model,

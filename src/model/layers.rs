@@ -1,5 +1,6 @@
 //! Training-ready building blocks. candle's fused LayerNorm and `softmax_last_dim` drop
-//! gradients silently, so the norm and the softmax here are written with plain ops.
+//! gradients silently; the norm, the softmax, GELU and the bias add here are our own
+//! fused ops with their own backward on the CPU ([`super::fused`]), plain ops elsewhere.
 
 use candle_core::{Tensor, D};
 
@@ -28,7 +29,7 @@ impl Linear {
         let rows = x.elem_count() / in_dim;
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => super::fused::add_bias(&y, b)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -59,21 +60,13 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm_slow(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Softmax over the last dimension. The max is detached: the result does not depend on
-/// it, and backpropagating through it only adds work.
+/// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    super::fused::softmax_last_dim(x)
 }
 
 /// Rows scaled to unit L2 norm.
@@ -206,7 +199,7 @@ pub enum Activation {
 impl Activation {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::Gelu => x.gelu_erf()?,
+            Activation::Gelu => super::fused::gelu_erf(x)?,
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
         })
     }

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod config;
+pub mod fused;
 pub mod layers;
 pub mod params;
 pub mod resnet;

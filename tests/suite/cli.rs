@@ -76,6 +76,33 @@ fn train_on_a_gpu_topology_says_what_is_missing() {
     );
 }
 
+/// With CUDA built in: a GPU trains; no GPU (CI's link-time libcuda) is a clear error.
+#[cfg(feature = "cuda")]
+#[test]
+fn train_on_a_gpu_topology_trains_or_names_the_missing_gpu() {
+    let out = mmpipe(&[
+        "train",
+        "--topology",
+        "topology/gpu-1x1.toml",
+        "--steps",
+        "2",
+        "--quiet",
+    ]);
+    let stderr = text(&out.stderr);
+    if !out.status.success() {
+        assert!(
+            stderr.contains("no CUDA driver or GPU") || stderr.contains("could not be opened"),
+            "{stderr}"
+        );
+    } else {
+        assert!(
+            text(&out.stdout).contains("samples/s"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+}
+
 #[test]
 fn the_nccl_backend_without_a_launcher_says_how_to_start_it() {
     let out = mmpipe(&[

@@ -12,6 +12,8 @@ mod collectives;
 mod common;
 /// The data pipeline on real photos: shards, order, transforms, bad input, resume.
 mod data;
+/// Fused CPU ops (GELU, softmax, layer norm, bias) against plain candle ops.
+mod fused;
 /// The autograd reference against finite differences: every parameter's gradient.
 mod gradients;
 /// CLIP and SigLIP across groups, both exchange schemes, tiled: against one device.

@@ -1,0 +1,147 @@
+//! `mmpipe bench`: the training step on a fixed configuration (by default the OpenCLIP
+//! anchor's of `../shared/anchors/`: the same towers, batch, AdamW settings, f32, and this
+//! machine's cores), timed step by step, with the FLOPs it does set against this
+//! machine's f32 matrix-multiply peak measured on the same threads.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::model::ClipConfig;
+use crate::topology::Topology;
+use crate::train::{self, PhaseTimes, TrainConfig};
+
+/// What to time.
+pub struct BenchOptions {
+    pub model: ClipConfig,
+    pub topology: Topology,
+    pub batch: usize,
+    /// Timed steps, after `warmup` untimed ones (allocator and caches settle).
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub batch: usize,
+    pub steps: usize,
+    pub step_ms_median: f64,
+    pub step_ms_min: f64,
+    pub step_ms_max: f64,
+    /// From the median step.
+    pub samples_per_second: f64,
+    /// Forward + backward FLOPs per sample (3× the forward, multiply-adds counted as 2).
+    pub gflop_per_sample: f64,
+    pub achieved_gflops: f64,
+    pub gemm_peak_gflops: f64,
+    /// `achieved_gflops / gemm_peak_gflops`.
+    pub fraction_of_peak: f64,
+    pub threads: usize,
+    /// Per rank: tower and mean milliseconds per timed step in each phase (data wait,
+    /// forward, exchange, loss, backward, gradient all-reduce, optimizer).
+    pub phases_ms: Vec<(String, [f64; 7])>,
+}
+
+/// The anchor's optimizer and schedule (AdamW lr 1e-4, weight decay 0.1, betas 0.9/0.98,
+/// eps 1e-6, constant lr), no evaluation, no progress bar.
+pub fn anchor_train_config(batch: usize, steps: usize) -> TrainConfig {
+    TrainConfig {
+        seed: 0,
+        steps,
+        global_batch: batch,
+        lr: 1e-4,
+        warmup: 0,
+        schedule: crate::train::optim::Schedule::Constant,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        progress: false,
+        eval: crate::train::config::EvalConfig { every: 0, pairs: 0 },
+        ..TrainConfig::default()
+    }
+}
+
+/// The best of a few large f32 matrix products on this process's compute threads (the
+/// GEMM's shape is a ViT MLP's at batch 128 × 65 tokens), in GFLOP/s.
+pub fn gemm_peak_gflops() -> Result<f64> {
+    let (m, k, n) = (8320, 256, 1024);
+    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
+    let b = Tensor::ones((k, n), DType::F32, &Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+    }
+}
+
+/// Trains `warmup + steps` steps and reports the timed ones.
+/// `gemm_peak` is [`gemm_peak_gflops`] on `threads` threads, measured by the caller (in a
+/// process of its own, whose thread pool is not sized per rank).
+pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchReport> {
+    // The warm-up is a run of its own (the allocator keeps its memory, the caches stay
+    // warm), so the timed run's phase totals hold timed steps only.
+    if opts.warmup > 0 {
+        train::train(
+            &opts.topology,
+            &opts.model,
+            &anchor_train_config(opts.batch, opts.warmup),
+        )?;
+    }
+    let report = train::train(
+        &opts.topology,
+        &opts.model,
+        &anchor_train_config(opts.batch, opts.steps),
+    )?;
+    let mut timed: Vec<f64> = report.step_seconds.iter().map(|s| s * 1e3).collect();
+    timed.sort_by(f64::total_cmp);
+    if timed.is_empty() {
+        return Err(crate::error::Error::Msg("no timed steps".into()));
+    }
+    let step_ms = median(&timed);
+    let embed = opts.model.embed_dim;
+    let forward =
+        opts.model.vision.size().forward_flops(embed) + opts.model.text.size().forward_flops(embed);
+    let gflop_per_sample = 3.0 * forward / 1e9;
+    let samples_per_second = opts.batch as f64 / (step_ms / 1e3);
+    let achieved = samples_per_second * gflop_per_sample;
+    let peak = gemm_peak;
+    let all_steps = report.step_seconds.len().max(1) as f64;
+    let phases_ms = report
+        .phases
+        .iter()
+        .map(|(tower, p): &(crate::topology::Tower, PhaseTimes)| {
+            (
+                tower.to_string(),
+                p.as_array().map(|d| d.as_secs_f64() * 1e3 / all_steps),
+            )
+        })
+        .collect();
+    Ok(BenchReport {
+        batch: opts.batch,
+        steps: timed.len(),
+        step_ms_median: step_ms,
+        step_ms_min: timed[0],
+        step_ms_max: timed[timed.len() - 1],
+        samples_per_second,
+        gflop_per_sample,
+        achieved_gflops: achieved,
+        gemm_peak_gflops: peak,
+        fraction_of_peak: achieved / peak,
+        threads,
+        phases_ms,
+    })
+}

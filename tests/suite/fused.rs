@@ -1,0 +1,236 @@
+//! The fused CPU ops (GELU, softmax, layer norm, bias add) against the same maths in
+//! plain candle ops: values and every input's gradient, in f64 (to rounding) and f32 (to
+//! the fast `exp`/`erf`'s accuracy); and finite differences in f64.
+
+use candle_core::{DType, Tensor, Var, D};
+use mmpipe::model::fused;
+
+use super::common::{fixed_values, values, worst_violation, Relative};
+
+/// The reference maths in plain candle ops (what the fused ops replace).
+mod plain {
+    use super::*;
+
+    /// `x Φ(x)` through `erf` (candle's own `gelu_erf` backward rounds 1/√(2π) to six
+    /// digits, which the f64 comparison would see).
+    pub fn gelu(x: &Tensor) -> Tensor {
+        let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)
+            .unwrap()
+            .erf()
+            .unwrap()
+            + 1.0)
+            .unwrap()
+            * 0.5)
+            .unwrap();
+        (x * cdf).unwrap()
+    }
+
+    pub fn softmax(x: &Tensor) -> Tensor {
+        let max = x.max_keepdim(D::Minus1).unwrap().detach();
+        let e = x.broadcast_sub(&max).unwrap().exp().unwrap();
+        e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+    }
+
+    pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        candle_nn::ops::layer_norm_slow(x, w, b, 1e-5).unwrap()
+    }
+}
+
+/// Inputs spread wide enough to reach every branch of the kernels (|x| up to 6, rows
+/// whose softmax saturates), as variables.
+fn inputs(shape: &[usize], scale: f64, dtype: DType) -> Var {
+    let t = (fixed_values(shape, 0.3) * scale).unwrap();
+    Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+}
+
+/// `Σ f(vars) ⊙ weights` and the gradient of every var.
+fn value_and_grads(vars: &[&Var], f: &dyn Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&xs);
+    let weights = fixed_values(y.dims(), 1.1).to_dtype(y.dtype()).unwrap();
+    let loss = (&y * &weights).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let g = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .expect("every input has a gradient")
+                .clone()
+        })
+        .collect();
+    (y, g)
+}
+
+/// `check` with `plain_op` run in f64 on the same values: the f32 kernels against the
+/// exact result rather than against another f32 rounding.
+fn check_f32_against_f64(
+    label: &str,
+    vars: &[&Var],
+    fused_op: &dyn Fn(&[Tensor]) -> Tensor,
+    plain_op: &dyn Fn(&[Tensor]) -> Tensor,
+    rel: f64,
+) {
+    let wide: Vec<Var> = vars
+        .iter()
+        .map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap())
+        .collect();
+    let (y1, g1) = value_and_grads(vars, fused_op);
+    let (y2, g2) = value_and_grads(&wide.iter().collect::<Vec<_>>(), plain_op);
+    if let Some((i, a, b)) = worst_violation(&y1, &y2, rel, 0.0, Relative::Tensor) {
+        panic!("{label}: value[{i}] {a} vs exact {b}");
+    }
+    for (k, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        if let Some((i, x, y)) = worst_violation(a, b, rel, 0.0, Relative::Tensor) {
+            panic!("{label}: gradient of input {k} [{i}] {x} vs exact {y}");
+        }
+    }
+}
+
+fn check(
+    label: &str,
+    vars: &[&Var],
+    fused_op: &dyn Fn(&[Tensor]) -> Tensor,
+    plain_op: &dyn Fn(&[Tensor]) -> Tensor,
+    rel: f64,
+    abs: f64,
+) {
+    let (y1, g1) = value_and_grads(vars, fused_op);
+    let (y2, g2) = value_and_grads(vars, plain_op);
+    if let Some((i, a, b)) = worst_violation(&y1, &y2, rel, abs, Relative::Tensor) {
+        panic!("{label}: value[{i}] {a} vs plain ops {b}");
+    }
+    for (k, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        assert!(
+            values(b).iter().any(|v| *v != 0.0),
+            "{label}: zero reference gradient"
+        );
+        if let Some((i, x, y)) = worst_violation(a, b, rel, abs, Relative::Tensor) {
+            panic!("{label}: gradient of input {k} [{i}] {x} vs plain ops {y}");
+        }
+    }
+}
+
+/// Every op at `dtype`: f64 against plain ops to `rel`/`abs`; f32 against plain ops in f64
+/// to `rel` of each tensor's scale.
+fn check_all(dtype: DType, rel: f64, abs: f64) {
+    let check = |label: &str,
+                 vars: &[&Var],
+                 fused_op: &dyn Fn(&[Tensor]) -> Tensor,
+                 plain_op: &dyn Fn(&[Tensor]) -> Tensor,
+                 rel: f64,
+                 abs: f64| {
+        if dtype == DType::F32 {
+            check_f32_against_f64(label, vars, fused_op, plain_op, rel)
+        } else {
+            check(label, vars, fused_op, plain_op, rel, abs)
+        }
+    };
+    let x = inputs(&[6, 40], 6.0, dtype);
+    check(
+        &format!("gelu {dtype:?}"),
+        &[&x],
+        &|t| fused::gelu_erf(&t[0]).unwrap(),
+        &|t| plain::gelu(&t[0]),
+        rel,
+        abs,
+    );
+    // Wide logits: some rows put almost all their mass on one entry.
+    let s = inputs(&[3, 5, 17], 12.0, dtype);
+    check(
+        &format!("softmax {dtype:?}"),
+        &[&s],
+        &|t| fused::softmax_last_dim(&t[0]).unwrap(),
+        &|t| plain::softmax(&t[0]),
+        rel,
+        abs,
+    );
+    // Rows with a large offset: the two-pass variance must stay exact.
+    let x = Var::from_tensor(
+        &((fixed_values(&[2, 7, 24], 0.9) * 3.0).unwrap() + 50.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    )
+    .unwrap();
+    let w = inputs(&[24], 1.0, dtype);
+    let b = inputs(&[24], 0.5, dtype);
+    check(
+        &format!("layer norm {dtype:?}"),
+        &[&x, &w, &b],
+        &|t| fused::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        &|t| plain::layer_norm(&t[0], &t[1], &t[2]),
+        rel,
+        abs,
+    );
+    let y = inputs(&[9, 13], 2.0, dtype);
+    let c = inputs(&[13], 1.0, dtype);
+    check(
+        &format!("bias {dtype:?}"),
+        &[&y, &c],
+        &|t| fused::add_bias(&t[0], &t[1]).unwrap(),
+        &|t| t[0].broadcast_add(&t[1]).unwrap(),
+        rel,
+        abs,
+    );
+}
+
+#[test]
+fn fused_ops_equal_plain_ops_in_f64() {
+    check_all(DType::F64, 1e-12, 1e-14);
+}
+
+#[test]
+fn fused_ops_equal_plain_ops_in_f32() {
+    // Layer norm of rows offset by 50 loses ~3e-6 to f32 rounding of the mean (plain f32
+    // ops lose as much).
+    check_all(DType::F32, 1e-5, 0.0);
+}
+
+#[test]
+fn fused_ops_take_strided_inputs() {
+    let x = inputs(&[8, 5], 3.0, DType::F64);
+    let t = x.as_tensor().t().unwrap();
+    let a = values(&fused::gelu_erf(&t).unwrap());
+    let b = values(&plain::gelu(&t));
+    assert_eq!(a.len(), b.len());
+    for (p, q) in a.iter().zip(&b) {
+        assert!((p - q).abs() < 1e-14, "{p} vs {q}");
+    }
+    let a = values(&fused::softmax_last_dim(&t).unwrap());
+    let b = values(&plain::softmax(&t));
+    for (p, q) in a.iter().zip(&b) {
+        assert!((p - q).abs() < 1e-14, "{p} vs {q}");
+    }
+}
+
+/// The fast f32 `exp` and `erf` over their whole range, through GELU and softmax, against
+/// f64: relative error near f32's rounding, and exact zeros and ones in the tails.
+#[test]
+fn f32_gelu_and_softmax_are_accurate_over_the_whole_range() {
+    let xs: Vec<f64> = (-4000..=4000).map(|i| f64::from(i) * 0.0025).collect();
+    let x64 = Tensor::new(xs.as_slice(), &candle_core::Device::Cpu).unwrap();
+    let x32 = x64.to_dtype(DType::F32).unwrap();
+    let want = values(&fused::gelu_erf(&x64).unwrap());
+    let got = values(&fused::gelu_erf(&x32).unwrap());
+    // Relative error, or absolute below 1: for x < 0, 1 + erf(x/√2) cancels in f32 (as in
+    // any f32 GELU).
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0f64, f64::max);
+    assert!(worst < 1e-6, "GELU f32 error {worst:e}");
+    // Softmax rows spanning e^-100 .. e^0: tiny entries underflow to 0, the rest are
+    // accurate.
+    let row: Vec<f64> = (0..101).map(|i| -f64::from(i)).collect();
+    let r64 = Tensor::new(row.as_slice(), &candle_core::Device::Cpu).unwrap();
+    let want = values(&fused::softmax_last_dim(&r64).unwrap());
+    let got = values(&fused::softmax_last_dim(&r64.to_dtype(DType::F32).unwrap()).unwrap());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-6 * w + 1e-38,
+            "softmax entry {i}: {g:e} vs {w:e}"
+        );
+    }
+}
