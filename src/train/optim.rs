@@ -150,6 +150,16 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let w = slot.var.as_tensor();
+            if cpu_fused::applies(w, &slot.m, &slot.v, g) {
+                let decay = if slot.decay {
+                    1.0 - lr * c.weight_decay
+                } else {
+                    1.0
+                };
+                cpu_fused::step(w, &slot.m, &slot.v, g, c, bias1, bias2, lr, decay)?;
+                continue;
+            }
             // Detached: the state must not chain a graph from step to step.
             let g = g.detach();
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
@@ -163,6 +173,225 @@ impl AdamW {
             };
             slot.var.set(&(decayed - (update * lr)?)?.detach())?;
         }
+        Ok(())
+    }
+}
+
+/// The same update in place on CPU tensors: three passes over memory (m, v, then the
+/// weights) and no allocation, where the composed ops above make about twelve temporaries
+/// per parameter. Each element goes through the same operations in the same order as the
+/// composed path, with the scalars rounded to the element type the way candle's `affine`
+/// rounds them.
+mod cpu_fused {
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, WithDType};
+
+    use super::AdamWConfig;
+    use crate::error::Result;
+
+    pub fn applies(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
+        w.device().is_cpu()
+            && matches!(w.dtype(), DType::F32 | DType::F64)
+            && [m, v, g]
+                .iter()
+                .all(|t| t.dtype() == w.dtype() && t.shape() == w.shape())
+            && [w, m, v].iter().all(|t| t.is_contiguous())
+    }
+
+    fn slice_mut<'a, T: num_like::Sqrt>(
+        s: &'a mut CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<&'a mut [T]> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("AdamW state must be contiguous".into()))?;
+        Ok(&mut T::vec_mut(s)?[a..b])
+    }
+
+    fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("AdamW inputs must be contiguous".into()))?;
+        Ok(&s.as_slice::<T>()?[a..b])
+    }
+
+    /// `state = state·beta + f(g)·(1 − beta)`, f the identity or the square.
+    struct Moment {
+        beta: f64,
+        square: bool,
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "adamw-moment"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s: &mut CpuStorage,
+            l: &Layout,
+            gs: &CpuStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<()> {
+            fn run<T: WithDType + num_like::Sqrt>(
+                op: &Moment,
+                s: &mut CpuStorage,
+                l: &Layout,
+                gs: &CpuStorage,
+                gl: &Layout,
+            ) -> candle_core::Result<()> {
+                let (b, rest) = (T::from_f64(op.beta), T::from_f64(1.0 - op.beta));
+                let g = slice::<T>(gs, gl)?;
+                let state = slice_mut::<T>(s, l)?;
+                if op.square {
+                    for (m, &g) in state.iter_mut().zip(g) {
+                        *m = *m * b + (g * g) * rest;
+                    }
+                } else {
+                    for (m, &g) in state.iter_mut().zip(g) {
+                        *m = *m * b + g * rest;
+                    }
+                }
+                Ok(())
+            }
+            match s.dtype() {
+                DType::F32 => run::<f32>(self, s, l, gs, gl),
+                _ => run::<f64>(self, s, l, gs, gl),
+            }
+        }
+    }
+
+    /// `w = w·decay − lr · (m/bias1) / (sqrt(v/bias2) + eps)`.
+    struct Update {
+        lr: f64,
+        decay: f64,
+        inv_bias1: f64,
+        inv_bias2: f64,
+        eps: f64,
+    }
+
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "adamw-update"
+        }
+
+        fn cpu_fwd(
+            &self,
+            ws: &mut CpuStorage,
+            wl: &Layout,
+            ms: &CpuStorage,
+            ml: &Layout,
+            vs: &CpuStorage,
+            vl: &Layout,
+        ) -> candle_core::Result<()> {
+            fn run<T: WithDType + num_like::Sqrt>(
+                op: &Update,
+                ws: &mut CpuStorage,
+                wl: &Layout,
+                ms: &CpuStorage,
+                ml: &Layout,
+                vs: &CpuStorage,
+                vl: &Layout,
+            ) -> candle_core::Result<()> {
+                let c = |x: f64| T::from_f64(x);
+                let (lr, decay, ib1, ib2, eps) = (
+                    c(op.lr),
+                    c(op.decay),
+                    c(op.inv_bias1),
+                    c(op.inv_bias2),
+                    c(op.eps),
+                );
+                let (m, v) = (slice::<T>(ms, ml)?, slice::<T>(vs, vl)?);
+                let w = slice_mut::<T>(ws, wl)?;
+                let decays = op.decay != 1.0;
+                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                    let update = (m * ib1) / ((v * ib2).sqrt() + eps);
+                    let kept = if decays { *w * decay } else { *w };
+                    *w = kept - update * lr;
+                }
+                Ok(())
+            }
+            match ws.dtype() {
+                DType::F32 => run::<f32>(self, ws, wl, ms, ml, vs, vl),
+                _ => run::<f64>(self, ws, wl, ms, ml, vs, vl),
+            }
+        }
+    }
+
+    mod num_like {
+        use candle_core::CpuStorage;
+
+        /// f32 and f64: their square root and their storage's values.
+        pub trait Sqrt: Sized {
+            fn sqrt(self) -> Self;
+            fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>>;
+        }
+        impl Sqrt for f32 {
+            fn sqrt(self) -> Self {
+                f32::sqrt(self)
+            }
+            fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>> {
+                match s {
+                    CpuStorage::F32(v) => Ok(v),
+                    _ => Err(candle_core::Error::Msg(
+                        "AdamW: expected f32 storage".into(),
+                    )),
+                }
+            }
+        }
+        impl Sqrt for f64 {
+            fn sqrt(self) -> Self {
+                f64::sqrt(self)
+            }
+            fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>> {
+                match s {
+                    CpuStorage::F64(v) => Ok(v),
+                    _ => Err(candle_core::Error::Msg(
+                        "AdamW: expected f64 storage".into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        w: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        c: AdamWConfig,
+        bias1: f64,
+        bias2: f64,
+        lr: f64,
+        decay: f64,
+    ) -> Result<()> {
+        let g = g.contiguous()?;
+        m.inplace_op2(
+            &g,
+            &Moment {
+                beta: c.beta1,
+                square: false,
+            },
+        )?;
+        v.inplace_op2(
+            &g,
+            &Moment {
+                beta: c.beta2,
+                square: true,
+            },
+        )?;
+        w.inplace_op3(
+            m,
+            v,
+            &Update {
+                lr,
+                decay,
+                inv_bias1: 1.0 / bias1,
+                inv_bias2: 1.0 / bias2,
+                eps: c.eps,
+            },
+        )?;
         Ok(())
     }
 }

@@ -28,6 +28,8 @@ mod mpi;
 mod nccl;
 /// OpenCLIP's own state_dict and outputs, loaded and reproduced.
 mod openclip;
+/// AdamW against the textbook update.
+mod optim;
 /// The split loss and training on 1x1 .. 3x1 ranks against one device on the whole batch.
 mod parity;
 /// `mmpipe plan`: placement and bytes per step.
