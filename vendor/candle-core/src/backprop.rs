@@ -429,7 +429,7 @@ impl Tensor {
                     }
                     Op::Gather(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
+                        *sum_grad = materialize(sum_grad)?.scatter_add(indexes, &grad, *dim)?;
                     }
                     Op::Scatter(init, indexes, src, dim) => {
                         let init_sum_grad = grads.or_insert(init)?;
@@ -461,7 +461,7 @@ impl Tensor {
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
                         let indexes = indexes.contiguous()?;
-                        *sum_grad = sum_grad.index_add(&indexes, &grad, *dim)?;
+                        *sum_grad = materialize(sum_grad)?.index_add(&indexes, &grad, *dim)?;
                     }
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
@@ -835,6 +835,16 @@ fn lazy_zero(like: &Tensor) -> Result<Tensor> {
 
 fn take_lazy_zero(acc: &Tensor) -> bool {
     LAZY_ZEROS.with(|z| z.borrow_mut().remove(&acc.id()))
+}
+
+/// A real zero tensor in place of a lazy zero (for the rules that write into the
+/// accumulator, like index_add, which some backends only do on contiguous tensors).
+fn materialize(acc: &Tensor) -> Result<Tensor> {
+    if take_lazy_zero(acc) {
+        acc.zeros_like()
+    } else {
+        Ok(acc.clone())
+    }
 }
 
 /// `acc + grad`, or `grad` itself when `acc` is still a lazy zero.
