@@ -150,5 +150,45 @@ fn towers(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, collectives, loss, towers);
+/// A whole training step of the tiny CLIP on the 1×1 thread topology (both rank threads:
+/// forward, exchange, loss, backward, all-reduce, AdamW), per sample; the anchor-size
+/// step is `mmpipe bench`.
+fn train_step(c: &mut Criterion) {
+    use mmpipe::comm::thread::run_ranks;
+    use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
+    let mut g = c.benchmark_group("train_step_clip_tiny_1x1");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    let model = ClipConfig::default_tiny();
+    let topology =
+        mmpipe::topology::Topology::from_file(std::path::Path::new("topology/cpu-1x1.toml"))
+            .unwrap();
+    let cfg = TrainConfig {
+        global_batch: 64,
+        ..TrainConfig::default()
+    };
+    let source = SyntheticSource::new(0, &model).unwrap();
+    g.throughput(Throughput::Elements(cfg.global_batch as u64));
+    g.bench_function("step", |b| {
+        b.iter_custom(|iters| {
+            let times = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+                let mut trainer =
+                    RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
+                let indices =
+                    batch_indices(0, cfg.global_batch, trainer.offset, trainer.local_batch);
+                let input =
+                    source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+                let start = Instant::now();
+                for _ in 0..iters {
+                    trainer.step(&comms, &input, None, 1e-3)?;
+                }
+                Ok(start.elapsed())
+            })
+            .unwrap();
+            times.into_iter().max().unwrap_or_default()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, collectives, loss, towers, train_step);
 criterion_main!(benches);
