@@ -14,8 +14,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 use crate::error::Result;
 
-/// The element types the kernels take.
-trait Real:
+/// The element types the kernels take (also the optimizer's in-place update).
+pub(crate) trait Real:
     candle_core::WithDType
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
@@ -32,6 +32,8 @@ trait Real:
     fn c(v: f64) -> Self {
         Self::from_f64(v)
     }
+    /// The values of a CPU storage of this type, to write in place.
+    fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>>;
 }
 
 impl Real for f64 {
@@ -43,6 +45,12 @@ impl Real for f64 {
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>> {
+        match s {
+            CpuStorage::F64(v) => Ok(v),
+            _ => Err(candle_core::Error::Msg("expected an f64 storage".into())),
+        }
     }
 }
 
@@ -57,6 +65,12 @@ impl Real for f32 {
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            _ => Err(candle_core::Error::Msg("expected an f32 storage".into())),
+        }
     }
 }
 
@@ -127,15 +141,27 @@ macro_rules! with_avx2 {
     }};
 }
 
+fn contiguous_range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("CPU kernels take contiguous tensors".into()))?;
+    Ok(start..end)
+}
+
 /// The contiguous elements of a CPU tensor.
-fn slice<'a, T: candle_core::WithDType>(
+pub(crate) fn slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
 ) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused ops take contiguous tensors".into()))?;
-    Ok(&s.as_slice::<T>()?[start..end])
+    Ok(&s.as_slice::<T>()?[contiguous_range(l)?])
+}
+
+/// The contiguous elements of a CPU tensor, to write in place.
+pub(crate) fn slice_mut<'a, T: Real>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a mut [T]> {
+    Ok(&mut T::vec_mut(s)?[contiguous_range(l)?])
 }
 
 /// Runs `f` on the elements of `t` (a contiguous CPU tensor), from backward passes.

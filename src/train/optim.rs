@@ -184,10 +184,11 @@ impl AdamW {
 /// rounds them.
 mod cpu_fused {
     use candle_core::backend::BackendStorage;
-    use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, WithDType};
+    use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor};
 
     use super::AdamWConfig;
     use crate::error::Result;
+    use crate::model::fused::{slice, slice_mut, Real};
 
     pub fn applies(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
         w.device().is_cpu()
@@ -196,23 +197,6 @@ mod cpu_fused {
                 .iter()
                 .all(|t| t.dtype() == w.dtype() && t.shape() == w.shape())
             && [w, m, v].iter().all(|t| t.is_contiguous())
-    }
-
-    fn slice_mut<'a, T: num_like::Sqrt>(
-        s: &'a mut CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<&'a mut [T]> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("AdamW state must be contiguous".into()))?;
-        Ok(&mut T::vec_mut(s)?[a..b])
-    }
-
-    fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("AdamW inputs must be contiguous".into()))?;
-        Ok(&s.as_slice::<T>()?[a..b])
     }
 
     /// `state = state·beta + f(g)·(1 − beta)`, f the identity or the square.
@@ -233,7 +217,7 @@ mod cpu_fused {
             gs: &CpuStorage,
             gl: &Layout,
         ) -> candle_core::Result<()> {
-            fn run<T: WithDType + num_like::Sqrt>(
+            fn run<T: Real>(
                 op: &Moment,
                 s: &mut CpuStorage,
                 l: &Layout,
@@ -284,7 +268,7 @@ mod cpu_fused {
             vs: &CpuStorage,
             vl: &Layout,
         ) -> candle_core::Result<()> {
-            fn run<T: WithDType + num_like::Sqrt>(
+            fn run<T: Real>(
                 op: &Update,
                 ws: &mut CpuStorage,
                 wl: &Layout,
@@ -314,42 +298,6 @@ mod cpu_fused {
             match ws.dtype() {
                 DType::F32 => run::<f32>(self, ws, wl, ms, ml, vs, vl),
                 _ => run::<f64>(self, ws, wl, ms, ml, vs, vl),
-            }
-        }
-    }
-
-    mod num_like {
-        use candle_core::CpuStorage;
-
-        /// f32 and f64: their square root and their storage's values.
-        pub trait Sqrt: Sized {
-            fn sqrt(self) -> Self;
-            fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>>;
-        }
-        impl Sqrt for f32 {
-            fn sqrt(self) -> Self {
-                f32::sqrt(self)
-            }
-            fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>> {
-                match s {
-                    CpuStorage::F32(v) => Ok(v),
-                    _ => Err(candle_core::Error::Msg(
-                        "AdamW: expected f32 storage".into(),
-                    )),
-                }
-            }
-        }
-        impl Sqrt for f64 {
-            fn sqrt(self) -> Self {
-                f64::sqrt(self)
-            }
-            fn vec_mut(s: &mut CpuStorage) -> candle_core::Result<&mut Vec<Self>> {
-                match s {
-                    CpuStorage::F64(v) => Ok(v),
-                    _ => Err(candle_core::Error::Msg(
-                        "AdamW: expected f64 storage".into(),
-                    )),
-                }
             }
         }
     }

@@ -7,20 +7,13 @@ use candle_core::{DType, Device, Tensor};
 use mmpipe::comm::nccl::{self, NcclCommunicator};
 use mmpipe::comm::{agree_on_run, all_reduce_bucket, Communicator};
 
+use super::common::values;
+
 fn solo() -> (NcclCommunicator, Device) {
     let device = nccl::cuda_device(0).expect("these tests need a CUDA GPU");
     let id = nccl::new_id().unwrap();
     let comm = NcclCommunicator::new(&id, 0, 1, &device, "solo").unwrap();
     (comm, device)
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 #[test]

@@ -7,6 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use mmpipe::model::params::{Init, ParamBuilder};
 use mmpipe::train::optim::{AdamW, AdamWConfig};
 
+use super::common::values;
+
 const CFG: AdamWConfig = AdamWConfig {
     beta1: 0.9,
     beta2: 0.98,
@@ -38,7 +40,7 @@ fn run(dtype: DType) -> Vec<(String, Vec<f64>, Vec<f64>)> {
     pb.get((3, 4), "proj.weight", Init::Normal(0.5)).unwrap();
     pb.get(4, "proj.bias", Init::Normal(0.5)).unwrap();
     let params = pb.params();
-    let start: Vec<Vec<f64>> = params.iter().map(|(_, v)| flat(v.as_tensor())).collect();
+    let start: Vec<Vec<f64>> = params.iter().map(|(_, v)| values(v.as_tensor())).collect();
     let mut opt = AdamW::new(&params, CFG).unwrap();
     let lrs = [1e-2, 5e-3, 2e-2, 1e-2];
     let mut grads_by_param: Vec<Vec<Vec<f64>>> = vec![Vec::new(); 2];
@@ -70,18 +72,9 @@ fn run(dtype: DType) -> Vec<(String, Vec<f64>, Vec<f64>)> {
                 &lrs,
                 name.ends_with("weight"),
             );
-            (name.to_string(), flat(var.as_tensor()), want)
+            (name.to_string(), values(var.as_tensor()), want)
         })
         .collect()
-}
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 #[test]
@@ -128,7 +121,7 @@ fn weight_decay_applies_to_matrices_and_not_to_biases() {
             1.0
         };
         assert!(
-            flat(var.as_tensor())
+            values(var.as_tensor())
                 .iter()
                 .all(|&x| (x - want).abs() < 1e-15),
             "{name}"
