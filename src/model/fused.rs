@@ -74,7 +74,9 @@ impl Real for f32 {
     }
 }
 
-/// `e^x` in f32 without branches or calls (so loops over it vectorise): Cephes' degree-6
+/// `e^x` in f32 without branches or calls (so loops over it vectorise; `mul_add` is one
+/// instruction in the AVX2/AVX-512 copies that [`with_simd`] makes, a libm call only on
+/// x86 CPUs older than FMA): Cephes' degree-6
 /// polynomial on `x - n ln 2`, scaled by `2^n` through the exponent bits. Relative error
 /// about 2e-7 over the whole range; inputs are clamped to where f32 neither overflows nor
 /// goes subnormal (e^-87.3 ≈ 1.2e-38, flushed to 0 below).
@@ -87,16 +89,20 @@ fn exp_f32(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let underflow = x < -87.3;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let shifted = x.mul_add(LOG2E, ROUND);
+    let n = shifted - ROUND;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let p = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r * r, r) + 1.0;
+    // n sits in the low mantissa bits of `shifted`: read it with integer ops (an `as i32`
+    // cast is a saturating conversion that keeps the loop from vectorising).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if underflow {
         0.0
     } else {
@@ -109,27 +115,45 @@ fn exp_f32(x: f32) -> f32 {
 #[inline(always)]
 fn erf_f32(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_7) * t - 0.284_496_74) * t
-        + 0.254_829_6)
-        * t;
-    let y = 1.0 - poly * exp_f32(-a * a);
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = 1.061_405_4f32.mul_add(t, -1.453_152_1);
+    let poly = poly.mul_add(t, 1.421_413_7);
+    let poly = poly.mul_add(t, -0.284_496_74);
+    let poly = poly.mul_add(t, 0.254_829_6) * t;
+    let y = (-poly).mul_add(exp_f32(-a * a), 1.0);
     y.copysign(x)
 }
 
-/// Runs `body` compiled for AVX2 + FMA when the CPU has them (the loops in these kernels
-/// then run 8 floats at a time), else as compiled for the baseline target.
-macro_rules! with_avx2 {
+/// Runs `body` compiled for AVX-512 (16 floats a vector) or AVX2 (8), with FMA, when the
+/// CPU has them, else as compiled for the baseline target. The loops must sit in `body`
+/// itself (plain `for` loops over slices, `#[inline(always)]` helpers): a function that is
+/// called rather than inlined, such as an iterator's `fold`, keeps the baseline code.
+macro_rules! with_simd {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
+            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                unsafe { fast(|| $body) }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY (both): the features were just detected. (Callers may already be in an
+            // unsafe block.)
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("fma")
+            {
+                #[allow(unused_unsafe)]
+                let result = unsafe { avx512(|| $body) };
+                result
+            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            {
+                #[allow(unused_unsafe)]
+                let result = unsafe { avx2(|| $body) };
+                result
             } else {
                 $body
             }
@@ -208,14 +232,17 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 struct GeluErf;
 
+// Plain `for` loops, not `map(..).collect()`: the iterator's `fold` is a separate function
+// that is not inlined into the AVX2 copy, so it would run without the wide vectors.
 fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
     let half = T::c(0.5);
     let one = T::c(1.0);
     let k = T::c(std::f64::consts::FRAC_1_SQRT_2);
-    with_avx2!(x
-        .iter()
-        .map(|&v| half * v * (one + (v * k).erf()))
-        .collect())
+    let mut y = vec![T::c(0.0); x.len()];
+    with_simd!(for (o, &v) in y.iter_mut().zip(x) {
+        *o = half * v * (one + (v * k).erf());
+    });
+    y
 }
 
 fn gelu_bwd<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
@@ -223,15 +250,13 @@ fn gelu_bwd<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
     let one = T::c(1.0);
     let k = T::c(std::f64::consts::FRAC_1_SQRT_2);
     let density = T::c(1.0 / (2.0 * std::f64::consts::PI).sqrt());
-    with_avx2!(x
-        .iter()
-        .zip(dy)
-        .map(|(&v, &g)| {
-            let cdf = half * (one + (v * k).erf());
-            let pdf = density * (-(half * v * v)).exp();
-            g * (cdf + v * pdf)
-        })
-        .collect())
+    let mut dx = vec![T::c(0.0); x.len()];
+    with_simd!(for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+        let cdf = half * (one + (v * k).erf());
+        let pdf = density * (-(half * v * v)).exp();
+        *o = g * (cdf + v * pdf);
+    });
+    dx
 }
 
 impl CustomOp1 for GeluErf {
@@ -271,7 +296,7 @@ struct Softmax;
 
 fn softmax_fwd<T: Real>(x: &[T], width: usize) -> Vec<T> {
     let mut y = vec![T::c(0.0); x.len()];
-    with_avx2!(
+    with_simd!(
         for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
             let max = row
                 .iter()
@@ -293,7 +318,7 @@ fn softmax_fwd<T: Real>(x: &[T], width: usize) -> Vec<T> {
 
 fn softmax_bwd<T: Real>(y: &[T], dy: &[T], width: usize) -> Vec<T> {
     let mut dx = vec![T::c(0.0); y.len()];
-    with_avx2!(for ((y, dy), dx) in y
+    with_simd!(for ((y, dy), dx) in y
         .chunks_exact(width)
         .zip(dy.chunks_exact(width))
         .zip(dx.chunks_exact_mut(width))
@@ -374,7 +399,7 @@ fn row_stats<T: Real>(row: &[T], eps: T) -> (T, T) {
 fn layer_norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     let width = w.len();
     let mut y = vec![T::c(0.0); x.len()];
-    with_avx2!(
+    with_simd!(
         for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
             let (mean, rstd) = row_stats(row, eps);
             for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(w).zip(b) {
@@ -393,7 +418,7 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T) -> (Vec<T>, Vec<T
     let mut dw = vec![T::c(0.0); width];
     let mut db = vec![T::c(0.0); width];
     let mut xhat = vec![T::c(0.0); width];
-    with_avx2!(for ((row, g), d) in x
+    with_simd!(for ((row, g), d) in x
         .chunks_exact(width)
         .zip(dy.chunks_exact(width))
         .zip(dx.chunks_exact_mut(width))
@@ -530,7 +555,7 @@ impl CustomOp2 for AddBias {
                 )));
             }
             let mut out = y.to_vec();
-            with_avx2!(for row in out.chunks_exact_mut(b.len()) {
+            with_simd!(for row in out.chunks_exact_mut(b.len()) {
                 for (o, &c) in row.iter_mut().zip(b) {
                     *o += c;
                 }
@@ -554,7 +579,7 @@ impl CustomOp2 for AddBias {
             let width = bias.elem_count();
             let sums = with_slice::<T, _>(dy, |g| {
                 let mut sums = vec![T::c(0.0); width];
-                with_avx2!(for row in g.chunks_exact(width) {
+                with_simd!(for row in g.chunks_exact(width) {
                     for (s, &v) in sums.iter_mut().zip(row) {
                         *s += v;
                     }
@@ -567,5 +592,438 @@ impl CustomOp2 for AddBias {
             Some(dy.clone()),
             Some(by_dtype!(dy.dtype(), run(bias, dy))?),
         ))
+    }
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Multi-head self-attention on packed projections, heads merged on the way out:
+/// `qkv` `[n, len, 3·width]` (queries, then keys, then values, each `heads` blocks of
+/// `width / heads`), additive `mask` broadcastable to `[n, 1, len, len]` (−∞ where
+/// attention is barred); returns `softmax(q kᵀ/√d + mask) v` as `[n, len, width]`.
+///
+/// On the CPU one op with its own backward: the heads are read and written in place
+/// through GEMM strides (no split or merge copies), each (sample, head) is one GEMM
+/// thread's work, and the probabilities are kept from forward for backward.
+pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (n, len, width3) = qkv.dims3()?;
+    if heads == 0 || width3 % (3 * heads) != 0 {
+        return Err(crate::error::Error::Msg(format!(
+            "attention: {width3} packed projection values per token do not split into 3 × {heads} heads"
+        )));
+    }
+    let width = width3 / 3;
+    let mask = match mask {
+        Some(m) => Some(attention_mask(m, n, len, qkv)?),
+        None => None,
+    };
+    if !on_cpu(qkv) {
+        return attention_plain(qkv, heads, mask.as_ref().map(|m| &m.values));
+    }
+    Ok(qkv.contiguous()?.apply_op1(AttentionOp {
+        heads,
+        width,
+        mask,
+        probs: std::sync::Mutex::new(None),
+    })?)
+}
+
+/// The same maths in plain candle ops (other devices and dtypes; the CPU op's reference).
+pub fn attention_plain(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (n, len, width3) = qkv.dims3()?;
+    let d = width3 / 3 / heads;
+    let qkv = qkv
+        .reshape((n, len, 3, heads, d))?
+        .permute((2, 0, 3, 1, 4))?; // [3, n, h, len, d]
+    let part = |i: usize| -> Result<Tensor> {
+        Ok(qkv.get(i)?.contiguous()?.reshape((n * heads, len, d))?)
+    };
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = match mask {
+        // [n or 1, len or 1, len] → [n, 1, len, len] over the heads.
+        Some(m) => scores
+            .reshape((n, heads, len, len))?
+            .broadcast_add(&m.unsqueeze(1)?)?
+            .reshape((n * heads, len, len))?,
+        None => scores,
+    };
+    let attn = softmax_last_dim(&scores)?.matmul(&v)?; // [n*h, len, d]
+    Ok(attn
+        .reshape((n, heads, len, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, len, heads * d))?)
+}
+
+/// An additive mask as `[n or 1, len or 1, len]`, contiguous, in `like`'s dtype and device.
+struct AttentionMask {
+    values: Tensor,
+    per_sample: bool,
+    per_query: bool,
+}
+
+fn attention_mask(m: &Tensor, n: usize, len: usize, like: &Tensor) -> Result<AttentionMask> {
+    let bad = || {
+        crate::error::Error::Msg(format!(
+            "attention mask of shape {:?} does not broadcast to [{n}, 1, {len}, {len}]",
+            m.dims()
+        ))
+    };
+    let m3 = match m.dims() {
+        [q, k] => m.reshape((1, *q, *k))?,
+        [b, 1, q, k] => m.reshape((*b, *q, *k))?,
+        _ => return Err(bad()),
+    };
+    let (b, q, k) = m3.dims3()?;
+    if !(b == 1 || b == n) || !(q == 1 || q == len) || k != len {
+        return Err(bad());
+    }
+    Ok(AttentionMask {
+        values: m3
+            .to_dtype(like.dtype())?
+            .to_device(like.device())?
+            .contiguous()?,
+        per_sample: b > 1,
+        per_query: q > 1,
+    })
+}
+
+struct AttentionOp {
+    heads: usize,
+    width: usize,
+    mask: Option<AttentionMask>,
+    /// The softmax probabilities `[n, heads, len, len]` from forward, for backward.
+    probs: std::sync::Mutex<Option<CpuStorage>>,
+}
+
+/// A raw pointer that rayon tasks may share: each task writes only its own (sample, head)
+/// block of the output.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// Through a method, so closures capture the wrapper, not its raw field.
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// A strided matrix operand: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Mat<T> {
+    fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst[m×n] (row stride dst_rs) = scale · lhs[m×k] · rhs[k×n]`, single-threaded (the
+/// callers parallelise over heads).
+///
+/// # Safety
+/// Every operand element must be in bounds and `dst` must not overlap the operands or
+/// another thread's output.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    scale: T,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs.ptr,
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.ptr,
+        rhs.cs as isize,
+        rhs.rs as isize,
+        T::c(0.0),
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Row `i` of sample `b`'s additive mask, stored as `[n or 1, len or 1, len]`.
+#[derive(Clone, Copy)]
+struct MaskRows<'a, T> {
+    values: &'a [T],
+    per_sample: bool,
+    per_query: bool,
+    len: usize,
+}
+
+impl<'a, T> MaskRows<'a, T> {
+    fn row(&self, b: usize, i: usize) -> &'a [T] {
+        let rows_per_sample = if self.per_query { self.len } else { 1 };
+        let row = if self.per_sample {
+            b * rows_per_sample
+        } else {
+            0
+        } + if self.per_query { i } else { 0 };
+        &self.values[row * self.len..(row + 1) * self.len]
+    }
+}
+
+/// Softmax of each `len`-wide row of `s` in place, after adding the mask's row (if any).
+#[inline(always)]
+fn softmax_rows_in_place<T: Real>(s: &mut [T], len: usize, mask: Option<(MaskRows<T>, usize)>) {
+    for (i, row) in s.chunks_exact_mut(len).enumerate() {
+        if let Some((m, b)) = mask {
+            for (x, &a) in row.iter_mut().zip(m.row(b, i)) {
+                *x += a;
+            }
+        }
+        let max = row
+            .iter()
+            .copied()
+            .fold(row[0], |m, v| if v > m { v } else { m });
+        let mut sum = T::c(0.0);
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = T::c(1.0) / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// `ds ← p ⊙ (ds − rowsum(p ⊙ ds)) · scale`: from the probabilities' gradient to the
+/// scaled scores', row by row.
+#[inline(always)]
+fn softmax_backward_in_place<T: Real>(ds: &mut [T], p: &[T], len: usize, scale: T) {
+    for (ds, p) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+        let mut dot = T::c(0.0);
+        for (&a, &b) in ds.iter().zip(p) {
+            dot += a * b;
+        }
+        for (x, &pi) in ds.iter_mut().zip(p) {
+            *x = pi * (*x - dot) * scale;
+        }
+    }
+}
+
+impl AttentionOp {
+    /// (samples, tokens, heads, head width) of a `[n, len, 3·width]` input.
+    fn dims(&self, l: &Layout) -> (usize, usize, usize, usize) {
+        let dims = l.shape().dims();
+        (dims[0], dims[1], self.heads, self.width / self.heads)
+    }
+
+    /// Runs `f` with the mask's rows (or none).
+    fn with_mask<T: Real, R>(
+        &self,
+        len: usize,
+        f: impl FnOnce(Option<MaskRows<T>>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        match &self.mask {
+            None => f(None),
+            Some(m) => with_slice::<T, _>(&m.values, |values| {
+                f(Some(MaskRows {
+                    values,
+                    per_sample: m.per_sample,
+                    per_query: m.per_query,
+                    len,
+                }))
+            }),
+        }
+    }
+
+    /// (output `[n, len, width]`, probabilities `[n, heads, len, len]`).
+    fn forward<T: Real>(&self, qkv: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+        use rayon::prelude::*;
+        let (n, len, h, d) = self.dims(l);
+        let w = self.width;
+        if qkv.len() != n * len * 3 * w {
+            return Err(candle_core::Error::Msg("attention: input size".into()));
+        }
+        let scale = T::c(1.0 / (d as f64).sqrt());
+        let mut out = Vec::<T>::with_capacity(n * len * w);
+        let mut probs = Vec::<T>::with_capacity(n * h * len * len);
+        let (out_ptr, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
+        self.with_mask::<T, _>(len, |mask| {
+            (0..n * h).into_par_iter().for_each(|t| {
+                let (b, head) = (t / h, t % h);
+                // SAFETY: every offset below stays inside `qkv` (checked size), the task's
+                // own probability block, or its own head's columns of the output.
+                unsafe {
+                    let q = Mat {
+                        ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
+                        rs: 3 * w,
+                        cs: 1,
+                    };
+                    let k = Mat {
+                        ptr: q.ptr.add(w),
+                        ..q
+                    };
+                    let v = Mat {
+                        ptr: q.ptr.add(2 * w),
+                        ..q
+                    };
+                    let p = probs_ptr.get().add(t * len * len);
+                    gemm_into(len, len, d, p, len, q, k.t(), scale);
+                    let rows = std::slice::from_raw_parts_mut(p, len * len);
+                    with_simd!(softmax_rows_in_place(rows, len, mask.map(|m| (m, b))));
+                    let pm = Mat {
+                        ptr: p as *const T,
+                        rs: len,
+                        cs: 1,
+                    };
+                    let o = out_ptr.get().add(b * len * w + head * d);
+                    gemm_into(len, d, len, o, w, pm, v, T::c(1.0));
+                }
+            });
+            Ok(())
+        })?;
+        // SAFETY: the tasks above wrote every element: each (sample, head) its `len × d`
+        // block of the output and its `len × len` probabilities.
+        unsafe {
+            out.set_len(n * len * w);
+            probs.set_len(n * h * len * len);
+        }
+        Ok((out, probs))
+    }
+
+    /// The gradient of the packed projections `[n, len, 3·width]` from the output's.
+    fn backward<T: Real>(
+        &self,
+        qkv: &[T],
+        probs: &[T],
+        grad: &[T],
+        l: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        use rayon::prelude::*;
+        let (n, len, h, d) = self.dims(l);
+        let w = self.width;
+        if qkv.len() != n * len * 3 * w
+            || probs.len() != n * h * len * len
+            || grad.len() != n * len * w
+        {
+            return Err(candle_core::Error::Msg("attention backward: sizes".into()));
+        }
+        let scale = T::c(1.0 / (d as f64).sqrt());
+        let mut dqkv = Vec::<T>::with_capacity(n * len * 3 * w);
+        let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
+        (0..n * h).into_par_iter().for_each_init(
+            || vec![T::c(0.0); len * len],
+            |ds, t| {
+                let (b, head) = (t / h, t % h);
+                // SAFETY: as in forward; each task writes its own head's columns of the
+                // sample's query, key and value gradients.
+                unsafe {
+                    let q = Mat {
+                        ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
+                        rs: 3 * w,
+                        cs: 1,
+                    };
+                    let k = Mat {
+                        ptr: q.ptr.add(w),
+                        ..q
+                    };
+                    let v = Mat {
+                        ptr: q.ptr.add(2 * w),
+                        ..q
+                    };
+                    let p = Mat {
+                        ptr: probs.as_ptr().add(t * len * len),
+                        rs: len,
+                        cs: 1,
+                    };
+                    let g = Mat {
+                        ptr: grad.as_ptr().add(b * len * w + head * d),
+                        rs: w,
+                        cs: 1,
+                    };
+                    let dq = dqkv_ptr.get().add(b * len * 3 * w + head * d);
+                    let (dk, dv) = (dq.add(w), dq.add(2 * w));
+                    // dv = pᵀ g; dp = g vᵀ; ds = p ⊙ (dp − rowsum(p ⊙ dp)) / √d.
+                    gemm_into(len, d, len, dv, 3 * w, p.t(), g, T::c(1.0));
+                    gemm_into(len, len, d, ds.as_mut_ptr(), len, g, v.t(), T::c(1.0));
+                    let p_rows = std::slice::from_raw_parts(p.ptr, len * len);
+                    with_simd!(softmax_backward_in_place(ds, p_rows, len, scale));
+                    let dsm = Mat {
+                        ptr: ds.as_ptr(),
+                        rs: len,
+                        cs: 1,
+                    };
+                    // dq = ds k; dk = dsᵀ q.
+                    gemm_into(len, d, len, dq, 3 * w, dsm, k, T::c(1.0));
+                    gemm_into(len, d, len, dk, 3 * w, dsm.t(), q, T::c(1.0));
+                }
+            },
+        );
+        // SAFETY: every (sample, head) wrote its query, key and value gradient columns.
+        unsafe { dqkv.set_len(n * len * 3 * w) };
+        Ok(dqkv)
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &AttentionOp,
+            s: &CpuStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CpuStorage, CpuStorage)> {
+            let (out, probs) = op.forward(slice::<T>(s, l)?, l)?;
+            Ok((T::to_cpu_storage_owned(out), T::to_cpu_storage_owned(probs)))
+        }
+        let (out, probs) = by_dtype!(s.dtype(), run(self, s, l))?;
+        *self.probs.lock().expect("attention probabilities") = Some(probs);
+        let dims = l.shape().dims();
+        Ok((out, Shape::from((dims[0], dims[1], self.width))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        fn run<T: Real>(
+            op: &AttentionOp,
+            qkv: &Tensor,
+            probs: &CpuStorage,
+            grad: &Tensor,
+        ) -> candle_core::Result<Tensor> {
+            let qkv = qkv.contiguous()?;
+            let dqkv = with_slice::<T, _>(&qkv, |x| {
+                with_slice::<T, _>(grad, |g| {
+                    op.backward(x, probs.as_slice::<T>()?, g, qkv.layout())
+                })
+            })?;
+            Tensor::from_vec(dqkv, qkv.shape(), qkv.device())
+        }
+        let probs = self.probs.lock().expect("attention probabilities");
+        let probs = probs
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("attention backward before forward".into()))?;
+        Ok(Some(by_dtype!(qkv.dtype(), run(self, qkv, probs, grad))?))
     }
 }

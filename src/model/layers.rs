@@ -139,36 +139,12 @@ impl Attention {
         }
     }
 
-    /// `x`: `[batch, len, width]`; `mask`: additive, broadcastable to `[batch, heads, len,
+    /// `x`: `[batch, len, width]`; `mask`: additive, broadcastable to `[batch, 1, len,
     /// len]` (−∞ where attention is barred): `[len, len]` causal, `[batch, 1, 1, len]` padding.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (n, len, width) = x.dims3()?;
-        let h = self.heads;
-        let d = width / h;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((n, len, 3, h, d))?
-            .permute((2, 0, 3, 1, 4))?; // [3, n, h, len, d]
-        let part = |i: usize| -> Result<Tensor> {
-            Ok(qkv.get(i)?.contiguous()?.reshape((n * h, len, d))?)
-        };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((n, h, len, len))?
-                .broadcast_add(m)?
-                .reshape((n * h, len, len))?,
-            None => scores,
-        };
-        let attn = softmax(&scores)?.matmul(&v)?; // [n*h, len, d]
-        let attn = attn
-            .reshape((n, h, len, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, len, width))?;
-        self.out_proj.forward(&attn)
+        let qkv = self.qkv.forward(x)?;
+        self.out_proj
+            .forward(&super::fused::attention(&qkv, self.heads, mask)?)
     }
 }
 

@@ -234,3 +234,130 @@ fn f32_gelu_and_softmax_are_accurate_over_the_whole_range() {
         );
     }
 }
+
+/// `[len, len]`: −∞ above the diagonal (the text tower's causal mask).
+fn causal_mask(len: usize, dtype: DType) -> Tensor {
+    let v: Vec<f64> = (0..len * len)
+        .map(|i| {
+            if i % len > i / len {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (len, len), &candle_core::Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// `[n, 1, 1, len]`: sample i's last i keys barred (BERT's padding mask).
+fn padding_mask(n: usize, len: usize, dtype: DType) -> Tensor {
+    let v: Vec<f64> = (0..n * len)
+        .map(|i| {
+            if i % len >= len - i / len {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (n, 1, 1, len), &candle_core::Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The fused attention (heads read and written through strides, probabilities kept for
+/// backward) against the same maths in plain ops: no mask, causal, padding, and a mask
+/// per sample and query; values and the packed projections' gradient.
+fn check_attention(dtype: DType, rel: f64, abs: f64) {
+    let (n, len, heads, d) = (3, 7, 2, 4);
+    let qkv = inputs(&[n, len, 3 * heads * d], 2.5, dtype);
+    let per_query = (fixed_values(&[n, 1, len, len], 0.7) * 4.0)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let masks = [
+        ("no mask", None),
+        ("causal", Some(causal_mask(len, dtype))),
+        ("padding", Some(padding_mask(n, len, dtype))),
+        ("per sample and query", Some(per_query)),
+    ];
+    for (name, mask) in &masks {
+        let label = format!("attention {dtype:?} {name}");
+        let fused_op = |t: &[Tensor]| fused::attention(&t[0], heads, mask.as_ref()).unwrap();
+        let plain_op = |t: &[Tensor]| {
+            let m = mask.as_ref().map(|m| {
+                let m = m.to_dtype(t[0].dtype()).unwrap();
+                // attention_plain takes the mask as [n or 1, len or 1, len].
+                match m.dims() {
+                    [q, k] => m.reshape((1, *q, *k)).unwrap(),
+                    [b, 1, q, k] => m.reshape((*b, *q, *k)).unwrap(),
+                    _ => unreachable!(),
+                }
+            });
+            fused::attention_plain(&t[0], heads, m.as_ref()).unwrap()
+        };
+        if dtype == DType::F32 {
+            check_f32_against_f64(&label, &[&qkv], &fused_op, &plain_op, rel);
+        } else {
+            check(&label, &[&qkv], &fused_op, &plain_op, rel, abs);
+        }
+    }
+}
+
+#[test]
+fn fused_attention_equals_plain_ops() {
+    check_attention(DType::F64, 1e-12, 1e-14);
+    check_attention(DType::F32, 1e-5, 0.0);
+}
+
+/// Against central finite differences of the summed, weighted output (an independent
+/// check of the hand-written backward).
+#[test]
+fn fused_attention_gradient_matches_finite_differences() {
+    let (n, len, heads, d) = (2, 5, 2, 3);
+    let qkv = inputs(&[n, len, 3 * heads * d], 1.5, DType::F64);
+    let mask = causal_mask(len, DType::F64);
+    let f = |t: &Tensor| fused::attention(t, heads, Some(&mask)).unwrap();
+    let (_, g) = value_and_grads(&[&qkv], &|t| f(&t[0]));
+    let analytic = values(&g[0]);
+    let x0 = values(qkv.as_tensor());
+    let shape = qkv.as_tensor().dims().to_vec();
+    let objective = |x: &[f64]| {
+        let t = Tensor::from_vec(x.to_vec(), shape.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let y = f(&t);
+        let w = fixed_values(y.dims(), 1.1);
+        (&y * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let h = 1e-6;
+    for i in (0..x0.len()).step_by(7) {
+        let mut plus = x0.clone();
+        plus[i] += h;
+        let mut minus = x0.clone();
+        minus[i] -= h;
+        let numeric = (objective(&plus) - objective(&minus)) / (2.0 * h);
+        assert!(
+            (numeric - analytic[i]).abs() < 1e-7 * (1.0 + numeric.abs()),
+            "qkv[{i}]: finite differences {numeric} vs backward {}",
+            analytic[i]
+        );
+    }
+}
+
+#[test]
+fn fused_attention_names_bad_shapes() {
+    let qkv = inputs(&[2, 4, 18], 1.0, DType::F32);
+    let err = fused::attention(qkv.as_tensor(), 4, None).unwrap_err();
+    assert!(err.to_string().contains("3 × 4 heads"), "{err}");
+    let mask = Tensor::zeros((3, 1, 1, 4), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let err = fused::attention(qkv.as_tensor(), 2, Some(&mask)).unwrap_err();
+    assert!(err.to_string().contains("[3, 1, 1, 4]"), "{err}");
+}
