@@ -9,6 +9,8 @@
 //! devices, and for other dtypes, the same maths runs as plain candle ops — which is also
 //! what the CPU kernels are tested against.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
@@ -172,6 +174,19 @@ fn contiguous_range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
     Ok(start..end)
 }
 
+/// A vector of `len` values that `fill` writes, each once, with no zero-filling pass
+/// first (on outputs of tens of MB, that pass was a visible share of a CPU step).
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+unsafe fn uninit_vec<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's `fill` wrote all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// The contiguous elements of a CPU tensor.
 pub(crate) fn slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
@@ -238,11 +253,14 @@ fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
     let half = T::c(0.5);
     let one = T::c(1.0);
     let k = T::c(std::f64::consts::FRAC_1_SQRT_2);
-    let mut y = vec![T::c(0.0); x.len()];
-    with_simd!(for (o, &v) in y.iter_mut().zip(x) {
-        *o = half * v * (one + (v * k).erf());
-    });
-    y
+    // SAFETY: the loop writes one output per input.
+    unsafe {
+        uninit_vec(x.len(), |y| {
+            with_simd!(for (o, &v) in y.iter_mut().zip(x) {
+                o.write(half * v * (one + (v * k).erf()));
+            })
+        })
+    }
 }
 
 fn gelu_bwd<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
@@ -250,13 +268,17 @@ fn gelu_bwd<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
     let one = T::c(1.0);
     let k = T::c(std::f64::consts::FRAC_1_SQRT_2);
     let density = T::c(1.0 / (2.0 * std::f64::consts::PI).sqrt());
-    let mut dx = vec![T::c(0.0); x.len()];
-    with_simd!(for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-        let cdf = half * (one + (v * k).erf());
-        let pdf = density * (-(half * v * v)).exp();
-        *o = g * (cdf + v * pdf);
-    });
-    dx
+    assert_eq!(x.len(), dy.len(), "GELU backward: gradient size");
+    // SAFETY: the loop writes one output per input.
+    unsafe {
+        uninit_vec(x.len(), |dx| {
+            with_simd!(for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let cdf = half * (one + (v * k).erf());
+                let pdf = density * (-(half * v * v)).exp();
+                o.write(g * (cdf + v * pdf));
+            })
+        })
+    }
 }
 
 impl CustomOp1 for GeluErf {
@@ -398,30 +420,41 @@ fn row_stats<T: Real>(row: &[T], eps: T) -> (T, T) {
 
 fn layer_norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     let width = w.len();
-    let mut y = vec![T::c(0.0); x.len()];
-    with_simd!(
-        for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
-            let (mean, rstd) = row_stats(row, eps);
-            for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(w).zip(b) {
-                *o = (v - mean) * rstd * g + c;
-            }
-        }
+    assert!(
+        width > 0 && x.len() % width == 0 && b.len() == width,
+        "layer norm: sizes"
     );
-    y
+    // SAFETY: whole rows (checked), each element of each written once.
+    unsafe {
+        uninit_vec(x.len(), |y| {
+            with_simd!(
+                for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
+                    let (mean, rstd) = row_stats(row, eps);
+                    for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(w).zip(b) {
+                        o.write((v - mean) * rstd * g + c);
+                    }
+                }
+            )
+        })
+    }
 }
 
 /// (dx, dweight, dbias).
 fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T) -> (Vec<T>, Vec<T>, Vec<T>) {
     let width = w.len();
     let n = T::c(width as f64);
-    let mut dx = vec![T::c(0.0); x.len()];
+    assert!(
+        width > 0 && x.len() % width == 0 && dy.len() == x.len(),
+        "layer norm: sizes"
+    );
+    let mut dx = Vec::with_capacity(x.len());
     let mut dw = vec![T::c(0.0); width];
     let mut db = vec![T::c(0.0); width];
     let mut xhat = vec![T::c(0.0); width];
     with_simd!(for ((row, g), d) in x
         .chunks_exact(width)
         .zip(dy.chunks_exact(width))
-        .zip(dx.chunks_exact_mut(width))
+        .zip(dx.spare_capacity_mut()[..x.len()].chunks_exact_mut(width))
     {
         let (mean, rstd) = row_stats(row, eps);
         let mut sum_gw = T::c(0.0);
@@ -443,9 +476,11 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T) -> (Vec<T>, Vec<T
         let mean_gw = sum_gw / n;
         let mean_gw_xhat = sum_gw_xhat / n;
         for (((di, &h), &gi), &wi) in d.iter_mut().zip(&xhat).zip(g).zip(w) {
-            *di = rstd * (gi * wi - mean_gw - h * mean_gw_xhat);
+            di.write(rstd * (gi * wi - mean_gw - h * mean_gw_xhat));
         }
     });
+    // SAFETY: whole rows (checked), each element of each written once above.
+    unsafe { dx.set_len(x.len()) };
     (dx, dw, db)
 }
 
@@ -554,12 +589,18 @@ impl CustomOp2 for AddBias {
                     y.len()
                 )));
             }
-            let mut out = y.to_vec();
-            with_simd!(for row in out.chunks_exact_mut(b.len()) {
-                for (o, &c) in row.iter_mut().zip(b) {
-                    *o += c;
-                }
-            });
+            // SAFETY: whole rows (checked above), each element written once.
+            let out = unsafe {
+                uninit_vec(y.len(), |out| {
+                    with_simd!(for (o, y) in
+                        out.chunks_exact_mut(b.len()).zip(y.chunks_exact(b.len()))
+                    {
+                        for ((o, &v), &c) in o.iter_mut().zip(y).zip(b) {
+                            o.write(v + c);
+                        }
+                    })
+                })
+            };
             Ok(T::to_cpu_storage_owned(out))
         }
         Ok((

@@ -1478,7 +1478,15 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // mmpipe patch: the GEMM overwrites every element (read_dst = false, k > 0), so the
+        // output is not zero-filled first; k = 0 keeps the zeros.
+        let dst_len = b * m * n;
+        let mut dst: Vec<T> = if k == 0 {
+            vec![T::zero(); dst_len]
+        } else {
+            Vec::with_capacity(dst_len)
+        };
+        let dst_ptr = dst.as_mut_ptr();
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1499,16 +1507,15 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
+        for step in 0..if k == 0 { 0 } else { b } {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_ptr.add(step * c_skip),
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1527,6 +1534,8 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // SAFETY: every batch's m × n block was written by its GEMM (or zero-filled above).
+        unsafe { dst.set_len(dst_len) };
         Ok(dst)
     }
 
