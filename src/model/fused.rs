@@ -421,7 +421,7 @@ fn row_stats<T: Real>(row: &[T], eps: T) -> (T, T) {
 fn layer_norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     let width = w.len();
     assert!(
-        width > 0 && x.len() % width == 0 && b.len() == width,
+        width > 0 && x.len().is_multiple_of(width) && b.len() == width,
         "layer norm: sizes"
     );
     // SAFETY: whole rows (checked), each element of each written once.
@@ -444,7 +444,7 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T) -> (Vec<T>, Vec<T
     let width = w.len();
     let n = T::c(width as f64);
     assert!(
-        width > 0 && x.len() % width == 0 && dy.len() == x.len(),
+        width > 0 && x.len().is_multiple_of(width) && dy.len() == x.len(),
         "layer norm: sizes"
     );
     let mut dx = Vec::with_capacity(x.len());
@@ -752,6 +752,26 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// Runs `f(scratch, task)` for tasks `0..n`: on the thread pool when it has several
+/// threads, else on this thread. (Rank threads size the pool to one thread each: a
+/// parallel loop would then queue every rank's tasks on the pool's one thread, while the
+/// rank threads wait.) `init` makes each worker's scratch space.
+fn for_each_task<S>(
+    n: usize,
+    init: impl Fn() -> S + Send + Sync,
+    f: impl Fn(&mut S, usize) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    if rayon::current_num_threads() > 1 {
+        (0..n).into_par_iter().for_each_init(init, f);
+    } else {
+        let mut scratch = init();
+        for t in 0..n {
+            f(&mut scratch, t);
+        }
+    }
+}
+
 /// A strided matrix operand: element (i, j) at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
 struct Mat<T> {
@@ -899,7 +919,6 @@ impl AttentionOp {
 
     /// (output `[n, len, width]`, probabilities `[n, heads, len, len]`).
     fn forward<T: Real>(&self, qkv: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Vec<T>)> {
-        use rayon::prelude::*;
         let (n, len, h, d) = self.dims(l);
         let w = self.width;
         if qkv.len() != n * len * 3 * w {
@@ -910,37 +929,41 @@ impl AttentionOp {
         let mut probs = Vec::<T>::with_capacity(n * h * len * len);
         let (out_ptr, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
         self.with_mask::<T, _>(len, |mask| {
-            (0..n * h).into_par_iter().for_each(|t| {
-                let (b, head) = (t / h, t % h);
-                // SAFETY: every offset below stays inside `qkv` (checked size), the task's
-                // own probability block, or its own head's columns of the output.
-                unsafe {
-                    let q = Mat {
-                        ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
-                        rs: 3 * w,
-                        cs: 1,
-                    };
-                    let k = Mat {
-                        ptr: q.ptr.add(w),
-                        ..q
-                    };
-                    let v = Mat {
-                        ptr: q.ptr.add(2 * w),
-                        ..q
-                    };
-                    let p = probs_ptr.get().add(t * len * len);
-                    gemm_into(len, len, d, p, len, q, k.t(), scale);
-                    let rows = std::slice::from_raw_parts_mut(p, len * len);
-                    with_simd!(softmax_rows_in_place(rows, len, mask.map(|m| (m, b))));
-                    let pm = Mat {
-                        ptr: p as *const T,
-                        rs: len,
-                        cs: 1,
-                    };
-                    let o = out_ptr.get().add(b * len * w + head * d);
-                    gemm_into(len, d, len, o, w, pm, v, T::c(1.0));
-                }
-            });
+            for_each_task(
+                n * h,
+                || (),
+                |_, t| {
+                    let (b, head) = (t / h, t % h);
+                    // SAFETY: every offset below stays inside `qkv` (checked size), the task's
+                    // own probability block, or its own head's columns of the output.
+                    unsafe {
+                        let q = Mat {
+                            ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
+                            rs: 3 * w,
+                            cs: 1,
+                        };
+                        let k = Mat {
+                            ptr: q.ptr.add(w),
+                            ..q
+                        };
+                        let v = Mat {
+                            ptr: q.ptr.add(2 * w),
+                            ..q
+                        };
+                        let p = probs_ptr.get().add(t * len * len);
+                        gemm_into(len, len, d, p, len, q, k.t(), scale);
+                        let rows = std::slice::from_raw_parts_mut(p, len * len);
+                        with_simd!(softmax_rows_in_place(rows, len, mask.map(|m| (m, b))));
+                        let pm = Mat {
+                            ptr: p as *const T,
+                            rs: len,
+                            cs: 1,
+                        };
+                        let o = out_ptr.get().add(b * len * w + head * d);
+                        gemm_into(len, d, len, o, w, pm, v, T::c(1.0));
+                    }
+                },
+            );
             Ok(())
         })?;
         // SAFETY: the tasks above wrote every element: each (sample, head) its `len × d`
@@ -960,7 +983,6 @@ impl AttentionOp {
         grad: &[T],
         l: &Layout,
     ) -> candle_core::Result<Vec<T>> {
-        use rayon::prelude::*;
         let (n, len, h, d) = self.dims(l);
         let w = self.width;
         if qkv.len() != n * len * 3 * w
@@ -972,7 +994,8 @@ impl AttentionOp {
         let scale = T::c(1.0 / (d as f64).sqrt());
         let mut dqkv = Vec::<T>::with_capacity(n * len * 3 * w);
         let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
-        (0..n * h).into_par_iter().for_each_init(
+        for_each_task(
+            n * h,
             || vec![T::c(0.0); len * len],
             |ds, t| {
                 let (b, head) = (t / h, t % h);

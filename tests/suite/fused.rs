@@ -361,3 +361,28 @@ fn fused_attention_names_bad_shapes() {
     let err = fused::attention(qkv.as_tensor(), 2, Some(&mask)).unwrap_err();
     assert!(err.to_string().contains("[3, 1, 1, 4]"), "{err}");
 }
+
+/// One thread (rank threads' pools) and several give the same bits: each (sample, head)
+/// is one task's work whichever thread runs it.
+#[test]
+fn fused_attention_is_the_same_on_one_thread_and_several() {
+    let qkv = inputs(&[4, 9, 3 * 16], 2.0, DType::F32);
+    let mask = causal_mask(9, DType::F32);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (y, g) = value_and_grads(&[&qkv], &|t| {
+                fused::attention(&t[0], 4, Some(&mask)).unwrap()
+            });
+            (values(&y), values(&g[0]))
+        })
+    };
+    let one = run(1);
+    let three = run(3);
+    assert_eq!(one.0, three.0, "outputs differ");
+    assert_eq!(one.1, three.1, "gradients differ");
+    assert!(one.1.iter().any(|v| *v != 0.0));
+}
