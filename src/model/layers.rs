@@ -27,11 +27,11 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => super::fused::add_bias(&y, b)?,
-            None => y,
-        };
+        let y = super::fused::linear(
+            &x.reshape((rows, in_dim))?,
+            &self.weight,
+            self.bias.as_ref(),
+        )?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)

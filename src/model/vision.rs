@@ -164,9 +164,8 @@ impl VisionTower {
             .contiguous()?
             .reshape((n * gh * gw, c.patch_dim()))?;
         let weight = self.conv1.reshape((c.width, c.patch_dim()))?;
-        let x = patches
-            .matmul(&weight.t()?)?
-            .reshape((n, gh * gw, c.width))?;
+        // The fused linear computes no gradient for the pixels (nothing needs it).
+        let x = super::fused::linear(&patches, &weight, None)?.reshape((n, gh * gw, c.width))?;
         let cls = self
             .class_embedding
             .reshape((1, 1, c.width))?

@@ -163,13 +163,27 @@ fn check_all(dtype: DType, rel: f64, abs: f64) {
         rel,
         abs,
     );
-    let y = inputs(&[9, 13], 2.0, dtype);
-    let c = inputs(&[13], 1.0, dtype);
+    let x = inputs(&[11, 6], 2.0, dtype);
+    let w = inputs(&[5, 6], 1.0, dtype);
+    let c = inputs(&[5], 1.0, dtype);
     check(
-        &format!("bias {dtype:?}"),
-        &[&y, &c],
-        &|t| fused::add_bias(&t[0], &t[1]).unwrap(),
-        &|t| t[0].broadcast_add(&t[1]).unwrap(),
+        &format!("linear {dtype:?}"),
+        &[&x, &w, &c],
+        &|t| fused::linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+        &|t| {
+            t[0].matmul(&t[1].t().unwrap())
+                .unwrap()
+                .broadcast_add(&t[2])
+                .unwrap()
+        },
+        rel,
+        abs,
+    );
+    check(
+        &format!("linear without bias {dtype:?}"),
+        &[&x, &w],
+        &|t| fused::linear(&t[0], &t[1], None).unwrap(),
+        &|t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
         rel,
         abs,
     );
@@ -385,4 +399,24 @@ fn fused_attention_is_the_same_on_one_thread_and_several() {
     assert_eq!(one.0, three.0, "outputs differ");
     assert_eq!(one.1, three.1, "gradients differ");
     assert!(one.1.iter().any(|v| *v != 0.0));
+}
+
+/// An input that needs no gradient (pixels: not a variable, not computed from one) gets
+/// none from the fused linear, and the weight's gradient is still exact.
+#[test]
+fn fused_linear_skips_the_gradient_of_constant_inputs() {
+    let x = fixed_values(&[7, 4], 0.2);
+    let w = inputs(&[3, 4], 1.0, DType::F64);
+    let y = fused::linear(&x, w.as_tensor(), None).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_none(), "a gradient for a constant input");
+    // d(Σ x wᵀ)/dw[o, i] = Σ_rows x[r, i].
+    let want = x.sum(0).unwrap();
+    let got = grads.get(w.as_tensor()).expect("weight gradient");
+    for o in 0..3 {
+        let row = values(&got.get(o).unwrap());
+        for (a, b) in row.iter().zip(values(&want)) {
+            assert!((a - b).abs() < 1e-12, "dw[{o}]: {a} vs {b}");
+        }
+    }
 }
