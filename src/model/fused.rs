@@ -394,12 +394,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
         &bias.contiguous()?,
         LayerNormOp {
             eps: f64::from(eps),
+            stats: std::sync::Mutex::new(None),
         },
     )?)
 }
 
 struct LayerNormOp {
     eps: f64,
+    /// Each row's mean and 1/σ from forward (backward would otherwise recompute them).
+    stats: std::sync::Mutex<Option<CpuStorage>>,
 }
 
 /// Mean and 1/σ of one row (two passes: the variance of values far from 0 stays exact).
@@ -419,29 +422,34 @@ fn row_stats<T: Real>(row: &[T], eps: T) -> (T, T) {
     (mean, T::c(1.0) / (var / n + eps).sqrt())
 }
 
-fn layer_norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
+/// (normalised output, each row's mean and 1/σ).
+fn layer_norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> (Vec<T>, Vec<T>) {
     let width = w.len();
     assert!(
         width > 0 && x.len().is_multiple_of(width) && b.len() == width,
         "layer norm: sizes"
     );
+    let mut stats = Vec::with_capacity(2 * (x.len() / width));
     // SAFETY: whole rows (checked), each element of each written once.
-    unsafe {
+    let y = unsafe {
         uninit_vec(x.len(), |y| {
             with_simd!(
                 for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
                     let (mean, rstd) = row_stats(row, eps);
+                    stats.push(mean);
+                    stats.push(rstd);
                     for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(w).zip(b) {
                         o.write((v - mean) * rstd * g + c);
                     }
                 }
             )
         })
-    }
+    };
+    (y, stats)
 }
 
-/// (dx, dweight, dbias).
-fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// (dx, dweight, dbias), with forward's row statistics.
+fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], stats: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let width = w.len();
     let n = T::c(width as f64);
     assert!(
@@ -452,12 +460,18 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T) -> (Vec<T>, Vec<T
     let mut dw = vec![T::c(0.0); width];
     let mut db = vec![T::c(0.0); width];
     let mut xhat = vec![T::c(0.0); width];
-    with_simd!(for ((row, g), d) in x
+    assert_eq!(
+        stats.len(),
+        2 * (x.len() / width),
+        "layer norm: row statistics"
+    );
+    with_simd!(for (((row, g), d), st) in x
         .chunks_exact(width)
         .zip(dy.chunks_exact(width))
         .zip(dx.spare_capacity_mut()[..x.len()].chunks_exact_mut(width))
+        .zip(stats.chunks_exact(2))
     {
-        let (mean, rstd) = row_stats(row, eps);
+        let (mean, rstd) = (st[0], st[1]);
         let mut sum_gw = T::c(0.0);
         let mut sum_gw_xhat = T::c(0.0);
         for ((((h, &v), &gi), &wi), (dwi, dbi)) in xhat
@@ -504,7 +518,7 @@ impl CustomOp3 for LayerNormOp {
             w: (&CpuStorage, &Layout),
             b: (&CpuStorage, &Layout),
             eps: f64,
-        ) -> candle_core::Result<CpuStorage> {
+        ) -> candle_core::Result<(CpuStorage, CpuStorage)> {
             let (x, w, b) = (
                 slice::<T>(x.0, x.1)?,
                 slice::<T>(w.0, w.1)?,
@@ -518,9 +532,11 @@ impl CustomOp3 for LayerNormOp {
                     b.len()
                 )));
             }
-            Ok(T::to_cpu_storage_owned(layer_norm_fwd(x, w, b, T::c(eps))))
+            let (y, stats) = layer_norm_fwd(x, w, b, T::c(eps));
+            Ok((T::to_cpu_storage_owned(y), T::to_cpu_storage_owned(stats)))
         }
-        let out = by_dtype!(s1.dtype(), run((s1, l1), (s2, l2), (s3, l3), self.eps))?;
+        let (out, stats) = by_dtype!(s1.dtype(), run((s1, l1), (s2, l2), (s3, l3), self.eps))?;
+        *self.stats.lock().expect("layer norm statistics") = Some(stats);
         Ok((out, l1.shape().clone()))
     }
 
@@ -536,11 +552,12 @@ impl CustomOp3 for LayerNormOp {
             x: &Tensor,
             w: &Tensor,
             dy: &Tensor,
-            eps: f64,
+            stats: &CpuStorage,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let stats = stats.as_slice::<T>()?;
             let (dx, dw, db) = with_slice::<T, _>(x, |xs| {
                 with_slice::<T, _>(w, |ws| {
-                    with_slice::<T, _>(dy, |g| Ok(layer_norm_bwd(xs, ws, g, T::c(eps))))
+                    with_slice::<T, _>(dy, |g| Ok(layer_norm_bwd(xs, ws, g, stats)))
                 })
             })?;
             let dev = x.device();
@@ -550,7 +567,11 @@ impl CustomOp3 for LayerNormOp {
                 Some(Tensor::from_vec(db, w.shape(), dev)?),
             ))
         }
-        by_dtype!(x.dtype(), run(x, w, dy, self.eps))
+        let stats = self.stats.lock().expect("layer norm statistics");
+        let stats = stats
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("layer norm backward before forward".into()))?;
+        by_dtype!(x.dtype(), run(x, w, dy, stats))
     }
 }
 
