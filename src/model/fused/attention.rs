@@ -1,0 +1,458 @@
+//! Multi-head self-attention on packed projections, with its own backward: heads read
+//! and written in place through GEMM strides, one task per (sample, head).
+
+use super::*;
+
+/// Multi-head self-attention on packed projections, heads merged on the way out:
+/// `qkv` `[n, len, 3·width]` (queries, then keys, then values, each `heads` blocks of
+/// `width / heads`), additive `mask` broadcastable to `[n, 1, len, len]` (−∞ where
+/// attention is barred); returns `softmax(q kᵀ/√d + mask) v` as `[n, len, width]`.
+///
+/// On the CPU one op with its own backward: the heads are read and written in place
+/// through GEMM strides (no split or merge copies), each (sample, head) is one GEMM
+/// thread's work, and the probabilities are kept from forward for backward.
+pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (n, len, width3) = qkv.dims3()?;
+    if heads == 0 || width3 % (3 * heads) != 0 {
+        return Err(crate::error::Error::Msg(format!(
+            "attention: {width3} packed projection values per token do not split into 3 × {heads} heads"
+        )));
+    }
+    let width = width3 / 3;
+    let mask = match mask {
+        Some(m) => Some(attention_mask(m, n, len, qkv)?),
+        None => None,
+    };
+    if !on_cpu(qkv) {
+        return attention_plain(qkv, heads, mask.as_ref().map(|m| &m.values));
+    }
+    Ok(qkv.contiguous()?.apply_op1(AttentionOp {
+        heads,
+        width,
+        mask,
+        probs: std::sync::Mutex::new(None),
+    })?)
+}
+
+/// The same maths in plain candle ops (other devices and dtypes; the CPU op's reference).
+pub fn attention_plain(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (n, len, width3) = qkv.dims3()?;
+    let d = width3 / 3 / heads;
+    let qkv = qkv
+        .reshape((n, len, 3, heads, d))?
+        .permute((2, 0, 3, 1, 4))?; // [3, n, h, len, d]
+    let part = |i: usize| -> Result<Tensor> {
+        Ok(qkv.get(i)?.contiguous()?.reshape((n * heads, len, d))?)
+    };
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = match mask {
+        // [n or 1, len or 1, len] → [n, 1, len, len] over the heads.
+        Some(m) => scores
+            .reshape((n, heads, len, len))?
+            .broadcast_add(&m.unsqueeze(1)?)?
+            .reshape((n * heads, len, len))?,
+        None => scores,
+    };
+    let attn = softmax_last_dim(&scores)?.matmul(&v)?; // [n*h, len, d]
+    Ok(attn
+        .reshape((n, heads, len, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, len, heads * d))?)
+}
+
+/// An additive mask as `[n or 1, len or 1, len]`, contiguous, in `like`'s dtype and device.
+struct AttentionMask {
+    values: Tensor,
+    per_sample: bool,
+    per_query: bool,
+}
+
+fn attention_mask(m: &Tensor, n: usize, len: usize, like: &Tensor) -> Result<AttentionMask> {
+    let bad = || {
+        crate::error::Error::Msg(format!(
+            "attention mask of shape {:?} does not broadcast to [{n}, 1, {len}, {len}]",
+            m.dims()
+        ))
+    };
+    let m3 = match m.dims() {
+        [q, k] => m.reshape((1, *q, *k))?,
+        [b, 1, q, k] => m.reshape((*b, *q, *k))?,
+        _ => return Err(bad()),
+    };
+    let (b, q, k) = m3.dims3()?;
+    if !(b == 1 || b == n) || !(q == 1 || q == len) || k != len {
+        return Err(bad());
+    }
+    Ok(AttentionMask {
+        values: m3
+            .to_dtype(like.dtype())?
+            .to_device(like.device())?
+            .contiguous()?,
+        per_sample: b > 1,
+        per_query: q > 1,
+    })
+}
+
+struct AttentionOp {
+    heads: usize,
+    width: usize,
+    mask: Option<AttentionMask>,
+    /// The softmax probabilities `[n, heads, len, len]` from forward, for backward.
+    probs: std::sync::Mutex<Option<CpuStorage>>,
+}
+
+/// A raw pointer that rayon tasks may share: each task writes only its own (sample, head)
+/// block of the output.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// Through a method, so closures capture the wrapper, not its raw field.
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Runs `f(scratch, task)` for tasks `0..n`: on the thread pool when it has several
+/// threads, else on this thread. (Rank threads size the pool to one thread each: a
+/// parallel loop would then queue every rank's tasks on the pool's one thread, while the
+/// rank threads wait.) `init` makes each worker's scratch space.
+fn for_each_task<S>(
+    n: usize,
+    init: impl Fn() -> S + Send + Sync,
+    f: impl Fn(&mut S, usize) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    if rayon::current_num_threads() > 1 {
+        (0..n).into_par_iter().for_each_init(init, f);
+    } else {
+        let mut scratch = init();
+        for t in 0..n {
+            f(&mut scratch, t);
+        }
+    }
+}
+
+/// A strided matrix operand: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Mat<T> {
+    fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst[m×n] (row stride dst_rs) = scale · lhs[m×k] · rhs[k×n]`, single-threaded (the
+/// callers parallelise over heads).
+///
+/// # Safety
+/// Every operand element must be in bounds and `dst` must not overlap the operands or
+/// another thread's output.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    scale: T,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs.ptr,
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.ptr,
+        rhs.cs as isize,
+        rhs.rs as isize,
+        T::c(0.0),
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Row `i` of sample `b`'s additive mask, stored as `[n or 1, len or 1, len]`.
+#[derive(Clone, Copy)]
+struct MaskRows<'a, T> {
+    values: &'a [T],
+    per_sample: bool,
+    per_query: bool,
+    len: usize,
+}
+
+impl<'a, T> MaskRows<'a, T> {
+    fn row(&self, b: usize, i: usize) -> &'a [T] {
+        let rows_per_sample = if self.per_query { self.len } else { 1 };
+        let row = if self.per_sample {
+            b * rows_per_sample
+        } else {
+            0
+        } + if self.per_query { i } else { 0 };
+        &self.values[row * self.len..(row + 1) * self.len]
+    }
+}
+
+/// Softmax of each `len`-wide row of `s` in place, after adding the mask's row (if any).
+#[inline(always)]
+fn softmax_rows_in_place<T: Real>(s: &mut [T], len: usize, mask: Option<(MaskRows<T>, usize)>) {
+    for (i, row) in s.chunks_exact_mut(len).enumerate() {
+        if let Some((m, b)) = mask {
+            for (x, &a) in row.iter_mut().zip(m.row(b, i)) {
+                *x += a;
+            }
+        }
+        let max = row
+            .iter()
+            .copied()
+            .fold(row[0], |m, v| if v > m { v } else { m });
+        let mut sum = T::c(0.0);
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = T::c(1.0) / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// `ds ← p ⊙ (ds − rowsum(p ⊙ ds)) · scale`: from the probabilities' gradient to the
+/// scaled scores', row by row.
+#[inline(always)]
+fn softmax_backward_in_place<T: Real>(ds: &mut [T], p: &[T], len: usize, scale: T) {
+    for (ds, p) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+        let mut dot = T::c(0.0);
+        for (&a, &b) in ds.iter().zip(p) {
+            dot += a * b;
+        }
+        for (x, &pi) in ds.iter_mut().zip(p) {
+            *x = pi * (*x - dot) * scale;
+        }
+    }
+}
+
+impl AttentionOp {
+    /// (samples, tokens, heads, head width) of a `[n, len, 3·width]` input.
+    fn dims(&self, l: &Layout) -> (usize, usize, usize, usize) {
+        let dims = l.shape().dims();
+        (dims[0], dims[1], self.heads, self.width / self.heads)
+    }
+
+    /// Runs `f` with the mask's rows (or none).
+    fn with_mask<T: Real, R>(
+        &self,
+        len: usize,
+        f: impl FnOnce(Option<MaskRows<T>>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        match &self.mask {
+            None => f(None),
+            Some(m) => with_slice::<T, _>(&m.values, |values| {
+                f(Some(MaskRows {
+                    values,
+                    per_sample: m.per_sample,
+                    per_query: m.per_query,
+                    len,
+                }))
+            }),
+        }
+    }
+
+    /// (output `[n, len, width]`, probabilities `[n, heads, len, len]`).
+    fn forward<T: Real>(&self, qkv: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+        let (n, len, h, d) = self.dims(l);
+        let w = self.width;
+        if qkv.len() != n * len * 3 * w {
+            return Err(candle_core::Error::Msg("attention: input size".into()));
+        }
+        let scale = T::c(1.0 / (d as f64).sqrt());
+        let mut out = Vec::<T>::with_capacity(n * len * w);
+        let mut probs = Vec::<T>::with_capacity(n * h * len * len);
+        let (out_ptr, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
+        self.with_mask::<T, _>(len, |mask| {
+            for_each_task(
+                n * h,
+                || (),
+                |_, t| {
+                    let (b, head) = (t / h, t % h);
+                    // SAFETY: every offset below stays inside `qkv` (checked size), the task's
+                    // own probability block, or its own head's columns of the output.
+                    unsafe {
+                        let q = Mat {
+                            ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
+                            rs: 3 * w,
+                            cs: 1,
+                        };
+                        let k = Mat {
+                            ptr: q.ptr.add(w),
+                            ..q
+                        };
+                        let v = Mat {
+                            ptr: q.ptr.add(2 * w),
+                            ..q
+                        };
+                        let p = probs_ptr.get().add(t * len * len);
+                        gemm_into(len, len, d, p, len, q, k.t(), scale);
+                        let rows = std::slice::from_raw_parts_mut(p, len * len);
+                        with_simd!(softmax_rows_in_place(rows, len, mask.map(|m| (m, b))));
+                        let pm = Mat {
+                            ptr: p as *const T,
+                            rs: len,
+                            cs: 1,
+                        };
+                        let o = out_ptr.get().add(b * len * w + head * d);
+                        gemm_into(len, d, len, o, w, pm, v, T::c(1.0));
+                    }
+                },
+            );
+            Ok(())
+        })?;
+        // SAFETY: the tasks above wrote every element: each (sample, head) its `len × d`
+        // block of the output and its `len × len` probabilities.
+        unsafe {
+            out.set_len(n * len * w);
+            probs.set_len(n * h * len * len);
+        }
+        Ok((out, probs))
+    }
+
+    /// The gradient of the packed projections `[n, len, 3·width]` from the output's.
+    fn backward<T: Real>(
+        &self,
+        qkv: &[T],
+        probs: &[T],
+        grad: &[T],
+        l: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        let (n, len, h, d) = self.dims(l);
+        let w = self.width;
+        if qkv.len() != n * len * 3 * w
+            || probs.len() != n * h * len * len
+            || grad.len() != n * len * w
+        {
+            return Err(candle_core::Error::Msg("attention backward: sizes".into()));
+        }
+        let scale = T::c(1.0 / (d as f64).sqrt());
+        let mut dqkv = Vec::<T>::with_capacity(n * len * 3 * w);
+        let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
+        for_each_task(
+            n * h,
+            || vec![T::c(0.0); len * len],
+            |ds, t| {
+                let (b, head) = (t / h, t % h);
+                // SAFETY: as in forward; each task writes its own head's columns of the
+                // sample's query, key and value gradients.
+                unsafe {
+                    let q = Mat {
+                        ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
+                        rs: 3 * w,
+                        cs: 1,
+                    };
+                    let k = Mat {
+                        ptr: q.ptr.add(w),
+                        ..q
+                    };
+                    let v = Mat {
+                        ptr: q.ptr.add(2 * w),
+                        ..q
+                    };
+                    let p = Mat {
+                        ptr: probs.as_ptr().add(t * len * len),
+                        rs: len,
+                        cs: 1,
+                    };
+                    let g = Mat {
+                        ptr: grad.as_ptr().add(b * len * w + head * d),
+                        rs: w,
+                        cs: 1,
+                    };
+                    let dq = dqkv_ptr.get().add(b * len * 3 * w + head * d);
+                    let (dk, dv) = (dq.add(w), dq.add(2 * w));
+                    // dv = pᵀ g; dp = g vᵀ; ds = p ⊙ (dp − rowsum(p ⊙ dp)) / √d.
+                    gemm_into(len, d, len, dv, 3 * w, p.t(), g, T::c(1.0));
+                    gemm_into(len, len, d, ds.as_mut_ptr(), len, g, v.t(), T::c(1.0));
+                    let p_rows = std::slice::from_raw_parts(p.ptr, len * len);
+                    with_simd!(softmax_backward_in_place(ds, p_rows, len, scale));
+                    let dsm = Mat {
+                        ptr: ds.as_ptr(),
+                        rs: len,
+                        cs: 1,
+                    };
+                    // dq = ds k; dk = dsᵀ q.
+                    gemm_into(len, d, len, dq, 3 * w, dsm, k, T::c(1.0));
+                    gemm_into(len, d, len, dk, 3 * w, dsm.t(), q, T::c(1.0));
+                }
+            },
+        );
+        // SAFETY: every (sample, head) wrote its query, key and value gradient columns.
+        unsafe { dqkv.set_len(n * len * 3 * w) };
+        Ok(dqkv)
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &AttentionOp,
+            s: &CpuStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CpuStorage, CpuStorage)> {
+            let (out, probs) = op.forward(slice::<T>(s, l)?, l)?;
+            Ok((T::to_cpu_storage_owned(out), T::to_cpu_storage_owned(probs)))
+        }
+        let (out, probs) = by_dtype!(s.dtype(), run(self, s, l))?;
+        *self.probs.lock().expect("attention probabilities") = Some(probs);
+        let dims = l.shape().dims();
+        Ok((out, Shape::from((dims[0], dims[1], self.width))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        fn run<T: Real>(
+            op: &AttentionOp,
+            qkv: &Tensor,
+            probs: &CpuStorage,
+            grad: &Tensor,
+        ) -> candle_core::Result<Tensor> {
+            let qkv = qkv.contiguous()?;
+            let dqkv = with_slice::<T, _>(&qkv, |x| {
+                with_slice::<T, _>(grad, |g| {
+                    op.backward(x, probs.as_slice::<T>()?, g, qkv.layout())
+                })
+            })?;
+            Tensor::from_vec(dqkv, qkv.shape(), qkv.device())
+        }
+        let probs = self.probs.lock().expect("attention probabilities");
+        let probs = probs
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("attention backward before forward".into()))?;
+        Ok(Some(by_dtype!(qkv.dtype(), run(self, qkv, probs, grad))?))
+    }
+}

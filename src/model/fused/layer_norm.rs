@@ -1,0 +1,195 @@
+//! Layer norm over the last dimension, with its own backward; each row's mean and 1/σ are
+//! kept from forward for backward.
+
+use super::*;
+
+/// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    if !on_cpu(x) {
+        return Ok(candle_nn::ops::layer_norm_slow(x, weight, bias, eps)?);
+    }
+    Ok(x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp {
+            eps: f64::from(eps),
+            stats: std::sync::Mutex::new(None),
+        },
+    )?)
+}
+
+struct LayerNormOp {
+    eps: f64,
+    /// Each row's mean and 1/σ from forward (backward would otherwise recompute them).
+    stats: std::sync::Mutex<Option<CpuStorage>>,
+}
+
+/// Mean and 1/σ of one row (two passes: the variance of values far from 0 stays exact).
+#[inline(always)]
+fn row_stats<T: Real>(row: &[T], eps: T) -> (T, T) {
+    let n = T::c(row.len() as f64);
+    let mut sum = T::c(0.0);
+    for &v in row {
+        sum += v;
+    }
+    let mean = sum / n;
+    let mut var = T::c(0.0);
+    for &v in row {
+        let d = v - mean;
+        var += d * d;
+    }
+    (mean, T::c(1.0) / (var / n + eps).sqrt())
+}
+
+/// (normalised output, each row's mean and 1/σ).
+fn layer_norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> (Vec<T>, Vec<T>) {
+    let width = w.len();
+    assert!(
+        width > 0 && x.len().is_multiple_of(width) && b.len() == width,
+        "layer norm: sizes"
+    );
+    let mut stats = Vec::with_capacity(2 * (x.len() / width));
+    // SAFETY: whole rows (checked), each element of each written once.
+    let y = unsafe {
+        uninit_vec(x.len(), |y| {
+            with_simd!(
+                for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
+                    let (mean, rstd) = row_stats(row, eps);
+                    stats.push(mean);
+                    stats.push(rstd);
+                    for (((o, &v), &g), &c) in out.iter_mut().zip(row).zip(w).zip(b) {
+                        o.write((v - mean) * rstd * g + c);
+                    }
+                }
+            )
+        })
+    };
+    (y, stats)
+}
+
+/// (dx, dweight, dbias), with forward's row statistics.
+fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], stats: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let width = w.len();
+    let n = T::c(width as f64);
+    assert!(
+        width > 0 && x.len().is_multiple_of(width) && dy.len() == x.len(),
+        "layer norm: sizes"
+    );
+    let mut dx = Vec::with_capacity(x.len());
+    let mut dw = vec![T::c(0.0); width];
+    let mut db = vec![T::c(0.0); width];
+    let mut xhat = vec![T::c(0.0); width];
+    assert_eq!(
+        stats.len(),
+        2 * (x.len() / width),
+        "layer norm: row statistics"
+    );
+    with_simd!(for (((row, g), d), st) in x
+        .chunks_exact(width)
+        .zip(dy.chunks_exact(width))
+        .zip(dx.spare_capacity_mut()[..x.len()].chunks_exact_mut(width))
+        .zip(stats.chunks_exact(2))
+    {
+        let (mean, rstd) = (st[0], st[1]);
+        let mut sum_gw = T::c(0.0);
+        let mut sum_gw_xhat = T::c(0.0);
+        for ((((h, &v), &gi), &wi), (dwi, dbi)) in xhat
+            .iter_mut()
+            .zip(row)
+            .zip(g)
+            .zip(w)
+            .zip(dw.iter_mut().zip(db.iter_mut()))
+        {
+            *h = (v - mean) * rstd;
+            let gw = gi * wi;
+            sum_gw += gw;
+            sum_gw_xhat += gw * *h;
+            *dwi += gi * *h;
+            *dbi += gi;
+        }
+        let mean_gw = sum_gw / n;
+        let mean_gw_xhat = sum_gw_xhat / n;
+        for (((di, &h), &gi), &wi) in d.iter_mut().zip(&xhat).zip(g).zip(w) {
+            di.write(rstd * (gi * wi - mean_gw - h * mean_gw_xhat));
+        }
+    });
+    // SAFETY: whole rows (checked), each element of each written once above.
+    unsafe { dx.set_len(x.len()) };
+    (dx, dw, db)
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            x: (&CpuStorage, &Layout),
+            w: (&CpuStorage, &Layout),
+            b: (&CpuStorage, &Layout),
+            eps: f64,
+        ) -> candle_core::Result<(CpuStorage, CpuStorage)> {
+            let (x, w, b) = (
+                slice::<T>(x.0, x.1)?,
+                slice::<T>(w.0, w.1)?,
+                slice::<T>(b.0, b.1)?,
+            );
+            if w.is_empty() || x.len() % w.len() != 0 || b.len() != w.len() {
+                return Err(candle_core::Error::Msg(format!(
+                    "layer norm: {} values, weight {}, bias {}",
+                    x.len(),
+                    w.len(),
+                    b.len()
+                )));
+            }
+            let (y, stats) = layer_norm_fwd(x, w, b, T::c(eps));
+            Ok((T::to_cpu_storage_owned(y), T::to_cpu_storage_owned(stats)))
+        }
+        let (out, stats) = by_dtype!(s1.dtype(), run((s1, l1), (s2, l2), (s3, l3), self.eps))?;
+        *self.stats.lock().expect("layer norm statistics") = Some(stats);
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(
+            x: &Tensor,
+            w: &Tensor,
+            dy: &Tensor,
+            stats: &CpuStorage,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let stats = stats.as_slice::<T>()?;
+            let (dx, dw, db) = with_slice::<T, _>(x, |xs| {
+                with_slice::<T, _>(w, |ws| {
+                    with_slice::<T, _>(dy, |g| Ok(layer_norm_bwd(xs, ws, g, stats)))
+                })
+            })?;
+            let dev = x.device();
+            Ok((
+                Some(Tensor::from_vec(dx, x.shape(), dev)?),
+                Some(Tensor::from_vec(dw, w.shape(), dev)?),
+                Some(Tensor::from_vec(db, w.shape(), dev)?),
+            ))
+        }
+        let stats = self.stats.lock().expect("layer norm statistics");
+        let stats = stats
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("layer norm backward before forward".into()))?;
+        by_dtype!(x.dtype(), run(x, w, dy, stats))
+    }
+}
