@@ -24,14 +24,19 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x`, with one GEMM for all leading dims.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, self.bias.as_ref())
+    }
+
+    /// `x Wᵀ` only, for a caller that adds the bias in its own pass.
+    pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, None)
+    }
+
+    fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = super::fused::linear(
-            &x.reshape((rows, in_dim))?,
-            &self.weight,
-            self.bias.as_ref(),
-        )?;
+        let y = super::fused::linear(&x.reshape((rows, in_dim))?, &self.weight, bias)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
@@ -157,8 +162,14 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.c_proj
-            .forward(&self.act.forward(&self.c_fc.forward(x)?)?)
+        let hidden = match (self.act, &self.c_fc.bias) {
+            // The bias add and the activation in one pass (and their gradients in one).
+            (Activation::Gelu, Some(b)) => {
+                super::fused::gelu_erf_bias(&self.c_fc.forward_without_bias(x)?, b)?
+            }
+            _ => self.act.forward(&self.c_fc.forward(x)?)?,
+        };
+        self.c_proj.forward(&hidden)
     }
 }
 

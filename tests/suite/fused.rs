@@ -135,6 +135,16 @@ fn check_all(dtype: DType, rel: f64, abs: f64) {
         rel,
         abs,
     );
+    let y = inputs(&[2, 3, 8], 3.0, dtype);
+    let c = inputs(&[8], 1.0, dtype);
+    check(
+        &format!("gelu with bias {dtype:?}"),
+        &[&y, &c],
+        &|t| fused::gelu_erf_bias(&t[0], &t[1]).unwrap(),
+        &|t| plain::gelu(&t[0].broadcast_add(&t[1]).unwrap()),
+        rel,
+        abs,
+    );
     // Wide logits: some rows put almost all their mass on one entry.
     let s = inputs(&[3, 5, 17], 12.0, dtype);
     check(
@@ -419,4 +429,15 @@ fn fused_linear_skips_the_gradient_of_constant_inputs() {
             assert!((a - b).abs() < 1e-12, "dw[{o}]: {a} vs {b}");
         }
     }
+}
+
+#[test]
+fn gelu_with_bias_names_a_bias_of_the_wrong_width() {
+    let y = inputs(&[3, 8], 1.0, DType::F32);
+    let b = inputs(&[5], 1.0, DType::F32);
+    let err = fused::gelu_erf_bias(y.as_tensor(), b.as_tensor()).unwrap_err();
+    assert!(
+        err.to_string().contains("[5]") && err.to_string().contains("[3, 8]"),
+        "{err}"
+    );
 }

@@ -61,9 +61,12 @@ impl LinearOp {
                     b.len()
                 )))
             }
-            None => vec![T::c(0.0); rows * out_dim],
+            // Written by the GEMM below (in_dim > 0), not read.
+            None => Vec::with_capacity(rows * out_dim),
         };
-        // SAFETY: y is rows × out, x rows × in, w out × in (sizes checked above).
+        let read_bias = b.is_some();
+        // SAFETY: y has room for rows × out, x is rows × in, w out × in (sizes checked
+        // above); with no bias the GEMM writes every element before `set_len`.
         unsafe {
             gemm::gemm(
                 rows,
@@ -72,7 +75,7 @@ impl LinearOp {
                 y.as_mut_ptr(),
                 1,
                 out_dim as isize,
-                true,
+                read_bias,
                 x.as_ptr(),
                 1,
                 in_dim as isize,
@@ -85,8 +88,9 @@ impl LinearOp {
                 false,
                 false,
                 gemm_parallelism(),
-            )
-        };
+            );
+            y.set_len(rows * out_dim);
+        }
         Ok(y)
     }
 

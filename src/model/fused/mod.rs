@@ -240,7 +240,7 @@ mod linear;
 mod softmax;
 
 pub use attention::{attention, attention_plain};
-pub use gelu::gelu_erf;
+pub use gelu::{gelu_erf, gelu_erf_bias};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use softmax::softmax_last_dim;
