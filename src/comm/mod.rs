@@ -47,6 +47,14 @@ pub trait Communicator: Send {
     /// against `mmpipe plan`'s traffic table; what a ring puts on the wire follows from it.
     fn payload_bytes(&self) -> u64;
 
+    /// Element-wise sums of many tensors over ranks, as one collective: every rank passes
+    /// the same list of shapes in the same order (a replica's gradients). By default one
+    /// flattened bucket ([`all_reduce_bucket`]); a backend that can hand tensors over
+    /// without copying them into a bucket does so.
+    fn all_reduce_sum_many(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        all_reduce_bucket(self, tensors)
+    }
+
     /// Sums the ranks' tensors and gives rank r its `rows[r]` rows, rank 0's first. Every
     /// rank passes the same `rows`; blocks may differ in size (the two modality groups
     /// own different numbers of samples when their sizes differ).
@@ -178,7 +186,10 @@ pub(crate) fn sum_in_order(parts: &[Tensor]) -> candle_core::Result<Tensor> {
 
 /// All-reduces many tensors with one collective: flattened into a single bucket, summed,
 /// and cut back to their shapes. Order matters: every rank must pass the same list.
-pub fn all_reduce_bucket(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+pub fn all_reduce_bucket<C: Communicator + ?Sized>(
+    comm: &C,
+    tensors: &[Tensor],
+) -> Result<Vec<Tensor>> {
     if tensors.is_empty() || comm.size() == 1 {
         return Ok(tensors.to_vec());
     }

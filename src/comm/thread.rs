@@ -20,6 +20,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 enum Message {
     Tensor(Tensor),
+    /// A list of tensors (a replica's gradients): shared, not copied into a bucket.
+    Tensors(Vec<Tensor>),
     Barrier,
 }
 
@@ -99,6 +101,25 @@ impl ThreadCommunicator {
     fn recv_tensor(&self, op: &'static str, peer: usize, device: &Device) -> Result<Tensor> {
         match self.recv(op, peer)? {
             Message::Tensor(t) => Ok(t.to_device(device)?),
+            Message::Tensors(_) => {
+                Err(self.mismatch(op, format!("rank {peer} sent a list of tensors instead")))
+            }
+            Message::Barrier => {
+                Err(self.mismatch(op, format!("rank {peer} entered a barrier instead")))
+            }
+        }
+    }
+
+    /// A peer's list of tensors, each on `device`.
+    fn recv_tensors(&self, op: &'static str, peer: usize, device: &Device) -> Result<Vec<Tensor>> {
+        match self.recv(op, peer)? {
+            Message::Tensors(ts) => Ok(ts
+                .iter()
+                .map(|t| t.to_device(device))
+                .collect::<candle_core::Result<_>>()?),
+            Message::Tensor(_) => {
+                Err(self.mismatch(op, format!("rank {peer} sent one tensor, not a list")))
+            }
             Message::Barrier => {
                 Err(self.mismatch(op, format!("rank {peer} entered a barrier instead")))
             }
@@ -183,6 +204,51 @@ impl Communicator for ThreadCommunicator {
         self.check_same_shape("all_reduce", &parts)?;
         self.count(t);
         Ok(sum_in_order(&parts)?)
+    }
+
+    /// The peers' tensors are shared in memory, so the sum reads them in place: no bucket
+    /// to copy them into and cut them out of (two full passes over a tower's gradients).
+    /// Each tensor is summed in rank order, the same arithmetic as the bucket's.
+    fn all_reduce_sum_many(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        const OP: &str = "all_reduce";
+        if tensors.is_empty() || self.size == 1 {
+            return Ok(tensors.to_vec());
+        }
+        for peer in (0..self.size).filter(|&p| p != self.rank) {
+            self.send(OP, peer, Message::Tensors(tensors.to_vec()))?;
+        }
+        let device = tensors[0].device();
+        let mut lists = Vec::with_capacity(self.size);
+        for peer in 0..self.size {
+            lists.push(if peer == self.rank {
+                tensors.to_vec()
+            } else {
+                self.recv_tensors(OP, peer, device)?
+            });
+        }
+        if let Some((peer, list)) = lists
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.len() != tensors.len())
+        {
+            return Err(self.mismatch(
+                OP,
+                format!(
+                    "rank {peer} passed {} tensors, rank {} passed {}",
+                    list.len(),
+                    self.rank,
+                    tensors.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            let parts: Vec<Tensor> = lists.iter().map(|l| l[i].clone()).collect();
+            self.check_same_shape(OP, &parts)?;
+            self.count(t);
+            out.push(sum_in_order(&parts)?);
+        }
+        Ok(out)
     }
 
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {

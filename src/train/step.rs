@@ -16,7 +16,7 @@ use super::config::TrainConfig;
 use super::optim::{AdamW, AdamWConfig};
 use std::sync::Arc;
 
-use crate::comm::{all_reduce_bucket, Communicator, RankComms};
+use crate::comm::{Communicator, RankComms};
 use crate::error::{Error, Result};
 use crate::loss::{global_loss, split_len, split_offset, FeatureLayout, LossConfig, LossScalars};
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
@@ -614,7 +614,7 @@ impl RankTrainer {
 
         let t = Instant::now();
         let before = payload(comms);
-        let mut reduced = all_reduce_bucket(comms.group.as_ref(), &local)?;
+        let mut reduced = comms.group.all_reduce_sum_many(&local)?;
         bytes.grad_all_reduce = payload(comms) - before;
         times.grad_all_reduce = self.elapsed(t)?;
         let mut norm = grad_norm(&reduced)?;

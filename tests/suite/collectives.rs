@@ -122,6 +122,45 @@ fn bucketed_all_reduce_keeps_shapes_and_sums() {
     }
 }
 
+/// The thread backend's list all-reduce (no bucket) gives the bucket's bits.
+#[test]
+fn list_all_reduce_equals_the_bucket_bit_for_bit() {
+    let make = |rank: usize| {
+        vec![
+            input(rank, 2),
+            input(rank + 10, 5).reshape((3, 5)).unwrap(),
+            input(rank + 20, 1).flatten_all().unwrap(),
+        ]
+    };
+    let lists = on_ranks(3, T, move |c| c.all_reduce_sum_many(&make(c.rank())));
+    let buckets = on_ranks(3, T, move |c| all_reduce_bucket(&c, &make(c.rank())));
+    for (l, b) in lists.into_iter().zip(buckets) {
+        let (l, b) = (l.unwrap(), b.unwrap());
+        assert_eq!(l.len(), 3);
+        for (x, y) in l.iter().zip(&b) {
+            assert_eq!(x.dims(), y.dims());
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ys = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(xs, ys);
+        }
+    }
+}
+
+#[test]
+fn list_all_reduce_refuses_lists_that_differ() {
+    let results = on_ranks(2, T, |c| {
+        let list: Vec<Tensor> = (0..=c.rank()).map(|i| input(i, 2)).collect();
+        c.all_reduce_sum_many(&list)
+    });
+    for r in results {
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("passed 1 tensors") || msg.contains("passed 2 tensors"),
+            "{msg}"
+        );
+    }
+}
+
 #[test]
 fn consecutive_collectives_do_not_mix_up_messages() {
     // Rank 0 races ahead through many gathers; per-pair ordering keeps them apart.
