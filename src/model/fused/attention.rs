@@ -137,62 +137,33 @@ fn for_each_task<S>(
     }
 }
 
-/// A strided matrix operand: element (i, j) at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: usize,
-    cs: usize,
-}
-
-impl<T> Mat<T> {
-    fn t(self) -> Self {
-        Mat {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-}
-
-/// `dst[m×n] (row stride dst_rs) = scale · lhs[m×k] · rhs[k×n]`, single-threaded (the
-/// callers parallelise over heads).
+/// Sample `b`'s head `head` of the queries, keys and values in the packed
+/// `[n, len, 3·w]` projections (heads `d` wide).
 ///
 /// # Safety
-/// Every operand element must be in bounds and `dst` must not overlap the operands or
-/// another thread's output.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into<T: Real>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_rs: usize,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-    scale: T,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs.ptr,
-        lhs.cs as isize,
-        lhs.rs as isize,
-        rhs.ptr,
-        rhs.cs as isize,
-        rhs.rs as isize,
-        T::c(0.0),
-        scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+/// `qkv` must hold sample `b` whole and `head · d < w`.
+unsafe fn head_views<T>(
+    qkv: &[T],
+    b: usize,
+    head: usize,
+    len: usize,
+    w: usize,
+    d: usize,
+) -> (Mat<T>, Mat<T>, Mat<T>) {
+    let q = Mat {
+        ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
+        rs: 3 * w,
+        cs: 1,
+    };
+    let k = Mat {
+        ptr: q.ptr.add(w),
+        ..q
+    };
+    let v = Mat {
+        ptr: q.ptr.add(2 * w),
+        ..q
+    };
+    (q, k, v)
 }
 
 /// Row `i` of sample `b`'s additive mask, stored as `[n or 1, len or 1, len]`.
@@ -302,21 +273,20 @@ impl AttentionOp {
                     // SAFETY: every offset below stays inside `qkv` (checked size), the task's
                     // own probability block, or its own head's columns of the output.
                     unsafe {
-                        let q = Mat {
-                            ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
-                            rs: 3 * w,
-                            cs: 1,
-                        };
-                        let k = Mat {
-                            ptr: q.ptr.add(w),
-                            ..q
-                        };
-                        let v = Mat {
-                            ptr: q.ptr.add(2 * w),
-                            ..q
-                        };
+                        let (q, k, v) = head_views(qkv, b, head, len, w, d);
                         let p = probs_ptr.get().add(t * len * len);
-                        gemm_into(len, len, d, p, len, q, k.t(), scale);
+                        gemm_into(
+                            len,
+                            len,
+                            d,
+                            p,
+                            len,
+                            false,
+                            q,
+                            k.t(),
+                            scale,
+                            Parallelism::None,
+                        );
                         let rows = std::slice::from_raw_parts_mut(p, len * len);
                         with_simd!(softmax_rows_in_place(rows, len, mask.map(|m| (m, b))));
                         let pm = Mat {
@@ -325,7 +295,18 @@ impl AttentionOp {
                             cs: 1,
                         };
                         let o = out_ptr.get().add(b * len * w + head * d);
-                        gemm_into(len, d, len, o, w, pm, v, T::c(1.0));
+                        gemm_into(
+                            len,
+                            d,
+                            len,
+                            o,
+                            w,
+                            false,
+                            pm,
+                            v,
+                            T::c(1.0),
+                            Parallelism::None,
+                        );
                     }
                 },
             );
@@ -367,19 +348,7 @@ impl AttentionOp {
                 // SAFETY: as in forward; each task writes its own head's columns of the
                 // sample's query, key and value gradients.
                 unsafe {
-                    let q = Mat {
-                        ptr: qkv.as_ptr().add(b * len * 3 * w + head * d),
-                        rs: 3 * w,
-                        cs: 1,
-                    };
-                    let k = Mat {
-                        ptr: q.ptr.add(w),
-                        ..q
-                    };
-                    let v = Mat {
-                        ptr: q.ptr.add(2 * w),
-                        ..q
-                    };
+                    let (q, k, v) = head_views(qkv, b, head, len, w, d);
                     let p = Mat {
                         ptr: probs.as_ptr().add(t * len * len),
                         rs: len,
@@ -393,8 +362,30 @@ impl AttentionOp {
                     let dq = dqkv_ptr.get().add(b * len * 3 * w + head * d);
                     let (dk, dv) = (dq.add(w), dq.add(2 * w));
                     // dv = pᵀ g; dp = g vᵀ; ds = p ⊙ (dp − rowsum(p ⊙ dp)) / √d.
-                    gemm_into(len, d, len, dv, 3 * w, p.t(), g, T::c(1.0));
-                    gemm_into(len, len, d, ds.as_mut_ptr(), len, g, v.t(), T::c(1.0));
+                    gemm_into(
+                        len,
+                        d,
+                        len,
+                        dv,
+                        3 * w,
+                        false,
+                        p.t(),
+                        g,
+                        T::c(1.0),
+                        Parallelism::None,
+                    );
+                    gemm_into(
+                        len,
+                        len,
+                        d,
+                        ds.as_mut_ptr(),
+                        len,
+                        false,
+                        g,
+                        v.t(),
+                        T::c(1.0),
+                        Parallelism::None,
+                    );
                     let p_rows = std::slice::from_raw_parts(p.ptr, len * len);
                     with_simd!(softmax_backward_in_place(ds, p_rows, len, scale));
                     let dsm = Mat {
@@ -403,8 +394,30 @@ impl AttentionOp {
                         cs: 1,
                     };
                     // dq = ds k; dk = dsᵀ q.
-                    gemm_into(len, d, len, dq, 3 * w, dsm, k, T::c(1.0));
-                    gemm_into(len, d, len, dk, 3 * w, dsm.t(), q, T::c(1.0));
+                    gemm_into(
+                        len,
+                        d,
+                        len,
+                        dq,
+                        3 * w,
+                        false,
+                        dsm,
+                        k,
+                        T::c(1.0),
+                        Parallelism::None,
+                    );
+                    gemm_into(
+                        len,
+                        d,
+                        len,
+                        dk,
+                        3 * w,
+                        false,
+                        dsm.t(),
+                        q,
+                        T::c(1.0),
+                        Parallelism::None,
+                    );
                 }
             },
         );

@@ -24,10 +24,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 struct LinearOp;
 
-fn gemm_parallelism() -> gemm::Parallelism {
+fn gemm_parallelism() -> Parallelism {
     match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
     }
 }
 
@@ -68,25 +68,17 @@ impl LinearOp {
         // SAFETY: y has room for rows × out, x is rows × in, w out × in (sizes checked
         // above); with no bias the GEMM writes every element before `set_len`.
         unsafe {
-            gemm::gemm(
+            // y (+)= x wᵀ.
+            gemm_into(
                 rows,
                 out_dim,
                 in_dim,
                 y.as_mut_ptr(),
-                1,
-                out_dim as isize,
+                out_dim,
                 read_bias,
-                x.as_ptr(),
-                1,
-                in_dim as isize,
-                w.as_ptr(),
-                in_dim as isize,
-                1,
+                Mat::rows(x.as_ptr(), in_dim),
+                Mat::rows(w.as_ptr(), in_dim).t(),
                 T::c(1.0),
-                T::c(1.0),
-                false,
-                false,
-                false,
                 gemm_parallelism(),
             );
             y.set_len(rows * out_dim);
@@ -111,25 +103,16 @@ impl LinearOp {
             // SAFETY: sizes as above; the GEMM writes every element (k = out > 0).
             unsafe {
                 uninit_vec(rows * in_dim, |dx| {
-                    gemm::gemm(
+                    gemm_into(
                         rows,
                         in_dim,
                         out_dim,
                         dx.as_mut_ptr() as *mut T,
-                        1,
-                        in_dim as isize,
+                        in_dim,
                         false,
-                        g.as_ptr(),
-                        1,
-                        out_dim as isize,
-                        w.as_ptr(),
-                        1,
-                        in_dim as isize,
-                        T::c(0.0),
+                        Mat::rows(g.as_ptr(), out_dim),
+                        Mat::rows(w.as_ptr(), in_dim),
                         T::c(1.0),
-                        false,
-                        false,
-                        false,
                         par,
                     )
                 })
@@ -137,27 +120,18 @@ impl LinearOp {
         });
         // dw = gᵀ x: [out, rows] × [rows, in], in w's [out, in] layout.
         let mut dw = vec![T::c(0.0); out_dim * in_dim];
-        // SAFETY: as above; `read_dst` is false, the zeros cover rows = 0.
+        // SAFETY: as above; not accumulating, and the zeros cover rows = 0.
         unsafe {
-            gemm::gemm(
+            gemm_into(
                 out_dim,
                 in_dim,
                 rows,
                 dw.as_mut_ptr(),
-                1,
-                in_dim as isize,
+                in_dim,
                 false,
-                g.as_ptr(),
-                out_dim as isize,
-                1,
-                x.as_ptr(),
-                1,
-                in_dim as isize,
-                T::c(0.0),
+                Mat::rows(g.as_ptr(), out_dim).t(),
+                Mat::rows(x.as_ptr(), in_dim),
                 T::c(1.0),
-                false,
-                false,
-                false,
                 par,
             )
         };

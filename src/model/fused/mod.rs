@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use gemm::Parallelism;
 
 use crate::error::Result;
 
@@ -231,6 +232,75 @@ macro_rules! by_dtype {
             other => Err(candle_core::Error::Msg(format!("fused op: unsupported dtype {other:?}"))),
         }
     };
+}
+
+/// A strided matrix operand: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Mat<T> {
+    /// A row-major `[rows, cols]` matrix.
+    fn rows(ptr: *const T, cols: usize) -> Self {
+        Mat {
+            ptr,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst[m×n] (row stride dst_rs) = scale · lhs[m×k] · rhs[k×n]`, plus `dst`'s own values
+/// where `accumulate` (else `dst` is only written).
+///
+/// # Safety
+/// Every operand element must be in bounds, `dst` must not overlap the operands or
+/// another thread's output, and with `accumulate` it must be initialised.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    scale: T,
+    parallelism: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.ptr,
+        rhs.cs as isize,
+        rhs.rs as isize,
+        T::c(if accumulate { 1.0 } else { 0.0 }),
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 mod attention;
