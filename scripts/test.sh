@@ -4,7 +4,7 @@
 # tests when MPI is there, and the `cuda` feature where there is a GPU and the CUDA venv
 # of scripts/cuda-build.sh --setup exists. MMPIPE_TEST_CUDA=1 builds and links the suite
 # with `cuda` on a machine without a GPU too (skipping the tests that need one; CI leaves
-# it off: its clippy already compiles the cuda code, and the CUDA test build would take
+# it off: its clippy already type-checks the cuda code, and the CUDA test build would take
 # CI past 20 minutes); MMPIPE_TEST_CUDA=0 never adds `cuda`. Extra arguments go to
 # `cargo test`.
 set -euo pipefail
