@@ -29,9 +29,16 @@ pub struct BenchReport {
     pub step_ms_max: f64,
     /// From the median step.
     pub samples_per_second: f64,
-    /// Forward + backward FLOPs per sample (3× the forward, multiply-adds counted as 2).
+    /// The model's forward + backward FLOPs per sample (3× the forward, multiply-adds
+    /// counted as 2), as OpenCLIP's profile counts them.
     pub gflop_per_sample: f64,
+    /// The same for what mmpipe runs: its towers' last blocks run at the pooled token only.
+    pub executed_gflop_per_sample: f64,
+    /// Executed FLOPs per second: the hardware's share of work done.
     pub achieved_gflops: f64,
+    /// The model's FLOPs per second (`gflop_per_sample` × samples/s): comparable to a
+    /// trainer that runs every token through every block.
+    pub model_gflops: f64,
     pub gemm_peak_gflops: f64,
     /// `achieved_gflops / gemm_peak_gflops`.
     pub fraction_of_peak: f64,
@@ -148,11 +155,12 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
     }
     let step_ms = median(&timed);
     let embed = opts.model.embed_dim;
-    let forward =
-        opts.model.vision.size().forward_flops(embed) + opts.model.text.size().forward_flops(embed);
-    let gflop_per_sample = 3.0 * forward / 1e9;
+    let (vision, text) = (opts.model.vision.size(), opts.model.text.size());
+    let gflop_per_sample = 3.0 * (vision.forward_flops(embed) + text.forward_flops(embed)) / 1e9;
+    let executed_gflop_per_sample =
+        3.0 * (vision.executed_forward_flops(embed) + text.executed_forward_flops(embed)) / 1e9;
     let samples_per_second = opts.batch as f64 / (step_ms / 1e3);
-    let achieved = samples_per_second * gflop_per_sample;
+    let achieved = samples_per_second * executed_gflop_per_sample;
     let peak = gemm_peak;
     let all_steps = report.step_seconds.len().max(1) as f64;
     let phases_ms = report
@@ -173,7 +181,9 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
         step_ms_max: timed[timed.len() - 1],
         samples_per_second,
         gflop_per_sample,
+        executed_gflop_per_sample,
         achieved_gflops: achieved,
+        model_gflops: samples_per_second * gflop_per_sample,
         gemm_peak_gflops: peak,
         fraction_of_peak: achieved / peak,
         threads,

@@ -1080,9 +1080,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         report.step_ms_median, report.step_ms_min, report.step_ms_max, report.samples_per_second
     );
     println!(
-        "compute: {:.3} GFLOP/sample (forward + backward) = {:.1} GFLOP/s; f32 GEMM peak on {threads} threads {:.1} GFLOP/s; {:.0}% of peak",
+        "compute: {:.3} GFLOP/sample executed (forward + backward; the model's {:.3}, last blocks at the pooled token only) \
+         = {:.1} GFLOP/s ({:.1} in the model's FLOPs); f32 GEMM peak on {threads} threads {:.1} GFLOP/s; {:.0}% of peak",
+        report.executed_gflop_per_sample,
         report.gflop_per_sample,
         report.achieved_gflops,
+        report.model_gflops,
         report.gemm_peak_gflops,
         100.0 * report.fraction_of_peak
     );

@@ -33,8 +33,8 @@ impl Encoder {
 
     pub fn num_blocks(&self) -> usize {
         match self {
-            Encoder::Image(m) => m.blocks().len(),
-            Encoder::Text(m) => m.blocks().len(),
+            Encoder::Image(m) => m.token_blocks().len(),
+            Encoder::Text(m) => m.token_blocks().len(),
             Encoder::Bert(m) => m.num_layers(),
             Encoder::ResNet(m) => m.num_blocks(),
         }
@@ -43,9 +43,9 @@ impl Encoder {
     /// Block `i` on `x`.
     pub fn block(&self, i: usize, x: &Tensor, input: &TowerInput) -> Result<Tensor> {
         match (self, input) {
-            (Encoder::Image(m), _) => m.blocks()[i].forward(x, None),
+            (Encoder::Image(m), _) => m.token_blocks()[i].forward(x, None),
             (Encoder::ResNet(m), _) => m.block(i, x, true),
-            (Encoder::Text(m), _) => m.blocks()[i].forward(x, Some(&m.mask(x)?)),
+            (Encoder::Text(m), _) => m.token_blocks()[i].forward(x, Some(&m.mask(x)?)),
             (Encoder::Bert(m), TowerInput::Captions { mask, .. }) => {
                 m.layer(i, x, &m.additive_mask(mask, x)?)
             }

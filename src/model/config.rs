@@ -399,6 +399,12 @@ pub trait TowerSize {
     fn family(&self) -> &'static str;
     fn num_params(&self, embed_dim: usize) -> usize;
     fn forward_flops(&self, embed_dim: usize) -> f64;
+    /// The forward FLOPs mmpipe runs: fewer than [`Self::forward_flops`] where the last
+    /// block runs at the pooled token only (a ViT pooled at its class token, CLIP's text
+    /// tower), since the other tokens' outputs of that block are never used.
+    fn executed_forward_flops(&self, embed_dim: usize) -> f64 {
+        self.forward_flops(embed_dim)
+    }
     /// Activation elements kept for backward, per sample. Transformers follow Korthikanti
     /// et al. 2022 ("Reducing activation recomputation"): `17·s·h + 2.5·a·s²` elements per
     /// layer (their 34 bytes at 2 bytes per element); with checkpointing each layer keeps
@@ -418,6 +424,13 @@ fn block_params(w: usize, hidden: usize) -> usize {
 /// Multiply-adds of one transformer layer on `s` tokens of width `w`, MLP hidden `hidden`.
 fn layer_macs(s: f64, w: f64, hidden: f64) -> f64 {
     s * (4.0 * w * w + 2.0 * w * hidden) + 2.0 * s * s * w
+}
+
+/// Multiply-adds of a last layer run at one pooled token of `s`: every token's query, key
+/// and value projections (the keys and values are all needed), then one query's scores and
+/// mixing, output projection and MLP.
+fn pooled_layer_macs(s: f64, w: f64, hidden: f64) -> f64 {
+    s * 3.0 * w * w + (w * w + 2.0 * w * hidden) + 2.0 * s * w
 }
 
 fn transformer_activations(s: f64, w: f64, heads: f64, layers: f64, checkpointing: bool) -> f64 {
@@ -495,6 +508,16 @@ impl TowerSize for VitConfig {
         2.0 * macs
     }
 
+    fn executed_forward_flops(&self, embed_dim: usize) -> f64 {
+        if self.attentional_pool || self.layers == 0 {
+            return self.forward_flops(embed_dim);
+        }
+        let (s, w) = ((self.num_patches() + 1) as f64, self.width as f64);
+        let hidden = (self.mlp_ratio * self.width) as f64;
+        self.forward_flops(embed_dim)
+            - 2.0 * (layer_macs(s, w, hidden) - pooled_layer_macs(s, w, hidden))
+    }
+
     fn activation_elems(&self, checkpointing: bool) -> f64 {
         let s = (self.num_patches() + 1) as f64;
         transformer_activations(
@@ -526,6 +549,16 @@ impl TowerSize for TextTransformerConfig {
         // The projection applies to the end-of-text token only; the embedding is a lookup.
         2.0 * (self.layers as f64 * layer_macs(s, w, (self.mlp_ratio * self.width) as f64)
             + w * embed_dim as f64)
+    }
+
+    fn executed_forward_flops(&self, embed_dim: usize) -> f64 {
+        if self.layers == 0 {
+            return self.forward_flops(embed_dim);
+        }
+        let (s, w) = (self.context_length as f64, self.width as f64);
+        let hidden = (self.mlp_ratio * self.width) as f64;
+        self.forward_flops(embed_dim)
+            - 2.0 * (layer_macs(s, w, hidden) - pooled_layer_macs(s, w, hidden))
     }
 
     fn activation_elems(&self, checkpointing: bool) -> f64 {

@@ -108,6 +108,37 @@ impl QkvProjection {
     }
 }
 
+/// The token a sequence is pooled at after the last block: a ViT's class token (row 0),
+/// or each caption's end-of-text token (`[n]` u32 positions).
+#[derive(Debug, Clone, Copy)]
+pub enum PooledToken<'a> {
+    First,
+    At(&'a Tensor),
+}
+
+impl PooledToken<'_> {
+    /// `x` `[n, len, ...]` → `[n, ...]`: each sequence's row at its pooled token.
+    pub fn select(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            PooledToken::First => Ok(x.narrow(1, 0, 1)?.squeeze(1)?),
+            PooledToken::At(positions) => {
+                let dims = x.dims();
+                let (n, len) = (dims[0], dims[1]);
+                let row = x.elem_count() / (n * len).max(1);
+                // Row i·len + position[i] of the flattened sequences is sequence i's.
+                let offsets: Vec<u32> = (0..n as u32).map(|i| i * len as u32).collect();
+                let offsets = Tensor::from_vec(offsets, n, x.device())?;
+                let rows = (offsets + positions.to_dtype(candle_core::DType::U32)?)?;
+                let mut out_dims = dims.to_vec();
+                out_dims.remove(1);
+                Ok(x.reshape((n * len, row))?
+                    .index_select(&rows, 0)?
+                    .reshape(out_dims)?)
+            }
+        }
+    }
+}
+
 /// Multi-head self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -150,6 +181,40 @@ impl Attention {
         let qkv = self.qkv.forward(x)?;
         self.out_proj
             .forward(&super::fused::attention(&qkv, self.heads, mask)?)
+    }
+
+    /// The output at the pooled token only, `[n, width]`: every token's keys and values,
+    /// one query per sequence (the other queries' outputs would be thrown away).
+    pub fn forward_pooled(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pooled: PooledToken,
+    ) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let (n, len, width3) = qkv.dims3()?;
+        let (width, h) = (width3 / 3, self.heads);
+        let d = width / h;
+        let q = pooled
+            .select(&qkv)?
+            .narrow(1, 0, width)?
+            .reshape((n, h, 1, d))?;
+        let head_major = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * width, width)?
+                .reshape((n, len, h, d))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (k, v) = (head_major(1)?, head_major(2)?);
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [n, h, 1, len]
+        if let Some(m) = mask {
+            // The pooled query's row of the mask, per sequence: [n, 1, 1, len].
+            let rows = pooled.select(&m.broadcast_as((n, 1, len, len))?.squeeze(1)?)?;
+            scores = scores.broadcast_add(&rows.reshape((n, 1, 1, len))?)?;
+        }
+        let mixed = softmax(&scores)?.matmul(&v)?; // [n, h, 1, d]
+        self.out_proj.forward(&mixed.reshape((n, width))?)
     }
 }
 
@@ -204,6 +269,22 @@ pub struct ResidualBlock {
 impl ResidualBlock {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+    }
+
+    /// The block's output at the pooled token only, `[n, width]`: the same values as
+    /// `pooled.select(&self.forward(x, mask)?)`, without the attention output, MLP and
+    /// norms of the tokens a tower's last block would compute and then drop.
+    pub fn forward_pooled(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pooled: PooledToken,
+    ) -> Result<Tensor> {
+        let attended = self
+            .attn
+            .forward_pooled(&self.ln_1.forward(x)?, mask, pooled)?;
+        let x = (pooled.select(x)? + attended)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::config::TextTransformerConfig;
-use super::layers::{LayerNorm, ResidualBlock, Transformer};
+use super::layers::{LayerNorm, PooledToken, ResidualBlock, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -53,8 +53,11 @@ impl TextTower {
     /// `tokens`: `[n, context_length]` u32 ids; `eot`: `[n]` u32, the position of each
     /// caption's end-of-text token. Returns `[n, embed_dim]`, not L2-normalised.
     pub fn forward(&self, tokens: &Tensor, eot: &Tensor) -> Result<Tensor> {
-        let x = self.stem(tokens)?;
-        let x = self.transformer.forward(&x, Some(&self.mask(&x)?))?;
+        let mut x = self.stem(tokens)?;
+        let mask = self.mask(&x)?;
+        for block in self.token_blocks() {
+            x = block.forward(&x, Some(&mask))?;
+        }
         self.head(&x, eot)
     }
 
@@ -74,20 +77,22 @@ impl TextTower {
         causal_mask(x.dim(1)?, x.dtype(), x.device())
     }
 
-    pub fn blocks(&self) -> &[ResidualBlock] {
-        self.transformer.blocks()
+    /// The blocks that run on every token: all but the last, which [`Self::head`] runs at
+    /// the end-of-text token only.
+    pub fn token_blocks(&self) -> &[ResidualBlock] {
+        let blocks = self.transformer.blocks();
+        blocks.split_last().map_or(blocks, |(_, rest)| rest)
     }
 
-    /// Final norm, the end-of-text token's state, projected.
+    /// From [`Self::token_blocks`]' output: the last block at each caption's end-of-text
+    /// token, the final norm, the projection.
     pub fn head(&self, x: &Tensor, eot: &Tensor) -> Result<Tensor> {
-        let (n, len, w) = x.dims3()?;
-        let x = self.ln_final.forward(x)?;
-        // Row i·len + eot[i] of the flattened sequence is caption i's end-of-text state.
-        let offsets: Vec<u32> = (0..n as u32).map(|i| i * len as u32).collect();
-        let offsets = Tensor::from_vec(offsets, n, x.device())?;
-        let rows = (offsets + eot.to_dtype(candle_core::DType::U32)?)?;
-        let pooled = x.reshape((n * len, w))?.index_select(&rows, 0)?;
-        Ok(pooled.matmul(&self.text_projection)?)
+        let pooled = PooledToken::At(eot);
+        let x = match self.transformer.blocks().last() {
+            Some(last) => last.forward_pooled(x, Some(&self.mask(x)?), pooled)?,
+            None => pooled.select(x)?,
+        };
+        Ok(self.ln_final.forward(&x)?.matmul(&self.text_projection)?)
     }
 }
 

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::config::VitConfig;
-use super::layers::{softmax, LayerNorm, Linear, ResidualBlock, Transformer};
+use super::layers::{softmax, LayerNorm, Linear, PooledToken, ResidualBlock, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -146,7 +146,10 @@ impl VisionTower {
     /// `images`: `[n, channels, size, size]`, already normalised. Returns `[n, embed_dim]`,
     /// not L2-normalised.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
-        let x = self.transformer.forward(&self.stem(images)?, None)?;
+        let mut x = self.stem(images)?;
+        for block in self.token_blocks() {
+            x = block.forward(&x, None)?;
+        }
         self.head(&x)
     }
 
@@ -174,18 +177,25 @@ impl VisionTower {
         self.ln_pre.forward(&x)
     }
 
-    pub fn blocks(&self) -> &[ResidualBlock] {
-        self.transformer.blocks()
+    /// The blocks that run on every token: all but the last, which [`Self::head`] runs at
+    /// the class token only (all of them before an attentional pooler, which reads every
+    /// token).
+    pub fn token_blocks(&self) -> &[ResidualBlock] {
+        let blocks = self.transformer.blocks();
+        match (&self.attn_pool, blocks.split_last()) {
+            (None, Some((_, rest))) => rest,
+            _ => blocks,
+        }
     }
 
-    /// The class token's final state (or the attentional pooler's first query), normalised
-    /// and projected.
+    /// From [`Self::token_blocks`]' output: the last block at the class token (or the
+    /// attentional pooler's first query), normalised and projected.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.attn_pool {
-            Some(pool) => pool.forward(x)?,
-            None => x.clone(),
+        let pooled = match (&self.attn_pool, self.transformer.blocks().last()) {
+            (Some(pool), _) => PooledToken::First.select(&pool.forward(x)?)?,
+            (None, Some(last)) => last.forward_pooled(x, None, PooledToken::First)?,
+            (None, None) => PooledToken::First.select(x)?,
         };
-        let pooled = self.ln_post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
-        Ok(pooled.matmul(&self.proj)?)
+        Ok(self.ln_post.forward(&pooled)?.matmul(&self.proj)?)
     }
 }

@@ -233,7 +233,9 @@ fn tower_numbers(model: &ClipConfig, tower: Tower, checkpointing: bool) -> Tower
     };
     TowerNumbers {
         params: size.num_params(model.embed_dim) as f64,
-        forward_flops: size.forward_flops(model.embed_dim),
+        // What mmpipe's step runs (a last block at the pooled token only), not the model's
+        // nominal count.
+        forward_flops: size.executed_forward_flops(model.embed_dim),
         activation_elems: size.activation_elems(checkpointing),
     }
 }

@@ -441,3 +441,75 @@ fn gelu_with_bias_names_a_bias_of_the_wrong_width() {
         "{err}"
     );
 }
+
+/// A tower's last block runs at the pooled token only (`forward_pooled`): the same values
+/// and gradients (every parameter's and the input's) as the whole block with the pooled
+/// row taken afterwards, for the class token and per-caption positions, with no mask, a
+/// causal mask and a padding mask.
+#[test]
+fn the_last_block_at_the_pooled_token_equals_the_whole_block_there() {
+    use mmpipe::model::layers::{Activation, PooledToken, Transformer};
+    use mmpipe::model::ParamBuilder;
+    let (n, len, width, heads) = (3, 7, 8, 2);
+    let dev = candle_core::Device::Cpu;
+    let pb = ParamBuilder::new(5, DType::F64, &dev);
+    let transformer = Transformer::new(&pb, width, 1, heads, 4, Activation::Gelu).unwrap();
+    let block = &transformer.blocks()[0];
+    let params = pb.params();
+    // Off their zero/one initial values, so the biases and norms are exercised too.
+    for (i, (_, var)) in params.iter().enumerate() {
+        let moved = (var.as_tensor() + fixed_values(var.dims(), i as f64) * 0.1).unwrap();
+        var.set(&moved).unwrap();
+    }
+    let positions = Tensor::new(&[6u32, 0, 3], &dev).unwrap();
+    let causal = causal_mask(len, DType::F64);
+    let padding = padding_mask(n, len, DType::F64);
+    let cases = [
+        ("class token, no mask", None, PooledToken::First),
+        (
+            "positions, causal",
+            Some(&causal),
+            PooledToken::At(&positions),
+        ),
+        (
+            "positions, padding",
+            Some(&padding),
+            PooledToken::At(&positions),
+        ),
+        ("class token, causal", Some(&causal), PooledToken::First),
+    ];
+    let upstream = fixed_values(&[n, width], 1.1);
+    for (case, mask, pooled) in cases {
+        let x = Var::from_tensor(&fixed_values(&[n, len, width], 0.3)).unwrap();
+        let run = |out: Tensor| -> (Tensor, Vec<Tensor>) {
+            let store = (&out * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut grads = params.grads(&store).unwrap();
+            grads.push(store.get(x.as_tensor()).expect("input gradient").clone());
+            (out, grads)
+        };
+        let (want, want_grads) = run(pooled
+            .select(&block.forward(x.as_tensor(), mask).unwrap())
+            .unwrap());
+        let (got, got_grads) = run(block.forward_pooled(x.as_tensor(), mask, pooled).unwrap());
+        assert_eq!(got.dims(), &[n, width], "{case}: shape");
+        if let Some((i, a, b)) = worst_violation(&got, &want, 1e-12, 1e-14, Relative::Tensor) {
+            panic!("{case}: output[{i}] {a} vs {b}");
+        }
+        let names = params.names();
+        for (k, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
+            let name = names.get(k).map_or("input", |s| *s);
+            assert!(
+                values(w).iter().any(|v| *v != 0.0),
+                "{case} {name}: zero gradient"
+            );
+            if let Some((i, a, b)) = worst_violation(g, w, 1e-10, 1e-13, Relative::Tensor) {
+                panic!("{case} {name}[{i}]: {a} vs {b}");
+            }
+        }
+    }
+}
