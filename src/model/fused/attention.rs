@@ -196,19 +196,7 @@ fn softmax_rows_in_place<T: Real>(s: &mut [T], len: usize, mask: Option<(MaskRow
                 *x += a;
             }
         }
-        let max = row
-            .iter()
-            .copied()
-            .fold(row[0], |m, v| if v > m { v } else { m });
-        let mut sum = T::c(0.0);
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = T::c(1.0) / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
+        super::softmax::softmax_row_in_place(row);
     }
 }
 
@@ -217,13 +205,7 @@ fn softmax_rows_in_place<T: Real>(s: &mut [T], len: usize, mask: Option<(MaskRow
 #[inline(always)]
 fn softmax_backward_in_place<T: Real>(ds: &mut [T], p: &[T], len: usize, scale: T) {
     for (ds, p) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
-        let mut dot = T::c(0.0);
-        for (&a, &b) in ds.iter().zip(p) {
-            dot += a * b;
-        }
-        for (x, &pi) in ds.iter_mut().zip(p) {
-            *x = pi * (*x - dot) * scale;
-        }
+        super::softmax::softmax_backward_row_in_place(ds, p, scale);
     }
 }
 

@@ -28,17 +28,9 @@ struct LayerNormOp {
 #[inline(always)]
 fn row_stats<T: Real>(row: &[T], eps: T) -> (T, T) {
     let n = T::c(row.len() as f64);
-    let mut sum = T::c(0.0);
-    for &v in row {
-        sum += v;
-    }
-    let mean = sum / n;
-    let mut var = T::c(0.0);
-    for &v in row {
-        let d = v - mean;
-        var += d * d;
-    }
-    (mean, T::c(1.0) / (var / n + eps).sqrt())
+    let mean = sum_of(row, |v| v) / n;
+    let var = sum_of(row, |v| (v - mean) * (v - mean)) / n;
+    (mean, T::c(1.0) / (var + eps).sqrt())
 }
 
 /// (normalised output, each row's mean and 1/σ).
@@ -78,7 +70,6 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], stats: &[T]) -> (Vec<T>, 
     let mut dx = Vec::with_capacity(x.len());
     let mut dw = vec![T::c(0.0); width];
     let mut db = vec![T::c(0.0); width];
-    let mut xhat = vec![T::c(0.0); width];
     assert_eq!(
         stats.len(),
         2 * (x.len() / width),
@@ -91,26 +82,23 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], stats: &[T]) -> (Vec<T>, 
         .zip(stats.chunks_exact(2))
     {
         let (mean, rstd) = (st[0], st[1]);
-        let mut sum_gw = T::c(0.0);
-        let mut sum_gw_xhat = T::c(0.0);
-        for ((((h, &v), &gi), &wi), (dwi, dbi)) in xhat
+        // Σ g·w and Σ g·w·x̂ over the row, x̂ = (x − mean)/σ.
+        let (sum_gw, sum_gw_xhat) = sums_of3(row, g, w, |v, gi, wi| {
+            let gw = gi * wi;
+            (gw, gw * ((v - mean) * rstd))
+        });
+        let mean_gw = sum_gw / n;
+        let mean_gw_xhat = sum_gw_xhat / n;
+        for (((di, &v), &gi), (&wi, (dwi, dbi))) in d
             .iter_mut()
             .zip(row)
             .zip(g)
-            .zip(w)
-            .zip(dw.iter_mut().zip(db.iter_mut()))
+            .zip(w.iter().zip(dw.iter_mut().zip(db.iter_mut())))
         {
-            *h = (v - mean) * rstd;
-            let gw = gi * wi;
-            sum_gw += gw;
-            sum_gw_xhat += gw * *h;
-            *dwi += gi * *h;
-            *dbi += gi;
-        }
-        let mean_gw = sum_gw / n;
-        let mean_gw_xhat = sum_gw_xhat / n;
-        for (((di, &h), &gi), &wi) in d.iter_mut().zip(&xhat).zip(g).zip(w) {
+            let h = (v - mean) * rstd;
             di.write(rstd * (gi * wi - mean_gw - h * mean_gw_xhat));
+            *dwi += gi * h;
+            *dbi += gi;
         }
     });
     // SAFETY: whole rows (checked), each element of each written once above.

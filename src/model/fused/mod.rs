@@ -128,10 +128,111 @@ fn erf_f32(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// Partial sums per reduction. One float accumulator is a chain of dependent adds that the
+/// compiler must keep in order (it may not reassociate), so a row's sum ran one element at
+/// a time; `LANES` independent ones fill an AVX-512 register (two AVX2 ones). The order of
+/// the additions differs from a sequential sum's, within rounding.
+const LANES: usize = 16;
+
+/// `Σ f(xᵢ)`.
+#[inline(always)]
+pub(crate) fn sum_of<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    let mut acc = [T::c(0.0); LANES];
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    let mut sum = T::c(0.0);
+    for &v in rest {
+        sum += f(v);
+    }
+    for a in acc {
+        sum += a;
+    }
+    sum
+}
+
+/// `Σ f(xᵢ, yᵢ)` over slices of one length.
+#[inline(always)]
+pub(crate) fn sum_of2<T: Real>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
+    debug_assert_eq!(x.len(), y.len());
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (yc, yr) = y.as_chunks::<LANES>();
+    let mut acc = [T::c(0.0); LANES];
+    for (xc, yc) in xc.iter().zip(yc) {
+        for ((a, &u), &v) in acc.iter_mut().zip(xc).zip(yc) {
+            *a += f(u, v);
+        }
+    }
+    let mut sum = T::c(0.0);
+    for (&u, &v) in xr.iter().zip(yr) {
+        sum += f(u, v);
+    }
+    for a in acc {
+        sum += a;
+    }
+    sum
+}
+
+/// `(Σ f(xᵢ, yᵢ, zᵢ).0, Σ f(xᵢ, yᵢ, zᵢ).1)`: two sums in one pass over slices of one
+/// length.
+#[inline(always)]
+pub(crate) fn sums_of3<T: Real>(
+    x: &[T],
+    y: &[T],
+    z: &[T],
+    f: impl Fn(T, T, T) -> (T, T),
+) -> (T, T) {
+    debug_assert!(x.len() == y.len() && y.len() == z.len());
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (yc, yr) = y.as_chunks::<LANES>();
+    let (zc, zr) = z.as_chunks::<LANES>();
+    let mut acc0 = [T::c(0.0); LANES];
+    let mut acc1 = [T::c(0.0); LANES];
+    for ((xc, yc), zc) in xc.iter().zip(yc).zip(zc) {
+        for l in 0..LANES {
+            let (a, b) = f(xc[l], yc[l], zc[l]);
+            acc0[l] += a;
+            acc1[l] += b;
+        }
+    }
+    let (mut s0, mut s1) = (T::c(0.0), T::c(0.0));
+    for ((&u, &v), &w) in xr.iter().zip(yr).zip(zr) {
+        let (a, b) = f(u, v, w);
+        s0 += a;
+        s1 += b;
+    }
+    for l in 0..LANES {
+        s0 += acc0[l];
+        s1 += acc1[l];
+    }
+    (s0, s1)
+}
+
+/// The largest element of a non-empty slice.
+#[inline(always)]
+pub(crate) fn max_of<T: Real>(x: &[T]) -> T {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    let mut acc = [x[0]; LANES];
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut max = x[0];
+    for v in acc.into_iter().chain(rest.iter().copied()) {
+        max = if v > max { v } else { max };
+    }
+    max
+}
+
 /// Runs `body` compiled for AVX-512 (16 floats a vector) or AVX2 (8), with FMA, when the
 /// CPU has them, else as compiled for the baseline target. The loops must sit in `body`
 /// itself (plain `for` loops over slices, `#[inline(always)]` helpers): a function that is
-/// called rather than inlined, such as an iterator's `fold`, keeps the baseline code.
+/// called rather than inlined, such as an iterator's `fold`, keeps the baseline code. The
+/// body's own closure is forced inline too (a large body had been left as a call).
 macro_rules! with_simd {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
@@ -151,12 +252,22 @@ macro_rules! with_simd {
                 && std::is_x86_feature_detected!("fma")
             {
                 #[allow(unused_unsafe)]
-                let result = unsafe { avx512(|| $body) };
+                let result = unsafe {
+                    avx512(
+                        #[inline(always)]
+                        || $body,
+                    )
+                };
                 result
             } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
             {
                 #[allow(unused_unsafe)]
-                let result = unsafe { avx2(|| $body) };
+                let result = unsafe {
+                    avx2(
+                        #[inline(always)]
+                        || $body,
+                    )
+                };
                 result
             } else {
                 $body

@@ -14,43 +14,44 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct Softmax;
 
+/// A row's softmax, in place.
+#[inline(always)]
+pub(super) fn softmax_row_in_place<T: Real>(row: &mut [T]) {
+    let max = max_of(row);
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+    }
+    let inv = T::c(1.0) / sum_of(row, |v| v);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// A row's gradient through softmax `y`, in place of the output's `dy`:
+/// `dy ← y ⊙ (dy − Σ y ⊙ dy) · scale` (scale folds in a following op's constant factor).
+#[inline(always)]
+pub(super) fn softmax_backward_row_in_place<T: Real>(dy: &mut [T], y: &[T], scale: T) {
+    let dot = sum_of2(dy, y, |a, b| a * b);
+    for (d, &yi) in dy.iter_mut().zip(y) {
+        *d = yi * (*d - dot) * scale;
+    }
+}
+
 fn softmax_fwd<T: Real>(x: &[T], width: usize) -> Vec<T> {
-    let mut y = vec![T::c(0.0); x.len()];
-    with_simd!(
-        for (row, out) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
-            let max = row
-                .iter()
-                .copied()
-                .fold(row[0], |m, v| if v > m { v } else { m });
-            let mut sum = T::c(0.0);
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = T::c(1.0) / sum;
-            for o in out.iter_mut() {
-                *o *= inv;
-            }
-        }
-    );
+    let mut y = x.to_vec();
+    with_simd!(for row in y.chunks_exact_mut(width) {
+        softmax_row_in_place(row);
+    });
     y
 }
 
 fn softmax_bwd<T: Real>(y: &[T], dy: &[T], width: usize) -> Vec<T> {
-    let mut dx = vec![T::c(0.0); y.len()];
-    with_simd!(for ((y, dy), dx) in y
-        .chunks_exact(width)
-        .zip(dy.chunks_exact(width))
-        .zip(dx.chunks_exact_mut(width))
-    {
-        let mut dot = T::c(0.0);
-        for (&a, &b) in y.iter().zip(dy) {
-            dot += a * b;
+    let mut dx = dy.to_vec();
+    with_simd!(
+        for (dx, y) in dx.chunks_exact_mut(width).zip(y.chunks_exact(width)) {
+            softmax_backward_row_in_place(dx, y, T::c(1.0));
         }
-        for ((d, &a), &b) in dx.iter_mut().zip(y).zip(dy) {
-            *d = a * (b - dot);
-        }
-    });
+    );
     dx
 }
 
