@@ -144,11 +144,7 @@ pub fn clip_to_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<Vec<Tensor>> {
 pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0.0;
     for g in grads {
-        sum += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        sum += crate::model::fused::sum_of_squares(g)?;
     }
     Ok(sum.sqrt())
 }

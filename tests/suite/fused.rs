@@ -513,3 +513,26 @@ fn the_last_block_at_the_pooled_token_equals_the_whole_block_there() {
         }
     }
 }
+
+/// The gradient norm's sum of squares (one pass on the CPU) against plain ops: f64 to
+/// rounding, f32 to its precision, strided input, a length that is no multiple of the
+/// 16 partial sums or the 4096-element blocks, and NaN passed through.
+#[test]
+fn sum_of_squares_equals_plain_ops() {
+    let n = 3 * 4096 + 37;
+    let x = fixed_values(&[n], 0.2);
+    let want: f64 = values(&x).iter().map(|v| v * v).sum();
+    let got = fused::sum_of_squares(&x).unwrap();
+    assert!((got - want).abs() <= 1e-12 * want, "f64: {got} vs {want}");
+    let got = fused::sum_of_squares(&x.to_dtype(DType::F32).unwrap()).unwrap();
+    assert!((got - want).abs() <= 1e-5 * want, "f32: {got} vs {want}");
+    let m = fixed_values(&[37, 53], 0.9);
+    let want: f64 = values(&m).iter().map(|v| v * v).sum();
+    let got = fused::sum_of_squares(&m.t().unwrap()).unwrap();
+    assert!(
+        (got - want).abs() <= 1e-12 * want,
+        "strided: {got} vs {want}"
+    );
+    let with_nan = Tensor::new(&[1f32, f32::NAN, 2.0], &candle_core::Device::Cpu).unwrap();
+    assert!(fused::sum_of_squares(&with_nan).unwrap().is_nan());
+}

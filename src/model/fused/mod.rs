@@ -414,6 +414,30 @@ unsafe fn gemm_into<T: Real>(
     )
 }
 
+/// `Σ x²` over a tensor's elements, in f64: on the CPU one pass without temporaries (f32
+/// partial sums per block of 4096 elements, the blocks summed in f64), elsewhere plain ops.
+pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    if !on_cpu(t) {
+        return Ok(t
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?);
+    }
+    fn run<T: Real>(t: &Tensor) -> candle_core::Result<f64> {
+        with_slice::<T, _>(t, |x| {
+            Ok(with_simd!({
+                let mut total = 0f64;
+                for block in x.chunks(4096) {
+                    total += sum_of(block, |v| v * v).to_f64();
+                }
+                total
+            }))
+        })
+    }
+    Ok(by_dtype!(t.dtype(), run(t))?)
+}
+
 mod attention;
 mod gelu;
 mod layer_norm;
