@@ -5,9 +5,11 @@
 # cuda` on 2 cores), so here every compile (`--ptx`, `-c`, `--lib`) writes an empty
 # output instead; anything else (`--version`, queries) goes to the real nvcc on PATH.
 #
-# Use it as NVCC=scripts/nvcc-typecheck.sh with a CARGO_TARGET_DIR of its own: the empty
-# PTX would otherwise be reused by a real build (candle-kernels does not rebuild when
-# NVCC changes). Never for a build that runs: scripts/cuda-build.sh uses the real nvcc.
+# Use it as NVCC=scripts/nvcc-typecheck.sh, then remove candle-kernels' outputs and
+# fingerprints (`rm -rf target/debug/build/candle-kernels-* target/debug/.fingerprint/
+# candle-kernels-*`, as .ci/run does) or use a CARGO_TARGET_DIR of its own: a real build
+# would otherwise reuse the empty PTX (cudaforge's cache keys on the sources and flags,
+# not on the nvcc). Never for a build that runs: scripts/cuda-build.sh uses the real nvcc.
 set -euo pipefail
 compile=0 out="" outdir="" sources=()
 args=("$@")
