@@ -256,3 +256,19 @@ fn a_locked_tower_costs_a_forward_and_no_gradient_traffic() {
     let plan = Plan::new(&t, &locked, &options(256)).unwrap();
     assert_eq!(plan.traffic.grad_all_reduce[1], (Tower::Text, 0));
 }
+
+#[test]
+fn calibration_runs_every_rank_in_lockstep_and_returns_each_towers_rate() {
+    // Three threads of unequal work (two image ranks at half the batch, one text rank at
+    // all of it) share barriers: a thread that left the lockstep early would hang this test.
+    let rates = mmpipe::train::calibrate::calibrate(
+        &super::common::cpu_topology(2, 1),
+        &super::common::test_model(),
+        8,
+        std::time::Duration::ZERO,
+    )
+    .unwrap();
+    for rate in [rates.image_samples_per_s, rates.text_samples_per_s] {
+        assert!(rate.is_finite() && rate > 0.0, "{rates:?}");
+    }
+}
