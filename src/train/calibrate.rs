@@ -71,7 +71,8 @@ fn tower_rate(
         }
         lockstep.barrier.wait();
         if lockstep.barrier.wait().is_leader() {
-            let done = round >= WARM_UP_STEPS + 1 && start.elapsed() >= budget;
+            // At least two timed steps.
+            let done = round > WARM_UP_STEPS && start.elapsed() >= budget;
             lockstep.stop.store(done, Ordering::SeqCst);
         }
         lockstep.barrier.wait();
