@@ -121,6 +121,11 @@ impl BertTower {
         Ok(x)
     }
 
+    /// The word-embedding table `[vocab, hidden]`.
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.word_embeddings
+    }
+
     /// Word, position and type embeddings, normalised: the layers' input.
     pub fn stem(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, len) = tokens.dims2()?;

@@ -224,6 +224,16 @@ pub fn build_all(pb: &ParamBuilder, cfg: &ClipConfig) -> Result<(Encoder, Encode
 }
 
 impl Encoder {
+    /// The text tower's token-embedding table: the one parameter whose gradient is zero
+    /// outside the rows of the batch's tokens (it is read only by a row lookup).
+    pub fn token_table(&self) -> Option<&Tensor> {
+        match self {
+            Encoder::Text(m) => Some(m.token_embedding()),
+            Encoder::Bert(m) => Some(m.word_embeddings()),
+            Encoder::Image(_) | Encoder::ResNet(_) => None,
+        }
+    }
+
     /// Non-parameter state a checkpoint must carry (batch-norm statistics), under full
     /// OpenCLIP names.
     pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {

@@ -61,6 +61,11 @@ impl TextTower {
         self.head(&x, eot)
     }
 
+    /// The token-embedding table `[vocab, width]`.
+    pub fn token_embedding(&self) -> &Tensor {
+        &self.token_embedding
+    }
+
     /// Token and position embeddings: the blocks' input.
     pub fn stem(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, len) = tokens.dims2()?;

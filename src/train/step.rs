@@ -16,7 +16,7 @@ use super::config::TrainConfig;
 use super::optim::{AdamW, AdamWConfig};
 use std::sync::Arc;
 
-use crate::comm::{Communicator, RankComms};
+use crate::comm::{all_reduce_sum_sparse_rows, Communicator, RankComms, SparseRows};
 use crate::error::{Error, Result};
 use crate::loss::{global_loss, split_len, split_offset, FeatureLayout, LossConfig, LossScalars};
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
@@ -369,6 +369,29 @@ impl RankTrainer {
         }
     }
 
+    /// Where this rank's tower gradients (in `tower_params`' order) are zero outside a few
+    /// rows: the token table's, outside the rows of this rank's captions' tokens.
+    fn sparse_grad_rows(
+        &self,
+        input: &TowerInput,
+        tower_params: &Params,
+    ) -> Result<Vec<SparseRows>> {
+        let (Some(table), TowerInput::Captions { tokens, .. }) =
+            (self.encoder.token_table(), input)
+        else {
+            return Ok(Vec::new());
+        };
+        let Some(index) = tower_params.iter().position(|(_, v)| v.id() == table.id()) else {
+            return Ok(Vec::new());
+        };
+        let rows = tokens
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
+        Ok(vec![SparseRows { index, rows }])
+    }
+
     /// Time since `t` once this rank's device has finished the work queued so far: CUDA
     /// kernels run asynchronously, and a phase's time is when its kernels are done.
     fn elapsed(&self, t: Instant) -> Result<Duration> {
@@ -610,7 +633,8 @@ impl RankTrainer {
 
         let t = Instant::now();
         let before = payload(comms);
-        let mut reduced = comms.group.all_reduce_sum_many(&local)?;
+        let sparse = self.sparse_grad_rows(input, &tower_params)?;
+        let mut reduced = all_reduce_sum_sparse_rows(comms.group.as_ref(), &local, &sparse)?;
         bytes.grad_all_reduce = payload(comms) - before;
         times.grad_all_reduce = self.elapsed(t)?;
         let mut norm = grad_norm(&reduced)?;

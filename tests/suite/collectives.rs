@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use mmpipe::comm::thread::{group, ThreadCommunicator};
-use mmpipe::comm::{all_reduce_bucket, Communicator};
+use mmpipe::comm::{all_reduce_bucket, all_reduce_sum_sparse_rows, Communicator, SparseRows};
 use mmpipe::Error;
 
 /// Runs `f` on each rank of a fresh group of `n` on its own thread, with a deadline: a
@@ -261,4 +261,83 @@ fn run_ranks_reports_the_root_cause_not_the_echoes() {
         msg.contains("rank 3") && msg.contains("panicked: boom"),
         "{msg}"
     );
+}
+
+/// Rank r's gradient of a `rows`-row table: non-zero only at `touched(r)`.
+fn sparse_input(rank: usize, rows: usize, touched: &[u32]) -> Tensor {
+    let mut v = vec![0f32; rows * 3];
+    for &t in touched {
+        for j in 0..3 {
+            v[t as usize * 3 + j] = (rank * 10 + t as usize + j) as f32 * 0.37 - 1.0;
+        }
+    }
+    Tensor::from_vec(v, (rows, 3), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn sparse_rows_all_reduce_equals_the_dense_one_and_carries_fewer_bytes() {
+    // Rank r touches rows {3r, 7, 7, 40 + r} of 50 (a repeat included); a second table of
+    // 4 rows is touched everywhere, so it travels whole; a dense tensor rides along.
+    let touched = |r: usize, n: usize| -> Vec<u32> {
+        if n == 4 {
+            vec![0, 1, 2, 3]
+        } else {
+            vec![3 * r as u32, 7, 7, 40 + r as u32]
+        }
+    };
+    let results = on_ranks(3, T, move |c| {
+        let r = c.rank();
+        let list = vec![
+            input(r, 5),
+            sparse_input(r, 50, &touched(r, 50)),
+            sparse_input(r, 4, &touched(r, 4)),
+        ];
+        let sparse = [
+            SparseRows {
+                index: 1,
+                rows: touched(r, 50),
+            },
+            SparseRows {
+                index: 2,
+                rows: touched(r, 4),
+            },
+        ];
+        let before = c.payload_bytes();
+        let dense = c.all_reduce_sum_many(&list)?;
+        let dense_bytes = c.payload_bytes() - before;
+        let before = c.payload_bytes();
+        let packed = all_reduce_sum_sparse_rows(&c, &list, &sparse)?;
+        let packed_bytes = c.payload_bytes() - before;
+        Ok((dense, dense_bytes, packed, packed_bytes))
+    });
+    for r in results {
+        let (dense, dense_bytes, packed, packed_bytes) = r.unwrap();
+        for (d, p) in dense.iter().zip(&packed) {
+            assert_eq!(d.dims(), p.dims());
+            assert_eq!(rows(d), rows(p), "bit-identical sums");
+        }
+        // The union {0, 3, 6, 7, 40, 41, 42}: 7 rows of 3 and a 50 + 4 row mask instead of
+        // 50 rows of 3.
+        assert_eq!(dense_bytes, 4 * (5 * 3 + 50 * 3 + 4 * 3));
+        assert_eq!(packed_bytes, 4 * (5 * 3 + 7 * 3 + 4 * 3 + 50 + 4));
+    }
+}
+
+#[test]
+fn a_sparse_row_outside_the_table_is_an_error_naming_it() {
+    let results = on_ranks(2, T, |c| {
+        let list = vec![input(c.rank(), 5)];
+        let sparse = [SparseRows {
+            index: 0,
+            rows: vec![5],
+        }];
+        all_reduce_sum_sparse_rows(&c, &list, &sparse)
+    });
+    for r in results {
+        let err = r.unwrap_err().to_string();
+        assert!(
+            err.contains("sparse row 5 of a tensor with 5 rows"),
+            "{err}"
+        );
+    }
 }

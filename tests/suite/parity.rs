@@ -28,6 +28,8 @@ struct Run {
     grads: BTreeMap<String, Tensor>,
     /// Weights after the last step, by name.
     weights: BTreeMap<String, Tensor>,
+    /// What step 0's gradient all-reduce handled on this rank (0 on one device).
+    grad_all_reduce_bytes: u64,
 }
 
 fn adamw(cfg: &TrainConfig) -> AdamWConfig {
@@ -57,6 +59,7 @@ fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run 
         losses: vec![],
         grads: BTreeMap::new(),
         weights: BTreeMap::new(),
+        grad_all_reduce_bytes: 0,
     };
     for step in 0..STEPS {
         let (images, texts) = batch(
@@ -155,6 +158,7 @@ fn split_run_on(
             losses: vec![],
             grads: BTreeMap::new(),
             weights: BTreeMap::new(),
+            grad_all_reduce_bytes: 0,
         };
         for step in 0..STEPS {
             let indices =
@@ -164,6 +168,7 @@ fn split_run_on(
             run.losses.push(g.loss);
             if step == 0 {
                 run.grads = names.iter().cloned().zip(g.grads.iter().cloned()).collect();
+                run.grad_all_reduce_bytes = g.bytes.grad_all_reduce;
             }
             trainer.apply(&g.grads, LR)?;
         }
@@ -396,6 +401,30 @@ fn a_locked_text_tower_stays_put_while_the_image_side_matches_one_device() {
                 "no text gradients"
             );
         }
+    }
+}
+
+#[test]
+fn a_large_vocabulary_all_reduces_only_the_batchs_token_rows_and_equals_one_device() {
+    // 2 000 token rows, of which the batch's captions use a few dozen: the text group's
+    // all-reduce carries those rows (and a 0/1 row mask), not the whole table.
+    let model = ClipConfig::from_str(
+        &super::common::TEST_MODEL.replace("vocab_size = 32", "vocab_size = 2000"),
+        std::path::Path::new("vocab-2000.toml"),
+    )
+    .unwrap();
+    let cfg = train_config(GLOBAL_BATCH);
+    let reference = reference_run_of(&model, &cfg, DType::F64);
+    let ranks = split_run_of(&model, 1, 3, &cfg, DType::F64);
+    compare_f64("1x3 vocabulary 2000", &reference, &ranks);
+    let text_params: usize = ranks[1].grads.values().map(|g| g.elem_count()).sum();
+    let table = 2000 * 24;
+    for run in &ranks[1..] {
+        let bytes = run.grad_all_reduce_bytes as usize;
+        assert!(
+            bytes > (text_params - table) * 8 && bytes < (text_params - table / 2) * 8,
+            "{bytes} B all-reduced for {text_params} text parameters, {table} of them the table"
+        );
     }
 }
 
