@@ -411,6 +411,27 @@ pub trait TowerSize {
     /// only its input `s·h` and one layer is live at a time. ResNets keep three tensors
     /// (conv, norm, activation outputs) per convolution, or stage inputs when checkpointing.
     fn activation_elems(&self, checkpointing: bool) -> f64;
+    /// `(rows, width, tokens per sample)` of the token-embedding table, read by a row
+    /// lookup only (so its gradient is zero outside the batch's tokens' rows); None for
+    /// image towers.
+    fn token_table(&self) -> Option<(usize, usize, usize)> {
+        None
+    }
+    /// Elements of a rank's gradient all-reduce when the group's ranks look up `samples`
+    /// samples' tokens in a step, as `comm::all_reduce_sum_sparse_rows` sends them: the
+    /// token table as a 0/1 row mask and the rows in use (here at most one per token, an
+    /// upper bound: real captions repeat tokens and padding), or the mask and then the
+    /// whole table where those rows would be over half of it.
+    fn grad_all_reduce_elems(&self, embed_dim: usize, samples: usize) -> usize {
+        let params = self.num_params(embed_dim);
+        match self.token_table() {
+            Some((rows, width, context)) if samples * context * 2 <= rows => {
+                params - rows * width + samples * context * width + rows
+            }
+            Some((rows, _, _)) => params + rows,
+            None => params,
+        }
+    }
 }
 
 /// Per-layer parameters of a pre-norm transformer block with two norms.
@@ -535,6 +556,10 @@ impl TowerSize for TextTransformerConfig {
         "clip-text"
     }
 
+    fn token_table(&self) -> Option<(usize, usize, usize)> {
+        Some((self.vocab_size, self.width, self.context_length))
+    }
+
     fn num_params(&self, embed_dim: usize) -> usize {
         let w = self.width;
         self.vocab_size * w
@@ -576,6 +601,10 @@ impl TowerSize for TextTransformerConfig {
 impl TowerSize for BertConfig {
     fn family(&self) -> &'static str {
         "bert"
+    }
+
+    fn token_table(&self) -> Option<(usize, usize, usize)> {
+        Some((self.vocab_size, self.hidden_size, self.context_length))
     }
 
     fn num_params(&self, embed_dim: usize) -> usize {

@@ -222,17 +222,26 @@ fn link_name(link: Option<LinkCost>) -> String {
 /// Per-tower numbers the estimates share.
 struct TowerNumbers {
     params: f64,
+    /// What a rank's gradient all-reduce carries: the token table as its batch's rows.
+    grad_all_reduce_elems: f64,
     forward_flops: f64,
     activation_elems: f64,
 }
 
-fn tower_numbers(model: &ClipConfig, tower: Tower, checkpointing: bool) -> TowerNumbers {
+/// `global_batch`: the samples the tower's group looks up in a step.
+fn tower_numbers(
+    model: &ClipConfig,
+    tower: Tower,
+    checkpointing: bool,
+    global_batch: usize,
+) -> TowerNumbers {
     let size: &dyn TowerSize = match tower {
         Tower::Image => model.vision.size(),
         Tower::Text => model.text.size(),
     };
     TowerNumbers {
         params: size.num_params(model.embed_dim) as f64,
+        grad_all_reduce_elems: size.grad_all_reduce_elems(model.embed_dim, global_batch) as f64,
         // What mmpipe's step runs (a last block at the pooled token only), not the model's
         // nominal count.
         forward_flops: size.executed_forward_flops(model.embed_dim),
@@ -267,7 +276,9 @@ impl CostModel<'_> {
                 Tower::Image => c.image_samples_per_s,
                 Tower::Text => c.text_samples_per_s,
             };
-            let per_sample = tower_numbers(self.model, tower, false).forward_flops * 3.0;
+            let per_sample = tower_numbers(self.model, tower, false, self.options.global_batch)
+                .forward_flops
+                * 3.0;
             return Ok(rate * per_sample);
         }
         let node = t.ranks[rank].node;
@@ -350,7 +361,7 @@ impl CostModel<'_> {
             let b = o.global_batch / n;
             // A locked tower runs forward only: no backward, no gradients to reduce.
             let locked = self.model.is_locked(tower);
-            let num = tower_numbers(self.model, tower, o.checkpointing || locked);
+            let num = tower_numbers(self.model, tower, o.checkpointing || locked, o.global_batch);
             let link = ring_link(t, &links, &members);
             let slowest = members
                 .iter()
@@ -382,7 +393,7 @@ impl CostModel<'_> {
             let grad_all_reduce_s = if locked {
                 0.0
             } else {
-                ring_all_reduce_s(num.params * 4.0, n, link)
+                ring_all_reduce_s(num.grad_all_reduce_elems * 4.0, n, link)
             };
             let grad_all_reduce_exposed_s = if o.overlap {
                 (grad_all_reduce_s - backward_s).max(0.0)
@@ -462,8 +473,8 @@ impl CostModel<'_> {
         let b_global = o.global_batch as f64;
         let d = self.model.embed_dim as f64;
         let (img, txt) = (
-            tower_numbers(self.model, Tower::Image, o.checkpointing),
-            tower_numbers(self.model, Tower::Text, o.checkpointing),
+            tower_numbers(self.model, Tower::Image, o.checkpointing, o.global_batch),
+            tower_numbers(self.model, Tower::Text, o.checkpointing, o.global_batch),
         );
         // The slowest device sets the pace; with calibration, each tower runs at its
         // measured rate and the loss at the image tower's FLOP rate.
@@ -510,10 +521,12 @@ impl CostModel<'_> {
         };
         let trained = |t: Tower, p: f64| if self.model.is_locked(t) { 0.0 } else { p };
         let trained_params = trained(Tower::Image, img.params) + trained(Tower::Text, txt.params);
+        let reduced_elems = trained(Tower::Image, img.grad_all_reduce_elems)
+            + trained(Tower::Text, txt.grad_all_reduce_elems);
         // Two b × B logit blocks (one per direction), each with two gradient products.
         let compute_s = towers_s + 2.0 * 3.0 * 2.0 * b as f64 * b_global * d / slowest;
         let feature_all_gather_s = ring_all_gather_s(2.0 * b_global * d * 4.0, n, link);
-        let grad_all_reduce_s = ring_all_reduce_s(trained_params * 4.0, n, link);
+        let grad_all_reduce_s = ring_all_reduce_s(reduced_elems * 4.0, n, link);
         let backward_s = compute_s * (self.compute_factor() - 1.0) / self.compute_factor();
         let grad_all_reduce_exposed_s = if o.overlap {
             (grad_all_reduce_s - backward_s).max(0.0)

@@ -99,12 +99,19 @@ impl Plan {
                 (Tower::Text, f(Tower::Text)),
             ]
         };
-        let params_of = |t: Tower| match t {
-            Tower::Image => image_params as u64,
-            Tower::Text => text_params as u64,
-        };
         let size = |t: Tower| topology.group_size(t) as u64;
-        let trained_of = |t: Tower| if model.is_locked(t) { 0 } else { params_of(t) };
+        // The text group's token table travels as its batch's rows (an upper bound on them).
+        let trained_of = |t: Tower| {
+            if model.is_locked(t) {
+                0
+            } else {
+                match t {
+                    Tower::Image => model.vision.size(),
+                    Tower::Text => model.text.size(),
+                }
+                .grad_all_reduce_elems(model.embed_dim, global_batch) as u64
+            }
+        };
         let traffic = Traffic {
             feature_all_gather: 2 * b * model.embed_dim as u64 * bytes,
             loss_exchange: per_group(&|t| {
