@@ -447,11 +447,11 @@ fn layer_macs(s: f64, w: f64, hidden: f64) -> f64 {
     s * (4.0 * w * w + 2.0 * w * hidden) + 2.0 * s * s * w
 }
 
-/// Multiply-adds of a last layer run at one pooled token of `s`: every token's query, key
-/// and value projections (the keys and values are all needed), then one query's scores and
-/// mixing, output projection and MLP.
+/// Multiply-adds of a last layer run at one pooled token of `s`: every token's key and
+/// value projections (the keys and values are all needed), then one query's projection,
+/// scores and mixing, output projection and MLP.
 fn pooled_layer_macs(s: f64, w: f64, hidden: f64) -> f64 {
-    s * 3.0 * w * w + (w * w + 2.0 * w * hidden) + 2.0 * s * w
+    s * 2.0 * w * w + (2.0 * w * w + 2.0 * w * hidden) + 2.0 * s * w
 }
 
 fn transformer_activations(s: f64, w: f64, heads: f64, layers: f64, checkpointing: bool) -> f64 {

@@ -88,6 +88,27 @@ pub enum QkvProjection {
 }
 
 impl QkvProjection {
+    /// The query, key and value projections on their own (views of a packed weight).
+    fn split(&self) -> Result<[Linear; 3]> {
+        Ok(match self {
+            QkvProjection::Packed(l) => {
+                let width = l.weight.dim(0)? / 3;
+                let part = |i: usize| -> Result<Linear> {
+                    Ok(Linear {
+                        weight: l.weight.narrow(0, i * width, width)?,
+                        bias: l
+                            .bias
+                            .as_ref()
+                            .map(|b| b.narrow(0, i * width, width))
+                            .transpose()?,
+                    })
+                };
+                [part(0)?, part(1)?, part(2)?]
+            }
+            QkvProjection::Separate(q, k, v) => [q.clone(), k.clone(), v.clone()],
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             QkvProjection::Packed(l) => l.forward(x),
@@ -184,29 +205,28 @@ impl Attention {
     }
 
     /// The output at the pooled token only, `[n, width]`: every token's keys and values,
-    /// one query per sequence (the other queries' outputs would be thrown away).
+    /// one query per sequence (the other queries' outputs would be thrown away). The three
+    /// projections run apart, on views of the packed weight: the query at the pooled token
+    /// only, and no slices of a packed `[n, len, 3·width]` output, whose gradients would
+    /// each be a zero-padded tensor of that full size.
     pub fn forward_pooled(
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,
         pooled: PooledToken,
     ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?;
-        let (n, len, width3) = qkv.dims3()?;
-        let (width, h) = (width3 / 3, self.heads);
-        let d = width / h;
-        let q = pooled
-            .select(&qkv)?
-            .narrow(1, 0, width)?
-            .reshape((n, h, 1, d))?;
-        let head_major = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, i * width, width)?
+        let (n, len, width) = x.dims3()?;
+        let (h, d) = (self.heads, width / self.heads);
+        let [q_proj, k_proj, v_proj] = self.qkv.split()?;
+        let q = q_proj.forward(&pooled.select(x)?)?.reshape((n, h, 1, d))?;
+        let head_major = |proj: &Linear| -> Result<Tensor> {
+            Ok(proj
+                .forward(x)?
                 .reshape((n, len, h, d))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (k, v) = (head_major(1)?, head_major(2)?);
+        let (k, v) = (head_major(&k_proj)?, head_major(&v_proj)?);
         let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [n, h, 1, len]
         if let Some(m) = mask {
             // The pooled query's row of the mask, per sequence: [n, 1, 1, len].
