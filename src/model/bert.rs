@@ -130,9 +130,7 @@ impl BertTower {
     pub fn stem(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, len) = tokens.dims2()?;
         let h = self.cfg.hidden_size;
-        let x = self
-            .word_embeddings
-            .index_select(&tokens.flatten_all()?, 0)?
+        let x = super::fused::embedding(&self.word_embeddings, &tokens.flatten_all()?)?
             .reshape((n, len, h))?
             .broadcast_add(&self.position_embeddings.narrow(0, 0, len)?)?
             .broadcast_add(&self.token_type_embeddings.narrow(0, 0, 1)?)?;

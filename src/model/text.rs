@@ -70,11 +70,11 @@ impl TextTower {
     pub fn stem(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, len) = tokens.dims2()?;
         let w = self.cfg.width;
-        Ok(self
-            .token_embedding
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((n, len, w))?
-            .broadcast_add(&self.positional_embedding.narrow(0, 0, len)?)?)
+        Ok(
+            super::fused::embedding(&self.token_embedding, &tokens.flatten_all()?)?
+                .reshape((n, len, w))?
+                .broadcast_add(&self.positional_embedding.narrow(0, 0, len)?)?,
+        )
     }
 
     /// The causal mask for the blocks' input `x`.

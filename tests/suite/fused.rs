@@ -536,3 +536,37 @@ fn sum_of_squares_equals_plain_ops() {
     let with_nan = Tensor::new(&[1f32, f32::NAN, 2.0], &candle_core::Device::Cpu).unwrap();
     assert!(fused::sum_of_squares(&with_nan).unwrap().is_nan());
 }
+
+/// The token lookup gives `index_select`'s rows and, through its own backward, the same
+/// table gradient bit for bit (repeated ids summed in the same order), in f32 and f64.
+#[test]
+fn embedding_equals_index_select_values_and_gradient_exactly() {
+    let ids = Tensor::new(&[3u32, 0, 3, 6, 3, 1], &candle_core::Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::F64] {
+        let table = Var::from_tensor(&fixed_values(&[7, 5], 0.3).to_dtype(dtype).unwrap()).unwrap();
+        let weights = fixed_values(&[6, 5], 1.1).to_dtype(dtype).unwrap();
+        let run = |rows: Tensor| {
+            let grads = (&rows * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (values(&rows), values(grads.get(table.as_tensor()).unwrap()))
+        };
+        let (want, want_grad) = run(table.index_select(&ids, 0).unwrap());
+        let (got, got_grad) = run(fused::embedding(table.as_tensor(), &ids).unwrap());
+        assert_eq!(got, want, "{dtype:?} rows");
+        assert_eq!(got_grad, want_grad, "{dtype:?} table gradient");
+        // Rows 2, 4 and 5 are never looked up: their gradient is zero.
+        assert!(got_grad[2 * 5..3 * 5].iter().all(|&g| g == 0.0));
+    }
+}
+
+#[test]
+fn an_embedding_id_outside_the_table_is_an_error_naming_it() {
+    let table = fixed_values(&[4, 3], 0.0).to_dtype(DType::F32).unwrap();
+    let ids = Tensor::new(&[1u32, 4], &candle_core::Device::Cpu).unwrap();
+    let err = fused::embedding(&table, &ids).unwrap_err().to_string();
+    assert!(err.contains("id 4 outside a table of 4 rows"), "{err}");
+}

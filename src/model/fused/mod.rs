@@ -439,12 +439,14 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
 }
 
 mod attention;
+mod embedding;
 mod gelu;
 mod layer_norm;
 mod linear;
 mod softmax;
 
 pub use attention::{attention, attention_plain};
+pub use embedding::embedding;
 pub use gelu::{gelu_erf, gelu_erf_bias};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
