@@ -382,7 +382,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let c = calibrate::calibrate(&topology, &model, global_batch, Duration::from_secs(14))
+        let c = calibrate::calibrate(&topology, &model, global_batch, Duration::from_secs(3))
             .context("calibration failed")?;
         eprintln!(
             "calibrated on {cores} cores, {threads} compute thread(s) per rank, {world} ranks: image {:.0}, \
