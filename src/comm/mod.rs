@@ -267,42 +267,28 @@ pub fn all_reduce_sum_sparse_rows<C: Communicator + ?Sized>(
 fn unpack_rows(packed: &Tensor, index: &Tensor, rows: usize) -> Result<Tensor> {
     let mut shape = packed.dims().to_vec();
     shape[0] = rows;
-    let row = packed.elem_count() / packed.dim(0)?.max(1);
     fn scatter<T: candle_core::WithDType>(
         packed: &Tensor,
-        index: &[u32],
-        rows: usize,
-        row: usize,
-    ) -> Result<Vec<T>> {
+        index: &Tensor,
+        shape: Vec<usize>,
+    ) -> Result<Tensor> {
+        let row = packed.elem_count() / packed.dim(0)?.max(1);
         let values = packed.flatten_all()?.to_vec1::<T>()?;
-        let mut out = vec![T::zero(); rows * row];
-        for (&r, v) in index.iter().zip(values.chunks_exact(row.max(1))) {
+        let mut out = vec![T::zero(); shape[0] * row];
+        for (&r, v) in index
+            .to_vec1::<u32>()?
+            .iter()
+            .zip(values.chunks_exact(row.max(1)))
+        {
             out[r as usize * row..(r as usize + 1) * row].copy_from_slice(v);
         }
-        Ok(out)
+        Ok(Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)
     }
-    if packed.device().is_cpu() {
-        let index = index.to_vec1::<u32>()?;
-        let cpu = &candle_core::Device::Cpu;
-        match packed.dtype() {
-            candle_core::DType::F32 => {
-                return Ok(Tensor::from_vec(
-                    scatter::<f32>(packed, &index, rows, row)?,
-                    shape,
-                    cpu,
-                )?)
-            }
-            candle_core::DType::F64 => {
-                return Ok(Tensor::from_vec(
-                    scatter::<f64>(packed, &index, rows, row)?,
-                    shape,
-                    cpu,
-                )?)
-            }
-            _ => {}
-        }
+    match (packed.device().is_cpu(), packed.dtype()) {
+        (true, candle_core::DType::F32) => scatter::<f32>(packed, index, shape),
+        (true, candle_core::DType::F64) => scatter::<f64>(packed, index, shape),
+        _ => Ok(Tensor::zeros(shape, packed.dtype(), packed.device())?.index_add(index, packed, 0)?),
     }
-    Ok(Tensor::zeros(shape, packed.dtype(), packed.device())?.index_add(index, packed, 0)?)
 }
 
 /// All-reduces many tensors with one collective: flattened into a single bucket, summed,

@@ -360,6 +360,14 @@ impl ClipConfig {
         self.locked.contains(&tower)
     }
 
+    /// The sizes (parameters, FLOPs, activations) of `tower`.
+    pub fn tower_size(&self, tower: Tower) -> &dyn TowerSize {
+        match tower {
+            Tower::Image => self.vision.size(),
+            Tower::Text => self.text.size(),
+        }
+    }
+
     pub fn context_length(&self) -> usize {
         match &self.text {
             TextTowerConfig::Clip(t) => t.context_length,

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::loss::{Exchange, LossConfig};
-use crate::model::{ClipConfig, TowerSize};
+use crate::model::ClipConfig;
 use crate::topology::{Links, Topology, Tower};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -235,10 +235,7 @@ fn tower_numbers(
     checkpointing: bool,
     global_batch: usize,
 ) -> TowerNumbers {
-    let size: &dyn TowerSize = match tower {
-        Tower::Image => model.vision.size(),
-        Tower::Text => model.text.size(),
-    };
+    let size = model.tower_size(tower);
     TowerNumbers {
         params: size.num_params(model.embed_dim) as f64,
         grad_all_reduce_elems: size.grad_all_reduce_elems(model.embed_dim, global_batch) as f64,

@@ -105,11 +105,9 @@ impl Plan {
             if model.is_locked(t) {
                 0
             } else {
-                match t {
-                    Tower::Image => model.vision.size(),
-                    Tower::Text => model.text.size(),
-                }
-                .grad_all_reduce_elems(model.embed_dim, global_batch) as u64
+                model
+                    .tower_size(t)
+                    .grad_all_reduce_elems(model.embed_dim, global_batch) as u64
             }
         };
         let traffic = Traffic {
