@@ -2377,6 +2377,15 @@ impl BackendStorage for CpuStorage {
                     dst_dims[dim] = 1;
                 }
                 let dst_shape = Shape::from(dst_dims);
+                // mmpipe patch: half-precision sums accumulate in f32, as candle's CUDA
+                // reduce kernels do (a bf16 accumulator keeps 8 bits of a long sum: a
+                // bias gradient summed over a batch lost most of its digits).
+                if matches!(self.dtype(), DType::BF16 | DType::F16) {
+                    let wide = self.to_dtype(layout, DType::F32)?;
+                    let summed =
+                        wide.reduce_op(op, &Layout::contiguous(layout.shape()), reduce_dims)?;
+                    return summed.to_dtype(&Layout::contiguous(&dst_shape), self.dtype());
+                }
                 let mut reduce_dims = reduce_dims.to_vec();
                 // Sort the reduce_dims as they have to be processed from left to right when converting the
                 // indexes.
