@@ -25,7 +25,7 @@ if [ -f "$venv/cuda-env.sh" ] && [ "$want_cuda" = 1 ]; then
   features+=(cuda)
   if [ "$gpu" = 0 ]; then
     echo "test.sh: no GPU here: building with cuda, skipping the tests that need a GPU (scripts/gpu-check.sh runs them)"
-    skip=(-- --skip parity::cuda:: --skip nccl::)
+    skip=(-- --skip parity::cuda:: --skip nccl:: --skip optim::cuda:: --skip precision::cuda::)
   fi
 elif [ "$gpu" = 0 ]; then
   echo "test.sh: no GPU here: testing without the cuda feature (MMPIPE_TEST_CUDA=1 builds it anyway)"

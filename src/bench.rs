@@ -1,12 +1,16 @@
 //! `mmpipe bench`: the training step on a fixed configuration (by default the OpenCLIP
 //! anchor's of `../shared/anchors/`: the same towers, batch, AdamW settings, f32, and this
 //! machine's cores), timed step by step, with the FLOPs it does set against this
-//! machine's f32 matrix-multiply peak measured on the same threads.
+//! machine's matrix-multiply peak: on the CPU an f32 GEMM on the same threads, on a GPU a
+//! bf16 GEMM (8192³, random data) timed in the same process (the ratio is the MFU).
 
 use std::time::Instant;
 
+use candle_core::{DType, Device, Tensor};
+
 use crate::error::Result;
 use crate::model::ClipConfig;
+use crate::plan::{GradReduce, Precision};
 use crate::topology::Topology;
 use crate::train::{self, PhaseTimes, TrainConfig};
 
@@ -18,6 +22,22 @@ pub struct BenchOptions {
     /// Timed steps, after `warmup` untimed ones (allocator and caches settle).
     pub steps: usize,
     pub warmup: usize,
+    /// As `train` takes them (None: bf16 on CUDA, fp32 on the CPU).
+    pub precision: Option<Precision>,
+    pub grad_reduce: GradReduce,
+    pub tf32: bool,
+}
+
+impl BenchOptions {
+    /// The anchor's training settings with this bench's precision.
+    fn train_config(&self, steps: usize) -> TrainConfig {
+        TrainConfig {
+            precision: self.precision,
+            grad_all_reduce: self.grad_reduce,
+            tf32: self.tf32,
+            ..anchor_train_config(self.batch, steps)
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -46,6 +66,8 @@ pub struct BenchReport {
     /// Per rank: tower and mean milliseconds per timed step in each phase (data wait,
     /// forward, exchange, loss, backward, gradient all-reduce, optimizer).
     pub phases_ms: Vec<(String, [f64; 7])>,
+    /// "fp32" or "bf16".
+    pub precision: String,
 }
 
 /// The anchor's optimizer and schedule (AdamW lr 1e-4, weight decay 0.1, betas 0.9/0.98,
@@ -66,6 +88,31 @@ pub fn anchor_train_config(batch: usize, steps: usize) -> TrainConfig {
         eval: crate::train::config::EvalConfig { every: 0, pairs: 0 },
         ..TrainConfig::default()
     }
+}
+
+/// A device's matrix-multiply rate in `dtype`, GFLOP/s: 8192 × 8192 × 8192 products of
+/// random matrices (a product of zeros runs faster than real data), three warm-ups, then
+/// the best of three rounds of ten back to back, each round timed to its last product's
+/// end. On a GPU, through the same cuBLAS path as the step's matmuls (TF32 for f32 as
+/// candle is set).
+pub fn device_gemm_peak_gflops(device: &Device, dtype: DType) -> Result<f64> {
+    const N: usize = 8192;
+    let a = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(dtype)?;
+    for _ in 0..3 {
+        a.matmul(&b)?;
+    }
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..10 {
+            a.matmul(&b)?;
+        }
+        device.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64() / 10.0);
+    }
+    Ok(2.0 * (N * N * N) as f64 / best / 1e9)
 }
 
 /// The best of a few large f32 matrix products on this process's compute threads (the
@@ -137,17 +184,10 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
     // The warm-up is a run of its own (the allocator keeps its memory, the caches stay
     // warm), so the timed run's phase totals hold timed steps only.
     if opts.warmup > 0 {
-        train::train(
-            &opts.topology,
-            &opts.model,
-            &anchor_train_config(opts.batch, opts.warmup),
-        )?;
+        train::train(&opts.topology, &opts.model, &opts.train_config(opts.warmup))?;
     }
-    let report = train::train(
-        &opts.topology,
-        &opts.model,
-        &anchor_train_config(opts.batch, opts.steps),
-    )?;
+    let config = opts.train_config(opts.steps);
+    let report = train::train(&opts.topology, &opts.model, &config)?;
     let mut timed: Vec<f64> = report.step_seconds.iter().map(|s| s * 1e3).collect();
     timed.sort_by(f64::total_cmp);
     if timed.is_empty() {
@@ -188,5 +228,9 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
         fraction_of_peak: achieved / peak,
         threads,
         phases_ms,
+        precision: match config.precision_on(opts.topology.device) {
+            Precision::Fp32 => "fp32".into(),
+            Precision::Bf16 => "bf16".into(),
+        },
     })
 }

@@ -17,7 +17,9 @@ use mmpipe::model::{checkpoint, ClipConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use mmpipe::plan::{self, search, svg, CostOptions, MicroBatch, Optimizer, Plan, Precision};
+use mmpipe::plan::{
+    self, search, svg, CostOptions, GradReduce, MicroBatch, Optimizer, Plan, Precision,
+};
 use mmpipe::topology::{DeviceKind, Topology, Tower};
 use mmpipe::train::{self, calibrate, PhaseBytes, PhaseTimes, TrainConfig};
 
@@ -186,6 +188,9 @@ struct PlanArgs {
     /// Training precision (default: bf16 on cuda topologies, fp32 on cpu).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
+    /// What the gradient all-reduce sums in: its bytes per step.
+    #[arg(long, value_enum, default_value_t = GradReduce::Fp32)]
+    grad_all_reduce: GradReduce,
     #[arg(long, value_enum, default_value_t = Optimizer::Adamw)]
     optimizer: Optimizer,
     /// Gradient checkpointing: recompute each layer's activations in backward.
@@ -249,10 +254,8 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Compute precision [default: fp32]. bf16 (with f32 master weights) needs CUDA: on
-    /// CPU topologies training stays in f32 and says so.
-    #[arg(long, value_enum)]
-    precision: Option<Precision>,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     /// Gradient checkpointing per block: less activation memory, one more forward.
     #[arg(long)]
     checkpointing: bool,
@@ -282,6 +285,54 @@ struct TrainArgs {
     /// [default: mpi under mpirun; nccl for a cuda topology under a launcher; else thread].
     #[arg(long, value_enum)]
     backend: Option<Backend>,
+}
+
+#[derive(Args)]
+struct PrecisionArgs {
+    /// Compute precision [default: bf16 on cuda topologies, fp32 on cpu]. bf16: bf16
+    /// compute and activations, f32 master weights, optimizer, loss, norm statistics and
+    /// softmax (on the CPU too, slowly: candle's CPU bf16 products convert through f32).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    /// What gradients are summed in over a group [default: fp32]; bf16 halves the bytes.
+    #[arg(long, value_enum)]
+    grad_all_reduce: Option<GradReduce>,
+    /// Full f32 matrix products on CUDA (default: TF32 tensor cores allowed for f32).
+    #[arg(long)]
+    no_tf32: bool,
+}
+
+impl PrecisionArgs {
+    fn apply(&self, cfg: &mut TrainConfig) {
+        if self.precision.is_some() {
+            cfg.precision = self.precision;
+        }
+        if let Some(g) = self.grad_all_reduce {
+            cfg.grad_all_reduce = g;
+        }
+        cfg.tf32 &= !self.no_tf32;
+    }
+}
+
+/// Says what a precision setting does on a CPU topology, where TF32 does not exist and bf16
+/// is slow.
+fn precision_notes(cfg: &TrainConfig, topology: &Topology) {
+    if topology.device != DeviceKind::Cpu {
+        return;
+    }
+    if cfg.precision_on(topology.device) == Precision::Bf16 {
+        eprintln!(
+            "note: bf16 on the CPU ({}) trains in bf16 for real, but slowly: candle's CPU bf16 \
+             matrix products convert through f32",
+            topology.source.display()
+        );
+    }
+    if !cfg.tf32 {
+        eprintln!(
+            "note: tf32 = false changes nothing on {}: CPUs have no TF32 (it applies to cuda topologies)",
+            topology.source.display()
+        );
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -401,6 +452,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
             DeviceKind::Cuda => Precision::Bf16,
             DeviceKind::Cpu => Precision::Fp32,
         }),
+        grad_reduce: args.grad_all_reduce,
         optimizer: args.optimizer,
         checkpointing: args.checkpointing,
         overlap: !args.no_overlap,
@@ -759,16 +811,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             (None, Some(config)) => format!("{}: field `model`", config.display()),
             _ => "--model".to_string(),
         })?;
-    if let Some(p) = args.precision {
-        cfg.precision = p;
-    }
-    if cfg.precision == Precision::Bf16 && topology.device == DeviceKind::Cpu {
-        eprintln!(
-            "note: precision bf16 asks for bf16 compute with f32 master weights, which mmpipe runs on CUDA \
-             only; {} is a CPU topology, so this run trains in f32",
-            topology.source.display()
-        );
-    }
+    args.precision.apply(&mut cfg);
+    precision_notes(&cfg, &topology);
     let origin = args
         .config
         .clone()
@@ -862,8 +906,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "training on {} ({} image + {} text rank {}, {threads} compute threads each), global batch {}, {} steps; \
-         loss {} (exchange {}, tile {})",
+        "training on {} ({} image + {} text rank {}, {threads} compute threads each), global batch {}, {} steps, \
+         {}; loss {} (exchange {}, tile {})",
         topology.source.display(),
         topology.group_size(Tower::Image),
         topology.group_size(Tower::Text),
@@ -874,6 +918,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         },
         cfg.global_batch,
         cfg.steps,
+        precision_summary(&cfg, &topology),
         cfg.loss.kind,
         cfg.loss.exchange,
         cfg.loss.tile,
@@ -953,6 +998,24 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// "bf16 (f32 master weights, gradients summed in fp32)", or "fp32 (TF32 matmuls)".
+fn precision_summary(cfg: &TrainConfig, topology: &Topology) -> String {
+    let reduce = match cfg.grad_all_reduce {
+        GradReduce::Fp32 => "fp32",
+        GradReduce::Bf16 => "bf16",
+    };
+    let tf32 = match (topology.device, cfg.tf32) {
+        (DeviceKind::Cuda, true) => ", TF32 for f32 matmuls",
+        _ => "",
+    };
+    match cfg.precision_on(topology.device) {
+        Precision::Bf16 => {
+            format!("bf16 (f32 master weights, gradients summed in {reduce}{tf32})")
+        }
+        Precision::Fp32 => format!("fp32 (gradients summed in {reduce}{tf32})"),
+    }
+}
+
 /// Rank threads already run in parallel, and they share candle's one global thread pool:
 /// unless the user chose, give each rank its share of the cores (measured on 2 cores with
 /// three ranks: 1 thread each ran 4x faster than the default of all cores).
@@ -1024,6 +1087,8 @@ struct BenchArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     /// Only measure the f32 GEMM peak on this process's threads and print it (GFLOP/s).
     #[arg(long, hide = true)]
     gemm_peak_only: bool,
@@ -1037,40 +1102,75 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let topology = Topology::from_file(&args.topology)?;
     let model = load_model(&Some(args.model.clone()))?;
+    let mut precision = TrainConfig::default();
+    args.precision.apply(&mut precision);
+    precision_notes(&precision, &topology);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(cores);
-    // The peak in a process of its own: this one's thread pool is sized per rank.
-    let peak_out = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "--gemm-peak-only"])
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .output()?;
-    let peak: f64 = String::from_utf8_lossy(&peak_out.stdout)
-        .trim()
-        .parse()
-        .context("measuring the GEMM peak")?;
+    let (peak, peak_name) = match topology.device {
+        DeviceKind::Cuda => {
+            // The GPU's bf16 GEMM in this process, before any training: the MFU's
+            // denominator, as OpenCLIP's GPU anchor measures it.
+            candle_core::cuda::set_gemm_reduced_precision_f32(precision.tf32);
+            let device = train::rank_device(&topology, 0)?;
+            let bf16 = bench::device_gemm_peak_gflops(&device, candle_core::DType::BF16)?;
+            if precision.precision_on(topology.device) == Precision::Fp32 {
+                let f32_peak = bench::device_gemm_peak_gflops(&device, candle_core::DType::F32)?;
+                println!(
+                    "f32 GEMM (8192³, random data, {}): {:.1} TFLOP/s",
+                    if precision.tf32 {
+                        "TF32 allowed"
+                    } else {
+                        "full f32"
+                    },
+                    f32_peak / 1e3
+                );
+            }
+            (
+                bf16,
+                "bf16 GEMM (8192³, random data) on this GPU".to_string(),
+            )
+        }
+        DeviceKind::Cpu => {
+            // The peak in a process of its own: this one's thread pool is sized per rank.
+            let peak_out = std::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "--gemm-peak-only"])
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()?;
+            let peak: f64 = String::from_utf8_lossy(&peak_out.stdout)
+                .trim()
+                .parse()
+                .context("measuring the GEMM peak")?;
+            (peak, format!("f32 GEMM peak on {threads} threads"))
+        }
+    };
     let per_rank = compute_threads_per_rank(topology.world_size());
     println!(
         "bench: {} on {} ({} image + {} text rank threads, {per_rank} compute thread{} each, {threads} in all), \
-         batch {}, {} timed steps after {} untimed",
+         batch {}, {}, {} timed steps after {} untimed",
         args.model.display(),
         topology.source.display(),
         topology.group_size(Tower::Image),
         topology.group_size(Tower::Text),
         if per_rank == 1 { "" } else { "s" },
         args.batch,
+        precision_summary(&precision, &topology),
         args.steps,
         args.warmup
     );
     let report = bench::run(
         &bench::BenchOptions {
             model,
-            topology,
+            topology: topology.clone(),
             batch: args.batch,
             steps: args.steps,
             warmup: args.warmup,
+            precision: precision.precision,
+            grad_reduce: precision.grad_all_reduce,
+            tf32: precision.tf32,
         },
         threads,
         peak,
@@ -1079,15 +1179,20 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "step: median {:.1} ms (min {:.1}, max {:.1}) = {:.1} samples/s",
         report.step_ms_median, report.step_ms_min, report.step_ms_max, report.samples_per_second
     );
+    let scale = |gflops: f64| match topology.device {
+        DeviceKind::Cuda => format!("{:.1} TFLOP/s", gflops / 1e3),
+        DeviceKind::Cpu => format!("{gflops:.1} GFLOP/s"),
+    };
     println!(
         "compute: {:.3} GFLOP/sample executed (forward + backward; the model's {:.3}, last blocks at the pooled token only) \
-         = {:.1} GFLOP/s ({:.1} in the model's FLOPs); f32 GEMM peak on {threads} threads {:.1} GFLOP/s; {:.0}% of peak",
+         = {} ({} in the model's FLOPs); {peak_name} {}; {:.1}% of peak{}",
         report.executed_gflop_per_sample,
         report.gflop_per_sample,
-        report.achieved_gflops,
-        report.model_gflops,
-        report.gemm_peak_gflops,
-        100.0 * report.fraction_of_peak
+        scale(report.achieved_gflops),
+        scale(report.model_gflops),
+        scale(report.gemm_peak_gflops),
+        100.0 * report.fraction_of_peak,
+        if topology.device == DeviceKind::Cuda { " (MFU)" } else { "" },
     );
     if report.fraction_of_peak > 1.0 {
         // The probe is the best of six GEMMs, but all six can land on a busy moment.
@@ -1104,7 +1209,29 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         println!();
     }
-    println!("RESULT_JSON {}", serde_json::to_string(&report)?);
+    let mut json = serde_json::to_value(&report)?;
+    #[cfg(feature = "cuda")]
+    if topology.device == DeviceKind::Cuda {
+        let device = train::rank_device(&topology, 0)?;
+        let mib = |b: u64| b as f64 / 1048576.0;
+        if let Some(peak) = mmpipe::comm::nccl::tensor_memory_peak(&device) {
+            println!(
+                "peak GPU memory of tensors (the allocator's high-water mark): {:.0} MiB",
+                mib(peak)
+            );
+            json["gpu_tensor_peak_mib"] = serde_json::json!(mib(peak));
+        }
+        if let Some((used, total)) = mmpipe::comm::nccl::memory_peak() {
+            println!(
+                "peak GPU memory in use (whole device, after backward): {:.0} of {:.0} MiB",
+                mib(used),
+                mib(total)
+            );
+            json["gpu_device_peak_mib"] = serde_json::json!(mib(used));
+        }
+    }
+    json["device"] = serde_json::json!(topology.device.to_string());
+    println!("RESULT_JSON {json}");
     Ok(())
 }
 

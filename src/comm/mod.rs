@@ -233,9 +233,14 @@ pub fn all_reduce_sum_sparse_rows<C: Communicator + ?Sized>(
     }
     let device = tensors[sparse[0].index].device();
     let total = masks.len();
-    let union = comm.all_reduce_sum(&Tensor::from_vec(masks, total, device)?)?;
+    // In the gradients' dtype, so the mask costs what the planner counts (a sum of 0s and
+    // 1s is positive exactly where some rank has the row, in bf16 as in f32).
+    let mask =
+        Tensor::from_vec(masks, total, device)?.to_dtype(tensors[sparse[0].index].dtype())?;
+    let union = comm.all_reduce_sum(&mask)?;
     let union = union
         .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
         .to_vec1::<f32>()?;
 
     let mut list = tensors.to_vec();

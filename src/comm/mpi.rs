@@ -130,7 +130,7 @@ impl MpiCommunicator {
     }
 
     /// Every rank's `values`, concatenated in rank order; `counts[r]` elements from rank r.
-    fn gather_values<T: WithDType + Equivalence + Default>(
+    fn gather_values<T: Equivalence + Default + Clone>(
         &self,
         values: &[T],
         counts: &[usize],
@@ -216,6 +216,20 @@ impl MpiCommunicator {
                 &self.gather_values(&flat.to_vec1::<u8>()?, &counts),
                 &shapes,
             )?,
+            // MPI has no bf16: its bits travel as u16 (the sums are taken here, in order).
+            DType::BF16 => {
+                let bits: Vec<u16> = flat
+                    .to_vec1::<half::bf16>()?
+                    .into_iter()
+                    .map(half::bf16::to_bits)
+                    .collect();
+                let values: Vec<half::bf16> = self
+                    .gather_values(&bits, &counts)
+                    .into_iter()
+                    .map(half::bf16::from_bits)
+                    .collect();
+                self.split(&values, &shapes)?
+            }
             other => return Err(self.fail(op, format!("{other:?} tensors are not supported"))),
         };
         Ok(parts)
@@ -251,6 +265,7 @@ fn dtype_code(d: DType) -> Option<u64> {
         DType::U32 => 2,
         DType::I64 => 3,
         DType::U8 => 4,
+        DType::BF16 => 5,
         _ => return None,
     })
 }

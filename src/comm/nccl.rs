@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{sys as sys_driver, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
 use candle_core::cuda_backend::cudarc::nccl::{result::NcclError, sys};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
@@ -81,6 +81,50 @@ pub fn sample_memory(device: &Device) {
 pub fn memory_peak() -> Option<(u64, u64)> {
     let total = MEMORY_TOTAL.load(Ordering::Relaxed);
     (total > 0).then(|| (MEMORY_PEAK.load(Ordering::Relaxed), total))
+}
+
+/// The default memory pool of `device`'s GPU: where cudarc's stream-ordered allocations
+/// (every candle tensor) come from.
+fn default_pool(device: &Device) -> Option<sys_driver::CUmemoryPool> {
+    let cuda = device.as_cuda_device().ok()?;
+    let context = cuda.cuda_stream().context().clone();
+    context.bind_to_thread().ok()?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a valid device handle and an out-pointer to fill.
+    let status = unsafe { sys_driver::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) };
+    (status == sys_driver::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+}
+
+/// The most bytes `device`'s tensors held at once since the process started or since
+/// [`reset_tensor_memory_peak`] (the pool's high-water mark: tensors only, not the CUDA
+/// context, cuBLAS' workspace or NCCL's buffers). None where the GPU has no pools.
+pub fn tensor_memory_peak(device: &Device) -> Option<u64> {
+    let pool = default_pool(device)?;
+    let mut used: u64 = 0;
+    // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute.
+    let status = unsafe {
+        sys_driver::cuMemPoolGetAttribute(
+            pool,
+            sys_driver::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut used as *mut u64).cast(),
+        )
+    };
+    (status == sys_driver::CUresult::CUDA_SUCCESS).then_some(used)
+}
+
+/// Starts [`tensor_memory_peak`] again from what is allocated now.
+pub fn reset_tensor_memory_peak(device: &Device) {
+    if let Some(pool) = default_pool(device) {
+        let mut zero: u64 = 0;
+        // SAFETY: setting USED_MEM_HIGH to 0 resets it to the current use.
+        unsafe {
+            sys_driver::cuMemPoolSetAttribute(
+                pool,
+                sys_driver::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            );
+        }
+    }
 }
 
 fn nccl_message(e: &NcclError) -> String {

@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::config::{BertConfig, BertPooling};
-use super::layers::{Attention, LayerNorm, Linear, QkvProjection};
+use super::layers::{project, residual, Activation, Attention, LayerNorm, Linear, QkvProjection};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -28,10 +28,10 @@ impl BertLayer {
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = self
             .attention_norm
-            .forward(&(x + self.attention.forward(x, Some(mask))?)?)?;
-        let hidden = self.intermediate.forward(&x)?.gelu_erf()?;
+            .forward(&residual(x, &self.attention.forward(x, Some(mask))?)?)?;
+        let hidden = Activation::Gelu.forward(&self.intermediate.forward(&x)?)?;
         self.output_norm
-            .forward(&(&x + self.output.forward(&hidden)?)?)
+            .forward(&residual(&x, &self.output.forward(&hidden)?)?)
     }
 }
 
@@ -56,6 +56,8 @@ impl BertTower {
         let eps = 1e-12;
         let emb = t.pp("embeddings");
         let linear = |pb: &ParamBuilder, i, o| Linear::new(pb, i, o, STD);
+        // Embeddings in full precision: the residual stream starts from them.
+        let embeddings = emb.full_precision();
         let layers = (0..cfg.layers)
             .map(|i| {
                 let l = t.pp("encoder.layer").pp(i);
@@ -84,17 +86,17 @@ impl BertTower {
         };
         Ok(BertTower {
             cfg: cfg.clone(),
-            word_embeddings: emb.get(
+            word_embeddings: embeddings.get(
                 (cfg.vocab_size, h),
                 "word_embeddings.weight",
                 Init::Normal(STD),
             )?,
-            position_embeddings: emb.get(
+            position_embeddings: embeddings.get(
                 (cfg.max_position_embeddings, h),
                 "position_embeddings.weight",
                 Init::Normal(STD),
             )?,
-            token_type_embeddings: emb.get(
+            token_type_embeddings: embeddings.get(
                 (cfg.type_vocab_size, h),
                 "token_type_embeddings.weight",
                 Init::Normal(STD),
@@ -158,7 +160,7 @@ impl BertTower {
 
     /// Pooling (and HF's pooler) and the projection, from the last hidden states.
     pub fn head(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        Ok(self.pool(x, mask)?.matmul(&self.proj.t()?)?)
+        project(&self.pool(x, mask)?, &self.proj.t()?)
     }
 
     fn pool(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -406,6 +406,10 @@ pub trait TowerSize {
     /// Short name for tables ("vit-b/16"-like descriptions are the user's file names).
     fn family(&self) -> &'static str;
     fn num_params(&self, embed_dim: usize) -> usize;
+    /// Of those, the ones the tower reads in full precision under mixed precision (no
+    /// bf16 working copy: embeddings, norms' gains and biases, learned queries); the others
+    /// (matrices of products and their biases) have one.
+    fn full_precision_params(&self, embed_dim: usize) -> usize;
     fn forward_flops(&self, embed_dim: usize) -> f64;
     /// The forward FLOPs mmpipe runs: fewer than [`Self::forward_flops`] where the last
     /// block runs at the pooled token only (a ViT pooled at its class token, CLIP's text
@@ -508,6 +512,20 @@ impl TowerSize for VitConfig {
         "vit"
     }
 
+    fn full_precision_params(&self, embed_dim: usize) -> usize {
+        let w = self.width;
+        let pooler = if self.attentional_pool {
+            self.attn_pooler_queries * embed_dim + 2 * embed_dim + 2 * w
+        } else {
+            0
+        };
+        w + (self.num_patches() + 1) * w      // class token, positions
+            + 2 * w                           // ln_pre
+            + self.layers * 4 * w             // ln_1, ln_2
+            + pooler
+            + 2 * self.pool_dim(embed_dim) // ln_post
+    }
+
     fn num_params(&self, embed_dim: usize) -> usize {
         let w = self.width;
         self.patch_dim() * w          // patch embedding (no bias, as CLIP)
@@ -564,6 +582,11 @@ impl TowerSize for TextTransformerConfig {
         "clip-text"
     }
 
+    fn full_precision_params(&self, _embed_dim: usize) -> usize {
+        let w = self.width;
+        (self.vocab_size + self.context_length) * w + self.layers * 4 * w + 2 * w
+    }
+
     fn token_table(&self) -> Option<(usize, usize, usize)> {
         Some((self.vocab_size, self.width, self.context_length))
     }
@@ -609,6 +632,13 @@ impl TowerSize for TextTransformerConfig {
 impl TowerSize for BertConfig {
     fn family(&self) -> &'static str {
         "bert"
+    }
+
+    fn full_precision_params(&self, _embed_dim: usize) -> usize {
+        let h = self.hidden_size;
+        (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * h
+            + 2 * h                   // embedding norm
+            + self.layers * 4 * h // attention and output norms
     }
 
     fn token_table(&self) -> Option<(usize, usize, usize)> {
@@ -700,6 +730,12 @@ fn walk_resnet(r: &ResNetConfig, mut conv: impl FnMut(Conv), mut norm: impl FnMu
 impl TowerSize for ResNetConfig {
     fn family(&self) -> &'static str {
         "resnet"
+    }
+
+    fn full_precision_params(&self, _embed_dim: usize) -> usize {
+        let mut norms = 0;
+        let side = walk_resnet(self, |_| {}, |c| norms += 2 * c);
+        norms + (side * side + 1) * 32 * self.width // batch norms, attention-pool positions
     }
 
     fn num_params(&self, embed_dim: usize) -> usize {

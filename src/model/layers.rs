@@ -1,6 +1,11 @@
 //! Training-ready building blocks. candle's fused LayerNorm and `softmax_last_dim` drop
 //! gradients silently; the norm, the softmax, GELU and the bias add here are our own
 //! fused ops with their own backward on the CPU ([`super::fused`]), plain ops elsewhere.
+//!
+//! Mixed precision follows torch.autocast's rules, as OpenCLIP's amp_bf16 runs: matrix
+//! products (and their weights and biases) in bf16; norms, softmax and GELU computed in
+//! f32 inside; embeddings, norm parameters and the residual stream in f32 (a bf16 branch
+//! is added to the f32 stream). Under f32 every dtype is f32 and the casts are no-ops.
 
 use candle_core::{Tensor, D};
 
@@ -33,6 +38,8 @@ impl Linear {
     }
 
     fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        // The product runs in the weight's dtype (bf16 under mixed precision).
+        let x = x.to_dtype(self.weight.dtype())?;
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
@@ -56,7 +63,9 @@ impl LayerNorm {
         Self::with_eps(pb, dim, 1e-5)
     }
 
+    /// Gain and bias in full precision (the norm runs in f32 under mixed precision).
     pub fn with_eps(pb: &ParamBuilder, dim: usize, eps: f32) -> Result<Self> {
+        let pb = pb.full_precision();
         Ok(LayerNorm {
             weight: pb.get(dim, "weight", Init::Ones)?,
             bias: pb.get(dim, "bias", Init::Zeros)?,
@@ -72,6 +81,18 @@ impl LayerNorm {
 /// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     super::fused::softmax_last_dim(x)
+}
+
+/// `x · w` in `w`'s dtype: a projection by a raw weight matrix (CLIP's `proj`,
+/// `text_projection`) runs in its weight's dtype, whatever its input's.
+pub fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(w.dtype())?.matmul(w)?)
+}
+
+/// `stream + branch` in the stream's dtype: under mixed precision the residual stream
+/// stays f32 and each block's bf16 output is added to it.
+pub fn residual(stream: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    Ok((stream + branch.to_dtype(stream.dtype())?)?)
 }
 
 /// Rows scaled to unit L2 norm.
@@ -227,13 +248,14 @@ impl Attention {
                 .contiguous()?)
         };
         let (k, v) = (head_major(&k_proj)?, head_major(&v_proj)?);
-        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [n, h, 1, len]
+        let mut scores = super::fused::attention_scores(&q, &k, 1.0 / (d as f64).sqrt())?; // [n, h, 1, len]
         if let Some(m) = mask {
             // The pooled query's row of the mask, per sequence: [n, 1, 1, len].
             let rows = pooled.select(&m.broadcast_as((n, 1, len, len))?.squeeze(1)?)?;
-            scores = scores.broadcast_add(&rows.reshape((n, 1, 1, len))?)?;
+            scores =
+                scores.broadcast_add(&rows.reshape((n, 1, 1, len))?.to_dtype(scores.dtype())?)?;
         }
-        let mixed = softmax(&scores)?.matmul(&v)?; // [n, h, 1, d]
+        let mixed = super::fused::attention_mix(&softmax(&scores)?, &v)?; // [n, h, 1, d]
         self.out_proj.forward(&mixed.reshape((n, width))?)
     }
 }
@@ -269,10 +291,18 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// Half-precision inputs are computed in f32 and rounded back once.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Gelu => super::fused::gelu_erf(x)?,
-            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Activation::QuickGelu => match x.dtype() {
+                dtype @ (candle_core::DType::BF16 | candle_core::DType::F16) => {
+                    Activation::QuickGelu
+                        .forward(&x.to_dtype(candle_core::DType::F32)?)?
+                        .to_dtype(dtype)?
+                }
+                _ => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            },
         })
     }
 }
@@ -288,8 +318,8 @@ pub struct ResidualBlock {
 
 impl ResidualBlock {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+        let x = residual(x, &self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        residual(&x, &self.mlp.forward(&self.ln_2.forward(&x)?)?)
     }
 
     /// The block's output at the pooled token only, `[n, width]`: the same values as
@@ -304,8 +334,8 @@ impl ResidualBlock {
         let attended = self
             .attn
             .forward_pooled(&self.ln_1.forward(x)?, mask, pooled)?;
-        let x = (pooled.select(x)? + attended)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+        let x = residual(&pooled.select(x)?, &attended)?;
+        residual(&x, &self.mlp.forward(&self.ln_2.forward(&x)?)?)
     }
 }
 

@@ -2,6 +2,11 @@
 //! iterates in hash order; here every parameter is drawn from an RNG seeded by (seed, name),
 //! so a tower built on any rank, alone or inside the whole model, gets identical weights,
 //! and parameters are always listed sorted by name.
+//!
+//! Under mixed precision a parameter is two variables: the master weight in full precision
+//! (what the optimizer updates and checkpoints hold) and the working copy in the compute
+//! dtype (what the model reads, and what backward hands gradients for). The optimizer
+//! writes the working copy from the master after every update.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,24 +26,50 @@ pub enum Init {
     Normal(f64),
 }
 
+/// Every parameter a builder made: the variables the model reads, and the master weights
+/// of those whose compute dtype is not the master dtype.
+#[derive(Default)]
+struct Store {
+    working: BTreeMap<String, Var>,
+    masters: BTreeMap<String, Var>,
+}
+
 #[derive(Clone)]
 pub struct ParamBuilder {
-    store: Arc<Mutex<BTreeMap<String, Var>>>,
+    store: Arc<Mutex<Store>>,
     prefix: String,
     seed: u64,
+    /// What the model computes with.
     dtype: DType,
+    /// What the optimizer keeps: `dtype`, unless mixed precision.
+    master: DType,
     device: Device,
 }
 
 impl ParamBuilder {
     pub fn new(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::mixed(seed, dtype, dtype, device)
+    }
+
+    /// Parameters computed with in `compute` and kept in `master` (bf16 and f32 under mixed
+    /// precision): each one a master variable and, when the dtypes differ, a working copy.
+    pub fn mixed(seed: u64, compute: DType, master: DType, device: &Device) -> Self {
         ParamBuilder {
             store: Arc::default(),
             prefix: String::new(),
             seed,
-            dtype,
+            dtype: compute,
+            master,
             device: device.clone(),
         }
+    }
+
+    /// The same store and names, with parameters that the model reads in the master dtype
+    /// (no working copy): the loss's scalars, which the loss uses in full precision.
+    pub fn full_precision(&self) -> Self {
+        let mut b = self.clone();
+        b.dtype = self.master;
+        b
     }
 
     /// A builder whose names are prefixed with `name.` (as `VarBuilder::pp`).
@@ -56,8 +87,14 @@ impl ParamBuilder {
         }
     }
 
+    /// The dtype the model computes in.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype of the master weights (and of statistics kept across steps).
+    pub fn master_dtype(&self) -> DType {
+        self.master
     }
 
     pub fn device(&self) -> &Device {
@@ -69,7 +106,7 @@ impl ParamBuilder {
         let shape = shape.into();
         let path = self.path(name);
         let mut store = self.store.lock().expect("parameter store poisoned");
-        if let Some(v) = store.get(&path) {
+        if let Some(v) = store.working.get(&path) {
             if v.shape() != &shape {
                 return Err(Error::Msg(format!(
                     "parameter {path} requested with shape {shape:?} but exists with {:?}",
@@ -79,15 +116,41 @@ impl ParamBuilder {
             return Ok(v.as_tensor().clone());
         }
         let values = draw(&shape, init, self.seed, &path);
-        let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
-        let var = Var::from_tensor(&t)?;
-        store.insert(path, var.clone());
-        Ok(var.as_tensor().clone())
+        let master = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.master)?;
+        let master = Var::from_tensor(&master)?;
+        let working = if self.dtype == self.master {
+            master
+        } else {
+            let copy = Var::from_tensor(&master.as_tensor().to_dtype(self.dtype)?)?;
+            store.masters.insert(path.clone(), master);
+            copy
+        };
+        store.working.insert(path, working.clone());
+        Ok(working.as_tensor().clone())
     }
 
+    /// The variables the model reads (the working copies under mixed precision).
     pub fn params(&self) -> Params {
         Params {
-            vars: self.store.lock().expect("parameter store poisoned").clone(),
+            vars: self
+                .store
+                .lock()
+                .expect("parameter store poisoned")
+                .working
+                .clone(),
+        }
+    }
+
+    /// The master weights, under the same names: the working variables themselves where
+    /// there is no separate copy.
+    pub fn masters(&self) -> Params {
+        let store = self.store.lock().expect("parameter store poisoned");
+        Params {
+            vars: store
+                .working
+                .iter()
+                .map(|(name, v)| (name.clone(), store.masters.get(name).unwrap_or(v).clone()))
+                .collect(),
         }
     }
 }
@@ -142,6 +205,28 @@ impl Params {
 
     pub fn num_elements(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Bytes the parameters' values take.
+    pub fn num_bytes(&self) -> usize {
+        self.vars
+            .values()
+            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Sets each of `working`'s variables that is a separate copy of one of these (same
+    /// name, another variable) to its master's values, rounded to the copy's dtype: after
+    /// the masters were loaded from a checkpoint.
+    pub fn write_working_copies(&self, working: &Params) -> Result<()> {
+        for (name, copy) in working.iter() {
+            if let Some(master) = self.vars.get(name) {
+                if master.id() != copy.id() {
+                    copy.set(&master.as_tensor().to_dtype(copy.dtype())?)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The parameters whose names satisfy `keep`.

@@ -44,6 +44,8 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The convolution runs in its weight's dtype (bf16 under mixed precision).
+        let x = &x.to_dtype(self.weight.dtype())?;
         let (n, c, h, w) = x.dims4()?;
         let k = self.kernel;
         let cout = self.weight.dim(0)?;
@@ -198,12 +200,15 @@ impl BatchNorm {
         Self::with_weight(pb, c, Init::Ones)
     }
 
+    /// Gain and bias in full precision, as layer norms keep theirs.
     fn with_weight(pb: &ParamBuilder, c: usize, weight: Init) -> Result<Self> {
+        let pb = pb.full_precision();
         Ok(BatchNorm {
             weight: pb.get(c, "weight", weight)?,
             bias: pb.get(c, "bias", Init::Zeros)?,
-            running_mean: Mutex::new(Tensor::zeros(c, pb.dtype(), pb.device())?),
-            running_var: Mutex::new(Tensor::ones(c, pb.dtype(), pb.device())?),
+            // Statistics in full precision (the master dtype), whatever the compute dtype.
+            running_mean: Mutex::new(Tensor::zeros(c, pb.master_dtype(), pb.device())?),
+            running_var: Mutex::new(Tensor::ones(c, pb.master_dtype(), pb.device())?),
             batches: Mutex::new(0),
             eps: 1e-5,
             momentum: 0.1,
@@ -226,7 +231,12 @@ impl BatchNorm {
         )
     }
 
+    /// Normalises and applies the affine in the statistics' dtype (f32 under bf16 compute:
+    /// batch statistics of a bf16 activation summed in bf16 would lose most of their
+    /// digits); the output in `x`'s own dtype.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let compute = x.dtype();
+        let x = &x.to_dtype(self.running_mean.lock().expect("bn stats").dtype())?;
         let (n, c, h, w) = x.dims4()?;
         let shape = (1, c, 1, 1);
         if !train {
@@ -234,7 +244,7 @@ impl BatchNorm {
             let x = x
                 .broadcast_sub(&mean.reshape(shape)?)?
                 .broadcast_div(&(var.reshape(shape)? + self.eps)?.sqrt()?)?;
-            return self.affine(&x, shape);
+            return Ok(self.affine(&x, shape)?.to_dtype(compute)?);
         }
         let flat = x.transpose(0, 1)?.reshape((c, n * h * w))?;
         let (normed, mean, var, count) = match &self.reducer {
@@ -279,7 +289,7 @@ impl BatchNorm {
         let mut rv = self.running_var.lock().expect("bn stats");
         *rv = ((&*rv * (1.0 - m))? + (unbiased * m)?)?;
         *self.batches.lock().expect("bn stats") += 1;
-        self.affine(&normed, shape)
+        Ok(self.affine(&normed, shape)?.to_dtype(compute)?)
     }
 
     fn affine(&self, x: &Tensor, shape: (usize, usize, usize, usize)) -> Result<Tensor> {
@@ -357,7 +367,11 @@ struct AttentionPool {
 impl AttentionPool {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let tokens = x.reshape((n, c, h * w))?.transpose(1, 2)?; // [n, hw, c]
+        // In the positional embedding's dtype (f32 under mixed precision).
+        let tokens = x
+            .reshape((n, c, h * w))?
+            .transpose(1, 2)?
+            .to_dtype(self.positional_embedding.dtype())?; // [n, hw, c]
         let x = Tensor::cat(&[&tokens.mean_keepdim(1)?, &tokens], 1)?
             .broadcast_add(&self.positional_embedding)?;
         let len = h * w + 1;
@@ -371,8 +385,8 @@ impl AttentionPool {
         let q = split(self.q_proj.forward(&x.narrow(1, 0, 1)?)?, 1)?;
         let k = split(self.k_proj.forward(&x)?, len)?;
         let v = split(self.v_proj.forward(&x)?, len)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let out = softmax(&scores)?.matmul(&v)?.reshape((n, c))?;
+        let scores = super::fused::attention_scores(&q, &k, 1.0 / (d as f64).sqrt())?;
+        let out = super::fused::attention_mix(&softmax(&scores)?, &v)?.reshape((n, c))?;
         self.c_proj.forward(&out)
     }
 }
@@ -420,7 +434,7 @@ impl ResNetTower {
         let ap = pb.pp("attnpool");
         let std = (e as f64).powf(-0.5);
         let attnpool = AttentionPool {
-            positional_embedding: ap.get(
+            positional_embedding: ap.full_precision().get(
                 (side * side + 1, e),
                 "positional_embedding",
                 Init::Normal(std),
@@ -450,7 +464,7 @@ impl ResNetTower {
 
     /// The three stem convolutions and the average pool: the first block's input.
     pub fn stem(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let mut x = images.to_dtype(self.attnpool.positional_embedding.dtype())?;
+        let mut x = images.to_dtype(self.stem[0].0.weight.dtype())?;
         for (conv, bn) in &self.stem {
             x = bn.forward(&conv.forward(&x)?, train)?.relu()?;
         }
@@ -541,12 +555,16 @@ impl ResNetTower {
                 tensors.get(&key("running_mean")),
                 tensors.get(&key("running_var")),
             ) {
-                let dtype = self.attnpool.positional_embedding.dtype();
+                // Where and in what dtype the norm keeps its statistics now.
+                let (like, _) = bn.running_stats();
+                let to = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.to_dtype(like.dtype())?.to_device(like.device())?)
+                };
                 let batches = match tensors.get(&key("num_batches_tracked")) {
                     Some(t) => t.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()?,
                     None => 0,
                 };
-                bn.set_running(m.to_dtype(dtype)?, v.to_dtype(dtype)?, batches);
+                bn.set_running(to(m)?, to(v)?, batches);
                 set += 1;
             }
         }

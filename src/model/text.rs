@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::config::TextTransformerConfig;
-use super::layers::{LayerNorm, PooledToken, ResidualBlock, Transformer};
+use super::layers::{project, LayerNorm, PooledToken, ResidualBlock, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -21,14 +21,16 @@ impl TextTower {
     /// `pb` unprefixed: OpenCLIP keeps the text tower's names at the top level.
     pub fn new(pb: &ParamBuilder, cfg: &TextTransformerConfig, embed_dim: usize) -> Result<Self> {
         let w = cfg.width;
+        // Embeddings in full precision: the residual stream starts from them.
+        let embeddings = pb.full_precision();
         Ok(TextTower {
             cfg: cfg.clone(),
-            token_embedding: pb.get(
+            token_embedding: embeddings.get(
                 (cfg.vocab_size, w),
                 "token_embedding.weight",
                 Init::Normal(0.02),
             )?,
-            positional_embedding: pb.get(
+            positional_embedding: embeddings.get(
                 (cfg.context_length, w),
                 "positional_embedding",
                 Init::Normal(0.01),
@@ -97,7 +99,7 @@ impl TextTower {
             Some(last) => last.forward_pooled(x, Some(&self.mask(x)?), pooled)?,
             None => pooled.select(x)?,
         };
-        Ok(self.ln_final.forward(&x)?.matmul(&self.text_projection)?)
+        project(&self.ln_final.forward(&x)?, &self.text_projection)
     }
 }
 

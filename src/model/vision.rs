@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use super::config::VitConfig;
-use super::layers::{softmax, LayerNorm, Linear, PooledToken, ResidualBlock, Transformer};
+use super::layers::{project, softmax, LayerNorm, Linear, PooledToken, ResidualBlock, Transformer};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -51,7 +51,10 @@ impl AttentionalPooler {
         let a = pb.pp("attn");
         let std = (d_model as f64).powf(-0.5);
         Ok(AttentionalPooler {
-            query: pb.get((queries, d_model), "query", Init::Normal(1.0))?,
+            // Learned inputs, as embeddings: full precision.
+            query: pb
+                .full_precision()
+                .get((queries, d_model), "query", Init::Normal(1.0))?,
             ln_q: LayerNorm::new(&pb.pp("ln_q"), d_model)?,
             ln_k: LayerNorm::new(&pb.pp("ln_k"), context)?,
             q_proj: a.get((d_model, d_model), "q_proj_weight", Init::Normal(std))?,
@@ -88,8 +91,8 @@ impl AttentionalPooler {
             Ok(t.contiguous()?.reshape((n * h, rows, d))?)
         };
         let (q, k, v) = (flat(q, queries)?, flat(k, len)?, flat(v, len)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let out = softmax(&scores)?.matmul(&v)?;
+        let scores = super::fused::attention_scores(&q, &k, 1.0 / (d as f64).sqrt())?;
+        let out = super::fused::attention_mix(&softmax(&scores)?, &v)?;
         let out = out
             .reshape((n, h, queries, d))?
             .transpose(1, 2)?
@@ -105,11 +108,13 @@ impl VisionTower {
         let w = cfg.width;
         let scale = (w as f64).powf(-0.5);
         let p = cfg.patch_size;
+        // Embeddings in full precision: the residual stream starts from them.
+        let embeddings = pb.full_precision();
         Ok(VisionTower {
             cfg: cfg.clone(),
             conv1: pb.get((w, cfg.channels, p, p), "conv1.weight", Init::Normal(scale))?,
-            class_embedding: pb.get(w, "class_embedding", Init::Normal(scale))?,
-            positional_embedding: pb.get(
+            class_embedding: embeddings.get(w, "class_embedding", Init::Normal(scale))?,
+            positional_embedding: embeddings.get(
                 (cfg.num_patches() + 1, w),
                 "positional_embedding",
                 Init::Normal(scale),
@@ -156,7 +161,7 @@ impl VisionTower {
     /// Patch embedding, class token, positions and the pre-norm: the blocks' input.
     pub fn stem(&self, images: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let images = images.to_dtype(self.proj.dtype())?;
+        let images = images.to_dtype(self.conv1.dtype())?;
         let (n, ch, hgt, wid) = images.dims4()?;
         let p = c.patch_size;
         let (gh, gw) = (hgt / p, wid / p);
@@ -168,7 +173,9 @@ impl VisionTower {
             .reshape((n * gh * gw, c.patch_dim()))?;
         let weight = self.conv1.reshape((c.width, c.patch_dim()))?;
         // The fused linear computes no gradient for the pixels (nothing needs it).
-        let x = super::fused::linear(&patches, &weight, None)?.reshape((n, gh * gw, c.width))?;
+        let x = super::fused::linear(&patches, &weight, None)?
+            .reshape((n, gh * gw, c.width))?
+            .to_dtype(self.class_embedding.dtype())?;
         let cls = self
             .class_embedding
             .reshape((1, 1, c.width))?
@@ -196,6 +203,6 @@ impl VisionTower {
             (None, Some(last)) => last.forward_pooled(x, None, PooledToken::First)?,
             (None, None) => PooledToken::First.select(x)?,
         };
-        Ok(self.ln_post.forward(&pooled)?.matmul(&self.proj)?)
+        project(&self.ln_post.forward(&pooled)?, &self.proj)
     }
 }

@@ -13,9 +13,12 @@
 //!   loss's normaliser exchange sit between forward and backward: always exposed.
 //! - Synchronisation: the groups meet at the feature all-gather once per step, so the
 //!   step lasts as long as the busier group; the lighter group idles for the difference.
-//! - Memory per rank: fp32 weights and gradients, optimizer state, a bf16 working copy
-//!   of the weights under bf16, activations at the training precision, the loss's
-//!   `b × B` logit blocks and the gathered features.
+//! - Memory per rank: fp32 master weights and gradients, optimizer state; under bf16 also
+//!   the bf16 working copies of the weights that have one (matrices and their biases:
+//!   embeddings and norms are read in f32) and those weights' bf16 gradients from backward
+//!   before their cast to f32 (what a rank allocates, tested against its tensors);
+//!   activations at the training precision, the loss's `b × B` logit blocks and the
+//!   gathered features. Not counted: the all-reduce's flattened bucket.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +40,42 @@ impl Precision {
         match self {
             Precision::Fp32 => 4.0,
             Precision::Bf16 => 2.0,
+        }
+    }
+
+    /// The dtype the towers compute in, with master weights in `master`.
+    pub fn compute_dtype(self, master: candle_core::DType) -> candle_core::DType {
+        match self {
+            Precision::Fp32 => master,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// The element type gradients are summed in over a group: f32 (exact sums of what
+/// backward gave), or bf16 (half the bytes on the wire, each partial sum rounded to bf16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GradReduce {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl GradReduce {
+    pub fn bytes(self) -> f64 {
+        match self {
+            GradReduce::Fp32 => 4.0,
+            GradReduce::Bf16 => 2.0,
+        }
+    }
+
+    /// The dtype of the all-reduced gradients, for master weights in `master` (f32 or f64:
+    /// `fp32` sums them in the master dtype).
+    pub fn dtype(self, master: candle_core::DType) -> candle_core::DType {
+        match self {
+            GradReduce::Fp32 => master,
+            GradReduce::Bf16 => candle_core::DType::BF16,
         }
     }
 }
@@ -93,6 +132,8 @@ pub struct CostOptions {
     /// Accumulation: activations of one micro-batch at a time, one more forward pass.
     pub micro_batch: MicroBatch,
     pub precision: Precision,
+    /// What the gradient all-reduce sums in: its bytes on the wire.
+    pub grad_reduce: GradReduce,
     pub optimizer: Optimizer,
     pub checkpointing: bool,
     /// Overlap the gradient all-reduce with the backward pass.
@@ -222,6 +263,8 @@ fn link_name(link: Option<LinkCost>) -> String {
 /// Per-tower numbers the estimates share.
 struct TowerNumbers {
     params: f64,
+    /// Of `params`, those with a bf16 working copy under mixed precision.
+    copied_params: f64,
     /// What a rank's gradient all-reduce carries: the token table as its batch's rows.
     grad_all_reduce_elems: f64,
     forward_flops: f64,
@@ -238,12 +281,21 @@ fn tower_numbers(
     let size = model.tower_size(tower);
     TowerNumbers {
         params: size.num_params(model.embed_dim) as f64,
+        copied_params: (size.num_params(model.embed_dim)
+            - size.full_precision_params(model.embed_dim)) as f64,
         grad_all_reduce_elems: size.grad_all_reduce_elems(model.embed_dim, global_batch) as f64,
         // What mmpipe's step runs (a last block at the pooled token only), not the model's
         // nominal count.
         forward_flops: size.executed_forward_flops(model.embed_dim),
         activation_elems: size.activation_elems(checkpointing),
     }
+}
+
+/// Parameters, and of them those with a bf16 working copy under mixed precision.
+#[derive(Debug, Clone, Copy, Default)]
+struct Params {
+    all: f64,
+    copied: f64,
 }
 
 pub struct CostModel<'a> {
@@ -305,22 +357,24 @@ impl CostModel<'_> {
         }
     }
 
-    /// `params` held, of which `trained` have gradients and optimizer state.
+    /// `held` parameters, of which `trained` have gradients and optimizer state.
     fn memory(
         &self,
-        params: f64,
-        trained: f64,
+        held: Params,
+        trained: Params,
         activations: f64,
         loss: f64,
         device: f64,
     ) -> Memory {
         let o = self.options;
-        let working_copy = match o.precision {
-            Precision::Fp32 => 0.0,
-            Precision::Bf16 => 2.0 * params,
+        let (params, trained, copied_trained) = (held.all, trained.all, trained.copied);
+        // Under bf16: the working copies the model reads, and their bf16 gradients.
+        let (working_copy, backward_grads) = match o.precision {
+            Precision::Fp32 => (0.0, 0.0),
+            Precision::Bf16 => (2.0 * held.copied, 2.0 * copied_trained),
         };
         let weights = 4.0 * params + working_copy;
-        let gradients = 4.0 * trained;
+        let gradients = 4.0 * trained + backward_grads;
         let optimizer = o.optimizer.state_bytes() * trained;
         let total = weights + gradients + optimizer + activations + loss;
         Memory {
@@ -390,7 +444,7 @@ impl CostModel<'_> {
             let grad_all_reduce_s = if locked {
                 0.0
             } else {
-                ring_all_reduce_s(num.grad_all_reduce_elems * 4.0, n, link)
+                ring_all_reduce_s(num.grad_all_reduce_elems * o.grad_reduce.bytes(), n, link)
             };
             let grad_all_reduce_exposed_s = if o.overlap {
                 (grad_all_reduce_s - backward_s).max(0.0)
@@ -406,8 +460,12 @@ impl CostModel<'_> {
                 .iter()
                 .map(|&r| self.device_memory(r))
                 .fold(f64::INFINITY, f64::min);
-            let trained = if locked { 0.0 } else { num.params };
-            let memory = self.memory(num.params, trained, activations, loss_bytes, device);
+            let held = Params {
+                all: num.params,
+                copied: num.copied_params,
+            };
+            let trained = if locked { Params::default() } else { held };
+            let memory = self.memory(held, trained, activations, loss_bytes, device);
             groups.push(GroupEstimate {
                 tower,
                 ranks: n,
@@ -517,13 +575,21 @@ impl CostModel<'_> {
             }
         };
         let trained = |t: Tower, p: f64| if self.model.is_locked(t) { 0.0 } else { p };
-        let trained_params = trained(Tower::Image, img.params) + trained(Tower::Text, txt.params);
+        let trained_params = Params {
+            all: trained(Tower::Image, img.params) + trained(Tower::Text, txt.params),
+            copied: trained(Tower::Image, img.copied_params)
+                + trained(Tower::Text, txt.copied_params),
+        };
+        let held = Params {
+            all: img.params + txt.params,
+            copied: img.copied_params + txt.copied_params,
+        };
         let reduced_elems = trained(Tower::Image, img.grad_all_reduce_elems)
             + trained(Tower::Text, txt.grad_all_reduce_elems);
         // Two b × B logit blocks (one per direction), each with two gradient products.
         let compute_s = towers_s + 2.0 * 3.0 * 2.0 * b as f64 * b_global * d / slowest;
         let feature_all_gather_s = ring_all_gather_s(2.0 * b_global * d * 4.0, n, link);
-        let grad_all_reduce_s = ring_all_reduce_s(reduced_elems * 4.0, n, link);
+        let grad_all_reduce_s = ring_all_reduce_s(reduced_elems * o.grad_reduce.bytes(), n, link);
         let backward_s = compute_s * (self.compute_factor() - 1.0) / self.compute_factor();
         let grad_all_reduce_exposed_s = if o.overlap {
             (grad_all_reduce_s - backward_s).max(0.0)
@@ -557,13 +623,7 @@ impl CostModel<'_> {
             grad_all_reduce_exposed_s,
             step_s,
             samples_per_s: b_global / step_s,
-            memory: self.memory(
-                img.params + txt.params,
-                trained_params,
-                activations,
-                loss,
-                device,
-            ),
+            memory: self.memory(held, trained_params, activations, loss, device),
         })
     }
 }

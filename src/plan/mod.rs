@@ -11,8 +11,8 @@ use std::fmt::Write;
 use serde::{Deserialize, Serialize};
 
 pub use cost::{
-    Calibration, CostModel, CostOptions, DataParallelEstimate, MicroBatch, Optimizer, Precision,
-    SplitEstimate,
+    Calibration, CostModel, CostOptions, DataParallelEstimate, GradReduce, MicroBatch, Optimizer,
+    Precision, SplitEstimate,
 };
 
 use crate::error::Result;
@@ -87,9 +87,11 @@ impl Plan {
     pub fn new(topology: &Topology, model: &ClipConfig, options: &CostOptions) -> Result<Self> {
         let global_batch = options.global_batch;
         topology.check_batch(global_batch, "--batch")?;
-        let bytes = 4; // features, normalisers and gradients travel in fp32
-                       // logit_scale lives on both groups but its gradient comes from the world scalar
-                       // all-reduce, not from the group's gradient bucket.
+        // Features and normalisers travel in fp32, gradients as the all-reduce sums them.
+        // logit_scale lives on both groups but its gradient comes from the world scalar
+        // all-reduce, not from the group's gradient bucket.
+        let bytes = 4;
+        let grad_bytes = options.grad_reduce.bytes() as u64;
         let image_params = model.vision.size().num_params(model.embed_dim);
         let text_params = model.text.size().num_params(model.embed_dim);
         let b = global_batch as u64;
@@ -134,12 +136,14 @@ impl Plan {
                 .collect(),
             grad_all_reduce: per_group(&|t| {
                 if size(t) > 1 {
-                    trained_of(t) * bytes
+                    trained_of(t) * grad_bytes
                 } else {
                     0
                 }
             }),
-            grad_ring_per_rank: per_group(&|t| 2 * (size(t) - 1) * trained_of(t) * bytes / size(t)),
+            grad_ring_per_rank: per_group(&|t| {
+                2 * (size(t) - 1) * trained_of(t) * grad_bytes / size(t)
+            }),
             scalars: 3 * 8,
         };
 

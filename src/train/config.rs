@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataConfig, DataKind};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, TileSize};
-pub use crate::plan::{MicroBatch, Precision};
+pub use crate::plan::{GradReduce, MicroBatch, Precision};
 
 /// Evaluation during training: zero-shot classification and retrieval on held-out pairs
 /// (the synthetic set's held-out stream, or Fashion-MNIST's test split when training on
@@ -53,9 +53,18 @@ pub struct TrainConfig {
     /// The model config file, relative to this file (to the working directory without
     /// one); `--model` overrides it. None: the built-in tiny model.
     pub model: Option<PathBuf>,
-    /// `fp32`, or `bf16` compute with f32 master weights (CUDA only: CPU runs say so and
-    /// stay in f32).
-    pub precision: Precision,
+    /// `fp32`, or `bf16`: bf16 compute and activations, f32 master weights and optimizer
+    /// state, f32 for the loss, feature normalisation, norm statistics and softmax. Absent:
+    /// bf16 on CUDA topologies, fp32 on the CPU (where bf16 runs, slowly: candle's CPU
+    /// bf16 matrix products convert through f32).
+    pub precision: Option<Precision>,
+    /// fp32 matrix products on CUDA may use TF32 tensor cores (PyTorch's `allow_tf32`);
+    /// false: full f32. Under bf16 this still covers the f32 products (the loss's logits).
+    /// The CPU has no TF32: there it changes nothing.
+    pub tf32: bool,
+    /// What gradients are summed in over a group: `fp32` (default), or `bf16` (half the
+    /// bytes, each sum rounded to bf16); cast to the master dtype after.
+    pub grad_all_reduce: GradReduce,
     pub eval: EvalConfig,
     /// Show a progress bar on world rank 0 (a CLI matter, not a file field).
     #[serde(skip)]
@@ -101,7 +110,9 @@ impl Default for TrainConfig {
             beta2: 0.98,
             eps: 1e-6,
             model: None,
-            precision: Precision::Fp32,
+            precision: None,
+            tf32: true,
+            grad_all_reduce: GradReduce::Fp32,
             eval: EvalConfig::default(),
             progress: true,
             checkpointing: false,
@@ -120,6 +131,14 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The precision on `device`: as set, else bf16 on CUDA and fp32 on the CPU.
+    pub fn precision_on(&self, device: crate::topology::DeviceKind) -> Precision {
+        self.precision.unwrap_or(match device {
+            crate::topology::DeviceKind::Cuda => Precision::Bf16,
+            crate::topology::DeviceKind::Cpu => Precision::Fp32,
+        })
+    }
+
     /// Reads a training config (or the defaults, without a file), applies `key=value`
     /// overrides (`optim`-style dotted keys: `loss.kind=siglip`, `lr=5e-4`; values in
     /// TOML syntax, bare words as strings), and checks the result. Errors name the file,

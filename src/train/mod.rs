@@ -141,6 +141,8 @@ pub fn train_ranks(
         ));
     }
     topology.check_batch(cfg.global_batch, "the global batch (--batch)")?;
+    // Process-wide in candle: whether CUDA's f32 matrix products may use TF32.
+    candle_core::cuda::set_gemm_reduced_precision_f32(cfg.tf32);
     let largest_group = topology
         .group_size(Tower::Image)
         .max(topology.group_size(Tower::Text));

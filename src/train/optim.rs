@@ -1,5 +1,10 @@
 //! AdamW with decoupled weight decay and its state in plain tensors (so it can be
 //! checkpointed), plus the learning-rate schedule.
+//!
+//! Under mixed precision the optimizer holds the master weights (f32) and, beside each,
+//! the working copy the model reads (bf16): every update writes both. On the CPU each
+//! parameter is updated in place; on a GPU every parameter of the model is updated by one
+//! kernel launch ([`cuda`]: the moments, the master and the working copy in one pass).
 
 use candle_core::{Tensor, Var};
 
@@ -49,7 +54,10 @@ impl Schedule {
 }
 
 struct Slot {
+    /// The master weight.
     var: Var,
+    /// The model's copy in its compute dtype, when that is not the master's.
+    working: Option<Var>,
     decay: bool,
     m: Tensor,
     v: Tensor,
@@ -63,13 +71,24 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: &Params, cfg: AdamWConfig) -> Result<Self> {
-        let slots = params
+        Self::with_working_copies(params, &Params::default(), cfg)
+    }
+
+    /// Updates `masters`; after each update, the variable of the same name in `working`,
+    /// where that is a separate copy, takes the new values in its own dtype.
+    pub fn with_working_copies(
+        masters: &Params,
+        working: &Params,
+        cfg: AdamWConfig,
+    ) -> Result<Self> {
+        let slots = masters
             .iter()
             .map(|(name, var)| {
                 Ok(Slot {
                     decay: decays(name, var),
                     m: var.as_tensor().zeros_like()?,
                     v: var.as_tensor().zeros_like()?,
+                    working: working.get(name).filter(|w| w.id() != var.id()).cloned(),
                     var: var.clone(),
                 })
             })
@@ -83,6 +102,14 @@ impl AdamW {
 
     pub fn steps_taken(&self) -> usize {
         self.step
+    }
+
+    /// Bytes of the optimizer's state (the two moments).
+    pub fn state_bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| (s.m.elem_count() + s.v.elem_count()) * s.m.dtype().size_in_bytes())
+            .sum()
     }
 
     /// The state to checkpoint: each parameter's moments as `optimizer.m.NAME` and
@@ -136,7 +163,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// One update; `grads` in the same (name) order as the parameters.
+    /// One update; `grads` in the same (name) order as the parameters, in the master
+    /// weights' dtype.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.slots.len() {
             return Err(Error::Msg(format!(
@@ -149,29 +177,31 @@ impl AdamW {
         let c = self.cfg;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
+        #[cfg(feature = "cuda")]
+        if cuda::applies(&self.slots, grads) {
+            return cuda::step(&self.slots, grads, c, bias1, bias2, lr);
+        }
         for (slot, g) in self.slots.iter_mut().zip(grads) {
             let w = slot.var.as_tensor();
-            if cpu_fused::applies(w, &slot.m, &slot.v, g) {
-                let decay = if slot.decay {
-                    1.0 - lr * c.weight_decay
-                } else {
-                    1.0
-                };
-                cpu_fused::step(w, &slot.m, &slot.v, g, c, bias1, bias2, lr, decay)?;
-                continue;
-            }
-            // Detached: the state must not chain a graph from step to step.
-            let g = g.detach();
-            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
-            let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
-            let w = slot.var.as_tensor();
-            let decayed = if slot.decay {
-                (w * (1.0 - lr * c.weight_decay))?
+            let decay = if slot.decay {
+                1.0 - lr * c.weight_decay
             } else {
-                w.clone()
+                1.0
             };
-            slot.var.set(&(decayed - (update * lr)?)?.detach())?;
+            if cpu_fused::applies(w, &slot.m, &slot.v, g) {
+                cpu_fused::step(w, &slot.m, &slot.v, g, c, bias1, bias2, lr, decay)?;
+            } else {
+                // Detached: the state must not chain a graph from step to step.
+                let g = g.detach();
+                slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+                slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
+                let update = ((&slot.m / bias1)? / ((&slot.v / bias2)?.sqrt()? + c.eps)?)?;
+                let decayed = if slot.decay { (w * decay)? } else { w.clone() };
+                slot.var.set(&(decayed - (update * lr)?)?.detach())?;
+            }
+            if let Some(copy) = &slot.working {
+                copy.set(&slot.var.as_tensor().to_dtype(copy.dtype())?)?;
+            }
         }
         Ok(())
     }
@@ -343,6 +373,9 @@ mod cpu_fused {
         Ok(())
     }
 }
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// Linear warm-up to `peak` over `warmup` steps, then cosine decay to 0 at `total`.
 pub fn cosine_lr(step: usize, peak: f64, warmup: usize, total: usize) -> f64 {

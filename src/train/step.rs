@@ -7,6 +7,12 @@
 //! micro-batch without keeping activations, the loss runs once on the whole global batch,
 //! and the backward re-runs each micro-batch's forward with its slice of the feature
 //! gradient: the step equals the unaccumulated one.
+//!
+//! Precision: the tower runs in its compute dtype (bf16 under mixed precision, reading
+//! the working copies of the weights); its features are cast to the master dtype before
+//! they are normalised, so the loss, its exchange and every gradient it injects are in
+//! full precision. Backward's gradients are cast to the all-reduce's dtype, summed, and
+//! handed to the optimizer in the master dtype.
 
 use std::time::{Duration, Instant};
 
@@ -100,7 +106,12 @@ impl PhaseBytes {
 #[derive(Debug, Clone)]
 pub struct StepGrads {
     pub loss: f64,
+    /// In the master weights' dtype.
     pub grads: Vec<Tensor>,
+    /// Bytes of the tower's gradients that backward handed over in the compute dtype (the
+    /// bf16 working copies'), before their cast to the master dtype: what the planner's
+    /// memory model counts beside `grads`.
+    pub backward_grad_bytes: usize,
     pub times: PhaseTimes,
     pub bytes: PhaseBytes,
     /// Fewer than two pairs of the global batch could be read: no loss, no update (every
@@ -110,6 +121,15 @@ pub struct StepGrads {
     /// when a gradient, the loss's scalars' included, is. One pass serves clipping, the
     /// NaN check and the metrics.
     pub grad_norm: f64,
+}
+
+/// Bytes a rank keeps from step to step ([`RankTrainer::state_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateBytes {
+    /// Master weights, and the working copies under mixed precision.
+    pub weights: usize,
+    /// The optimizer's moments.
+    pub optimizer: usize,
 }
 
 /// Why a step made no update (every rank decides alike).
@@ -185,10 +205,20 @@ pub struct RankTrainer {
     /// Where this rank's weights live and its steps run.
     device: Device,
     encoder: Encoder,
-    /// The tower's parameters and `logit_scale`, sorted by name.
+    /// The tower's parameters and `logit_scale`, sorted by name: the master weights.
     params: Params,
     /// What the optimizer updates: `params`, less the tower's when it is locked.
     trainable: Params,
+    /// The variables the tower reads, of the trained tower parameters (the working copies
+    /// under mixed precision; `trainable`'s own otherwise), in `trainable`'s order: what
+    /// backward gives gradients for.
+    tower_working: Params,
+    /// Every working variable, by name (for writing them after a checkpoint load).
+    working: Params,
+    /// The master weights' dtype: features, the loss and the optimizer's gradients.
+    master: DType,
+    /// What the gradient all-reduce sums in.
+    grad_reduce: DType,
     locked: bool,
     checkpointing: bool,
     sync_batch_norm: bool,
@@ -217,16 +247,21 @@ impl RankTrainer {
         device: &Device,
     ) -> Result<Self> {
         let rank = &topology.ranks[global_rank];
-        let pb = ParamBuilder::new(cfg.seed, dtype, device);
+        // `dtype` is the master weights'; the tower computes in the precision's dtype.
+        let compute = cfg.precision_on(topology.device).compute_dtype(dtype);
+        let pb = ParamBuilder::mixed(cfg.seed, compute, dtype, device);
         let encoder = Encoder::new(&pb, model, rank.tower)?;
+        // The loss reads its scalars in full precision: no working copies.
         loss_scalars(
-            &pb,
+            &pb.full_precision(),
             cfg.loss.kind.initial_logit_scale(),
             cfg.loss.kind.initial_logit_bias(),
         )?;
-        let params = pb.params();
+        let params = pb.masters();
+        let working = pb.params();
         if let (Tower::Text, Some(dir)) = (rank.tower, &model.pretrained_text) {
             checkpoint::load_hf_bert(&params, &dir.join("model.safetensors"))?;
+            params.write_working_copies(&working)?;
         }
         let locked = model.is_locked(rank.tower);
         let trainable = if locked {
@@ -234,6 +269,7 @@ impl RankTrainer {
         } else {
             params.clone()
         };
+        let tower_working = working.filter(|n| !is_loss_scalar(n) && trainable.get(n).is_some());
         let logit_scale = params.get("logit_scale").expect("registered above").clone();
         let logit_bias = params.get("logit_bias").cloned();
         let size = topology.group_size(rank.tower);
@@ -251,8 +287,9 @@ impl RankTrainer {
                 micro_batch.unwrap_or(0)
             )));
         }
-        let optimizer = AdamW::new(
+        let optimizer = AdamW::with_working_copies(
             &trainable,
+            &working,
             AdamWConfig {
                 beta1: cfg.beta1,
                 beta2: cfg.beta2,
@@ -266,6 +303,10 @@ impl RankTrainer {
             encoder,
             params,
             trainable,
+            tower_working,
+            working,
+            master: dtype,
+            grad_reduce: cfg.grad_all_reduce.dtype(dtype),
             locked,
             checkpointing: cfg.checkpointing,
             sync_batch_norm: model.sync_batch_norm() && rank.tower == Tower::Image,
@@ -281,8 +322,24 @@ impl RankTrainer {
         })
     }
 
+    /// Every parameter this rank holds: the master weights.
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// Bytes this rank keeps across steps: the weights (masters and working copies) and
+    /// the optimizer's state.
+    pub fn state_bytes(&self) -> StateBytes {
+        let copies = self
+            .working
+            .iter()
+            .filter(|(n, w)| self.params.get(n).is_some_and(|m| m.id() != w.id()))
+            .map(|(_, w)| w.elem_count() * w.dtype().size_in_bytes())
+            .sum::<usize>();
+        StateBytes {
+            weights: self.params.num_bytes() + copies,
+            optimizer: self.optimizer.state_bytes(),
+        }
     }
 
     /// Connects what the model reduces inside its own passes to this rank's group (today:
@@ -319,6 +376,7 @@ impl RankTrainer {
     /// moment must be there.
     pub fn load_part(&mut self, path: &std::path::Path) -> Result<()> {
         checkpoint::load(&self.params, path)?;
+        self.params.write_working_copies(&self.working)?;
         let tensors = checkpoint::read_tensors(path)?;
         self.encoder.load_buffers(&tensors)?;
         let names = self.trainable.names();
@@ -344,6 +402,12 @@ impl RankTrainer {
             .collect()
     }
 
+    /// The tower's output in the master dtype, L2-normalised there: the features the loss
+    /// takes (its gradient flows back through the cast into the compute dtype).
+    fn normalise(&self, x: &Tensor) -> Result<Tensor> {
+        l2_normalize(&x.to_dtype(self.master)?)
+    }
+
     /// The tower's parameter gradients for `input` with `grad` injected at its normalised
     /// features: one forward with a graph (or with checkpoints) and its backward.
     fn tower_grads(
@@ -352,18 +416,12 @@ impl RankTrainer {
         grad: &Tensor,
         tower_params: &Params,
     ) -> Result<Vec<Tensor>> {
+        let normalise = |x: &Tensor| self.normalise(x);
         if self.checkpointing {
-            let (_, saved) = forward_keeping_block_inputs(&self.encoder, input, l2_normalize)?;
-            backward_recomputing(
-                &self.encoder,
-                input,
-                &saved,
-                grad,
-                l2_normalize,
-                tower_params,
-            )
+            let (_, saved) = forward_keeping_block_inputs(&self.encoder, input, normalise)?;
+            backward_recomputing(&self.encoder, input, &saved, grad, normalise, tower_params)
         } else {
-            let features = l2_normalize(&self.encoder.forward(input)?)?;
+            let features = self.normalise(&self.encoder.forward(input)?)?;
             let store = (features * grad)?.sum_all()?.backward()?;
             tower_params.grads(&store)
         }
@@ -402,7 +460,9 @@ impl RankTrainer {
     /// Normalised features of `input`, without building a graph (evaluation).
     pub fn encode(&self, input: &TowerInput) -> Result<Tensor> {
         let input = input.to_device(&self.device)?;
-        Ok(l2_normalize(&self.encoder.forward_eval(&input)?)?.detach())
+        Ok(self
+            .normalise(&self.encoder.forward_eval(&input)?)?
+            .detach())
     }
 
     /// Checks that every rank of the group holds bit-identical weights (one checksum per
@@ -507,14 +567,14 @@ impl RankTrainer {
                 .iter()
                 .map(|&(start, len)| {
                     let x = self.encoder.forward(&input.narrow(start, len)?)?;
-                    Ok(l2_normalize(&x)?.detach())
+                    Ok(self.normalise(&x)?.detach())
                 })
                 .collect::<Result<Vec<_>>>()?;
             (Tensor::cat(&parts, 0)?, Vec::new())
         } else if checkpointed {
-            forward_keeping_block_inputs(&self.encoder, input, l2_normalize)?
+            forward_keeping_block_inputs(&self.encoder, input, |x: &Tensor| self.normalise(x))?
         } else {
-            let features = l2_normalize(&self.encoder.forward(input)?)?;
+            let features = self.normalise(&self.encoder.forward(input)?)?;
             // A locked tower keeps no graph: its features are constants of the step.
             (
                 if self.locked {
@@ -537,6 +597,7 @@ impl RankTrainer {
                     return Ok(StepGrads {
                         loss: f64::NAN,
                         grads: Vec::new(),
+                        backward_grad_bytes: 0,
                         times,
                         bytes,
                         skipped: true,
@@ -592,7 +653,7 @@ impl RankTrainer {
 
         // Backpropagate ∂L/∂features into the tower: d/dθ Σ features ⊙ g = (∂L/∂features)·∂features/∂θ.
         let t = Instant::now();
-        let tower_params = self.trainable.filter(|n| !is_loss_scalar(n));
+        let tower_params = &self.tower_working;
         let local = if tower_params.is_empty() {
             Vec::new()
         } else if accumulated {
@@ -601,7 +662,7 @@ impl RankTrainer {
                 let grads = self.tower_grads(
                     &input.narrow(start, len)?,
                     &out.grad.narrow(0, start, len)?,
-                    &tower_params,
+                    tower_params,
                 )?;
                 sums = Some(match sums {
                     None => grads,
@@ -619,13 +680,20 @@ impl RankTrainer {
                 input,
                 &saved,
                 &out.grad,
-                l2_normalize,
-                &tower_params,
+                |x: &Tensor| self.normalise(x),
+                tower_params,
             )?
         } else {
             let store = (features * out.grad)?.sum_all()?.backward()?;
             tower_params.grads(&store)?
         };
+        // Gradients backward gave in another dtype than the master's (the bf16 working
+        // copies'): their f32 casts are allocated beside them.
+        let backward_grad_bytes = local
+            .iter()
+            .filter(|g| g.dtype() != self.master)
+            .map(|g| g.elem_count() * g.dtype().size_in_bytes())
+            .sum();
         times.backward = self.elapsed(t)?;
         // Activations and gradients are all alive here: the step's high-water mark.
         #[cfg(feature = "cuda")]
@@ -633,8 +701,16 @@ impl RankTrainer {
 
         let t = Instant::now();
         let before = payload(comms);
-        let sparse = self.sparse_grad_rows(input, &tower_params)?;
-        let mut reduced = all_reduce_sum_sparse_rows(comms.group.as_ref(), &local, &sparse)?;
+        let sparse = self.sparse_grad_rows(input, tower_params)?;
+        // Summed in the all-reduce's dtype, handed on in the master dtype.
+        let local = local
+            .into_iter()
+            .map(|g| g.to_dtype(self.grad_reduce))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut reduced = all_reduce_sum_sparse_rows(comms.group.as_ref(), &local, &sparse)?
+            .into_iter()
+            .map(|g| g.to_dtype(self.master))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         bytes.grad_all_reduce = payload(comms) - before;
         times.grad_all_reduce = self.elapsed(t)?;
         let mut norm = grad_norm(&reduced)?;
@@ -664,6 +740,7 @@ impl RankTrainer {
         Ok(StepGrads {
             loss: out.loss,
             grads,
+            backward_grad_bytes,
             times,
             bytes,
             skipped: false,

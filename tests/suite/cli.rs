@@ -858,3 +858,94 @@ fn train_started_as_one_of_several_ranks_needs_a_process_backend() {
         "{stderr}"
     );
 }
+
+/// `--precision bf16` trains in bf16 on a CPU topology too, and says so (the run is slow
+/// there, not fake); `--no-tf32` on the CPU is named as changing nothing.
+#[test]
+fn train_in_bf16_on_the_cpu_says_what_it_does() {
+    let out = mmpipe(&[
+        "train",
+        "--topology",
+        "topology/cpu-1x1.toml",
+        "--precision",
+        "bf16",
+        "--grad-all-reduce",
+        "bf16",
+        "--no-tf32",
+        "--steps",
+        "2",
+        "--batch",
+        "8",
+        "--eval-pairs",
+        "0",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.contains("bf16 (f32 master weights, gradients summed in bf16)"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("trains in bf16 for real"), "{stderr}");
+    assert!(stderr.contains("tf32 = false changes nothing"), "{stderr}");
+}
+
+/// The plan's gradient traffic follows `--grad-all-reduce`: half the bytes in bf16; its
+/// memory follows `--precision`: bf16 adds the working copies and their gradients.
+#[test]
+fn plan_counts_bf16_gradient_sums_and_working_copies() {
+    let plan = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["plan", "--topology", "topology/4x4.toml", "--batch", "256"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--format", "json"]);
+        let out = mmpipe(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let fp32 = plan(&["--precision", "fp32"]);
+    let bf16 = plan(&["--precision", "bf16", "--grad-all-reduce", "bf16"]);
+    for i in 0..2 {
+        let bytes = |p: &serde_json::Value| p["traffic"]["grad_all_reduce"][i][1].as_u64().unwrap();
+        assert_eq!(2 * bytes(&bf16), bytes(&fp32));
+        let memory =
+            |p: &serde_json::Value, k: &str| p["split"]["groups"][i]["memory"][k].as_f64().unwrap();
+        assert!(memory(&bf16, "weights") > memory(&fp32, "weights"));
+        assert!(memory(&bf16, "gradients") > memory(&fp32, "gradients"));
+        assert_eq!(
+            2.0 * memory(&bf16, "activations"),
+            memory(&fp32, "activations")
+        );
+    }
+}
+
+/// `mmpipe bench` takes the precision and reports it (a tiny model, one step).
+#[test]
+fn bench_runs_in_bf16_and_reports_it() {
+    let out = mmpipe(&[
+        "bench",
+        "--model",
+        "configs/clip-tiny.toml",
+        "--topology",
+        "topology/cpu-1x1.toml",
+        "--batch",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("bf16 (f32 master weights"), "{stdout}");
+    let json = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT_JSON "))
+        .expect("a RESULT_JSON line");
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(report["precision"], "bf16");
+    assert!(report["samples_per_second"]
+        .as_f64()
+        .is_some_and(|s| s > 0.0));
+}

@@ -36,6 +36,8 @@ mod parity;
 mod plan;
 /// The cost model, the split search, JSON and errors.
 mod planner;
+/// bf16 mixed precision against f32: steps, gradient sums, the planner's memory, resume.
+mod precision;
 /// Launcher variables (torchrun, Slurm) and the TCP rendezvous: agreement, refusals,
 /// time-outs.
 mod rendezvous;

@@ -128,3 +128,150 @@ fn weight_decay_applies_to_matrices_and_not_to_biases() {
         );
     }
 }
+
+/// Under mixed precision each step writes the master (the same f32 update as without a
+/// working copy) and the working copy as the master's bf16 rounding, bit for bit.
+#[test]
+fn adamw_with_working_copies_writes_each_masters_bf16_rounding() {
+    let mixed = ParamBuilder::mixed(3, DType::BF16, DType::F32, &Device::Cpu);
+    let plain = ParamBuilder::new(3, DType::F32, &Device::Cpu);
+    for pb in [&mixed, &plain] {
+        pb.get((3, 4), "proj.weight", Init::Normal(0.5)).unwrap();
+        pb.get(4, "proj.bias", Init::Normal(0.5)).unwrap();
+    }
+    let (masters, working) = (mixed.masters(), mixed.params());
+    let mut opt = AdamW::with_working_copies(&masters, &working, CFG).unwrap();
+    let mut reference = AdamW::new(&plain.params(), CFG).unwrap();
+    for step in 0..3 {
+        let grads: Vec<Tensor> = masters
+            .iter()
+            .map(|(_, v)| {
+                let n = v.elem_count();
+                let g: Vec<f32> = (0..n)
+                    .map(|i| ((i + 3 * step) as f32 * 0.7).cos())
+                    .collect();
+                Tensor::from_vec(g, v.shape(), &Device::Cpu).unwrap()
+            })
+            .collect();
+        opt.step(&grads, 1e-2).unwrap();
+        reference.step(&grads, 1e-2).unwrap();
+    }
+    for ((name, master), (_, want)) in masters.iter().zip(plain.params().iter()) {
+        assert_eq!(
+            values(master.as_tensor()),
+            values(want.as_tensor()),
+            "{name}"
+        );
+        let copy = working.get(name).unwrap().as_tensor();
+        assert_eq!(copy.dtype(), DType::BF16);
+        assert_eq!(
+            values(copy),
+            values(&master.as_tensor().to_dtype(DType::BF16).unwrap()),
+            "{name}: the working copy is the master rounded"
+        );
+    }
+}
+
+/// The GPU AdamW's source compiles with NVRTC for Hopper (no GPU needed: NVRTC is a
+/// library), into PTX with the kernel's entry point.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_gpu_adamw_kernel_compiles_for_sm_90() {
+    let ptx = mmpipe::train::optim::cuda::ptx(9, 0).unwrap();
+    assert!(
+        ptx.contains(".entry adamw_multi_tensor"),
+        "{}",
+        &ptx[..ptx.len().min(400)]
+    );
+    assert!(
+        ptx.contains(".target sm_90"),
+        "{}",
+        &ptx[..ptx.len().min(400)]
+    );
+    // No fused multiply-adds: the CPU path's rounding, element by element.
+    assert!(
+        !ptx.contains("fma.rn.f32"),
+        "the kernel must compile without FMA"
+    );
+}
+
+/// The one-launch GPU AdamW against the CPU AdamW on fresh random tensors (sizes around
+/// its 4096-element chunks, a scalar, decayed and undecayed, with and without working
+/// copies), three steps: masters and moments equal bit for bit (the kernel rounds as the
+/// CPU path does), working copies are the masters' bf16 rounding. Needs a CUDA GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    const SHAPES: [(&str, &[usize]); 7] = [
+        ("a.logit_scale", &[]),
+        ("b.bias", &[5]),
+        ("c.weight", &[64, 64]),
+        ("d.weight", &[4097]),
+        ("e.bias", &[4095]),
+        ("f.weight", &[300, 700]),
+        ("g.ln_1.weight", &[8193]),
+    ];
+
+    fn build(pb: &ParamBuilder) {
+        for (name, shape) in SHAPES {
+            pb.get(shape, name, Init::Normal(0.3)).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_gpu_adamw_equals_the_cpu_adamw_on_random_tensors() {
+        let gpu = mmpipe::comm::nccl::cuda_device(0).expect("this test needs a CUDA GPU");
+        for mixed in [false, true] {
+            let compute = if mixed { DType::BF16 } else { DType::F32 };
+            let on_gpu = ParamBuilder::mixed(11, compute, DType::F32, &gpu);
+            let on_cpu = ParamBuilder::mixed(11, compute, DType::F32, &Device::Cpu);
+            build(&on_gpu);
+            build(&on_cpu);
+            let (gm, gw) = (on_gpu.masters(), on_gpu.params());
+            let (cm, cw) = (on_cpu.masters(), on_cpu.params());
+            let mut fast = AdamW::with_working_copies(&gm, &gw, CFG).unwrap();
+            let mut slow = AdamW::with_working_copies(&cm, &cw, CFG).unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(if mixed { 1 } else { 2 });
+            for (step, lr) in [3e-3, 1e-2, 5e-4].into_iter().enumerate() {
+                let grads: Vec<Tensor> = cm
+                    .iter()
+                    .map(|(_, v)| {
+                        let g: Vec<f32> = (0..v.elem_count())
+                            .map(|_| rng.random_range(-1.0f32..1.0) * (step + 1) as f32)
+                            .collect();
+                        Tensor::from_vec(g, v.shape(), &Device::Cpu).unwrap()
+                    })
+                    .collect();
+                let on_device: Vec<Tensor> =
+                    grads.iter().map(|g| g.to_device(&gpu).unwrap()).collect();
+                slow.step(&grads, lr).unwrap();
+                fast.step(&on_device, lr).unwrap();
+            }
+            let names = cm.names();
+            let state = |o: &AdamW| -> std::collections::BTreeMap<String, Vec<f64>> {
+                o.state(&names)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(n, t)| (n, values(&t.to_device(&Device::Cpu).unwrap())))
+                    .collect()
+            };
+            let (want, got) = (state(&slow), state(&fast));
+            for (key, w) in &want {
+                assert_eq!(&got[key], w, "mixed {mixed}: optimizer state {key}");
+            }
+            for (name, master) in cm.iter() {
+                let label = format!("mixed {mixed}: {name}");
+                let on_device = values(gm.get(name).unwrap().as_tensor());
+                assert_eq!(on_device, values(master.as_tensor()), "{label}: master");
+                let copy = values(gw.get(name).unwrap().as_tensor());
+                assert_eq!(
+                    copy,
+                    values(cw.get(name).unwrap().as_tensor()),
+                    "{label}: copy"
+                );
+            }
+        }
+    }
+}

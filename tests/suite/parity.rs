@@ -18,18 +18,18 @@ use super::common::{
     batch, cpu_topology, scalar, test_model, train_config, worst_violation, Reference, Relative,
 };
 
-const GLOBAL_BATCH: usize = 12;
+pub(super) const GLOBAL_BATCH: usize = 12;
 const STEPS: usize = 5;
 const LR: f64 = 1e-3;
 
-struct Run {
-    losses: Vec<f64>,
+pub(super) struct Run {
+    pub losses: Vec<f64>,
     /// Gradients of step 0, by name.
-    grads: BTreeMap<String, Tensor>,
+    pub grads: BTreeMap<String, Tensor>,
     /// Weights after the last step, by name.
-    weights: BTreeMap<String, Tensor>,
+    pub weights: BTreeMap<String, Tensor>,
     /// What step 0's gradient all-reduce handled on this rank (0 on one device).
-    grad_all_reduce_bytes: u64,
+    pub grad_all_reduce_bytes: u64,
 }
 
 fn adamw(cfg: &TrainConfig) -> AdamWConfig {
@@ -135,7 +135,7 @@ fn split_run_of(
 
 /// [`split_run_of`] with every rank thread's weights and steps on `device` (the batches
 /// start on the CPU, as the data pipeline makes them).
-fn split_run_on(
+pub(super) fn split_run_on(
     device: &Device,
     model: &ClipConfig,
     image: usize,

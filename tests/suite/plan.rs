@@ -10,6 +10,7 @@ pub fn options(global_batch: usize) -> CostOptions {
         loss: mmpipe::loss::LossConfig::default(),
         micro_batch: mmpipe::plan::MicroBatch::default(),
         precision: Precision::Bf16,
+        grad_reduce: mmpipe::plan::GradReduce::Fp32,
         optimizer: Optimizer::Adamw,
         checkpointing: false,
         overlap: true,

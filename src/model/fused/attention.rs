@@ -34,6 +34,23 @@ pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Te
     })?)
 }
 
+/// `q kᵀ · scale`, in f32 for half-precision `q` and `k` (as flash attention keeps its
+/// scores: rounding them to bf16 before the softmax cost a visible share of bf16's
+/// agreement with f32); in their own dtype otherwise.
+pub fn attention_scores(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let wide = |t: &Tensor| match t.dtype() {
+        DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    };
+    Ok((wide(q)?.matmul(&wide(k)?.t()?)? * scale)?)
+}
+
+/// `probs · v`, the probabilities (f32 from [`attention_scores`]' softmax) rounded to
+/// `v`'s dtype first.
+pub fn attention_mix(probs: &Tensor, v: &Tensor) -> Result<Tensor> {
+    Ok(probs.to_dtype(v.dtype())?.matmul(v)?)
+}
+
 /// The same maths in plain candle ops (other devices and dtypes; the CPU op's reference).
 pub fn attention_plain(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (n, len, width3) = qkv.dims3()?;
@@ -45,16 +62,16 @@ pub fn attention_plain(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Res
         Ok(qkv.get(i)?.contiguous()?.reshape((n * heads, len, d))?)
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = attention_scores(&q, &k, 1.0 / (d as f64).sqrt())?;
     let scores = match mask {
         // [n or 1, len or 1, len] → [n, 1, len, len] over the heads.
         Some(m) => scores
             .reshape((n, heads, len, len))?
-            .broadcast_add(&m.unsqueeze(1)?)?
+            .broadcast_add(&m.to_dtype(scores.dtype())?.unsqueeze(1)?)?
             .reshape((n * heads, len, len))?,
         None => scores,
     };
-    let attn = softmax_last_dim(&scores)?.matmul(&v)?; // [n*h, len, d]
+    let attn = attention_mix(&softmax_last_dim(&scores)?, &v)?; // [n*h, len, d]
     Ok(attn
         .reshape((n, heads, len, d))?
         .transpose(1, 2)?

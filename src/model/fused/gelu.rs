@@ -5,6 +5,9 @@ use super::*;
 
 /// Exact GELU, `x Φ(x)`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if let dtype @ (DType::BF16 | DType::F16) = x.dtype() {
+        return Ok(gelu_erf(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
+    }
     if !on_cpu(x) {
         return gelu_plain(x);
     }
@@ -22,6 +25,10 @@ pub fn gelu_erf_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
             bias.dims(),
             y.dims()
         )));
+    }
+    if let dtype @ (DType::BF16 | DType::F16) = y.dtype() {
+        let wide = |t: &Tensor| t.to_dtype(DType::F32);
+        return Ok(gelu_erf_bias(&wide(y)?, &wide(bias)?)?.to_dtype(dtype)?);
     }
     if !on_cpu(y) {
         return gelu_plain(&y.broadcast_add(bias)?);

@@ -4,7 +4,17 @@
 use super::*;
 
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
+///
+/// Half-precision inputs are normalised in f32 (statistics, affine and the weights'
+/// gradients), the output rounded back: autocast's rule for layer norm.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    let half = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F16);
+    if half(x) || half(weight) {
+        let wide = |t: &Tensor| t.to_dtype(DType::F32);
+        return Ok(
+            layer_norm(&wide(x)?, &wide(weight)?, &wide(bias)?, eps)?.to_dtype(weight.dtype())?
+        );
+    }
     if !on_cpu(x) {
         return Ok(candle_nn::ops::layer_norm_slow(x, weight, bias, eps)?);
     }

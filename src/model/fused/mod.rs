@@ -445,7 +445,7 @@ mod layer_norm;
 mod linear;
 mod softmax;
 
-pub use attention::{attention, attention_plain};
+pub use attention::{attention, attention_mix, attention_plain, attention_scores};
 pub use embedding::embedding;
 pub use gelu::{gelu_erf, gelu_erf_bias};
 pub use layer_norm::layer_norm;

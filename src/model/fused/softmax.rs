@@ -3,7 +3,12 @@
 use super::*;
 
 /// Softmax over the last dimension.
+/// Half-precision inputs are computed in f32 (exponentials and the row sums) and the
+/// probabilities rounded back to the input's dtype, as autocast does.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if let dtype @ (DType::BF16 | DType::F16) = x.dtype() {
+        return Ok(softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
+    }
     if !on_cpu(x) {
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;

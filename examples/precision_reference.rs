@@ -1,0 +1,126 @@
+//! mmpipe's side of the bf16-against-f32 comparison with OpenCLIP's own autocast
+//! (`scripts/reference/openclip_bf16.py`, docs/precision.md):
+//!
+//!   cargo run --release --example precision_reference -- OUT_DIR
+//!
+//! On the test suite's tiny model (tests/suite/common.rs, seed 7) and the synthetic
+//! batch of step 0 (12 pairs), one 1×1 step in fp32 and one in bf16. Writes to OUT_DIR:
+//! `weights.safetensors` (the initial weights, OpenCLIP's names), `batch.safetensors`
+//! (`images` f32, `tokens` and `eot` i64), and `grads-fp32.safetensors`,
+//! `grads-bf16.safetensors` (every parameter's gradient, f32, and `loss`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
+use mmpipe::data::{Stream, SyntheticSource};
+use mmpipe::model::{checkpoint, ClipConfig, TowerInput};
+use mmpipe::plan::Precision;
+use mmpipe::topology::Topology;
+use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
+
+/// tests/suite/common.rs's TEST_MODEL: OpenCLIP's CLIP with the same config is built by
+/// the Python side.
+const MODEL: &str = r#"
+embed_dim = 16
+[vision]
+kind = "vit"
+image_size = 16
+patch_size = 8
+width = 24
+layers = 2
+heads = 2
+mlp_ratio = 2
+[text]
+kind = "clip"
+vocab_size = 32
+context_length = 12
+width = 24
+layers = 2
+heads = 2
+mlp_ratio = 2
+"#;
+
+const SEED: u64 = 7;
+const BATCH: usize = 12;
+
+fn main() -> mmpipe::error::Result<()> {
+    let out = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "target/precision-reference".into()),
+    );
+    std::fs::create_dir_all(&out).map_err(|source| mmpipe::error::Error::Io {
+        path: out.clone(),
+        source,
+    })?;
+    let model = ClipConfig::from_str(MODEL, std::path::Path::new("precision_reference.rs"))?;
+    let topology = Topology::from_str(
+        "device = \"cpu\"\n[[nodes]]\nname = \"host\"\ndevices = 2\n[groups]\nimage = [\"host:0\"]\ntext = [\"host:1\"]\n",
+        std::path::Path::new("cpu-1x1.toml"),
+    )?;
+    let source = SyntheticSource::new(SEED, &model)?;
+    let indices = batch_indices(0, BATCH, 0, BATCH);
+    let mut batch = HashMap::new();
+    for tower in [
+        mmpipe::topology::Tower::Image,
+        mmpipe::topology::Tower::Text,
+    ] {
+        match source.tower_input(tower, Stream::Train, &indices, &Device::Cpu)? {
+            TowerInput::Images(t) => {
+                batch.insert("images".to_string(), t.to_dtype(DType::F32)?);
+            }
+            TowerInput::Captions { tokens, eot, .. } => {
+                batch.insert("tokens".to_string(), tokens.to_dtype(DType::I64)?);
+                batch.insert("eot".to_string(), eot.to_dtype(DType::I64)?);
+            }
+        }
+    }
+    checkpoint::write_tensors(&batch, &out.join("batch.safetensors"))?;
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let cfg = TrainConfig {
+            seed: SEED,
+            global_batch: BATCH,
+            precision: Some(precision),
+            progress: false,
+            ..TrainConfig::default()
+        };
+        let parts = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+            let trainer =
+                RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
+            let weights: Vec<(String, Tensor)> = trainer
+                .params()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_tensor().copy().expect("copy")))
+                .collect();
+            let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+            let g = trainer.compute_grads(&comms, &input)?;
+            let mut grads: Vec<(String, Tensor)> = trainer
+                .trainable()
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .zip(g.grads)
+                .collect();
+            grads.push(("loss".into(), Tensor::new(&[g.loss as f32], &Device::Cpu)?));
+            Ok((weights, grads))
+        })?;
+        let mut weights = HashMap::new();
+        let mut grads = HashMap::new();
+        for (w, g) in parts {
+            weights.extend(w);
+            grads.extend(g);
+        }
+        let name = match precision {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        };
+        if precision == Precision::Fp32 {
+            checkpoint::write_tensors(&weights, &out.join("weights.safetensors"))?;
+        }
+        checkpoint::write_tensors(&grads, &out.join(format!("grads-{name}.safetensors")))?;
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}

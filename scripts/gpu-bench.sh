@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# mmpipe's training step and OpenCLIP's own, side by side in one run on one GPU: the same
+# model, batch and precision, each timed by its own bench (median step, CUDA-synchronised),
+# and the ratio of their samples/s.
+#
+# usage: scripts/gpu-bench.sh [BUNDLE] [MODEL...]
+#   BUNDLE  scripts/cuda-build.sh --bundle output (directory or .tar.xz), default .gpu
+#   MODEL   OpenCLIP architecture names with a configs/NAME.toml here (default ViT-B-32 ViT-B-16)
+# env: BATCH (256), PRECISION (bf16 or fp32: OpenCLIP's amp_bf16, or fp32 with TF32 on
+#      both sides), STEPS (20 timed), WARMUP (3), ANCHOR (OpenCLIP's GPU anchor folder,
+#      default .gpu-anchor: `cp -r ../shared/anchors/gpu/. .gpu-anchor/`), LOG_DIR
+#      (default gpu-bench-logs: every output, and summary.json).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/gpu-env.sh
+source scripts/gpu-env.sh "${1:-.gpu}" || exit $?
+shift || true
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(ViT-B-32 ViT-B-16)
+batch="${BATCH:-256}"
+precision="${PRECISION:-bf16}"
+anchor="${ANCHOR:-.gpu-anchor}"
+logs="${LOG_DIR:-gpu-bench-logs}"
+mkdir -p "$logs"
+[ -f "$anchor/openclip_gpu_bench.py" ] || { echo "gpu-bench.sh: no OpenCLIP anchor in $anchor (ANCHOR=...)" >&2; exit 2; }
+case "$precision" in
+  bf16) anchor_flags=(--precision amp_bf16) ;;
+  fp32) anchor_flags=(--precision fp32 --tf32) ;;
+  *) echo "gpu-bench.sh: PRECISION is bf16 or fp32, not $precision" >&2; exit 2 ;;
+esac
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$anchor"/wheels/*.whl || { echo "gpu-bench.sh: the anchor's wheels did not install" >&2; exit 1; }
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+echo "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+
+failed=0
+for m in "${models[@]}"; do
+  config="configs/$m.toml"
+  [ -f "$config" ] || { echo "gpu-bench.sh: no $config" >&2; failed=1; continue; }
+  ours="$logs/mmpipe-$m-$precision.out"
+  theirs="$logs/openclip-$m-$precision.out"
+  "$bundle/mmpipe" bench --topology topology/gpu-1x1.toml --model "$config" --batch "$batch" \
+    --precision "$precision" --steps "${STEPS:-20}" --warmup "${WARMUP:-3}" >"$ours" 2>&1 \
+    || { echo "FAIL mmpipe $m: $(tail -3 "$ours" | tr '\n' ' ')"; failed=1; continue; }
+  python3 "$anchor/openclip_gpu_bench.py" --model "$m" --batch-size "$batch" \
+    --steps "${STEPS:-20}" --warmup "${WARMUP:-3}" "${anchor_flags[@]}" >"$theirs" 2>&1 \
+    || { echo "FAIL OpenCLIP $m: $(tail -3 "$theirs" | tr '\n' ' ')"; failed=1; continue; }
+  grep -vE '^RESULT_JSON' "$ours"
+  python3 - "$m" "$precision" "$ours" "$theirs" "$logs/summary.json" <<'PY'
+import json, sys
+model, precision, ours, theirs, summary = sys.argv[1:]
+def result(path):
+    lines = [l for l in open(path) if l.startswith("RESULT_JSON ")]
+    return json.loads(lines[-1][len("RESULT_JSON "):])
+a, b = result(ours), result(theirs)
+ratio = a["samples_per_second"] / b["samples_per_s"]
+row = {
+    "model": model, "precision": precision, "batch": a["batch"],
+    "mmpipe_samples_per_s": a["samples_per_second"], "openclip_samples_per_s": b["samples_per_s"],
+    "ratio": ratio, "mmpipe_tflops": a["achieved_gflops"] / 1e3, "openclip_tflops": b["tflops"],
+    "mmpipe_mfu": a["fraction_of_peak"], "bf16_gemm_tflops": a["gemm_peak_gflops"] / 1e3,
+    "openclip_bf16_gemm_tflops": b["bf16_matmul_tflops"],
+    "mmpipe_optimizer_share": max(p[6] for _, p in a["phases_ms"]) / a["step_ms_median"],
+    "mmpipe_gpu_tensor_peak_mib": a.get("gpu_tensor_peak_mib"),
+    "openclip_peak_gpu_mem_gib": b["peak_gpu_mem_gib"],
+}
+with open(summary, "a") as f:
+    f.write(json.dumps(row) + "\n")
+print(f"SIDE-BY-SIDE {model} {precision} batch {a['batch']}: mmpipe {a['samples_per_second']:.1f} samples/s "
+      f"({row['mmpipe_tflops']:.1f} TFLOP/s, MFU {100 * row['mmpipe_mfu']:.1f}%), OpenCLIP {b['samples_per_s']:.1f} "
+      f"({b['tflops']:.1f} TFLOP/s): ratio {ratio:.2f}; mmpipe's optimizer {100 * row['mmpipe_optimizer_share']:.1f}% of its step")
+PY
+done
+exit $failed

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything the GPU part of the work measures, in one call on a lent GPU machine (the
+# device tool allows 10 minutes a command): the checks, mmpipe beside OpenCLIP on the
+# same GPU, today's full-f32 baseline, the bf16 curve, the profile by op class. Each
+# stage has a time limit, so one slow stage cannot take the others with it.
+#
+# usage, from the checkout on the GPU machine (carry .gpu/ with the packed bundle of
+# `scripts/cuda-build.sh --bundle .gpu --pack` and .gpu-anchor/ from ../shared/anchors/gpu):
+#   OUT=$OUT bash scripts/gpu-run.sh [BUNDLE]       (default .gpu/mmpipe-gpu.tar.xz)
+# Writes $OUT/gpu-run.txt (every stage's summary, also on stdout) and $OUT/gpu-logs.tar.xz
+# (every log). Copy the summary into docs/gpu/ with the commit it measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle="${1:-.gpu/mmpipe-gpu.tar.xz}"
+out="${OUT:-gpu-run-out}"
+mkdir -p "$out"
+logs=$(mktemp -d)
+summary="$out/gpu-run.txt"
+: >"$summary"
+say() { echo "$@" | tee -a "$summary"; }
+# name, seconds, command...: runs it with its output in the summary.
+stage() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  say "== $name (limit ${limit}s)"
+  start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$summary"
+  rc=${PIPESTATUS[0]}
+  say "== $name: exit $rc after $((SECONDS - start))s"
+}
+say "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+say "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1)"
+# Unpack once: every script below takes the directory.
+unpacked=$(mktemp -d)
+if [ -f "$bundle" ]; then
+  tar xJf "$bundle" -C "$unpacked" || { say "cannot unpack $bundle"; exit 2; }
+  bundle="$unpacked"
+fi
+stage checks 170 env LOG_DIR="$logs/check" bash scripts/gpu-check.sh "$bundle"
+stage "side by side, bf16" 200 env LOG_DIR="$logs/bench" PRECISION=bf16 bash scripts/gpu-bench.sh "$bundle" ViT-B-32 ViT-B-16
+# Today's baseline for the speed-up: full f32, as mmpipe ran before this work.
+stage "mmpipe ViT-B/32 full f32" 50 bash -c "source scripts/gpu-env.sh '$bundle' && \
+  \"\$bundle/mmpipe\" bench --topology topology/gpu-1x1.toml --model configs/ViT-B-32.toml \
+  --batch 256 --precision fp32 --no-tf32 --steps 10 --warmup 2 | grep -vE '^RESULT_JSON'"
+stage "profile ViT-B/32 bf16" 150 env LOG_DIR="$logs/profile" bash scripts/gpu-profile.sh "$bundle" ViT-B-32
+tar cJf "$out/gpu-logs.tar.xz" -C "$logs" . 2>/dev/null
+echo "summary: $summary; logs: $out/gpu-logs.tar.xz"
