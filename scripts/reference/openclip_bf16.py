@@ -70,6 +70,13 @@ def main(folder):
         worst["mmpipe"] = max(worst["mmpipe"], u)
         print(f"{name:<48} {o:>14.2e} {u:>12.2e} {same:>23.1e}")
     print(f"worst: OpenCLIP bf16 {worst['OpenCLIP']:.2e}, mmpipe bf16 {worst['mmpipe']:.2e}")
+    for tower, keep in [("image", lambda n: n.startswith("visual.")),
+                        ("text", lambda n: not n.startswith("visual.") and n not in ("loss", "logit_scale"))]:
+        names = [n for n in theirs["fp32"] if keep(n)]
+        joint = lambda g: torch.cat([g[n].flatten() for n in names])
+        print(f"{tower} tower, all gradients together: OpenCLIP bf16 "
+              f"{rel(joint(theirs['bf16']), joint(theirs['fp32'])):.2e}, mmpipe bf16 "
+              f"{rel(joint(ours['bf16']), joint(ours['fp32'])):.2e}")
 
 
 if __name__ == "__main__":
