@@ -95,6 +95,19 @@ fn collectives(comm: &dyn Communicator, checks: &mut Checks) {
         max_abs_diff(&sum, &expected) == 0.0,
         format!("{}", max_abs_diff(&sum, &expected)),
     );
+    // All-reduce in bf16 (MPI has no bf16: its bits travel as u16): the rank-order sum
+    // of the bf16 tensors, bit for bit, in bf16.
+    let half = |p: usize| fixed(&[4, 5], p as f64).to_dtype(DType::BF16).unwrap();
+    let sum = comm.all_reduce_sum(&half(r)).unwrap();
+    let mut expected = half(0);
+    for p in 1..n {
+        expected = (expected + half(p)).unwrap();
+    }
+    checks.check(
+        &format!("{name}: all_reduce_sum in bf16, same bits as a rank-order sum"),
+        sum.dtype() == DType::BF16 && max_abs_diff(&sum, &expected) == 0.0,
+        format!("{:?} {}", sum.dtype(), max_abs_diff(&sum, &expected)),
+    );
     // Reduce-scatter: block r of the sum.
     let x = fixed(&[2 * n, 3], 1.0 + r as f64);
     let block = comm.reduce_scatter_sum(&x).unwrap();
