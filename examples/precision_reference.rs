@@ -3,7 +3,7 @@
 //!
 //!   cargo run --release --example precision_reference -- OUT_DIR
 //!
-//! On the test suite's tiny model (tests/suite/common.rs, seed 7) and the synthetic
+//! On the test suite's tiny model (tests/fixtures/test-model.toml, seed 7) and the synthetic
 //! batch of step 0 (12 pairs), one 1×1 step in fp32 and one in bf16. Writes to OUT_DIR:
 //! `weights.safetensors` (the initial weights, OpenCLIP's names), `batch.safetensors`
 //! (`images` f32, `tokens` and `eot` i64), and `grads-fp32.safetensors`,
@@ -20,27 +20,8 @@ use mmpipe::plan::Precision;
 use mmpipe::topology::Topology;
 use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
 
-/// tests/suite/common.rs's TEST_MODEL: OpenCLIP's CLIP with the same config is built by
-/// the Python side.
-const MODEL: &str = r#"
-embed_dim = 16
-[vision]
-kind = "vit"
-image_size = 16
-patch_size = 8
-width = 24
-layers = 2
-heads = 2
-mlp_ratio = 2
-[text]
-kind = "clip"
-vocab_size = 32
-context_length = 12
-width = 24
-layers = 2
-heads = 2
-mlp_ratio = 2
-"#;
+/// The test suite's model; OpenCLIP's CLIP of the same config is built by the Python side.
+const MODEL: &str = include_str!("../tests/fixtures/test-model.toml");
 
 const SEED: u64 = 7;
 const BATCH: usize = 12;
@@ -55,7 +36,10 @@ fn main() -> mmpipe::error::Result<()> {
         path: out.clone(),
         source,
     })?;
-    let model = ClipConfig::from_str(MODEL, std::path::Path::new("precision_reference.rs"))?;
+    let model = ClipConfig::from_str(
+        MODEL,
+        std::path::Path::new("tests/fixtures/test-model.toml"),
+    )?;
     let topology = Topology::from_str(
         "device = \"cpu\"\n[[nodes]]\nname = \"host\"\ndevices = 2\n[groups]\nimage = [\"host:0\"]\ntext = [\"host:1\"]\n",
         std::path::Path::new("cpu-1x1.toml"),

@@ -10,28 +10,10 @@ use mmpipe::topology::{Topology, Tower};
 use mmpipe::train::TrainConfig;
 
 /// Small enough for many runs per test, with every kind of layer (two blocks per tower).
-pub const TEST_MODEL: &str = r#"
-embed_dim = 16
-[vision]
-kind = "vit"
-image_size = 16
-patch_size = 8
-width = 24
-layers = 2
-heads = 2
-mlp_ratio = 2
-[text]
-kind = "clip"
-vocab_size = 32
-context_length = 12
-width = 24
-layers = 2
-heads = 2
-mlp_ratio = 2
-"#;
+pub const TEST_MODEL: &str = include_str!("../fixtures/test-model.toml");
 
 pub fn test_model() -> ClipConfig {
-    ClipConfig::from_str(TEST_MODEL, Path::new("tests/common.rs")).unwrap()
+    ClipConfig::from_str(TEST_MODEL, Path::new("tests/fixtures/test-model.toml")).unwrap()
 }
 
 /// A CPU topology of `image` + `text` rank threads, through the real parser.

@@ -165,25 +165,32 @@ fn check_bf16_tracks_fp32(image: usize, text: usize, grad_all_reduce: GradReduce
         d.updates.0,
         d.updates.1
     );
-    for ((value, at), tolerance, what) in [
-        (&d.loss, BF16_TOLERANCE, "loss"),
-        (&d.grads, BF16_TOLERANCE, "gradients"),
-        (&d.grad_tensor, BF16_TENSOR_TOLERANCE, "gradient"),
-        (&d.weights, BF16_TOLERANCE, "weights after 5 steps"),
-        (&d.updates, UPDATE_TOLERANCE, "updates over 5 steps"),
-    ] {
+    d.check(&label);
+}
+
+impl Deviation {
+    /// Within the tolerances above, and measurably off f32 (f32 reorderings stay near
+    /// 1e-7): this ran in bf16.
+    fn check(&self, label: &str) {
+        for ((value, at), tolerance, what) in [
+            (&self.loss, BF16_TOLERANCE, "loss"),
+            (&self.grads, BF16_TOLERANCE, "gradients"),
+            (&self.grad_tensor, BF16_TENSOR_TOLERANCE, "gradient"),
+            (&self.weights, BF16_TOLERANCE, "weights after 5 steps"),
+            (&self.updates, UPDATE_TOLERANCE, "updates over 5 steps"),
+        ] {
+            assert!(
+                *value <= tolerance,
+                "{label}: {what} ({at}) off by {value:.3e}"
+            );
+        }
         assert!(
-            *value <= tolerance,
-            "{label}: {what} ({at}) off by {value:.3e}"
+            self.grads.0 > DIFFERENT && self.loss.0 > 1e-6,
+            "{label}: gradients within {:.1e} of f32, loss within {:.1e}: this did not run in bf16",
+            self.grads.0,
+            self.loss.0
         );
     }
-    // bf16 really ran: f32 reorderings stay near 1e-7.
-    assert!(
-        d.grads.0 > DIFFERENT && d.loss.0 > 1e-6,
-        "{label}: gradients within {:.1e} of f32, loss within {:.1e}: this did not run in bf16",
-        d.grads.0,
-        d.loss.0
-    );
 }
 
 /// Every parameter of the test model as both towers start (the runs' seed, 7).
@@ -539,19 +546,7 @@ mod cuda {
                 "{label}: loss {:.1e}, gradients {:.1e}, worst gradient {:.1e} ({}), weights {:.1e}, updates {:.1e}",
                 d.loss.0, d.grads.0, d.grad_tensor.0, d.grad_tensor.1, d.weights.0, d.updates.0
             );
-            for ((value, at), tolerance, what) in [
-                (&d.loss, BF16_TOLERANCE, "loss"),
-                (&d.grads, BF16_TOLERANCE, "gradients"),
-                (&d.grad_tensor, BF16_TENSOR_TOLERANCE, "gradient"),
-                (&d.weights, BF16_TOLERANCE, "weights after 5 steps"),
-                (&d.updates, UPDATE_TOLERANCE, "updates over 5 steps"),
-            ] {
-                assert!(
-                    *value <= tolerance,
-                    "{label}: {what} ({at}) off by {value:.3e}"
-                );
-            }
-            assert!(d.grads.0 > DIFFERENT, "{label}: this did not run in bf16");
+            d.check(&label);
         }
     }
 }
