@@ -659,11 +659,17 @@ impl RankTrainer {
         } else if accumulated {
             let mut sums: Option<Vec<Tensor>> = None;
             for &(start, len) in &micro_batches {
-                let grads = self.tower_grads(
-                    &input.narrow(start, len)?,
-                    &out.grad.narrow(0, start, len)?,
-                    tower_params,
-                )?;
+                // Accumulated in the master dtype: bf16 partial sums would round at
+                // every micro-batch.
+                let grads = self
+                    .tower_grads(
+                        &input.narrow(start, len)?,
+                        &out.grad.narrow(0, start, len)?,
+                        tower_params,
+                    )?
+                    .into_iter()
+                    .map(|g| g.to_dtype(self.master))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 sums = Some(match sums {
                     None => grads,
                     Some(acc) => acc
