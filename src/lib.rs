@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod comm;
 pub mod data;
+pub mod durable;
 pub mod error;
 pub mod eval;
 pub mod loss;

@@ -1,33 +1,23 @@
 //! Weights in safetensors under OpenCLIP's parameter names (`visual.conv1.weight`,
 //! `token_embedding.weight`, `logit_scale`, …): what mmpipe writes loads into OpenCLIP's
 //! model of the same config, and an OpenCLIP `state_dict` saved as safetensors loads here.
-//! Writes are atomic: a temporary file in the same folder, then a rename.
+//! Writes are atomic and durable ([`crate::durable`]).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
 use super::params::Params;
 use crate::error::{Error, Result};
 
-/// Writes `tensors` to `path` atomically.
+/// Writes `tensors` to `path` atomically and durably (a temporary file in the same folder,
+/// fsync, rename, fsync of the folder).
 pub fn write_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = temporary_sibling(path);
-    candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
+    crate::durable::write_with(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp)
+            .map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))
     })
-}
-
-fn temporary_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Saves every parameter under its name.

@@ -38,6 +38,9 @@ pub struct RankStep {
 /// What the ranks send the writer.
 #[derive(Debug, Clone)]
 pub enum Record {
+    /// The run starts after this many steps (a resume's step; 0 for a new run): the file
+    /// keeps its lines of earlier steps and drops the rest. World rank 0 sends it first.
+    Start(usize),
     Step(RankStep),
     /// World rank 0's evaluation after this step (0-based).
     Eval(usize, EvalScores),
@@ -133,8 +136,38 @@ fn eval_line(step: usize, scores: &EvalScores) -> serde_json::Value {
     })
 }
 
+/// Rewrites `path` (durably) with only its lines of steps before `start`, and opens it to
+/// append. Lines that do not parse (a line cut short by a crash) are dropped.
+fn keep_lines_before(path: &Path, start: usize) -> Result<std::fs::File> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let old = std::fs::read_to_string(path).map_err(io)?;
+    let kept: String = old
+        .lines()
+        .filter(|l| {
+            start > 0
+                && serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| (s as usize) < start)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() != old.len() {
+        crate::durable::write(path, kept.as_bytes())?;
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io)
+}
+
 impl MetricsFile {
-    /// Creates `path` (and its folder) and starts the writer for `world` ranks.
+    /// Opens `path` (and its folder) and starts the writer for `world` ranks. Nothing in
+    /// the file is touched until the run says where it starts ([`Record::Start`]): a
+    /// resumed run appends to the lines of the steps before it.
     pub fn create(path: &Path, world: usize, global_batch: usize) -> Result<Self> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -143,10 +176,20 @@ impl MetricsFile {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let file = std::fs::File::create(path).map_err(io)?;
+        // Fails now if the file cannot be written, before any step.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io)?;
         let (tx, rx) = unbounded::<Record>();
         let path: PathBuf = path.to_path_buf();
         let writer = std::thread::spawn(move || -> Result<()> {
+            let start = match rx.recv() {
+                Ok(Record::Start(step)) => step,
+                _ => 0,
+            };
+            let file = keep_lines_before(&path, start)?;
             let mut out = std::io::BufWriter::new(file);
             let mut pending: std::collections::BTreeMap<usize, Vec<RankStep>> = Default::default();
             let mut evals: Vec<(usize, EvalScores)> = Vec::new();
@@ -160,6 +203,7 @@ impl MetricsFile {
             };
             while let Ok(record) = rx.recv() {
                 let s = match record {
+                    Record::Start(_) => continue,
                     Record::Step(s) => s,
                     Record::Eval(step, scores) => {
                         // After its step's line, which may still wait for slower ranks.

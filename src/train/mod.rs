@@ -259,6 +259,16 @@ pub fn train_ranks(
         Ranks::Threads => (true, topology.world_size()),
         Ranks::Process { rank, .. } => (*rank == 0, 1),
     };
+    // The checkpoint folder, checked and held by the process that writes the saves'
+    // state (world rank 0), before any rank starts.
+    let _checkpoint_lock = match (&cfg.checkpoint_dir, writes_metrics) {
+        (Some(dir), true) => Some(checkpoints::prepare(
+            dir,
+            checkpoints::save_bytes(model),
+            "checkpoint_dir",
+        )?),
+        _ => None,
+    };
     let metrics = cfg
         .metrics
         .as_ref()
@@ -527,19 +537,33 @@ fn run_rank(
     let device = rank_device(topology, rank)?;
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
     trainer.attach(comms);
-    // Resuming: every rank loads its tower's part; the data order replays to the step.
-    let start = match &cfg.resume {
+    // Resuming: every rank agrees on the save, and loads its tower's part; the data order
+    // replays to the step. A resumed run keeps its id (for pruning its own saves).
+    let (start, run_id) = match &cfg.resume {
         Some(resume) => {
-            let dir = checkpoints::resolve(cfg.checkpoint_dir.as_deref(), resume)?;
-            let state = checkpoints::read_state(&dir, cfg)?;
+            let (dir, state) = checkpoints::resume_point(
+                comms,
+                cfg.checkpoint_dir.as_deref(),
+                resume,
+                trainer.tower,
+                cfg,
+            )?;
             trainer.load_part(&dir.join(checkpoints::part_file(trainer.tower)))?;
             if rank == 0 {
                 tracing::info!("resuming from {} at step {}", dir.display(), state.step);
             }
-            state.step
+            let run = if state.run.is_empty() {
+                checkpoints::new_run_id()
+            } else {
+                state.run
+            };
+            (state.step, run)
         }
-        None => 0,
+        None => (0, checkpoints::new_run_id()),
     };
+    if let (0, Some(tx)) = (rank, &inputs.metrics) {
+        let _ = tx.send(Record::Start(start));
+    }
     trainer.check_replicas(comms)?;
     let data = start_data(topology, rank, &trainer, model, cfg, &inputs, start);
     // Synthetic samples always materialise: no mask, no extra collective.
@@ -589,7 +613,7 @@ fn run_rank(
         }
         if let Some(dir) = &cfg.checkpoint_dir {
             if cfg.checkpoint_every > 0 && step > start && step % cfg.checkpoint_every == 0 {
-                checkpoints::save(dir, step, comms, &trainer, cfg)?;
+                checkpoints::save(dir, step, comms, &trainer, cfg, &run_id)?;
                 saved_at = Some(step);
             }
         }
@@ -670,7 +694,7 @@ fn run_rank(
     }
     if let (Some(dir), true) = (&cfg.checkpoint_dir, end > start) {
         if saved_at != Some(end) {
-            checkpoints::save(dir, end, comms, &trainer, cfg)?;
+            checkpoints::save(dir, end, comms, &trainer, cfg, &run_id)?;
         }
     }
     if let Some(bar) = bar {

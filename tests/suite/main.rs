@@ -2,6 +2,8 @@
 
 /// BERT with all-MiniLM-L6-v2's weights, tokenizers, safetensors checkpoints.
 mod bert;
+/// Checkpoints: damaged saves passed over, pruning, the folder lock, kills mid-save.
+mod checkpoints;
 /// The binary: `plan` and `train` as a user runs them.
 mod cli;
 /// Our ViT and CLIP text towers against candle-transformers' CLIP.
