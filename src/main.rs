@@ -279,6 +279,10 @@ struct TrainArgs {
     /// Continue from a checkpoint folder, or `latest` in --checkpoint-dir.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Resume even if the model, the data, the global batch, the seed or the loss differ
+    /// from the save's (refused otherwise, naming what changed).
+    #[arg(long)]
+    resume_despite_changes: bool,
     /// How ranks talk: `thread` (every rank a thread of this process), `mpi` (one
     /// process per rank under mpirun; needs `--features mpi`) or `nccl` (one process per
     /// GPU, started by scripts/launch.sh, torchrun or srun; needs `--features cuda`)
@@ -854,6 +858,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if args.resume.is_some() {
         cfg.resume = args.resume.clone();
     }
+    cfg.resume_despite_changes |= args.resume_despite_changes;
     cfg.validate(&origin)?;
     let launch = mmpipe::comm::rendezvous::LaunchEnv::from_env()?;
     // A single-task launch (srun without -n) is just this process.

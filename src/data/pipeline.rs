@@ -39,6 +39,22 @@ impl SampleRef {
             SampleRef::Shard(s) => s.key.clone(),
         }
     }
+
+    /// What the sample is, wherever its shard is mounted: the shard's file name and the
+    /// sample's key in it (WebDataset keys repeat across shards), or its index.
+    pub fn identity(&self) -> String {
+        match self {
+            SampleRef::Index(i) => i.to_string(),
+            SampleRef::Shard(s) => format!(
+                "{}#{}",
+                s.shard.file_name().map_or_else(
+                    || s.shard.display().to_string(),
+                    |n| n.to_string_lossy().into_owned()
+                ),
+                s.key
+            ),
+        }
+    }
 }
 
 /// Where the global order comes from.
@@ -317,7 +333,8 @@ pub struct Batch {
     pub input: TowerInput,
     /// False where the sample could not be used (the pair is dropped on every rank).
     pub valid: Vec<bool>,
-    /// The samples' keys: the same on the image and the text side.
+    /// The samples' identities (shard file name and key, or index): the same on the image
+    /// and the text side.
     pub keys: Vec<String>,
     /// Samples this rank could not materialise in this batch, by cause.
     pub failed: SkipCounts,
@@ -411,7 +428,7 @@ impl RankData {
                     if pos < offset || pos >= offset + len {
                         continue;
                     }
-                    keys.push(sample.key());
+                    keys.push(sample.identity());
                     let index = step * global_batch as u64 + pos as u64;
                     let seed = cfg.seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D);
                     let job = Job {

@@ -48,6 +48,47 @@ pub struct CheckpointState {
     /// those load unchecked, with a warning.)
     #[serde(default)]
     pub parts: BTreeMap<String, PartRecord>,
+    /// The model and data it was trained on ([`RunIdentity`]; empty in older saves).
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub data: String,
+}
+
+/// What a run is, for a resume to compare: its id, and fingerprints of its model (the
+/// resolved config) and its data (each data file's name and size, in order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunIdentity {
+    pub run: String,
+    pub model: String,
+    pub data: String,
+}
+
+impl RunIdentity {
+    pub fn new(run: String, model: &crate::model::ClipConfig, data_files: &[PathBuf]) -> Self {
+        let hash = |s: &str| {
+            format!(
+                "{:016x}",
+                crate::comm::rendezvous::stable_hash(s.as_bytes())
+            )
+        };
+        let files: String = data_files
+            .iter()
+            .map(|p| {
+                let name = p.file_name().map_or_else(
+                    || p.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                let size = std::fs::metadata(p).map_or(0, |m| m.len());
+                format!("{name}:{size};")
+            })
+            .collect();
+        RunIdentity {
+            run,
+            model: hash(&format!("{model:?}")),
+            data: hash(&files),
+        }
+    }
 }
 
 /// A part file's size and checksum.
@@ -95,15 +136,16 @@ pub fn new_run_id() -> String {
 /// Saves step `step` from every rank (call on all ranks at once): each group's first
 /// rank writes its tower's part and reports its size and checksum, world rank 0 the
 /// state, the rename and `latest`, and removes this run's saves beyond the newest
-/// `cfg.keep_checkpoints`. `run` is the run's id (world rank 0's counts).
+/// `cfg.keep_checkpoints`. `identity` is the run's (world rank 0's counts).
 pub fn save(
     dir: &Path,
     step: usize,
     comms: &RankComms,
     trainer: &RankTrainer,
     cfg: &TrainConfig,
-    run: &str,
+    identity: &RunIdentity,
 ) -> Result<PathBuf> {
+    let run = identity.run.as_str();
     let name = format!("step-{step:08}");
     let partial = dir.join(format!("{name}.partial"));
     let done = dir.join(&name);
@@ -158,6 +200,8 @@ pub fn save(
             loss: cfg.loss.kind.to_string(),
             run: run.to_string(),
             parts,
+            model: identity.model.clone(),
+            data: identity.data.clone(),
         };
         let json = serde_json::to_string_pretty(&state).expect("plain data");
         durable::write(&partial.join("state.json"), json.as_bytes())?;
@@ -322,10 +366,11 @@ fn check(
     checkpoint: &Path,
     tower: Tower,
     cfg: &TrainConfig,
+    identity: &RunIdentity,
 ) -> std::result::Result<(CheckpointState, u32), Unusable> {
     let (state, bytes) =
         read_state_file(checkpoint).map_err(|e| Unusable::Damaged(e.to_string()))?;
-    check_settings(&checkpoint.join("state.json"), &state, cfg).map_err(Unusable::Mismatch)?;
+    check_identity(checkpoint, &state, cfg, identity).map_err(Unusable::Mismatch)?;
     let part = checkpoint.join(part_file(tower));
     if state.parts.is_empty() {
         tracing::warn!(
@@ -366,6 +411,7 @@ pub fn resume_point(
     resume: &Path,
     tower: Tower,
     cfg: &TrainConfig,
+    identity: &RunIdentity,
 ) -> Result<(PathBuf, CheckpointState)> {
     let lead = comms.world.rank() == 0;
     let candidates: Vec<PathBuf> = if resume == Path::new("latest") {
@@ -425,7 +471,7 @@ pub fn resume_point(
     };
     let mut reasons = Vec::new();
     for checkpoint in &candidates {
-        let mine = match check(checkpoint, tower, cfg) {
+        let mine = match check(checkpoint, tower, cfg, identity) {
             Ok((state, hash)) => Ok((state, hash)),
             Err(Unusable::Mismatch(e)) => return Err(e),
             Err(Unusable::Damaged(why)) => Err(why),
@@ -456,6 +502,9 @@ pub fn resume_point(
                 )));
             }
             let (state, _) = mine.expect("every rank's checks passed");
+            if lead {
+                report_changes(checkpoint, cfg);
+            }
             if !reasons.is_empty() && lead {
                 tracing::warn!(
                     "resuming from {}, the newest complete save (passed over: {})",
@@ -510,42 +559,161 @@ fn gather_text(comms: &RankComms, text: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Checks that this run can continue a save trained with `state`.
-fn check_settings(path: &Path, state: &CheckpointState, cfg: &TrainConfig) -> Result<()> {
-    let differs = |field: &str, saved: String, now: String| {
-        Error::invalid(
-            path,
-            field,
-            format!("the checkpoint was trained with {saved}, this run asks for {now}: an exact resume needs the same"),
-        )
-    };
-    if state.global_batch != cfg.global_batch {
-        return Err(differs(
+/// Settings that make another run, not a continuation: a resume refuses a change in any of
+/// them (unless `resume_despite_changes`). Dotted keys of `train.toml`; a key covers what
+/// is below it.
+const IDENTITY_KEYS: [&str; 12] = [
+    "global_batch",
+    "seed",
+    "loss.kind",
+    "data.kind",
+    "data.shards",
+    "data.sources",
+    "data.csv",
+    "data.image_column",
+    "data.caption_column",
+    "data.shuffle_buffer",
+    "data.resample",
+    "data.random_crop",
+];
+
+/// Keys whose change says nothing about the run (where it reads from and writes to, and
+/// the override itself).
+const UNREPORTED_KEYS: [&str; 4] = [
+    "resume",
+    "checkpoint_dir",
+    "metrics",
+    "resume_despite_changes",
+];
+
+/// `(dotted key, saved, now)` for every leaf that differs between two TOML values.
+fn toml_diff(
+    saved: &toml::Value,
+    now: &toml::Value,
+    at: &str,
+    out: &mut Vec<(String, String, String)>,
+) {
+    match (saved, now) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let key = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => toml_diff(x, y, &key, out),
+                    (x, y) => out.push((
+                        key,
+                        x.map_or("(unset)".into(), ToString::to_string),
+                        y.map_or("(unset)".into(), ToString::to_string),
+                    )),
+                }
+            }
+        }
+        (a, b) if a != b => out.push((at.to_string(), a.to_string(), b.to_string())),
+        _ => {}
+    }
+}
+
+/// The settings that differ between the save's `train.toml` and this run's (None: the
+/// save has none, or it does not parse).
+fn changes(checkpoint: &Path, cfg: &TrainConfig) -> Option<Vec<(String, String, String)>> {
+    let saved: toml::Value =
+        toml::from_str(&std::fs::read_to_string(checkpoint.join("train.toml")).ok()?).ok()?;
+    let now = toml::Value::try_from(cfg).ok()?;
+    let mut out = Vec::new();
+    toml_diff(&saved, &now, "", &mut out);
+    out.retain(|(k, _, _)| {
+        !UNREPORTED_KEYS
+            .iter()
+            .any(|u| k == u || k.starts_with(&format!("{u}.")))
+    });
+    Some(out)
+}
+
+fn is_identity_key(key: &str) -> bool {
+    IDENTITY_KEYS
+        .iter()
+        .any(|k| key == *k || key.starts_with(&format!("{k}.")))
+}
+
+/// Refuses a resume into another run: another model, other data (files of other sizes
+/// under the same names count), or a changed identity setting of `train.toml`, each named.
+/// `resume_despite_changes` turns the refusal into a warning.
+fn check_identity(
+    checkpoint: &Path,
+    state: &CheckpointState,
+    cfg: &TrainConfig,
+    identity: &RunIdentity,
+) -> Result<()> {
+    let mut refused = Vec::new();
+    // The settings state.json records (in every save, train.toml or not).
+    for (key, saved, now) in [
+        (
             "global_batch",
             state.global_batch.to_string(),
             cfg.global_batch.to_string(),
-        ));
+        ),
+        ("seed", state.seed.to_string(), cfg.seed.to_string()),
+        ("loss.kind", state.loss.clone(), cfg.loss.kind.to_string()),
+    ] {
+        if saved != now {
+            refused.push(format!("`{key}` was {saved}, is {now}"));
+        }
     }
-    if state.seed != cfg.seed {
-        return Err(differs(
-            "seed",
-            state.seed.to_string(),
-            cfg.seed.to_string(),
-        ));
+    if !state.model.is_empty() && state.model != identity.model {
+        refused.push(
+            "the model (not the config it was trained with; that one's model.toml is in the save)"
+                .to_string(),
+        );
     }
-    if state.loss != cfg.loss.kind.to_string() {
-        return Err(differs(
-            "loss",
-            state.loss.clone(),
-            cfg.loss.kind.to_string(),
-        ));
+    if !state.data.is_empty() && state.data != identity.data {
+        refused.push("the data files (other names or sizes than it was trained on)".to_string());
     }
-    Ok(())
+    for (key, saved, now) in changes(checkpoint, cfg).unwrap_or_default() {
+        let recorded = ["global_batch", "seed", "loss.kind"].contains(&key.as_str());
+        if is_identity_key(&key) && !recorded {
+            refused.push(format!("`{key}` was {saved}, is {now}"));
+        }
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let what = refused.join("; ");
+    if cfg.resume_despite_changes {
+        tracing::warn!(
+            "{}: resuming despite changes (resume_despite_changes): {what}",
+            checkpoint.display()
+        );
+        return Ok(());
+    }
+    Err(Error::invalid(
+        checkpoint.join("state.json"),
+        "resume",
+        format!(
+            "this run is not the one that saved it: {what}. A resume continues a run: start a \
+             new one, or pass --resume-despite-changes to continue anyway"
+        ),
+    ))
 }
 
-/// Reads a checkpoint's state and checks that this run can continue it.
-pub fn read_state(checkpoint: &Path, cfg: &TrainConfig) -> Result<CheckpointState> {
-    let (state, _) = read_state_file(checkpoint)?;
-    check_settings(&checkpoint.join("state.json"), &state, cfg)?;
-    Ok(state)
+/// Says which other settings (the learning rate, the steps, evaluation, checkpoints, ...)
+/// the resumed run changes: accepted, and shown.
+fn report_changes(checkpoint: &Path, cfg: &TrainConfig) {
+    let changed: Vec<String> = changes(checkpoint, cfg)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _, _)| !is_identity_key(k))
+        .map(|(k, a, b)| format!("{k} {a} -> {b}"))
+        .collect();
+    if !changed.is_empty() {
+        tracing::warn!(
+            "resuming {} with changed settings: {}",
+            checkpoint.display(),
+            changed.join(", ")
+        );
+    }
 }
+

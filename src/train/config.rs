@@ -84,6 +84,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Continue from this checkpoint folder, or `latest` in `checkpoint_dir`.
     pub resume: Option<std::path::PathBuf>,
+    /// Resume even though the model, the data or an identity setting (global batch, seed,
+    /// loss, data source and order) differs from the save's: a warning instead of a refusal.
+    pub resume_despite_changes: bool,
     /// Seconds one collective may take before the run is aborted, naming it (a peer that
     /// hangs would otherwise hang everyone).
     pub collective_timeout: f64,
@@ -122,6 +125,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 3,
             resume: None,
+            resume_despite_changes: false,
             collective_timeout: 300.0,
             loss: LossConfig::default(),
             micro_batch: MicroBatch::default(),

@@ -14,7 +14,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use config::TrainConfig;
-pub use step::{PhaseBytes, PhaseTimes, RankTrainer, SkipReason, StepGrads, StepOutcome};
+pub use step::{PhaseBytes, PhaseTimes, RankTrainer, Readable, SkipReason, StepGrads, StepOutcome};
 
 use crate::comm::{thread, RankComms};
 use std::path::PathBuf;
@@ -224,6 +224,33 @@ pub fn train_ranks(
         )?)),
         _ => None,
     };
+    // What the data is on disk, besides the shards: for a resume to see a change.
+    let data_files: Vec<PathBuf> = match d.kind {
+        DataKind::Csv => vec![d.base_dir.join(&d.csv)],
+        DataKind::FashionMnist => {
+            let dir = d.base_dir.join(&d.dir);
+            let prefix = match d.split {
+                crate::data::fashion_mnist::Split::Train => "train-",
+                crate::data::fashion_mnist::Split::Test => "t10k-",
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| {
+                            p.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.starts_with(prefix))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            files
+        }
+        DataKind::Synthetic | DataKind::Webdataset => Vec::new(),
+    };
     let held_out = match (cfg.eval.pairs, cfg.data.kind) {
         (0, _) => None,
         (_, DataKind::Synthetic) => Some(HeldOut::Synthetic(source.clone())),
@@ -284,6 +311,7 @@ pub fn train_ranks(
             rows: rows.clone(),
             cache: cache.clone(),
             shards: &shards,
+            data_files: &data_files,
             captions: captions.clone(),
             metrics: metrics.as_ref().map(MetricsFile::sender),
         };
@@ -404,6 +432,8 @@ struct RankInputs<'a> {
     cache: Option<Arc<ImageCache>>,
     /// Shard sets and their weights.
     shards: &'a [(Vec<PathBuf>, f64)],
+    /// The other files the data comes from (a CSV, Fashion-MNIST's IDX files).
+    data_files: &'a [PathBuf],
     captions: Arc<TextTokenizer>,
     metrics: Option<crossbeam_channel::Sender<Record>>,
 }
@@ -539,6 +569,15 @@ fn run_rank(
     trainer.attach(comms);
     // Resuming: every rank agrees on the save, and loads its tower's part; the data order
     // replays to the step. A resumed run keeps its id (for pruning its own saves).
+    let identity = |run: String| {
+        let files: Vec<PathBuf> = inputs
+            .shards
+            .iter()
+            .flat_map(|(paths, _)| paths.iter().cloned())
+            .chain(inputs.data_files.iter().cloned())
+            .collect();
+        checkpoints::RunIdentity::new(run, model, &files)
+    };
     let (start, run_id) = match &cfg.resume {
         Some(resume) => {
             let (dir, state) = checkpoints::resume_point(
@@ -547,6 +586,7 @@ fn run_rank(
                 resume,
                 trainer.tower,
                 cfg,
+                &identity(String::new()),
             )?;
             trainer.load_part(&dir.join(checkpoints::part_file(trainer.tower)))?;
             if rank == 0 {
@@ -561,6 +601,7 @@ fn run_rank(
         }
         None => (0, checkpoints::new_run_id()),
     };
+    let run_id = identity(run_id);
     if let (0, Some(tx)) = (rank, &inputs.metrics) {
         let _ = tx.send(Record::Start(start));
     }
@@ -623,8 +664,12 @@ fn run_rank(
         skipped.merge(&batch.failed);
         skipped_by_order = batch.skipped_by_order.clone();
         let lr = cfg.schedule.lr(step, cfg.lr, cfg.warmup, cfg.steps);
-        let valid = masked.then_some(batch.valid.as_slice());
-        let outcome = trainer.step(comms, &batch.input, valid, lr)?;
+        let read = Readable {
+            step: batch.step,
+            valid: &batch.valid,
+            keys: &batch.keys,
+        };
+        let outcome = trainer.step(comms, &batch.input, masked.then_some(&read), lr)?;
         let mut times = outcome.times;
         times.data_wait = data_wait;
         if let Some(tx) = &inputs.metrics {

@@ -123,6 +123,29 @@ pub struct StepGrads {
     pub grad_norm: f64,
 }
 
+/// What a rank could read of its slice of a step's batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Readable<'a> {
+    /// The step (named when the ranks disagree).
+    pub step: u64,
+    /// False where the sample could not be used.
+    pub valid: &'a [bool],
+    /// The samples' keys (as the data pipeline names them, the same on the image and the
+    /// text side), checked across the modalities; empty: not checked.
+    pub keys: &'a [String],
+}
+
+impl<'a> Readable<'a> {
+    /// Validity alone, no keys to check.
+    pub fn valid_only(valid: &'a [bool]) -> Self {
+        Readable {
+            step: 0,
+            valid,
+            keys: &[],
+        }
+    }
+}
+
 /// Bytes a rank keeps from step to step ([`RankTrainer::state_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateBytes {
@@ -500,23 +523,60 @@ impl RankTrainer {
     }
 
     /// Which pairs of the global batch every rank keeps, from each rank's `valid` (a
-    /// world all-gather of one byte per sample): a pair stays only if its image and its
-    /// caption both materialised. Returns the step's layout, this rank's offset in it, and
-    /// the local rows kept.
+    /// world all-gather of two u32 per sample: validity and a hash of the sample's key): a
+    /// pair stays only if its image and its caption both materialised, and the image and
+    /// text ranks must have read the same sample at every position, or the step stops,
+    /// naming it. Returns the step's layout, this rank's offset in it, and the local rows
+    /// kept.
     fn kept_pairs(
         &self,
         comms: &RankComms,
-        valid: &[bool],
+        read: &Readable,
     ) -> Result<Option<(FeatureLayout, usize, Vec<u32>)>> {
-        let mine: Vec<f32> = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
-        let mine = Tensor::from_vec(mine, (valid.len(), 1), &Device::Cpu)?;
+        let valid = read.valid;
+        // Bit 0: usable; bit 1: a key to compare. Then the key's hash.
+        let mine: Vec<u32> = valid
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &v)| {
+                let key = read.keys.get(i);
+                let hash = key.map_or(0, |k| {
+                    crate::comm::rendezvous::stable_hash(k.as_bytes()) as u32
+                });
+                [u32::from(v) | u32::from(key.is_some()) << 1, hash]
+            })
+            .collect();
+        let mine = Tensor::from_vec(mine, (valid.len(), 2), &Device::Cpu)?;
         let gathered = comms.world.all_gather(&mine)?;
-        let side = |tower| -> Result<Vec<bool>> {
-            let t = self.layout.select(&gathered, tower)?.flatten_all()?;
-            Ok(t.to_vec1::<f32>()?.into_iter().map(|v| v > 0.5).collect())
+        let side = |tower| -> Result<Vec<Vec<u32>>> {
+            Ok(self.layout.select(&gathered, tower)?.to_vec2::<u32>()?)
         };
         let (image, text) = (side(Tower::Image)?, side(Tower::Text)?);
-        let pair: Vec<bool> = image.iter().zip(&text).map(|(a, b)| *a && *b).collect();
+        if let Some(at) = (0..image.len())
+            .find(|&i| image[i][0] & 2 != 0 && text[i][0] & 2 != 0 && image[i][1] != text[i][1])
+        {
+            let here = (self.offset..self.offset + self.local_batch)
+                .contains(&at)
+                .then(|| {
+                    format!(
+                        " (this {} rank read `{}`)",
+                        self.tower,
+                        read.keys[at - self.offset]
+                    )
+                })
+                .unwrap_or_default();
+            return Err(Error::Msg(format!(
+                "step {}: the image and text ranks read different samples at position {at} of the \
+                 global batch (key hashes {:08x} and {:08x}){here}: every rank must read the same \
+                 shards in the same order (the same --shards, with the same contents, on every node)",
+                read.step, image[at][1], text[at][1]
+            )));
+        }
+        let pair: Vec<bool> = image
+            .iter()
+            .zip(&text)
+            .map(|(a, b)| a[0] & 1 != 0 && b[0] & 1 != 0)
+            .collect();
         let kept = |from: usize, len: usize| pair[from..from + len].iter().filter(|&&p| p).count();
         if kept(0, pair.len()) < 2 {
             return Ok(None);
@@ -538,14 +598,15 @@ impl RankTrainer {
         )))
     }
 
-    /// [`Self::compute_grads`] on a batch where some samples could not be read: `valid`
-    /// marks this rank's usable ones. The loss is the exact global loss over the pairs
-    /// every rank could read; the others get no gradient.
+    /// [`Self::compute_grads`] on a batch where some samples could not be read: `read`
+    /// marks this rank's usable ones (and carries their keys, which must match the other
+    /// modality's). The loss is the exact global loss over the pairs every rank could read;
+    /// the others get no gradient.
     pub fn compute_grads_masked(
         &self,
         comms: &RankComms,
         input: &TowerInput,
-        valid: Option<&[bool]>,
+        read: Option<&Readable>,
     ) -> Result<StepGrads> {
         if input.len()? != self.local_batch {
             return Err(Error::Msg(format!(
@@ -589,8 +650,8 @@ impl RankTrainer {
 
         let t = Instant::now();
         let before = payload(comms);
-        let masked = match valid {
-            Some(v) => match self.kept_pairs(comms, v)? {
+        let masked = match read {
+            Some(r) => match self.kept_pairs(comms, r)? {
                 Some(kept) => Some(kept),
                 None => {
                     times.exchange = self.elapsed(t)?;
@@ -772,10 +833,10 @@ impl RankTrainer {
         &mut self,
         comms: &RankComms,
         input: &TowerInput,
-        valid: Option<&[bool]>,
+        read: Option<&Readable>,
         lr: f64,
     ) -> Result<StepOutcome> {
-        let mut g = self.compute_grads_masked(comms, input, valid)?;
+        let mut g = self.compute_grads_masked(comms, input, read)?;
         if g.skipped {
             return Ok(StepOutcome {
                 loss: None,

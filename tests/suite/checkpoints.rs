@@ -295,3 +295,108 @@ fn killed_mid_save_a_run_resumes_from_its_last_complete_save() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A small model with CLIP's BPE vocabulary: shards' captions need it.
+const BPE_MODEL: &str = r#"
+embed_dim = 16
+[vision]
+kind = "vit"
+image_size = 16
+patch_size = 8
+width = 16
+layers = 1
+heads = 2
+mlp_ratio = 2
+[text]
+kind = "clip"
+vocab_size = 49408
+context_length = 16
+width = 16
+layers = 1
+heads = 2
+mlp_ratio = 2
+"#;
+
+/// A resume continues a run: another model, other data (same shard names, other
+/// contents) or a changed identity setting is refused, naming it; the learning rate and
+/// the steps may change (shown, accepted); `resume_despite_changes` lets a refused one
+/// through.
+#[test]
+fn a_resume_into_another_run_is_refused_naming_what_changed() {
+    let dir = fresh_dir("identity");
+    let shards_dir = dir.join("shards");
+    let shards = |samples: usize| {
+        let (paths, _) = mmpipe::data::convert::synth(&shards_dir, samples, 64, 16, 3).unwrap();
+        assert_eq!(paths.len(), 1);
+        paths[0].display().to_string()
+    };
+    let model =
+        |text: &str| mmpipe::model::ClipConfig::from_str(text, Path::new("bpe.toml")).unwrap();
+    let shard = shards(24);
+    let base = TrainConfig {
+        data: mmpipe::data::DataConfig {
+            kind: mmpipe::data::DataKind::Webdataset,
+            shards: vec![shard.clone()],
+            ..mmpipe::data::DataConfig::default()
+        },
+        ..config(&dir.join("ckpt"), 2, 0)
+    };
+    let topology = cpu_topology(1, 1);
+    mmpipe::train::train(&topology, &model(BPE_MODEL), &base).unwrap();
+    let resume = |cfg: TrainConfig, text: &str| {
+        mmpipe::train::train(
+            &topology,
+            &model(text),
+            &TrainConfig {
+                resume: Some("latest".into()),
+                steps: 3,
+                ..cfg
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let other_model = BPE_MODEL.replace("embed_dim = 16", "embed_dim = 8");
+    let err = resume(base.clone(), &other_model).unwrap_err();
+    assert!(
+        err.contains("the model") && err.contains("--resume-despite-changes"),
+        "{err}"
+    );
+    let err = resume(
+        TrainConfig {
+            data: mmpipe::data::DataConfig {
+                random_crop: true,
+                ..base.data.clone()
+            },
+            ..base.clone()
+        },
+        BPE_MODEL,
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("`data.random_crop` was false, is true"),
+        "{err}"
+    );
+    // A new learning rate is a choice: accepted.
+    resume(
+        TrainConfig {
+            lr: 1e-3,
+            ..base.clone()
+        },
+        BPE_MODEL,
+    )
+    .unwrap();
+    // The same shard name, other contents.
+    shards(40);
+    let err = resume(base.clone(), BPE_MODEL).unwrap_err();
+    assert!(err.contains("the data files"), "{err}");
+    resume(
+        TrainConfig {
+            resume_despite_changes: true,
+            ..base.clone()
+        },
+        BPE_MODEL,
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

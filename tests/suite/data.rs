@@ -496,7 +496,11 @@ fn a_step_without_an_unreadable_pair_equals_one_device_on_the_rest() {
         let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
         let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
         let valid: Vec<bool> = indices.iter().map(|&i| i != dropped).collect();
-        let g = trainer.compute_grads_masked(&comms, &input, Some(&valid))?;
+        let g = trainer.compute_grads_masked(
+            &comms,
+            &input,
+            Some(&mmpipe::train::Readable::valid_only(&valid)),
+        )?;
         let names: Vec<String> = trainer
             .trainable()
             .names()
@@ -518,6 +522,64 @@ fn a_step_without_an_unreadable_pair_equals_one_device_on_the_rest() {
             assert!(
                 diff <= 1e-10 * size.max(1e-12),
                 "rank {rank} {name}: off by {diff}"
+            );
+        }
+    }
+}
+
+/// Ranks reading different data (another shard set on one node, or shards with other
+/// contents at the same path) stop at the first step where an image and its caption are
+/// not the same sample, naming the step and the position; matching keys train on.
+#[test]
+fn image_and_text_ranks_that_read_different_samples_stop_at_that_step() {
+    let model = test_model();
+    let cfg = train_config(12);
+    let source = SyntheticSource::new(cfg.seed, &model).unwrap();
+    let topology = cpu_topology(2, 1);
+    for mismatched in [false, true] {
+        let results = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
+            let trainer =
+                RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
+            let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
+            let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+            let valid = vec![true; indices.len()];
+            // The text rank reads sample 7 from another shard.
+            let keys: Vec<String> = indices
+                .iter()
+                .map(|&i| match (mismatched && rank == 2 && i == 7, i) {
+                    (true, _) => "other.tar#000007".to_string(),
+                    (false, i) => format!("shard-000000.tar#{i:06}"),
+                })
+                .collect();
+            let read = mmpipe::train::Readable {
+                step: 41,
+                valid: &valid,
+                keys: &keys,
+            };
+            Ok(trainer
+                .compute_grads_masked(&comms, &input, Some(&read))
+                .map(|g| g.loss)
+                .map_err(|e| e.to_string()))
+        })
+        .unwrap();
+        for (rank, r) in results.iter().enumerate() {
+            match (mismatched, r) {
+                (false, Ok(loss)) => assert!(loss.is_finite()),
+                (true, Err(e)) => assert!(
+                    e.contains("step 41")
+                        && e.contains("position 7")
+                        && e.contains("different samples"),
+                    "rank {rank}: {e}"
+                ),
+                _ => panic!("rank {rank}, mismatched {mismatched}: {r:?}"),
+            }
+        }
+        if mismatched {
+            assert!(
+                results
+                    .iter()
+                    .any(|r| r.as_ref().is_err_and(|e| e.contains("other.tar#000007"))),
+                "the rank that read it names the odd sample"
             );
         }
     }
@@ -929,7 +991,12 @@ fn a_batch_with_fewer_than_two_readable_pairs_is_skipped_on_every_rank() {
             .iter()
             .map(|&i| trainer.tower == Tower::Text || i == 4)
             .collect();
-        let outcome = trainer.step(&comms, &input, Some(&valid), 1e-2)?;
+        let outcome = trainer.step(
+            &comms,
+            &input,
+            Some(&mmpipe::train::Readable::valid_only(&valid)),
+            1e-2,
+        )?;
         let after = trainer
             .params()
             .get("logit_scale")
