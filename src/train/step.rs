@@ -555,16 +555,15 @@ impl RankTrainer {
         if let Some(at) = (0..image.len())
             .find(|&i| image[i][0] & 2 != 0 && text[i][0] & 2 != 0 && image[i][1] != text[i][1])
         {
-            let here = (self.offset..self.offset + self.local_batch)
-                .contains(&at)
-                .then(|| {
-                    format!(
-                        " (this {} rank read `{}`)",
-                        self.tower,
-                        read.keys[at - self.offset]
-                    )
-                })
-                .unwrap_or_default();
+            let here = if (self.offset..self.offset + self.local_batch).contains(&at) {
+                format!(
+                    " (this {} rank read `{}`)",
+                    self.tower,
+                    read.keys[at - self.offset]
+                )
+            } else {
+                String::new()
+            };
             return Err(Error::Msg(format!(
                 "step {}: the image and text ranks read different samples at position {at} of the \
                  global batch (key hashes {:08x} and {:08x}){here}: every rank must read the same \
