@@ -344,42 +344,98 @@ pub fn rank_comms(topology: &Topology, timeout: Duration) -> Vec<RankComms> {
 /// Runs `work` on one thread per rank and waits for all of them. If ranks fail, the error
 /// returned is the first that is not merely "a peer left" (the root cause); a panic becomes
 /// an error naming the rank.
+///
+/// A rank stuck outside any collective (a read that never returns, say) would keep the
+/// process waiting for ever: its peers' collectives fail (`timeout`), but the stuck thread
+/// is never joined. So once a rank has failed, the others get `timeout` more to finish;
+/// a rank still running then is named and the process ends (exit status 3, as the
+/// collective watchdog ends a process whose collective hangs).
 pub fn run_ranks<T, F>(topology: &Topology, timeout: Duration, work: F) -> Result<Vec<T>>
 where
     T: Send,
     F: Fn(usize, RankComms) -> Result<T> + Sync,
 {
     let comms = rank_comms(topology, timeout);
+    let n = comms.len();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<usize>();
+    /// Says "rank r is done" when its thread leaves `work`, by return or by unwinding.
+    struct Done(usize, crossbeam_channel::Sender<usize>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            let _ = self.1.send(self.0);
+        }
+    }
     let results: Vec<Result<T>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
+        let mut handles: Vec<Option<_>> = comms
             .into_iter()
             .enumerate()
             .map(|(rank, c)| {
-                let work = &work;
-                std::thread::Builder::new()
-                    .name(format!("rank-{rank}"))
-                    .spawn_scoped(s, move || work(rank, c))
-                    .expect("spawn rank thread")
+                let (work, done) = (&work, Done(rank, done_tx.clone()));
+                Some(
+                    std::thread::Builder::new()
+                        .name(format!("rank-{rank}"))
+                        .spawn_scoped(s, move || {
+                            let _done = done;
+                            work(rank, c)
+                        })
+                        .expect("spawn rank thread"),
+                )
             })
             .collect();
-        handles
+        let mut results: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+        let mut failed_at: Option<(usize, std::time::Instant)> = None;
+        while results.iter().any(Option::is_none) {
+            let wait = failed_at.map_or(Duration::from_secs(3600), |(_, at)| {
+                timeout.saturating_sub(at.elapsed())
+            });
+            match done_rx.recv_timeout(wait) {
+                Ok(rank) => {
+                    let h = handles[rank].take().expect("each rank finishes once");
+                    let r = match h.join() {
+                        Ok(r) => r.map_err(|e| match e {
+                            e @ (Error::PeerLost { .. }
+                            | Error::PeerTimeout { .. }
+                            | Error::Rank { .. }) => e,
+                            e => Error::Rank {
+                                rank,
+                                message: e.to_string(),
+                            },
+                        }),
+                        Err(panic) => Err(Error::Rank {
+                            rank,
+                            message: format!("panicked: {}", panic_message(&panic)),
+                        }),
+                    };
+                    if r.is_err() && failed_at.is_none() {
+                        failed_at = Some((rank, std::time::Instant::now()));
+                    }
+                    results[rank] = Some(r);
+                }
+                Err(_) if failed_at.is_none() => continue,
+                Err(_) => {
+                    let (first, _) = failed_at.expect("checked");
+                    let stuck: Vec<String> = (0..n)
+                        .filter(|&r| results[r].is_none())
+                        .map(|r| format!("{} ({})", r, topology.ranks[r].tower))
+                        .collect();
+                    let cause = results[first]
+                        .as_ref()
+                        .and_then(|r| r.as_ref().err())
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    eprintln!(
+                        "mmpipe: rank {} still running {:.0} s after rank {first} failed ({cause}): stuck \
+                         outside any collective (a read that never returns?); ending the run",
+                        stuck.join(", "),
+                        timeout.as_secs_f64()
+                    );
+                    std::process::exit(3);
+                }
+            }
+        }
+        results
             .into_iter()
-            .enumerate()
-            .map(|(rank, h)| match h.join() {
-                Ok(r) => r.map_err(|e| match e {
-                    e @ (Error::PeerLost { .. }
-                    | Error::PeerTimeout { .. }
-                    | Error::Rank { .. }) => e,
-                    e => Error::Rank {
-                        rank,
-                        message: e.to_string(),
-                    },
-                }),
-                Err(panic) => Err(Error::Rank {
-                    rank,
-                    message: format!("panicked: {}", panic_message(&panic)),
-                }),
-            })
+            .map(|r| r.expect("every rank finished"))
             .collect()
     });
     let mut first_peer_error = None;

@@ -4,7 +4,10 @@
 //! of the cached square.
 //!
 //! One cache serves all image ranks of a process (rank threads share it); slots are
-//! handed out in first-come order and keyed by the sample's identity.
+//! handed out in first-come order and keyed by the sample's identity. A process holds its
+//! file under an advisory lock: a second process that opens it is refused (truncating a
+//! file another process has mapped would kill that process with SIGBUS). Under a launcher
+//! every process names its own file (see `train`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,8 @@ use crate::error::{Error, Result};
 
 pub struct ImageCache {
     path: PathBuf,
+    /// Holds the lock while the map lives.
+    _file: std::fs::File,
     /// Pixels per side of a cached square.
     pub side: usize,
     capacity: usize,
@@ -44,16 +49,30 @@ impl ImageCache {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Msg(format!(
+                    "{}: the image cache file is in use by another process: each run (and each \
+                     process of a run) needs its own data.cache",
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
         let bytes = (capacity.max(1) * side * side * 3) as u64;
-        file.set_len(bytes).map_err(io)?;
-        // SAFETY: the file is ours for the run (created and truncated above); nothing
-        // else maps or resizes it while the map lives.
+        file.set_len(0)
+            .and_then(|()| file.set_len(bytes))
+            .map_err(io)?;
+        // SAFETY: the file is ours for the run (locked, and emptied above); nothing else
+        // maps or resizes it while the map lives.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
         Ok(ImageCache {
             path: path.to_path_buf(),
+            _file: file,
             side,
             capacity,
             state: Mutex::new(State {

@@ -86,6 +86,10 @@ pub struct DataConfig {
     /// Pixels per side of a cached square (default: the model's image size); larger
     /// leaves random crops more to work with.
     pub cache_side: Option<usize>,
+    /// Images over either bound are skipped before decoding (width × height from the
+    /// header; the encoded file's bytes).
+    pub max_image_pixels: u64,
+    pub max_image_bytes: u64,
     /// Fashion-MNIST's folder (Debian's by default) and split.
     pub dir: PathBuf,
     pub split: fashion_mnist::Split,
@@ -113,10 +117,22 @@ impl Default for DataConfig {
             random_crop: false,
             cache: None,
             cache_side: None,
+            max_image_pixels: transform::ImageLimits::default().max_pixels,
+            max_image_bytes: transform::ImageLimits::default().max_bytes,
             dir: PathBuf::from(fashion_mnist::DEBIAN_DIR),
             split: fashion_mnist::Split::Train,
             base_dir: PathBuf::from("."),
             origin: PathBuf::from("the command line"),
+        }
+    }
+}
+
+impl DataConfig {
+    /// The decoding bounds these settings ask for.
+    pub fn image_limits(&self) -> transform::ImageLimits {
+        transform::ImageLimits {
+            max_pixels: self.max_image_pixels,
+            max_bytes: self.max_image_bytes,
         }
     }
 }

@@ -196,35 +196,42 @@ pub enum Materialiser {
     FashionMnist(Arc<FashionMnist>, ImageTransform, Tower),
     /// Rows of a CSV/TSV: an image file and its caption.
     Rows(Arc<Vec<(PathBuf, String)>>, ImageTransform, Tower),
+    /// Captions of indexed samples that panic at one index: the unit tests' stand-in for a
+    /// decoder bug.
+    #[cfg(test)]
+    PanicsAt(u64),
 }
 
 impl Materialiser {
     /// `seed` drives this sample's random augmentation (the same on a replay).
     pub fn item(&self, sample: &SampleRef, seed: u64) -> std::result::Result<Item, SkipCause> {
         match (self, sample) {
+            #[cfg(test)]
+            (Materialiser::PanicsAt(at), SampleRef::Index(i)) => {
+                assert_ne!(i, at, "a decoder bug");
+                Ok(Item::Caption(format!("sample {i}")))
+            }
             (Materialiser::ShardImages(t, cache), SampleRef::Shard(s)) => {
                 let member = s.image().ok_or(SkipCause::MissingImage)?;
                 let read = || s.read(member).map_err(|_| SkipCause::UnreadableShard);
                 let pixels = match cache {
-                    None => t.apply(&read()?, seed),
+                    None => t.apply(&read()?, seed).map_err(|e| e.cause()),
                     Some(cache) => {
                         let id = format!("{}#{}", s.shard.display(), s.key);
                         let square = match cache.get(&id) {
                             Some(square) => square,
                             None => {
-                                let square = t
-                                    .square(&read()?, cache.side)
-                                    .map_err(|_| SkipCause::CorruptImage)?;
+                                let square =
+                                    t.square(&read()?, cache.side).map_err(|e| e.cause())?;
                                 cache.put(&id, &square);
                                 square
                             }
                         };
                         t.apply_rgb(cache.side as u32, cache.side as u32, square, seed)
+                            .map_err(|_| SkipCause::CorruptImage)
                     }
                 };
-                pixels
-                    .map(Item::Pixels)
-                    .map_err(|_| SkipCause::CorruptImage)
+                pixels.map(Item::Pixels)
             }
             (Materialiser::ShardCaptions, SampleRef::Shard(s)) => {
                 let member = s.caption().ok_or(SkipCause::MissingCaption)?;
@@ -255,7 +262,7 @@ impl Materialiser {
                     std::fs::read(&rows[*i as usize].0).map_err(|_| SkipCause::MissingImage)?;
                 t.apply(&bytes, seed)
                     .map(Item::Pixels)
-                    .map_err(|_| SkipCause::CorruptImage)
+                    .map_err(|e| e.cause())
             }
             (Materialiser::Rows(rows, _, Tower::Text), SampleRef::Index(i)) => {
                 let caption = rows[*i as usize].1.trim();
@@ -457,7 +464,20 @@ impl RankData {
             let (jobs, out, m) = (jobs_rx.clone(), to_asm.clone(), materialiser.clone());
             thread::spawn(move || {
                 while let Ok(job) = jobs.recv() {
-                    let item = m.item(&job.sample, job.seed);
+                    // A decoder's panic costs this sample, not the worker (and so not the
+                    // step, which would wait for its slot forever).
+                    let item = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        m.item(&job.sample, job.seed)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::warn!("decoding {} panicked: {what}", job.sample.identity());
+                        Err(SkipCause::DecoderPanic)
+                    });
                     if let Err(cause) = item.as_ref().map(|_| ()).map_err(|c| *c) {
                         let id = match &job.sample {
                             SampleRef::Shard(s) => format!("{}#{}", s.shard.display(), s.key),
@@ -588,5 +608,48 @@ fn assemble(
             }
             next += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while a worker materialises a sample costs that sample, counted, and the
+    /// batch still comes (it used to lose the job: the step waited forever).
+    #[test]
+    fn a_panicking_decoder_skips_its_sample_and_the_batch_still_comes() {
+        let tokenizer = Arc::new(TextTokenizer::Words(crate::data::vocab::WordVocab::new([
+            "sample", "0", "1", "2", "3",
+        ])));
+        let data = RankData::spawn(
+            SampleOrder::Sequential { next: 0 },
+            0,
+            4,
+            4,
+            Arc::new(Materialiser::PanicsAt(2)),
+            Assembler {
+                tower: Tower::Text,
+                image_shape: (3, 8, 8),
+                tokenizer,
+                context: 8,
+            },
+            PipelineConfig {
+                workers: 2,
+                prefetch: 1,
+                seed: 0,
+                start_step: 0,
+            },
+        );
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = tx.send(data.next());
+        });
+        let batch = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the batch came")
+            .unwrap();
+        assert_eq!(batch.valid, vec![true, true, false, true]);
+        assert_eq!(batch.failed.get(SkipCause::DecoderPanic), 1);
     }
 }

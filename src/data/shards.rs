@@ -133,16 +133,23 @@ pub enum SkipCause {
     TruncatedShard,
     /// A shard that cannot be opened or read.
     UnreadableShard,
+    /// An image over the size limits (`data.max_image_pixels`, `data.max_image_bytes`).
+    ImageTooLarge,
+    /// Decoding the sample panicked (a bug in a decoder, met on this input): the worker
+    /// goes on with the next.
+    DecoderPanic,
 }
 
 impl SkipCause {
-    pub const ALL: [SkipCause; 6] = [
+    pub const ALL: [SkipCause; 8] = [
         SkipCause::MissingImage,
         SkipCause::MissingCaption,
         SkipCause::EmptyCaption,
         SkipCause::CorruptImage,
         SkipCause::TruncatedShard,
         SkipCause::UnreadableShard,
+        SkipCause::ImageTooLarge,
+        SkipCause::DecoderPanic,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -153,6 +160,10 @@ impl SkipCause {
             SkipCause::CorruptImage => "image that does not decode",
             SkipCause::TruncatedShard => "truncated or damaged shard (rest skipped)",
             SkipCause::UnreadableShard => "unreadable shard",
+            SkipCause::ImageTooLarge => {
+                "image over the size limits (data.max_image_pixels, data.max_image_bytes)"
+            }
+            SkipCause::DecoderPanic => "sample whose decoding panicked",
         }
     }
 }

@@ -35,12 +35,59 @@ impl Crop {
     };
 }
 
+/// What one image may cost to decode: a file over either bound is skipped before it is
+/// decoded (a crafted header can ask for gigabytes per worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Width × height, read from the header.
+    pub max_pixels: u64,
+    /// The encoded file's size.
+    pub max_bytes: u64,
+}
+
+impl Default for ImageLimits {
+    /// 40 Mpx (6,300², 120 MB as RGB) and 50 MiB: far above web-scale photos.
+    fn default() -> Self {
+        ImageLimits {
+            max_pixels: 40_000_000,
+            max_bytes: 50 << 20,
+        }
+    }
+}
+
+/// Why an image was not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Over [`ImageLimits`].
+    TooLarge(String),
+    /// Bytes that do not decode, or an empty image.
+    Corrupt(String),
+}
+
+impl DecodeError {
+    pub fn cause(&self) -> crate::data::shards::SkipCause {
+        match self {
+            DecodeError::TooLarge(_) => crate::data::shards::SkipCause::ImageTooLarge,
+            DecodeError::Corrupt(_) => crate::data::shards::SkipCause::CorruptImage,
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::TooLarge(m) | DecodeError::Corrupt(m) => f.write_str(m),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ImageTransform {
     pub size: usize,
     pub crop: Crop,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    pub limits: ImageLimits,
 }
 
 impl ImageTransform {
@@ -50,7 +97,52 @@ impl ImageTransform {
             crop,
             mean: CLIP_MEAN,
             std: CLIP_STD,
+            limits: ImageLimits::default(),
         }
+    }
+
+    pub fn with_limits(self, limits: ImageLimits) -> Self {
+        ImageTransform { limits, ..self }
+    }
+
+    /// Decodes `bytes` as RGB, within [`Self::limits`]: the size first, then the header's
+    /// dimensions, then the decode itself (bounded too, for formats that allocate more
+    /// than the pixels).
+    pub fn decode(&self, bytes: &[u8]) -> std::result::Result<image::RgbImage, DecodeError> {
+        let l = self.limits;
+        if bytes.len() as u64 > l.max_bytes {
+            return Err(DecodeError::TooLarge(format!(
+                "{} bytes, over the limit of {} (data.max_image_bytes)",
+                bytes.len(),
+                l.max_bytes
+            )));
+        }
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| DecodeError::Corrupt(e.to_string()))
+        };
+        let (w, h) = reader()?
+            .into_dimensions()
+            .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+        if u64::from(w) * u64::from(h) > l.max_pixels {
+            return Err(DecodeError::TooLarge(format!(
+                "{w} × {h} pixels, over the limit of {} (data.max_image_pixels)",
+                l.max_pixels
+            )));
+        }
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(w);
+        limits.max_image_height = Some(h);
+        // RGBA at 16 bits is the widest a decoder holds, twice for a conversion.
+        limits.max_alloc = Some(l.max_pixels.saturating_mul(16));
+        let mut r = reader()?;
+        r.limits(limits);
+        let decoded = r.decode().map_err(|e| match e {
+            image::ImageError::Limits(e) => DecodeError::TooLarge(e.to_string()),
+            e => DecodeError::Corrupt(e.to_string()),
+        })?;
+        Ok(decoded.to_rgb8())
     }
 
     /// The crop rectangle `(left, top, width, height)` in a `w × h` image; `seed` draws
@@ -92,24 +184,24 @@ impl ImageTransform {
 
     /// Decodes `bytes` (JPEG, PNG or WebP; grey or alpha become RGB) and returns the
     /// normalised `[3, size, size]` pixels, row-major.
-    pub fn apply(&self, bytes: &[u8], seed: u64) -> std::result::Result<Vec<f32>, String> {
-        let decoded = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
-        let rgb = decoded.to_rgb8();
+    pub fn apply(&self, bytes: &[u8], seed: u64) -> std::result::Result<Vec<f32>, DecodeError> {
+        let rgb = self.decode(bytes)?;
         self.apply_rgb(rgb.width(), rgb.height(), rgb.into_raw(), seed)
+            .map_err(DecodeError::Corrupt)
     }
 
     /// The largest centred square of `bytes`' image, resized to `side × side`, as RGB
     /// bytes: what the preprocessed cache stores (crops then apply on top).
-    pub fn square(&self, bytes: &[u8], side: usize) -> std::result::Result<Vec<u8>, String> {
-        let decoded = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
-        let rgb = decoded.to_rgb8();
+    pub fn square(&self, bytes: &[u8], side: usize) -> std::result::Result<Vec<u8>, DecodeError> {
+        let rgb = self.decode(bytes)?;
         let (w, h) = (rgb.width(), rgb.height());
         if w == 0 || h == 0 {
-            return Err("empty image".into());
+            return Err(DecodeError::Corrupt("empty image".into()));
         }
         let edge = w.min(h);
-        let src =
-            Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3).map_err(|e| e.to_string())?;
+        let corrupt = |e: String| DecodeError::Corrupt(e);
+        let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3)
+            .map_err(|e| corrupt(e.to_string()))?;
         let mut dst = Image::new(side as u32, side as u32, PixelType::U8x3);
         let options = ResizeOptions::new()
             .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
@@ -121,7 +213,7 @@ impl ImageTransform {
             );
         Resizer::new()
             .resize(&src, &mut dst, &options)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| corrupt(e.to_string()))?;
         Ok(dst.into_vec())
     }
 

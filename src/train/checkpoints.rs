@@ -716,4 +716,3 @@ fn report_changes(checkpoint: &Path, cfg: &TrainConfig) {
         );
     }
 }
-

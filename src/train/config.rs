@@ -71,8 +71,8 @@ pub struct TrainConfig {
     pub progress: bool,
     /// Gradient checkpointing per block: keep block inputs, recompute in backward.
     pub checkpointing: bool,
-    /// Steps in a row whose loss or gradients may be NaN or infinite (each skipped and
-    /// counted) before the run stops as diverged.
+    /// Steps in a row that may be skipped (a NaN or infinite loss or gradient, or fewer than
+    /// two readable pairs in the batch: each skipped and counted) before the run stops.
     pub max_bad_steps: usize,
     /// Write one JSON line per step here (loss, lr, temperature, throughput, every rank's
     /// phase times and bytes, memory, skipped samples).
@@ -268,6 +268,12 @@ impl TrainConfig {
         }
         if d.kind == DataKind::Csv && d.csv.as_os_str().is_empty() {
             return bad("data.csv", "kind = \"csv\" needs the file".into());
+        }
+        if self.data.max_image_pixels == 0 || self.data.max_image_bytes == 0 {
+            return bad(
+                "data.max_image_pixels",
+                "the image limits must allow at least one pixel and one byte".into(),
+            );
         }
         if self.data.workers == 0 {
             return bad("data.workers", "at least 1 decoding thread per rank".into());

@@ -17,7 +17,7 @@ pub use config::TrainConfig;
 pub use step::{PhaseBytes, PhaseTimes, RankTrainer, Readable, SkipReason, StepGrads, StepOutcome};
 
 use crate::comm::{thread, RankComms};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::data::cache::ImageCache;
@@ -202,11 +202,14 @@ pub fn train_ranks(
                 .map(|p| shards::scan(p).samples.len())
                 .sum();
             let side = d.cache_side.unwrap_or(model.image_size());
-            Some(Arc::new(ImageCache::create(
-                &d.base_dir.join(path),
-                side,
-                samples,
-            )?))
+            // One file per process: rank threads share their process's, processes of
+            // one run (one node's, under a launcher) each get their own.
+            let path = d.base_dir.join(path);
+            let path = match &ranks {
+                Ranks::Threads => path,
+                Ranks::Process { rank, .. } => per_process(&path, *rank),
+            };
+            Some(Arc::new(ImageCache::create(&path, side, samples)?))
         }
         (Some(_), _) => {
             return Err(Error::invalid(
@@ -465,7 +468,8 @@ fn start_data(
                 SampleOrder::permuted(set.len() as u64, cfg.seed),
                 Materialiser::FashionMnist(
                     set,
-                    ImageTransform::clip(model.image_size(), crop),
+                    ImageTransform::clip(model.image_size(), crop)
+                        .with_limits(cfg.data.image_limits()),
                     tower,
                 ),
             )
@@ -474,7 +478,12 @@ fn start_data(
             let rows = inputs.rows.clone().expect("read for this kind");
             (
                 SampleOrder::permuted(rows.len() as u64, cfg.seed),
-                Materialiser::Rows(rows, ImageTransform::clip(model.image_size(), crop), tower),
+                Materialiser::Rows(
+                    rows,
+                    ImageTransform::clip(model.image_size(), crop)
+                        .with_limits(cfg.data.image_limits()),
+                    tower,
+                ),
             )
         }
         DataKind::Webdataset => {
@@ -503,7 +512,8 @@ fn start_data(
             };
             let materialiser = match tower {
                 Tower::Image => Materialiser::ShardImages(
-                    ImageTransform::clip(model.image_size(), crop),
+                    ImageTransform::clip(model.image_size(), crop)
+                        .with_limits(cfg.data.image_limits()),
                     inputs.cache.clone(),
                 ),
                 Tower::Text => Materialiser::ShardCaptions,
@@ -531,6 +541,18 @@ fn start_data(
             start_step: start_step as u64,
         },
     )
+}
+
+/// `DIR/NAME.rank-R.EXT` for `DIR/NAME.EXT`: a file of world rank `rank`'s own.
+fn per_process(path: &Path, rank: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "cache".into(), |s| s.to_string_lossy().into_owned());
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}.rank-{rank}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.rank-{rank}"),
+    };
+    path.with_file_name(name)
 }
 
 /// Where rank `rank` computes: the CPU, or the GPU of its position on its node (modulo
@@ -713,6 +735,17 @@ fn run_rank(
                 }
                 _ => {
                     skipped_steps += 1;
+                    bad_in_a_row += 1;
+                    if bad_in_a_row > cfg.max_bad_steps {
+                        return Err(Error::Msg(format!(
+                            "{bad_in_a_row} steps in a row (the last {step}) had fewer than two readable \
+                             pairs in their global batch ({} skipped so far: {}): the data cannot be \
+                             read; check its paths and files (max_bad_steps = {})",
+                            skipped.total(),
+                            skipped,
+                            cfg.max_bad_steps
+                        )));
+                    }
                     if rank == 0 {
                         tracing::warn!(
                             "step {step}: fewer than two pairs of the global batch could be read; step skipped"

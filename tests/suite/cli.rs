@@ -949,3 +949,67 @@ fn bench_runs_in_bf16_and_reports_it() {
         .as_f64()
         .is_some_and(|s| s > 0.0));
 }
+
+/// A rank stuck outside any collective (here its images are FIFOs nobody writes: the
+/// read never returns) used to hang the process for ever: its peer's collective times
+/// out, and the process then ends within the time-out again, naming the stuck rank.
+#[test]
+fn a_rank_stuck_outside_a_collective_ends_the_run_naming_it() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-stuck-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rows = String::from("filepath,title\n");
+    for i in 0..4 {
+        let fifo = dir.join(format!("{i}.png"));
+        assert!(Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        rows += &format!("{},a photo that never arrives\n", fifo.display());
+    }
+    std::fs::write(dir.join("pairs.csv"), rows).unwrap();
+    let started = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args([
+            "train",
+            "--topology",
+            "topology/cpu-1x1.toml",
+            "--model",
+            "configs/clip-tiny-bpe.toml",
+            "--batch",
+            "4",
+            "--steps",
+            "3",
+            "--eval-pairs",
+            "0",
+            "--quiet",
+            "--set",
+            "data.kind=csv",
+            "--set",
+            &format!("data.csv={}", dir.join("pairs.csv").display()),
+            "--set",
+            "collective_timeout=2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Without the fix the process never ends: give it a minute, then fail.
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed().as_secs() > 60 {
+            child.kill().unwrap();
+            panic!("the run still hangs after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("rank 0 (image) still running")
+            && stderr.contains("stuck outside any collective"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1046,3 +1046,165 @@ fn webp_members_decode_too() {
     let want = (90.0 / 255.0 - CLIP_MEAN[2]) / CLIP_STD[2];
     assert!(px[128..].iter().all(|v| (v - want).abs() < 1e-5));
 }
+
+/// A PNG of nothing but a header claiming `w × h` pixels: a few dozen bytes that ask a
+/// decoder for gigabytes.
+fn huge_png_header(w: u32, h: u32) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        c.extend_from_slice(&body);
+        c.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        c
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+/// Images over the size limits are refused before decoding, with the reason: a real
+/// photo against small limits, and a 50-byte header asking for 10¹⁰ pixels against the
+/// defaults; in training, such a sample is skipped and counted.
+#[test]
+fn images_over_the_size_limits_are_skipped_before_decoding() {
+    use mmpipe::data::transform::{DecodeError, ImageLimits};
+    let photo = real_samples()[3]
+        .1
+        .iter()
+        .find(|m| m.0 == "jpg")
+        .unwrap()
+        .1
+        .clone();
+    let t = ImageTransform::clip(16, Crop::Centre);
+    assert!(t.apply(&photo, 0).is_ok());
+    let small = |max_pixels, max_bytes| {
+        t.with_limits(ImageLimits {
+            max_pixels,
+            max_bytes,
+        })
+        .apply(&photo, 0)
+        .unwrap_err()
+    };
+    assert!(
+        matches!(small(1000, u64::MAX), DecodeError::TooLarge(m) if m.contains("data.max_image_pixels"))
+    );
+    assert!(
+        matches!(small(u64::MAX, 100), DecodeError::TooLarge(m) if m.contains("data.max_image_bytes"))
+    );
+    let bomb = huge_png_header(100_000, 100_000);
+    assert!(bomb.len() < 100);
+    let err = t.apply(&bomb, 0).unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::TooLarge(m) if m.contains("100000 × 100000")),
+        "{err:?}"
+    );
+    assert_eq!(err.cause(), SkipCause::ImageTooLarge);
+
+    // In a shard: skipped, counted, the run goes on.
+    let dir = temp_dir("bomb");
+    let mut samples: Vec<SampleMembers> = real_samples()[..7].to_vec();
+    samples.insert(
+        3,
+        (
+            "bomb".into(),
+            vec![
+                ("png".into(), bomb),
+                ("txt".into(), b"a very large image".to_vec()),
+            ],
+        ),
+    );
+    write_shard(&dir.join("000.tar"), &samples).unwrap();
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let cfg = TrainConfig {
+        steps: 2,
+        global_batch: 4,
+        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        progress: false,
+        data: DataConfig {
+            kind: DataKind::Webdataset,
+            shards: vec!["000.tar".into()],
+            shuffle_buffer: 1,
+            base_dir: dir.clone(),
+            ..DataConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    let report = mmpipe::train::train(&cpu_topology(1, 1), &model, &cfg).unwrap();
+    assert_eq!(report.losses.len(), 2);
+    assert_eq!(
+        report.skipped[0].get(SkipCause::ImageTooLarge),
+        1,
+        "{}",
+        report.skipped[0]
+    );
+}
+
+/// A cache file one process holds is refused to a second (which would truncate the first's
+/// mapped file under it: SIGBUS), and free again once the first is done.
+#[test]
+fn a_cache_file_in_use_is_refused_to_a_second_user() {
+    use mmpipe::data::cache::ImageCache;
+    let dir = temp_dir("cache-lock");
+    let path = dir.join("images.bin");
+    let first = ImageCache::create(&path, 8, 4).unwrap();
+    first.put("a", &[7u8; 8 * 8 * 3]);
+    let err = ImageCache::create(&path, 8, 4)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("in use by another process") && err.contains("images.bin"),
+        "{err}"
+    );
+    assert_eq!(
+        first.get("a").unwrap()[0],
+        7,
+        "the first user's map is untouched"
+    );
+    drop(first);
+    ImageCache::create(&path, 8, 4).unwrap();
+}
+
+/// A CSV whose images are all missing used to skip every step and exit 0 with an untrained
+/// model: after `max_bad_steps` unreadable batches in a row the run stops, saying why.
+#[test]
+fn a_run_whose_data_cannot_be_read_stops_after_max_bad_steps() {
+    let dir = temp_dir("csv-unreadable");
+    let rows: String = std::iter::once("filepath,title\n".to_string())
+        .chain((0..8).map(|i| format!("img/absent-{i}.png,a photo that is not there\n")))
+        .collect();
+    std::fs::write(dir.join("pairs.csv"), rows).unwrap();
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let cfg = TrainConfig {
+        steps: 50,
+        global_batch: 4,
+        max_bad_steps: 3,
+        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        progress: false,
+        data: DataConfig {
+            kind: DataKind::Csv,
+            csv: "pairs.csv".into(),
+            base_dir: dir.clone(),
+            ..DataConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    let err = mmpipe::train::train(&cpu_topology(1, 1), &model, &cfg)
+        .expect_err("the run stops")
+        .to_string();
+    assert!(
+        err.contains("4 steps in a row")
+            && err.contains("cannot be read")
+            && err.contains("missing"),
+        "{err}"
+    );
+}
