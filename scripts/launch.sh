@@ -17,10 +17,16 @@
 #
 # Either way: SIGINT/SIGTERM are forwarded to every rank (each finishes its step, saves a
 # checkpoint and exits 0); when a rank dies, the others are stopped within 60 s and the
-# dead rank is named; the exit code is the first failing rank's.
+# dead rank is named; the exit code is the first failing rank's. With --backend env every
+# rank gets the run's secret MMPIPE_RUN_SECRET (generated here unless set), which the
+# rendezvous checks.
+#
+# Host names are checked (letters, digits, `.`, `_`, `-`, `:`; not starting with `-`).
+# The rendezvous is served at the first host as the host file names it: with hosts on
+# other machines it must not be a loopback name or address (they could not reach it).
 set -uo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 hostfile="" slurm=0 backend="" port="${MASTER_PORT:-29500}" grace=60
 while [ $# -gt 0 ]; do
@@ -39,6 +45,13 @@ done
 [ -n "$hostfile" ] || [ "$slurm" = 1 ] || { echo "launch.sh: give --hostfile FILE or --slurm" >&2; usage; }
 backend="${backend:-mpi}"
 case "$backend" in mpi|env) ;; *) echo "launch.sh: --backend is mpi or env, not $backend" >&2; exit 2 ;; esac
+[[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] \
+    || { echo "launch.sh: --port $port is not a port number" >&2; exit 2; }
+# The run's secret: what every rank proves to the rendezvous (never sent over the network).
+if [ -z "${MMPIPE_RUN_SECRET:-}" ]; then
+    MMPIPE_RUN_SECRET="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+fi
+export MMPIPE_RUN_SECRET
 
 # ---- Slurm: srun starts the ranks and stops them all if one fails. ----
 if [ "$slurm" = 1 ]; then
@@ -53,8 +66,15 @@ fi
 # ---- Host file ----
 [ -r "$hostfile" ] || { echo "launch.sh: cannot read host file $hostfile" >&2; exit 2; }
 hosts=() slots=()
+line_no=0
 while read -r host rest; do
+    line_no=$((line_no + 1))
     case "$host" in ''|'#'*) continue ;; esac
+    # A host name reaches ssh and mpirun: `-x` would be an option, `a;b` a command.
+    if ! [[ "$host" =~ ^[A-Za-z0-9_.:][A-Za-z0-9_.:-]*$ ]]; then
+        echo "launch.sh: $hostfile line $line_no: \`$host\` is not a host name" >&2
+        exit 2
+    fi
     n=1
     if [[ "$rest" =~ slots=([0-9]+) ]]; then n="${BASH_REMATCH[1]}"; fi
     hosts+=("$host"); slots+=("$n")
@@ -95,21 +115,39 @@ is_local() {
     case "$1" in localhost|127.*|"$(hostname)"|"$(hostname -f 2>/dev/null)") return 0 ;; esac
     return 1
 }
+# The rendezvous is served at the first host, as named: every rank, on whatever host,
+# connects there. A loopback name only works when every rank is on this machine.
 master="${hosts[0]}"
-is_local "$master" && master=127.0.0.1
+is_loopback() {
+    case "$1" in localhost|127.*|::1) return 0 ;; esac
+    local addr
+    addr="$(getent hosts "$1" 2>/dev/null | awk '{ print $1; exit }')"
+    case "$addr" in 127.*|::1) return 0 ;; esac
+    return 1
+}
+for host in "${hosts[@]}"; do
+    if ! is_local "$host" && is_loopback "$master"; then
+        echo "launch.sh: rank 0's host \`$master\` is a loopback address here, but \`$host\` is another machine: it could not reach the rendezvous; name the first host by an address the others can reach" >&2
+        exit 2
+    fi
+done
 pids=() names=()
 rank=0
 for i in "${!hosts[@]}"; do
     host="${hosts[$i]}"
     for ((local_rank = 0; local_rank < slots[i]; local_rank++)); do
-        vars=(RANK=$rank WORLD_SIZE=$world LOCAL_RANK=$local_rank LOCAL_WORLD_SIZE=${slots[$i]}
-              MASTER_ADDR=$master MASTER_PORT=$port)
+        vars=("RANK=$rank" "WORLD_SIZE=$world" "LOCAL_RANK=$local_rank"
+              "LOCAL_WORLD_SIZE=${slots[$i]}" "MASTER_ADDR=$master" "MASTER_PORT=$port"
+              "MMPIPE_RUN_SECRET=$MMPIPE_RUN_SECRET")
         if is_local "$host"; then
             # Its own process group: stopping a rank stops everything it started.
             setsid env "${vars[@]}" "$@" &
         else
-            # -tt: the remote process dies with the connection when we stop it.
-            ssh -tt -o BatchMode=yes "$host" "cd $(printf %q "$PWD") && env ${vars[*]} $(printf '%q ' "$@")" &
+            # -tt: the remote process dies with the connection when we stop it. Every word
+            # quoted for the remote shell; `exec` leaves no shell holding the secret in its
+            # command line.
+            ssh -tt -o BatchMode=yes -- "$host" \
+                "cd $(printf %q "$PWD") && exec env $(printf '%q ' "${vars[@]}") $(printf '%q ' "$@")" &
         fi
         pids+=($!); names+=("rank $rank ($host)")
         rank=$((rank + 1))

@@ -3,10 +3,26 @@
 //! that every rank joins. Joining checks that all ranks run the same job (hashes of the
 //! topology and of the config: a mismatch names both hashes and the ranks), and hands out
 //! what rank 0 generated for everyone (NCCL's unique ids for the world and each group).
+//!
+//! A stranger on the port changes nothing:
+//! - rank 0 listens on the address of `MASTER_ADDR` (every address it resolves to is
+//!   tried), not on all interfaces;
+//! - every join proves the run's secret (`MMPIPE_RUN_SECRET`, which `scripts/launch.sh`
+//!   generates) with an HMAC-SHA256 over a nonce rank 0 sent, and every answer proves it
+//!   back over the joiner's nonce: the secret never travels, a recorded join does not
+//!   replay, and a rank takes NCCL ids only from the real rank 0;
+//! - each connection is read on its own thread, one bounded line (64 KiB for a join) under
+//!   one deadline (10 s) for the whole exchange: a line that never ends, megabytes of junk
+//!   or a byte every few seconds cost that connection, not the run;
+//! - joins that do not prove the secret, or do not parse, are logged and ignored: they
+//!   never abort the run and get no answer (so no hash, no id, no rank numbers).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +40,9 @@ pub struct LaunchEnv {
     pub master_port: u16,
     /// "torchrun" or "slurm": named in errors.
     pub launcher: &'static str,
+    /// `MMPIPE_RUN_SECRET`: what every join proves. Without it the rendezvous keys on the
+    /// job's id alone (and says so).
+    pub secret: Option<String>,
 }
 
 /// torchrun's default port, used when Slurm gives no `MASTER_PORT`.
@@ -126,6 +145,7 @@ impl LaunchEnv {
             master_addr,
             master_port: port(launcher)?,
             launcher,
+            secret: get("MMPIPE_RUN_SECRET").filter(|s| !s.is_empty()),
         }))
     }
 }
@@ -220,6 +240,99 @@ impl Rendezvous {
     }
 }
 
+/// The longest join line rank 0 reads (a join is a few hundred bytes).
+const MAX_JOIN_LINE: usize = 64 << 10;
+/// The longest answer a rank reads (every rank's join and the NCCL ids).
+const MAX_REPLY_LINE: usize = 16 << 20;
+/// How long one connection may take to greet rank 0 and join, in all.
+const JOIN_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections being read at once; more are closed unread until one is done.
+const MAX_PENDING: usize = 64;
+
+/// The key every join and answer is signed with: the run's secret, or, without one, the
+/// job's id (weaker: anyone who knows the job can join; rank 0 warns).
+fn run_key(env: &LaunchEnv) -> Vec<u8> {
+    match &env.secret {
+        Some(secret) => secret.as_bytes().to_vec(),
+        None => {
+            let job = ["SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok())
+                .unwrap_or_default();
+            format!(
+                "mmpipe rendezvous without a secret: job {job}, port {}",
+                env.master_port
+            )
+            .into_bytes()
+        }
+    }
+}
+
+fn mac(key: &[u8], parts: &[&[u8]]) -> String {
+    let mut m = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(&(p.len() as u64).to_le_bytes());
+        m.update(p);
+    }
+    hex(&m.finalize().into_bytes())
+}
+
+/// Whether `tag` is `mac(key, parts)`, compared in constant time.
+fn mac_ok(key: &[u8], parts: &[&[u8]], tag: &str) -> bool {
+    let Some(tag) = unhex(tag) else {
+        return false;
+    };
+    let mut m = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(&(p.len() as u64).to_le_bytes());
+        m.update(p);
+    }
+    m.verify_slice(&tag).is_ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 256 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn nonce() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex(&bytes)
+}
+
+/// Rank 0's greeting: the nonce a join must sign.
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    nonce: String,
+}
+
+/// A join as it travels: the join's JSON (signed as sent), the joiner's nonce for the
+/// answer, and the signature over rank 0's nonce, the join and the joiner's nonce.
+#[derive(Serialize, Deserialize)]
+struct SignedJoin {
+    join: String,
+    nonce: String,
+    mac: String,
+}
+
+/// An answer as it travels: the reply's JSON and its signature over the joiner's nonce.
+#[derive(Serialize, Deserialize)]
+struct SignedReply {
+    reply: String,
+    mac: String,
+}
+
 fn write_line<T: Serialize>(stream: &mut TcpStream, value: &T) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(value).expect("plain data");
     line.push(b'\n');
@@ -227,16 +340,51 @@ fn write_line<T: Serialize>(stream: &mut TcpStream, value: &T) -> std::io::Resul
     stream.flush()
 }
 
-fn read_line<T: for<'de> Deserialize<'de>>(stream: &TcpStream) -> std::io::Result<T> {
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "connection closed",
-        ));
+/// One line of at most `limit` bytes, read before `deadline` (however slowly the peer
+/// sends: the deadline is for the whole line).
+fn read_bounded_line(
+    stream: &mut TcpStream,
+    limit: usize,
+    deadline: Instant,
+) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no complete line in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(end) = chunk[..n].iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&chunk[..end]);
+            return Ok(line);
+        }
+        line.extend_from_slice(&chunk[..n]);
+        if line.len() > limit {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a line of over {limit} bytes"),
+            ));
+        }
     }
-    serde_json::from_str(&line)
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> std::io::Result<T> {
+    serde_json::from_slice(bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
@@ -298,26 +446,129 @@ pub fn join(
     }
 }
 
+/// A connection that proved the secret: its join, its nonce and its stream.
+struct Joined {
+    join: Join,
+    nonce: String,
+    stream: TcpStream,
+}
+
+/// Greets one connection and reads its join, under one deadline: `Err` says why it is
+/// not a rank of this run.
+fn admit(mut stream: TcpStream, key: &[u8]) -> std::result::Result<Joined, String> {
+    let deadline = Instant::now() + JOIN_DEADLINE;
+    stream
+        .set_write_timeout(Some(JOIN_DEADLINE))
+        .map_err(|e| e.to_string())?;
+    let hello = nonce();
+    write_line(
+        &mut stream,
+        &Hello {
+            nonce: hello.clone(),
+        },
+    )
+    .map_err(|e| format!("greeting: {e}"))?;
+    let line =
+        read_bounded_line(&mut stream, MAX_JOIN_LINE, deadline).map_err(|e| e.to_string())?;
+    let signed: SignedJoin = parse(&line).map_err(|e| format!("not a join: {e}"))?;
+    if !mac_ok(
+        key,
+        &[
+            b"join",
+            hello.as_bytes(),
+            signed.join.as_bytes(),
+            signed.nonce.as_bytes(),
+        ],
+        &signed.mac,
+    ) {
+        return Err("a join not signed with this run's secret".into());
+    }
+    let join: Join = parse(signed.join.as_bytes()).map_err(|e| format!("not a join: {e}"))?;
+    stream.set_read_timeout(None).ok();
+    Ok(Joined {
+        join,
+        nonce: signed.nonce,
+        stream,
+    })
+}
+
+/// Sends `reply` to a joined rank, signed over its nonce.
+fn answer(j: &mut Joined, key: &[u8], reply: &Reply) -> std::io::Result<()> {
+    let json = serde_json::to_string(reply).expect("plain data");
+    let tag = mac(key, &[b"reply", j.nonce.as_bytes(), json.as_bytes()]);
+    write_line(
+        &mut j.stream,
+        &SignedReply {
+            reply: json,
+            mac: tag,
+        },
+    )
+}
+
+/// Rank 0's listener: on the address `MASTER_ADDR` names (each one it resolves to, in
+/// turn), so that the port is open on that interface only.
+fn listen(env: &LaunchEnv) -> Result<TcpListener> {
+    let addrs: Vec<SocketAddr> = (env.master_addr.as_str(), env.master_port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            Error::Msg(format!(
+                "rank 0 cannot resolve MASTER_ADDR={}: {e}",
+                env.master_addr
+            ))
+        })?
+        .collect();
+    let mut tried = Vec::new();
+    for addr in &addrs {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => tried.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(Error::Msg(format!(
+        "rank 0 cannot serve the rendezvous at MASTER_ADDR={}, MASTER_PORT={} ({}): rank 0 must \
+         run on that host, and the port be free (is another run using it?)",
+        env.master_addr,
+        env.master_port,
+        if tried.is_empty() {
+            "it resolves to no address".to_string()
+        } else {
+            tried.join("; ")
+        }
+    )))
+}
+
 fn serve(
     env: &LaunchEnv,
     me: Join,
     shared: Vec<(String, Vec<u8>)>,
     timeout: Duration,
 ) -> Result<Rendezvous> {
-    let bind = SocketAddr::from(([0, 0, 0, 0], env.master_port));
-    let listener = TcpListener::bind(bind).map_err(|e| {
-        Error::Msg(format!(
-            "rank 0 cannot serve the rendezvous on port {}: {e} (is another run using MASTER_PORT={}?)",
-            env.master_port, env.master_port
-        ))
-    })?;
+    let key = run_key(env);
+    if env.secret.is_none() {
+        tracing::warn!(
+            "rendezvous without MMPIPE_RUN_SECRET: joins are keyed on the job's id only, so \
+             anyone who can reach port {} and knows the job can join; scripts/launch.sh sets a \
+             secret (for torchrun or srun: export MMPIPE_RUN_SECRET=$(openssl rand -hex 16))",
+            env.master_port
+        );
+    }
+    let listener = listen(env)?;
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::Msg(e.to_string()))?;
     let started = Instant::now();
     let mut joins: Vec<Option<Join>> = vec![None; env.world_size];
     joins[0] = Some(me);
-    let mut streams: Vec<TcpStream> = Vec::new();
+    let mut joined: Vec<Joined> = Vec::new();
+    let (admitted_tx, admitted) =
+        crossbeam_channel::unbounded::<(SocketAddr, std::result::Result<Joined, String>)>();
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Every joined rank is told why the run cannot start, instead of hanging.
+    let refuse_all = |joined: &mut Vec<Joined>, key: &[u8], message: &str| {
+        for j in joined.iter_mut() {
+            let _ = answer(j, key, &Reply::Refused(message.to_string()));
+        }
+    };
     while joins.iter().any(Option::is_none) {
         if started.elapsed() > timeout {
             let missing: Vec<String> = joins
@@ -333,51 +584,61 @@ fn serve(
                 env.world_size,
                 timeout.as_secs()
             );
-            for s in &mut streams {
-                let _ = write_line(s, &Reply::Refused(message.clone()));
-            }
+            refuse_all(&mut joined, &key, &message);
             return Err(Error::Msg(format!("rendezvous: {message}")));
         }
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                use std::sync::atomic::Ordering;
+                if pending.load(Ordering::SeqCst) >= MAX_PENDING {
+                    continue; // dropped unread: too many connections at once
+                }
                 stream.set_nonblocking(false).ok();
-                stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
-                let join: Join = match read_line(&stream) {
-                    Ok(j) => j,
-                    // A stray connection (a port scan, a health check): not a rank.
-                    Err(_) => continue,
-                };
-                if join.rank >= env.world_size || join.rank == 0 {
-                    let mut stream = stream;
-                    let _ = write_line(
-                        &mut stream,
-                        &Reply::Refused(format!(
-                            "rank {} is not a rank of a world of {} (or is rank 0 twice)",
-                            join.rank, env.world_size
-                        )),
-                    );
-                    continue;
-                }
-                if let Some(before) = &joins[join.rank] {
-                    let message = format!(
-                        "rank {} joined twice (from {} and {}): two processes were given the same RANK",
-                        join.rank, before.host, join.host
-                    );
-                    streams.push(stream);
-                    for s in &mut streams {
-                        let _ = write_line(s, &Reply::Refused(message.clone()));
-                    }
-                    return Err(Error::Msg(format!("rendezvous: {message}")));
-                }
-                let rank = join.rank;
-                joins[rank] = Some(join);
-                streams.push(stream);
+                pending.fetch_add(1, Ordering::SeqCst);
+                let (tx, key, pending) = (admitted_tx.clone(), key.clone(), pending.clone());
+                std::thread::spawn(move || {
+                    let result = admit(stream, &key);
+                    pending.fetch_sub(1, Ordering::SeqCst);
+                    let _ = tx.send((peer, result));
+                });
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(Error::Msg(format!("rendezvous: accept failed: {e}"))),
         }
+        while let Ok((peer, result)) = admitted.try_recv() {
+            let mut j = match result {
+                Ok(j) => j,
+                Err(why) => {
+                    // Not a rank of this run: no answer, and the run goes on.
+                    tracing::warn!("rendezvous: ignored a connection from {peer}: {why}");
+                    continue;
+                }
+            };
+            let rank = j.join.rank;
+            if rank >= env.world_size || rank == 0 {
+                let _ = answer(
+                    &mut j,
+                    &key,
+                    &Reply::Refused(format!(
+                        "rank {rank} is not a rank of a world of {} (or is rank 0 twice)",
+                        env.world_size
+                    )),
+                );
+                continue;
+            }
+            if let Some(before) = &joins[rank] {
+                let message = format!(
+                    "rank {rank} joined twice (from {} and {}): two processes were given the same RANK",
+                    before.host, j.join.host
+                );
+                joined.push(j);
+                refuse_all(&mut joined, &key, &message);
+                return Err(Error::Msg(format!("rendezvous: {message}")));
+            }
+            joins[rank] = Some(j.join.clone());
+            joined.push(j);
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     let joins: Vec<Join> = joins.into_iter().map(|j| j.expect("all joined")).collect();
     let reply = match check_agreement(&joins) {
@@ -387,9 +648,13 @@ fn serve(
         },
         Err(message) => Reply::Refused(message),
     };
-    for s in &mut streams {
-        write_line(s, &reply)
-            .map_err(|e| Error::Msg(format!("rendezvous: answering a rank failed: {e}")))?;
+    for j in &mut joined {
+        answer(j, &key, &reply).map_err(|e| {
+            Error::Msg(format!(
+                "rendezvous: answering rank {} failed: {e}",
+                j.join.rank
+            ))
+        })?;
     }
     match reply {
         Reply::Ready { .. } => Ok(Rendezvous { joins, shared }),
@@ -397,45 +662,92 @@ fn serve(
     }
 }
 
+/// One attempt at joining through `addr`: greeted, joined, answered, the answer checked.
+fn attempt(
+    addr: &SocketAddr,
+    me: &Join,
+    key: &[u8],
+    answer_by: Instant,
+) -> std::result::Result<Reply, String> {
+    let mut stream =
+        TcpStream::connect_timeout(addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    let greeted_by = Instant::now() + JOIN_DEADLINE;
+    let hello: Hello = parse(
+        &read_bounded_line(&mut stream, MAX_JOIN_LINE, greeted_by).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("not a rendezvous: {e}"))?;
+    let mine = nonce();
+    let join = serde_json::to_string(me).expect("plain data");
+    let tag = mac(
+        key,
+        &[
+            b"join",
+            hello.nonce.as_bytes(),
+            join.as_bytes(),
+            mine.as_bytes(),
+        ],
+    );
+    stream
+        .set_write_timeout(Some(JOIN_DEADLINE))
+        .map_err(|e| e.to_string())?;
+    write_line(
+        &mut stream,
+        &SignedJoin {
+            join,
+            nonce: mine.clone(),
+            mac: tag,
+        },
+    )
+    .map_err(|e| format!("sending the join: {e}"))?;
+    let line = read_bounded_line(&mut stream, MAX_REPLY_LINE, answer_by)
+        .map_err(|e| format!("no answer: {e}"))?;
+    let signed: SignedReply = parse(&line).map_err(|e| format!("not an answer: {e}"))?;
+    if !mac_ok(
+        key,
+        &[b"reply", mine.as_bytes(), signed.reply.as_bytes()],
+        &signed.mac,
+    ) {
+        return Err(
+            "it answered without this run's secret (another process on MASTER_PORT?)".into(),
+        );
+    }
+    parse(signed.reply.as_bytes()).map_err(|e| format!("not an answer: {e}"))
+}
+
 fn connect(env: &LaunchEnv, me: Join, timeout: Duration) -> Result<Rendezvous> {
     let target = format!("{}:{}", env.master_addr, env.master_port);
+    let key = run_key(env);
     let started = Instant::now();
-    let mut stream = loop {
-        let attempt = target
-            .to_socket_addrs()
-            .map_err(|e| e.to_string())
-            .and_then(|mut addrs| addrs.next().ok_or_else(|| "no address".to_string()))
-            .and_then(|addr| {
-                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
-            });
-        match attempt {
-            Ok(s) => break s,
-            Err(e) if started.elapsed() > timeout => {
-                return Err(Error::Msg(format!(
-                "rendezvous: rank {} of {} could not reach rank 0 at {target} within {} s ({e}); \
-                     check MASTER_ADDR and MASTER_PORT, and that rank 0 started",
+    // Rank 0 answers once everyone has joined: wait as long as it may wait, and a little.
+    let answer_by = started + timeout + Duration::from_secs(10);
+    let mut last = String::from("no address");
+    loop {
+        let addrs: Vec<SocketAddr> = match target.to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                last = e.to_string();
+                Vec::new()
+            }
+        };
+        for addr in &addrs {
+            match attempt(addr, &me, &key, answer_by) {
+                Ok(Reply::Ready { joins, shared }) => return Ok(Rendezvous { joins, shared }),
+                Ok(Reply::Refused(message)) => {
+                    return Err(Error::Msg(format!("rendezvous: {message}")))
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(Error::Msg(format!(
+                "rendezvous: rank {} of {} could not reach rank 0 at {target} within {} s ({last}); \
+                 check MASTER_ADDR and MASTER_PORT, that rank 0 started, and that every rank has \
+                 the same MMPIPE_RUN_SECRET",
                 env.rank,
                 env.world_size,
                 timeout.as_secs()
-            )))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            )));
         }
-    };
-    write_line(&mut stream, &me)
-        .map_err(|e| Error::Msg(format!("rendezvous: sending to {target} failed: {e}")))?;
-    // Rank 0 answers once everyone has joined: wait as long as it may wait, and a little.
-    stream
-        .set_read_timeout(Some(
-            timeout.saturating_sub(started.elapsed()) + Duration::from_secs(10),
-        ))
-        .ok();
-    match read_line::<Reply>(&stream) {
-        Ok(Reply::Ready { joins, shared }) => Ok(Rendezvous { joins, shared }),
-        Ok(Reply::Refused(message)) => Err(Error::Msg(format!("rendezvous: {message}"))),
-        Err(e) => Err(Error::Msg(format!(
-            "rendezvous: rank {} got no answer from rank 0 at {target}: {e}",
-            env.rank
-        ))),
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -784,7 +784,7 @@ fn launch_script_sets_rank_variables_and_stops_together() {
     let hosts = "# two nodes on loopback\nlocalhost slots=2\n127.0.0.1 slots=1\n";
     let out = launch(
         hosts,
-        r#"echo "$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT""#,
+        r#"echo "$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT $MMPIPE_RUN_SECRET""#,
     )
     .wait_with_output()
     .unwrap();
@@ -795,14 +795,32 @@ fn launch_script_sets_rank_variables_and_stops_together() {
         .map(String::from)
         .collect();
     lines.sort();
+    // The rendezvous at the first host as named; one secret for every rank, fresh per run.
+    let secret = lines[0].rsplit(' ').next().unwrap().to_string();
+    assert_eq!(secret.len(), 32, "{lines:?}");
     assert_eq!(
         lines,
         [
-            "0 3 0 2 127.0.0.1 29555",
-            "1 3 1 2 127.0.0.1 29555",
-            "2 3 0 1 127.0.0.1 29555"
+            format!("0 3 0 2 localhost 29555 {secret}"),
+            format!("1 3 1 2 localhost 29555 {secret}"),
+            format!("2 3 0 1 localhost 29555 {secret}")
         ]
     );
+    // Host names that would become ssh options or shell commands are refused, and so is a
+    // loopback rendezvous that another machine could not reach.
+    for (bad, needle) in [
+        ("-oProxyCommand=x slots=1\n", "is not a host name"),
+        ("a;touch /tmp/pwned slots=1\n", "is not a host name"),
+        ("localhost slots=1\nnode7.invalid slots=1\n", "loopback"),
+    ] {
+        let out = launch(bad, "true").wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{bad}: {}",
+            text(&out.stderr)
+        );
+    }
     // Rank 1 fails: the others (which would run for 100 s) are stopped, rank 1 is named,
     // and its exit code is the launcher's.
     let started = std::time::Instant::now();

@@ -113,6 +113,7 @@ fn env(rank: usize, world: usize, port: u16) -> LaunchEnv {
         master_addr: "127.0.0.1".into(),
         master_port: port,
         launcher: "torchrun",
+        secret: Some("the run's secret".into()),
     }
 }
 
@@ -214,4 +215,164 @@ fn a_rank_without_rank_zero_gives_up_naming_the_address() {
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("rank 1 of 2"),
         "{err}"
     );
+}
+
+/// Waits until something listens on 127.0.0.1:`port` (rank 0's thread has bound it).
+fn wait_for_listener(port: u16) {
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed().as_secs() < 10, "rank 0 never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a stranger got back before the connection closed (at most 64 KiB, 5 s).
+fn drain(mut s: std::net::TcpStream) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || got.len() > 65536 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Garbage, a line that never ends, 4 MB of junk, a client that sends a byte every 300 ms,
+/// and fake rank 1s (an unsigned join, one signed with another secret) all hit rank 0
+/// before the real ranks: none of them aborts or delays the run, each gets nothing but
+/// the greeting, and the real ranks meet.
+#[test]
+fn strangers_on_the_port_change_nothing() {
+    use std::io::Write;
+    let port = free_port();
+    let world = 3;
+    std::thread::scope(|s| {
+        let lead = s.spawn(move || {
+            join(
+                &env(0, world, port),
+                7,
+                9,
+                vec![("nccl/world".into(), vec![4, 2])],
+                Duration::from_secs(30),
+            )
+        });
+        wait_for_listener(port);
+        let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut strangers = Vec::new();
+        // Garbage.
+        let mut c = connect();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        strangers.push(s.spawn(move || drain(c)));
+        // A line that never ends, left open.
+        let mut c = connect();
+        c.write_all(&[b'{'; 1000]).unwrap();
+        strangers.push(s.spawn(move || drain(c)));
+        // 4 MB of junk without a newline.
+        let mut c = connect();
+        strangers.push(s.spawn(move || {
+            let _ = c.write_all(&vec![b'x'; 4 << 20]);
+            drain(c)
+        }));
+        // A slow drip: one byte every 300 ms, for longer than the join deadline.
+        let mut c = connect();
+        strangers.push(s.spawn(move || {
+            for _ in 0..40 {
+                if c.write_all(b"{").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            drain(c)
+        }));
+        // Fake rank 1s: a well-formed join without the secret, and one with another.
+        let fake = |secret: &str| {
+            let mut other = env(1, world, port);
+            other.secret = Some(secret.into());
+            other
+        };
+        let mut c = connect();
+        strangers.push(s.spawn(move || {
+            let _ = c.write_all(
+                b"{\"join\": \"{\\\"rank\\\": 1, \\\"world_size\\\": 3, \\\"topology_hash\\\": 7, \\\"config_hash\\\": 9, \\\"host\\\": \\\"x\\\"}\", \"nonce\": \"00\", \"mac\": \"00\"}\n",
+            );
+            drain(c)
+        }));
+        let impostor =
+            s.spawn(move || join(&fake("a guess"), 7, 9, Vec::new(), Duration::from_secs(3)));
+        std::thread::sleep(Duration::from_millis(500));
+        // The real ranks.
+        let real: Vec<_> = (1..world)
+            .map(|rank| {
+                s.spawn(move || {
+                    join(
+                        &env(rank, world, port),
+                        7,
+                        9,
+                        Vec::new(),
+                        Duration::from_secs(30),
+                    )
+                })
+            })
+            .collect();
+        for (rank, r) in real.into_iter().enumerate() {
+            let r = r
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("rank {}: {e}", rank + 1));
+            assert_eq!(r.get("nccl/world"), Some(&[4u8, 2][..]));
+        }
+        let lead = lead.join().unwrap().expect("rank 0 met its ranks");
+        assert_eq!(lead.joins.len(), world);
+        for (i, st) in strangers.into_iter().enumerate() {
+            let got = st.join().unwrap();
+            assert!(
+                !got.contains("nccl") && !got.contains("hash") && !got.contains("reply"),
+                "stranger {i} was told: {got}"
+            );
+        }
+        let err = impostor.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("MMPIPE_RUN_SECRET"), "{err}");
+    });
+}
+
+/// A rank takes NCCL ids from the real rank 0 only: a process on the port that answers
+/// without the run's secret is not believed.
+#[test]
+fn a_rank_does_not_believe_an_answer_without_the_secret() {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut s = stream;
+            let _ = s.write_all(b"{\"nonce\": \"0011\"}\n");
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(&s).read_line(&mut line);
+            let reply = r#"{"Ready":{"joins":[],"shared":[["nccl/world",[6,6,6]]]}}"#;
+            let forged = serde_json::json!({"reply": reply, "mac": "00".repeat(32)});
+            let _ = writeln!(s, "{forged}");
+        }
+    });
+    let err = join(&env(1, 2, port), 1, 1, Vec::new(), Duration::from_secs(1))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("answered without this run's secret"), "{err}");
+}
+
+/// Rank 0 listens on MASTER_ADDR's address only, not on every interface.
+#[test]
+fn rank_0_listens_on_master_addr_only() {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let lead =
+            s.spawn(move || join(&env(0, 2, port), 1, 1, Vec::new(), Duration::from_secs(3)));
+        wait_for_listener(port);
+        // 127.0.0.2 is this host too, but not the address rank 0 was told to serve.
+        assert!(std::net::TcpStream::connect(("127.0.0.2", port)).is_err());
+        let _ = lead.join();
+    });
 }
