@@ -89,8 +89,12 @@ fn idx(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<(Vec<usize>
         return Err(bad(format!("magic {:#x}, expected {magic:#x}", word(0))));
     }
     let shape: Vec<usize> = (0..dims).map(|d| word(4 + 4 * d) as usize).collect();
-    let n: usize = shape.iter().product();
-    if bytes.len() != header + n {
+    // A damaged header can claim any dimensions: their product may overflow.
+    let n = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| bad(format!("a shape of {shape:?} is too large")))?;
+    if Some(bytes.len()) != header.checked_add(n) {
         return Err(bad(format!(
             "{} data bytes for a shape of {shape:?} ({n} expected): truncated?",
             bytes.len() - header

@@ -45,7 +45,7 @@ pub fn expand_braces(pattern: &str) -> std::result::Result<Vec<String>, String> 
                 ))
             }
         };
-        if hi - lo > 10_000_000 {
+        if hi - lo >= MAX_SHARD_NAMES as u64 {
             return Err(format!("`{pattern}`: `{{{body}}}` names too many shards"));
         }
         let width = a.len();
@@ -54,11 +54,18 @@ pub fn expand_braces(pattern: &str) -> std::result::Result<Vec<String>, String> 
         body.split(',').map(str::to_string).collect()
     };
     let rest = expand_braces(tail)?;
+    // Ranges multiply: `{0..9999}{0..9999}` would be 10⁸ names.
+    if alternatives.len().saturating_mul(rest.len()) > MAX_SHARD_NAMES {
+        return Err(format!("`{pattern}` names too many shards"));
+    }
     Ok(alternatives
         .iter()
         .flat_map(|alt| rest.iter().map(move |r| format!("{head}{alt}{r}")))
         .collect())
 }
+
+/// The most shard names one pattern may expand to.
+const MAX_SHARD_NAMES: usize = 10_000_000;
 
 /// Every shard named by `patterns` (relative paths are relative to `base`), in order.
 /// A pattern that names no existing file is an error naming `origin` and `field`: found

@@ -16,6 +16,8 @@ mod common;
 mod data;
 /// Fused CPU ops (GELU, softmax, layer norm, bias) against plain candle ops.
 mod fused;
+/// Every parser of outside input against arbitrary and mutated input (proptest).
+mod fuzz;
 /// The autograd reference against finite differences: every parameter's gradient.
 mod gradients;
 /// CLIP and SigLIP across groups, both exchange schemes, tiled: against one device.
