@@ -20,9 +20,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{sys as sys_driver, DeviceRepr, ValidAsZeroBits};
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
-use candle_core::cuda_backend::cudarc::nccl::{result::NcclError, sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys as sys_driver, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::cudarc::nccl::safe::NcclType;
+use candle_core::cuda_backend::cudarc::nccl::{result as nccl, result::NcclError, sys};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
@@ -133,14 +135,60 @@ fn nccl_message(e: &NcclError) -> String {
     format!("{} ({:?})", text.to_string_lossy(), e.0)
 }
 
-/// A communicator is used by one thread at a time (the lock in [`NcclCommunicator`]);
-/// NCCL allows that from any thread.
-struct SendComm(Comm);
-// SAFETY: see above; the raw handle is only used under the communicator's lock.
-unsafe impl Send for SendComm {}
+/// An NCCL communicator by its raw handle, on a stream: ours rather than cudarc's `Comm`,
+/// which keeps the handle private, so that the watchdog can abort a hung collective
+/// through the handle itself.
+struct RawComm {
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+}
+
+// SAFETY: a communicator is used by one thread at a time (the lock in
+// [`NcclCommunicator`]), which NCCL allows from any thread; the watchdog's abort is the
+// one call NCCL allows concurrently.
+unsafe impl Send for RawComm {}
+
+impl RawComm {
+    /// Joins the communicator of `id` as `rank` of `size` (collective: blocks until all
+    /// have joined).
+    fn join(
+        stream: Arc<CudaStream>,
+        rank: usize,
+        size: usize,
+        id: sys::ncclUniqueId,
+    ) -> std::result::Result<Self, NcclError> {
+        let mut comm = std::mem::MaybeUninit::uninit();
+        let (size, rank_i) = (
+            i32::try_from(size).expect("a world that fits an i32"),
+            i32::try_from(rank).expect("a rank that fits an i32"),
+        );
+        // SAFETY: `comm` is written by a successful init, and only then read.
+        let comm = unsafe {
+            nccl::comm_init_rank(comm.as_mut_ptr(), size, id, rank_i)?;
+            comm.assume_init()
+        };
+        Ok(RawComm { comm, stream, rank })
+    }
+
+    fn handle(&self) -> usize {
+        self.comm as usize
+    }
+}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // As cudarc's `Comm` ends its communicators (a destroy would wait for work that a
+        // failing run may never finish).
+        // SAFETY: the handle came from a successful init and is dropped once.
+        unsafe {
+            let _ = nccl::comm_abort(self.comm);
+        }
+    }
+}
 
 pub struct NcclCommunicator {
-    comm: Mutex<SendComm>,
+    comm: Mutex<RawComm>,
     device: Device,
     name: String,
     rank: usize,
@@ -167,11 +215,12 @@ const ID_BYTES: usize = 128;
 
 /// A fresh unique id, as bytes for the rendezvous.
 pub fn new_id() -> Result<Vec<u8>> {
-    let id = Id::new().map_err(|e| Error::Msg(format!("ncclGetUniqueId: {}", nccl_message(&e))))?;
-    Ok(id.internal().iter().map(|&c| c as u8).collect())
+    let id = nccl::get_uniqueid()
+        .map_err(|e| Error::Msg(format!("ncclGetUniqueId: {}", nccl_message(&e))))?;
+    Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
-fn id_from_bytes(bytes: &[u8], what: &str) -> Result<Id> {
+fn id_from_bytes(bytes: &[u8], what: &str) -> Result<sys::ncclUniqueId> {
     if bytes.len() != ID_BYTES {
         return Err(Error::Msg(format!(
             "the rendezvous gave {} bytes for the NCCL id of {what}, not {ID_BYTES}",
@@ -182,7 +231,7 @@ fn id_from_bytes(bytes: &[u8], what: &str) -> Result<Id> {
     for (i, b) in internal.iter_mut().zip(bytes) {
         *i = *b as std::ffi::c_char;
     }
-    Ok(Id::uninit(internal))
+    Ok(sys::ncclUniqueId { internal })
 }
 
 impl NcclCommunicator {
@@ -191,15 +240,15 @@ impl NcclCommunicator {
     pub fn new(id: &[u8], rank: usize, size: usize, device: &Device, name: &str) -> Result<Self> {
         let cuda = device.as_cuda_device()?;
         let id = id_from_bytes(id, name)?;
-        let comm = Comm::from_rank(cuda.cuda_stream(), rank, size, id).map_err(|e| {
+        let comm = RawComm::join(cuda.cuda_stream(), rank, size, id).map_err(|e| {
             Error::Msg(format!(
                 "NCCL communicator `{name}` (rank {rank} of {size}) could not start: {}",
                 nccl_message(&e)
             ))
         })?;
-        LIVE.lock().expect("live list").extend(handle(&comm));
+        LIVE.lock().expect("live list").push(comm.handle());
         Ok(NcclCommunicator {
-            comm: Mutex::new(SendComm(comm)),
+            comm: Mutex::new(comm),
             device: device.clone(),
             name: name.to_string(),
             rank,
@@ -217,7 +266,7 @@ impl NcclCommunicator {
             let comm = self.comm.lock().expect("NCCL communicator");
             let out = input
                 .apply_op1_no_bwd(&Collective {
-                    comm: &comm.0,
+                    comm: &comm,
                     op,
                     size: self.size,
                 })
@@ -232,10 +281,10 @@ impl NcclCommunicator {
         Ok(out.to_device(t.device())?)
     }
 
-    /// Whether the watchdog can abort this communicator (its raw handle was readable).
+    /// Whether the watchdog can abort this communicator (its handle is in the list).
     pub fn abortable(&self) -> bool {
-        let h = handle(&self.comm.lock().expect("NCCL communicator").0);
-        h.is_some_and(|h| LIVE.lock().expect("live list").contains(&h))
+        let h = self.comm.lock().expect("NCCL communicator").handle();
+        LIVE.lock().expect("live list").contains(&h)
     }
 
     fn count(&self, t: &Tensor) {
@@ -244,24 +293,10 @@ impl NcclCommunicator {
     }
 }
 
-/// The raw `ncclComm_t` of `comm`, for the watchdog's abort. cudarc keeps the field
-/// private; its derived Debug output prints it (`Comm { comm: 0x…, …`), which stays
-/// right whatever the struct's layout. None if that ever changes: the watchdog then
-/// only exits.
-fn handle(comm: &Comm) -> Option<usize> {
-    let text = format!("{comm:?}");
-    let hex = text.split("comm: 0x").nth(1)?;
-    let end = hex
-        .find(|c: char| !c.is_ascii_hexdigit())
-        .unwrap_or(hex.len());
-    usize::from_str_radix(&hex[..end], 16).ok()
-}
-
 impl Drop for NcclCommunicator {
     fn drop(&mut self) {
-        if let Some(h) = handle(&self.comm.lock().expect("NCCL communicator").0) {
-            LIVE.lock().expect("live list").retain(|&x| x != h);
-        }
+        let h = self.comm.lock().expect("NCCL communicator").handle();
+        LIVE.lock().expect("live list").retain(|&x| x != h);
     }
 }
 
@@ -287,7 +322,7 @@ impl Op {
 /// One collective as a candle op: candle hands over the input's CUDA storage and takes
 /// back the output's, which is how a tensor's buffer is reached from outside candle.
 struct Collective<'a> {
-    comm: &'a Comm,
+    comm: &'a RawComm,
     op: Op,
     size: usize,
 }
@@ -303,16 +338,46 @@ impl Collective<'_> {
         let src = s.as_cuda_slice::<T>()?.slice(start..end);
         let device: CudaDevice = s.device().clone();
         let mut dst = device.alloc_zeros::<T>(out.elem_count())?;
-        let done = match self.op {
-            Op::AllGather => self.comm.all_gather(&src, &mut dst),
-            Op::AllReduce => self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
-            Op::ReduceScatter => self.comm.reduce_scatter(&src, &mut dst, &ReduceOp::Sum),
-            Op::Broadcast(root) => {
-                let send = (self.comm.rank() == root).then_some(&src);
-                self.comm.broadcast(send, &mut dst, root as i32)
+        let c = self.comm;
+        let (count_in, count_out) = (src.len(), dst.len());
+        let done = {
+            let (src_ptr, _read) = src.device_ptr(&c.stream);
+            let (dst_ptr, _write) = dst.device_ptr_mut(&c.stream);
+            let (send, recv) = (
+                src_ptr as *const std::ffi::c_void,
+                dst_ptr as *mut std::ffi::c_void,
+            );
+            let (kind, stream) = (T::as_nccl_type(), c.stream.cu_stream() as _);
+            let sum = sys::ncclRedOp_t::ncclSum;
+            // SAFETY: `send` holds `count_in` elements and `recv` `count_out` of type T on
+            // this communicator's device and stream, both alive until the op is done (the
+            // caller synchronises the stream before either is dropped or read).
+            unsafe {
+                match self.op {
+                    Op::AllGather => nccl::all_gather(send, recv, count_in, kind, c.comm, stream),
+                    Op::AllReduce => {
+                        nccl::all_reduce(send, recv, count_in, kind, sum, c.comm, stream)
+                    }
+                    Op::ReduceScatter => {
+                        nccl::reduce_scatter(send, recv, count_out, kind, sum, c.comm, stream)
+                    }
+                    // Every rank's `send` is a valid buffer of the root's shape; NCCL reads
+                    // the root's only.
+                    Op::Broadcast(root) => nccl::broadcast(
+                        send,
+                        recv,
+                        count_out,
+                        kind,
+                        i32::try_from(root).expect("a rank that fits an i32"),
+                        c.comm,
+                        stream,
+                    ),
+                }
             }
         };
-        done.map_err(|e| candle_core::Error::Msg(format!("NCCL: {}", nccl_message(&e))))?;
+        done.map_err(|e| {
+            candle_core::Error::Msg(format!("NCCL (rank {}): {}", c.rank, nccl_message(&e)))
+        })?;
         Ok(T::wrap_cuda_slice(dst, device))
     }
 }

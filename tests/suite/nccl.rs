@@ -21,7 +21,7 @@ fn every_collective_of_one_rank_returns_its_input_where_it_was() {
     let (comm, gpu) = solo();
     assert!(
         comm.abortable(),
-        "the watchdog could not read the NCCL handle"
+        "the watchdog has the communicator's handle to abort"
     );
     let x = Tensor::arange(0f32, 12.0, &gpu)
         .unwrap()
