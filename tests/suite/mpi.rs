@@ -267,3 +267,52 @@ fn sigterm_to_the_launcher_checkpoints_every_rank_and_exits_cleanly() {
         assert!(checkpoints.join(&latest).join(part).is_file(), "{part}");
     }
 }
+
+/// On storage each node sees on its own (node-local, or stale), ranks can find different
+/// saves under one name: here each rank's node holds a `step-00000004` of another run.
+/// They check each candidate together and stop, naming the rank that sees another save,
+/// instead of resuming from two different states.
+#[test]
+fn ranks_that_see_different_saves_stop_naming_them() {
+    let base = std::env::temp_dir().join(format!("mmpipe-mpi-saves-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let bin = env!("CARGO_BIN_EXE_mmpipe");
+    let topology = std::fs::canonicalize("topology/cpu-1x1.toml").unwrap();
+    let args = |steps: &str| {
+        format!(
+            "train --topology {} --steps {steps} --batch 8 --quiet --eval-pairs 0 \
+             --checkpoint-dir ckpt --checkpoint-every 2",
+            topology.display()
+        )
+    };
+    // Two runs with the same settings, one per "node": two run ids, two saves of step 4.
+    for node in ["node0", "node1"] {
+        let dir = base.join(node);
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new(bin)
+            .current_dir(&dir)
+            .args(args("4").split(' '))
+            .env("RAYON_NUM_THREADS", "1")
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let out = Command::new("mpirun")
+        .args(mpirun_flags())
+        .args(["-np", "2", "sh", "-c"])
+        .arg(format!(
+            "cd {}/node$OMPI_COMM_WORLD_RANK && exec {bin} {} --resume latest --backend mpi",
+            base.display(),
+            args("6")
+        ))
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the ranks see different saves") && stderr.contains("rank 1 (step 4"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
