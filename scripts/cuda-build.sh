@@ -13,7 +13,7 @@
 #   --pack         with --bundle: also DIR/mmpipe-gpu.tar.xz (~19 MB: the two executables
 #                  carry the same ~60 MB of kernel PTX, which compresses well)
 # env: CUDA_VENV (default ~/.cache/cuda13-venv), CUDA_RECIPE (default
-#      ../shared/cuda/setup-cuda-build.sh), CARGO_TARGET_DIR (default target-cuda, so the CPU
+#      scripts/cuda/setup-cuda-build.sh), CARGO_TARGET_DIR (default target-cuda, so the CPU
 #      build in target/ is not rebuilt each time), CUDA_COMPUTE_CAP (default 90: H100/H200;
 #      80 gives PTX that also JITs on newer GPUs).
 set -euo pipefail
@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
 done
 
 venv="${CUDA_VENV:-$HOME/.cache/cuda13-venv}"
-recipe="${CUDA_RECIPE:-../shared/cuda/setup-cuda-build.sh}"
+recipe="${CUDA_RECIPE:-scripts/cuda/setup-cuda-build.sh}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}"
 
 if [ ! -f "$venv/cuda-env.sh" ]; then

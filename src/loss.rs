@@ -1,5 +1,5 @@
 //! The global-batch contrastive losses under the modality split: all of their distributed
-//! maths in one file. `../shared/docs/contrastive-loss-math.md` derives every formula.
+//! maths in one file. `docs/contrastive-loss-math.md` derives every formula.
 //!
 //! Notation: global batch `B`; normalised image features `X` (rows `i`) and text features
 //! `Y` (rows `j`); scale `s = exp(t)`; logits `S = s·X·Yᵀ`.

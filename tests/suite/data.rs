@@ -18,15 +18,10 @@ use rand::{Rng, SeedableRng};
 
 use super::common::{batch, cpu_topology, scalar, test_model, train_config, Reference};
 
-/// The shared real-photo shard: 22 photos and scans (PNG and JPEG) with captions.
+/// 22 real photos and scans (PNG and JPEG, colour, grey and alpha) with captions, at 128
+/// pixels on their longer side (tests/fixtures/README.md).
 fn real_shard() -> PathBuf {
-    let p = PathBuf::from("../shared/data/real-photos/shard-000000.tar");
-    assert!(
-        p.is_file(),
-        "{} is missing: the shared fixtures sit beside the repository",
-        p.display()
-    );
-    p
+    PathBuf::from("tests/fixtures/real-photos.tar")
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -672,7 +667,7 @@ fn a_tsv_of_image_paths_and_captions_becomes_shards_skipping_bad_rows() {
     let report = inspect(&shards[0], 3);
     assert_eq!((report.samples, report.complete), (3, 3));
     assert!(
-        report.first[0].2.contains("512x512"),
+        report.first[0].2.contains("128x128"),
         "{:?}",
         report.first[0]
     );

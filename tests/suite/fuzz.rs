@@ -207,7 +207,7 @@ mod mutated_files {
 
         /// A real shard mutated: a scan, never a panic; whatever it keeps reads back.
         #[test]
-        fn a_damaged_real_shard_scans_without_panicking(bytes in mutated(std::fs::read("tests/fixtures/test-shard.tar").unwrap())) {
+        fn a_damaged_real_shard_scans_without_panicking(bytes in mutated(std::fs::read("tests/fixtures/real-photos.tar").unwrap())) {
             let path = temp_file("damaged.tar");
             std::fs::write(&path, &bytes).unwrap();
             for s in scan(&path).samples {

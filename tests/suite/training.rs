@@ -182,7 +182,7 @@ fn checkpoint_tensors(dir: &std::path::Path) -> std::collections::BTreeMap<Strin
 fn resuming_from_a_checkpoint_is_exact() {
     let base = std::env::temp_dir().join(format!("mmpipe-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
-    let shard = std::path::PathBuf::from("../shared/data/real-photos/shard-000000.tar");
+    let shard = std::path::PathBuf::from("tests/fixtures/real-photos.tar");
     let bpe =
         mmpipe::model::ClipConfig::from_file(std::path::Path::new("configs/clip-tiny-bpe.toml"))
             .unwrap();
