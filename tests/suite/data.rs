@@ -31,6 +31,29 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A short unevaluated run of `steps` steps at `global_batch` on `data`.
+fn quiet_run(steps: usize, global_batch: usize, data: DataConfig) -> TrainConfig {
+    TrainConfig {
+        steps,
+        global_batch,
+        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        progress: false,
+        data,
+        ..TrainConfig::default()
+    }
+}
+
+/// Shards named by `patterns` relative to `dir`, in their own order.
+fn shards_in(dir: &Path, patterns: &[&str]) -> DataConfig {
+    DataConfig {
+        kind: DataKind::Webdataset,
+        shards: patterns.iter().map(|p| p.to_string()).collect(),
+        shuffle_buffer: 1,
+        base_dir: dir.to_path_buf(),
+        ..DataConfig::default()
+    }
+}
+
 /// The real shard's samples as `(key, [(extension, bytes)])`.
 fn real_samples() -> Vec<SampleMembers> {
     let shard = real_shard();
@@ -400,21 +423,14 @@ fn damaged_samples_are_skipped_counted_by_cause_and_the_run_goes_on() {
     assert!(!scan_cut.samples.is_empty() && scan_cut.samples.len() < 10);
 
     let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
-    let cfg = TrainConfig {
-        steps: 6,
-        global_batch: 4,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
-        progress: false,
-        data: DataConfig {
-            kind: DataKind::Webdataset,
-            shards: vec!["{000..001}.tar".into()],
-            shuffle_buffer: 1,
-            base_dir: dir.clone(),
+    let cfg = quiet_run(
+        6,
+        4,
+        DataConfig {
             workers: 2,
-            ..DataConfig::default()
+            ..shards_in(&dir, &["{000..001}.tar"])
         },
-        ..TrainConfig::default()
-    };
+    );
     let report = mmpipe::train::train(&cpu_topology(2, 1), &model, &cfg).unwrap();
     assert_eq!(report.losses.len(), 6);
     assert!(report.losses.iter().all(|l| l.is_finite()));
@@ -1119,20 +1135,7 @@ fn images_over_the_size_limits_are_skipped_before_decoding() {
     );
     write_shard(&dir.join("000.tar"), &samples).unwrap();
     let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
-    let cfg = TrainConfig {
-        steps: 2,
-        global_batch: 4,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
-        progress: false,
-        data: DataConfig {
-            kind: DataKind::Webdataset,
-            shards: vec!["000.tar".into()],
-            shuffle_buffer: 1,
-            base_dir: dir.clone(),
-            ..DataConfig::default()
-        },
-        ..TrainConfig::default()
-    };
+    let cfg = quiet_run(2, 4, shards_in(&dir, &["000.tar"]));
     let report = mmpipe::train::train(&cpu_topology(1, 1), &model, &cfg).unwrap();
     assert_eq!(report.losses.len(), 2);
     assert_eq!(
@@ -1180,18 +1183,17 @@ fn a_run_whose_data_cannot_be_read_stops_after_max_bad_steps() {
     std::fs::write(dir.join("pairs.csv"), rows).unwrap();
     let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
     let cfg = TrainConfig {
-        steps: 50,
-        global_batch: 4,
         max_bad_steps: 3,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
-        progress: false,
-        data: DataConfig {
-            kind: DataKind::Csv,
-            csv: "pairs.csv".into(),
-            base_dir: dir.clone(),
-            ..DataConfig::default()
-        },
-        ..TrainConfig::default()
+        ..quiet_run(
+            50,
+            4,
+            DataConfig {
+                kind: DataKind::Csv,
+                csv: "pairs.csv".into(),
+                base_dir: dir.clone(),
+                ..DataConfig::default()
+            },
+        )
     };
     let err = mmpipe::train::train(&cpu_topology(1, 1), &model, &cfg)
         .expect_err("the run stops")
