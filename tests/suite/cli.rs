@@ -781,7 +781,8 @@ fn launch(hosts: &str, command: &str) -> std::process::Child {
 /// rank stops the others and is named, SIGTERM reaches every rank.
 #[test]
 fn launch_script_sets_rank_variables_and_stops_together() {
-    let hosts = "# two nodes on loopback\nlocalhost slots=2\n127.0.0.1 slots=1\n";
+    // Two "nodes": loopback aliases of this machine (started directly, as local hosts are).
+    let hosts = "# two nodes on loopback\nlocalhost slots=2\n127.0.0.2 slots=1\n";
     let out = launch(
         hosts,
         r#"echo "$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT $MMPIPE_RUN_SECRET""#,
