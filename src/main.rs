@@ -294,8 +294,9 @@ struct TrainArgs {
 #[derive(Args)]
 struct PrecisionArgs {
     /// Compute precision [default: bf16 on cuda topologies, fp32 on cpu]. bf16: bf16
-    /// compute and activations, f32 master weights, optimizer, loss, norm statistics and
-    /// softmax (on the CPU too, slowly: candle's CPU bf16 products convert through f32).
+    /// matrix products on bf16 copies of f32 master weights, with norms, softmax, the
+    /// residual stream, the loss and AdamW in f32 (on the CPU too, slowly: candle's CPU
+    /// bf16 products convert through f32).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// What gradients are summed in over a group [default: fp32]; bf16 halves the bytes.

@@ -31,7 +31,9 @@ use crate::topology::{Links, Topology, Tower};
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Fp32,
-    /// Mixed precision: bf16 compute and activations, fp32 master weights and gradients.
+    /// Mixed precision as torch.autocast runs it: bf16 matrix products (on bf16 copies of
+    /// fp32 master weights) and their outputs; fp32 norms, softmax, embeddings, residual
+    /// stream, loss, gradients into the optimizer and its state.
     Bf16,
 }
 

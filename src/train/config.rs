@@ -53,8 +53,9 @@ pub struct TrainConfig {
     /// The model config file, relative to this file (to the working directory without
     /// one); `--model` overrides it. None: the built-in tiny model.
     pub model: Option<PathBuf>,
-    /// `fp32`, or `bf16`: bf16 compute and activations, f32 master weights and optimizer
-    /// state, f32 for the loss, feature normalisation, norm statistics and softmax. Absent:
+    /// `fp32`, or `bf16`: bf16 matrix products on bf16 copies of f32 master weights, with
+    /// norms, softmax, embeddings, the residual stream, the loss and AdamW in f32 (torch
+    /// autocast's rules, docs/precision.md). Absent:
     /// bf16 on CUDA topologies, fp32 on the CPU (where bf16 runs, slowly: candle's CPU
     /// bf16 matrix products convert through f32).
     pub precision: Option<Precision>,
