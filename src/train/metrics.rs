@@ -185,9 +185,12 @@ impl MetricsFile {
         let (tx, rx) = unbounded::<Record>();
         let path: PathBuf = path.to_path_buf();
         let writer = std::thread::spawn(move || -> Result<()> {
-            let start = match rx.recv() {
-                Ok(Record::Start(step)) => step,
-                _ => 0,
+            // The file is only rewritten once the run says where it starts: a run that
+            // fails before (a refused resume) leaves it as it was.
+            let (start, first) = match rx.recv() {
+                Ok(Record::Start(step)) => (step, None),
+                Ok(other) => (0, Some(other)),
+                Err(_) => return Ok(()),
             };
             let file = keep_lines_before(&path, start)?;
             let mut out = std::io::BufWriter::new(file);
@@ -201,7 +204,7 @@ impl MetricsFile {
                         source,
                     })
             };
-            while let Ok(record) = rx.recv() {
+            for record in first.into_iter().chain(rx.iter()) {
                 let s = match record {
                     Record::Start(_) => continue,
                     Record::Step(s) => s,

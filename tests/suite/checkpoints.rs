@@ -191,7 +191,16 @@ fn the_metrics_file_continues_across_a_resume() {
     // A crashed attempt's lines past the save, and a torn last line.
     let mut text = std::fs::read_to_string(&metrics).unwrap();
     text.push_str("{\"step\": 4, \"loss\": 9.9}\n{\"step\": 5, \"lo");
-    std::fs::write(&metrics, text).unwrap();
+    std::fs::write(&metrics, &text).unwrap();
+    // A resume that is refused (another seed) leaves the file as it was.
+    train(&TrainConfig {
+        metrics: Some(metrics.clone()),
+        resume: Some("latest".into()),
+        seed: 99,
+        ..config(&dir, 8, 0)
+    })
+    .unwrap_err();
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap(), text);
     train(&TrainConfig {
         metrics: Some(metrics.clone()),
         resume: Some("latest".into()),
