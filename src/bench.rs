@@ -168,15 +168,6 @@ pub fn gemm_peak_gflops() -> Result<f64> {
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
-fn median(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
-    }
-}
-
 /// Trains `warmup + steps` steps and reports the timed ones.
 /// `gemm_peak` is [`gemm_peak_gflops`] on `threads` threads, measured by the caller (in a
 /// process of its own, whose thread pool is not sized per rank).
@@ -193,7 +184,7 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
     if timed.is_empty() {
         return Err(crate::error::Error::Msg("no timed steps".into()));
     }
-    let step_ms = median(&timed);
+    let step_ms = crate::train::metrics::median(timed.iter().copied());
     let embed = opts.model.embed_dim;
     let (vision, text) = (opts.model.vision.size(), opts.model.text.size());
     let gflop_per_sample = 3.0 * (vision.forward_flops(embed) + text.forward_flops(embed)) / 1e9;

@@ -349,10 +349,10 @@ pub fn evaluate_checkpoint(
     let params = pb.params();
     let image_params = params.filter(|n| n.starts_with("visual."));
     let text_params = params.filter(|n| !n.starts_with("visual.") && !n.starts_with("logit_"));
-    let image_part = checkpoint.join("image.safetensors");
+    let image_part = checkpoint.join(ckpt::part_file(Tower::Image));
     ckpt::load(&image_params, &image_part)?;
     image_tower.load_buffers(&ckpt::read_tensors(&image_part)?)?;
-    ckpt::load(&text_params, &checkpoint.join("text.safetensors"))?;
+    ckpt::load(&text_params, &checkpoint.join(ckpt::part_file(Tower::Text)))?;
 
     let held_out = HeldOut::fashion_mnist(dir, model)?;
     let n = images.min(held_out.pairs().unwrap_or(images)).max(1);

@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
 
 /// Which contrastive loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LossKind {
     /// Symmetric InfoNCE over the global batch.
@@ -77,7 +77,7 @@ impl fmt::Display for LossKind {
 }
 
 /// How the ranks of the two groups share the loss's work and gradients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Exchange {
     /// Normaliser partials inside each group; no gradient traffic.

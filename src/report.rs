@@ -59,6 +59,11 @@ fn phase_key(name: &str) -> String {
 }
 
 impl Run {
+    /// The median throughput over the run's steps.
+    pub fn median_samples_per_s(&self) -> f64 {
+        crate::train::metrics::median(self.steps.iter().map(|s| s.samples_per_s))
+    }
+
     /// Reads a metrics file. A malformed line is an error naming the file and line,
     /// except a cut-off last line (a run killed mid-write), which is skipped.
     pub fn read(run: &Path) -> Result<Run> {
@@ -515,8 +520,6 @@ pub fn markdown_table(runs: &[Run]) -> String {
         let losses = run.losses();
         let tail = &losses[losses.len() - (losses.len() / 10).max(1).min(losses.len())..];
         let tail_mean = tail.iter().map(|l| l.1).sum::<f64>() / tail.len().max(1) as f64;
-        let mut rates: Vec<f64> = run.steps.iter().map(|s| s.samples_per_s).collect();
-        rates.sort_by(f64::total_cmp);
         let eval = run.evals.last();
         let percent =
             |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.1}%", 100.0 * v));
@@ -534,7 +537,7 @@ pub fn markdown_table(runs: &[Run]) -> String {
             percent(eval.and_then(|e| e.zero_shot)),
             percent(eval.map(|e| e.image_to_text_r1)),
             percent(eval.map(|e| e.text_to_image_r1)),
-            rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),
+            run.median_samples_per_s(),
             gap,
         ));
     }

@@ -10,6 +10,8 @@
 //! - a peer that leaves (error, panic, drop) turns the collective into an error on the
 //!   ranks still waiting, never a hang.
 
+pub mod device;
+pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]

@@ -38,7 +38,9 @@ pub const SIDE: usize = 28;
 /// Images in the test split: the held-out pairs of a Fashion-MNIST run.
 pub const TEST_IMAGES: usize = 10_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     /// 60,000 images.

@@ -9,7 +9,32 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::params::Params;
+use super::ClipConfig;
 use crate::error::{Error, Result};
+use crate::topology::Tower;
+
+/// The file of a training checkpoint folder (`step-NNNNNNNN/`) that holds `tower`'s
+/// part: its parameters, batch-norm statistics and optimizer state.
+pub fn part_file(tower: Tower) -> &'static str {
+    match tower {
+        Tower::Image => "image.safetensors",
+        Tower::Text => "text.safetensors",
+    }
+}
+
+/// The model config a training checkpoint folder keeps beside its parts.
+pub const MODEL_FILE: &str = "model.toml";
+
+/// The model of training checkpoint folder `dir`: `model` when given, else the config
+/// saved in the folder, else the built-in clip-tiny (saves from before configs were kept).
+pub fn checkpoint_model(dir: &Path, model: Option<&Path>) -> Result<ClipConfig> {
+    let saved = dir.join(MODEL_FILE);
+    match model {
+        Some(m) => ClipConfig::from_file(m),
+        None if saved.is_file() => ClipConfig::from_file(&saved),
+        None => Ok(ClipConfig::default_tiny()),
+    }
+}
 
 /// Writes `tensors` to `path` atomically and durably (a temporary file in the same folder,
 /// fsync, rename, fsync of the folder).

@@ -38,6 +38,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// What a run uses unless told: bf16 on GPUs, fp32 on CPUs (whose bf16 is slow).
+    pub fn default_on(device: crate::topology::DeviceKind) -> Precision {
+        match device {
+            crate::topology::DeviceKind::Cuda => Precision::Bf16,
+            crate::topology::DeviceKind::Cpu => Precision::Fp32,
+        }
+    }
+
     pub fn activation_bytes(self) -> f64 {
         match self {
             Precision::Fp32 => 4.0,

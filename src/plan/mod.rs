@@ -72,6 +72,9 @@ pub struct Plan {
     /// Why there is no estimate, when there is none.
     pub no_estimate: Option<String>,
     pub warnings: Vec<String>,
+    /// Warnings from comparing the split with plain data parallelism (which `--auto`'s
+    /// own report already makes).
+    pub data_parallel_warnings: Vec<String>,
 }
 
 fn encoder_name(model: &ClipConfig, tower: Tower) -> &'static str {
@@ -153,12 +156,13 @@ impl Plan {
             options,
         };
         let mut warnings = Vec::new();
+        let mut data_parallel_warnings = Vec::new();
         let (split, data_parallel, no_estimate) = match cost.split() {
             Ok(split) => {
                 let dp = match cost.data_parallel() {
                     Ok(dp) => Some(dp),
                     Err(e) => {
-                        warnings.push(format!("no data-parallel comparison: {e}"));
+                        data_parallel_warnings.push(format!("no data-parallel comparison: {e}"));
                         None
                     }
                 };
@@ -180,7 +184,7 @@ impl Plan {
             }
             if let Some(dp) = &data_parallel {
                 if dp.step_s < s.step_s && dp.memory.fits {
-                    warnings.push(format!(
+                    data_parallel_warnings.push(format!(
                         "this split is {:.2}x slower than plain data parallelism on the same devices \
                          ({} vs {} per step)",
                         s.step_s / dp.step_s,
@@ -226,6 +230,7 @@ impl Plan {
             data_parallel,
             no_estimate,
             warnings,
+            data_parallel_warnings,
         })
     }
 
@@ -410,7 +415,7 @@ impl Plan {
             }
             (None, None) => {}
         }
-        for w in &self.warnings {
+        for w in self.warnings.iter().chain(&self.data_parallel_warnings) {
             let _ = writeln!(s, "warning: {w}");
         }
         s

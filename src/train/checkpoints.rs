@@ -98,12 +98,7 @@ pub struct PartRecord {
     pub crc32: u32,
 }
 
-pub fn part_file(tower: Tower) -> &'static str {
-    match tower {
-        Tower::Image => "image.safetensors",
-        Tower::Text => "text.safetensors",
-    }
-}
+pub use crate::model::checkpoint::part_file;
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -212,7 +207,7 @@ pub fn save(
             .map_err(|e| Error::Msg(format!("{}: {e}", config_path.display())))?;
         durable::write(&config_path, config.as_bytes())?;
         if let Some(model) = &cfg.model {
-            durable::copy(model, &partial.join("model.toml"))?;
+            durable::copy(model, &partial.join(crate::model::checkpoint::MODEL_FILE))?;
         }
         durable::sync_dir(&partial)?;
         if done.exists() {

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataConfig, DataKind};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, TileSize};
+use crate::model::{ClipConfig, ImageTowerConfig};
 pub use crate::plan::{GradReduce, MicroBatch, Precision};
+use crate::topology::{DeviceKind, Topology, Tower};
 
 /// Evaluation during training: zero-shot classification and retrieval on held-out pairs
 /// (the synthetic set's held-out stream, or Fashion-MNIST's test split when training on
@@ -137,11 +139,9 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// The precision on `device`: as set, else bf16 on CUDA and fp32 on the CPU.
-    pub fn precision_on(&self, device: crate::topology::DeviceKind) -> Precision {
-        self.precision.unwrap_or(match device {
-            crate::topology::DeviceKind::Cuda => Precision::Bf16,
-            crate::topology::DeviceKind::Cpu => Precision::Fp32,
-        })
+    pub fn precision_on(&self, device: DeviceKind) -> Precision {
+        self.precision
+            .unwrap_or_else(|| Precision::default_on(device))
     }
 
     /// Reads a training config (or the defaults, without a file), applies `key=value`
@@ -199,6 +199,13 @@ impl TrainConfig {
         }
         cfg.validate(&origin)?;
         Ok(cfg)
+    }
+
+    /// A hash of this config and the model's: what every process of a run must agree on.
+    pub fn fingerprint(&self, model: &ClipConfig) -> u64 {
+        crate::comm::rendezvous::stable_hash(
+            format!("{}{model:?}", toml::to_string(self).unwrap_or_default()).as_bytes(),
+        )
     }
 
     /// Reads and checks a training config file.
@@ -291,6 +298,52 @@ impl TrainConfig {
         }
         if let TileSize::Columns(0) = self.loss.tile {
             return bad("loss.tile", "a tile has at least 1 column".into());
+        }
+        Ok(())
+    }
+
+    /// Checks what only makes sense together with the topology and the model: that this
+    /// build can run the topology's devices, that the global batch splits evenly, that the
+    /// held-out pairs cover every rank, and that micro-batches suit the image tower. The
+    /// one place a run's combined settings are checked, before any rank starts.
+    pub fn validate_run(&self, topology: &Topology, model: &ClipConfig) -> Result<()> {
+        if topology.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+            return Err(Error::invalid(
+                &topology.source,
+                "device",
+                "`cuda` ranks need a build with CUDA (cargo build --release --features cuda; \
+                 scripts/cuda-build.sh does it without a system toolkit); train with a cpu topology, \
+                 or inspect this one with `mmpipe plan`",
+            ));
+        }
+        topology.check_batch(self.global_batch, "the global batch (--batch)")?;
+        let largest_group = topology
+            .group_size(Tower::Image)
+            .max(topology.group_size(Tower::Text));
+        if self.eval.pairs != 0 && self.eval.pairs < largest_group {
+            return Err(Error::invalid(
+                &self.data.origin,
+                "eval.pairs",
+                format!(
+                    "{} is fewer than the {largest_group} ranks of a group: use at least that many, or 0",
+                    self.eval.pairs
+                ),
+            ));
+        }
+        let local_batch = self.global_batch / topology.group_size(Tower::Image);
+        if let Some(m) = self.micro_batch.image {
+            let resnet = matches!(model.vision, ImageTowerConfig::Resnet(_));
+            if resnet && m < local_batch && !model.is_locked(Tower::Image) {
+                return Err(Error::invalid(
+                    &self.data.origin,
+                    "micro_batch.image",
+                    format!(
+                        "{m}: the ResNet tower's batch norm takes its statistics from each forward \
+                         pass, so micro-batches would change the step (and update the running \
+                         statistics twice); use the whole local batch of {local_batch}, or a ViT"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -257,3 +257,17 @@ impl MetricsFile {
         }
     }
 }
+
+/// The median of `values` (the mean of the middle two for an even count; NaN for none):
+/// robust to the first steps' warm-up and to a few slow steps. The one median of step
+/// times and rates, for `train`, `bench` and `report` alike.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut sorted: Vec<f64> = values.into_iter().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]),
+    }
+}

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use crate::comm::device::rank_device;
+pub use crate::comm::launch::Ranks;
 pub use config::TrainConfig;
 pub use step::{PhaseBytes, PhaseTimes, RankTrainer, Readable, SkipReason, StepGrads, StepOutcome};
 
@@ -32,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::eval::{EvalScores, HeldOut};
 use crate::loss::{split_len, split_offset, FeatureLayout};
 use crate::model::ClipConfig;
-use crate::topology::{DeviceKind, Topology, Tower};
+use crate::topology::{Topology, Tower};
 use metrics::{MetricsFile, RankStep, Record};
 
 /// Set by SIGINT/SIGTERM (or [`request_stop`]): the run finishes its step, saves a
@@ -78,9 +80,7 @@ pub struct TrainReport {
 impl TrainReport {
     /// The median step time: robust to the first steps' warm-up.
     pub fn median_step_seconds(&self) -> f64 {
-        let mut s = self.step_seconds.clone();
-        s.sort_by(f64::total_cmp);
-        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+        metrics::median(self.step_seconds.iter().copied())
     }
 }
 
@@ -107,15 +107,6 @@ pub fn batch_indices(step: usize, global_batch: usize, offset: usize, len: usize
     (start..start + len as u64).collect()
 }
 
-/// Which of the topology's ranks this process runs.
-pub enum Ranks {
-    /// All of them, one thread each (the embedded default).
-    Threads,
-    /// One: this process is rank `rank` of a multi-process run (MPI, or one process per
-    /// GPU), with its communicators.
-    Process { rank: usize, comms: RankComms },
-}
-
 /// Trains the model over the topology's rank threads.
 pub fn train(topology: &Topology, model: &ClipConfig, cfg: &TrainConfig) -> Result<TrainReport> {
     train_ranks(topology, model, cfg, Ranks::Threads)
@@ -131,27 +122,9 @@ pub fn train_ranks(
     cfg: &TrainConfig,
     ranks: Ranks,
 ) -> Result<TrainReport> {
-    if topology.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
-        return Err(Error::invalid(
-            &topology.source,
-            "device",
-            "`cuda` ranks need a build with CUDA (cargo build --release --features cuda; \
-             scripts/cuda-build.sh does it without a system toolkit); train with a cpu topology, \
-             or inspect this one with `mmpipe plan`",
-        ));
-    }
-    topology.check_batch(cfg.global_batch, "the global batch (--batch)")?;
+    cfg.validate_run(topology, model)?;
     // Process-wide in candle: whether CUDA's f32 matrix products may use TF32.
     candle_core::cuda::set_gemm_reduced_precision_f32(cfg.tf32);
-    let largest_group = topology
-        .group_size(Tower::Image)
-        .max(topology.group_size(Tower::Text));
-    if cfg.eval.pairs != 0 && cfg.eval.pairs < largest_group {
-        return Err(Error::Msg(format!(
-            "eval.pairs = {} is fewer than the {largest_group} ranks of a group: use at least that many, or 0",
-            cfg.eval.pairs
-        )));
-    }
     let source = Arc::new(SyntheticSource::new(cfg.seed, model)?);
     // Missing shards are an error now, before any rank starts.
     let d = &cfg.data;
@@ -553,29 +526,6 @@ fn per_process(path: &Path, rank: usize) -> PathBuf {
         None => format!("{stem}.rank-{rank}"),
     };
     path.with_file_name(name)
-}
-
-/// Where rank `rank` computes: the CPU, or the GPU of its position on its node (modulo
-/// the GPUs this process sees, so rank threads of a many-GPU topology can share one GPU,
-/// and a process limited by CUDA_VISIBLE_DEVICES takes the one it sees).
-pub fn rank_device(topology: &Topology, rank: usize) -> Result<Device> {
-    match topology.device {
-        DeviceKind::Cpu => Ok(Device::Cpu),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => {
-            let count = crate::comm::nccl::device_count()?;
-            if count == 0 {
-                return Err(Error::Msg("no CUDA GPU is visible to this process".into()));
-            }
-            crate::comm::nccl::cuda_device(topology.ranks[rank].device % count)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceKind::Cuda => Err(Error::invalid(
-            &topology.source,
-            "device",
-            format!("rank {rank} is a `cuda` rank: that needs a build with --features cuda"),
-        )),
-    }
 }
 
 fn run_rank(

@@ -301,15 +301,6 @@ impl RankTrainer {
             .micro_batch
             .of(rank.tower)
             .filter(|&m| m < local_batch && !locked);
-        if micro_batch.is_some() && matches!(encoder, Encoder::ResNet(_)) {
-            return Err(Error::Msg(format!(
-                "micro_batch.image = {}: the ResNet tower's batch norm takes its statistics \
-                 from each forward pass, so micro-batches would change the step (and update \
-                 the running statistics twice); use the whole local batch of {local_batch}, \
-                 or a ViT",
-                micro_batch.unwrap_or(0)
-            )));
-        }
         let optimizer = AdamW::with_working_copies(
             &trainable,
             &working,
@@ -762,8 +753,7 @@ impl RankTrainer {
             .sum();
         times.backward = self.elapsed(t)?;
         // Activations and gradients are all alive here: the step's high-water mark.
-        #[cfg(feature = "cuda")]
-        crate::comm::nccl::sample_memory(&self.device);
+        crate::comm::device::sample_memory(&self.device);
 
         let t = Instant::now();
         let before = payload(comms);

@@ -10,7 +10,7 @@ use mmpipe::comm::{agree_on_run, all_reduce_bucket, Communicator};
 use super::common::values;
 
 fn solo() -> (NcclCommunicator, Device) {
-    let device = nccl::cuda_device(0).expect("these tests need a CUDA GPU");
+    let device = mmpipe::comm::device::cuda_device(0).expect("these tests need a CUDA GPU");
     let id = nccl::new_id().unwrap();
     let comm = NcclCommunicator::new(&id, 0, 1, &device, "solo").unwrap();
     (comm, device)
@@ -79,7 +79,7 @@ fn cpu_tensors_and_other_dtypes_make_the_round_trip() {
 
 #[test]
 fn an_id_of_the_wrong_size_is_refused_by_name() {
-    let device = nccl::cuda_device(0).expect("these tests need a CUDA GPU");
+    let device = mmpipe::comm::device::cuda_device(0).expect("these tests need a CUDA GPU");
     let err = NcclCommunicator::new(&[0u8; 12], 0, 1, &device, "image")
         .err()
         .expect("a 12-byte id is refused")

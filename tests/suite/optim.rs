@@ -222,7 +222,7 @@ mod cuda {
 
     #[test]
     fn the_gpu_adamw_equals_the_cpu_adamw_on_random_tensors() {
-        let gpu = mmpipe::comm::nccl::cuda_device(0).expect("this test needs a CUDA GPU");
+        let gpu = mmpipe::comm::device::cuda_device(0).expect("this test needs a CUDA GPU");
         for mixed in [false, true] {
             let compute = if mixed { DType::BF16 } else { DType::F32 };
             let on_gpu = ParamBuilder::mixed(11, compute, DType::F32, &gpu);

@@ -574,7 +574,7 @@ mod cuda {
     use super::*;
 
     fn gpu() -> Device {
-        mmpipe::comm::nccl::cuda_device(0).expect("these tests need a CUDA GPU")
+        mmpipe::comm::device::cuda_device(0).expect("these tests need a CUDA GPU")
     }
 
     fn check_on_gpu(image: usize, text: usize, dtype: DType) {

@@ -529,7 +529,7 @@ mod cuda {
 
     #[test]
     fn cuda_bf16_tracks_the_cpu_f32_step() {
-        let gpu = mmpipe::comm::nccl::cuda_device(0).expect("this test needs a CUDA GPU");
+        let gpu = mmpipe::comm::device::cuda_device(0).expect("this test needs a CUDA GPU");
         for (image, text) in [(1, 1), (2, 2)] {
             let want = run(image, text, &config(Precision::Fp32, GradReduce::Fp32));
             let got = split_run_on(

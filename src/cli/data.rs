@@ -1,0 +1,133 @@
+//! `mmpipe convert` and `mmpipe data`: checkpoints from other trainers, and shards.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use mmpipe::model::{checkpoint, ClipConfig};
+
+use super::args::{CheckpointFormat, ConvertArgs, ConvertSource, DataCommand};
+
+/// `mmpipe convert`: an OpenCLIP or HF BERT checkpoint as an mmpipe checkpoint.
+pub fn convert_checkpoint(args: ConvertArgs) -> anyhow::Result<()> {
+    let model = ClipConfig::from_file(&args.model)?;
+    let pb = mmpipe::model::cpu_builder(args.seed);
+    let (image, text) = mmpipe::model::build_all(&pb, &model)?;
+    let params = pb.params();
+    let mut report = match args.from {
+        CheckpointFormat::Openclip => checkpoint::load(&params, &args.input)?,
+        CheckpointFormat::HfBert => checkpoint::load_hf_bert(&params, &args.input)?,
+    };
+    // Batch-norm statistics travel with the weights (OpenCLIP's ResNets).
+    if args.from == CheckpointFormat::Openclip {
+        let tensors = checkpoint::read_tensors(&args.input)?;
+        if image.load_buffers(&tensors)? > 0 {
+            report.unused.retain(|k| {
+                !(k.ends_with("running_mean")
+                    || k.ends_with("running_var")
+                    || k.ends_with("num_batches_tracked"))
+            });
+        }
+    }
+    let mut buffers = image.buffers()?;
+    buffers.extend(text.buffers()?);
+    checkpoint::save_with_buffers(&params, &buffers, &args.out)?;
+    println!(
+        "wrote {} ({} tensors: {} from {}, {} initialised with seed {})",
+        args.out.display(),
+        params.len(),
+        report.loaded,
+        args.input.display(),
+        params.len() - report.loaded,
+        args.seed
+    );
+    if !report.unused.is_empty() {
+        println!("not used from the input: {}", report.unused.join(", "));
+    }
+    Ok(())
+}
+
+/// `mmpipe data`: write and inspect shards.
+pub fn run(command: DataCommand) -> anyhow::Result<()> {
+    use mmpipe::data::convert;
+    use mmpipe::data::fashion_mnist::DEBIAN_DIR;
+    let wrote = |(shards, samples): (Vec<PathBuf>, usize), out: &PathBuf| {
+        println!(
+            "wrote {samples} samples in {} shard(s) to {}",
+            shards.len(),
+            out.display()
+        );
+    };
+    match command {
+        DataCommand::Synth {
+            out,
+            samples,
+            per_shard,
+            image_size,
+            seed,
+        } => wrote(
+            convert::synth(&out, samples, per_shard, image_size, seed)?,
+            &out,
+        ),
+        DataCommand::Convert {
+            from: ConvertSource::FashionMnist,
+            input,
+            out,
+            per_shard,
+            split,
+            limit,
+            ..
+        } => {
+            let dir = input.unwrap_or_else(|| PathBuf::from(DEBIAN_DIR));
+            wrote(
+                convert::fashion_mnist(&dir, split, &out, per_shard, limit)?,
+                &out,
+            )
+        }
+        DataCommand::Convert {
+            from: ConvertSource::Csv,
+            input,
+            out,
+            per_shard,
+            image_column,
+            caption_column,
+            ..
+        } => {
+            let input = input.context("--from csv needs the CSV/TSV file")?;
+            let columns = convert::CsvColumns {
+                image: image_column,
+                caption: caption_column,
+                delimiter: None,
+            };
+            let (shards, samples, skipped) = convert::csv(&input, &columns, &out, per_shard)?;
+            wrote((shards, samples), &out);
+            println!("rows skipped: {skipped}");
+        }
+        DataCommand::Inspect { shard, show } => {
+            if !shard.is_file() {
+                anyhow::bail!("{}: no such shard", shard.display());
+            }
+            let r = convert::inspect(&shard, show);
+            println!(
+                "{}: {} samples, {} complete image-caption pairs",
+                shard.display(),
+                r.samples,
+                r.complete
+            );
+            let members: Vec<String> = r
+                .by_extension
+                .iter()
+                .map(|(e, n)| format!("{n} .{e}"))
+                .collect();
+            println!("members: {}", members.join(", "));
+            println!("problems: {}", r.problems);
+            if let Some(s) = &r.stopped {
+                println!("scan stopped early: {s}");
+            }
+            for (key, caption, image) in &r.first {
+                println!("  {key}: {image}; \"{caption}\"");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! What `train` and `bench` print about a run: its precision, time per phase, collective
+//! bytes and memory. One printer for both, so the two read alike.
+
+use std::fmt::Display;
+
+use mmpipe::plan::{self, GradReduce, Precision};
+use mmpipe::topology::{DeviceKind, Topology, Tower};
+use mmpipe::train::{PhaseBytes, PhaseTimes, TrainConfig};
+
+/// "bf16 (f32 master weights, gradients summed in fp32)", or "fp32 (TF32 matmuls)".
+pub fn precision(cfg: &TrainConfig, topology: &Topology) -> String {
+    let reduce = match cfg.grad_all_reduce {
+        GradReduce::Fp32 => "fp32",
+        GradReduce::Bf16 => "bf16",
+    };
+    let tf32 = match (topology.device, cfg.tf32) {
+        (DeviceKind::Cuda, true) => ", TF32 for f32 matmuls",
+        _ => "",
+    };
+    match cfg.precision_on(topology.device) {
+        Precision::Bf16 => {
+            format!("bf16 (f32 master weights, gradients summed in {reduce}{tf32})")
+        }
+        Precision::Fp32 => format!("fp32 (gradients summed in {reduce}{tf32})"),
+    }
+}
+
+/// Says what a precision setting does on a CPU topology, where TF32 does not exist and
+/// bf16 is slow.
+pub fn precision_notes(cfg: &TrainConfig, topology: &Topology) {
+    if topology.device != DeviceKind::Cpu {
+        return;
+    }
+    if cfg.precision_on(topology.device) == Precision::Bf16 {
+        eprintln!(
+            "note: bf16 on the CPU ({}) trains in bf16 for real, but slowly: candle's CPU bf16 \
+             matrix products convert through f32",
+            topology.source.display()
+        );
+    }
+    if !cfg.tf32 {
+        eprintln!(
+            "note: tf32 = false changes nothing on {}: CPUs have no TF32 (it applies to cuda topologies)",
+            topology.source.display()
+        );
+    }
+}
+
+/// Each rank's phase totals as milliseconds per step.
+pub fn phases_per_step(phases: &[(Tower, PhaseTimes)], steps: usize) -> Vec<(Tower, [f64; 7])> {
+    phases
+        .iter()
+        .map(|(tower, p)| {
+            (
+                *tower,
+                p.as_array()
+                    .map(|d| d.as_secs_f64() * 1e3 / steps.max(1) as f64),
+            )
+        })
+        .collect()
+}
+
+/// The table of milliseconds per step, one row per rank.
+pub fn print_phases<T: Display>(rows: &[(T, [f64; 7])]) {
+    print!("ms/step by phase  rank tower");
+    for name in PhaseTimes::NAMES {
+        print!(" {name:>15}");
+    }
+    println!();
+    for (rank, (tower, ms)) in rows.iter().enumerate() {
+        print!("                  {rank:>4} {:<5}", tower.to_string());
+        for v in ms {
+            print!(" {v:>15.1}");
+        }
+        println!();
+    }
+}
+
+/// Each rank's collective payload per step, by phase.
+pub fn print_bytes(phases: &[(Tower, PhaseTimes)], bytes: &[PhaseBytes], steps: usize) {
+    println!(
+        "collective payload per step  rank tower  feature all-gather   loss exchange  grad all-reduce"
+    );
+    let per_step = |b: u64| plan::short_bytes(b / steps.max(1) as u64);
+    for (rank, ((tower, _), b)) in phases.iter().zip(bytes).enumerate() {
+        println!(
+            "                             {rank:>4} {tower:<5} {:>19} {:>15} {:>16}",
+            per_step(b.exchange),
+            per_step(b.loss),
+            per_step(b.grad_all_reduce)
+        );
+    }
+}
+
+/// The process's peak resident set and, after a GPU run, the device's peak in use;
+/// returns the GPU's in MiB.
+pub fn print_memory() -> Option<f64> {
+    if let Some(mib) = mmpipe::train::metrics::process_status_mib("VmHWM") {
+        println!("peak memory (resident, whole process): {mib:.0} MiB");
+    }
+    let (used, total) = mmpipe::comm::device::memory_peak()?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "peak GPU memory in use (whole device, after backward): {:.0} of {:.0} MiB",
+        mib(used),
+        mib(total)
+    );
+    Some(mib(used))
+}
