@@ -155,7 +155,7 @@ fn towers(c: &mut Criterion) {
 /// step is `mmpipe bench`.
 fn train_step(c: &mut Criterion) {
     use mmpipe::comm::thread::run_ranks;
-    use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
+    use mmpipe::train::{RankTrainer, TrainConfig};
     let mut g = c.benchmark_group("train_step_clip_tiny_1x1");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
     let model = ClipConfig::default_tiny();
@@ -173,8 +173,9 @@ fn train_step(c: &mut Criterion) {
             let times = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
                 let mut trainer =
                     RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-                let indices =
-                    batch_indices(0, cfg.global_batch, trainer.offset, trainer.local_batch);
+                let indices = (trainer.offset as u64
+                    ..(trainer.offset + trainer.local_batch) as u64)
+                    .collect::<Vec<_>>();
                 let input =
                     source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
                 let start = Instant::now();

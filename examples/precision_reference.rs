@@ -18,7 +18,7 @@ use mmpipe::data::{Stream, SyntheticSource};
 use mmpipe::model::{checkpoint, ClipConfig, TowerInput};
 use mmpipe::plan::Precision;
 use mmpipe::topology::Topology;
-use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
+use mmpipe::train::{RankTrainer, TrainConfig};
 
 /// The test suite's model; OpenCLIP's CLIP of the same config is built by the Python side.
 const MODEL: &str = include_str!("../tests/fixtures/test-model.toml");
@@ -45,7 +45,7 @@ fn main() -> mmpipe::error::Result<()> {
         std::path::Path::new("cpu-1x1.toml"),
     )?;
     let source = SyntheticSource::new(SEED, &model)?;
-    let indices = batch_indices(0, BATCH, 0, BATCH);
+    let indices: Vec<u64> = (0..BATCH as u64).collect();
     let mut batch = HashMap::new();
     for tower in [
         mmpipe::topology::Tower::Image,
@@ -79,7 +79,7 @@ fn main() -> mmpipe::error::Result<()> {
                 .map(|(n, v)| (n.to_string(), v.as_tensor().copy().expect("copy")))
                 .collect();
             let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
-            let g = trainer.compute_grads(&comms, &input)?;
+            let g = trainer.compute_grads(&comms, &input, None)?;
             let mut grads: Vec<(String, Tensor)> = trainer
                 .trainable()
                 .names()

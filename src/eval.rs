@@ -342,13 +342,14 @@ pub fn evaluate_checkpoint(
     images: usize,
     probe: Option<usize>,
 ) -> Result<(EvalScores, Option<ProbeScores>)> {
-    use crate::model::{build_all, checkpoint as ckpt, cpu_builder};
+    use crate::model::{checkpoint as ckpt, cpu_builder, Encoder};
 
+    // Each tower's parameters are what building it registered.
     let pb = cpu_builder(0);
-    let (image_tower, text_tower) = build_all(&pb, model)?;
-    let params = pb.params();
-    let image_params = params.filter(|n| n.starts_with("visual."));
-    let text_params = params.filter(|n| !n.starts_with("visual.") && !n.starts_with("logit_"));
+    let image_tower = Encoder::new(&pb, model, Tower::Image)?;
+    let image_params = pb.params();
+    let text_tower = Encoder::new(&pb, model, Tower::Text)?;
+    let text_params = pb.params().without(&image_params);
     let image_part = checkpoint.join(ckpt::part_file(Tower::Image));
     ckpt::load(&image_params, &image_part)?;
     image_tower.load_buffers(&ckpt::read_tensors(&image_part)?)?;

@@ -12,7 +12,7 @@ pub mod resnet;
 pub mod text;
 pub mod vision;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 pub use bert::BertTower;
 pub use config::{
@@ -89,26 +89,6 @@ pub enum Encoder {
     Bert(BertTower),
 }
 
-/// The towers that can be built and trained today; the others are costed by `mmpipe plan`.
-fn vit(cfg: &ClipConfig) -> Result<&VitConfig> {
-    match &cfg.vision {
-        ImageTowerConfig::Vit(v) => Ok(v),
-        ImageTowerConfig::Resnet(_) => Err(Error::Msg(
-            "the single-device Clip model pairs a ViT with CLIP's text tower; use Encoder for ResNet".into(),
-        )),
-    }
-}
-
-fn clip_text(cfg: &ClipConfig) -> Result<&TextTransformerConfig> {
-    match &cfg.text {
-        TextTowerConfig::Clip(t) => Ok(t),
-        TextTowerConfig::Bert(_) => Err(Error::Msg(
-            "the single-device Clip model pairs a ViT with CLIP's text tower; use Encoder for BERT"
-                .into(),
-        )),
-    }
-}
-
 impl Encoder {
     pub fn new(pb: &ParamBuilder, cfg: &ClipConfig, tower: Tower) -> Result<Self> {
         Ok(match tower {
@@ -156,57 +136,33 @@ impl Encoder {
     }
 }
 
-/// The whole CLIP on one device: both towers and the learnable temperature.
-#[derive(Debug, Clone)]
-pub struct Clip {
-    pub visual: VisionTower,
-    pub text: TextTower,
-    pub logit_scale: Tensor,
-    /// SigLIP's learnable logit bias.
-    pub logit_bias: Option<Tensor>,
-}
-
-impl Clip {
-    pub fn new(pb: &ParamBuilder, cfg: &ClipConfig) -> Result<Self> {
-        Self::with_loss_scalars(pb, cfg, LOGIT_SCALE_INIT, None)
-    }
-
-    /// With the loss's own initial temperature, and a logit bias when `bias_init` is given.
-    pub fn with_loss_scalars(
-        pb: &ParamBuilder,
-        cfg: &ClipConfig,
-        scale_init: f64,
-        bias_init: Option<f64>,
-    ) -> Result<Self> {
-        let visual = VisionTower::new(&pb.pp("visual"), vit(cfg)?, cfg.embed_dim)?;
-        let text = TextTower::new(pb, clip_text(cfg)?, cfg.embed_dim)?;
-        let (logit_scale, logit_bias) = loss_scalars(pb, scale_init, bias_init)?;
-        Ok(Clip {
-            visual,
-            text,
-            logit_scale,
-            logit_bias,
-        })
-    }
-}
-
 /// The temperature parameter, named as OpenCLIP names it.
 pub fn logit_scale(pb: &ParamBuilder) -> Result<Tensor> {
     pb.get((), "logit_scale", Init::Const(LOGIT_SCALE_INIT))
 }
 
+/// The loss's learnable scalars: replicated on every rank, never tower parameters.
+#[derive(Debug, Clone)]
+pub struct LossScalarVars {
+    /// The temperature `t` (logits are scaled by `exp(t)`).
+    pub scale: Var,
+    /// SigLIP's learnable logit bias.
+    pub bias: Option<Var>,
+}
+
 /// The loss's learnable scalars, named as OpenCLIP names them: `logit_scale` and, for
-/// SigLIP, `logit_bias`.
+/// SigLIP, `logit_bias`; registered in `pb` (their master variables returned).
 pub fn loss_scalars(
     pb: &ParamBuilder,
     scale_init: f64,
     bias_init: Option<f64>,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let scale = pb.get((), "logit_scale", Init::Const(scale_init))?;
-    let bias = bias_init
-        .map(|b| pb.get((), "logit_bias", Init::Const(b)))
-        .transpose()?;
-    Ok((scale, bias))
+) -> Result<LossScalarVars> {
+    Ok(LossScalarVars {
+        scale: pb.var((), "logit_scale", Init::Const(scale_init))?,
+        bias: bias_init
+            .map(|b| pb.var((), "logit_bias", Init::Const(b)))
+            .transpose()?,
+    })
 }
 
 /// Parameter builder for the CPU in f32: what the thread backend trains with.

@@ -129,6 +129,20 @@ impl ParamBuilder {
         Ok(working.as_tensor().clone())
     }
 
+    /// [`Self::get`], returning the master variable (the one the optimizer updates; the
+    /// working copy is rewritten from it).
+    pub fn var(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Var> {
+        self.get(shape, name, init)?;
+        let path = self.path(name);
+        let store = self.store.lock().expect("parameter store poisoned");
+        Ok(store
+            .masters
+            .get(&path)
+            .or_else(|| store.working.get(&path))
+            .expect("registered above")
+            .clone())
+    }
+
     /// The variables the model reads (the working copies under mixed precision).
     pub fn params(&self) -> Params {
         Params {
@@ -227,6 +241,20 @@ impl Params {
             }
         }
         Ok(())
+    }
+
+    /// These parameters less `other`'s (by variable): what was built after `other` was
+    /// taken from the same builder.
+    pub fn without(&self, other: &Params) -> Params {
+        let taken: std::collections::HashSet<_> = other.vars.values().map(|v| v.id()).collect();
+        Params {
+            vars: self
+                .vars
+                .iter()
+                .filter(|(_, v)| !taken.contains(&v.id()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
     }
 
     /// The parameters whose names satisfy `keep`.

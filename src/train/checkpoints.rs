@@ -24,7 +24,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
-use super::step::RankTrainer;
+use super::trainer::RankTrainer;
 use crate::comm::RankComms;
 use crate::durable;
 use crate::error::{Error, Result};

@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Sender};
 use serde_json::json;
 
-use super::step::{PhaseBytes, PhaseTimes, SkipReason};
+use super::phase::{PhaseBytes, PhaseTimes};
+use super::step::SkipReason;
 use crate::error::{Error, Result};
 use crate::eval::EvalScores;
 use crate::topology::Tower;

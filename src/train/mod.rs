@@ -6,7 +6,10 @@ pub mod checkpoints;
 pub mod config;
 pub mod metrics;
 pub mod optim;
+pub mod pairs;
+pub mod phase;
 pub mod step;
+pub mod trainer;
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub use crate::comm::device::rank_device;
 pub use crate::comm::launch::Ranks;
 pub use config::TrainConfig;
-pub use step::{PhaseBytes, PhaseTimes, RankTrainer, Readable, SkipReason, StepGrads, StepOutcome};
+pub use pairs::Readable;
+pub use phase::{PhaseBytes, PhaseTimes};
+pub use step::{SkipReason, StepGrads, StepOutcome};
+pub use trainer::{RankTrainer, StateBytes};
 
 use crate::comm::{thread, RankComms};
 use std::path::{Path, PathBuf};
@@ -44,6 +50,11 @@ static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 /// Asks a running [`train`] to stop after its current step.
 pub fn request_stop() {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called since the run started.
+fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// What a finished run reports.
@@ -99,12 +110,6 @@ struct RankOutcome {
     interrupted_at: Option<usize>,
     logit_scale: f64,
     logit_bias: f64,
-}
-
-/// Samples of step `step` owned by a rank: rows `offset..offset+len` of the global batch.
-pub fn batch_indices(step: usize, global_batch: usize, offset: usize, len: usize) -> Vec<u64> {
-    let start = (step * global_batch + offset) as u64;
-    (start..start + len as u64).collect()
 }
 
 /// Trains the model over the topology's rank threads.
@@ -362,15 +367,7 @@ fn gather_accounts(
         .iter()
         .map(|r| {
             (
-                PhaseTimes {
-                    data_wait: seconds(r[0]),
-                    forward: seconds(r[1]),
-                    exchange: seconds(r[2]),
-                    loss: seconds(r[3]),
-                    backward: seconds(r[4]),
-                    grad_all_reduce: seconds(r[5]),
-                    optimizer: seconds(r[6]),
-                },
+                PhaseTimes::from_array(std::array::from_fn(|i| seconds(r[i]))),
                 PhaseBytes {
                     exchange: r[7] as u64,
                     loss: r[8] as u64,
@@ -602,14 +599,6 @@ fn run_rank(
     let mut evals = Vec::new();
     let mut evaluated_at = None;
     for step in start..cfg.steps {
-        // Every rank must stop at the same step: agree on the request over the world.
-        let asked = f32::from(u8::from(STOP.load(std::sync::atomic::Ordering::SeqCst)));
-        let flag = candle_core::Tensor::new(&[asked], &Device::Cpu)?;
-        if comms.world.all_reduce_sum(&flag)?.to_vec1::<f32>()?[0] > 0.0 {
-            interrupted_at = Some(step);
-            end = step;
-            break;
-        }
         // Steps 0..step are done: evaluate and save them before the next.
         if cfg.eval.every > 0 && step > start && step % cfg.eval.every == 0 {
             evals.extend(evaluate_and_show(
@@ -665,59 +654,63 @@ fn run_rank(
         }
         phases.add(&times);
         bytes.add(&outcome.bytes);
-        let Some(loss) = outcome.loss else {
-            match outcome.skipped {
-                Some(SkipReason::NonFinite { loss }) => {
-                    non_finite_steps += 1;
-                    bad_in_a_row += 1;
-                    if bad_in_a_row > cfg.max_bad_steps {
-                        return Err(Error::Msg(format!(
-                            "the loss or a gradient was NaN or infinite for {bad_in_a_row} steps in a row \
-                             (last loss {loss}, step {step}, learning rate {lr:.2e}): training diverged; \
-                             lower the learning rate or check the data"
-                        )));
-                    }
-                    if rank == 0 {
-                        tracing::warn!(
-                            "step {step}: loss {loss}, or a gradient, is not finite; step skipped"
-                        );
-                    }
-                }
-                _ => {
-                    skipped_steps += 1;
-                    bad_in_a_row += 1;
-                    if bad_in_a_row > cfg.max_bad_steps {
-                        return Err(Error::Msg(format!(
-                            "{bad_in_a_row} steps in a row (the last {step}) had fewer than two readable \
-                             pairs in their global batch ({} skipped so far: {}): the data cannot be \
-                             read; check its paths and files (max_bad_steps = {})",
-                            skipped.total(),
-                            skipped,
-                            cfg.max_bad_steps
-                        )));
-                    }
-                    if rank == 0 {
-                        tracing::warn!(
-                            "step {step}: fewer than two pairs of the global batch could be read; step skipped"
-                        );
-                    }
+        match (outcome.loss, outcome.skipped) {
+            (Some(loss), _) => {
+                bad_in_a_row = 0;
+                losses.push(loss);
+                step_seconds.push(step_started.elapsed().as_secs_f64());
+                if let Some(bar) = &bar {
+                    let rate = ((step + 1 - start) * cfg.global_batch) as f64
+                        / started.elapsed().as_secs_f64();
+                    bar.set_message(format!(
+                        "loss {loss:.3} · {rate:.0} samples/s · lr {lr:.1e}"
+                    ));
                 }
             }
-            if let Some(bar) = &bar {
-                bar.inc(1);
+            (None, Some(SkipReason::NonFinite { loss })) => {
+                non_finite_steps += 1;
+                bad_in_a_row += 1;
+                if bad_in_a_row > cfg.max_bad_steps {
+                    return Err(Error::Msg(format!(
+                        "the loss or a gradient was NaN or infinite for {bad_in_a_row} steps in a row \
+                         (last loss {loss}, step {step}, learning rate {lr:.2e}): training diverged; \
+                         lower the learning rate or check the data"
+                    )));
+                }
+                if rank == 0 {
+                    tracing::warn!(
+                        "step {step}: loss {loss}, or a gradient, is not finite; step skipped"
+                    );
+                }
             }
-            continue;
-        };
-        bad_in_a_row = 0;
-        losses.push(loss);
-        step_seconds.push(step_started.elapsed().as_secs_f64());
+            (None, _) => {
+                skipped_steps += 1;
+                bad_in_a_row += 1;
+                if bad_in_a_row > cfg.max_bad_steps {
+                    return Err(Error::Msg(format!(
+                        "{bad_in_a_row} steps in a row (the last {step}) had fewer than two readable \
+                         pairs in their global batch ({} skipped so far: {}): the data cannot be \
+                         read; check its paths and files (max_bad_steps = {})",
+                        skipped.total(),
+                        skipped,
+                        cfg.max_bad_steps
+                    )));
+                }
+                if rank == 0 {
+                    tracing::warn!(
+                        "step {step}: fewer than two pairs of the global batch could be read; step skipped"
+                    );
+                }
+            }
+        }
         if let Some(bar) = &bar {
-            let rate =
-                ((step + 1 - start) * cfg.global_batch) as f64 / started.elapsed().as_secs_f64();
-            bar.set_message(format!(
-                "loss {loss:.3} · {rate:.0} samples/s · lr {lr:.1e}"
-            ));
             bar.inc(1);
+        }
+        // Every rank learnt in the step's one flag whether a stop was asked for.
+        if outcome.stop && step + 1 < cfg.steps {
+            interrupted_at = Some(step + 1);
+            end = step + 1;
+            break;
         }
     }
     if let (Some(dir), true) = (&cfg.checkpoint_dir, end > start) {

@@ -173,7 +173,7 @@ fn minilm_sentence_embeddings_match_the_independent_reference() {
 fn a_checkpoint_reads_back_bit_for_bit() {
     let cfg = super::common::test_model();
     let pb = ParamBuilder::new(11, DType::F32, &Device::Cpu);
-    mmpipe::model::Clip::new(&pb, &cfg).unwrap();
+    mmpipe::model::build_all(&pb, &cfg).unwrap();
     let params = pb.params();
     let dir = std::env::temp_dir().join(format!("mmpipe-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -192,7 +192,7 @@ fn a_checkpoint_reads_back_bit_for_bit() {
     );
 
     let other = ParamBuilder::new(12, DType::F32, &Device::Cpu);
-    mmpipe::model::Clip::new(&other, &cfg).unwrap();
+    mmpipe::model::build_all(&other, &cfg).unwrap();
     let report = checkpoint::load(&other.params(), &path).unwrap();
     assert_eq!((report.loaded, report.unused.len()), (params.len(), 0));
     for (name, var) in params.iter() {
@@ -207,7 +207,7 @@ fn a_checkpoint_reads_back_bit_for_bit() {
     let mut wide = cfg.clone();
     wide.embed_dim = 8;
     let pb = ParamBuilder::new(0, DType::F32, &Device::Cpu);
-    mmpipe::model::Clip::new(&pb, &wide).unwrap();
+    mmpipe::model::build_all(&pb, &wide).unwrap();
     let e = checkpoint::load(&pb.params(), &path)
         .unwrap_err()
         .to_string();

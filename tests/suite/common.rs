@@ -5,7 +5,10 @@ use candle_core::{DType, Device, Tensor};
 use mmpipe::data::{Stream, SyntheticSource};
 use mmpipe::loss::{clip_loss_reference, siglip_loss_reference, LossKind};
 use mmpipe::model::layers::l2_normalize;
-use mmpipe::model::{Clip, ClipConfig, ParamBuilder, Params, TowerInput};
+use mmpipe::model::{
+    loss_scalars, ClipConfig, ImageTowerConfig, ParamBuilder, Params, TextTower, TextTowerConfig,
+    TowerInput, VisionTower,
+};
 use mmpipe::topology::{Topology, Tower};
 use mmpipe::train::TrainConfig;
 
@@ -57,6 +60,51 @@ pub fn batch(source: &SyntheticSource, indices: &[u64], dtype: DType) -> (TowerI
     )
 }
 
+/// The whole CLIP on one device, as OpenCLIP writes it: a ViT, CLIP's text transformer and
+/// the loss's scalars. The reference every distributed path is checked against (the
+/// library trains towers apart, as `Encoder`s).
+pub struct Clip {
+    pub visual: VisionTower,
+    pub text: TextTower,
+    pub logit_scale: Tensor,
+    /// SigLIP's learnable logit bias.
+    pub logit_bias: Option<Tensor>,
+}
+
+impl Clip {
+    pub fn new(pb: &ParamBuilder, cfg: &ClipConfig) -> Self {
+        Self::with_loss_scalars(pb, cfg, mmpipe::model::LOGIT_SCALE_INIT, None)
+    }
+
+    /// With the loss's own initial temperature, and a logit bias when `bias_init` is given.
+    pub fn with_loss_scalars(
+        pb: &ParamBuilder,
+        cfg: &ClipConfig,
+        scale_init: f64,
+        bias_init: Option<f64>,
+    ) -> Self {
+        let (ImageTowerConfig::Vit(vit), TextTowerConfig::Clip(text)) = (&cfg.vision, &cfg.text)
+        else {
+            panic!("the single-device reference pairs a ViT with CLIP's text tower")
+        };
+        let visual = VisionTower::new(&pb.pp("visual"), vit, cfg.embed_dim).unwrap();
+        let text = TextTower::new(pb, text, cfg.embed_dim).unwrap();
+        let scalars = loss_scalars(pb, scale_init, bias_init).unwrap();
+        Clip {
+            visual,
+            text,
+            logit_scale: scalars.scale.as_tensor().clone(),
+            logit_bias: scalars.bias.map(|b| b.as_tensor().clone()),
+        }
+    }
+}
+
+/// Samples of step `step` owned by a rank: rows `offset..offset+len` of the global batch.
+pub fn batch_indices(step: usize, global_batch: usize, offset: usize, len: usize) -> Vec<u64> {
+    let start = (step * global_batch + offset) as u64;
+    (start..start + len as u64).collect()
+}
+
 /// The whole model on one device.
 pub struct Reference {
     pub model: Clip,
@@ -77,8 +125,7 @@ impl Reference {
             cfg,
             kind.initial_logit_scale(),
             kind.initial_logit_bias(),
-        )
-        .unwrap();
+        );
         Reference {
             model,
             params: pb.params(),

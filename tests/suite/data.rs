@@ -13,7 +13,9 @@ use mmpipe::data::transform::{Crop, ImageTransform, CLIP_MEAN, CLIP_STD};
 use mmpipe::data::{DataConfig, DataKind, Stream, SyntheticSource, TextTokenizer};
 use mmpipe::model::ClipConfig;
 use mmpipe::topology::Tower;
-use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
+use mmpipe::train::{RankTrainer, TrainConfig};
+
+use super::common::batch_indices;
 use rand::{Rng, SeedableRng};
 
 use super::common::{batch, cpu_topology, scalar, test_model, train_config, Reference};
@@ -507,7 +509,7 @@ fn a_step_without_an_unreadable_pair_equals_one_device_on_the_rest() {
         let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
         let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
         let valid: Vec<bool> = indices.iter().map(|&i| i != dropped).collect();
-        let g = trainer.compute_grads_masked(
+        let g = trainer.compute_grads(
             &comms,
             &input,
             Some(&mmpipe::train::Readable::valid_only(&valid)),
@@ -568,7 +570,7 @@ fn image_and_text_ranks_that_read_different_samples_stop_at_that_step() {
                 keys: &keys,
             };
             Ok(trainer
-                .compute_grads_masked(&comms, &input, Some(&read))
+                .compute_grads(&comms, &input, Some(&read))
                 .map(|g| g.loss)
                 .map_err(|e| e.to_string()))
         })

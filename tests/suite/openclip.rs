@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use mmpipe::model::{checkpoint, Clip, ClipConfig, Encoder, ParamBuilder};
+use mmpipe::model::{checkpoint, ClipConfig, Encoder, ParamBuilder};
+
+use super::common::Clip;
 use mmpipe::topology::Tower;
 
 use super::common::{test_model, worst_violation, Relative, TEST_MODEL};
@@ -44,7 +46,7 @@ fn an_openclip_vit_with_attentional_pooling_matches_too() {
 /// tensors) and compares both towers' features with OpenCLIP's.
 fn check(fixture: &str, cfg: &ClipConfig, tensors: usize) {
     let pb = ParamBuilder::new(0, DType::F32, &Device::Cpu);
-    let model = Clip::new(&pb, cfg).unwrap();
+    let model = Clip::new(&pb, cfg);
     let report = checkpoint::load(&pb.params(), Path::new(fixture)).unwrap();
     assert_eq!(
         report.loaded, tensors,

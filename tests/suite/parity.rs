@@ -12,7 +12,9 @@ use mmpipe::model::{ClipConfig, LOGIT_SCALE_MAX};
 use mmpipe::topology::Tower;
 use mmpipe::train::config::MicroBatch;
 use mmpipe::train::optim::{AdamW, AdamWConfig};
-use mmpipe::train::{batch_indices, RankTrainer, TrainConfig};
+use mmpipe::train::{RankTrainer, TrainConfig};
+
+use super::common::batch_indices;
 
 use super::common::{
     batch, cpu_topology, scalar, test_model, train_config, worst_violation, Reference, Relative,
@@ -83,7 +85,15 @@ fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run 
                 if step == 0 {
                     assert!(norm > max_norm, "the test's clip must bite: norm {norm}");
                 }
-                let clipped = mmpipe::train::step::clip_to_norm(tower, max_norm).unwrap();
+                // torch.nn.utils.clip_grad_norm_'s rule, written out.
+                let clipped: Vec<Tensor> = if norm > max_norm {
+                    tower
+                        .iter()
+                        .map(|g| (g * (max_norm / norm)).unwrap())
+                        .collect()
+                } else {
+                    tower
+                };
                 for (n, g) in names.into_iter().zip(clipped) {
                     grads.insert(n, g);
                 }
@@ -164,7 +174,7 @@ pub(super) fn split_run_on(
             let indices =
                 batch_indices(step, cfg.global_batch, trainer.offset, trainer.local_batch);
             let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
-            let g = trainer.compute_grads(&comms, &input)?;
+            let g = trainer.compute_grads(&comms, &input, None)?;
             run.losses.push(g.loss);
             if step == 0 {
                 run.grads = names.iter().cloned().zip(g.grads.iter().cloned()).collect();

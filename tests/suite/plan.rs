@@ -118,11 +118,12 @@ fn temperature_constants_are_openclips() {
 /// the plan says, for every loss and exchange scheme, on a topology with unequal groups.
 #[test]
 fn measured_payload_per_step_equals_the_plan() {
+    use super::common::batch_indices;
     use candle_core::{DType, Device};
     use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
     use mmpipe::data::{Stream, SyntheticSource};
     use mmpipe::loss::{Exchange, LossConfig, LossKind};
-    use mmpipe::train::{batch_indices, RankTrainer};
+    use mmpipe::train::RankTrainer;
 
     let topology = super::common::cpu_topology(3, 2);
     let model = super::common::test_model();

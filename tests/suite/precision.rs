@@ -309,14 +309,14 @@ fn the_planner_memory_is_what_a_bf16_rank_allocates() {
                     DType::F32,
                     &Device::Cpu,
                 )?;
-                let indices = mmpipe::train::batch_indices(0, GLOBAL_BATCH, 0, GLOBAL_BATCH);
+                let indices = super::common::batch_indices(0, GLOBAL_BATCH, 0, GLOBAL_BATCH);
                 let input = source.tower_input(
                     trainer.tower,
                     mmpipe::data::Stream::Train,
                     &indices,
                     &Device::Cpu,
                 )?;
-                let g = trainer.compute_grads(&comms, &input)?;
+                let g = trainer.compute_grads(&comms, &input, None)?;
                 // The loss's scalars: one f32 each, with two f32 moments.
                 let scalars = trainer
                     .params()

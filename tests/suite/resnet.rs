@@ -140,11 +140,12 @@ type SingleStep = (f64, std::collections::BTreeMap<String, Tensor>);
 /// device on the whole batch, for the tiny ResNet CLIP with or without synchronised
 /// batch norm.
 fn split_and_single(sync: bool) -> (SplitStep, SingleStep) {
+    use super::common::batch_indices;
     use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
     use mmpipe::data::{Stream, SyntheticSource};
     use mmpipe::loss::clip_loss_reference;
     use mmpipe::model::layers::l2_normalize;
-    use mmpipe::train::{batch_indices, RankTrainer};
+    use mmpipe::train::RankTrainer;
 
     let body = TINY.replace(
         "heads = 2\n[text]",
@@ -179,7 +180,7 @@ fn split_and_single(sync: bool) -> (SplitStep, SingleStep) {
         t.attach(&comms);
         let indices = batch_indices(0, 6, t.offset, t.local_batch);
         let input = source.tower_input(t.tower, Stream::Train, &indices, &Device::Cpu)?;
-        let g = t.compute_grads(&comms, &input)?;
+        let g = t.compute_grads(&comms, &input, None)?;
         let names: Vec<String> = t
             .trainable()
             .names()

@@ -30,11 +30,12 @@ fn default_run_retrieves_far_above_chance() {
 /// next step trains as usual.
 #[test]
 fn a_non_finite_step_is_skipped_everywhere_and_training_goes_on() {
+    use super::common::batch_indices;
     use candle_core::{DType, Device, Tensor};
     use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
     use mmpipe::data::{Stream, SyntheticSource};
     use mmpipe::model::TowerInput;
-    use mmpipe::train::{batch_indices, RankTrainer, SkipReason};
+    use mmpipe::train::{RankTrainer, SkipReason};
 
     let model = super::common::test_model();
     let cfg = super::common::train_config(8);

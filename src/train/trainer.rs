@@ -1,0 +1,319 @@
+//! One rank's trainer: its tower's replica (master weights and, under mixed precision,
+//! their working copies), the loss's scalars, the optimizer, and its place in the global
+//! batch. The step itself is in [`super::step`].
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::TrainConfig;
+use super::optim::{AdamW, AdamWConfig};
+use crate::comm::{Communicator, RankComms, SparseRows};
+use crate::error::{Error, Result};
+use crate::loss::{split_len, split_offset, FeatureLayout, LossConfig};
+use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
+use crate::model::layers::l2_normalize;
+use crate::model::resnet::StatsReducer;
+use crate::model::{
+    checkpoint, loss_scalars, ClipConfig, Encoder, LossScalarVars, ParamBuilder, Params, TowerInput,
+};
+use crate::topology::{Topology, Tower};
+
+/// Bytes a rank keeps from step to step ([`RankTrainer::state_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateBytes {
+    /// Master weights, and the working copies under mixed precision.
+    pub weights: usize,
+    /// The optimizer's moments.
+    pub optimizer: usize,
+}
+
+/// Batch-norm statistics summed over the rank's group.
+struct GroupStats(Arc<dyn Communicator + Sync>);
+
+impl StatsReducer for GroupStats {
+    fn sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.0.all_reduce_sum(t)
+    }
+}
+
+pub struct RankTrainer {
+    pub tower: Tower,
+    /// Where this rank's weights live and its steps run.
+    pub(super) device: Device,
+    pub(super) encoder: Encoder,
+    /// The tower's parameters and `logit_scale`, sorted by name: the master weights.
+    pub(super) params: Params,
+    /// What the optimizer updates: the tower's parameters (unless it is locked) and the
+    /// loss's scalars, sorted by name.
+    pub(super) trainable: Params,
+    /// The variables the tower reads, of the trained tower parameters (the working copies
+    /// under mixed precision; `trainable`'s own otherwise), in `trainable`'s order: what
+    /// backward gives gradients for.
+    pub(super) tower_working: Params,
+    /// Every working variable, by name (for writing them after a checkpoint load).
+    pub(super) working: Params,
+    /// The master weights' dtype: features, the loss and the optimizer's gradients.
+    pub(super) master: DType,
+    /// What the gradient all-reduce sums in.
+    pub(super) grad_reduce: DType,
+    pub(super) locked: bool,
+    pub(super) checkpointing: bool,
+    pub(super) sync_batch_norm: bool,
+    /// The loss's temperature and bias: how they were built says they are not the tower's.
+    pub(super) scalars: LossScalarVars,
+    pub(super) loss: LossConfig,
+    /// Samples per forward pass when smaller than the local batch (GradCache).
+    pub(super) micro_batch: Option<usize>,
+    pub(super) grad_clip: Option<f64>,
+    pub(super) optimizer: AdamW,
+    pub(super) layout: FeatureLayout,
+    /// This rank's rows of the global batch.
+    pub offset: usize,
+    pub local_batch: usize,
+}
+
+impl RankTrainer {
+    /// Builds the tower for `global_rank`. Every rank of a group draws the same weights from
+    /// the same seed (and the same as a single-device model with that seed would).
+    pub fn new(
+        topology: &Topology,
+        global_rank: usize,
+        model: &ClipConfig,
+        cfg: &TrainConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let rank = &topology.ranks[global_rank];
+        // `dtype` is the master weights'; the tower computes in the precision's dtype.
+        let compute = cfg.precision_on(topology.device).compute_dtype(dtype);
+        let pb = ParamBuilder::mixed(cfg.seed, compute, dtype, device);
+        let encoder = Encoder::new(&pb, model, rank.tower)?;
+        // Everything built so far is the tower's: what `Encoder::new` registered.
+        let tower_masters = pb.masters();
+        // The loss reads its scalars in full precision: no working copies.
+        let scalars = loss_scalars(
+            &pb.full_precision(),
+            cfg.loss.kind.initial_logit_scale(),
+            cfg.loss.kind.initial_logit_bias(),
+        )?;
+        let params = pb.masters();
+        let working = pb.params();
+        if let (Tower::Text, Some(dir)) = (rank.tower, &model.pretrained_text) {
+            checkpoint::load_hf_bert(&params, &dir.join("model.safetensors"))?;
+            params.write_working_copies(&working)?;
+        }
+        let locked = model.is_locked(rank.tower);
+        let trainable = if locked {
+            params.without(&tower_masters)
+        } else {
+            params.clone()
+        };
+        // The working variables of the trained tower parameters, in `trainable`'s order.
+        let trained = trainable.without(&params.without(&tower_masters));
+        let tower_working = working.filter(|n| trained.get(n).is_some());
+        let size = topology.group_size(rank.tower);
+        let local_batch = split_len(cfg.global_batch, size, rank.group_rank);
+        let micro_batch = cfg
+            .micro_batch
+            .of(rank.tower)
+            .filter(|&m| m < local_batch && !locked);
+        let optimizer = AdamW::with_working_copies(
+            &trainable,
+            &working,
+            AdamWConfig {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        Ok(RankTrainer {
+            tower: rank.tower,
+            device: device.clone(),
+            encoder,
+            params,
+            trainable,
+            tower_working,
+            working,
+            master: dtype,
+            grad_reduce: cfg.grad_all_reduce.dtype(dtype),
+            locked,
+            checkpointing: cfg.checkpointing,
+            sync_batch_norm: model.sync_batch_norm() && rank.tower == Tower::Image,
+            scalars,
+            loss: cfg.loss,
+            micro_batch,
+            grad_clip: cfg.grad_clip,
+            optimizer,
+            layout: FeatureLayout::new(topology, cfg.global_batch),
+            offset: split_offset(cfg.global_batch, size, rank.group_rank),
+            local_batch,
+        })
+    }
+
+    /// Every parameter this rank holds: the master weights.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// Bytes this rank keeps across steps: the weights (masters and working copies) and
+    /// the optimizer's state.
+    pub fn state_bytes(&self) -> StateBytes {
+        let copies = self
+            .working
+            .iter()
+            .filter(|(n, w)| self.params.get(n).is_some_and(|m| m.id() != w.id()))
+            .map(|(_, w)| w.elem_count() * w.dtype().size_in_bytes())
+            .sum::<usize>();
+        StateBytes {
+            weights: self.params.num_bytes() + copies,
+            optimizer: self.optimizer.state_bytes(),
+        }
+    }
+
+    /// Connects what the model reduces inside its own passes to this rank's group (today:
+    /// synchronised batch norm, when the model asks for it). Call once, before training.
+    pub fn attach(&mut self, comms: &RankComms) {
+        if self.sync_batch_norm {
+            self.encoder
+                .set_stats_reducer(Arc::new(GroupStats(comms.group_stats.clone())));
+        }
+    }
+
+    /// The parameters the optimizer updates, in the order of [`StepGrads::grads`].
+    pub fn trainable(&self) -> &Params {
+        &self.trainable
+    }
+
+    pub fn logit_scale(&self) -> Result<f64> {
+        Ok(self
+            .scalars
+            .scale
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    }
+
+    /// Writes this rank's part of a checkpoint: its tower's parameters and the loss's
+    /// scalars (OpenCLIP names), batch-norm statistics, and the optimizer's state.
+    pub fn save_part(&self, path: &std::path::Path) -> Result<()> {
+        let mut extra = self.encoder.buffers()?;
+        extra.extend(self.optimizer.state(&self.trainable.names())?);
+        checkpoint::save_with_buffers(&self.params, &extra, path)
+    }
+
+    /// Restores [`Self::save_part`]'s file: every parameter, statistic and optimizer
+    /// moment must be there.
+    pub fn load_part(&mut self, path: &std::path::Path) -> Result<()> {
+        checkpoint::load(&self.params, path)?;
+        self.params.write_working_copies(&self.working)?;
+        let tensors = checkpoint::read_tensors(path)?;
+        self.encoder.load_buffers(&tensors)?;
+        let names = self.trainable.names();
+        self.optimizer
+            .load_state(&names, &tensors)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    /// SigLIP's logit bias (0 for a loss without one).
+    pub fn logit_bias(&self) -> Result<f64> {
+        match &self.scalars.bias {
+            Some(b) => Ok(b.as_tensor().to_dtype(DType::F64)?.to_scalar::<f64>()?),
+            None => Ok(0.0),
+        }
+    }
+
+    /// `(start, len)` of each forward pass over the local batch.
+    pub(super) fn micro_batches(&self) -> Vec<(usize, usize)> {
+        let step = self.micro_batch.unwrap_or(self.local_batch).max(1);
+        (0..self.local_batch)
+            .step_by(step)
+            .map(|s| (s, step.min(self.local_batch - s)))
+            .collect()
+    }
+
+    /// The tower's output in the master dtype, L2-normalised there: the features the loss
+    /// takes (its gradient flows back through the cast into the compute dtype).
+    pub(super) fn normalise(&self, x: &Tensor) -> Result<Tensor> {
+        l2_normalize(&x.to_dtype(self.master)?)
+    }
+
+    /// The tower's parameter gradients for `input` with `grad` injected at its normalised
+    /// features: one forward with a graph (or with checkpoints) and its backward.
+    pub(super) fn tower_grads(
+        &self,
+        input: &TowerInput,
+        grad: &Tensor,
+        tower_params: &Params,
+    ) -> Result<Vec<Tensor>> {
+        let normalise = |x: &Tensor| self.normalise(x);
+        if self.checkpointing {
+            let (_, saved) = forward_keeping_block_inputs(&self.encoder, input, normalise)?;
+            backward_recomputing(&self.encoder, input, &saved, grad, normalise, tower_params)
+        } else {
+            let features = self.normalise(&self.encoder.forward(input)?)?;
+            let store = (features * grad)?.sum_all()?.backward()?;
+            tower_params.grads(&store)
+        }
+    }
+
+    /// Where this rank's tower gradients (in `tower_params`' order) are zero outside a few
+    /// rows: the token table's, outside the rows of this rank's captions' tokens.
+    pub(super) fn sparse_grad_rows(
+        &self,
+        input: &TowerInput,
+        tower_params: &Params,
+    ) -> Result<Vec<SparseRows>> {
+        let (Some(table), TowerInput::Captions { tokens, .. }) =
+            (self.encoder.token_table(), input)
+        else {
+            return Ok(Vec::new());
+        };
+        let Some(index) = tower_params.iter().position(|(_, v)| v.id() == table.id()) else {
+            return Ok(Vec::new());
+        };
+        let rows = tokens
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
+        Ok(vec![SparseRows { index, rows }])
+    }
+
+    /// Normalised features of `input`, without building a graph (evaluation).
+    pub fn encode(&self, input: &TowerInput) -> Result<Tensor> {
+        let input = input.to_device(&self.device)?;
+        Ok(self
+            .normalise(&self.encoder.forward_eval(&input)?)?
+            .detach())
+    }
+
+    /// Checks that every rank of the group holds bit-identical weights (one checksum per
+    /// parameter, all-gathered): data parallelism is only exact if the replicas agree.
+    pub fn check_replicas(&self, comms: &RankComms) -> Result<()> {
+        let sums: Vec<f64> = self
+            .params
+            .iter()
+            .map(|(_, v)| {
+                Ok(v.as_tensor()
+                    .to_dtype(DType::F64)?
+                    .sum_all()?
+                    .to_scalar::<f64>()?)
+            })
+            .collect::<Result<_>>()?;
+        let n = sums.len();
+        let mine = Tensor::from_vec(sums, (1, n), &Device::Cpu)?;
+        let all: Vec<Vec<f64>> = comms.group.all_gather(&mine)?.to_vec2()?;
+        for (rank, row) in all.iter().enumerate() {
+            if let Some(i) = (0..n).find(|&i| row[i].to_bits() != all[0][i].to_bits()) {
+                return Err(Error::Msg(format!(
+                    "{} group: rank {rank}'s `{}` differs from rank 0's: the replicas did not start identical",
+                    self.tower,
+                    self.params.names()[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+}
