@@ -4,9 +4,11 @@
 pub mod cache;
 pub mod convert;
 pub mod fashion_mnist;
+pub mod held_out;
 pub mod order;
 pub mod pipeline;
 pub mod shards;
+pub mod source;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod transform;
@@ -17,6 +19,8 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+pub use held_out::HeldOut;
+pub use source::{RankSlice, Source};
 pub use synthetic::{Stream, SyntheticShapes};
 pub use tokenizer::{TextTokenizer, Tokens};
 pub use vocab::WordVocab;
@@ -213,13 +217,8 @@ impl SyntheticSource {
             Tower::Text => {
                 let captions: Vec<String> =
                     indices.iter().map(|&i| self.caption(stream, i)).collect();
-                let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-                let t = self.tokenizer.encode_batch(&refs, self.context)?;
-                Ok(TowerInput::Captions {
-                    tokens: Tensor::from_vec(t.ids, (n, self.context), device)?,
-                    mask: Tensor::from_vec(t.mask, (n, self.context), device)?,
-                    eot: Tensor::from_vec(t.eot, n, device)?,
-                })
+                self.tokenizer
+                    .caption_input(&captions, self.context, device)
             }
         }
     }

@@ -321,14 +321,8 @@ impl Assembler {
                         _ => String::new(),
                     })
                     .collect();
-                let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-                let t = self.tokenizer.encode_batch(&refs, self.context)?;
-                let dev = Device::Cpu;
-                Ok(TowerInput::Captions {
-                    tokens: Tensor::from_vec(t.ids, (n, self.context), &dev)?,
-                    mask: Tensor::from_vec(t.mask, (n, self.context), &dev)?,
-                    eot: Tensor::from_vec(t.eot, n, &dev)?,
-                })
+                self.tokenizer
+                    .caption_input(&captions, self.context, &Device::Cpu)
             }
         }
     }

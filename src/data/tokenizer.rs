@@ -6,8 +6,29 @@
 
 use std::path::Path;
 
+use candle_core::{Device, Tensor};
+
 use crate::data::vocab::WordVocab;
 use crate::error::{Error, Result};
+use crate::model::{ClipConfig, TowerInput};
+
+/// The tokenizer for captions from files (shards, a CSV, Fashion-MNIST's prompts): the
+/// pretrained BERT's own, or CLIP's BPE for a CLIP text tower with its vocabulary.
+pub fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
+    if let Some(dir) = &model.pretrained_text {
+        return TextTokenizer::from_hf_file(&dir.join("tokenizer.json"));
+    }
+    const CLIP_VOCAB: usize = 49408;
+    if model.vocab_size() < CLIP_VOCAB {
+        return Err(Error::Msg(format!(
+            "captions from shards are tokenised with CLIP's BPE ({CLIP_VOCAB} tokens), but the \
+             model's text.vocab_size is {}: use a model with a CLIP vocabulary (e.g. \
+             configs/clip-tiny-bpe.toml) or a pretrained BERT text tower",
+            model.vocab_size()
+        )));
+    }
+    Ok(TextTokenizer::clip())
+}
 
 /// A batch of tokenised captions, row-major `[n, context]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +103,24 @@ impl TextTokenizer {
             TextTokenizer::ClipBpe(_) | TextTokenizer::Words(_) => 0,
             TextTokenizer::HuggingFace { pad, .. } => *pad,
         }
+    }
+
+    /// The text tower's input for `captions`, `context` tokens each, on `device`: the one
+    /// constructor the data pipeline, the synthetic set and evaluation share.
+    pub fn caption_input<S: AsRef<str>>(
+        &self,
+        captions: &[S],
+        context: usize,
+        device: &Device,
+    ) -> Result<TowerInput> {
+        let refs: Vec<&str> = captions.iter().map(AsRef::as_ref).collect();
+        let t = self.encode_batch(&refs, context)?;
+        let n = captions.len();
+        Ok(TowerInput::Captions {
+            tokens: Tensor::from_vec(t.ids, (n, context), device)?,
+            mask: Tensor::from_vec(t.mask, (n, context), device)?,
+            eot: Tensor::from_vec(t.eot, n, device)?,
+        })
     }
 
     pub fn encode_batch(&self, texts: &[&str], context: usize) -> Result<Tokens> {

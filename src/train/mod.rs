@@ -25,21 +25,11 @@ pub use step::{SkipReason, StepGrads, StepOutcome};
 pub use trainer::{RankTrainer, StateBytes};
 
 use crate::comm::{thread, RankComms};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use crate::data::cache::ImageCache;
-use crate::data::convert::{read_rows, CsvColumns};
-use crate::data::fashion_mnist::FashionMnist;
-use crate::data::order::{GlobalStream, OrderConfig, SkipCounts};
-use crate::data::pipeline::{Assembler, Materialiser, PipelineConfig, RankData, SampleOrder};
-use crate::data::shards;
-use crate::data::transform::{Crop, ImageTransform};
-use crate::data::{DataKind, SyntheticSource, TextTokenizer};
+use crate::data::order::SkipCounts;
+use crate::data::{RankSlice, Source};
 use crate::error::{Error, Result};
-use crate::eval::{EvalScores, HeldOut};
-use crate::loss::{split_len, split_offset, FeatureLayout};
-use crate::model::ClipConfig;
+use crate::eval::EvalScores;
+use crate::model::{ClipConfig, TowerInput};
 use crate::topology::{Topology, Tower};
 use metrics::{MetricsFile, RankStep, Record};
 
@@ -130,136 +120,12 @@ pub fn train_ranks(
     cfg.validate_run(topology, model)?;
     // Process-wide in candle: whether CUDA's f32 matrix products may use TF32.
     candle_core::cuda::set_gemm_reduced_precision_f32(cfg.tf32);
-    let source = Arc::new(SyntheticSource::new(cfg.seed, model)?);
-    // Missing shards are an error now, before any rank starts.
-    let d = &cfg.data;
-    let shards: Vec<(Vec<PathBuf>, f64)> = match d.kind {
-        DataKind::Webdataset if d.sources.is_empty() => vec![(
-            shards::resolve(&d.shards, &d.base_dir, &d.origin, "data.shards")?,
-            1.0,
-        )],
-        DataKind::Webdataset => d
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let field = format!("data.sources[{i}].shards");
-                Ok((
-                    shards::resolve(&s.shards, &d.base_dir, &d.origin, &field)?,
-                    s.weight,
-                ))
-            })
-            .collect::<Result<_>>()?,
-        _ => Vec::new(),
+    // Every data decision, and every missing file, before any rank starts.
+    let process_rank = match &ranks {
+        Ranks::Threads => None,
+        Ranks::Process { rank, .. } => Some(*rank),
     };
-    let rows = match d.kind {
-        DataKind::Csv => {
-            let columns = CsvColumns {
-                image: d.image_column.clone(),
-                caption: d.caption_column.clone(),
-                delimiter: None,
-            };
-            let rows = read_rows(&d.base_dir.join(&d.csv), &columns)?;
-            if rows.is_empty() {
-                return Err(Error::invalid(
-                    &d.origin,
-                    "data.csv",
-                    "the file has no rows",
-                ));
-            }
-            Some(Arc::new(rows))
-        }
-        _ => None,
-    };
-    // One cache for all image ranks, sized for every sample the shards hold.
-    let cache = match (&d.cache, d.kind) {
-        (Some(path), DataKind::Webdataset) => {
-            let samples: usize = shards
-                .iter()
-                .flat_map(|(paths, _)| paths)
-                .map(|p| shards::scan(p).samples.len())
-                .sum();
-            let side = d.cache_side.unwrap_or(model.image_size());
-            // One file per process: rank threads share their process's, processes of
-            // one run (one node's, under a launcher) each get their own.
-            let path = d.base_dir.join(path);
-            let path = match &ranks {
-                Ranks::Threads => path,
-                Ranks::Process { rank, .. } => per_process(&path, *rank),
-            };
-            Some(Arc::new(ImageCache::create(&path, side, samples)?))
-        }
-        (Some(_), _) => {
-            return Err(Error::invalid(
-                &d.origin,
-                "data.cache",
-                "the decoded-image cache is for shards (kind = \"webdataset\")",
-            ))
-        }
-        (None, _) => None,
-    };
-    let fashion = match cfg.data.kind {
-        DataKind::FashionMnist => Some(Arc::new(FashionMnist::load(
-            &cfg.data.base_dir.join(&cfg.data.dir),
-            cfg.data.split,
-        )?)),
-        _ => None,
-    };
-    // What the data is on disk, besides the shards: for a resume to see a change.
-    let data_files: Vec<PathBuf> = match d.kind {
-        DataKind::Csv => vec![d.base_dir.join(&d.csv)],
-        DataKind::FashionMnist => {
-            let dir = d.base_dir.join(&d.dir);
-            let prefix = match d.split {
-                crate::data::fashion_mnist::Split::Train => "train-",
-                crate::data::fashion_mnist::Split::Test => "t10k-",
-            };
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map(|entries| {
-                    entries
-                        .flatten()
-                        .map(|e| e.path())
-                        .filter(|p| {
-                            p.file_name()
-                                .and_then(|n| n.to_str())
-                                .is_some_and(|n| n.starts_with(prefix))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            files.sort();
-            files
-        }
-        DataKind::Synthetic | DataKind::Webdataset => Vec::new(),
-    };
-    let held_out = match (cfg.eval.pairs, cfg.data.kind) {
-        (0, _) => None,
-        (_, DataKind::Synthetic) => Some(HeldOut::Synthetic(source.clone())),
-        (_, DataKind::FashionMnist) => Some(HeldOut::fashion_mnist(&cfg.data.dir, model)?),
-        (_, kind) => {
-            tracing::warn!(
-                "no held-out set for data.kind = {kind:?} yet: this run is not evaluated \
-                 (evaluate a checkpoint with `mmpipe eval`)"
-            );
-            None
-        }
-    };
-    if let Some(len) = held_out.as_ref().and_then(HeldOut::pairs) {
-        if cfg.eval.pairs > len {
-            return Err(Error::invalid(
-                &cfg.data.origin,
-                "eval.pairs",
-                format!(
-                    "{} held-out pairs asked for, the test split has {len}",
-                    cfg.eval.pairs
-                ),
-            ));
-        }
-    }
-    let captions = match cfg.data.kind {
-        DataKind::Synthetic => source.tokenizer(),
-        _ => Arc::new(caption_tokenizer(model)?),
-    };
+    let source = Source::new(&cfg.data, model, cfg.seed, cfg.eval.pairs, process_rank)?;
     STOP.store(false, std::sync::atomic::Ordering::SeqCst);
     // Ranks whose lines the metrics file collects: all of them as threads, rank 0's alone
     // across processes.
@@ -287,13 +153,6 @@ pub fn train_ranks(
     let work = |rank: usize, comms: &RankComms| {
         let data = RankInputs {
             source: &source,
-            held_out: held_out.as_ref(),
-            fashion: fashion.clone(),
-            rows: rows.clone(),
-            cache: cache.clone(),
-            shards: &shards,
-            data_files: &data_files,
-            captions: captions.clone(),
             metrics: metrics.as_ref().map(MetricsFile::sender),
         };
         run_rank(topology, rank, comms, model, cfg, data)
@@ -378,151 +237,10 @@ fn gather_accounts(
         .unzip())
 }
 
-/// The tokenizer for captions read from shards: the pretrained BERT's own, or CLIP's BPE
-/// for a CLIP text tower with its vocabulary.
-pub fn caption_tokenizer(model: &ClipConfig) -> Result<TextTokenizer> {
-    if let Some(dir) = &model.pretrained_text {
-        return TextTokenizer::from_hf_file(&dir.join("tokenizer.json"));
-    }
-    const CLIP_VOCAB: usize = 49408;
-    if model.vocab_size() < CLIP_VOCAB {
-        return Err(Error::Msg(format!(
-            "captions from shards are tokenised with CLIP's BPE ({CLIP_VOCAB} tokens), but the \
-             model's text.vocab_size is {}: use a model with a CLIP vocabulary (e.g. \
-             configs/clip-tiny-bpe.toml) or a pretrained BERT text tower",
-            model.vocab_size()
-        )));
-    }
-    Ok(TextTokenizer::clip())
-}
-
-/// What every rank's data pipeline is built from.
+/// What every rank of a process shares: the data, and the metrics file's channel.
 struct RankInputs<'a> {
-    source: &'a Arc<SyntheticSource>,
-    held_out: Option<&'a HeldOut>,
-    fashion: Option<Arc<FashionMnist>>,
-    rows: Option<Arc<Vec<(PathBuf, String)>>>,
-    cache: Option<Arc<ImageCache>>,
-    /// Shard sets and their weights.
-    shards: &'a [(Vec<PathBuf>, f64)],
-    /// The other files the data comes from (a CSV, Fashion-MNIST's IDX files).
-    data_files: &'a [PathBuf],
-    captions: Arc<TextTokenizer>,
+    source: &'a Source,
     metrics: Option<crossbeam_channel::Sender<Record>>,
-}
-
-/// Starts this rank's pipeline: its modality, its slice of every global batch.
-fn start_data(
-    topology: &Topology,
-    rank: usize,
-    trainer: &RankTrainer,
-    model: &ClipConfig,
-    cfg: &TrainConfig,
-    inputs: &RankInputs,
-    start_step: usize,
-) -> RankData {
-    let tower = topology.ranks[rank].tower;
-    let crop = if cfg.data.random_crop {
-        Crop::OPENCLIP_TRAIN
-    } else {
-        Crop::Centre
-    };
-    let (order, materialiser) = match cfg.data.kind {
-        DataKind::Synthetic => (
-            SampleOrder::Sequential { next: 0 },
-            Materialiser::Synthetic(inputs.source.clone(), tower),
-        ),
-        DataKind::FashionMnist => {
-            let set = inputs.fashion.clone().expect("loaded for this kind");
-            (
-                SampleOrder::permuted(set.len() as u64, cfg.seed),
-                Materialiser::FashionMnist(
-                    set,
-                    ImageTransform::clip(model.image_size(), crop)
-                        .with_limits(cfg.data.image_limits()),
-                    tower,
-                ),
-            )
-        }
-        DataKind::Csv => {
-            let rows = inputs.rows.clone().expect("read for this kind");
-            (
-                SampleOrder::permuted(rows.len() as u64, cfg.seed),
-                Materialiser::Rows(
-                    rows,
-                    ImageTransform::clip(model.image_size(), crop)
-                        .with_limits(cfg.data.image_limits()),
-                    tower,
-                ),
-            )
-        }
-        DataKind::Webdataset => {
-            let mut streams: Vec<GlobalStream> = inputs
-                .shards
-                .iter()
-                .enumerate()
-                .map(|(i, (paths, _))| {
-                    let mut stream = GlobalStream::new(
-                        paths.clone(),
-                        OrderConfig {
-                            seed: cfg.seed.wrapping_add(i as u64),
-                            shuffle_buffer: cfg.data.shuffle_buffer,
-                            resample: cfg.data.resample,
-                        },
-                    );
-                    stream.log = rank == 0;
-                    stream
-                })
-                .collect();
-            let order = if streams.len() == 1 {
-                SampleOrder::Shards(Box::new(streams.remove(0)))
-            } else {
-                let weights: Vec<f64> = inputs.shards.iter().map(|s| s.1).collect();
-                SampleOrder::mix(streams, &weights, cfg.seed)
-            };
-            let materialiser = match tower {
-                Tower::Image => Materialiser::ShardImages(
-                    ImageTransform::clip(model.image_size(), crop)
-                        .with_limits(cfg.data.image_limits()),
-                    inputs.cache.clone(),
-                ),
-                Tower::Text => Materialiser::ShardCaptions,
-            };
-            (order, materialiser)
-        }
-    };
-    let assembler = Assembler {
-        tower,
-        image_shape: (model.channels(), model.image_size(), model.image_size()),
-        tokenizer: inputs.captions.clone(),
-        context: model.context_length(),
-    };
-    RankData::spawn(
-        order,
-        trainer.offset,
-        trainer.local_batch,
-        cfg.global_batch,
-        Arc::new(materialiser),
-        assembler,
-        PipelineConfig {
-            workers: cfg.data.workers,
-            prefetch: cfg.data.prefetch,
-            seed: cfg.seed,
-            start_step: start_step as u64,
-        },
-    )
-}
-
-/// `DIR/NAME.rank-R.EXT` for `DIR/NAME.EXT`: a file of world rank `rank`'s own.
-fn per_process(path: &Path, rank: usize) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map_or_else(|| "cache".into(), |s| s.to_string_lossy().into_owned());
-    let name = match path.extension() {
-        Some(ext) => format!("{stem}.rank-{rank}.{}", ext.to_string_lossy()),
-        None => format!("{stem}.rank-{rank}"),
-    };
-    path.with_file_name(name)
 }
 
 fn run_rank(
@@ -538,15 +256,7 @@ fn run_rank(
     trainer.attach(comms);
     // Resuming: every rank agrees on the save, and loads its tower's part; the data order
     // replays to the step. A resumed run keeps its id (for pruning its own saves).
-    let identity = |run: String| {
-        let files: Vec<PathBuf> = inputs
-            .shards
-            .iter()
-            .flat_map(|(paths, _)| paths.iter().cloned())
-            .chain(inputs.data_files.iter().cloned())
-            .collect();
-        checkpoints::RunIdentity::new(run, model, &files)
-    };
+    let identity = |run: String| checkpoints::RunIdentity::new(run, model, &inputs.source.files());
     let (start, run_id) = match &cfg.resume {
         Some(resume) => {
             let (dir, state) = checkpoints::resume_point(
@@ -575,9 +285,17 @@ fn run_rank(
         let _ = tx.send(Record::Start(start));
     }
     trainer.check_replicas(comms)?;
-    let data = start_data(topology, rank, &trainer, model, cfg, &inputs, start);
-    // Synthetic samples always materialise: no mask, no extra collective.
-    let masked = cfg.data.kind != DataKind::Synthetic;
+    let data = inputs.source.rank_pipeline(
+        RankSlice {
+            tower: trainer.tower,
+            offset: trainer.offset,
+            len: trainer.local_batch,
+            global_batch: cfg.global_batch,
+            start_step: start,
+        },
+        rank == 0,
+    );
+    let masked = inputs.source.may_fail();
     let mut skipped = SkipCounts::default();
     let mut skipped_steps = 0;
     let mut non_finite_steps = 0;
@@ -756,10 +474,19 @@ fn evaluate_and_show(
     bar: Option<&ProgressBar>,
     done: usize,
 ) -> Result<Option<(usize, EvalScores)>> {
-    let Some(held_out) = inputs.held_out else {
+    let Some(held_out) = inputs.source.held_out() else {
         return Ok(None);
     };
-    let Some(scores) = evaluate(topology, rank, comms, trainer, held_out, cfg.eval.pairs)? else {
+    let encode = |x: &TowerInput| trainer.encode(x);
+    let Some(scores) = crate::eval::distributed::evaluate(
+        topology,
+        rank,
+        comms,
+        &encode,
+        held_out,
+        cfg.eval.pairs,
+    )?
+    else {
         return Ok(None);
     };
     let line = format!("eval after step {done}: {}", scores.summary());
@@ -771,75 +498,6 @@ fn evaluate_and_show(
         let _ = tx.send(Record::Eval(done - 1, scores.clone()));
     }
     Ok(Some((done - 1, scores)))
-}
-
-/// Each rank encodes its share of `pairs` held-out pairs (its own modality only); the
-/// first text rank encodes the zero-shot classes; world rank 0 gathers everything and
-/// scores it. Other ranks return `None`.
-pub fn evaluate(
-    topology: &Topology,
-    rank: usize,
-    comms: &RankComms,
-    trainer: &RankTrainer,
-    held_out: &HeldOut,
-    pairs: usize,
-) -> Result<Option<EvalScores>> {
-    const CHUNK: usize = 256;
-    let r = &topology.ranks[rank];
-    let size = topology.group_size(r.tower);
-    let (offset, len) = (
-        split_offset(pairs, size, r.group_rank),
-        split_len(pairs, size, r.group_rank),
-    );
-    let mut parts = Vec::new();
-    for start in (0..len).step_by(CHUNK) {
-        let n = CHUNK.min(len - start);
-        let indices: Vec<u64> = ((offset + start) as u64..(offset + start + n) as u64).collect();
-        parts.push(trainer.encode(&held_out.tower_input(r.tower, &indices)?)?);
-    }
-    let local = if parts.is_empty() {
-        candle_core::Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?
-    } else {
-        candle_core::Tensor::cat(&parts, 0)?
-    };
-    let (image, text) = FeatureLayout::new(topology, pairs).exchange(comms, &local)?;
-    // Scoring runs on the host, whatever device the towers ran on.
-    let (image, text) = (
-        image.to_device(&Device::Cpu)?,
-        text.to_device(&Device::Cpu)?,
-    );
-    let first_text = topology
-        .ranks
-        .iter()
-        .position(|r| r.tower == Tower::Text)
-        .expect("a topology has a text group");
-    let labels = held_out.labels(pairs);
-    let classes = match &labels {
-        Some(_) => {
-            let mine = if rank == first_text {
-                held_out
-                    .class_features(&|x| trainer.encode(x))?
-                    .expect("labelled sets have classes")
-            } else {
-                // The shape a collective needs; only the root's values travel.
-                let n = crate::data::fashion_mnist::CLASSES.len();
-                candle_core::Tensor::zeros((n, image.dim(1)?), image.dtype(), &Device::Cpu)?
-            };
-            Some(
-                comms
-                    .world
-                    .broadcast(&mine, first_text)?
-                    .to_device(&Device::Cpu)?,
-            )
-        }
-        None => None,
-    };
-    if rank != 0 {
-        return Ok(None);
-    }
-    let captions: Vec<String> = (0..pairs as u64).map(|i| held_out.caption(i)).collect();
-    let classes = classes.as_ref().zip(labels.as_deref());
-    Ok(Some(crate::eval::score(&image, &text, &captions, classes)?))
 }
 
 fn progress_bar(len: u64) -> ProgressBar {
