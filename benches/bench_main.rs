@@ -9,11 +9,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use mmpipe::comm::thread::{group, DEFAULT_TIMEOUT};
 use mmpipe::comm::{Communicator, RankComms};
 use mmpipe::data::{Stream, SyntheticSource};
-use mmpipe::loss::{
-    clip_loss_reference, global_loss, FeatureLayout, LossConfig, LossKind, LossScalars, TileSize,
-};
+use mmpipe::loss::{clip_loss_reference, global_loss, LossConfig, LossKind, LossScalars, TileSize};
 use mmpipe::model::layers::l2_normalize;
 use mmpipe::model::{cpu_builder, ClipConfig, Encoder};
+use mmpipe::topology::layout::FeatureLayout;
 use mmpipe::topology::Tower;
 
 /// Thread-backend all-reduce: bytes/s against message size and rank count.

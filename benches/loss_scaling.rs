@@ -23,10 +23,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
-use mmpipe::loss::{
-    global_loss, split_len, split_offset, FeatureLayout, LossConfig, LossScalars, TileSize,
-    TILE_BLOCKS,
-};
+use mmpipe::loss::{global_loss, LossConfig, LossScalars, TileSize, TILE_BLOCKS};
+use mmpipe::topology::layout::{split_len, split_offset, FeatureLayout};
 use mmpipe::topology::{Topology, Tower};
 use rand::{Rng, SeedableRng};
 

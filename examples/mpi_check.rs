@@ -13,9 +13,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use mmpipe::comm::mpi::{rank_comms, world_rank_and_size};
 use mmpipe::comm::{Communicator, RankComms};
 use mmpipe::loss::{
-    clip_loss_reference, global_loss, siglip_loss_reference, split_len, split_offset, Exchange,
-    FeatureLayout, LossConfig, LossKind, LossScalars, TileSize,
+    clip_loss_reference, global_loss, siglip_loss_reference, Exchange, LossConfig, LossKind,
+    LossScalars, TileSize,
 };
+use mmpipe::topology::layout::{split_len, split_offset, FeatureLayout};
 use mmpipe::topology::{Topology, Tower};
 
 const BATCH: usize = 12;
@@ -197,7 +198,8 @@ fn losses(topology: &Topology, rank: usize, comms: &RankComms, checks: &mut Chec
                     Tower::Image => image.narrow(0, offset, len).unwrap(),
                     Tower::Text => text.narrow(0, offset, len).unwrap(),
                 };
-                let (gathered_image, gathered_text) = layout.exchange(comms, &local).unwrap();
+                let (gathered_image, gathered_text) =
+                    mmpipe::loss::exchange_features(comms.world.as_ref(), &layout, &local).unwrap();
                 let other = match r.tower {
                     Tower::Image => gathered_text,
                     Tower::Text => gathered_image,

@@ -33,9 +33,10 @@ use std::fmt;
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::comm::RankComms;
+use crate::comm::{Communicator, RankComms};
 use crate::error::{Error, Result};
-use crate::topology::{Topology, Tower};
+use crate::topology::layout::FeatureLayout;
+use crate::topology::Tower;
 
 /// Which contrastive loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
@@ -193,63 +194,6 @@ impl Default for LossConfig {
 pub const TILE_BLOCKS: usize = 4;
 
 impl LossConfig {
-    /// Payload bytes of the loss's own collectives per step on one rank of `tower`'s group,
-    /// as [`crate::comm::Communicator::payload_bytes`] counts them: the normaliser
-    /// partials (`lse`, CLIP) or the returned feature gradients (`gather-scatter`, padded
-    /// to the larger group's rows), and the world all-reduce of three f64 scalars.
-    pub fn exchange_payload(
-        &self,
-        topology: &Topology,
-        tower: Tower,
-        global_batch: usize,
-        embed_dim: usize,
-        elem_bytes: usize,
-    ) -> u64 {
-        let scalars = 3 * 8;
-        let exchanged = match (self.exchange, self.kind) {
-            (Exchange::Lse, LossKind::Clip) => topology.group_size(tower) * global_batch,
-            (Exchange::Lse, LossKind::Siglip) => 0,
-            (Exchange::GatherScatter, _) => {
-                let widest = [Tower::Image, Tower::Text]
-                    .map(|t| global_batch.div_ceil(topology.group_size(t)))
-                    .into_iter()
-                    .max()
-                    .unwrap_or(0);
-                topology.world_size() * widest * embed_dim
-            }
-        };
-        (exchanged * elem_bytes + scalars) as u64
-    }
-
-    /// Matrix products the size of a rank's `b × B × D` block per step: the logits once
-    /// per pass over the tiles (CLIP takes two: normalisers, then gradients), the own
-    /// gradient `G·Y`, and under `gather-scatter` the other side's `Gᵀ·X`.
-    pub fn block_products(&self) -> f64 {
-        let logits = match self.kind {
-            LossKind::Clip => 2.0,
-            LossKind::Siglip => 1.0,
-        };
-        let other = match self.exchange {
-            Exchange::Lse => 0.0,
-            Exchange::GatherScatter => 1.0,
-        };
-        logits + 1.0 + other
-    }
-
-    /// Peak bytes the loss holds on a rank with `rows` own rows: one tile's blocks, the
-    /// gathered features of both modalities, the own gradient, and under
-    /// `gather-scatter` the other side's gradients.
-    pub fn peak_bytes(&self, rows: usize, global_batch: usize, dim: usize, elem: usize) -> f64 {
-        let tile = self.tile_columns(rows, global_batch, elem);
-        let blocks = TILE_BLOCKS * rows * tile;
-        let features = 2 * global_batch * dim + rows * dim;
-        let returned = match self.exchange {
-            Exchange::Lse => 0,
-            Exchange::GatherScatter => 2 * global_batch * dim,
-        };
-        ((blocks + features + returned) * elem) as f64
-    }
-
     /// Columns per tile for a rank with `rows` own rows against `columns` columns.
     pub fn tile_columns(&self, rows: usize, columns: usize, elem_bytes: usize) -> usize {
         let want = match self.tile {
@@ -289,147 +233,44 @@ pub struct LossOutput {
     pub grad_logit_bias: f64,
 }
 
-/// Where each rank's rows sit in the world all-gather, so the gathered tensor can be cut
-/// back into `X` and `Y` in global sample order, and gradients sent back to their owners.
-#[derive(Debug, Clone)]
-pub struct FeatureLayout {
-    /// Per global rank: its tower and its number of rows.
-    ranks: Vec<(Tower, usize)>,
-    image_order: Vec<usize>,
-    text_order: Vec<usize>,
+/// All-gathers every rank's local features over the world; returns (all image features,
+/// all text features), each in global sample order.
+pub fn exchange_features(
+    world: &dyn Communicator,
+    layout: &FeatureLayout,
+    local: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let gathered = world.all_gather(local)?;
+    Ok((
+        layout.select(&gathered, Tower::Image)?,
+        layout.select(&gathered, Tower::Text)?,
+    ))
 }
 
-impl FeatureLayout {
-    /// Rows per rank for a global batch (or any set of samples) of `total` split evenly
-    /// over each group; with `total` not divisible, the first ranks get one more.
-    pub fn new(topology: &Topology, total: usize) -> Self {
-        let ranks = topology
-            .ranks
-            .iter()
-            .map(|r| {
-                (
-                    r.tower,
-                    split_len(total, topology.group_size(r.tower), r.group_rank),
-                )
-            })
-            .collect();
-        FeatureLayout {
-            ranks,
-            image_order: topology.group(Tower::Image),
-            text_order: topology.group(Tower::Text),
-        }
-    }
-
-    fn order(&self, tower: Tower) -> &[usize] {
-        match tower {
-            Tower::Image => &self.image_order,
-            Tower::Text => &self.text_order,
-        }
-    }
-
-    /// First row of global rank `g` within its modality's global order.
-    fn modality_offset(&self, g: usize) -> usize {
-        let (tower, _) = self.ranks[g];
-        self.order(tower)
-            .iter()
-            .take_while(|&&r| r != g)
-            .map(|&r| self.ranks[r].1)
-            .sum()
-    }
-
-    /// The same ranks with other row counts (per global rank): a step that dropped pairs.
-    pub fn with_rows(&self, rows: &[usize]) -> FeatureLayout {
-        FeatureLayout {
-            ranks: self
-                .ranks
-                .iter()
-                .zip(rows)
-                .map(|(&(tower, _), &r)| (tower, r))
-                .collect(),
-            image_order: self.image_order.clone(),
-            text_order: self.text_order.clone(),
-        }
-    }
-
-    /// Per global rank: its tower, its first row within its modality, and its rows.
-    pub fn slices(&self) -> Vec<(Tower, usize, usize)> {
-        (0..self.ranks.len())
-            .map(|g| (self.ranks[g].0, self.modality_offset(g), self.ranks[g].1))
-            .collect()
-    }
-
-    /// Rows each global rank contributes to a world collective.
-    pub fn world_rows(&self) -> Vec<usize> {
-        self.ranks.iter().map(|(_, rows)| *rows).collect()
-    }
-
-    /// All features of `tower`, in global sample order, from a world all-gather.
-    pub fn select(&self, gathered: &Tensor, tower: Tower) -> Result<Tensor> {
-        let mut starts = Vec::with_capacity(self.ranks.len());
-        let mut at = 0;
-        for (_, rows) in &self.ranks {
-            starts.push(at);
-            at += rows;
-        }
-        if gathered.dim(0)? != at {
-            return Err(Error::Msg(format!(
-                "gathered {} feature rows, expected {at}",
-                gathered.dim(0)?
-            )));
-        }
-        let parts: Vec<Tensor> = self
-            .order(tower)
-            .iter()
-            .map(|&g| gathered.narrow(0, starts[g], self.ranks[g].1))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
-    }
-
-    /// All-gathers every rank's local features over the world; returns (all image
-    /// features, all text features), each in global sample order.
-    pub fn exchange(&self, comms: &RankComms, local: &Tensor) -> Result<(Tensor, Tensor)> {
-        let gathered = comms.world.all_gather(local)?;
-        Ok((
-            self.select(&gathered, Tower::Image)?,
-            self.select(&gathered, Tower::Text)?,
-        ))
-    }
-
-    /// Sends `partial` (`[B, D]`: this rank's gradient contributions for every feature of
-    /// the other modality) to the features' owners over the world; returns the sum of the
-    /// other side's contributions for this rank's own rows.
-    fn return_gradients(&self, comms: &RankComms, partial: &Tensor) -> Result<Tensor> {
-        let (_, dim) = partial.dims2()?;
-        let blocks: Vec<Tensor> = self
-            .ranks
-            .iter()
-            .enumerate()
-            .map(|(g, &(tower, rows))| {
-                if tower == comms.tower {
-                    Ok(Tensor::zeros(
-                        (rows, dim),
-                        partial.dtype(),
-                        partial.device(),
-                    )?)
-                } else {
-                    Ok(partial.narrow(0, self.modality_offset(g), rows)?)
-                }
-            })
-            .collect::<Result<_>>()?;
-        comms
-            .world
-            .reduce_scatter_rows_sum(&Tensor::cat(&blocks, 0)?, &self.world_rows())
-    }
-}
-
-/// Rows that group rank `rank` of `size` gets out of `total`: even split, remainder first.
-pub fn split_len(total: usize, size: usize, rank: usize) -> usize {
-    total / size + usize::from(rank < total % size)
-}
-
-/// First row of group rank `rank` under [`split_len`].
-pub fn split_offset(total: usize, size: usize, rank: usize) -> usize {
-    (0..rank).map(|r| split_len(total, size, r)).sum()
+/// Sends `partial` (`[B, D]`: this rank's gradient contributions for every feature of
+/// the other modality) to the features' owners over the world; returns the sum of the
+/// other side's contributions for this rank's own rows.
+fn return_gradients(comms: &RankComms, layout: &FeatureLayout, partial: &Tensor) -> Result<Tensor> {
+    let (_, dim) = partial.dims2()?;
+    let blocks: Vec<Tensor> = layout
+        .ranks()
+        .iter()
+        .enumerate()
+        .map(|(g, &(tower, rows))| {
+            if tower == comms.tower {
+                Ok(Tensor::zeros(
+                    (rows, dim),
+                    partial.dtype(),
+                    partial.device(),
+                )?)
+            } else {
+                Ok(partial.narrow(0, layout.modality_offset(g), rows)?)
+            }
+        })
+        .collect::<Result<_>>()?;
+    comms
+        .world
+        .reduce_scatter_rows_sum(&Tensor::cat(&blocks, 0)?, &layout.world_rows())
 }
 
 fn to_f64(t: &Tensor) -> Result<f64> {
@@ -684,7 +525,7 @@ pub fn global_loss(
 
     let mut grad = grads.own;
     if let Some(partial) = &grads.other {
-        grad = (grad + layout.return_gradients(comms, partial)?)?;
+        grad = (grad + return_gradients(comms, layout, partial)?)?;
     }
     let totals = comms
         .world

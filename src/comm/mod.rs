@@ -268,6 +268,18 @@ pub fn all_reduce_sum_sparse_rows<C: Communicator + ?Sized>(
     Ok(reduced)
 }
 
+/// Elements [`all_reduce_sum_sparse_rows`] sends for a table of `rows` rows of `width`
+/// when the ranks use at most `rows_in_use` rows between them: the 0/1 row mask, then the
+/// packed rows, or the whole table where they would be over half of it.
+pub fn sparse_rows_elems(rows: usize, width: usize, rows_in_use: usize) -> usize {
+    let sent = if rows_in_use.min(rows) * 2 <= rows {
+        rows_in_use * width
+    } else {
+        rows * width
+    };
+    rows + sent
+}
+
 /// A zero tensor of `rows` rows with `packed`'s rows at `index` (distinct rows). On the
 /// CPU the rows are written into one zeroed buffer: `index_add` would first copy a zero
 /// tensor of the whole size (for a token table, 50 MB filled and 50 MB copied).

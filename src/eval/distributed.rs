@@ -7,8 +7,9 @@ use super::EvalScores;
 use crate::comm::RankComms;
 use crate::data::HeldOut;
 use crate::error::Result;
-use crate::loss::{split_len, split_offset, FeatureLayout};
+use crate::loss::exchange_features;
 use crate::model::TowerInput;
+use crate::topology::layout::{split_len, split_offset, FeatureLayout};
 use crate::topology::{Topology, Tower};
 
 /// Each rank encodes its share of `pairs` held-out pairs with `encode` (its own tower's
@@ -40,7 +41,8 @@ pub fn evaluate(
     } else {
         Tensor::cat(&parts, 0)?
     };
-    let (image, text) = FeatureLayout::new(topology, pairs).exchange(comms, &local)?;
+    let layout = FeatureLayout::new(topology, pairs);
+    let (image, text) = exchange_features(comms.world.as_ref(), &layout, &local)?;
     // Scoring runs on the host, whatever device the towers ran on.
     let (image, text) = (
         image.to_device(&Device::Cpu)?,

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 pub use bert::BertTower;
 pub use config::{
     BertConfig, ClipConfig, ImageTowerConfig, ResNetConfig, TextTowerConfig, TextTransformerConfig,
-    TowerSize, VitConfig,
+    VitConfig,
 };
 pub use params::{Init, ParamBuilder, Params};
 pub use text::TextTower;

@@ -23,7 +23,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::loss::{Exchange, LossConfig};
+use crate::loss::{Exchange, LossConfig, LossKind, TILE_BLOCKS};
 use crate::model::ClipConfig;
 use crate::topology::{Links, Topology, Tower};
 
@@ -635,5 +635,65 @@ impl CostModel<'_> {
             samples_per_s: b_global / step_s,
             memory: self.memory(held, trained_params, activations, loss, device),
         })
+    }
+}
+
+/// What the loss costs: its collectives' bytes, its matrix products and its memory.
+impl LossConfig {
+    /// Payload bytes of the loss's own collectives per step on one rank of `tower`'s group,
+    /// as [`crate::comm::Communicator::payload_bytes`] counts them: the normaliser
+    /// partials (`lse`, CLIP) or the returned feature gradients (`gather-scatter`, padded
+    /// to the larger group's rows), and the world all-reduce of three f64 scalars.
+    pub fn exchange_payload(
+        &self,
+        topology: &Topology,
+        tower: Tower,
+        global_batch: usize,
+        embed_dim: usize,
+        elem_bytes: usize,
+    ) -> u64 {
+        let scalars = 3 * 8;
+        let exchanged = match (self.exchange, self.kind) {
+            (Exchange::Lse, LossKind::Clip) => topology.group_size(tower) * global_batch,
+            (Exchange::Lse, LossKind::Siglip) => 0,
+            (Exchange::GatherScatter, _) => {
+                let widest = [Tower::Image, Tower::Text]
+                    .map(|t| global_batch.div_ceil(topology.group_size(t)))
+                    .into_iter()
+                    .max()
+                    .unwrap_or(0);
+                topology.world_size() * widest * embed_dim
+            }
+        };
+        (exchanged * elem_bytes + scalars) as u64
+    }
+
+    /// Matrix products the size of a rank's `b × B × D` block per step: the logits once
+    /// per pass over the tiles (CLIP takes two: normalisers, then gradients), the own
+    /// gradient `G·Y`, and under `gather-scatter` the other side's `Gᵀ·X`.
+    pub fn block_products(&self) -> f64 {
+        let logits = match self.kind {
+            LossKind::Clip => 2.0,
+            LossKind::Siglip => 1.0,
+        };
+        let other = match self.exchange {
+            Exchange::Lse => 0.0,
+            Exchange::GatherScatter => 1.0,
+        };
+        logits + 1.0 + other
+    }
+
+    /// Peak bytes the loss holds on a rank with `rows` own rows: one tile's blocks, the
+    /// gathered features of both modalities, the own gradient, and under
+    /// `gather-scatter` the other side's gradients.
+    pub fn peak_bytes(&self, rows: usize, global_batch: usize, dim: usize, elem: usize) -> f64 {
+        let tile = self.tile_columns(rows, global_batch, elem);
+        let blocks = TILE_BLOCKS * rows * tile;
+        let features = 2 * global_batch * dim + rows * dim;
+        let returned = match self.exchange {
+            Exchange::Lse => 0,
+            Exchange::GatherScatter => 2 * global_batch * dim,
+        };
+        ((blocks + features + returned) * elem) as f64
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod cost;
 pub mod search;
+pub mod size;
 pub mod svg;
 
 use std::fmt::Write;

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use crate::comm::rendezvous::stable_hash;
 use crate::comm::RankComms;
 use crate::error::{Error, Result};
-use crate::loss::FeatureLayout;
+use crate::topology::layout::FeatureLayout;
 use crate::topology::Tower;
 
 /// What a rank could read of its slice of a step's batch.

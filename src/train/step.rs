@@ -24,7 +24,7 @@ use super::phase::{Phase, PhaseBytes, PhaseTimer, PhaseTimes};
 use super::trainer::RankTrainer;
 use crate::comm::{all_reduce_sum_sparse_rows, RankComms};
 use crate::error::{Error, Result};
-use crate::loss::{global_loss, LossOutput, LossScalars};
+use crate::loss::{exchange_features, global_loss, LossOutput, LossScalars};
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
 use crate::model::{TowerInput, LOGIT_SCALE_MAX};
 use crate::topology::Tower;
@@ -281,7 +281,7 @@ impl RankTrainer {
             }
             None => features.detach(),
         };
-        let (image, text) = pairs.layout.exchange(comms, &mine)?;
+        let (image, text) = exchange_features(comms.world.as_ref(), &pairs.layout, &mine)?;
         let other = match self.tower {
             Tower::Image => text,
             Tower::Text => image,

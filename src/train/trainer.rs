@@ -10,13 +10,14 @@ use super::config::TrainConfig;
 use super::optim::{AdamW, AdamWConfig};
 use crate::comm::{Communicator, RankComms, SparseRows};
 use crate::error::{Error, Result};
-use crate::loss::{split_len, split_offset, FeatureLayout, LossConfig};
+use crate::loss::LossConfig;
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
 use crate::model::layers::l2_normalize;
 use crate::model::resnet::StatsReducer;
 use crate::model::{
     checkpoint, loss_scalars, ClipConfig, Encoder, LossScalarVars, ParamBuilder, Params, TowerInput,
 };
+use crate::topology::layout::{split_len, split_offset, FeatureLayout};
 use crate::topology::{Topology, Tower};
 
 /// Bytes a rank keeps from step to step ([`RankTrainer::state_bytes`]).

@@ -230,8 +230,8 @@ fn keys_per_rank(
         .iter()
         .map(|r| {
             let size = topology.group_size(r.tower);
-            let offset = mmpipe::loss::split_offset(global_batch, size, r.group_rank);
-            let len = mmpipe::loss::split_len(global_batch, size, r.group_rank);
+            let offset = mmpipe::topology::layout::split_offset(global_batch, size, r.group_rank);
+            let len = mmpipe::topology::layout::split_len(global_batch, size, r.group_rank);
             let order = SampleOrder::Shards(Box::new(GlobalStream::new(
                 shards.to_vec(),
                 OrderConfig {

@@ -5,9 +5,10 @@
 use candle_core::{DType, Device, Tensor, Var};
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
 use mmpipe::loss::{
-    clip_loss_reference, global_loss, siglip_loss_reference, split_len, split_offset, Exchange,
-    FeatureLayout, LossConfig, LossKind, LossScalars, TileSize,
+    clip_loss_reference, global_loss, siglip_loss_reference, Exchange, LossConfig, LossKind,
+    LossScalars, TileSize,
 };
+use mmpipe::topology::layout::{split_len, split_offset, FeatureLayout};
 use mmpipe::topology::Tower;
 
 use super::common::{cpu_topology, fixed_values, scalar, worst_violation, Relative};
@@ -85,7 +86,7 @@ fn split(
             Tower::Text => features(1.7, dtype),
         };
         let local = all.narrow(0, offset, len)?;
-        let (x, y) = layout.exchange(&comms, &local)?;
+        let (x, y) = mmpipe::loss::exchange_features(comms.world.as_ref(), &layout, &local)?;
         let other = match r.tower {
             Tower::Image => y,
             Tower::Text => x,

@@ -25,6 +25,8 @@
 //! Global ranks follow the launcher convention: node by node, device index within a node.
 //! Ranks inside a group follow the order of the group's list.
 
+pub mod layout;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -173,7 +175,7 @@ pub struct Topology {
 }
 
 /// The topology `mmpipe train` uses when given none: two image rank threads, one text.
-pub const DEFAULT_CPU_2X1: &str = include_str!("../topology/cpu-2x1.toml");
+pub const DEFAULT_CPU_2X1: &str = include_str!("../../topology/cpu-2x1.toml");
 
 impl Topology {
     pub fn from_file(path: &Path) -> Result<Self> {
