@@ -3,6 +3,7 @@
 //! for every split the search considers. Pure functions of (topology, model, options).
 
 pub mod cost;
+pub mod options;
 pub mod search;
 pub mod size;
 pub mod svg;
@@ -11,10 +12,8 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-pub use cost::{
-    Calibration, CostModel, CostOptions, DataParallelEstimate, GradReduce, MicroBatch, Optimizer,
-    Precision, SplitEstimate,
-};
+pub use cost::{CostModel, DataParallelEstimate, SplitEstimate};
+pub use options::{Calibration, CostOptions, GradReduce, MicroBatch, Optimizer, Precision};
 
 use crate::error::Result;
 use crate::loss::{Exchange, LossConfig, LossKind};

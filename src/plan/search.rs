@@ -9,7 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::cost::{CostModel, CostOptions, DataParallelEstimate, SplitEstimate};
+use super::cost::{CostModel, DataParallelEstimate, SplitEstimate};
+use super::options::CostOptions;
 use crate::error::{Error, Result};
 use crate::model::ClipConfig;
 use crate::topology::{DeviceRef, Topology, Tower};
