@@ -59,6 +59,37 @@ pub enum Error {
     #[error("rank {rank}: {message}")]
     Rank { rank: usize, message: String },
 
+    /// A file whose contents are wrong as a whole (not one field of a config: see
+    /// [`Error::Invalid`]), named with the problem.
+    #[error("{}: {message}", path.display())]
+    File { path: PathBuf, message: String },
+
+    /// The launcher's environment (torchrun's or Slurm's variables) does not describe a
+    /// run; `variable` is the one at fault.
+    #[error("{message}")]
+    Launcher { variable: String, message: String },
+
+    /// The rendezvous between a run's processes failed; `peer` is whom it was with (rank
+    /// 0's address, or a rank).
+    #[error("rendezvous: {message}")]
+    Rendezvous { peer: String, message: String },
+
+    /// A training step that cannot go on (the data, or the run diverged).
+    #[error("step {step}: {message}")]
+    Step { step: u64, message: String },
+
+    /// The GPU, its driver, NVRTC or NCCL failed (not a peer's collective: see
+    /// [`Error::Collective`]).
+    #[error("CUDA: {0}")]
+    Cuda(String),
+
+    /// What this build cannot do without a cargo feature.
+    #[error("{message}")]
+    NeedsFeature {
+        feature: &'static str,
+        message: String,
+    },
+
     #[error("{0}")]
     Msg(String),
 }

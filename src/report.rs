@@ -151,10 +151,12 @@ impl Run {
             });
         }
         if steps.is_empty() {
-            return Err(Error::Msg(format!(
-                "{}: no step lines (is this a metrics file written by `mmpipe train --metrics`?)",
-                path.display()
-            )));
+            return Err(Error::File {
+                path: path.to_path_buf(),
+                message:
+                    "no step lines (is this a metrics file written by `mmpipe train --metrics`?)"
+                        .into(),
+            });
         }
         Ok(Run {
             name,
@@ -219,12 +221,19 @@ fn register_font() -> Result<()> {
     })?;
     // plotters keeps fonts for the life of the process.
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| Error::Msg(format!("{}: not a usable TrueType font", chosen.display())))
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
+        Error::File {
+            path: chosen.to_path_buf(),
+            message: "not a usable TrueType font".into(),
+        }
+    })
 }
 
 fn plot_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> Error + '_ {
-    move |e| Error::Msg(format!("{}: drawing failed: {e:?}", path.display()))
+    move |e| Error::File {
+        path: path.to_path_buf(),
+        message: format!("drawing failed: {e:?}"),
+    }
 }
 
 const SERIES: [RGBColor; 6] = [

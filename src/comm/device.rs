@@ -22,7 +22,7 @@ pub fn rank_device(topology: &Topology, rank: usize) -> Result<Device> {
         DeviceKind::Cuda => {
             let count = device_count()?;
             if count == 0 {
-                return Err(Error::Msg("no CUDA GPU is visible to this process".into()));
+                return Err(Error::Cuda("no GPU is visible to this process".into()));
             }
             cuda_device(topology.ranks[rank].device % count)
         }
@@ -75,8 +75,8 @@ mod cuda {
             return Ok(d.clone());
         }
         let device = Device::new_cuda_with_stream(ordinal).map_err(|e| {
-            Error::Msg(format!(
-                "CUDA device {ordinal} could not be opened: {e} (is there an NVIDIA driver and GPU here?)"
+            Error::Cuda(format!(
+                "device {ordinal} could not be opened: {e} (is there an NVIDIA driver and GPU here?)"
             ))
         })?;
         devices.push((ordinal, device.clone()));
@@ -87,7 +87,7 @@ mod cuda {
     pub fn device_count() -> Result<usize> {
         candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
             .map(|n| n as usize)
-            .map_err(|e| Error::Msg(format!("no CUDA driver or GPU: {e:?}")))
+            .map_err(|e| Error::Cuda(format!("no driver or GPU: {e:?}")))
     }
 
     /// The most GPU memory seen in use (whole device, bytes) by [`sample_memory`], and the

@@ -83,12 +83,15 @@ pub fn launch(topology: &Topology, requested: Option<Backend>, job: &Job) -> Res
         Backend::Thread
     });
     if let (Some(env), Backend::Thread) = (env.as_ref(), backend) {
-        return Err(Error::Msg(format!(
+        return Err(Error::Launcher {
+            variable: "RANK".into(),
+            message: format!(
             "{} started this process as rank {} of {}, but rank threads run the whole topology in one \
              process: for CPU ranks across processes use the MPI backend (build with --features mpi, \
              start with scripts/launch.sh --backend mpi); for GPUs, a cuda topology with --backend nccl",
             env.launcher, env.rank, env.world_size
-        )));
+            ),
+        });
     }
     let ranks = match backend {
         Backend::Thread => Ranks::Threads,
@@ -155,12 +158,13 @@ pub fn topology_hash(topology: &Topology) -> u64 {
 /// hands out the NCCL ids) checks that every process runs the same job.
 fn nccl_ranks(topology: &Topology, job: &Job, env: Option<&LaunchEnv>) -> Result<Ranks> {
     let Some(env) = env else {
-        return Err(Error::Msg(
-            "--backend nccl runs one process per GPU: start them with scripts/launch.sh, torchrun or \
-             srun (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE or Slurm's variables); this process \
-             has none of those variables"
+        return Err(Error::Launcher {
+            variable: "RANK".into(),
+            message: "--backend nccl runs one process per GPU: start them with scripts/launch.sh, \
+                      torchrun or srun (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE or Slurm's \
+                      variables); this process has none of those variables"
                 .into(),
-        ));
+        });
     };
     if env.world_size != topology.world_size() {
         return Err(Error::invalid(
@@ -205,11 +209,13 @@ fn nccl_ranks(topology: &Topology, job: &Job, env: Option<&LaunchEnv>) -> Result
     #[cfg(not(feature = "cuda"))]
     {
         let _ = job;
-        Err(Error::Msg(
-            "--backend nccl needs a build with CUDA: cargo build --release --features cuda \
-             (scripts/cuda-build.sh builds it without a system CUDA toolkit)"
-                .into(),
-        ))
+        Err(Error::NeedsFeature {
+            feature: "cuda",
+            message:
+                "--backend nccl needs a build with CUDA: cargo build --release --features cuda \
+                      (scripts/cuda-build.sh builds it without a system CUDA toolkit)"
+                    .into(),
+        })
     }
 }
 
@@ -230,10 +236,11 @@ fn mpi_ranks(topology: &Topology, job: &Job) -> Result<Ranks> {
     #[cfg(not(feature = "mpi"))]
     {
         let _ = (topology, job);
-        Err(Error::Msg(
-            "--backend mpi needs a build with MPI: cargo build --release --features mpi \
-             (Debian: apt install libopenmpi-dev libclang-dev openmpi-bin)"
+        Err(Error::NeedsFeature {
+            feature: "mpi",
+            message: "--backend mpi needs a build with MPI: cargo build --release --features mpi \
+                      (Debian: apt install libopenmpi-dev libclang-dev openmpi-bin)"
                 .into(),
-        ))
+        })
     }
 }

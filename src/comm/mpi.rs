@@ -380,7 +380,11 @@ pub fn rank_comms(topology: &Topology) -> Result<(usize, RankComms)> {
     let split = |name| -> Result<SimpleCommunicator> {
         world
             .split_by_color(Color::with_value(colour))
-            .ok_or_else(|| Error::Msg(format!("MPI could not split the {name} group")))
+            .ok_or_else(|| Error::Collective {
+                op: "split",
+                group: "world".into(),
+                message: format!("MPI could not split the {name} group"),
+            })
     };
     let group = split("group")?;
     let stats = split("statistics")?;

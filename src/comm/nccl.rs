@@ -120,16 +120,19 @@ const ID_BYTES: usize = 128;
 /// A fresh unique id, as bytes for the rendezvous.
 pub fn new_id() -> Result<Vec<u8>> {
     let id = nccl::get_uniqueid()
-        .map_err(|e| Error::Msg(format!("ncclGetUniqueId: {}", nccl_message(&e))))?;
+        .map_err(|e| Error::Cuda(format!("ncclGetUniqueId: {}", nccl_message(&e))))?;
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
 fn id_from_bytes(bytes: &[u8], what: &str) -> Result<sys::ncclUniqueId> {
     if bytes.len() != ID_BYTES {
-        return Err(Error::Msg(format!(
-            "the rendezvous gave {} bytes for the NCCL id of {what}, not {ID_BYTES}",
-            bytes.len()
-        )));
+        return Err(Error::Rendezvous {
+            peer: "rank 0".into(),
+            message: format!(
+                "the rendezvous gave {} bytes for the NCCL id of {what}, not {ID_BYTES}",
+                bytes.len()
+            ),
+        });
     }
     let mut internal = [0 as std::ffi::c_char; ID_BYTES];
     for (i, b) in internal.iter_mut().zip(bytes) {
@@ -145,7 +148,7 @@ impl NcclCommunicator {
         let cuda = device.as_cuda_device()?;
         let id = id_from_bytes(id, name)?;
         let comm = RawComm::join(cuda.cuda_stream(), rank, size, id).map_err(|e| {
-            Error::Msg(format!(
+            Error::Cuda(format!(
                 "NCCL communicator `{name}` (rank {rank} of {size}) could not start: {}",
                 nccl_message(&e)
             ))
@@ -459,7 +462,10 @@ pub fn rank_comms(
     device: &Device,
 ) -> Result<RankComms> {
     let id = |key: &str| {
-        ids(key).ok_or_else(|| Error::Msg(format!("the rendezvous has no NCCL id `{key}`")))
+        ids(key).ok_or_else(|| Error::Rendezvous {
+            peer: "rank 0".into(),
+            message: format!("the rendezvous has no NCCL id `{key}`"),
+        })
     };
     set_abort_hook();
     let me = &topology.ranks[rank];

@@ -55,11 +55,12 @@ impl ImageCache {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::Msg(format!(
-                    "{}: the image cache file is in use by another process: each run (and each \
-                     process of a run) needs its own data.cache",
-                    path.display()
-                )))
+                return Err(Error::File {
+                    path: path.to_path_buf(),
+                    message: "the image cache file is in use by another process: each run (and \
+                              each process of a run) needs its own data.cache"
+                        .into(),
+                })
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }

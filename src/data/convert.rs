@@ -211,10 +211,16 @@ pub fn read_rows(path: &Path, columns: &CsvColumns) -> Result<Vec<(PathBuf, Stri
     let mut reader = ::csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .from_path(path)
-        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     let headers = reader
         .headers()
-        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?
+        .map_err(|e| Error::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?
         .clone();
     let column = |name: &str| {
         headers.iter().position(|h| h == name).ok_or_else(|| {

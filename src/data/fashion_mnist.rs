@@ -71,17 +71,22 @@ fn read_gz_or_plain(dir: &Path, stem: &str) -> Result<(PathBuf, Vec<u8>)> {
     } else if plain.is_file() {
         Ok((plain.clone(), std::fs::read(&plain).map_err(io(&plain))?))
     } else {
-        Err(Error::Msg(format!(
-            "{}: no {stem}(.gz): install Debian's package `dataset-fashion-mnist` \
-             (apt-get install -y dataset-fashion-mnist), or point `data.dir` at the IDX files",
-            dir.display()
-        )))
+        Err(Error::File {
+            path: dir.to_path_buf(),
+            message: format!(
+                "no {stem}(.gz): install Debian's package `dataset-fashion-mnist` \
+             (apt-get install -y dataset-fashion-mnist), or point `data.dir` at the IDX files"
+            ),
+        })
     }
 }
 
 /// An IDX file's payload after checking its magic number and dimensions.
 fn idx(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bad = |m: String| Error::Msg(format!("{}: {m}", path.display()));
+    let bad = |message: String| Error::File {
+        path: path.to_path_buf(),
+        message,
+    };
     let header = 4 + 4 * dims;
     if bytes.len() < header {
         return Err(bad("shorter than an IDX header".into()));
@@ -116,16 +121,16 @@ impl FashionMnist {
         let (ishape, pixels) = idx(&ipath, &ibytes, 0x0803, 3)?;
         let (lshape, labels) = idx(&lpath, &lbytes, 0x0801, 1)?;
         if ishape[1..] != [SIDE, SIDE] || ishape[0] != lshape[0] {
-            return Err(Error::Msg(format!(
-                "{}: images {ishape:?} and labels {lshape:?} do not match",
-                dir.display()
-            )));
+            return Err(Error::File {
+                path: dir.to_path_buf(),
+                message: format!("images {ishape:?} and labels {lshape:?} do not match"),
+            });
         }
         if let Some(bad) = labels.iter().find(|&&l| l as usize >= CLASSES.len()) {
-            return Err(Error::Msg(format!(
-                "{}: label {bad} out of range",
-                lpath.display()
-            )));
+            return Err(Error::File {
+                path: lpath.to_path_buf(),
+                message: format!("label {bad} out of range"),
+            });
         }
         Ok(FashionMnist { pixels, labels })
     }

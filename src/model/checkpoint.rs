@@ -40,8 +40,10 @@ pub fn checkpoint_model(dir: &Path, model: Option<&Path>) -> Result<ClipConfig> 
 /// fsync, rename, fsync of the folder).
 pub fn write_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     crate::durable::write_with(path, |tmp| {
-        candle_core::safetensors::save(tensors, tmp)
-            .map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))
+        candle_core::safetensors::save(tensors, tmp).map_err(|e| Error::File {
+            path: tmp.to_path_buf(),
+            message: e.to_string(),
+        })
     })
 }
 

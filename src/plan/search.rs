@@ -141,13 +141,12 @@ pub fn search(
         }
     }
     if candidates.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: no split works for a global batch of {}: of {considered} splits, {indivisible} do not divide \
+        return Err(Error::File {
+ path: topology.source.to_path_buf(),
+ message: format!("no split works for a global batch of {}: of {considered} splits, {indivisible} do not divide \
              the batch evenly and {too_big} do not fit in device memory (the model does not fit anywhere at \
-             this batch: lower it, or use --checkpointing)",
-            topology.source.display(),
-            options.global_batch
-        )));
+             this batch: lower it, or use --checkpointing)", options.global_batch),
+ });
     }
     candidates.sort_by(|a, b| a.split.step_s.total_cmp(&b.split.step_s));
     candidates.truncate(keep.max(1));

@@ -208,19 +208,6 @@ impl TrainConfig {
         )
     }
 
-    /// Reads and checks a training config file.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let mut cfg: TrainConfig = crate::error::read_toml(path)?;
-        cfg.data.base_dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| ".".into());
-        cfg.data.origin = path.to_path_buf();
-        cfg.model = cfg.model.map(|m| cfg.data.base_dir.join(m));
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
     /// Checks values that parse but make no sense; `origin` names the file (or the CLI)
     /// in the error.
     pub fn validate(&self, origin: &Path) -> Result<()> {

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use crate::comm::device::rank_device;
 pub use crate::comm::launch::Ranks;
 pub use config::TrainConfig;
 pub use pairs::Readable;
@@ -251,7 +250,7 @@ fn run_rank(
     cfg: &TrainConfig,
     inputs: RankInputs,
 ) -> Result<RankOutcome> {
-    let device = rank_device(topology, rank)?;
+    let device = crate::comm::device::rank_device(topology, rank)?;
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
     trainer.attach(comms);
     // Resuming: every rank agrees on the save, and loads its tower's part; the data order
@@ -389,11 +388,14 @@ fn run_rank(
                 non_finite_steps += 1;
                 bad_in_a_row += 1;
                 if bad_in_a_row > cfg.max_bad_steps {
-                    return Err(Error::Msg(format!(
-                        "the loss or a gradient was NaN or infinite for {bad_in_a_row} steps in a row \
-                         (last loss {loss}, step {step}, learning rate {lr:.2e}): training diverged; \
-                         lower the learning rate or check the data"
-                    )));
+                    return Err(Error::Step {
+                        step: step as u64,
+                        message: format!(
+                            "the loss or a gradient was NaN or infinite for {bad_in_a_row} steps in a \
+                             row (last loss {loss}, learning rate {lr:.2e}): training diverged; lower \
+                             the learning rate or check the data"
+                        ),
+                    });
                 }
                 if rank == 0 {
                     tracing::warn!(
@@ -405,14 +407,17 @@ fn run_rank(
                 skipped_steps += 1;
                 bad_in_a_row += 1;
                 if bad_in_a_row > cfg.max_bad_steps {
-                    return Err(Error::Msg(format!(
-                        "{bad_in_a_row} steps in a row (the last {step}) had fewer than two readable \
-                         pairs in their global batch ({} skipped so far: {}): the data cannot be \
-                         read; check its paths and files (max_bad_steps = {})",
-                        skipped.total(),
-                        skipped,
-                        cfg.max_bad_steps
-                    )));
+                    return Err(Error::Step {
+                        step: step as u64,
+                        message: format!(
+                            "{bad_in_a_row} steps in a row had fewer than two readable pairs in their \
+                             global batch ({} skipped so far: {}): the data cannot be read; check its \
+                             paths and files (max_bad_steps = {})",
+                            skipped.total(),
+                            skipped,
+                            cfg.max_bad_steps
+                        ),
+                    });
                 }
                 if rank == 0 {
                     tracing::warn!(

@@ -87,12 +87,15 @@ pub fn agree_on_pairs(comms: &RankComms, me: &Slice, read: &Readable) -> Result<
         } else {
             String::new()
         };
-        return Err(Error::Msg(format!(
-            "step {}: the image and text ranks read different samples at position {at} of the \
-             global batch (key hashes {:08x} and {:08x}){here}: every rank must read the same \
-             shards in the same order (the same --shards, with the same contents, on every node)",
-            read.step, image[at][1], text[at][1]
-        )));
+        return Err(Error::Step {
+            step: read.step,
+            message: format!(
+                "the image and text ranks read different samples at position {at} of the global \
+                 batch (key hashes {:08x} and {:08x}){here}: every rank must read the same shards \
+                 in the same order (the same --shards, with the same contents, on every node)",
+                image[at][1], text[at][1]
+            ),
+        });
     }
     let pair: Vec<bool> = image
         .iter()

@@ -214,7 +214,10 @@ impl RankTrainer {
         let names = self.trainable.names();
         self.optimizer
             .load_state(&names, &tensors)
-            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+            .map_err(|e| Error::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })
     }
 
     /// SigLIP's logit bias (0 for a loss without one).

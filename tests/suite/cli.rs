@@ -288,7 +288,7 @@ fn train_reads_a_training_config_and_flags_override_it() {
 fn every_shipped_training_config_parses() {
     for entry in std::fs::read_dir("configs/train").unwrap() {
         let path = entry.unwrap().path();
-        let cfg = mmpipe::train::TrainConfig::from_file(&path)
+        let cfg = mmpipe::train::TrainConfig::load(Some(&path), &[])
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // A model named by the file is found relative to it.
         if let Some(model) = &cfg.model {
@@ -297,9 +297,11 @@ fn every_shipped_training_config_parses() {
         }
     }
     // The documented default file is the built-in default.
-    let mut file =
-        mmpipe::train::TrainConfig::from_file(std::path::Path::new("configs/train/default.toml"))
-            .unwrap();
+    let mut file = mmpipe::train::TrainConfig::load(
+        Some(std::path::Path::new("configs/train/default.toml")),
+        &[],
+    )
+    .unwrap();
     // Where it was read from is not a setting.
     file.data.base_dir = mmpipe::data::DataConfig::default().base_dir;
     file.data.origin = mmpipe::data::DataConfig::default().origin;

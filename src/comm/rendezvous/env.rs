@@ -36,10 +36,11 @@ impl LaunchEnv {
         let number = |name: &str| -> Result<Option<usize>> {
             get(name)
                 .map(|v| {
-                    v.trim().parse::<usize>().map_err(|_| {
-                        Error::Msg(format!(
+                    v.trim().parse::<usize>().map_err(|_| Error::Launcher {
+                        variable: name.to_string(),
+                        message: format!(
                             "environment variable {name}={v:?} is not a non-negative integer"
-                        ))
+                        ),
                     })
                 })
                 .transpose()
@@ -47,12 +48,16 @@ impl LaunchEnv {
         let port = |launcher: &str| -> Result<u16> {
             match get("MASTER_PORT") {
                 None if launcher == "slurm" => Ok(DEFAULT_PORT),
-                None => Err(Error::Msg(
-                    "RANK and WORLD_SIZE are set but MASTER_PORT is not: set the port rank 0 listens on"
+                None => Err(Error::Launcher {
+                    variable: "MASTER_PORT".into(),
+                    message: "RANK and WORLD_SIZE are set but MASTER_PORT is not: set the port rank 0 listens on"
                         .into(),
-                )),
+                }),
                 Some(v) => v.trim().parse::<u16>().map_err(|_| {
-                    Error::Msg(format!("environment variable MASTER_PORT={v:?} is not a port number"))
+                    Error::Launcher {
+                        variable: "MASTER_PORT".into(),
+                        message: format!("environment variable MASTER_PORT={v:?} is not a port number"),
+                    }
                 }),
             }
         };
@@ -61,11 +66,11 @@ impl LaunchEnv {
             number("WORLD_SIZE")?,
         ) {
             (Some(rank), Some(world)) => {
-                let addr = get("MASTER_ADDR").ok_or_else(|| {
-                    Error::Msg(
+                let addr = get("MASTER_ADDR").ok_or_else(|| Error::Launcher {
+                    variable: "MASTER_ADDR".into(),
+                    message:
                         "RANK and WORLD_SIZE are set but MASTER_ADDR is not: set rank 0's host"
                             .into(),
-                    )
                 })?;
                 (
                     "torchrun",
@@ -76,9 +81,10 @@ impl LaunchEnv {
                 )
             }
             (Some(_), None) | (None, Some(_)) => {
-                return Err(Error::Msg(
-                    "only one of RANK and WORLD_SIZE is set: a launcher sets both".into(),
-                ))
+                return Err(Error::Launcher {
+                    variable: "RANK".into(),
+                    message: "only one of RANK and WORLD_SIZE is set: a launcher sets both".into(),
+                })
             }
             (None, None) => match (number("SLURM_PROCID")?, number("SLURM_NTASKS")?) {
                 (Some(rank), Some(world)) => {
@@ -88,11 +94,12 @@ impl LaunchEnv {
                             let list = get("SLURM_NODELIST")
                                     .or_else(|| get("SLURM_JOB_NODELIST"))
                                     .ok_or_else(|| {
-                                        Error::Msg(
-                                            "SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_NODELIST: \
+                                        Error::Launcher {
+                                            variable: "SLURM_NODELIST".into(),
+                                            message: "SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_NODELIST: \
                                              cannot tell where rank 0 runs"
                                                 .into(),
-                                        )
+                                        }
                                     })?;
                             first_slurm_host(&list)?
                         }
@@ -109,9 +116,12 @@ impl LaunchEnv {
             },
         };
         if world_size == 0 || rank >= world_size {
-            return Err(Error::Msg(format!(
-                "{launcher}: rank {rank} is not a rank of a world of {world_size}"
-            )));
+            return Err(Error::Launcher {
+                variable: "RANK".into(),
+                message: format!(
+                    "{launcher}: rank {rank} is not a rank of a world of {world_size}"
+                ),
+            });
         }
         Ok(Some(LaunchEnv {
             rank,
@@ -127,7 +137,10 @@ impl LaunchEnv {
 
 /// The first host of a Slurm node list: `node[03-05,07],gpu1` → `node03`.
 pub fn first_slurm_host(list: &str) -> Result<String> {
-    let bad = || Error::Msg(format!("SLURM_NODELIST={list:?}: not a node list"));
+    let bad = || Error::Launcher {
+        variable: "SLURM_NODELIST".into(),
+        message: format!("SLURM_NODELIST={list:?}: not a node list"),
+    };
     let list = list.trim();
     let first_end = {
         // The first comma outside brackets ends the first entry.

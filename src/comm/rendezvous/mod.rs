@@ -201,16 +201,19 @@ fn answer(j: &mut Joined, key: &[u8], reply: &Reply) -> std::io::Result<()> {
     )
 }
 
+/// Rank 0, as errors name it: its address.
+fn rank0(env: &LaunchEnv) -> String {
+    format!("rank 0 at {}:{}", env.master_addr, env.master_port)
+}
+
 /// Rank 0's listener: on the address `MASTER_ADDR` names (each one it resolves to, in
 /// turn), so that the port is open on that interface only.
 fn listen(env: &LaunchEnv) -> Result<TcpListener> {
     let addrs: Vec<SocketAddr> = (env.master_addr.as_str(), env.master_port)
         .to_socket_addrs()
-        .map_err(|e| {
-            Error::Msg(format!(
-                "rank 0 cannot resolve MASTER_ADDR={}: {e}",
-                env.master_addr
-            ))
+        .map_err(|e| Error::Rendezvous {
+            peer: rank0(env),
+            message: format!("rank 0 cannot resolve MASTER_ADDR={}: {e}", env.master_addr),
         })?
         .collect();
     let mut tried = Vec::new();
@@ -220,7 +223,9 @@ fn listen(env: &LaunchEnv) -> Result<TcpListener> {
             Err(e) => tried.push(format!("{addr}: {e}")),
         }
     }
-    Err(Error::Msg(format!(
+    Err(Error::Rendezvous {
+        peer: rank0(env),
+        message: format!(
         "rank 0 cannot serve the rendezvous at MASTER_ADDR={}, MASTER_PORT={} ({}): rank 0 must \
          run on that host, and the port be free (is another run using it?)",
         env.master_addr,
@@ -230,7 +235,8 @@ fn listen(env: &LaunchEnv) -> Result<TcpListener> {
         } else {
             tried.join("; ")
         }
-    )))
+        ),
+    })
 }
 
 fn serve(
@@ -251,7 +257,10 @@ fn serve(
     let listener = listen(env)?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| Error::Msg(e.to_string()))?;
+        .map_err(|e| Error::Rendezvous {
+            peer: rank0(env),
+            message: format!("the listener: {e}"),
+        })?;
     let started = Instant::now();
     let mut joins: Vec<Option<Join>> = vec![None; env.world_size];
     joins[0] = Some(me);
@@ -281,7 +290,10 @@ fn serve(
                 timeout.as_secs()
             );
             refuse_all(&mut joined, &key, &message);
-            return Err(Error::Msg(format!("rendezvous: {message}")));
+            return Err(Error::Rendezvous {
+                peer: missing.join(", "),
+                message,
+            });
         }
         match listener.accept() {
             Ok((stream, peer)) => {
@@ -299,7 +311,12 @@ fn serve(
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Error::Msg(format!("rendezvous: accept failed: {e}"))),
+            Err(e) => {
+                return Err(Error::Rendezvous {
+                    peer: rank0(env),
+                    message: format!("accept failed: {e}"),
+                })
+            }
         }
         while let Ok((peer, result)) = admitted.try_recv() {
             let mut j = match result {
@@ -329,7 +346,10 @@ fn serve(
                 );
                 joined.push(j);
                 refuse_all(&mut joined, &key, &message);
-                return Err(Error::Msg(format!("rendezvous: {message}")));
+                return Err(Error::Rendezvous {
+                    peer: format!("rank {rank}"),
+                    message,
+                });
             }
             joins[rank] = Some(j.join.clone());
             joined.push(j);
@@ -345,16 +365,17 @@ fn serve(
         Err(message) => Reply::Refused(message),
     };
     for j in &mut joined {
-        answer(j, &key, &reply).map_err(|e| {
-            Error::Msg(format!(
-                "rendezvous: answering rank {} failed: {e}",
-                j.join.rank
-            ))
+        answer(j, &key, &reply).map_err(|e| Error::Rendezvous {
+            peer: format!("rank {} ({})", j.join.rank, j.join.host),
+            message: format!("answering rank {} failed: {e}", j.join.rank),
         })?;
     }
     match reply {
         Reply::Ready { .. } => Ok(Rendezvous { joins, shared }),
-        Reply::Refused(message) => Err(Error::Msg(format!("rendezvous: {message}"))),
+        Reply::Refused(message) => Err(Error::Rendezvous {
+            peer: "every rank".into(),
+            message,
+        }),
     }
 }
 
@@ -429,20 +450,26 @@ fn connect(env: &LaunchEnv, me: Join, timeout: Duration) -> Result<Rendezvous> {
             match attempt(addr, &me, &key, answer_by) {
                 Ok(Reply::Ready { joins, shared }) => return Ok(Rendezvous { joins, shared }),
                 Ok(Reply::Refused(message)) => {
-                    return Err(Error::Msg(format!("rendezvous: {message}")))
+                    return Err(Error::Rendezvous {
+                        peer: rank0(env),
+                        message,
+                    })
                 }
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
         if started.elapsed() > timeout {
-            return Err(Error::Msg(format!(
-                "rendezvous: rank {} of {} could not reach rank 0 at {target} within {} s ({last}); \
+            return Err(Error::Rendezvous {
+                peer: rank0(env),
+                message: format!(
+                    "rank {} of {} could not reach rank 0 at {target} within {} s ({last}); \
                  check MASTER_ADDR and MASTER_PORT, that rank 0 started, and that every rank has \
                  the same MMPIPE_RUN_SECRET",
-                env.rank,
-                env.world_size,
-                timeout.as_secs()
-            )));
+                    env.rank,
+                    env.world_size,
+                    timeout.as_secs()
+                ),
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }

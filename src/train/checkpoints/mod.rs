@@ -207,8 +207,10 @@ pub fn save(
         // The settings it was trained with, and the model's own file: enough to evaluate
         // or continue it without the original command line.
         let config_path = partial.join("train.toml");
-        let config = toml::to_string(cfg)
-            .map_err(|e| Error::Msg(format!("{}: {e}", config_path.display())))?;
+        let config = toml::to_string(cfg).map_err(|e| Error::File {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?;
         durable::write(&config_path, config.as_bytes())?;
         if let Some(model) = &cfg.model {
             durable::copy(model, &partial.join(crate::model::checkpoint::MODEL_FILE))?;

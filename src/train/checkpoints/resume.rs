@@ -117,10 +117,10 @@ pub fn resume_point(
                 .to_vec1()?
         };
         if steps.is_empty() {
-            return Err(Error::Msg(format!(
-                "--resume latest: {} holds no save",
-                dir.display()
-            )));
+            return Err(Error::File {
+                path: dir.to_path_buf(),
+                message: "--resume latest: the folder holds no save".into(),
+            });
         }
         steps
             .into_iter()
@@ -152,14 +152,16 @@ pub fn resume_point(
                 .map(|(rank, r)| format!("rank {rank} (step {}, state hash {:08x})", r[1], r[2]))
                 .collect();
             if !differ.is_empty() {
-                return Err(Error::Msg(format!(
-                    "{}: the ranks see different saves: rank 0 step {} (state hash {:08x}), {}: \
+                return Err(Error::File {
+                    path: checkpoint.to_path_buf(),
+                    message: format!(
+                        "the ranks see different saves: rank 0 step {} (state hash {:08x}), {}: \
                      every rank must read the same checkpoint folder (shared storage)",
-                    checkpoint.display(),
-                    all[0][1],
-                    all[0][2],
-                    differ.join(", ")
-                )));
+                        all[0][1],
+                        all[0][2],
+                        differ.join(", ")
+                    ),
+                });
             }
             let (state, _) = mine.expect("every rank's checks passed");
             if lead {

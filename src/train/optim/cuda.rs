@@ -42,7 +42,7 @@ pub fn ptx(major: i32, minor: i32) -> Result<String> {
     };
     let ptx = compile_ptx_with_opts(SOURCE, options)
         .map_err(|e| {
-            Error::Msg(format!(
+            Error::Cuda(format!(
                 "NVRTC could not compile the AdamW kernel (src/train/optim/adamw.cu) for \
                  compute capability {major}.{minor}: {e}"
             ))
@@ -84,7 +84,7 @@ pub(super) fn applies(slots: &[Slot], grads: &[Tensor]) -> bool {
 fn address<T: CudaDType>(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
-        return Err(Error::Msg("the GPU AdamW got a tensor off the GPU".into()));
+        return Err(Error::Cuda("the GPU AdamW got a tensor off the GPU".into()));
     };
     let (base, _sync) = s.as_cuda_slice::<T>()?.device_ptr(stream);
     Ok(base + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
@@ -132,7 +132,7 @@ pub(super) fn step(
     let (major, minor) = stream
         .context()
         .compute_capability()
-        .map_err(|e| Error::Msg(format!("the GPU's compute capability: {e:?}")))?;
+        .map_err(|e| Error::Cuda(format!("the GPU's compute capability: {e:?}")))?;
     let func = device.get_or_load_custom_func(KERNEL, "mmpipe_adamw", &ptx(major, minor)?)?;
     // The scalars rounded to f32 as the CPU path rounds them (from f64).
     let f = |x: f64| x as f32;
@@ -156,7 +156,7 @@ pub(super) fn step(
     }
     let config = LaunchConfig {
         grid_dim: (
-            u32::try_from(blocks).map_err(|_| Error::Msg("AdamW: too many blocks".into()))?,
+            u32::try_from(blocks).map_err(|_| Error::Cuda("AdamW: too many blocks".into()))?,
             1,
             1,
         ),
@@ -167,7 +167,7 @@ pub(super) fn step(
     // stream's device, held by `slots` and `grads` until the launch is done (the stream
     // orders it before any later use or free); the arguments match the kernel's signature.
     unsafe { launch.launch(config) }
-        .map_err(|e| Error::Msg(format!("the GPU AdamW kernel did not launch: {e:?}")))?;
+        .map_err(|e| Error::Cuda(format!("the GPU AdamW kernel did not launch: {e:?}")))?;
     // `desc` is freed in stream order, after the kernel has read it.
     Ok(())
 }
