@@ -41,6 +41,29 @@ pub struct Source {
     held_out: Option<HeldOut>,
 }
 
+/// What draws from the run's seed.
+#[derive(Debug, Clone, Copy)]
+enum Seeded {
+    /// The synthetic set's samples.
+    Synthetic,
+    /// The permutation of a CSV's rows or Fashion-MNIST's images, and the mix of shard sets.
+    Order,
+    /// Shard set `i`'s shard order and shuffle buffer.
+    ShardSet(usize),
+    /// Random crops and the like, per sample.
+    Augmentation,
+}
+
+/// The one place the data's seeds derive from the run's. They are the run's seed itself
+/// except per shard set, so that two sets of a mix do not shuffle alike (the values every
+/// earlier release used, so a resumed run replays the same order).
+fn seed_of(run: u64, what: Seeded) -> u64 {
+    match what {
+        Seeded::ShardSet(i) => run.wrapping_add(i as u64),
+        Seeded::Synthetic | Seeded::Order | Seeded::Augmentation => run,
+    }
+}
+
 /// A rank's slice of every global batch, from which step on.
 #[derive(Debug, Clone, Copy)]
 pub struct RankSlice {
@@ -64,7 +87,10 @@ impl Source {
         eval_pairs: usize,
         process_rank: Option<usize>,
     ) -> Result<Source> {
-        let synthetic = Arc::new(SyntheticSource::new(seed, model)?);
+        let synthetic = Arc::new(SyntheticSource::new(
+            seed_of(seed, Seeded::Synthetic),
+            model,
+        )?);
         // Missing shards are an error now, before any rank starts.
         let shards: Vec<(Vec<PathBuf>, f64)> = match d.kind {
             DataKind::Webdataset if d.sources.is_empty() => vec![(
@@ -209,6 +235,10 @@ impl Source {
         })
     }
 
+    fn seed_of(&self, what: Seeded) -> u64 {
+        seed_of(self.seed, what)
+    }
+
     /// Whether a batch can hold samples that did not materialise (every rank must then
     /// agree on the readable pairs): everything but the synthetic set, which always does.
     pub fn may_fail(&self) -> bool {
@@ -246,7 +276,7 @@ impl Source {
             DataKind::FashionMnist => {
                 let set = self.fashion.clone().expect("loaded for this kind");
                 (
-                    SampleOrder::permuted(set.len() as u64, self.seed),
+                    SampleOrder::permuted(set.len() as u64, self.seed_of(Seeded::Order)),
                     Materialiser::FashionMnist(
                         set,
                         ImageTransform::clip(self.image_shape.1, crop)
@@ -258,7 +288,7 @@ impl Source {
             DataKind::Csv => {
                 let rows = self.rows.clone().expect("read for this kind");
                 (
-                    SampleOrder::permuted(rows.len() as u64, self.seed),
+                    SampleOrder::permuted(rows.len() as u64, self.seed_of(Seeded::Order)),
                     Materialiser::Rows(
                         rows,
                         ImageTransform::clip(self.image_shape.1, crop)
@@ -276,7 +306,7 @@ impl Source {
                         let mut stream = GlobalStream::new(
                             paths.clone(),
                             OrderConfig {
-                                seed: self.seed.wrapping_add(i as u64),
+                                seed: self.seed_of(Seeded::ShardSet(i)),
                                 shuffle_buffer: self.config.shuffle_buffer,
                                 resample: self.config.resample,
                             },
@@ -289,7 +319,7 @@ impl Source {
                     SampleOrder::Shards(Box::new(streams.remove(0)))
                 } else {
                     let weights: Vec<f64> = self.shards.iter().map(|s| s.1).collect();
-                    SampleOrder::mix(streams, &weights, self.seed)
+                    SampleOrder::mix(streams, &weights, self.seed_of(Seeded::Order))
                 };
                 let materialiser = match tower {
                     Tower::Image => Materialiser::ShardImages(
@@ -318,7 +348,7 @@ impl Source {
             PipelineConfig {
                 workers: self.config.workers,
                 prefetch: self.config.prefetch,
-                seed: self.seed,
+                seed: self.seed_of(Seeded::Augmentation),
                 start_step: slice.start_step as u64,
             },
         )
