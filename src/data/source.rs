@@ -268,6 +268,10 @@ impl Source {
         } else {
             Crop::Centre
         };
+        // Decoded images become the tower's input size, within the data's limits.
+        let transform = || {
+            ImageTransform::clip(self.image_shape.1, crop).with_limits(self.config.image_limits())
+        };
         let (order, materialiser) = match self.config.kind {
             DataKind::Synthetic => (
                 SampleOrder::Sequential { next: 0 },
@@ -277,24 +281,14 @@ impl Source {
                 let set = self.fashion.clone().expect("loaded for this kind");
                 (
                     SampleOrder::permuted(set.len() as u64, self.seed_of(Seeded::Order)),
-                    Materialiser::FashionMnist(
-                        set,
-                        ImageTransform::clip(self.image_shape.1, crop)
-                            .with_limits(self.config.image_limits()),
-                        tower,
-                    ),
+                    Materialiser::FashionMnist(set, transform(), tower),
                 )
             }
             DataKind::Csv => {
                 let rows = self.rows.clone().expect("read for this kind");
                 (
                     SampleOrder::permuted(rows.len() as u64, self.seed_of(Seeded::Order)),
-                    Materialiser::Rows(
-                        rows,
-                        ImageTransform::clip(self.image_shape.1, crop)
-                            .with_limits(self.config.image_limits()),
-                        tower,
-                    ),
+                    Materialiser::Rows(rows, transform(), tower),
                 )
             }
             DataKind::Webdataset => {
@@ -322,11 +316,7 @@ impl Source {
                     SampleOrder::mix(streams, &weights, self.seed_of(Seeded::Order))
                 };
                 let materialiser = match tower {
-                    Tower::Image => Materialiser::ShardImages(
-                        ImageTransform::clip(self.image_shape.1, crop)
-                            .with_limits(self.config.image_limits()),
-                        self.cache.clone(),
-                    ),
+                    Tower::Image => Materialiser::ShardImages(transform(), self.cache.clone()),
                     Tower::Text => Materialiser::ShardCaptions,
                 };
                 (order, materialiser)
