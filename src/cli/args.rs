@@ -126,7 +126,8 @@ pub struct ModelArgs {
     /// Model config (TOML); default: the built-in configs/clip-tiny.toml.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Global batch size, split evenly over each group [default: 128].
+    /// Global batch size, split over each group's ranks (the first ranks get one more when it
+    /// does not divide) [default: 128].
     #[arg(long)]
     pub batch: Option<usize>,
 }

@@ -297,7 +297,9 @@ impl CostModel<'_> {
         for tower in [Tower::Image, Tower::Text] {
             let members = t.group(tower);
             let n = members.len();
-            let b = o.global_batch / n;
+            // The largest slice sets the group's pace and memory (the first ranks get one
+            // more sample when the batch does not divide evenly).
+            let b = o.global_batch.div_ceil(n);
             // A locked tower runs forward only: no backward, no gradients to reduce.
             let locked = self.model.is_locked(tower);
             let num = tower_numbers(self.model, tower, o.checkpointing || locked, o.global_batch);
@@ -402,17 +404,11 @@ impl CostModel<'_> {
         let o = self.options;
         let links = self.links()?;
         let n = t.devices().len();
-        if !o.global_batch.is_multiple_of(n) {
-            return Err(Error::Msg(format!(
-                "data parallelism over {n} devices needs a global batch divisible by {n} (got {})",
-                o.global_batch
-            )));
-        }
         // Data parallelism puts ranks on every device, node by node.
         let dp = t.with_groups(&t.devices()[..1], &t.devices()[1..]).ok();
         let world: Vec<usize> = (0..n).collect();
         let link = dp.as_ref().and_then(|dp| ring_link(dp, &links, &world));
-        let b = o.global_batch / n;
+        let b = o.global_batch.div_ceil(n);
         let b_global = o.global_batch as f64;
         let d = self.model.embed_dim as f64;
         let (img, txt) = (

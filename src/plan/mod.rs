@@ -212,7 +212,11 @@ impl Plan {
                 tower: r.tower,
                 group_rank: r.group_rank,
                 encoder: encoder_name(model, r.tower).to_string(),
-                local_batch: global_batch / topology.group_size(r.tower),
+                local_batch: crate::topology::layout::split_len(
+                    global_batch,
+                    topology.group_size(r.tower),
+                    r.group_rank,
+                ),
                 memory_bytes: memory_of(r.tower),
             })
             .collect();

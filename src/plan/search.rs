@@ -32,8 +32,8 @@ pub struct AutoPlan {
     pub candidates: Vec<Candidate>,
     pub data_parallel: Option<DataParallelEstimate>,
     pub considered: usize,
-    /// Splits the batch does not divide evenly.
-    pub indivisible: usize,
+    /// Splits with a group of more ranks than the batch has samples.
+    pub too_small: usize,
     /// Splits whose memory exceeds a device.
     pub too_big: usize,
     pub warnings: Vec<String>,
@@ -96,7 +96,7 @@ pub fn search(
     }
     let mut seen = std::collections::BTreeSet::new();
     let mut candidates = Vec::new();
-    let (mut considered, mut indivisible, mut too_big) = (0, 0, 0);
+    let (mut considered, mut too_small, mut too_big) = (0, 0, 0);
     for order in orderings(topology) {
         for k in 1..order.len() {
             for first in [Tower::Image, Tower::Text] {
@@ -113,10 +113,10 @@ pub fn search(
                     continue;
                 }
                 considered += 1;
-                if !options.global_batch.is_multiple_of(image.len())
-                    || !options.global_batch.is_multiple_of(text.len())
-                {
-                    indivisible += 1;
+                // Any batch splits (the first ranks get one more), as long as every rank
+                // gets a sample.
+                if options.global_batch < image.len().max(text.len()) {
+                    too_small += 1;
                     continue;
                 }
                 let t = topology.with_groups(image, text)?;
@@ -143,22 +143,14 @@ pub fn search(
     if candidates.is_empty() {
         return Err(Error::File {
  path: topology.source.to_path_buf(),
- message: format!("no split works for a global batch of {}: of {considered} splits, {indivisible} do not divide \
-             the batch evenly and {too_big} do not fit in device memory (the model does not fit anywhere at \
+ message: format!("no split works for a global batch of {}: of {considered} splits, {too_small} have more \
+             ranks in a group than samples and {too_big} do not fit in device memory (the model does not fit anywhere at \
              this batch: lower it, or use --checkpointing)", options.global_batch),
  });
     }
     candidates.sort_by(|a, b| a.split.step_s.total_cmp(&b.split.step_s));
     candidates.truncate(keep.max(1));
     let mut warnings = Vec::new();
-    if indivisible * 2 > considered {
-        warnings.push(format!(
-            "{indivisible} of {considered} splits were skipped because the batch {} does not divide over them: \
-             a multiple of {} lets every split in",
-            options.global_batch,
-            batch_for_every_split(devices.len())
-        ));
-    }
     let data_parallel = match (CostModel {
         topology,
         model,
@@ -193,7 +185,7 @@ pub fn search(
         candidates,
         data_parallel,
         considered,
-        indivisible,
+        too_small,
         too_big,
         warnings,
     })
@@ -205,8 +197,8 @@ impl AutoPlan {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "searched {} splits ({} leave the batch uneven, {} do not fit); best first:",
-            self.considered, self.indivisible, self.too_big
+            "searched {} splits ({} have more ranks in a group than samples, {} do not fit); best first:",
+            self.considered, self.too_small, self.too_big
         );
         let _ = writeln!(
             s,
@@ -262,16 +254,4 @@ impl AutoPlan {
         }
         s
     }
-}
-
-/// The smallest batch every split of `devices` divides evenly: lcm(1, …, devices − 1).
-pub fn batch_for_every_split(devices: usize) -> u64 {
-    fn gcd(a: u64, b: u64) -> u64 {
-        if b == 0 {
-            a
-        } else {
-            gcd(b, a % b)
-        }
-    }
-    (1..devices.max(2) as u64).fold(1, |l, k| l / gcd(l, k) * k)
 }

@@ -468,8 +468,9 @@ impl Topology {
         self.ranks.iter().filter(|r| r.tower == tower).count()
     }
 
-    /// Checks that a global batch splits evenly over both groups. `batch_origin` names where
-    /// the batch size came from (a config field or a flag).
+    /// Checks that a global batch gives every rank of both groups at least one sample (it
+    /// splits as evenly as it can: [`layout::split_len`], the first ranks one more).
+    /// `batch_origin` names where the batch size came from (a config field or a flag).
     pub fn check_batch(&self, global_batch: usize, batch_origin: &str) -> Result<()> {
         self.require_groups()?;
         if global_batch == 0 {
@@ -479,13 +480,13 @@ impl Topology {
         }
         for tower in [Tower::Image, Tower::Text] {
             let size = self.group_size(tower);
-            if !global_batch.is_multiple_of(size) {
+            if global_batch < size {
                 return Err(Error::invalid(
                     &self.source,
                     format!("groups.{tower}"),
                     format!(
-                        "the global batch {global_batch} (from {batch_origin}) is not divisible by the {tower} \
-                         group's size {size}: every rank must get the same number of samples"
+                        "the global batch {global_batch} (from {batch_origin}) is smaller than the {tower} \
+                         group's {size} ranks: every rank needs at least one sample"
                     ),
                 ));
             }

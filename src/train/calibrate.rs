@@ -131,7 +131,7 @@ pub fn calibrate(
         let handles: Vec<_> = towers
             .iter()
             .map(|&t| {
-                let batch = (global_batch / group_size(t)).max(1);
+                let batch = global_batch.div_ceil(group_size(t)).max(1);
                 let lockstep = &lockstep;
                 s.spawn(move || tower_rate(model, t, batch, budget, lockstep))
             })

@@ -317,7 +317,10 @@ impl TrainConfig {
                 ),
             ));
         }
-        let local_batch = self.global_batch / topology.group_size(Tower::Image);
+        // The largest slice (the first ranks' when the batch does not divide evenly).
+        let local_batch = self
+            .global_batch
+            .div_ceil(topology.group_size(Tower::Image));
         if let Some(m) = self.micro_batch.image {
             let resnet = matches!(model.vision, ImageTowerConfig::Resnet(_));
             if resnet && m < local_batch && !model.is_locked(Tower::Image) {

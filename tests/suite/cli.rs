@@ -383,21 +383,30 @@ fn micro_batches_with_batch_norm_are_refused_with_the_reason() {
 }
 
 #[test]
-fn a_batch_a_group_does_not_divide_is_refused() {
-    let out = mmpipe(&[
-        "train",
-        "--topology",
-        "topology/cpu-2x1.toml",
-        "--batch",
-        "13",
-        "--steps",
-        "1",
-        "--quiet",
-    ]);
+fn a_batch_no_group_divides_trains_and_one_smaller_than_a_group_is_refused() {
+    let run = |batch: &str| {
+        mmpipe(&[
+            "train",
+            "--topology",
+            "topology/cpu-2x1.toml",
+            "--batch",
+            batch,
+            "--steps",
+            "1",
+            "--eval-pairs",
+            "0",
+            "--quiet",
+        ])
+    };
+    // 13 over two image ranks: slices of 7 and 6.
+    let out = run("13");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("global batch 13"));
+    let out = run("1");
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("cpu-2x1.toml") && stderr.contains("13"),
+        stderr.contains("cpu-2x1.toml") && stderr.contains("groups.image") && stderr.contains("1"),
         "{stderr}"
     );
 }

@@ -66,7 +66,7 @@ fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run 
     for step in 0..STEPS {
         let (images, texts) = batch(
             &source,
-            &batch_indices(step, GLOBAL_BATCH, 0, GLOBAL_BATCH),
+            &batch_indices(step, cfg.global_batch, 0, cfg.global_batch),
             dtype,
         );
         let (loss, mut grads) = reference.grads(&images, &texts);
@@ -522,6 +522,40 @@ fn clip_every_scheme_tiling_and_accumulation_equals_one_device() {
 #[test]
 fn siglip_every_scheme_tiling_and_accumulation_equals_one_device() {
     check_every_combination(LossKind::Siglip);
+}
+
+/// A batch no group divides: 11 pairs over 3 image ranks (slices of 4, 4, 3) and 2 text
+/// ranks (6, 5), and the other way round, for both losses and both schemes, whole and
+/// tiled with micro-batches: the loss, every gradient and the weights after 5 steps equal
+/// one device on the whole batch in f64.
+#[test]
+fn an_uneven_batch_equals_one_device() {
+    const UNEVEN: usize = 11;
+    for kind in [LossKind::Clip, LossKind::Siglip] {
+        let uneven = |exchange, tile, micro| TrainConfig {
+            global_batch: UNEVEN,
+            ..loss_config(kind, exchange, tile, micro)
+        };
+        let reference = reference_run(
+            &uneven(Exchange::Lse, TileSize::Untiled, MicroBatch::default()),
+            DType::F64,
+        );
+        for exchange in [Exchange::Lse, Exchange::GatherScatter] {
+            for (tile, micro) in [
+                (TileSize::Untiled, MicroBatch::default()),
+                (TileSize::Columns(5), MICRO_BATCH),
+            ] {
+                for (image, text) in [(3, 2), (2, 3)] {
+                    let cfg = uneven(exchange, tile, micro);
+                    let ranks = split_run(image, text, &cfg, DType::F64);
+                    let label = format!(
+                        "batch {UNEVEN} {kind} {exchange} tile {tile} micro-batch {micro:?} {image}x{text}"
+                    );
+                    compare_f64(&label, &reference, &ranks);
+                }
+            }
+        }
+    }
 }
 
 /// The spec's f32 tolerances with everything on at once, on the largest topology.

@@ -196,8 +196,10 @@ fn impossible_requests_are_errors() {
     let e = search(&one, &m, &options(8), 3).unwrap_err().to_string();
     assert!(e.contains("at least two devices"), "{e}");
     let t = cluster(1, 4, 1.0, "groups = \"auto\"");
-    let e = search(&t, &m, &options(7), 3).unwrap_err().to_string();
-    assert!(e.contains("do not divide"), "{e}");
+    // Any batch splits, but not over more ranks than it has samples.
+    search(&t, &m, &options(7), 3).unwrap();
+    let e = search(&t, &m, &options(1), 3).unwrap_err().to_string();
+    assert!(e.contains("more ranks in a group than samples"), "{e}");
     let e = search(&t, &model("ViT-L-14.toml"), &options(1 << 16), 3)
         .unwrap_err()
         .to_string();
@@ -216,12 +218,29 @@ fn a_plan_without_device_specs_says_why_it_has_no_times() {
 }
 
 #[test]
-fn the_batch_hint_is_divisible_by_every_group_size() {
-    use mmpipe::plan::search::batch_for_every_split;
-    assert_eq!(batch_for_every_split(8), 420);
-    assert_eq!(batch_for_every_split(2), 1);
-    let b = batch_for_every_split(16);
-    assert!((1..16).all(|k| b.is_multiple_of(k)));
+fn a_batch_no_split_divides_still_gets_a_plan_with_uneven_slices() {
+    // A prime batch: no split of 2 or more ranks divides it, and each used to be skipped.
+    const PRIME: usize = 4801;
+    let t = Topology::from_file(Path::new("topology/2node-8gpu.toml")).unwrap();
+    let auto = search(&t, &model("ViT-B-16.toml"), &options(PRIME), 3).unwrap();
+    assert_eq!(auto.too_small, 0);
+    let best = &auto.candidates[0];
+    let chosen = t
+        .with_groups(&best.image_devices, &best.text_devices)
+        .unwrap();
+    let plan = Plan::new(&chosen, &model("ViT-B-16.toml"), &options(PRIME)).unwrap();
+    // Each group's slices add up to the batch and differ by at most one sample.
+    for tower in [Tower::Image, Tower::Text] {
+        let slices: Vec<usize> = plan
+            .ranks
+            .iter()
+            .filter(|r| r.tower == tower)
+            .map(|r| r.local_batch)
+            .collect();
+        assert_eq!(slices.iter().sum::<usize>(), PRIME, "{tower}: {slices:?}");
+        let (lo, hi) = (slices.iter().min().unwrap(), slices.iter().max().unwrap());
+        assert!(hi - lo <= 1, "{tower}: {slices:?}");
+    }
 }
 
 #[test]

@@ -108,16 +108,20 @@ fn broken_files_name_the_file_and_the_field() {
 }
 
 #[test]
-fn a_batch_that_does_not_split_over_a_group_is_an_error_naming_both() {
-    let t = super::common::cpu_topology(3, 2);
-    let e = t.check_batch(8, "--batch").unwrap_err().to_string();
+fn a_batch_smaller_than_a_group_is_an_error_naming_both() {
+    let t = super::common::cpu_topology(2, 3);
+    let e = t.check_batch(2, "--batch").unwrap_err().to_string();
     assert!(
-        e.contains("cpu-3x2.toml") && e.contains("`groups.image`") && e.contains("--batch"),
+        e.contains("cpu-2x3.toml") && e.contains("`groups.text`") && e.contains("--batch"),
         "{e}"
     );
-    let e = t.check_batch(9, "--batch").unwrap_err().to_string();
-    assert!(e.contains("`groups.text`"), "{e}");
-    t.check_batch(6, "--batch").unwrap();
+    let t = super::common::cpu_topology(3, 2);
+    let e = t.check_batch(2, "--batch").unwrap_err().to_string();
+    assert!(e.contains("`groups.image`"), "{e}");
+    // Uneven splits are fine: every rank gets one sample or more.
+    for batch in [3, 7, 8, 13] {
+        t.check_batch(batch, "--batch").unwrap();
+    }
 }
 
 #[test]
