@@ -64,7 +64,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         let auto = search::search(&topology, &model, &options, args.top)?;
         let best = &auto.candidates[0];
         let chosen = topology.with_groups(&best.image_devices, &best.text_devices)?;
-        let mut plan = Plan::new(&chosen, &model, &options)?;
+        // With what the best needs to fit (checkpointing, micro-batches), as it was costed.
+        let mut plan = Plan::new(&chosen, &model, &best.options(&options))?;
         // The search's own report already compares the best split with data parallelism.
         plan.data_parallel_warnings.clear();
         let text = format!(

@@ -10,9 +10,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::cost::{CostModel, DataParallelEstimate, SplitEstimate};
-use super::options::CostOptions;
+use super::options::{CostOptions, MicroBatch};
 use crate::error::{Error, Result};
-use crate::model::ClipConfig;
+use crate::model::{ClipConfig, ImageTowerConfig};
 use crate::topology::{DeviceRef, Topology, Tower};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +24,25 @@ pub struct Candidate {
     pub image_devices: Vec<DeviceRef>,
     pub text_devices: Vec<DeviceRef>,
     pub split: SplitEstimate,
+    /// What this split needs to fit in memory beyond the options asked for, as flags
+    /// (`--checkpointing`, `--micro-batch-image N`); empty when it fits as asked.
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Whether it was costed with gradient checkpointing, and with which micro-batches
+    /// (the options asked for, or what `needs` adds).
+    pub checkpointing: bool,
+    pub micro_batch: MicroBatch,
+}
+
+impl Candidate {
+    /// `options` as this candidate was costed: with what it needs to fit.
+    pub fn options(&self, options: &CostOptions) -> CostOptions {
+        CostOptions {
+            checkpointing: self.checkpointing,
+            micro_batch: self.micro_batch,
+            ..options.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,22 +139,19 @@ pub fn search(
                     continue;
                 }
                 let t = topology.with_groups(image, text)?;
-                let split = CostModel {
-                    topology: &t,
-                    model,
-                    options,
-                }
-                .split()?;
-                if split.groups.iter().any(|g| !g.memory.fits) {
+                let Some((split, fitted, needs)) = fitting(&t, model, options)? else {
                     too_big += 1;
                     continue;
-                }
+                };
                 candidates.push(Candidate {
                     image: entries(topology, image),
                     text: entries(topology, text),
                     image_devices: image.to_vec(),
                     text_devices: text.to_vec(),
                     split,
+                    needs,
+                    checkpointing: fitted.checkpointing,
+                    micro_batch: fitted.micro_batch,
                 });
             }
         }
@@ -144,8 +160,8 @@ pub fn search(
         return Err(Error::File {
  path: topology.source.to_path_buf(),
  message: format!("no split works for a global batch of {}: of {considered} splits, {too_small} have more \
-             ranks in a group than samples and {too_big} do not fit in device memory (the model does not fit anywhere at \
-             this batch: lower it, or use --checkpointing)", options.global_batch),
+             ranks in a group than samples and {too_big} do not fit in device memory even with gradient checkpointing and \
+             micro-batches of one sample (lower the batch)", options.global_batch),
  });
     }
     candidates.sort_by(|a, b| a.split.step_s.total_cmp(&b.split.step_s));
@@ -191,6 +207,81 @@ pub fn search(
     })
 }
 
+/// The split of `t` under `options`, or, where a group does not fit, under the least of
+/// gradient checkpointing and then GradCache micro-batches (halved until they fit; none
+/// for a ResNet, whose batch norm they would change) that makes it fit, with what it
+/// needed as flags. None: nothing fits.
+fn fitting(
+    t: &Topology,
+    model: &ClipConfig,
+    options: &CostOptions,
+) -> Result<Option<(SplitEstimate, CostOptions, Vec<String>)>> {
+    let split = |o: &CostOptions| {
+        CostModel {
+            topology: t,
+            model,
+            options: o,
+        }
+        .split()
+    };
+    let too_big = |s: &SplitEstimate, tower: Tower| {
+        s.groups.iter().any(|g| g.tower == tower && !g.memory.fits)
+    };
+    let fits = |s: &SplitEstimate| s.groups.iter().all(|g| g.memory.fits);
+    let first = split(options)?;
+    if fits(&first) {
+        return Ok(Some((first, options.clone(), Vec::new())));
+    }
+    let mut o = options.clone();
+    let mut needs = Vec::new();
+    if !o.checkpointing {
+        o.checkpointing = true;
+        needs.push("--checkpointing".to_string());
+        let s = split(&o)?;
+        if fits(&s) {
+            return Ok(Some((s, o, needs)));
+        }
+    }
+    let resnet = matches!(model.vision, ImageTowerConfig::Resnet(_));
+    loop {
+        let s = split(&o)?;
+        if fits(&s) {
+            for (tower, m) in [
+                (Tower::Image, o.micro_batch.image),
+                (Tower::Text, o.micro_batch.text),
+            ] {
+                if let Some(m) = m.filter(|_| options.micro_batch.of(tower) != m) {
+                    needs.push(format!("--micro-batch-{tower} {m}"));
+                }
+            }
+            return Ok(Some((s, o, needs)));
+        }
+        let mut halved = false;
+        for tower in [Tower::Image, Tower::Text] {
+            if !too_big(&s, tower) || (tower == Tower::Image && resnet) {
+                continue;
+            }
+            let local = s
+                .groups
+                .iter()
+                .find(|g| g.tower == tower)
+                .map_or(1, |g| g.local_batch);
+            let now = o.micro_batch.of(tower).unwrap_or(local).min(local);
+            if now > 1 {
+                let next = Some(now / 2);
+                match tower {
+                    Tower::Image => o.micro_batch.image = next,
+                    Tower::Text => o.micro_batch.text = next,
+                }
+                halved = true;
+            }
+        }
+        if !halved {
+            return Ok(None);
+        }
+    }
+}
+
 impl AutoPlan {
     pub fn render(&self) -> String {
         use std::fmt::Write;
@@ -202,7 +293,7 @@ impl AutoPlan {
         );
         let _ = writeln!(
             s,
-            "{:>3}  {:>10} {:>10}  {:>7} {:>7}  {:<28} {:<28}",
+            "{:>3}  {:>10} {:>10}  {:>7} {:>7}  {:<28} {:<28} needs",
             "#", "step", "samples/s", "image", "text", "image group", "text group"
         );
         for (i, c) in self.candidates.iter().enumerate() {
@@ -215,14 +306,15 @@ impl AutoPlan {
             };
             let _ = writeln!(
                 s,
-                "{:>3}  {:>10} {:>10.0}  {:>7} {:>7}  {:<28} {:<28}",
+                "{:>3}  {:>10} {:>10.0}  {:>7} {:>7}  {:<28} {:<28} {}",
                 i + 1,
                 super::secs(c.split.step_s),
                 c.split.samples_per_s,
                 n(Tower::Image),
                 n(Tower::Text),
                 c.image.join(","),
-                c.text.join(",")
+                c.text.join(","),
+                c.needs.join(" ")
             );
         }
         if let Some(dp) = &self.data_parallel {
@@ -249,6 +341,13 @@ impl AutoPlan {
             quote(&best.image),
             quote(&best.text)
         );
+        if !best.needs.is_empty() {
+            let _ = writeln!(
+                s,
+                "and train it with {} (it does not fit in memory without)",
+                best.needs.join(" ")
+            );
+        }
         for w in &self.warnings {
             let _ = writeln!(s, "warning: {w}");
         }

@@ -200,10 +200,13 @@ fn impossible_requests_are_errors() {
     search(&t, &m, &options(7), 3).unwrap();
     let e = search(&t, &m, &options(1), 3).unwrap_err().to_string();
     assert!(e.contains("more ranks in a group than samples"), "{e}");
-    let e = search(&t, &model("ViT-L-14.toml"), &options(1 << 16), 3)
+    // ViT-L/14 at 65,536 fits with checkpointing and micro-batches; at 2^26 the gathered
+    // features alone (2 × B × 768 × 4 bytes) outgrow a device.
+    search(&t, &model("ViT-L-14.toml"), &options(1 << 16), 3).unwrap();
+    let e = search(&t, &model("ViT-L-14.toml"), &options(1 << 26), 3)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("does not fit anywhere"), "{e}");
+    assert!(e.contains("even with gradient checkpointing"), "{e}");
     // An auto topology cannot be planned or trained without choosing the groups.
     let e = Plan::new(&t, &m, &options(8)).unwrap_err().to_string();
     assert!(e.contains("--auto"), "{e}");
@@ -241,6 +244,54 @@ fn a_batch_no_split_divides_still_gets_a_plan_with_uneven_slices() {
         let (lo, hi) = (slices.iter().min().unwrap(), slices.iter().max().unwrap());
         assert!(hi - lo <= 1, "{tower}: {slices:?}");
     }
+}
+
+/// Issue 20's case: ViT-B/16 at 32,768 on two 8-GPU nodes fits nowhere as asked; `--auto`
+/// turns on checkpointing for it, and at four times the batch adds micro-batches, says so,
+/// and the plan it prints (costed with them) fits.
+#[test]
+fn auto_adds_checkpointing_and_micro_batches_where_memory_needs_them() {
+    let t = Topology::from_file(Path::new("topology/2node-8gpu.toml")).unwrap();
+    let m = model("ViT-B-16.toml");
+    let fits = |batch: usize, best: &mmpipe::plan::search::Candidate| {
+        let chosen = t
+            .with_groups(&best.image_devices, &best.text_devices)
+            .unwrap();
+        let plan = Plan::new(&chosen, &m, &best.options(&options(batch))).unwrap();
+        plan.split.unwrap().groups.iter().all(|g| g.memory.fits)
+    };
+    let asked = Plan::new(
+        &t.with_groups(
+            &search(&t, &m, &options(32768), 1).unwrap().candidates[0].image_devices,
+            &search(&t, &m, &options(32768), 1).unwrap().candidates[0].text_devices,
+        )
+        .unwrap(),
+        &m,
+        &options(32768),
+    )
+    .unwrap();
+    assert!(
+        asked.split.unwrap().groups.iter().any(|g| !g.memory.fits),
+        "the test needs a batch that does not fit as asked"
+    );
+    let auto = search(&t, &m, &options(32768), 1).unwrap();
+    let best = &auto.candidates[0];
+    assert_eq!(best.needs, vec!["--checkpointing".to_string()]);
+    assert!(best.checkpointing && best.micro_batch == Default::default());
+    assert!(fits(32768, best));
+
+    let auto = search(&t, &m, &options(131072), 1).unwrap();
+    let best = &auto.candidates[0];
+    assert!(best.checkpointing, "{:?}", best.needs);
+    assert!(
+        best.needs.iter().any(|n| n.starts_with("--micro-batch-")),
+        "{:?}",
+        best.needs
+    );
+    assert!(fits(131072, best));
+    assert!(auto
+        .render()
+        .contains("and train it with --checkpointing --micro-batch-"));
 }
 
 #[test]
