@@ -97,9 +97,16 @@ fn parameter_counts_match_the_built_towers() {
 }
 
 #[test]
-fn plan_rejects_a_batch_the_groups_cannot_split() {
+fn plan_splits_any_batch_and_rejects_one_smaller_than_a_group() {
     let t = Topology::from_file(Path::new("topology/cpu-2x1.toml")).unwrap();
-    let e = Plan::new(&t, &ClipConfig::default_tiny(), &options(7))
+    let plan = Plan::new(&t, &ClipConfig::default_tiny(), &options(7)).unwrap();
+    let slices: Vec<usize> = plan.ranks.iter().map(|r| r.local_batch).collect();
+    assert_eq!(
+        slices,
+        vec![4, 3, 7],
+        "image ranks 4 + 3, the text rank all 7"
+    );
+    let e = Plan::new(&t, &ClipConfig::default_tiny(), &options(1))
         .unwrap_err()
         .to_string();
     assert!(
