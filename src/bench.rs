@@ -1,6 +1,6 @@
-//! `mmpipe bench`: the training step on a fixed configuration (by default the OpenCLIP
-//! anchor's of `../shared/anchors/`: the same towers, batch, AdamW settings, f32, and this
-//! machine's cores), timed step by step, with the FLOPs it does set against this
+//! `mmpipe bench`: the training step on a fixed configuration (by default OpenCLIP's CPU
+//! anchor's, `configs/openclip-anchor.toml`: the same towers, batch, AdamW settings, f32,
+//! and this machine's cores; `scripts/anchor-compare.sh` times OpenCLIP beside it), timed step by step, with the FLOPs it does set against this
 //! machine's matrix-multiply peak: on the CPU an f32 GEMM on the same threads, on a GPU a
 //! bf16 GEMM (8192³, random data) timed in the same process (the ratio is the MFU).
 
