@@ -75,12 +75,17 @@ pub fn zero_shot_accuracy(image: &Tensor, classes: &Tensor, labels: &[usize]) ->
         .to_dtype(DType::F32)?
         .argmax(1)?
         .to_vec1()?;
-    Ok(best
+    Ok(accuracy(&best, labels))
+}
+
+/// The fraction of `predicted` classes that equal `labels`.
+fn accuracy(predicted: &[u32], labels: &[usize]) -> f64 {
+    predicted
         .iter()
         .zip(labels)
-        .filter(|(b, l)| **b as usize == **l)
+        .filter(|(p, l)| **p as usize == **l)
         .count() as f64
-        / labels.len().max(1) as f64)
+        / labels.len().max(1) as f64
 }
 
 /// What an evaluation measured: retrieval both ways on held-out pairs, and zero-shot
@@ -200,12 +205,7 @@ pub fn linear_probe(
         b = adam(&b, &gb, &mut mb, &mut vb)?;
     }
     let predicted: Vec<u32> = x_test.matmul(&w)?.broadcast_add(&b)?.argmax(1)?.to_vec1()?;
-    Ok(predicted
-        .iter()
-        .zip(test_labels)
-        .filter(|(p, l)| **p as usize == **l)
-        .count() as f64
-        / test_labels.len().max(1) as f64)
+    Ok(accuracy(&predicted, test_labels))
 }
 
 /// Linear-probe accuracies on Fashion-MNIST's test images: on the image tower's features,

@@ -228,34 +228,16 @@ fn fitting(
         s.groups.iter().any(|g| g.tower == tower && !g.memory.fits)
     };
     let fits = |s: &SplitEstimate| s.groups.iter().all(|g| g.memory.fits);
-    let first = split(options)?;
-    if fits(&first) {
-        return Ok(Some((first, options.clone(), Vec::new())));
-    }
     let mut o = options.clone();
     let mut needs = Vec::new();
-    if !o.checkpointing {
+    let mut s = split(&o)?;
+    if !fits(&s) && !o.checkpointing {
         o.checkpointing = true;
         needs.push("--checkpointing".to_string());
-        let s = split(&o)?;
-        if fits(&s) {
-            return Ok(Some((s, o, needs)));
-        }
+        s = split(&o)?;
     }
     let resnet = matches!(model.vision, ImageTowerConfig::Resnet(_));
-    loop {
-        let s = split(&o)?;
-        if fits(&s) {
-            for (tower, m) in [
-                (Tower::Image, o.micro_batch.image),
-                (Tower::Text, o.micro_batch.text),
-            ] {
-                if let Some(m) = m.filter(|_| options.micro_batch.of(tower) != m) {
-                    needs.push(format!("--micro-batch-{tower} {m}"));
-                }
-            }
-            return Ok(Some((s, o, needs)));
-        }
+    while !fits(&s) {
         let mut halved = false;
         for tower in [Tower::Image, Tower::Text] {
             if !too_big(&s, tower) || (tower == Tower::Image && resnet) {
@@ -279,7 +261,17 @@ fn fitting(
         if !halved {
             return Ok(None);
         }
+        s = split(&o)?;
     }
+    for (tower, m) in [
+        (Tower::Image, o.micro_batch.image),
+        (Tower::Text, o.micro_batch.text),
+    ] {
+        if let Some(m) = m.filter(|_| options.micro_batch.of(tower) != m) {
+            needs.push(format!("--micro-batch-{tower} {m}"));
+        }
+    }
+    Ok(Some((s, o, needs)))
 }
 
 impl AutoPlan {

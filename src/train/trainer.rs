@@ -111,8 +111,7 @@ impl RankTrainer {
             params.clone()
         };
         // The working variables of the trained tower parameters, in `trainable`'s order.
-        let trained = trainable.without(&params.without(&tower_masters));
-        let tower_working = working.filter(|n| trained.get(n).is_some());
+        let tower_working = working.filter(|n| !locked && tower_masters.get(n).is_some());
         let size = topology.group_size(rank.tower);
         let local_batch = split_len(cfg.global_batch, size, rank.group_rank);
         let micro_batch = cfg

@@ -260,12 +260,11 @@ fn auto_adds_checkpointing_and_micro_batches_where_memory_needs_them() {
         let plan = Plan::new(&chosen, &m, &best.options(&options(batch))).unwrap();
         plan.split.unwrap().groups.iter().all(|g| g.memory.fits)
     };
+    let auto = search(&t, &m, &options(32768), 1).unwrap();
+    let best = &auto.candidates[0];
     let asked = Plan::new(
-        &t.with_groups(
-            &search(&t, &m, &options(32768), 1).unwrap().candidates[0].image_devices,
-            &search(&t, &m, &options(32768), 1).unwrap().candidates[0].text_devices,
-        )
-        .unwrap(),
+        &t.with_groups(&best.image_devices, &best.text_devices)
+            .unwrap(),
         &m,
         &options(32768),
     )
@@ -274,8 +273,6 @@ fn auto_adds_checkpointing_and_micro_batches_where_memory_needs_them() {
         asked.split.unwrap().groups.iter().any(|g| !g.memory.fits),
         "the test needs a batch that does not fit as asked"
     );
-    let auto = search(&t, &m, &options(32768), 1).unwrap();
-    let best = &auto.candidates[0];
     assert_eq!(best.needs, vec!["--checkpointing".to_string()]);
     assert!(best.checkpointing && best.micro_batch == Default::default());
     assert!(fits(32768, best));
