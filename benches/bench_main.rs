@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mmpipe::comm::thread::{group, DEFAULT_TIMEOUT};
-use mmpipe::comm::{Communicator, RankComms};
+use mmpipe::comm::{Communicator, GroupComms, RankComms};
 use mmpipe::data::{Stream, SyntheticSource};
-use mmpipe::loss::{clip_loss_reference, global_loss, LossConfig, LossKind, LossScalars, TileSize};
+use mmpipe::loss::{
+    clip_loss_reference, global_loss, LossConfig, LossKind, LossScalars, Side, TileSize,
+};
 use mmpipe::model::layers::l2_normalize;
 use mmpipe::model::{cpu_builder, ClipConfig, Encoder};
 use mmpipe::topology::layout::FeatureLayout;
@@ -69,9 +71,11 @@ fn loss(c: &mut Criterion) {
         let (x, y) = (random_features(batch, d), random_features(batch, d));
         let comms = RankComms {
             world: Box::new(group("world", 1, DEFAULT_TIMEOUT).remove(0)),
-            group: Box::new(group("image", 1, DEFAULT_TIMEOUT).remove(0)),
-            group_stats: std::sync::Arc::new(group("image-stats", 1, DEFAULT_TIMEOUT).remove(0)),
-            tower: Tower::Image,
+            groups: vec![GroupComms {
+                tower: Tower::Image,
+                comm: Box::new(group("image", 1, DEFAULT_TIMEOUT).remove(0)),
+                stats: std::sync::Arc::new(group("image-stats", 1, DEFAULT_TIMEOUT).remove(0)),
+            }],
         };
         // The image rank's half of a 1×1 split: its rows against all columns.
         let topology =
@@ -93,7 +97,14 @@ fn loss(c: &mut Criterion) {
                 ..LossConfig::default()
             };
             g.bench_with_input(BenchmarkId::new(name, batch), &batch, |b, _| {
-                b.iter(|| global_loss(&comms, &cfg, &layout, &x, &y, 0, scalars).unwrap())
+                b.iter(|| {
+                    let side = Side {
+                        local: &x,
+                        other: &y,
+                        offset: 0,
+                    };
+                    global_loss(&comms, &cfg, &layout, &[side], scalars).unwrap()
+                })
             });
         }
         let scale = candle_core::Var::new(2.66f32, &Device::Cpu).unwrap();
@@ -172,14 +183,18 @@ fn train_step(c: &mut Criterion) {
             let times = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
                 let mut trainer =
                     RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-                let indices = (trainer.offset as u64
-                    ..(trainer.offset + trainer.local_batch) as u64)
+                let indices = (trainer.towers[0].offset as u64
+                    ..(trainer.towers[0].offset + trainer.towers[0].local_batch) as u64)
                     .collect::<Vec<_>>();
-                let input =
-                    source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+                let input = source.tower_input(
+                    trainer.towers[0].tower,
+                    Stream::Train,
+                    &indices,
+                    &Device::Cpu,
+                )?;
                 let start = Instant::now();
                 for _ in 0..iters {
-                    trainer.step(&comms, &input, None, 1e-3)?;
+                    trainer.step(&comms, std::slice::from_ref(&input), None, 1e-3)?;
                 }
                 Ok(start.elapsed())
             })

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
-use mmpipe::loss::{global_loss, LossConfig, LossScalars, TileSize, TILE_BLOCKS};
+use mmpipe::loss::{global_loss, LossConfig, LossScalars, Side, TileSize, TILE_BLOCKS};
 use mmpipe::topology::layout::{split_len, split_offset, FeatureLayout};
 use mmpipe::topology::{Topology, Tower};
 use rand::{Rng, SeedableRng};
@@ -114,9 +114,11 @@ fn run_image_rank_alone(batch: usize, x: &Tensor, y: &Tensor) -> Point {
     let one = |name: &str| mmpipe::comm::thread::group(name, 1, DEFAULT_TIMEOUT).remove(0);
     let comms = mmpipe::comm::RankComms {
         world: Box::new(one("world")),
-        group: Box::new(one("image")),
-        group_stats: std::sync::Arc::new(one("image-stats")),
-        tower: Tower::Image,
+        groups: vec![mmpipe::comm::GroupComms {
+            tower: Tower::Image,
+            comm: Box::new(one("image")),
+            stats: std::sync::Arc::new(one("image-stats")),
+        }],
     };
     let scalars = LossScalars {
         logit_scale: 2.66,
@@ -125,7 +127,12 @@ fn run_image_rank_alone(batch: usize, x: &Tensor, y: &Tensor) -> Point {
     let base = LIVE.with(Cell::get);
     PEAK.with(|p| p.set(base));
     let started = Instant::now();
-    let out = global_loss(&comms, &cfg, &layout, x, y, 0, scalars).expect("loss ran");
+    let side = Side {
+        local: x,
+        other: y,
+        offset: 0,
+    };
+    let out = global_loss(&comms, &cfg, &layout, &[side], scalars).expect("loss ran");
     let seconds = started.elapsed().as_secs_f64();
     let peak = PEAK.with(Cell::get) - base;
     drop(out);
@@ -172,7 +179,8 @@ fn run(batch: usize, (image, text): (usize, usize), tiled: bool, x: &Tensor, y: 
         logit_bias: 0.0,
     };
     let per_rank = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
-        let r = &topology.ranks[rank];
+        // A split: every rank holds one tower.
+        let r = topology.ranks[rank].roles[0];
         let size = topology.group_size(r.tower);
         let offset = split_offset(batch, size, r.group_rank);
         let len = split_len(batch, size, r.group_rank);
@@ -185,7 +193,12 @@ fn run(batch: usize, (image, text): (usize, usize), tiled: bool, x: &Tensor, y: 
         let base = LIVE.with(Cell::get);
         PEAK.with(|p| p.set(base));
         let started = Instant::now();
-        let out = global_loss(&comms, &cfg, &layout, &local, other, offset, scalars)?;
+        let side = Side {
+            local: &local,
+            other,
+            offset,
+        };
+        let out = global_loss(&comms, &cfg, &layout, &[side], scalars)?;
         let seconds = started.elapsed().as_secs_f64();
         let peak = PEAK.with(Cell::get) - base;
         drop(out);

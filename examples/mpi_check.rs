@@ -14,7 +14,7 @@ use mmpipe::comm::mpi::{rank_comms, world_rank_and_size};
 use mmpipe::comm::{Communicator, RankComms};
 use mmpipe::loss::{
     clip_loss_reference, global_loss, siglip_loss_reference, Exchange, LossConfig, LossKind,
-    LossScalars, TileSize,
+    LossScalars, Side, TileSize,
 };
 use mmpipe::topology::layout::{split_len, split_offset, FeatureLayout};
 use mmpipe::topology::{Topology, Tower};
@@ -149,7 +149,8 @@ fn collectives(comm: &dyn Communicator, checks: &mut Checks) {
 }
 
 fn losses(topology: &Topology, rank: usize, comms: &RankComms, checks: &mut Checks) {
-    let r = &topology.ranks[rank];
+    // A split: every rank holds one tower.
+    let r = topology.ranks[rank].roles[0];
     let size = topology.group_size(r.tower);
     let (offset, len) = (
         split_offset(BATCH, size, r.group_rank),
@@ -204,9 +205,13 @@ fn losses(topology: &Topology, rank: usize, comms: &RankComms, checks: &mut Chec
                     Tower::Image => gathered_text,
                     Tower::Text => gathered_image,
                 };
-                let out =
-                    global_loss(comms, &cfg, &layout, &local, &other, offset, scalars).unwrap();
-                let gap = max_abs_diff(&out.grad, &own);
+                let side = Side {
+                    local: &local,
+                    other: &other,
+                    offset,
+                };
+                let out = global_loss(comms, &cfg, &layout, &[side], scalars).unwrap();
+                let gap = max_abs_diff(&out.grads[0], &own);
                 checks.check(
                     &format!(
                         "{kind} {exchange} tile {tile}: loss and feature gradients vs one device"
@@ -249,7 +254,9 @@ fn main() {
     }
     let mut checks = Checks { rank, failed: 0 };
     collectives(comms.world.as_ref(), &mut checks);
-    collectives(comms.group.as_ref(), &mut checks);
+    for group in &comms.groups {
+        collectives(group.comm.as_ref(), &mut checks);
+    }
     losses(&topology, rank, &comms, &mut checks);
     comms.world.barrier().unwrap();
     let failed = comms

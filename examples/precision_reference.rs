@@ -73,19 +73,21 @@ fn main() -> mmpipe::error::Result<()> {
         let parts = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
             let trainer =
                 RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-            let weights: Vec<(String, Tensor)> = trainer
+            // A split: every rank holds one tower.
+            let tower = &trainer.towers[0];
+            let weights: Vec<(String, Tensor)> = tower
                 .params()
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.as_tensor().copy().expect("copy")))
                 .collect();
-            let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
-            let g = trainer.compute_grads(&comms, &input, None)?;
-            let mut grads: Vec<(String, Tensor)> = trainer
+            let input = source.tower_input(tower.tower, Stream::Train, &indices, &Device::Cpu)?;
+            let g = trainer.compute_grads(&comms, std::slice::from_ref(&input), None)?;
+            let mut grads: Vec<(String, Tensor)> = tower
                 .trainable()
                 .names()
                 .into_iter()
                 .map(str::to_string)
-                .zip(g.grads)
+                .zip(g.grads.concat())
                 .collect();
             grads.push(("loss".into(), Tensor::new(&[g.loss as f32], &Device::Cpu)?));
             Ok((weights, grads))

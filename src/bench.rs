@@ -197,7 +197,7 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
     let phases_ms = report
         .phases
         .iter()
-        .map(|(tower, p): &(crate::topology::Tower, PhaseTimes)| {
+        .map(|(tower, p): &(String, PhaseTimes)| {
             (
                 tower.to_string(),
                 p.as_array().map(|d| d.as_secs_f64() * 1e3 / all_steps),

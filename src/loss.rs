@@ -220,13 +220,26 @@ pub struct LossScalars {
     pub logit_bias: f64,
 }
 
+/// One tower's side of the loss on a rank: its own rows and the other modality's whole
+/// batch. A rank that holds both towers has two sides, image first.
+#[derive(Debug, Clone, Copy)]
+pub struct Side<'a> {
+    /// This rank's normalised features of the tower, `[b, D]`, detached: rows
+    /// `offset..offset+b` of the modality in the global batch.
+    pub local: &'a Tensor,
+    /// All `B` normalised features of the other modality, in global order.
+    pub other: &'a Tensor,
+    pub offset: usize,
+}
+
 /// What one rank gets from the loss.
 #[derive(Debug, Clone)]
 pub struct LossOutput {
     /// The global-batch loss (the same on every rank).
     pub loss: f64,
-    /// `∂L/∂(own normalised features)`, `[b, D]`: inject it as the upstream gradient.
-    pub grad: Tensor,
+    /// Per side: `∂L/∂(own normalised features)`, `[b, D]`: inject it as the upstream
+    /// gradient.
+    pub grads: Vec<Tensor>,
     /// `∂L/∂t` (the same on every rank).
     pub grad_logit_scale: f64,
     /// `∂L/∂β` (the same on every rank; 0 for CLIP).
@@ -247,30 +260,43 @@ pub fn exchange_features(
     ))
 }
 
-/// Sends `partial` (`[B, D]`: this rank's gradient contributions for every feature of
-/// the other modality) to the features' owners over the world; returns the sum of the
-/// other side's contributions for this rank's own rows.
-fn return_gradients(comms: &RankComms, layout: &FeatureLayout, partial: &Tensor) -> Result<Tensor> {
-    let (_, dim) = partial.dims2()?;
+/// Sends each side's `partial` (`[B, D]`: its gradient contributions for every feature of
+/// the other modality) to the features' owners over the world, in one reduce-scatter;
+/// returns, per side, the sum of the other modality's contributions for this rank's own
+/// rows of that side.
+fn return_gradients(
+    world: &dyn Communicator,
+    layout: &FeatureLayout,
+    sides: &[(Tower, &Tensor)],
+) -> Result<Vec<Tensor>> {
+    let (_, dim) = sides[0].1.dims2()?;
+    let (dtype, device) = (sides[0].1.dtype(), sides[0].1.device());
+    // The rows of a part of tower T come from this rank's side of the other tower, which
+    // holds gradients for every T feature.
     let blocks: Vec<Tensor> = layout
-        .ranks()
+        .parts()
         .iter()
-        .enumerate()
-        .map(|(g, &(tower, rows))| {
-            if tower == comms.tower {
-                Ok(Tensor::zeros(
-                    (rows, dim),
-                    partial.dtype(),
-                    partial.device(),
-                )?)
-            } else {
-                Ok(partial.narrow(0, layout.modality_offset(g), rows)?)
-            }
-        })
+        .map(
+            |p| match sides.iter().find(|(tower, _)| *tower != p.tower) {
+                Some((_, partial)) => {
+                    Ok(partial.narrow(0, layout.modality_offset(p.rank, p.tower), p.rows)?)
+                }
+                None => Ok(Tensor::zeros((p.rows, dim), dtype, device)?),
+            },
+        )
         .collect::<Result<_>>()?;
-    comms
-        .world
-        .reduce_scatter_rows_sum(&Tensor::cat(&blocks, 0)?, &layout.world_rows())
+    let mine = world.reduce_scatter_rows_sum(&Tensor::cat(&blocks, 0)?, &layout.world_rows())?;
+    // This rank's rows come back as its parts, image first: one per side.
+    let me = world.rank();
+    let mut at = 0;
+    sides
+        .iter()
+        .map(|(tower, _)| {
+            let rows = layout.rows(me, *tower);
+            at += rows;
+            Ok(mine.narrow(0, at - rows, rows)?)
+        })
+        .collect()
 }
 
 fn to_f64(t: &Tensor) -> Result<f64> {
@@ -417,25 +443,84 @@ impl Block<'_> {
     }
 }
 
-/// The exact global loss for one rank.
+/// The exact global loss for one rank, over each of its sides (one per tower it holds,
+/// in `comms.groups`' order: image first).
 ///
-/// - `local`: this rank's normalised features `[b, D]`, rows `offset..offset+b` of its
-///   modality in the global batch, detached;
-/// - `other`: all `B` normalised features of the other modality, in global order.
-///
-/// Collectives: under `lse` with CLIP, an all-gather of `B` floats per rank inside the
-/// rank's group; under `gather-scatter`, a world reduce-scatter of `B·D` gradient
-/// elements; always one world all-reduce of three scalars.
-#[allow(clippy::too_many_arguments)]
+/// Collectives: under `lse` with CLIP, an all-gather of `B` floats per rank inside each
+/// side's group; under `gather-scatter`, one world reduce-scatter of `B·D` gradient
+/// elements; always one world all-reduce of three scalars (whatever the number of sides).
 pub fn global_loss(
     comms: &RankComms,
     cfg: &LossConfig,
     layout: &FeatureLayout,
-    local: &Tensor,
-    other: &Tensor,
-    offset: usize,
+    sides: &[Side],
     scalars: LossScalars,
 ) -> Result<LossOutput> {
+    if sides.len() != comms.groups.len() || sides.is_empty() {
+        return Err(Error::Msg(format!(
+            "{} loss sides for a rank that holds {} towers",
+            sides.len(),
+            comms.groups.len()
+        )));
+    }
+    let mut own = Vec::with_capacity(sides.len());
+    let mut partials = Vec::new();
+    let mut totals = [0.0; 3];
+    for (side, group) in sides.iter().zip(&comms.groups) {
+        let part = side_loss(group.comm.as_ref(), group.tower, cfg, side, scalars)?;
+        own.push(part.own);
+        if let Some(other) = part.other {
+            partials.push((group.tower, other));
+        }
+        for (t, v) in totals.iter_mut().zip(part.totals) {
+            *t += v;
+        }
+    }
+    let grads = if partials.is_empty() {
+        own
+    } else {
+        let sides: Vec<(Tower, &Tensor)> = partials.iter().map(|(t, p)| (*t, p)).collect();
+        let returned = return_gradients(comms.world.as_ref(), layout, &sides)?;
+        own.iter()
+            .zip(returned)
+            .map(|(g, r)| Ok((g + r)?))
+            .collect::<Result<_>>()?
+    };
+    let totals = comms
+        .world
+        .all_reduce_sum(&Tensor::new(&totals, &Device::Cpu)?)?
+        .to_vec1::<f64>()?;
+    Ok(LossOutput {
+        loss: totals[0],
+        grads,
+        grad_logit_scale: totals[1],
+        grad_logit_bias: match cfg.kind {
+            LossKind::Clip => 0.0,
+            LossKind::Siglip => totals[2],
+        },
+    })
+}
+
+/// One side's part of the loss, before anything crosses the world.
+struct SideLoss {
+    /// `∂/∂own`, `[b, D]`.
+    own: Tensor,
+    /// Under `gather-scatter`: this side's contributions to the other modality's
+    /// gradients, `[B, D]`.
+    other: Option<Tensor>,
+    /// This side's share of the loss, of `Σ G∘S` and of `Σ G` (summed over the world).
+    totals: [f64; 3],
+}
+
+/// The loss's work for one tower's rows on this rank; `group` is that tower's group.
+fn side_loss(
+    group: &dyn Communicator,
+    tower: Tower,
+    cfg: &LossConfig,
+    side: &Side,
+    scalars: LossScalars,
+) -> Result<SideLoss> {
+    let (local, other, offset) = (side.local, side.other, side.offset);
     let (b, _) = local.dims2()?;
     let (batch, _) = other.dims2()?;
     if offset + b > batch {
@@ -452,7 +537,7 @@ pub fn global_loss(
         tile: cfg.tile_columns(b, batch, local.dtype().size_in_bytes()),
         kept: Default::default(),
     };
-    let image_side = comms.tower == Tower::Image;
+    let image_side = tower == Tower::Image;
     let gather_scatter = cfg.exchange == Exchange::GatherScatter;
     let with_other = gather_scatter;
     let n = batch as f64;
@@ -468,8 +553,7 @@ pub fn global_loss(
             let own_lse = own_lse.unsqueeze(1)?;
             match cfg.exchange {
                 Exchange::Lse => {
-                    let other_lse =
-                        logsumexp(&comms.group.all_gather(&partial_lse.unsqueeze(0)?)?, 0)?;
+                    let other_lse = logsumexp(&group.all_gather(&partial_lse.unsqueeze(0)?)?, 0)?;
                     let grads = block.backward(
                         &mut |s, start, len| {
                             let p = s.broadcast_sub(&own_lse)?.exp()?;
@@ -523,29 +607,14 @@ pub fn global_loss(
         }
     };
 
-    let mut grad = grads.own;
-    if let Some(partial) = &grads.other {
-        grad = (grad + return_gradients(comms, layout, partial)?)?;
-    }
-    let totals = comms
-        .world
-        .all_reduce_sum(&Tensor::new(
-            &[
-                loss_part,
-                scalar_share * grads.g_dot_logits,
-                scalar_share * grads.g_sum,
-            ],
-            &Device::Cpu,
-        )?)?
-        .to_vec1::<f64>()?;
-    Ok(LossOutput {
-        loss: totals[0],
-        grad,
-        grad_logit_scale: totals[1],
-        grad_logit_bias: match cfg.kind {
-            LossKind::Clip => 0.0,
-            LossKind::Siglip => totals[2],
-        },
+    Ok(SideLoss {
+        own: grads.own,
+        other: grads.other,
+        totals: [
+            loss_part,
+            scalar_share * grads.g_dot_logits,
+            scalar_share * grads.g_sum,
+        ],
     })
 }
 

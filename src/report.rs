@@ -123,14 +123,21 @@ impl Run {
             let mut counts = [0usize; 2];
             let mut grad_norms = [f64::NAN; 2];
             for rank in ranks {
-                let side = usize::from(rank["tower"].as_str() == Some("text"));
-                counts[side] += 1;
-                // Every rank of a group holds the same summed gradients.
-                grad_norms[side] = rank["grad_norm"].as_f64().unwrap_or(f64::NAN);
-                for (p, name) in PhaseTimes::NAMES.iter().enumerate() {
-                    phases[side][p] += rank["phases"][phase_key(name)]
-                        .as_f64()
-                        .ok_or_else(|| bad(format!("a rank has no `{}`", phase_key(name))))?;
+                // A rank that holds both towers counts on both sides: its phases are
+                // both towers' work.
+                let label = rank["tower"].as_str().unwrap_or_default();
+                for (side, tower) in ["image", "text"].into_iter().enumerate() {
+                    if !label.split('+').any(|t| t == tower) {
+                        continue;
+                    }
+                    counts[side] += 1;
+                    // Every rank of a group holds the same summed gradients.
+                    grad_norms[side] = rank["grad_norm"][tower].as_f64().unwrap_or(f64::NAN);
+                    for (p, name) in PhaseTimes::NAMES.iter().enumerate() {
+                        phases[side][p] += rank["phases"][phase_key(name)]
+                            .as_f64()
+                            .ok_or_else(|| bad(format!("a rank has no `{}`", phase_key(name))))?;
+                    }
                 }
             }
             for (side, count) in counts.iter().enumerate() {

@@ -7,7 +7,7 @@ use mmpipe::bench;
 use mmpipe::comm::device::rank_device;
 use mmpipe::comm::launch;
 use mmpipe::plan::Precision;
-use mmpipe::topology::{DeviceKind, Topology, Tower};
+use mmpipe::topology::{DeviceKind, Topology};
 use mmpipe::train::TrainConfig;
 
 use super::args::BenchArgs;
@@ -66,12 +66,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let per_rank = launch::threads_per_rank(topology.world_size());
     println!(
-        "bench: {} on {} ({} image + {} text rank threads, {per_rank} compute thread{} each, {threads} in all), \
+        "bench: {} on {} ({} as threads, {per_rank} compute thread{} each, {threads} in all), \
          batch {}, {}, {} timed steps after {} untimed",
         args.model.display(),
         topology.source.display(),
-        topology.group_size(Tower::Image),
-        topology.group_size(Tower::Text),
+        topology.describe_groups(),
         if per_rank == 1 { "" } else { "s" },
         args.batch,
         summary::precision(&precision, &topology),

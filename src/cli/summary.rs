@@ -4,7 +4,7 @@
 use std::fmt::Display;
 
 use mmpipe::plan::{self, GradReduce, Precision};
-use mmpipe::topology::{DeviceKind, Topology, Tower};
+use mmpipe::topology::{DeviceKind, Topology};
 use mmpipe::train::{PhaseBytes, PhaseTimes, TrainConfig};
 
 /// "bf16 (f32 master weights, gradients summed in fp32)", or "fp32 (TF32 matmuls)".
@@ -47,12 +47,12 @@ pub fn precision_notes(cfg: &TrainConfig, topology: &Topology) {
 }
 
 /// Each rank's phase totals as milliseconds per step.
-pub fn phases_per_step(phases: &[(Tower, PhaseTimes)], steps: usize) -> Vec<(Tower, [f64; 7])> {
+pub fn phases_per_step(phases: &[(String, PhaseTimes)], steps: usize) -> Vec<(String, [f64; 7])> {
     phases
         .iter()
         .map(|(tower, p)| {
             (
-                *tower,
+                tower.clone(),
                 p.as_array()
                     .map(|d| d.as_secs_f64() * 1e3 / steps.max(1) as f64),
             )
@@ -62,13 +62,13 @@ pub fn phases_per_step(phases: &[(Tower, PhaseTimes)], steps: usize) -> Vec<(Tow
 
 /// The table of milliseconds per step, one row per rank.
 pub fn print_phases<T: Display>(rows: &[(T, [f64; 7])]) {
-    print!("ms/step by phase  rank tower");
+    print!("ms/step by phase  rank tower     ");
     for name in PhaseTimes::NAMES {
         print!(" {name:>15}");
     }
     println!();
     for (rank, (tower, ms)) in rows.iter().enumerate() {
-        print!("                  {rank:>4} {:<5}", tower.to_string());
+        print!("                  {rank:>4} {:<10}", tower.to_string());
         for v in ms {
             print!(" {v:>15.1}");
         }
@@ -77,14 +77,14 @@ pub fn print_phases<T: Display>(rows: &[(T, [f64; 7])]) {
 }
 
 /// Each rank's collective payload per step, by phase.
-pub fn print_bytes(phases: &[(Tower, PhaseTimes)], bytes: &[PhaseBytes], steps: usize) {
+pub fn print_bytes(phases: &[(String, PhaseTimes)], bytes: &[PhaseBytes], steps: usize) {
     println!(
-        "collective payload per step  rank tower  feature all-gather   loss exchange  grad all-reduce"
+        "collective payload per step  rank tower       feature all-gather   loss exchange  grad all-reduce"
     );
     let per_step = |b: u64| plan::short_bytes(b / steps.max(1) as u64);
     for (rank, ((tower, _), b)) in phases.iter().zip(bytes).enumerate() {
         println!(
-            "                             {rank:>4} {tower:<5} {:>19} {:>15} {:>16}",
+            "                             {rank:>4} {tower:<10} {:>19} {:>15} {:>16}",
             per_step(b.exchange),
             per_step(b.loss),
             per_step(b.grad_all_reduce)

@@ -10,7 +10,7 @@ use mmpipe::comm::launch::{self, Job};
 use mmpipe::data::DataKind;
 use mmpipe::loss::LossKind;
 use mmpipe::model::ClipConfig;
-use mmpipe::topology::{Topology, Tower};
+use mmpipe::topology::Topology;
 use mmpipe::train::{self, TrainConfig, TrainReport};
 
 use super::args::TrainArgs;
@@ -18,6 +18,8 @@ use super::{load_model, summary};
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let (topology, model, mut cfg) = config(&args)?;
+    // groups = "auto": the layout `plan --auto` picks (the same on every process).
+    let (topology, chosen) = cfg.choose_groups(topology, &model)?;
     summary::precision_notes(&cfg, &topology);
     let job = Job {
         config_hash: cfg.fingerprint(&model),
@@ -33,13 +35,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eprintln!("note: no Ctrl-C handler ({e}): an interrupt stops the run without a checkpoint");
     }
     stop_on_sigusr1();
+    if let (true, Some(chosen)) = (lead, &chosen) {
+        println!("{chosen}");
+    }
     if lead {
         println!(
-            "training on {} ({} image + {} text rank {}, {} compute threads each), global batch {}, \
+            "training on {} ({}, as {}, {} compute threads each), global batch {}, \
              {} steps, {}; loss {} (exchange {}, tile {})",
             topology.source.display(),
-            topology.group_size(Tower::Image),
-            topology.group_size(Tower::Text),
+            topology.describe_groups(),
             launch.backend.ranks_are(),
             launch.threads_per_rank,
             cfg.global_batch,

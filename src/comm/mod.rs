@@ -147,14 +147,39 @@ pub fn agree_on_run(world: &dyn Communicator, topology_hash: u64, config_hash: u
     Ok(())
 }
 
-/// What one rank holds: the world, and the group of the tower it trains.
-pub struct RankComms {
-    pub world: Box<dyn Communicator>,
-    pub group: Box<dyn Communicator>,
+/// One tower's group, as a rank in it holds it.
+pub struct GroupComms {
+    pub tower: Tower,
+    pub comm: Box<dyn Communicator>,
     /// A second communicator over the same group, shareable with model code that reduces
     /// inside forward and backward (synchronised batch norm).
-    pub group_stats: std::sync::Arc<dyn Communicator + Sync>,
-    pub tower: Tower,
+    pub stats: std::sync::Arc<dyn Communicator + Sync>,
+}
+
+/// What one rank holds: the world, and the group of each tower it trains (image first).
+pub struct RankComms {
+    pub world: Box<dyn Communicator>,
+    pub groups: Vec<GroupComms>,
+}
+
+impl RankComms {
+    /// This rank's communicator in `tower`'s group; an error when it does not hold that
+    /// tower.
+    pub fn group(&self, tower: Tower) -> Result<&GroupComms> {
+        self.groups
+            .iter()
+            .find(|g| g.tower == tower)
+            .ok_or_else(|| Error::Collective {
+                op: "group",
+                group: tower.to_string(),
+                message: format!("world rank {} holds no {tower} replica", self.world.rank()),
+            })
+    }
+
+    /// The towers this rank trains, image first.
+    pub fn towers(&self) -> Vec<Tower> {
+        self.groups.iter().map(|g| g.tower).collect()
+    }
 }
 
 /// Why the ranks' tensors of one collective do not fit together, in the words every

@@ -20,7 +20,7 @@ use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 use mpi::traits::*;
 
 use super::watchdog::InFlight;
-use super::{shape_mismatch, sum_in_order, Communicator, RankComms};
+use super::{shape_mismatch, sum_in_order, Communicator, GroupComms, RankComms};
 use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
 
@@ -372,32 +372,40 @@ pub fn rank_comms(topology: &Topology) -> Result<(usize, RankComms)> {
             ),
         ));
     }
-    let tower = topology.ranks[rank].tower;
-    let colour = match tower {
-        Tower::Image => 0,
-        Tower::Text => 1,
-    };
-    let split = |name| -> Result<SimpleCommunicator> {
-        world
-            .split_by_color(Color::with_value(colour))
-            .ok_or_else(|| Error::Collective {
+    // Every process takes part in every split (MPI's rule); a process outside a tower's
+    // group gets no communicator from it. The key puts each group in the file's order
+    // (group rank = list order), whatever the world order.
+    let mut groups = Vec::new();
+    for tower in [Tower::Image, Tower::Text] {
+        let role = topology.ranks[rank].role(tower);
+        let (colour, key) = match role {
+            Some(r) => (Color::with_value(0), r.group_rank as i32),
+            None => (Color::undefined(), 0),
+        };
+        let group = world.split_by_color_with_key(colour, key);
+        let stats = world.split_by_color_with_key(colour, key);
+        if let (Some(_), Some(group), Some(stats)) = (role, group, stats) {
+            let name = tower.to_string();
+            groups.push(GroupComms {
+                tower,
+                comm: Box::new(MpiCommunicator::new(group, p.lock.clone(), &name)),
+                stats: Arc::new(MpiCommunicator::new(stats, p.lock.clone(), &name)),
+            });
+        } else if role.is_some() {
+            return Err(Error::Collective {
                 op: "split",
                 group: "world".into(),
-                message: format!("MPI could not split the {name} group"),
-            })
-    };
-    let group = split("group")?;
-    let stats = split("statistics")?;
-    let name = tower.to_string();
+                message: format!("MPI could not split the {tower} group"),
+            });
+        }
+    }
     let world_comm = world.duplicate();
     drop(_guard);
     Ok((
         rank,
         RankComms {
             world: Box::new(MpiCommunicator::new(world_comm, p.lock.clone(), "world")),
-            group: Box::new(MpiCommunicator::new(group, p.lock.clone(), &name)),
-            group_stats: Arc::new(MpiCommunicator::new(stats, p.lock.clone(), &name)),
-            tower,
+            groups,
         },
     ))
 }

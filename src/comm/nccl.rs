@@ -29,7 +29,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::watchdog::InFlight;
-use super::{Communicator, RankComms};
+use super::{Communicator, GroupComms, RankComms};
 use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
 
@@ -469,12 +469,9 @@ pub fn rank_comms(
     };
     set_abort_hook();
     let me = &topology.ranks[rank];
-    let name = me.tower.to_string();
-    let (group_key, stats_key) = match me.tower {
-        Tower::Image => ("nccl/image", "nccl/image-stats"),
-        Tower::Text => ("nccl/text", "nccl/text-stats"),
-    };
-    let size = topology.group_size(me.tower);
+    // One process per GPU (NCCL refuses two ranks of one communicator on one device): it
+    // joins the world once and the group of every tower it holds, image first (each
+    // initialisation waits for its members only, so the order cannot deadlock).
     let world = NcclCommunicator::new(
         &id("nccl/world")?,
         rank,
@@ -482,13 +479,25 @@ pub fn rank_comms(
         device,
         "world",
     )?;
-    let group = NcclCommunicator::new(&id(group_key)?, me.group_rank, size, device, &name)?;
-    let stats = NcclCommunicator::new(&id(stats_key)?, me.group_rank, size, device, &name)?;
+    let mut groups = Vec::new();
+    for role in &me.roles {
+        let name = role.tower.to_string();
+        let (group_key, stats_key) = match role.tower {
+            Tower::Image => ("nccl/image", "nccl/image-stats"),
+            Tower::Text => ("nccl/text", "nccl/text-stats"),
+        };
+        let size = topology.group_size(role.tower);
+        let group = NcclCommunicator::new(&id(group_key)?, role.group_rank, size, device, &name)?;
+        let stats = NcclCommunicator::new(&id(stats_key)?, role.group_rank, size, device, &name)?;
+        groups.push(GroupComms {
+            tower: role.tower,
+            comm: Box::new(group),
+            stats: Arc::new(stats),
+        });
+    }
     Ok(RankComms {
         world: Box::new(world),
-        group: Box::new(group),
-        group_stats: Arc::new(stats),
-        tower: me.tower,
+        groups,
     })
 }
 

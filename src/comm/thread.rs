@@ -11,7 +11,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
-use super::{shape_mismatch, sum_in_order, Communicator, RankComms};
+use super::{shape_mismatch, sum_in_order, Communicator, GroupComms, RankComms};
 use crate::error::{Error, Result};
 use crate::topology::{Topology, Tower};
 
@@ -315,30 +315,29 @@ impl Communicator for ThreadCommunicator {
     }
 }
 
-/// Builds every rank's communicators for a topology: the world and both tower groups.
-/// Indexed by global rank.
+/// Builds every rank's communicators for a topology: the world and the groups of the
+/// towers each rank holds. Indexed by global rank.
 pub fn rank_comms(topology: &Topology, timeout: Duration) -> Vec<RankComms> {
-    let mut world = group("world", topology.world_size(), timeout)
+    let mut out: Vec<RankComms> = group("world", topology.world_size(), timeout)
         .into_iter()
-        .map(Some)
-        .collect::<Vec<_>>();
-    let mut out: Vec<Option<RankComms>> = (0..topology.world_size()).map(|_| None).collect();
+        .map(|world| RankComms {
+            world: Box::new(world),
+            groups: Vec::new(),
+        })
+        .collect();
     for tower in [Tower::Image, Tower::Text] {
         let members = topology.group(tower);
         let stats = group(&format!("{tower}-stats"), members.len(), timeout);
         let comms = group(tower.name(), members.len(), timeout);
         for ((comm, stats), &global) in comms.into_iter().zip(stats).zip(&members) {
-            out[global] = Some(RankComms {
-                world: Box::new(world[global].take().expect("each rank once")),
-                group: Box::new(comm),
-                group_stats: std::sync::Arc::new(stats),
+            out[global].groups.push(GroupComms {
                 tower,
+                comm: Box::new(comm),
+                stats: std::sync::Arc::new(stats),
             });
         }
     }
-    out.into_iter()
-        .map(|c| c.expect("every rank is in a group"))
-        .collect()
+    out
 }
 
 /// Runs `work` on one thread per rank and waits for all of them. If ranks fail, the error
@@ -416,7 +415,7 @@ where
                     let (first, _) = failed_at.expect("checked");
                     let stuck: Vec<String> = (0..n)
                         .filter(|&r| results[r].is_none())
-                        .map(|r| format!("{} ({})", r, topology.ranks[r].tower))
+                        .map(|r| format!("{} ({})", r, topology.ranks[r].label()))
                         .collect();
                     let cause = results[first]
                         .as_ref()

@@ -12,29 +12,35 @@ use crate::model::TowerInput;
 use crate::topology::layout::{split_len, split_offset, FeatureLayout};
 use crate::topology::{Topology, Tower};
 
-/// Each rank encodes its share of `pairs` held-out pairs with `encode` (its own tower's
-/// normalised features, without a graph); the first text rank encodes the zero-shot classes; world rank 0 gathers everything and
+/// Each rank encodes its share of `pairs` held-out pairs with `encode` (a tower it holds,
+/// and that tower's normalised features, without a graph), for every tower it holds; the
+/// first text rank encodes the zero-shot classes; world rank 0 gathers everything and
 /// scores it. Other ranks return `None`.
 pub fn evaluate(
     topology: &Topology,
     rank: usize,
     comms: &RankComms,
-    encode: &dyn Fn(&TowerInput) -> Result<Tensor>,
+    encode: &dyn Fn(Tower, &TowerInput) -> Result<Tensor>,
     held_out: &HeldOut,
     pairs: usize,
 ) -> Result<Option<EvalScores>> {
     const CHUNK: usize = 256;
-    let r = &topology.ranks[rank];
-    let size = topology.group_size(r.tower);
-    let (offset, len) = (
-        split_offset(pairs, size, r.group_rank),
-        split_len(pairs, size, r.group_rank),
-    );
     let mut parts = Vec::new();
-    for start in (0..len).step_by(CHUNK) {
-        let n = CHUNK.min(len - start);
-        let indices: Vec<u64> = ((offset + start) as u64..(offset + start + n) as u64).collect();
-        parts.push(encode(&held_out.tower_input(r.tower, &indices)?)?);
+    for role in &topology.ranks[rank].roles {
+        let size = topology.group_size(role.tower);
+        let (offset, len) = (
+            split_offset(pairs, size, role.group_rank),
+            split_len(pairs, size, role.group_rank),
+        );
+        for start in (0..len).step_by(CHUNK) {
+            let n = CHUNK.min(len - start);
+            let indices: Vec<u64> =
+                ((offset + start) as u64..(offset + start + n) as u64).collect();
+            parts.push(encode(
+                role.tower,
+                &held_out.tower_input(role.tower, &indices)?,
+            )?);
+        }
     }
     let local = if parts.is_empty() {
         Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?
@@ -51,14 +57,14 @@ pub fn evaluate(
     let first_text = topology
         .ranks
         .iter()
-        .position(|r| r.tower == Tower::Text)
+        .position(|r| r.holds(Tower::Text))
         .expect("a topology has a text group");
     let labels = held_out.labels(pairs);
     let classes = match &labels {
         Some(_) => {
             let mine = if rank == first_text {
                 held_out
-                    .class_features(encode)?
+                    .class_features(&|x: &TowerInput| encode(Tower::Text, x))?
                     .expect("labelled sets have classes")
             } else {
                 // The shape a collective needs; only the root's values travel.

@@ -43,6 +43,24 @@ pub struct Memory {
     pub fits: bool,
 }
 
+impl Memory {
+    /// A rank holding both towers: each tower's bytes together, on the smaller device.
+    fn plus(&self, other: &Memory) -> Memory {
+        let device = self.device.min(other.device);
+        let total = self.total + other.total;
+        Memory {
+            weights: self.weights + other.weights,
+            gradients: self.gradients + other.gradients,
+            optimizer: self.optimizer + other.optimizer,
+            activations: self.activations + other.activations,
+            loss: self.loss + other.loss,
+            total,
+            device,
+            fits: total <= device,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupEstimate {
     pub tower: Tower,
@@ -277,7 +295,8 @@ impl CostModel<'_> {
         }
     }
 
-    /// The step under the topology's groups.
+    /// The step under the topology's groups, whichever kind they make (split, data
+    /// parallel, hybrid).
     pub fn split(&self) -> Result<SplitEstimate> {
         let t = self.topology;
         let o = self.options;
@@ -373,11 +392,52 @@ impl CostModel<'_> {
                 memory,
             });
         }
-        let busy = |g: &GroupEstimate| g.compute_s + g.comm_s;
-        let step_s = groups.iter().map(busy).fold(0.0, f64::max);
-        for g in &mut groups {
-            g.idle_s = step_s - busy(g);
+        // A rank runs the towers it holds one after the other: its compute, its
+        // collectives and its memory are its towers' sums (the features travel once).
+        let tower_of = |tower: Tower| &groups[usize::from(tower == Tower::Text)];
+        let per_rank: Vec<(f64, f64, Memory)> = t
+            .ranks
+            .iter()
+            .map(|r| {
+                let held: Vec<&GroupEstimate> = r.roles.iter().map(|x| tower_of(x.tower)).collect();
+                let compute = held.iter().map(|g| g.compute_s).sum::<f64>();
+                let comm = feature_all_gather_s
+                    + held
+                        .iter()
+                        .map(|g| g.comm_s - feature_all_gather_s)
+                        .sum::<f64>();
+                let memory = held
+                    .iter()
+                    .skip(1)
+                    .fold(held[0].memory, |m, g| m.plus(&g.memory));
+                (compute, comm, memory)
+            })
+            .collect();
+        let step_s = per_rank.iter().map(|(c, m, _)| c + m).fold(0.0, f64::max);
+        // Each group's row is its busiest member's whole step (both towers' work where it
+        // holds both), so compute + comm + idle add up to the step.
+        for (i, tower) in [Tower::Image, Tower::Text].into_iter().enumerate() {
+            let members = t.group(tower);
+            let busiest = members
+                .iter()
+                .copied()
+                .max_by(|&a, &b| {
+                    let busy = |r: usize| per_rank[r].0 + per_rank[r].1;
+                    busy(a).total_cmp(&busy(b))
+                })
+                .expect("a group has members");
+            let heaviest = members
+                .iter()
+                .map(|&r| per_rank[r].2)
+                .max_by(|a, b| a.total.total_cmp(&b.total))
+                .expect("a group has members");
+            let g = &mut groups[i];
+            g.compute_s = per_rank[busiest].0;
+            g.comm_s = per_rank[busiest].1;
+            g.idle_s = step_s - g.compute_s - g.comm_s;
+            g.memory = heaviest;
         }
+        let busy = |g: &GroupEstimate| g.compute_s + g.comm_s;
         let lighter = if busy(&groups[0]) <= busy(&groups[1]) {
             Tower::Image
         } else {
@@ -531,8 +591,10 @@ impl LossConfig {
             (Exchange::Lse, LossKind::Clip) => topology.group_size(tower) * global_batch,
             (Exchange::Lse, LossKind::Siglip) => 0,
             (Exchange::GatherScatter, _) => {
-                let widest = [Tower::Image, Tower::Text]
-                    .map(|t| global_batch.div_ceil(topology.group_size(t)))
+                // The reduce-scatter pads every rank's block to the widest: a rank's rows
+                // are those of every tower it holds.
+                let widest = crate::topology::layout::FeatureLayout::new(topology, global_batch)
+                    .world_rows()
                     .into_iter()
                     .max()
                     .unwrap_or(0);

@@ -18,8 +18,10 @@ pub use options::{Calibration, CostOptions, GradReduce, MicroBatch, Optimizer, P
 use crate::error::Result;
 use crate::loss::{Exchange, LossConfig, LossKind};
 use crate::model::{ClipConfig, ImageTowerConfig, TextTowerConfig};
-use crate::topology::{Topology, Tower};
+use crate::topology::{LayoutKind, Topology, Tower};
 
+/// One tower on one rank: a rank that holds both towers has two, with the same
+/// `global_rank`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankPlan {
     pub global_rank: usize,
@@ -32,7 +34,8 @@ pub struct RankPlan {
     /// "vit", "resnet", "clip-text" or "bert".
     pub encoder: String,
     pub local_batch: usize,
-    /// Estimated peak bytes on this rank (needs the cost model).
+    /// Estimated peak bytes on this rank, over every tower it holds (needs the cost
+    /// model).
     pub memory_bytes: Option<f64>,
 }
 
@@ -58,6 +61,8 @@ pub struct Traffic {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub topology: String,
+    /// Split, data parallel or hybrid: how the topology's groups share its devices.
+    pub layout: LayoutKind,
     pub global_batch: usize,
     pub options: CostOptions,
     pub ranks: Vec<RankPlan>,
@@ -204,24 +209,32 @@ impl Plan {
         let ranks = topology
             .ranks
             .iter()
-            .map(|r| RankPlan {
-                global_rank: r.global,
-                node: topology.nodes[r.node].name.clone(),
-                device: topology.device_label(r),
-                kind: topology.spec(r.node).map(|s| s.name.clone()),
-                tower: r.tower,
-                group_rank: r.group_rank,
-                encoder: encoder_name(model, r.tower).to_string(),
-                local_batch: crate::topology::layout::split_len(
-                    global_batch,
-                    topology.group_size(r.tower),
-                    r.group_rank,
-                ),
-                memory_bytes: memory_of(r.tower),
+            .flat_map(|r| {
+                let memory = r
+                    .roles
+                    .iter()
+                    .map(|role| memory_of(role.tower))
+                    .sum::<Option<f64>>();
+                r.roles.iter().map(move |role| RankPlan {
+                    global_rank: r.global,
+                    node: topology.nodes[r.node].name.clone(),
+                    device: topology.device_label(r),
+                    kind: topology.spec(r.node).map(|s| s.name.clone()),
+                    tower: role.tower,
+                    group_rank: role.group_rank,
+                    encoder: encoder_name(model, role.tower).to_string(),
+                    local_batch: crate::topology::layout::split_len(
+                        global_batch,
+                        topology.group_size(role.tower),
+                        role.group_rank,
+                    ),
+                    memory_bytes: memory,
+                })
             })
             .collect();
         Ok(Plan {
             topology: topology.source.display().to_string(),
+            layout: topology.layout_kind(),
             global_batch,
             options: options.clone(),
             ranks,
@@ -351,7 +364,8 @@ impl Plan {
             (Some(split), _) => {
                 let _ = writeln!(
                     s,
-                    "\npredicted step (split): {} ({:.0} samples/s)",
+                    "\npredicted step ({}): {} ({:.0} samples/s)",
+                    self.layout,
                     secs(split.step_s),
                     split.samples_per_s
                 );

@@ -1,22 +1,29 @@
-//! `mmpipe plan --auto`: search the split (how many devices each tower gets) and the
-//! mapping of the groups onto nodes, and rank the candidates by predicted step time.
+//! `mmpipe plan --auto`: search the layouts of three kinds (which devices hold which
+//! towers, and so the group sizes) and rank them by predicted step time:
+//! - splits cut an ordering of the devices in two: the first `k` devices for one tower,
+//!   the rest for the other, for every `k` and both towers first;
+//! - data parallelism puts both towers on every device;
+//! - hybrids put one tower on every device and the other on the first `k` of an
+//!   ordering, for every `k` and both towers.
 //!
-//! Candidates cut an ordering of the devices in two: the first `k` devices for one tower,
-//! the rest for the other, for every `k` and both towers first. Orderings: node by node as
-//! listed (so a group stays inside as few nodes as possible and its all-reduce on the fast
-//! links), and, on mixed clusters, fastest kind first and slowest kind first (so either
-//! tower can get the faster devices).
+//! Orderings: node by node as listed (so a group stays inside as few nodes as possible and
+//! its all-reduce on the fast links), across the nodes in turn (so a small group spreads
+//! over every node), and, on mixed clusters, fastest kind first and slowest kind first (so
+//! either tower can get the faster devices). A layout that does not fit in memory, even
+//! with gradient checkpointing and micro-batches, is not chosen.
 
 use serde::{Deserialize, Serialize};
 
-use super::cost::{CostModel, DataParallelEstimate, SplitEstimate};
+use super::cost::{CostModel, SplitEstimate};
 use super::options::{CostOptions, MicroBatch};
 use crate::error::{Error, Result};
 use crate::model::{ClipConfig, ImageTowerConfig};
-use crate::topology::{DeviceRef, Topology, Tower};
+use crate::topology::{DeviceRef, LayoutKind, Topology, Tower};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
+    /// Split, data parallel or hybrid.
+    pub kind: LayoutKind,
     /// Group entries as a topology file writes them ("node0:0-5").
     pub image: Vec<String>,
     pub text: Vec<String>,
@@ -47,15 +54,36 @@ impl Candidate {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AutoPlan {
-    /// Best first.
+    /// Best first: the fastest layouts, then the best of each kind not among them.
     pub candidates: Vec<Candidate>,
-    pub data_parallel: Option<DataParallelEstimate>,
-    pub considered: usize,
-    /// Splits with a group of more ranks than the batch has samples.
+    /// Layouts costed, by kind.
+    pub considered: Vec<(LayoutKind, usize)>,
+    /// Layouts with a group of more ranks than the batch has samples.
     pub too_small: usize,
-    /// Splits whose memory exceeds a device.
-    pub too_big: usize,
+    /// Layouts whose memory exceeds a device even with checkpointing and micro-batches,
+    /// by kind.
+    pub too_big: Vec<(LayoutKind, usize)>,
     pub warnings: Vec<String>,
+}
+
+/// The three kinds, in the order the report lists them.
+const KINDS: [LayoutKind; 3] = [
+    LayoutKind::Split,
+    LayoutKind::DataParallel,
+    LayoutKind::Hybrid,
+];
+
+fn count(counts: &[(LayoutKind, usize)], kind: LayoutKind) -> usize {
+    counts
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or(0, |(_, n)| *n)
+}
+
+fn bump(counts: &mut [(LayoutKind, usize)], kind: LayoutKind) {
+    if let Some((_, n)) = counts.iter_mut().find(|(k, _)| *k == kind) {
+        *n += 1;
+    }
 }
 
 /// Writes devices as topology-file entries, merging consecutive indices on a node.
@@ -87,10 +115,29 @@ fn orderings(topology: &Topology) -> Vec<Vec<DeviceRef>> {
     fastest_first.sort_by(|a, b| speed(b).total_cmp(&speed(a)));
     let mut slowest_first = listed.clone();
     slowest_first.sort_by(|a, b| speed(a).total_cmp(&speed(b)));
+    // Device 0 of every node, then device 1 of every node, …
+    let mut across = listed.clone();
+    across.sort_by_key(|&(node, d)| (d, node));
     let mut out = vec![listed];
-    for o in [fastest_first, slowest_first] {
+    for o in [across, fastest_first, slowest_first] {
         if !out.contains(&o) {
             out.push(o);
+        }
+    }
+    out
+}
+
+/// The (image, text) device lists of every layout the search considers, with its kind.
+fn layouts(topology: &Topology) -> Vec<(LayoutKind, Vec<DeviceRef>, Vec<DeviceRef>)> {
+    let mut out = Vec::new();
+    for order in orderings(topology) {
+        out.push((LayoutKind::DataParallel, order.clone(), order.clone()));
+        for k in 1..order.len() {
+            let (a, b) = order.split_at(k);
+            out.push((LayoutKind::Split, a.to_vec(), b.to_vec()));
+            out.push((LayoutKind::Split, b.to_vec(), a.to_vec()));
+            out.push((LayoutKind::Hybrid, order.clone(), a.to_vec()));
+            out.push((LayoutKind::Hybrid, a.to_vec(), order.clone()));
         }
     }
     out
@@ -102,104 +149,79 @@ pub fn search(
     options: &CostOptions,
     keep: usize,
 ) -> Result<AutoPlan> {
-    let devices = topology.devices();
-    if devices.len() < 2 {
-        return Err(Error::invalid(
-            &topology.source,
-            "nodes",
-            format!(
-                "a split needs at least two devices (one per tower); this cluster has {}",
-                devices.len()
-            ),
-        ));
+    if topology.devices().is_empty() {
+        return Err(Error::invalid(&topology.source, "nodes", "no devices"));
     }
     let mut seen = std::collections::BTreeSet::new();
     let mut candidates = Vec::new();
-    let (mut considered, mut too_small, mut too_big) = (0, 0, 0);
-    for order in orderings(topology) {
-        for k in 1..order.len() {
-            for first in [Tower::Image, Tower::Text] {
-                let (a, b) = order.split_at(k);
-                let (image, text) = if first == Tower::Image {
-                    (a, b)
-                } else {
-                    (b, a)
-                };
-                let mut key = (image.to_vec(), text.to_vec());
-                key.0.sort();
-                key.1.sort();
-                if !seen.insert(key) {
-                    continue;
-                }
-                considered += 1;
-                // Any batch splits (the first ranks get one more), as long as every rank
-                // gets a sample.
-                if options.global_batch < image.len().max(text.len()) {
-                    too_small += 1;
-                    continue;
-                }
-                let t = topology.with_groups(image, text)?;
-                let Some((split, fitted, needs)) = fitting(&t, model, options)? else {
-                    too_big += 1;
-                    continue;
-                };
-                candidates.push(Candidate {
-                    image: entries(topology, image),
-                    text: entries(topology, text),
-                    image_devices: image.to_vec(),
-                    text_devices: text.to_vec(),
-                    split,
-                    needs,
-                    checkpointing: fitted.checkpointing,
-                    micro_batch: fitted.micro_batch,
-                });
+    let mut considered: Vec<(LayoutKind, usize)> = KINDS.iter().map(|&k| (k, 0)).collect();
+    let mut too_big = considered.clone();
+    let mut too_small = 0;
+    for (kind, mut image, mut text) in layouts(topology) {
+        // A group is a set: its cost is its members', whatever their order, and in device
+        // order it reads (and its ranks launch) node by node.
+        image.sort();
+        text.sort();
+        if !seen.insert((image.clone(), text.clone())) {
+            continue;
+        }
+        bump(&mut considered, kind);
+        // Any batch splits (the first ranks get one more), as long as every rank gets a
+        // sample.
+        if options.global_batch < image.len().max(text.len()) {
+            too_small += 1;
+            continue;
+        }
+        let t = topology.with_groups(&image, &text)?;
+        let Some((split, fitted, needs)) = fitting(&t, model, options)? else {
+            bump(&mut too_big, kind);
+            continue;
+        };
+        candidates.push(Candidate {
+            kind,
+            image: entries(topology, &image),
+            text: entries(topology, &text),
+            image_devices: image,
+            text_devices: text,
+            split,
+            needs,
+            checkpointing: fitted.checkpointing,
+            micro_batch: fitted.micro_batch,
+        });
+    }
+    let total: usize = considered.iter().map(|(_, n)| n).sum();
+    if candidates.is_empty() {
+        return Err(Error::File {
+            path: topology.source.to_path_buf(),
+            message: format!(
+                "no layout works for a global batch of {}: of {total} layouts, {too_small} have more \
+                 ranks in a group than samples and {} do not fit in device memory even with gradient \
+                 checkpointing and micro-batches of one sample (lower the batch)",
+                options.global_batch,
+                total - too_small
+            ),
+        });
+    }
+    candidates.sort_by(|a, b| a.split.step_s.total_cmp(&b.split.step_s));
+    // The fastest, then the best of each kind not among them (the runners-up to compare).
+    let mut kept: Vec<Candidate> = candidates.iter().take(keep.max(1)).cloned().collect();
+    for kind in KINDS {
+        if !kept.iter().any(|c| c.kind == kind) {
+            if let Some(c) = candidates.iter().find(|c| c.kind == kind) {
+                kept.push(c.clone());
             }
         }
     }
-    if candidates.is_empty() {
-        return Err(Error::File {
- path: topology.source.to_path_buf(),
- message: format!("no split works for a global batch of {}: of {considered} splits, {too_small} have more \
-             ranks in a group than samples and {too_big} do not fit in device memory even with gradient checkpointing and \
-             micro-batches of one sample (lower the batch)", options.global_batch),
- });
-    }
-    candidates.sort_by(|a, b| a.split.step_s.total_cmp(&b.split.step_s));
-    candidates.truncate(keep.max(1));
     let mut warnings = Vec::new();
-    let data_parallel = match (CostModel {
-        topology,
-        model,
-        options,
-    })
-    .data_parallel()
-    {
-        Ok(dp) => Some(dp),
-        Err(e) => {
-            warnings.push(format!("no data-parallel comparison: {e}"));
-            None
-        }
-    };
-    if let Some(dp) = &data_parallel {
-        let best = &candidates[0].split;
-        if dp.memory.fits && dp.step_s < best.step_s {
+    for kind in KINDS {
+        if count(&considered, kind) > 0 && !candidates.iter().any(|c| c.kind == kind) {
             warnings.push(format!(
-                "the best split ({} per step) loses to plain data parallelism on the same devices ({} per step, \
-                 {:.2}x faster): split only for memory or mixed hardware",
-                super::secs(best.step_s),
-                super::secs(dp.step_s),
-                best.step_s / dp.step_s
-            ));
-        } else if !dp.memory.fits {
-            warnings.push(format!(
-                "plain data parallelism does not fit ({} per device): the split does",
-                super::gib(dp.memory.total)
+                "no {kind} layout fits in device memory, even with gradient checkpointing and micro-batches of one sample"
             ));
         }
     }
     Ok(AutoPlan {
-        candidates,
-        data_parallel,
+        candidates: kept,
         considered,
         too_small,
         too_big,
@@ -275,18 +297,32 @@ fn fitting(
 }
 
 impl AutoPlan {
+    /// The best layout.
+    pub fn best(&self) -> &Candidate {
+        &self.candidates[0]
+    }
+
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
+        let counts = |c: &[(LayoutKind, usize)]| {
+            c.iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let _ = writeln!(
             s,
-            "searched {} splits ({} have more ranks in a group than samples, {} do not fit); best first:",
-            self.considered, self.too_small, self.too_big
+            "searched {} layouts ({}); {} have more ranks in a group than samples; do not fit: {}. Best first:",
+            self.considered.iter().map(|(_, n)| n).sum::<usize>(),
+            counts(&self.considered),
+            self.too_small,
+            counts(&self.too_big)
         );
         let _ = writeln!(
             s,
-            "{:>3}  {:>10} {:>10}  {:>7} {:>7}  {:<28} {:<28} needs",
-            "#", "step", "samples/s", "image", "text", "image group", "text group"
+            "{:>3}  {:<13} {:>10} {:>10}  {:>7} {:>7}  {:<28} {:<28} needs",
+            "#", "kind", "step", "samples/s", "image", "text", "image group", "text group"
         );
         for (i, c) in self.candidates.iter().enumerate() {
             let n = |t: Tower| {
@@ -298,8 +334,9 @@ impl AutoPlan {
             };
             let _ = writeln!(
                 s,
-                "{:>3}  {:>10} {:>10.0}  {:>7} {:>7}  {:<28} {:<28} {}",
+                "{:>3}  {:<13} {:>10} {:>10.0}  {:>7} {:>7}  {:<28} {:<28} {}",
                 i + 1,
+                c.kind.to_string(),
                 super::secs(c.split.step_s),
                 c.split.samples_per_s,
                 n(Tower::Image),
@@ -309,18 +346,18 @@ impl AutoPlan {
                 c.needs.join(" ")
             );
         }
-        if let Some(dp) = &self.data_parallel {
-            let _ = writeln!(
-                s,
-                "data parallel on all {} devices: {} per step ({:.0} samples/s), memory {}/device{}",
-                dp.ranks,
-                super::secs(dp.step_s),
-                dp.samples_per_s,
-                super::gib(dp.memory.total),
-                if dp.memory.fits { "" } else { " — DOES NOT FIT" }
-            );
+        let best = self.best();
+        for kind in KINDS.iter().filter(|&&k| k != best.kind) {
+            if let Some(c) = self.candidates.iter().find(|c| c.kind == *kind) {
+                let _ = writeln!(
+                    s,
+                    "best {kind}: {} per step, {:.2}x the best {}",
+                    super::secs(c.split.step_s),
+                    c.split.step_s / best.split.step_s,
+                    best.kind
+                );
+            }
         }
-        let best = &self.candidates[0];
         let quote = |v: &[String]| {
             v.iter()
                 .map(|e| format!("\"{e}\""))
@@ -329,7 +366,8 @@ impl AutoPlan {
         };
         let _ = writeln!(
             s,
-            "\nto use the best, put in the topology file:\n[groups]\nimage = [{}]\ntext = [{}]",
+            "\nthe best is {}; to use it, put in the topology file (or keep groups = \"auto\", which trains it):\n[groups]\nimage = [{}]\ntext = [{}]",
+            best.kind,
             quote(&best.image),
             quote(&best.text)
         );

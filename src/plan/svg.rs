@@ -8,6 +8,7 @@ use crate::topology::{Topology, Tower};
 const IMAGE: &str = "#4c78a8";
 const TEXT: &str = "#f58518";
 const NONE: &str = "#bab0ac";
+const BOTH: &str = "#54a24b";
 
 pub fn render(topology: &Topology) -> String {
     const CELL: usize = 34;
@@ -65,8 +66,11 @@ pub fn render(topology: &Topology) -> String {
         for d in 0..node.devices {
             let rank = topology.ranks.iter().find(|r| r.node == n && r.device == d);
             let (fill, label) = match rank {
-                Some(r) if r.tower == Tower::Image => (IMAGE, format!("I{}", r.group_rank)),
-                Some(r) => (TEXT, format!("T{}", r.group_rank)),
+                Some(r) => match (r.role(Tower::Image), r.role(Tower::Text)) {
+                    (Some(i), Some(t)) => (BOTH, format!("{}/{}", i.group_rank, t.group_rank)),
+                    (Some(i), None) => (IMAGE, format!("I{}", i.group_rank)),
+                    (None, _) => (TEXT, format!("T{}", r.roles[0].group_rank)),
+                },
                 None => (NONE, d.to_string()),
             };
             let x = x0 + PAD + (d % 8) * CELL;
@@ -90,6 +94,7 @@ pub fn render(topology: &Topology) -> String {
     for (i, (fill, label)) in [
         (IMAGE, "image group (I = group rank)"),
         (TEXT, "text group (T)"),
+        (BOTH, "both towers (image/text rank)"),
     ]
     .iter()
     .enumerate()

@@ -6,12 +6,23 @@ use candle_core::Tensor;
 use super::{Topology, Tower};
 use crate::error::{Error, Result};
 
+/// One tower a rank holds, and its rows of a world all-gather.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub rank: usize,
+    pub tower: Tower,
+    pub rows: usize,
+}
+
 /// Where each rank's rows sit in the world all-gather, so the gathered tensor can be cut
 /// back into `X` and `Y` in global sample order, and gradients sent back to their owners.
+/// A rank that holds both towers sends its image rows, then its text rows.
 #[derive(Debug, Clone)]
 pub struct FeatureLayout {
-    /// Per global rank: its tower and its number of rows.
-    ranks: Vec<(Tower, usize)>,
+    /// Every rank's parts, in world order (rank by rank, image before text).
+    parts: Vec<Part>,
+    /// Ranks in the world.
+    world: usize,
     image_order: Vec<usize>,
     text_order: Vec<usize>,
 }
@@ -20,18 +31,20 @@ impl FeatureLayout {
     /// Rows per rank for a global batch (or any set of samples) of `total` split evenly
     /// over each group; with `total` not divisible, the first ranks get one more.
     pub fn new(topology: &Topology, total: usize) -> Self {
-        let ranks = topology
+        let parts = topology
             .ranks
             .iter()
-            .map(|r| {
-                (
-                    r.tower,
-                    split_len(total, topology.group_size(r.tower), r.group_rank),
-                )
+            .flat_map(|r| {
+                r.roles.iter().map(move |role| Part {
+                    rank: r.global,
+                    tower: role.tower,
+                    rows: split_len(total, topology.group_size(role.tower), role.group_rank),
+                })
             })
             .collect();
         FeatureLayout {
-            ranks,
+            parts,
+            world: topology.world_size(),
             image_order: topology.group(Tower::Image),
             text_order: topology.group(Tower::Text),
         }
@@ -44,65 +57,93 @@ impl FeatureLayout {
         }
     }
 
-    /// First row of global rank `g` within its modality's global order.
-    pub fn modality_offset(&self, g: usize) -> usize {
-        let (tower, _) = self.ranks[g];
+    /// The index in [`Self::parts`] of rank `g`'s part of `tower`.
+    fn part(&self, g: usize, tower: Tower) -> Option<usize> {
+        self.parts
+            .iter()
+            .position(|p| p.rank == g && p.tower == tower)
+    }
+
+    /// Rows of rank `g`'s part of `tower` (0 when it does not hold the tower).
+    pub fn rows(&self, g: usize, tower: Tower) -> usize {
+        self.part(g, tower).map_or(0, |i| self.parts[i].rows)
+    }
+
+    /// First row of global rank `g`'s `tower` rows within that modality's global order.
+    pub fn modality_offset(&self, g: usize, tower: Tower) -> usize {
         self.order(tower)
             .iter()
             .take_while(|&&r| r != g)
-            .map(|&r| self.ranks[r].1)
+            .map(|&r| self.rows(r, tower))
             .sum()
     }
 
-    /// Per global rank: its tower and its number of rows.
-    pub fn ranks(&self) -> &[(Tower, usize)] {
-        &self.ranks
+    /// Every rank's parts, in world order.
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
     }
 
-    /// The same ranks with other row counts (per global rank): a step that dropped pairs.
+    /// The same parts with other row counts (one per part, in [`Self::parts`]' order): a
+    /// step that dropped pairs.
     pub fn with_rows(&self, rows: &[usize]) -> FeatureLayout {
         FeatureLayout {
-            ranks: self
-                .ranks
+            parts: self
+                .parts
                 .iter()
                 .zip(rows)
-                .map(|(&(tower, _), &r)| (tower, r))
+                .map(|(&p, &rows)| Part { rows, ..p })
                 .collect(),
-            image_order: self.image_order.clone(),
-            text_order: self.text_order.clone(),
+            ..self.clone()
         }
     }
 
-    /// Per global rank: its tower, its first row within its modality, and its rows.
+    /// Per part, in [`Self::parts`]' order: its tower, its first row within its modality,
+    /// and its rows.
     pub fn slices(&self) -> Vec<(Tower, usize, usize)> {
-        (0..self.ranks.len())
-            .map(|g| (self.ranks[g].0, self.modality_offset(g), self.ranks[g].1))
+        self.parts
+            .iter()
+            .map(|p| (p.tower, self.modality_offset(p.rank, p.tower), p.rows))
             .collect()
     }
 
-    /// Rows each global rank contributes to a world collective.
+    /// Rows each global rank contributes to a world collective (all its parts').
     pub fn world_rows(&self) -> Vec<usize> {
-        self.ranks.iter().map(|(_, rows)| *rows).collect()
+        let mut rows = vec![0; self.world];
+        for p in &self.parts {
+            rows[p.rank] += p.rows;
+        }
+        rows
     }
 
-    /// All features of `tower`, in global sample order, from a world all-gather.
-    pub fn select(&self, gathered: &Tensor, tower: Tower) -> Result<Tensor> {
-        let mut starts = Vec::with_capacity(self.ranks.len());
+    /// Where each part's rows start in a world all-gather.
+    fn starts(&self) -> Vec<usize> {
         let mut at = 0;
-        for (_, rows) in &self.ranks {
-            starts.push(at);
-            at += rows;
-        }
-        if gathered.dim(0)? != at {
+        self.parts
+            .iter()
+            .map(|p| {
+                at += p.rows;
+                at - p.rows
+            })
+            .collect()
+    }
+
+    /// All rows of `tower`, in global sample order, from a world all-gather.
+    pub fn select(&self, gathered: &Tensor, tower: Tower) -> Result<Tensor> {
+        let total: usize = self.parts.iter().map(|p| p.rows).sum();
+        if gathered.dim(0)? != total {
             return Err(Error::Msg(format!(
-                "gathered {} feature rows, expected {at}",
+                "gathered {} feature rows, expected {total}",
                 gathered.dim(0)?
             )));
         }
+        let starts = self.starts();
         let parts: Vec<Tensor> = self
             .order(tower)
             .iter()
-            .map(|&g| gathered.narrow(0, starts[g], self.ranks[g].1))
+            .map(|&g| {
+                let i = self.part(g, tower).expect("a group member holds its tower");
+                gathered.narrow(0, starts[i], self.parts[i].rows)
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::cat(&parts, 0)?)
     }

@@ -24,6 +24,10 @@
 //!
 //! Global ranks follow the launcher convention: node by node, device index within a node.
 //! Ranks inside a group follow the order of the group's list.
+//!
+//! A device may be listed in both groups: its rank then holds both towers and runs them
+//! one after the other (plain data parallelism lists every device in both; a hybrid
+//! lists some). Every device must be in at least one group.
 
 pub mod layout;
 
@@ -52,7 +56,8 @@ impl fmt::Display for DeviceKind {
     }
 }
 
-/// The two encoders; each group of ranks trains exactly one of them.
+/// The two encoders; each group of ranks trains one of them (a rank in both groups holds
+/// both).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize,
 )]
@@ -74,6 +79,30 @@ impl Tower {
 impl fmt::Display for Tower {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(self.name())
+    }
+}
+
+/// How the towers share the devices.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayoutKind {
+    /// Every device holds one tower: the image and text groups are disjoint.
+    Split,
+    /// Every device holds both towers (OpenCLIP's layout).
+    DataParallel,
+    /// Some devices hold both towers, the others one.
+    Hybrid,
+}
+
+impl fmt::Display for LayoutKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            LayoutKind::Split => "split",
+            LayoutKind::DataParallel => "data parallel",
+            LayoutKind::Hybrid => "hybrid",
+        })
     }
 }
 
@@ -148,15 +177,39 @@ pub struct Node {
 /// A device, by node index and index on the node.
 pub type DeviceRef = (usize, usize);
 
-/// One rank: a device and the role it plays.
+/// One rank: a device and the towers it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rank {
     pub global: usize,
     pub node: usize,
     pub device: usize,
+    /// The towers this rank holds, image first: one, or both.
+    pub roles: Vec<Role>,
+}
+
+/// A tower a rank holds, and the rank's place in that tower's group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Role {
     pub tower: Tower,
-    /// Position inside its tower's group.
+    /// Position inside the tower's group.
     pub group_rank: usize,
+}
+
+impl Rank {
+    /// This rank's role in `tower`'s group, if it holds that tower.
+    pub fn role(&self, tower: Tower) -> Option<Role> {
+        self.roles.iter().copied().find(|r| r.tower == tower)
+    }
+
+    pub fn holds(&self, tower: Tower) -> bool {
+        self.role(tower).is_some()
+    }
+
+    /// What the rank holds, for messages and tables: "image", "text" or "image+text".
+    pub fn label(&self) -> String {
+        let names: Vec<&str> = self.roles.iter().map(|r| r.tower.name()).collect();
+        names.join("+")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -358,7 +411,8 @@ impl Topology {
         Ok(t)
     }
 
-    /// Fills `ranks` from the groups' entries, each (field name, devices).
+    /// Fills `ranks` from the groups' entries, each (field name, devices). A device may be
+    /// in both groups, but only once in each.
     fn assign(
         &mut self,
         image: &[(String, Vec<DeviceRef>)],
@@ -366,9 +420,9 @@ impl Topology {
     ) -> Result<()> {
         let err = |field: String, msg: String| Error::invalid(&self.source, field, msg);
         let nodes = &self.nodes;
-        // (node, device) -> (tower, group rank, field)
-        let mut owner: Vec<Vec<Option<(Tower, usize, String)>>> =
-            nodes.iter().map(|n| vec![None; n.devices]).collect();
+        // (node, device) -> its roles, each with the field that gave it
+        let mut owner: Vec<Vec<Vec<(Role, String)>>> =
+            nodes.iter().map(|n| vec![Vec::new(); n.devices]).collect();
         for (tower, entries) in [(Tower::Image, image), (Tower::Text, text)] {
             if entries.is_empty() {
                 return Err(err(
@@ -382,29 +436,25 @@ impl Topology {
                     if node >= nodes.len() || d >= nodes[node].devices {
                         return Err(err(field.clone(), format!("no device {d} on node {node}")));
                     }
-                    if let Some((t, _, f)) = &owner[node][d] {
-                        let what = if *t == tower {
-                            "listed twice in"
-                        } else {
-                            "already in"
-                        };
+                    if let Some((_, f)) = owner[node][d].iter().find(|(r, _)| r.tower == tower) {
                         return Err(err(
                             field.clone(),
                             format!(
-                                "device {}:{d} is {what} `{f}`: the groups must not overlap",
+                                "device {}:{d} is listed twice in the {tower} group (first in `{f}`): \
+                                 a device holds at most one replica of a tower",
                                 nodes[node].name
                             ),
                         ));
                     }
-                    owner[node][d] = Some((tower, group_rank, field.clone()));
+                    owner[node][d].push((Role { tower, group_rank }, field.clone()));
                     group_rank += 1;
                 }
             }
         }
         let mut ranks = Vec::new();
         for (n, devs) in owner.iter().enumerate() {
-            for (d, o) in devs.iter().enumerate() {
-                let Some((tower, group_rank, _)) = o else {
+            for (d, roles) in devs.iter().enumerate() {
+                if roles.is_empty() {
                     return Err(err(
                         "groups".into(),
                         format!(
@@ -413,13 +463,12 @@ impl Topology {
                             nodes[n].name
                         ),
                     ));
-                };
+                }
                 ranks.push(Rank {
                     global: ranks.len(),
                     node: n,
                     device: d,
-                    tower: *tower,
-                    group_rank: *group_rank,
+                    roles: roles.iter().map(|(r, _)| *r).collect(),
                 });
             }
         }
@@ -459,13 +508,47 @@ impl Topology {
 
     /// Global ranks of a tower's group, in group-rank order.
     pub fn group(&self, tower: Tower) -> Vec<usize> {
-        let mut members: Vec<&Rank> = self.ranks.iter().filter(|r| r.tower == tower).collect();
-        members.sort_by_key(|r| r.group_rank);
-        members.iter().map(|r| r.global).collect()
+        let mut members: Vec<(usize, usize)> = self
+            .ranks
+            .iter()
+            .filter_map(|r| r.role(tower).map(|role| (role.group_rank, r.global)))
+            .collect();
+        members.sort();
+        members.into_iter().map(|(_, g)| g).collect()
     }
 
     pub fn group_size(&self, tower: Tower) -> usize {
-        self.ranks.iter().filter(|r| r.tower == tower).count()
+        self.ranks.iter().filter(|r| r.holds(tower)).count()
+    }
+
+    /// The groups in words: "2 image + 1 text ranks", "2 ranks, each holding both towers",
+    /// or "3 ranks: image on 3, text on 2 (2 hold both)".
+    pub fn describe_groups(&self) -> String {
+        let (image, text) = (self.group_size(Tower::Image), self.group_size(Tower::Text));
+        match self.layout_kind() {
+            LayoutKind::Split => format!("{image} image + {text} text ranks"),
+            LayoutKind::DataParallel => {
+                format!("{} ranks, each holding both towers", self.world_size())
+            }
+            LayoutKind::Hybrid => format!(
+                "{} ranks: image on {image}, text on {text} ({} hold both)",
+                self.world_size(),
+                self.ranks.iter().filter(|r| r.roles.len() == 2).count()
+            ),
+        }
+    }
+
+    /// What kind of layout the groups make: every device holds one tower (a split),
+    /// every device both (data parallel), or some both (a hybrid).
+    pub fn layout_kind(&self) -> LayoutKind {
+        let both = self.ranks.iter().filter(|r| r.roles.len() == 2).count();
+        if both == 0 {
+            LayoutKind::Split
+        } else if both == self.ranks.len() {
+            LayoutKind::DataParallel
+        } else {
+            LayoutKind::Hybrid
+        }
     }
 
     /// Checks that a global batch gives every rank of both groups at least one sample (it

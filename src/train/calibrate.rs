@@ -96,7 +96,9 @@ struct Lockstep {
 }
 
 /// Runs every rank's tower at once (as [`tower_rate`]) and returns each tower's mean rate
-/// per rank. An `auto` topology is measured half image, half text.
+/// per rank: one thread per device. An `auto` topology, or one whose devices hold both
+/// towers, is measured half image, half text (the threads' contention is then what the
+/// devices' would be; a device running both towers in turn runs each at that rate).
 pub fn calibrate(
     topology: &Topology,
     model: &ClipConfig,
@@ -104,7 +106,8 @@ pub fn calibrate(
     budget: Duration,
 ) -> Result<Calibration> {
     let world = topology.devices().len();
-    let towers: Vec<Tower> = if topology.auto_groups {
+    let shared = topology.ranks.iter().any(|r| r.roles.len() > 1);
+    let towers: Vec<Tower> = if topology.auto_groups || shared {
         (0..world)
             .map(|r| {
                 if r < world.div_ceil(2) {
@@ -115,7 +118,7 @@ pub fn calibrate(
             })
             .collect()
     } else {
-        topology.ranks.iter().map(|r| r.tower).collect()
+        topology.ranks.iter().map(|r| r.roles[0].tower).collect()
     };
     let group_size = |t: Tower| towers.iter().filter(|&&x| x == t).count();
     if group_size(Tower::Image) == 0 || group_size(Tower::Text) == 0 {

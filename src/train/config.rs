@@ -138,6 +138,60 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// What the planner costs for this run on `topology`'s devices: its batch, loss,
+    /// micro-batches, precision, gradient all-reduce dtype and checkpointing, with AdamW
+    /// and the rest as `mmpipe plan` costs them by default (so `groups = "auto"` trains
+    /// what `plan --auto` prints).
+    pub fn cost_options(&self, device: DeviceKind) -> crate::plan::CostOptions {
+        crate::plan::CostOptions {
+            global_batch: self.global_batch,
+            loss: self.loss,
+            micro_batch: self.micro_batch,
+            precision: self.precision_on(device),
+            grad_reduce: self.grad_all_reduce,
+            optimizer: crate::plan::Optimizer::Adamw,
+            checkpointing: self.checkpointing,
+            overlap: true,
+            calibration: None,
+        }
+    }
+
+    /// `topology`'s groups when they are `auto`: the layout `mmpipe plan --auto` picks for
+    /// this run, with the checkpointing and micro-batches it needs to fit put into the
+    /// config. Returns the chosen topology and what was chosen, in words (None when the
+    /// file lists its groups).
+    pub fn choose_groups(
+        &mut self,
+        topology: Topology,
+        model: &ClipConfig,
+    ) -> Result<(Topology, Option<String>)> {
+        if !topology.auto_groups {
+            return Ok((topology, None));
+        }
+        let auto =
+            crate::plan::search::search(&topology, model, &self.cost_options(topology.device), 1)?;
+        let best = auto.best();
+        let chosen = topology.with_groups(&best.image_devices, &best.text_devices)?;
+        self.checkpointing = best.checkpointing;
+        self.micro_batch = best.micro_batch;
+        let needs = if best.needs.is_empty() {
+            String::new()
+        } else {
+            format!(", with {} to fit in memory", best.needs.join(" "))
+        };
+        let words = format!(
+            "{}: groups = \"auto\": training the layout `mmpipe plan --auto` picks, {} ({}), image = [{}], \
+             text = [{}]{needs}; predicted {:.1} ms per step",
+            topology.source.display(),
+            best.kind,
+            chosen.describe_groups(),
+            best.image.join(", "),
+            best.text.join(", "),
+            best.split.step_s * 1e3
+        );
+        Ok((chosen, Some(words)))
+    }
+
     /// The precision on `device`: as set, else bf16 on CUDA and fp32 on the CPU.
     pub fn precision_on(&self, device: DeviceKind) -> Precision {
         self.precision

@@ -19,7 +19,8 @@ use crate::topology::Tower;
 #[derive(Debug, Clone)]
 pub struct RankStep {
     pub rank: usize,
-    pub tower: Tower,
+    /// What the rank holds: "image", "text" or "image+text".
+    pub towers: String,
     pub step: usize,
     pub loss: Option<f64>,
     pub skipped: Option<SkipReason>,
@@ -28,8 +29,8 @@ pub struct RankStep {
     pub logit_bias: f64,
     pub times: PhaseTimes,
     pub bytes: PhaseBytes,
-    /// The tower's gradient norm (group-summed, before clipping).
-    pub grad_norm: f64,
+    /// Each tower's gradient norm (group-summed, before clipping).
+    pub grad_norms: Vec<(Tower, f64)>,
     /// Wall time of the whole step on this rank, data included.
     pub seconds: f64,
     /// Samples this rank could not use in this step's batch.
@@ -42,7 +43,7 @@ pub enum Record {
     /// The run starts after this many steps (a resume's step; 0 for a new run): the file
     /// keeps its lines of earlier steps and drops the rest. World rank 0 sends it first.
     Start(usize),
-    Step(RankStep),
+    Step(Box<RankStep>),
     /// World rank 0's evaluation after this step (0-based).
     Eval(usize, EvalScores),
 }
@@ -90,14 +91,18 @@ fn line(steps: &[RankStep], global_batch: usize) -> serde_json::Value {
             }
             json!({
                 "rank": s.rank,
-                "tower": s.tower.to_string(),
+                "tower": s.towers,
                 "phases": phases,
                 "bytes": {
                     "feature_exchange": s.bytes.exchange,
                     "loss_exchange": s.bytes.loss,
                     "grad_all_reduce": s.bytes.grad_all_reduce,
                 },
-                "grad_norm": s.grad_norm,
+                "grad_norm": s
+                    .grad_norms
+                    .iter()
+                    .map(|(t, n)| (t.to_string(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
                 "samples_skipped": s.samples_skipped,
             })
         })
@@ -208,7 +213,7 @@ impl MetricsFile {
             for record in first.into_iter().chain(rx.iter()) {
                 let s = match record {
                     Record::Start(_) => continue,
-                    Record::Step(s) => s,
+                    Record::Step(s) => *s,
                     Record::Eval(step, scores) => {
                         // After its step's line, which may still wait for slower ranks.
                         if pending.contains_key(&step) {

@@ -29,7 +29,7 @@ use crate::data::Source;
 use crate::error::Result;
 use crate::eval::EvalScores;
 use crate::model::ClipConfig;
-use crate::topology::{Topology, Tower};
+use crate::topology::Topology;
 use metrics::MetricsFile;
 use run::{run_rank, RankInputs, RankOutcome};
 
@@ -59,8 +59,9 @@ pub struct TrainReport {
     pub evals: Vec<(usize, EvalScores)>,
     pub seconds: f64,
     pub samples_per_second: f64,
-    /// Per global rank: its tower and its summed phase times.
-    pub phases: Vec<(Tower, PhaseTimes)>,
+    /// Per global rank: what it holds ("image", "text" or "image+text") and its summed
+    /// phase times.
+    pub phases: Vec<(String, PhaseTimes)>,
     /// Per global rank: its collective payload summed over the steps.
     pub bytes: Vec<PhaseBytes>,
     /// Per global rank: samples it could not use, by cause. Header problems (missing
@@ -170,7 +171,7 @@ pub fn train_ranks(
         phases: phases
             .into_iter()
             .zip(&topology.ranks)
-            .map(|(p, r)| (r.tower, p))
+            .map(|(p, r)| (r.label(), p))
             .collect(),
         bytes,
         skipped: outcomes.iter().map(|o| o.skipped.clone()).collect(),

@@ -38,16 +38,22 @@ impl<'a> Readable<'a> {
 pub struct Pairs {
     /// Where every rank's kept rows sit in the world all-gather.
     pub layout: FeatureLayout,
-    /// This rank's first row in the kept global batch.
+    /// Per tower this rank holds (image first).
+    pub sides: Vec<PairSide>,
+}
+
+/// The kept pairs of one of this rank's slices.
+#[derive(Debug, Clone)]
+pub struct PairSide {
+    /// The slice's first row in the kept global batch.
     pub offset: usize,
-    /// The rows of this rank's slice that are kept; None: all of them.
+    /// The rows of the slice that are kept; None: all of them.
     pub kept: Option<Vec<u32>>,
 }
 
-/// One rank's place in the batch: its tower, and its rows of the global batch.
-pub struct Slice<'a> {
+/// One of a rank's slices of the batch: its tower, and its rows of the global batch.
+pub struct Slice {
     pub tower: Tower,
-    pub layout: &'a FeatureLayout,
     pub offset: usize,
     pub len: usize,
 }
@@ -57,38 +63,45 @@ pub struct Slice<'a> {
 /// its caption both materialised; the image and text ranks must have read the same sample
 /// at every position, or the step stops, naming it. None: fewer than two pairs are left,
 /// and the step has no loss (every rank decides alike, from the same gathered validity).
-pub fn agree_on_pairs(comms: &RankComms, me: &Slice, read: &Readable) -> Result<Option<Pairs>> {
-    let valid = read.valid;
+/// `me` and `reads` hold one entry per tower this rank holds, image first.
+pub fn agree_on_pairs(
+    comms: &RankComms,
+    layout: &FeatureLayout,
+    me: &[Slice],
+    reads: &[Readable],
+) -> Result<Option<Pairs>> {
     // Bit 0: usable; bit 1: a key to compare. Then the key's hash.
-    let mine: Vec<u32> = valid
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &v)| {
+    let mut mine: Vec<u32> = Vec::new();
+    for read in reads {
+        mine.extend(read.valid.iter().enumerate().flat_map(|(i, &v)| {
             let key = read.keys.get(i);
             let hash = key.map_or(0, |k| stable_hash(k.as_bytes()) as u32);
             [u32::from(v) | u32::from(key.is_some()) << 1, hash]
-        })
-        .collect();
-    let mine = Tensor::from_vec(mine, (valid.len(), 2), &Device::Cpu)?;
+        }));
+    }
+    let rows = mine.len() / 2;
+    let mine = Tensor::from_vec(mine, (rows, 2), &Device::Cpu)?;
     let gathered = comms.world.all_gather(&mine)?;
-    let side = |tower| -> Result<Vec<Vec<u32>>> {
-        Ok(me.layout.select(&gathered, tower)?.to_vec2::<u32>()?)
-    };
+    let side =
+        |tower| -> Result<Vec<Vec<u32>>> { Ok(layout.select(&gathered, tower)?.to_vec2::<u32>()?) };
     let (image, text) = (side(Tower::Image)?, side(Tower::Text)?);
     if let Some(at) = (0..image.len())
         .find(|&i| image[i][0] & 2 != 0 && text[i][0] & 2 != 0 && image[i][1] != text[i][1])
     {
-        let here = if (me.offset..me.offset + me.len).contains(&at) {
-            format!(
-                " (this {} rank read `{}`)",
-                me.tower,
-                read.keys[at - me.offset]
-            )
-        } else {
-            String::new()
-        };
+        let here = me
+            .iter()
+            .zip(reads)
+            .find(|(s, _)| (s.offset..s.offset + s.len).contains(&at))
+            .map(|(s, read)| {
+                format!(
+                    " (this rank's {} replica read `{}`)",
+                    s.tower,
+                    read.keys[at - s.offset]
+                )
+            })
+            .unwrap_or_default();
         return Err(Error::Step {
-            step: read.step,
+            step: reads[0].step,
             message: format!(
                 "the image and text ranks read different samples at position {at} of the global \
                  batch (key hashes {:08x} and {:08x}){here}: every rank must read the same shards \
@@ -106,19 +119,25 @@ pub fn agree_on_pairs(comms: &RankComms, me: &Slice, read: &Readable) -> Result<
     if kept(0, pair.len()) < 2 {
         return Ok(None);
     }
-    let rows: Vec<usize> = me
-        .layout
+    let rows: Vec<usize> = layout
         .slices()
         .iter()
         .map(|&(_, from, len)| kept(from, len))
         .collect();
-    let local: Vec<u32> = (0..me.len)
-        .filter(|&i| pair[me.offset + i])
-        .map(|i| i as u32)
+    let sides = me
+        .iter()
+        .map(|s| PairSide {
+            offset: kept(0, s.offset),
+            kept: Some(
+                (0..s.len)
+                    .filter(|&i| pair[s.offset + i])
+                    .map(|i| i as u32)
+                    .collect(),
+            ),
+        })
         .collect();
     Ok(Some(Pairs {
-        layout: me.layout.with_rows(&rows),
-        offset: kept(0, me.offset),
-        kept: Some(local),
+        layout: layout.with_rows(&rows),
+        sides,
     }))
 }

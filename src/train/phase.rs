@@ -141,7 +141,9 @@ impl<'a> PhaseTimer<'a> {
 
     /// Runs `work` as (part of) `phase`, adding its time and bytes to the phase's.
     pub fn time<T>(&mut self, phase: Phase, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        let payload = |c: &RankComms| c.world.payload_bytes() + c.group.payload_bytes();
+        let payload = |c: &RankComms| {
+            c.world.payload_bytes() + c.groups.iter().map(|g| g.comm.payload_bytes()).sum::<u64>()
+        };
         let (started, before) = (Instant::now(), payload(self.comms));
         let out = work()?;
         self.device.synchronize()?;

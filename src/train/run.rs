@@ -20,7 +20,7 @@ use crate::data::{RankSlice, Source};
 use crate::error::{Error, Result};
 use crate::eval::EvalScores;
 use crate::model::{ClipConfig, TowerInput};
-use crate::topology::Topology;
+use crate::topology::{Topology, Tower};
 
 /// What every rank of a process shares: the data, and the metrics file's channel.
 pub(super) struct RankInputs<'a> {
@@ -143,11 +143,13 @@ fn start_point(
         comms,
         cfg.checkpoint_dir.as_deref(),
         resume,
-        trainer.tower,
+        &trainer.towers.iter().map(|t| t.tower).collect::<Vec<_>>(),
         cfg,
         &identity(String::new()),
     )?;
-    trainer.load_part(&dir.join(checkpoints::part_file(trainer.tower)))?;
+    for t in &mut trainer.towers {
+        t.load_part(&dir.join(checkpoints::part_file(t.tower)))?;
+    }
     if comms.world.rank() == 0 {
         tracing::info!("resuming from {} at step {}", dir.display(), state.step);
     }
@@ -167,26 +169,34 @@ pub(super) fn run_rank(
     cfg: &TrainConfig,
     inputs: RankInputs,
 ) -> Result<RankOutcome> {
-    // Set up: the tower (identical on every rank of the group), the resume point, the data.
+    // Set up: the towers (identical on every rank of a group), the resume point, the data
+    // (one pipeline per tower this rank holds).
     let device = crate::comm::device::rank_device(topology, rank)?;
     let mut trainer = RankTrainer::new(topology, rank, model, cfg, DType::F32, &device)?;
-    trainer.attach(comms);
+    trainer.attach(comms)?;
     let identity = |run: String| RunIdentity::new(run, model, &inputs.source.files());
     let (start, run_id) = start_point(comms, &mut trainer, cfg, &identity)?;
     if let (0, Some(tx)) = (rank, &inputs.metrics) {
         let _ = tx.send(Record::Start(start));
     }
     trainer.check_replicas(comms)?;
-    let data = inputs.source.rank_pipeline(
-        RankSlice {
-            tower: trainer.tower,
-            offset: trainer.offset,
-            len: trainer.local_batch,
-            global_batch: cfg.global_batch,
-            start_step: start,
-        },
-        rank == 0,
-    );
+    let data: Vec<_> = trainer
+        .towers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            inputs.source.rank_pipeline(
+                RankSlice {
+                    tower: t.tower,
+                    offset: t.offset,
+                    len: t.local_batch,
+                    global_batch: cfg.global_batch,
+                    start_step: start,
+                },
+                rank == 0 && i == 0,
+            )
+        })
+        .collect();
     let masked = inputs.source.may_fail();
     let bar = (rank == 0 && cfg.progress).then(|| progress_bar(cfg.steps as u64, start as u64));
     let evaluate = |trainer: &RankTrainer, done: usize, bar: Option<&ProgressBar>| {
@@ -215,20 +225,28 @@ pub(super) fn run_rank(
                 saved_at = Some(step);
             }
         }
-        // 2. The batch.
+        // 2. The batch: each tower's slice.
         let step_started = Instant::now();
-        let batch = data.next()?;
+        let batches = data.iter().map(|d| d.next()).collect::<Result<Vec<_>>>()?;
         let data_wait = step_started.elapsed();
-        tally.skipped.merge(&batch.failed);
-        skipped_by_order = batch.skipped_by_order.clone();
+        for batch in &batches {
+            tally.skipped.merge(&batch.failed);
+        }
+        // The order's skips are the same in every pipeline: counted once.
+        skipped_by_order = batches[0].skipped_by_order.clone();
+        let samples_skipped: u64 = batches.iter().map(|b| b.failed.total()).sum();
         // 3. The step.
         let lr = cfg.schedule.lr(step, cfg.lr, cfg.warmup, cfg.steps);
-        let read = Readable {
-            step: batch.step,
-            valid: &batch.valid,
-            keys: &batch.keys,
-        };
-        let outcome = trainer.step(comms, &batch.input, masked.then_some(&read), lr)?;
+        let reads: Vec<Readable> = batches
+            .iter()
+            .map(|batch| Readable {
+                step: batch.step,
+                valid: &batch.valid,
+                keys: &batch.keys,
+            })
+            .collect();
+        let step_inputs: Vec<TowerInput> = batches.iter().map(|b| b.input.clone()).collect();
+        let outcome = trainer.step(comms, &step_inputs, masked.then_some(&reads[..]), lr)?;
         let times = PhaseTimes {
             data_wait,
             ..outcome.times
@@ -238,7 +256,7 @@ pub(super) fn run_rank(
         if let Some(tx) = &inputs.metrics {
             let line = RankStep {
                 rank,
-                tower: trainer.tower,
+                towers: trainer.label(),
                 step,
                 loss: outcome.loss,
                 skipped: outcome.skipped,
@@ -247,12 +265,12 @@ pub(super) fn run_rank(
                 logit_bias: trainer.logit_bias()?,
                 times,
                 bytes: outcome.bytes,
-                grad_norm: outcome.grad_norm,
+                grad_norms: outcome.grad_norms.clone(),
                 seconds,
-                samples_skipped: batch.failed.total(),
+                samples_skipped,
             };
             // The writer only stops if it failed; its error surfaces at the end.
-            let _ = tx.send(Record::Step(line));
+            let _ = tx.send(Record::Step(Box::new(line)));
         }
         tally.record(step, lr, &outcome, &times, seconds)?;
         if let Some(bar) = &bar {
@@ -318,7 +336,10 @@ fn evaluate_and_show(
     let Some(held_out) = inputs.source.held_out() else {
         return Ok(None);
     };
-    let encode = |x: &TowerInput| trainer.encode(x);
+    let encode = |tower: Tower, x: &TowerInput| match trainer.tower(tower) {
+        Some(t) => t.encode(x),
+        None => Err(Error::Msg(format!("this rank holds no {tower} replica"))),
+    };
     let Some(scores) = crate::eval::distributed::evaluate(
         topology,
         rank,

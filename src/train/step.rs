@@ -1,8 +1,13 @@
 //! One rank's training step, top to bottom:
-//! forward own tower → agree on the readable pairs → world all-gather of features → global
-//! loss (own feature gradient, the loss scalars' gradients) → backward with the injected
-//! gradient → sum parameter gradients inside the group → one world flag: every gradient
-//! finite, and whether to stop → AdamW → clamp the temperature.
+//! forward own tower(s) → agree on the readable pairs → world all-gather of features →
+//! global loss (own feature gradients, the loss scalars' gradients) → backward with the
+//! injected gradients → sum parameter gradients inside each tower's group → one world
+//! flag: every gradient finite, and whether to stop → AdamW → clamp the temperature.
+//!
+//! A rank that holds both towers runs each phase for its image replica, then its text
+//! replica, in one thread; what crosses the world (the pairs' agreement, the features,
+//! the loss's gradients and scalars, the flag) goes as one collective for both, so every
+//! rank makes the same world calls whatever it holds.
 //!
 //! With a micro-batch smaller than the rank's slice (GradCache), the forward runs per
 //! micro-batch without keeping activations, the loss runs once on the whole global batch,
@@ -19,23 +24,24 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use super::pairs::{agree_on_pairs, Pairs, Readable, Slice};
+use super::pairs::{agree_on_pairs, PairSide, Pairs, Readable, Slice};
 use super::phase::{Phase, PhaseBytes, PhaseTimer, PhaseTimes};
-use super::trainer::RankTrainer;
-use crate::comm::{all_reduce_sum_sparse_rows, RankComms};
+use super::trainer::{RankTrainer, TowerTrainer};
+use crate::comm::{all_reduce_sum_sparse_rows, Communicator, RankComms};
 use crate::error::{Error, Result};
-use crate::loss::{exchange_features, global_loss, LossOutput, LossScalars};
+use crate::loss::{exchange_features, global_loss, LossOutput, LossScalars, Side};
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
 use crate::model::{TowerInput, LOGIT_SCALE_MAX};
 use crate::topology::Tower;
 
-/// The gradients of one step, before the optimizer: every trainable parameter's (name
-/// order, as [`RankTrainer::trainable`]), summed over the group, and the global loss.
+/// The gradients of one step, before the optimizer: per tower the rank holds (in
+/// [`RankTrainer::towers`]' order), every trainable parameter's (name order, as
+/// [`TowerTrainer::trainable`]) summed over the tower's group; and the global loss.
 #[derive(Debug, Clone)]
 pub struct StepGrads {
     pub loss: f64,
-    /// In the master weights' dtype.
-    pub grads: Vec<Tensor>,
+    /// Per tower, in the master weights' dtype.
+    pub grads: Vec<Vec<Tensor>>,
     /// Bytes of the tower's gradients that backward handed over in the compute dtype (the
     /// bf16 working copies'), before their cast to the master dtype: what the planner's
     /// memory model counts beside `grads`.
@@ -45,10 +51,10 @@ pub struct StepGrads {
     /// Fewer than two pairs of the global batch could be read: no loss, no update (every
     /// rank decides alike, from the same gathered validity).
     pub skipped: bool,
-    /// L2 norm of the tower's group-summed gradients before clipping; NaN or infinite
-    /// when a gradient, the loss's scalars' included, is. One pass serves clipping, the
-    /// NaN check and the metrics.
-    pub grad_norm: f64,
+    /// Per tower: the L2 norm of its group-summed gradients before clipping; NaN or
+    /// infinite when a gradient, the loss's scalars' included, is. One pass serves
+    /// clipping, the NaN check and the metrics.
+    pub grad_norms: Vec<(Tower, f64)>,
 }
 
 /// Why a step made no update (every rank decides alike).
@@ -61,15 +67,15 @@ pub enum SkipReason {
 }
 
 /// What one step did on one rank.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepOutcome {
     /// The global loss; None for a skipped step.
     pub loss: Option<f64>,
     pub skipped: Option<SkipReason>,
     pub times: PhaseTimes,
     pub bytes: PhaseBytes,
-    /// The tower's gradient norm before clipping (NaN when the batch was unreadable).
-    pub grad_norm: f64,
+    /// Per tower: its gradient norm before clipping (NaN when the batch was unreadable).
+    pub grad_norms: Vec<(Tower, f64)>,
     /// Some rank was asked to stop ([`super::request_stop`]): every rank stops after this
     /// step.
     pub stop: bool,
@@ -110,16 +116,18 @@ struct Forward {
 }
 
 impl RankTrainer {
-    /// A whole step: the gradients, one world flag, the update.
+    /// A whole step: the gradients, one world flag, the update. `inputs` and `reads` hold
+    /// one entry per tower of [`Self::towers`].
     pub fn step(
         &mut self,
         comms: &RankComms,
-        input: &TowerInput,
-        read: Option<&Readable>,
+        inputs: &[TowerInput],
+        reads: Option<&[Readable]>,
         lr: f64,
     ) -> Result<StepOutcome> {
-        let mut g = self.compute_grads(comms, input, read)?;
-        let finite = g.skipped || (g.loss.is_finite() && g.grad_norm.is_finite());
+        let mut g = self.compute_grads(comms, inputs, reads)?;
+        let finite =
+            g.skipped || (g.loss.is_finite() && g.grad_norms.iter().all(|(_, n)| n.is_finite()));
         let (all_finite, stop) = agree_on_step(comms, finite)?;
         let skipped = if g.skipped {
             Some(SkipReason::UnreadableBatch)
@@ -134,33 +142,53 @@ impl RankTrainer {
             skipped,
             times: g.times,
             bytes: g.bytes,
-            grad_norm: g.grad_norm,
+            grad_norms: g.grad_norms,
             stop,
         })
     }
 
-    /// Forward, agreement on the pairs, exchange, loss, backward and the group reduction:
+    /// Forward, agreement on the pairs, exchange, loss, backward and the group reductions:
     /// the exact gradient of the global-batch loss for every parameter this rank holds.
-    /// `read` marks this rank's usable samples (and carries their keys, which must match
-    /// the other modality's); the loss is then over the pairs every rank could read, and
-    /// the others get no gradient. None: every sample is usable (no agreement needed).
+    /// `inputs` holds each tower's slice; `reads` marks each tower's usable samples (and
+    /// carries their keys, which must match the other modality's): the loss is then over
+    /// the pairs every rank could read, and the others get no gradient. None: every sample
+    /// is usable (no agreement needed).
     pub fn compute_grads(
         &self,
         comms: &RankComms,
-        input: &TowerInput,
-        read: Option<&Readable>,
+        inputs: &[TowerInput],
+        reads: Option<&[Readable]>,
     ) -> Result<StepGrads> {
-        if input.len()? != self.local_batch {
+        if inputs.len() != self.towers.len() || reads.is_some_and(|r| r.len() != inputs.len()) {
             return Err(Error::Msg(format!(
-                "rank got {} samples, expected its slice of {}",
-                input.len()?,
-                self.local_batch
+                "a rank holding {} got {} inputs: one per tower",
+                self.label(),
+                inputs.len()
             )));
         }
+        for (t, input) in self.towers.iter().zip(inputs) {
+            if input.len()? != t.local_batch {
+                return Err(Error::Msg(format!(
+                    "the {} replica got {} samples, expected its slice of {}",
+                    t.tower,
+                    input.len()?,
+                    t.local_batch
+                )));
+            }
+        }
         let mut timer = PhaseTimer::new(&self.device, comms);
-        let input = &input.to_device(&self.device)?;
-        let forward = timer.time(Phase::Forward, || self.forward(input))?;
-        let Some(pairs) = timer.time(Phase::Exchange, || self.agree_on_pairs(comms, read))? else {
+        let inputs = inputs
+            .iter()
+            .map(|i| i.to_device(&self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let forwards = timer.time(Phase::Forward, || {
+            self.towers
+                .iter()
+                .zip(&inputs)
+                .map(|(t, input)| t.forward(input))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let Some(pairs) = timer.time(Phase::Exchange, || self.agree_on_pairs(comms, reads))? else {
             return Ok(StepGrads {
                 loss: f64::NAN,
                 grads: Vec::new(),
@@ -168,23 +196,38 @@ impl RankTrainer {
                 times: timer.times,
                 bytes: timer.bytes,
                 skipped: true,
-                grad_norm: f64::NAN,
+                grad_norms: self.towers.iter().map(|t| (t.tower, f64::NAN)).collect(),
             });
         };
-        let (mine, other) = timer.time(Phase::Exchange, || {
-            self.exchange(comms, &pairs, &forward.features)
-        })?;
+        let features: Vec<&Tensor> = forwards.iter().map(|f| &f.features).collect();
+        let (mine, others) =
+            timer.time(Phase::Exchange, || self.exchange(comms, &pairs, &features))?;
         let loss = timer.time(Phase::Loss, || {
-            self.loss(comms, &pairs, &mine, &other, &forward.features)
+            self.loss(comms, &pairs, &mine, &others, &features)
         })?;
-        let (tower_grads, backward_grad_bytes) = timer.time(Phase::Backward, || {
-            self.backward(input, forward, &loss.grad)
+        let backward = timer.time(Phase::Backward, || {
+            self.towers
+                .iter()
+                .zip(&inputs)
+                .zip(forwards)
+                .zip(&loss.grads)
+                .map(|(((t, input), forward), grad)| t.backward(input, forward, grad))
+                .collect::<Result<Vec<_>>>()
         })?;
         // Activations and gradients are all alive here: the step's high-water mark.
         crate::comm::device::sample_memory(&self.device);
-        let (grads, grad_norm) = timer.time(Phase::GradAllReduce, || {
-            self.reduce(comms, input, tower_grads, &loss)
+        let backward_grad_bytes = backward.iter().map(|(_, bytes)| bytes).sum();
+        let reduced = timer.time(Phase::GradAllReduce, || {
+            self.towers
+                .iter()
+                .zip(&inputs)
+                .zip(backward)
+                .map(|((t, input), (grads, _))| {
+                    t.reduce(comms.group(t.tower)?.comm.as_ref(), input, grads, &loss)
+                })
+                .collect::<Result<Vec<_>>>()
         })?;
+        let (grads, norms): (Vec<_>, Vec<_>) = reduced.into_iter().unzip();
         Ok(StepGrads {
             loss: loss.loss,
             grads,
@@ -192,13 +235,130 @@ impl RankTrainer {
             times: timer.times,
             bytes: timer.bytes,
             skipped: false,
-            grad_norm,
+            grad_norms: self.towers.iter().map(|t| t.tower).zip(norms).collect(),
         })
     }
 
-    /// Applies gradients (as from [`Self::compute_grads`]) and clamps the temperature.
-    pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<Duration> {
+    /// Applies gradients (as from [`Self::compute_grads`], one list per tower) and clamps
+    /// the temperature.
+    pub fn apply(&mut self, grads: &[Vec<Tensor>], lr: f64) -> Result<Duration> {
         let t = Instant::now();
+        for (tower, grads) in self.towers.iter_mut().zip(grads) {
+            tower.apply(grads, lr)?;
+        }
+        self.device.synchronize()?;
+        Ok(t.elapsed())
+    }
+
+    /// The pairs of the global batch this step trains on: all of them, or those every
+    /// rank could read. None: fewer than two.
+    fn agree_on_pairs(
+        &self,
+        comms: &RankComms,
+        reads: Option<&[Readable]>,
+    ) -> Result<Option<Pairs>> {
+        match reads {
+            None => Ok(Some(Pairs {
+                layout: self.layout.clone(),
+                sides: self
+                    .towers
+                    .iter()
+                    .map(|t| PairSide {
+                        offset: t.offset,
+                        kept: None,
+                    })
+                    .collect(),
+            })),
+            Some(reads) => {
+                let me: Vec<Slice> = self
+                    .towers
+                    .iter()
+                    .map(|t| Slice {
+                        tower: t.tower,
+                        offset: t.offset,
+                        len: t.local_batch,
+                    })
+                    .collect();
+                agree_on_pairs(comms, &self.layout, &me, reads)
+            }
+        }
+    }
+
+    /// The world all-gather of the kept features: this rank's own of each tower it holds
+    /// (detached: the loss's gradient comes back through backward's injection), and per
+    /// tower all features of the other one.
+    fn exchange(
+        &self,
+        comms: &RankComms,
+        pairs: &Pairs,
+        features: &[&Tensor],
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let mine = features
+            .iter()
+            .zip(&pairs.sides)
+            .map(|(features, side)| match &side.kept {
+                Some(rows) => {
+                    let index = Tensor::from_vec(rows.clone(), rows.len(), features.device())?;
+                    Ok(features.detach().index_select(&index, 0)?)
+                }
+                None => Ok(features.detach()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let local = if mine.len() == 1 {
+            mine[0].clone()
+        } else {
+            Tensor::cat(&mine, 0)?
+        };
+        let (image, text) = exchange_features(comms.world.as_ref(), &pairs.layout, &local)?;
+        let others = self
+            .towers
+            .iter()
+            .map(|t| match t.tower {
+                Tower::Image => text.clone(),
+                Tower::Text => image.clone(),
+            })
+            .collect();
+        Ok((mine, others))
+    }
+
+    /// The global loss and this rank's share of its gradient, per tower at every row of
+    /// its slice (zero at the rows that were not kept).
+    fn loss(
+        &self,
+        comms: &RankComms,
+        pairs: &Pairs,
+        mine: &[Tensor],
+        others: &[Tensor],
+        features: &[&Tensor],
+    ) -> Result<LossOutput> {
+        let scalars = LossScalars {
+            logit_scale: self.logit_scale()?,
+            logit_bias: self.logit_bias()?,
+        };
+        let sides: Vec<Side> = mine
+            .iter()
+            .zip(others)
+            .zip(&pairs.sides)
+            .map(|((local, other), side)| Side {
+                local,
+                other,
+                offset: side.offset,
+            })
+            .collect();
+        let mut out = global_loss(comms, &self.loss, &pairs.layout, &sides, scalars)?;
+        for ((grad, side), features) in out.grads.iter_mut().zip(&pairs.sides).zip(features) {
+            if let Some(rows) = &side.kept {
+                let index = Tensor::from_vec(rows.clone(), rows.len(), grad.device())?;
+                *grad = features.detach().zeros_like()?.index_add(&index, grad, 0)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl TowerTrainer {
+    /// Applies this tower's gradients and clamps the temperature.
+    fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.optimizer.step(grads, lr)?;
         if self.logit_scale()? > LOGIT_SCALE_MAX {
             let scale = &self.scalars.scale;
@@ -207,8 +367,7 @@ impl RankTrainer {
                 .to_device(scale.device())?;
             scale.set(&clamped)?;
         }
-        self.device.synchronize()?;
-        Ok(t.elapsed())
+        Ok(())
     }
 
     /// The tower's normalised features: whole, per micro-batch (features only, each
@@ -243,83 +402,6 @@ impl RankTrainer {
             saved,
             accumulated,
         })
-    }
-
-    /// The pairs of the global batch this step trains on: all of them, or those every
-    /// rank could read. None: fewer than two.
-    fn agree_on_pairs(&self, comms: &RankComms, read: Option<&Readable>) -> Result<Option<Pairs>> {
-        match read {
-            None => Ok(Some(Pairs {
-                layout: self.layout.clone(),
-                offset: self.offset,
-                kept: None,
-            })),
-            Some(read) => {
-                let me = Slice {
-                    tower: self.tower,
-                    layout: &self.layout,
-                    offset: self.offset,
-                    len: self.local_batch,
-                };
-                agree_on_pairs(comms, &me, read)
-            }
-        }
-    }
-
-    /// The world all-gather of the kept features: this rank's own (detached: the loss's
-    /// gradient comes back through backward's injection) and the other tower's.
-    fn exchange(
-        &self,
-        comms: &RankComms,
-        pairs: &Pairs,
-        features: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let mine = match &pairs.kept {
-            Some(rows) => {
-                let index = Tensor::from_vec(rows.clone(), rows.len(), features.device())?;
-                features.detach().index_select(&index, 0)?
-            }
-            None => features.detach(),
-        };
-        let (image, text) = exchange_features(comms.world.as_ref(), &pairs.layout, &mine)?;
-        let other = match self.tower {
-            Tower::Image => text,
-            Tower::Text => image,
-        };
-        Ok((mine, other))
-    }
-
-    /// The global loss and this rank's share of its gradient, at every row of its slice
-    /// (zero at the rows that were not kept).
-    fn loss(
-        &self,
-        comms: &RankComms,
-        pairs: &Pairs,
-        mine: &Tensor,
-        other: &Tensor,
-        features: &Tensor,
-    ) -> Result<LossOutput> {
-        let scalars = LossScalars {
-            logit_scale: self.logit_scale()?,
-            logit_bias: self.logit_bias()?,
-        };
-        let mut out = global_loss(
-            comms,
-            &self.loss,
-            &pairs.layout,
-            mine,
-            other,
-            pairs.offset,
-            scalars,
-        )?;
-        if let Some(rows) = &pairs.kept {
-            let index = Tensor::from_vec(rows.clone(), rows.len(), out.grad.device())?;
-            out.grad = features
-                .detach()
-                .zeros_like()?
-                .index_add(&index, &out.grad, 0)?;
-        }
-        Ok(out)
     }
 
     /// Backpropagates ∂L/∂features into the tower (d/dθ Σ features ⊙ g = (∂L/∂features) ·
@@ -387,7 +469,7 @@ impl RankTrainer {
     /// norm before clipping (NaN when any gradient is not finite).
     fn reduce(
         &self,
-        comms: &RankComms,
+        group: &dyn Communicator,
         input: &TowerInput,
         tower_grads: Vec<Tensor>,
         loss: &LossOutput,
@@ -397,7 +479,7 @@ impl RankTrainer {
             .into_iter()
             .map(|g| g.to_dtype(self.grad_reduce))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut reduced = all_reduce_sum_sparse_rows(comms.group.as_ref(), &local, &sparse)?
+        let mut reduced = all_reduce_sum_sparse_rows(group, &local, &sparse)?
             .into_iter()
             .map(|g| g.to_dtype(self.master))
             .collect::<candle_core::Result<Vec<_>>>()?;

@@ -1,6 +1,10 @@
-//! One rank's trainer: its tower's replica (master weights and, under mixed precision,
-//! their working copies), the loss's scalars, the optimizer, and its place in the global
-//! batch. The step itself is in [`super::step`].
+//! One rank's trainer: a replica of each tower it holds ([`TowerTrainer`]: master weights
+//! and, under mixed precision, their working copies, the loss's scalars, the optimizer,
+//! and its place in the global batch). The step itself is in [`super::step`].
+//!
+//! A rank that holds both towers keeps the loss's scalars twice, once beside each tower:
+//! both copies get the same gradient (summed over the world) and the same update, so they
+//! stay bit-identical, and each tower's checkpoint part stays whole on its own.
 
 use std::sync::Arc;
 
@@ -8,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::TrainConfig;
 use super::optim::{AdamW, AdamWConfig};
-use crate::comm::{Communicator, RankComms, SparseRows};
+use crate::comm::{Communicator, GroupComms, RankComms, SparseRows};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
@@ -18,7 +22,7 @@ use crate::model::{
     checkpoint, loss_scalars, ClipConfig, Encoder, LossScalarVars, ParamBuilder, Params, TowerInput,
 };
 use crate::topology::layout::{split_len, split_offset, FeatureLayout};
-use crate::topology::{Topology, Tower};
+use crate::topology::{Role, Topology, Tower};
 
 /// Bytes a rank keeps from step to step ([`RankTrainer::state_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +42,18 @@ impl StatsReducer for GroupStats {
     }
 }
 
+/// One rank's replicas: one per tower it holds, image first.
 pub struct RankTrainer {
+    pub towers: Vec<TowerTrainer>,
+    /// Where this rank's weights live and its steps run.
+    pub(super) device: Device,
+    pub(super) loss: LossConfig,
+    /// Where every rank's rows sit in the world all-gather.
+    pub(super) layout: FeatureLayout,
+}
+
+/// A replica of one tower on a rank.
+pub struct TowerTrainer {
     pub tower: Tower,
     /// Where this rank's weights live and its steps run.
     pub(super) device: Device,
@@ -63,20 +78,18 @@ pub struct RankTrainer {
     pub(super) sync_batch_norm: bool,
     /// The loss's temperature and bias: how they were built says they are not the tower's.
     pub(super) scalars: LossScalarVars,
-    pub(super) loss: LossConfig,
     /// Samples per forward pass when smaller than the local batch (GradCache).
     pub(super) micro_batch: Option<usize>,
     pub(super) grad_clip: Option<f64>,
     pub(super) optimizer: AdamW,
-    pub(super) layout: FeatureLayout,
     /// This rank's rows of the global batch.
     pub offset: usize,
     pub local_batch: usize,
 }
 
 impl RankTrainer {
-    /// Builds the tower for `global_rank`. Every rank of a group draws the same weights from
-    /// the same seed (and the same as a single-device model with that seed would).
+    /// Builds the towers `global_rank` holds. Every rank of a group draws the same weights
+    /// from the same seed (and the same as a single-device model with that seed would).
     pub fn new(
         topology: &Topology,
         global_rank: usize,
@@ -85,11 +98,89 @@ impl RankTrainer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let rank = &topology.ranks[global_rank];
+        let towers = topology.ranks[global_rank]
+            .roles
+            .iter()
+            .map(|role| TowerTrainer::new(topology, *role, model, cfg, dtype, device))
+            .collect::<Result<_>>()?;
+        Ok(RankTrainer {
+            towers,
+            device: device.clone(),
+            loss: cfg.loss,
+            layout: FeatureLayout::new(topology, cfg.global_batch),
+        })
+    }
+
+    /// This rank's replica of `tower`, if it holds one.
+    pub fn tower(&self, tower: Tower) -> Option<&TowerTrainer> {
+        self.towers.iter().find(|t| t.tower == tower)
+    }
+
+    /// What the rank holds: "image", "text" or "image+text".
+    pub fn label(&self) -> String {
+        let names: Vec<&str> = self.towers.iter().map(|t| t.tower.name()).collect();
+        names.join("+")
+    }
+
+    /// Bytes this rank keeps across steps, over its towers.
+    pub fn state_bytes(&self) -> StateBytes {
+        self.towers.iter().fold(
+            StateBytes {
+                weights: 0,
+                optimizer: 0,
+            },
+            |acc, t| {
+                let b = t.state_bytes();
+                StateBytes {
+                    weights: acc.weights + b.weights,
+                    optimizer: acc.optimizer + b.optimizer,
+                }
+            },
+        )
+    }
+
+    /// Connects what each tower reduces inside its own passes to that tower's group.
+    /// Call once, before training.
+    pub fn attach(&mut self, comms: &RankComms) -> Result<()> {
+        for t in &mut self.towers {
+            t.attach(comms.group(t.tower)?);
+        }
+        Ok(())
+    }
+
+    /// The loss's temperature `t` (the same in every replica).
+    pub fn logit_scale(&self) -> Result<f64> {
+        self.towers[0].logit_scale()
+    }
+
+    /// SigLIP's logit bias (0 for a loss without one).
+    pub fn logit_bias(&self) -> Result<f64> {
+        self.towers[0].logit_bias()
+    }
+
+    /// Checks every tower's replicas against the rest of its group.
+    pub fn check_replicas(&self, comms: &RankComms) -> Result<()> {
+        for t in &self.towers {
+            t.check_replicas(comms.group(t.tower)?.comm.as_ref())?;
+        }
+        Ok(())
+    }
+}
+
+impl TowerTrainer {
+    /// Builds one tower's replica for the rank with `role` in its group.
+    fn new(
+        topology: &Topology,
+        role: Role,
+        model: &ClipConfig,
+        cfg: &TrainConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         // `dtype` is the master weights'; the tower computes in the precision's dtype.
         let compute = cfg.precision_on(topology.device).compute_dtype(dtype);
         let pb = ParamBuilder::mixed(cfg.seed, compute, dtype, device);
-        let encoder = Encoder::new(&pb, model, rank.tower)?;
+        let encoder = Encoder::new(&pb, model, role.tower)?;
         // Everything built so far is the tower's: what `Encoder::new` registered.
         let tower_masters = pb.masters();
         // The loss reads its scalars in full precision: no working copies.
@@ -100,11 +191,11 @@ impl RankTrainer {
         )?;
         let params = pb.masters();
         let working = pb.params();
-        if let (Tower::Text, Some(dir)) = (rank.tower, &model.pretrained_text) {
+        if let (Tower::Text, Some(dir)) = (role.tower, &model.pretrained_text) {
             checkpoint::load_hf_bert(&params, &dir.join("model.safetensors"))?;
             params.write_working_copies(&working)?;
         }
-        let locked = model.is_locked(rank.tower);
+        let locked = model.is_locked(role.tower);
         let trainable = if locked {
             params.without(&tower_masters)
         } else {
@@ -112,11 +203,11 @@ impl RankTrainer {
         };
         // The working variables of the trained tower parameters, in `trainable`'s order.
         let tower_working = working.filter(|n| !locked && tower_masters.get(n).is_some());
-        let size = topology.group_size(rank.tower);
-        let local_batch = split_len(cfg.global_batch, size, rank.group_rank);
+        let size = topology.group_size(role.tower);
+        let local_batch = split_len(cfg.global_batch, size, role.group_rank);
         let micro_batch = cfg
             .micro_batch
-            .of(rank.tower)
+            .of(role.tower)
             .filter(|&m| m < local_batch && !locked);
         let optimizer = AdamW::with_working_copies(
             &trainable,
@@ -128,8 +219,8 @@ impl RankTrainer {
                 weight_decay: cfg.weight_decay,
             },
         )?;
-        Ok(RankTrainer {
-            tower: rank.tower,
+        Ok(TowerTrainer {
+            tower: role.tower,
             device: device.clone(),
             encoder,
             params,
@@ -140,19 +231,17 @@ impl RankTrainer {
             grad_reduce: cfg.grad_all_reduce.dtype(dtype),
             locked,
             checkpointing: cfg.checkpointing,
-            sync_batch_norm: model.sync_batch_norm() && rank.tower == Tower::Image,
+            sync_batch_norm: model.sync_batch_norm() && role.tower == Tower::Image,
             scalars,
-            loss: cfg.loss,
             micro_batch,
             grad_clip: cfg.grad_clip,
             optimizer,
-            layout: FeatureLayout::new(topology, cfg.global_batch),
-            offset: split_offset(cfg.global_batch, size, rank.group_rank),
+            offset: split_offset(cfg.global_batch, size, role.group_rank),
             local_batch,
         })
     }
 
-    /// Every parameter this rank holds: the master weights.
+    /// Every parameter of this replica: the master weights.
     pub fn params(&self) -> &Params {
         &self.params
     }
@@ -172,12 +261,12 @@ impl RankTrainer {
         }
     }
 
-    /// Connects what the model reduces inside its own passes to this rank's group (today:
-    /// synchronised batch norm, when the model asks for it). Call once, before training.
-    pub fn attach(&mut self, comms: &RankComms) {
+    /// Connects what the model reduces inside its own passes to the tower's group (today:
+    /// synchronised batch norm, when the model asks for it).
+    fn attach(&mut self, group: &GroupComms) {
         if self.sync_batch_norm {
             self.encoder
-                .set_stats_reducer(Arc::new(GroupStats(comms.group_stats.clone())));
+                .set_stats_reducer(Arc::new(GroupStats(group.stats.clone())));
         }
     }
 
@@ -294,7 +383,7 @@ impl RankTrainer {
 
     /// Checks that every rank of the group holds bit-identical weights (one checksum per
     /// parameter, all-gathered): data parallelism is only exact if the replicas agree.
-    pub fn check_replicas(&self, comms: &RankComms) -> Result<()> {
+    pub fn check_replicas(&self, group: &dyn Communicator) -> Result<()> {
         let sums: Vec<f64> = self
             .params
             .iter()
@@ -307,7 +396,7 @@ impl RankTrainer {
             .collect::<Result<_>>()?;
         let n = sums.len();
         let mine = Tensor::from_vec(sums, (1, n), &Device::Cpu)?;
-        let all: Vec<Vec<f64>> = comms.group.all_gather(&mine)?.to_vec2()?;
+        let all: Vec<Vec<f64>> = group.all_gather(&mine)?.to_vec2()?;
         for (rank, row) in all.iter().enumerate() {
             if let Some(i) = (0..n).find(|&i| row[i].to_bits() != all[0][i].to_bits()) {
                 return Err(Error::Msg(format!(

@@ -30,17 +30,17 @@ fn plan_prints_every_rank_and_the_bytes() {
 fn a_broken_topology_fails_with_file_and_field() {
     let dir = std::env::temp_dir().join(format!("mmpipe-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("overlap.toml");
+    let path = dir.join("twice.toml");
     std::fs::write(
         &path,
-        "device = \"cpu\"\n[[nodes]]\nname = \"h\"\ndevices = 2\n[groups]\nimage = [\"h:0-1\"]\ntext = [\"h:1\"]\n",
+        "device = \"cpu\"\n[[nodes]]\nname = \"h\"\ndevices = 2\n[groups]\nimage = [\"h:0-1\"]\ntext = [\"h:1\", \"h:1\"]\n",
     )
     .unwrap();
     let out = mmpipe(&["plan", "--topology", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("overlap.toml") && stderr.contains("groups.text[0]"),
+        stderr.contains("twice.toml") && stderr.contains("groups.text[1]"),
         "{stderr}"
     );
 }
@@ -1042,4 +1042,153 @@ fn a_rank_stuck_outside_a_collective_ends_the_run_naming_it() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The step losses a `--metrics` file recorded, in order.
+fn metric_losses(path: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_none())
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// `mmpipe train --topology topology/cpu-dp2.toml` (two ranks, each holding both towers)
+/// gives cpu-1x1's losses step by step, up to float rounding; so does a hybrid (image on
+/// three ranks, text on two of them), with an uneven batch, the gather-scatter scheme
+/// and micro-batches. The metrics lines say what each rank holds.
+#[test]
+fn data_parallel_and_hybrid_topologies_train_like_one_device_from_the_cli() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-cli-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hybrid = dir.join("hybrid.toml");
+    std::fs::write(
+        &hybrid,
+        "device = \"cpu\"\n[[nodes]]\nname = \"h\"\ndevices = 3\n[groups]\nimage = [\"h:0-2\"]\ntext = [\"h:1-2\"]\n",
+    )
+    .unwrap();
+    let run = |topology: &str, name: &str, extra: &[&str]| {
+        let metrics = dir.join(format!("{name}.jsonl"));
+        let mut args = vec![
+            "train",
+            "--topology",
+            topology,
+            "--steps",
+            "8",
+            "--batch",
+            "11",
+            "--eval-pairs",
+            "0",
+            "--quiet",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = mmpipe(&args);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        (metric_losses(&metrics), text(&out.stdout), metrics)
+    };
+    let close = |a: &[f64], b: &[f64], label: &str| {
+        assert_eq!(a.len(), 8, "{label}");
+        for (step, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs(),
+                "{label} step {step}: {x} vs one device's {y}"
+            );
+        }
+    };
+    let (one, _, _) = run("topology/cpu-1x1.toml", "one", &[]);
+    let (dp, stdout, metrics) = run("topology/cpu-dp2.toml", "dp2", &[]);
+    close(&dp, &one, "cpu-dp2");
+    assert!(
+        stdout.contains("2 ranks, each holding both towers"),
+        "{stdout}"
+    );
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for r in line["ranks"].as_array().unwrap() {
+        assert_eq!(r["tower"], "image+text", "{r}");
+        for tower in ["image", "text"] {
+            assert!(r["grad_norm"][tower].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    let flags = [
+        "--exchange",
+        "gather-scatter",
+        "--micro-batch-image",
+        "2",
+        "--micro-batch-text",
+        "2",
+    ];
+    let (one, _, _) = run("topology/cpu-1x1.toml", "one-gs", &flags);
+    let (mixed, stdout, _) = run(hybrid.to_str().unwrap(), "hybrid", &flags);
+    close(&mixed, &one, "hybrid");
+    assert!(
+        stdout.contains("image on 3, text on 2 (2 hold both)"),
+        "{stdout}"
+    );
+}
+
+/// `groups = "auto"` trains the layout `plan --auto` prints as the best: the same groups,
+/// and losses like one device's.
+#[test]
+fn auto_groups_train_the_layout_plan_auto_chooses() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-cli-auto-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let topology = dir.join("auto.toml");
+    std::fs::write(
+        &topology,
+        "device = \"cpu\"\ngroups = \"auto\"\n[device_kinds.core]\ntflops = 0.02\nmemory_gib = 4.0\n\
+         [links]\nintra_node_gbps = 4.0\nintra_node_latency_us = 20.0\ninter_node_gbps = 4.0\n\
+         inter_node_latency_us = 20.0\n[[nodes]]\nname = \"h\"\ndevices = 3\n",
+    )
+    .unwrap();
+    let path = topology.to_str().unwrap();
+    let out = mmpipe(&["plan", "--auto", "--topology", path, "--batch", "12"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan = text(&out.stdout);
+    let line = |s: &str, key: &str| {
+        s.lines()
+            .skip_while(|l| !l.starts_with("[groups]"))
+            .find(|l| l.starts_with(key))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no `{key}` in {s}"))
+    };
+    let (image, txt) = (line(&plan, "image = "), line(&plan, "text = "));
+    let metrics = dir.join("auto.jsonl");
+    let out = mmpipe(&[
+        "train",
+        "--topology",
+        path,
+        "--batch",
+        "12",
+        "--steps",
+        "3",
+        "--eval-pairs",
+        "0",
+        "--quiet",
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let chosen = stdout
+        .lines()
+        .find(|l| l.contains("groups = \"auto\": training the layout"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    // The plan writes `image = ["h:0-2"]`, the run `image = [h:0-2]`.
+    let bare = |l: &str| l.replace('"', "");
+    assert!(chosen.contains(&bare(&image)), "{chosen} vs {image}");
+    assert!(chosen.contains(&bare(&txt)), "{chosen} vs {txt}");
+    assert_eq!(metric_losses(&metrics).len(), 3);
 }

@@ -31,6 +31,19 @@ pub fn cpu_topology(image: usize, text: usize) -> Topology {
     Topology::from_str(&text_toml, Path::new(&format!("cpu-{image}x{text}.toml"))).unwrap()
 }
 
+/// `devices` CPU ranks on one host with the groups as listed ("0-2", "1-2"): devices may
+/// be in both groups (data parallel, hybrids).
+pub fn cpu_layout(devices: usize, image: &str, text: &str) -> Topology {
+    let text_toml = format!(
+        "device = \"cpu\"\n[[nodes]]\nname = \"host\"\ndevices = {devices}\n[groups]\nimage = [\"host:{image}\"]\ntext = [\"host:{text}\"]\n"
+    );
+    Topology::from_str(
+        &text_toml,
+        Path::new(&format!("cpu-{devices}-image{image}-text{text}.toml")),
+    )
+    .unwrap()
+}
+
 pub fn train_config(global_batch: usize) -> TrainConfig {
     TrainConfig {
         seed: 7,

@@ -229,6 +229,8 @@ fn keys_per_rank(
         .ranks
         .iter()
         .map(|r| {
+            // A split: every rank holds one tower.
+            let r = r.roles[0];
             let size = topology.group_size(r.tower);
             let offset = mmpipe::topology::layout::split_offset(global_batch, size, r.group_rank);
             let len = mmpipe::topology::layout::split_len(global_batch, size, r.group_rank);
@@ -506,21 +508,31 @@ fn a_step_without_an_unreadable_pair_equals_one_device_on_the_rest() {
     let topology = cpu_topology(2, 1);
     let runs = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
         let trainer = RankTrainer::new(&topology, rank, &model, &cfg, DType::F64, &Device::Cpu)?;
-        let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
-        let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+        let indices = batch_indices(
+            0,
+            12,
+            trainer.towers[0].offset,
+            trainer.towers[0].local_batch,
+        );
+        let input = source.tower_input(
+            trainer.towers[0].tower,
+            Stream::Train,
+            &indices,
+            &Device::Cpu,
+        )?;
         let valid: Vec<bool> = indices.iter().map(|&i| i != dropped).collect();
         let g = trainer.compute_grads(
             &comms,
-            &input,
-            Some(&mmpipe::train::Readable::valid_only(&valid)),
+            std::slice::from_ref(&input),
+            Some(&[mmpipe::train::Readable::valid_only(&valid)]),
         )?;
-        let names: Vec<String> = trainer
+        let names: Vec<String> = trainer.towers[0]
             .trainable()
             .names()
             .iter()
             .map(|s| s.to_string())
             .collect();
-        Ok((g.loss, names, g.grads))
+        Ok((g.loss, names, g.grads.concat()))
     })
     .unwrap();
     for (rank, (loss, names, grads)) in runs.iter().enumerate() {
@@ -553,8 +565,18 @@ fn image_and_text_ranks_that_read_different_samples_stop_at_that_step() {
         let results = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
             let trainer =
                 RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-            let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
-            let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+            let indices = batch_indices(
+                0,
+                12,
+                trainer.towers[0].offset,
+                trainer.towers[0].local_batch,
+            );
+            let input = source.tower_input(
+                trainer.towers[0].tower,
+                Stream::Train,
+                &indices,
+                &Device::Cpu,
+            )?;
             let valid = vec![true; indices.len()];
             // The text rank reads sample 7 from another shard.
             let keys: Vec<String> = indices
@@ -570,7 +592,7 @@ fn image_and_text_ranks_that_read_different_samples_stop_at_that_step() {
                 keys: &keys,
             };
             Ok(trainer
-                .compute_grads(&comms, &input, Some(&read))
+                .compute_grads(&comms, std::slice::from_ref(&input), Some(&[read]))
                 .map(|g| g.loss)
                 .map_err(|e| e.to_string()))
         })
@@ -991,9 +1013,19 @@ fn a_batch_with_fewer_than_two_readable_pairs_is_skipped_on_every_rank() {
     let outcomes = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
         let mut trainer =
             RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-        let indices = batch_indices(0, 6, trainer.offset, trainer.local_batch);
-        let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
-        let before = trainer
+        let indices = batch_indices(
+            0,
+            6,
+            trainer.towers[0].offset,
+            trainer.towers[0].local_batch,
+        );
+        let input = source.tower_input(
+            trainer.towers[0].tower,
+            Stream::Train,
+            &indices,
+            &Device::Cpu,
+        )?;
+        let before = trainer.towers[0]
             .params()
             .get("logit_scale")
             .unwrap()
@@ -1002,15 +1034,15 @@ fn a_batch_with_fewer_than_two_readable_pairs_is_skipped_on_every_rank() {
         // Only sample 4's image is readable on the image rank; every caption is.
         let valid: Vec<bool> = indices
             .iter()
-            .map(|&i| trainer.tower == Tower::Text || i == 4)
+            .map(|&i| trainer.towers[0].tower == Tower::Text || i == 4)
             .collect();
         let outcome = trainer.step(
             &comms,
-            &input,
-            Some(&mmpipe::train::Readable::valid_only(&valid)),
+            std::slice::from_ref(&input),
+            Some(&[mmpipe::train::Readable::valid_only(&valid)]),
             1e-2,
         )?;
-        let after = trainer
+        let after = trainer.towers[0]
             .params()
             .get("logit_scale")
             .unwrap()

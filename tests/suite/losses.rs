@@ -6,10 +6,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
 use mmpipe::loss::{
     clip_loss_reference, global_loss, siglip_loss_reference, Exchange, LossConfig, LossKind,
-    LossScalars, TileSize,
+    LossScalars, Side, TileSize,
 };
 use mmpipe::topology::layout::{split_len, split_offset, FeatureLayout};
-use mmpipe::topology::Tower;
+use mmpipe::topology::{Topology, Tower};
 
 use super::common::{cpu_topology, fixed_values, scalar, worst_violation, Relative};
 
@@ -64,44 +64,73 @@ fn reference(kind: LossKind, scalars: LossScalars, dtype: DType) -> Expected {
     }
 }
 
-/// Every rank's (tower, offset, loss, feature gradient, ∂t, ∂β).
+/// Every rank's (tower, offset, loss, feature gradient, ∂t, ∂β), one entry per tower it
+/// holds.
 fn split(
-    image: usize,
-    text: usize,
+    topology: &Topology,
     cfg: LossConfig,
     scalars: LossScalars,
     dtype: DType,
 ) -> Vec<(Tower, usize, f64, Tensor, f64, f64)> {
-    let topology = cpu_topology(image, text);
-    let layout = FeatureLayout::new(&topology, BATCH);
-    run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
-        let r = &topology.ranks[rank];
-        let size = topology.group_size(r.tower);
-        let (offset, len) = (
-            split_offset(BATCH, size, r.group_rank),
-            split_len(BATCH, size, r.group_rank),
-        );
-        let all = match r.tower {
-            Tower::Image => features(0.3, dtype),
-            Tower::Text => features(1.7, dtype),
-        };
-        let local = all.narrow(0, offset, len)?;
-        let (x, y) = mmpipe::loss::exchange_features(comms.world.as_ref(), &layout, &local)?;
-        let other = match r.tower {
-            Tower::Image => y,
-            Tower::Text => x,
-        };
-        let out = global_loss(&comms, &cfg, &layout, &local, &other, offset, scalars)?;
-        Ok((
-            r.tower,
-            offset,
-            out.loss,
-            out.grad,
-            out.grad_logit_scale,
-            out.grad_logit_bias,
-        ))
+    let layout = FeatureLayout::new(topology, BATCH);
+    let per_rank = run_ranks(topology, DEFAULT_TIMEOUT, |rank, comms| {
+        let roles = &topology.ranks[rank].roles;
+        let mut locals = Vec::new();
+        let mut offsets = Vec::new();
+        for role in roles {
+            let size = topology.group_size(role.tower);
+            let (offset, len) = (
+                split_offset(BATCH, size, role.group_rank),
+                split_len(BATCH, size, role.group_rank),
+            );
+            let all = match role.tower {
+                Tower::Image => features(0.3, dtype),
+                Tower::Text => features(1.7, dtype),
+            };
+            locals.push(all.narrow(0, offset, len)?);
+            offsets.push(offset);
+        }
+        let (x, y) = mmpipe::loss::exchange_features(
+            comms.world.as_ref(),
+            &layout,
+            &Tensor::cat(&locals, 0)?,
+        )?;
+        let others: Vec<Tensor> = roles
+            .iter()
+            .map(|role| match role.tower {
+                Tower::Image => y.clone(),
+                Tower::Text => x.clone(),
+            })
+            .collect();
+        let sides: Vec<Side> = locals
+            .iter()
+            .zip(&others)
+            .zip(&offsets)
+            .map(|((local, other), &offset)| Side {
+                local,
+                other,
+                offset,
+            })
+            .collect();
+        let out = global_loss(&comms, &cfg, &layout, &sides, scalars)?;
+        Ok(roles
+            .iter()
+            .zip(offsets)
+            .zip(out.grads)
+            .map(|((role, offset), grad)| {
+                (
+                    role.tower,
+                    offset,
+                    out.loss,
+                    grad,
+                    out.grad_logit_scale,
+                    out.grad_logit_bias,
+                )
+            })
+            .collect::<Vec<_>>())
     })
-    .unwrap()
+    .unwrap();
+    per_rank.into_iter().flatten().collect()
 }
 
 fn scalars_for(kind: LossKind) -> LossScalars {
@@ -127,13 +156,24 @@ fn check(kind: LossKind, exchange: Exchange, tile: TileSize, dtype: DType) {
         tile,
         ..LossConfig::default()
     };
-    for (image, text) in TOPOLOGIES {
-        let label = format!("{kind} {exchange} tile {tile} {image}x{text} {dtype:?}");
+    let splits = TOPOLOGIES
+        .iter()
+        .map(|&(image, text)| (format!("{image}x{text}"), cpu_topology(image, text)));
+    // Devices holding both towers: data parallel on 2 and 3 ranks, and a hybrid.
+    let shared = [(2, "0-1", "0-1"), (3, "0-2", "0-2"), (3, "0-2", "1-2")]
+        .into_iter()
+        .map(|(devices, image, text)| {
+            (
+                format!("{devices} devices, image {image}, text {text}"),
+                super::common::cpu_layout(devices, image, text),
+            )
+        });
+    for (name, topology) in splits.chain(shared) {
+        let label = format!("{kind} {exchange} tile {tile} {name} {dtype:?}");
         let close = |a: f64, b: f64| (a - b).abs() <= abs + rel * b.abs();
-        for (rank, (tower, offset, loss, grad, dt, dbias)) in
-            split(image, text, cfg, scalars, dtype)
-                .into_iter()
-                .enumerate()
+        for (rank, (tower, offset, loss, grad, dt, dbias)) in split(&topology, cfg, scalars, dtype)
+            .into_iter()
+            .enumerate()
         {
             assert!(
                 close(loss, want.loss),

@@ -124,7 +124,7 @@ fn launch_script_trains_over_mpi_like_the_thread_run() {
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    assert!(stdout.contains("rank processes (MPI)"), "{stdout}");
+    assert!(stdout.contains("as processes (MPI)"), "{stdout}");
     let (a, b) = (losses(&threads), losses(&processes));
     assert_eq!(a.len(), 20);
     assert_eq!(a, b, "thread run vs MPI processes");
@@ -315,4 +315,65 @@ fn ranks_that_see_different_saves_stop_naming_them() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Layouts whose processes hold both towers over MPI: each process joins the world and
+/// the group of every tower it holds (split with the file's group order as the key).
+/// cpu-dp2 on two processes and a hybrid on three (image on all, text on the last two,
+/// listed out of world order) give their thread runs' losses bit for bit.
+#[test]
+fn data_parallel_and_hybrid_layouts_train_over_mpi_like_their_thread_runs() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-mpi-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hybrid = dir.join("hybrid.toml");
+    std::fs::write(
+        &hybrid,
+        "device = \"cpu\"\n[[nodes]]\nname = \"h\"\ndevices = 3\n[groups]\nimage = [\"h:0-2\"]\ntext = [\"h:2\", \"h:1\"]\n",
+    )
+    .unwrap();
+    for (topology, ranks) in [("topology/cpu-dp2.toml", 2), (hybrid.to_str().unwrap(), 3)] {
+        let common = [
+            "train",
+            "--topology",
+            topology,
+            "--steps",
+            "6",
+            "--batch",
+            "11",
+            "--eval-pairs",
+            "0",
+            "--quiet",
+        ];
+        let threads = dir.join("threads.jsonl");
+        let out = Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+            .args(common)
+            .args(["--metrics", threads.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let hosts = dir.join("hosts.txt");
+        std::fs::write(&hosts, format!("localhost slots={ranks}\n")).unwrap();
+        let processes = dir.join("processes.jsonl");
+        let out = Command::new("bash")
+            .args([
+                "scripts/launch.sh",
+                "--hostfile",
+                hosts.to_str().unwrap(),
+                "--backend",
+                "mpi",
+                "--",
+            ])
+            .arg(env!("CARGO_BIN_EXE_mmpipe"))
+            .args(common)
+            .args(["--metrics", processes.to_str().unwrap()])
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+        let (a, b) = (losses(&threads), losses(&processes));
+        assert_eq!(a.len(), 6, "{topology}");
+        assert_eq!(a, b, "{topology}: thread run vs MPI processes");
+    }
 }

@@ -9,7 +9,7 @@ use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
 use mmpipe::data::{Stream, SyntheticSource};
 use mmpipe::loss::{Exchange, LossConfig, LossKind, TileSize};
 use mmpipe::model::{ClipConfig, LOGIT_SCALE_MAX};
-use mmpipe::topology::Tower;
+use mmpipe::topology::{Topology, Tower};
 use mmpipe::train::config::MicroBatch;
 use mmpipe::train::optim::{AdamW, AdamWConfig};
 use mmpipe::train::{RankTrainer, TrainConfig};
@@ -153,16 +153,32 @@ pub(super) fn split_run_on(
     cfg: &TrainConfig,
     dtype: DType,
 ) -> Vec<Run> {
-    let topology = cpu_topology(image, text);
+    layout_run_on(device, model, &cpu_topology(image, text), cfg, dtype)
+}
+
+/// One `Run` per rank of `topology` (any layout: a rank holding both towers trains both
+/// in its one thread), each with the parameters that rank holds.
+pub(super) fn layout_run_on(
+    device: &Device,
+    model: &ClipConfig,
+    topology: &Topology,
+    cfg: &TrainConfig,
+    dtype: DType,
+) -> Vec<Run> {
     let model = model.clone();
     let source = SyntheticSource::new(cfg.seed, &model).unwrap();
-    run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
-        let mut trainer = RankTrainer::new(&topology, rank, &model, cfg, dtype, device)?;
-        let names: Vec<String> = trainer
-            .trainable()
-            .names()
+    run_ranks(topology, DEFAULT_TIMEOUT, |rank, comms| {
+        let mut trainer = RankTrainer::new(topology, rank, &model, cfg, dtype, device)?;
+        let names: Vec<Vec<String>> = trainer
+            .towers
             .iter()
-            .map(|s| s.to_string())
+            .map(|t| {
+                t.trainable()
+                    .names()
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            })
             .collect();
         let mut run = Run {
             losses: vec![],
@@ -171,22 +187,45 @@ pub(super) fn split_run_on(
             grad_all_reduce_bytes: 0,
         };
         for step in 0..STEPS {
-            let indices =
-                batch_indices(step, cfg.global_batch, trainer.offset, trainer.local_batch);
-            let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
-            let g = trainer.compute_grads(&comms, &input, None)?;
+            let inputs = trainer
+                .towers
+                .iter()
+                .map(|t| {
+                    let indices = batch_indices(step, cfg.global_batch, t.offset, t.local_batch);
+                    source.tower_input(t.tower, Stream::Train, &indices, &Device::Cpu)
+                })
+                .collect::<mmpipe::error::Result<Vec<_>>>()?;
+            let g = trainer.compute_grads(&comms, &inputs, None)?;
             run.losses.push(g.loss);
             if step == 0 {
-                run.grads = names.iter().cloned().zip(g.grads.iter().cloned()).collect();
+                for (names, grads) in names.iter().zip(&g.grads) {
+                    for (n, grad) in names.iter().zip(grads) {
+                        // The loss's scalars sit beside each tower: both copies must agree.
+                        if let Some(seen) = run.grads.get(n) {
+                            assert!(
+                                worst_violation(grad, seen, 0.0, 0.0, Relative::Element).is_none(),
+                                "rank {rank}: the two copies of {n}'s gradient differ"
+                            );
+                        }
+                        run.grads.insert(n.clone(), grad.clone());
+                    }
+                }
                 run.grad_all_reduce_bytes = g.bytes.grad_all_reduce;
             }
             trainer.apply(&g.grads, LR)?;
         }
-        run.weights = trainer
-            .params()
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.as_tensor().copy().unwrap()))
-            .collect();
+        for t in &trainer.towers {
+            for (n, v) in t.params().iter() {
+                let w = v.as_tensor().copy().unwrap();
+                if let Some(seen) = run.weights.get(n) {
+                    assert!(
+                        worst_violation(&w, seen, 0.0, 0.0, Relative::Element).is_none(),
+                        "rank {rank}: the two copies of {n} differ after the steps"
+                    );
+                }
+                run.weights.insert(n.to_string(), w);
+            }
+        }
         Ok(run)
     })
     .unwrap()
@@ -559,6 +598,79 @@ fn an_uneven_batch_equals_one_device() {
 }
 
 /// The spec's f32 tolerances with everything on at once, on the largest topology.
+/// Layouts where devices hold both towers: plain data parallelism on 2 and 3 ranks, and
+/// hybrids (image on 3 ranks and text on 2 of them; text on 2 and image on 1 of them).
+const SHARED_LAYOUTS: [(usize, &str, &str); 4] = [
+    (2, "0-1", "0-1"),
+    (3, "0-2", "0-2"),
+    (3, "0-2", "1-2"),
+    (2, "0", "0-1"),
+];
+
+/// Data-parallel and hybrid layouts, for both losses, both schemes, whole and tiled with
+/// micro-batches, on the even batch and on one no group divides: the loss, every
+/// gradient and the weights after 5 AdamW steps equal one device in f64 (to 1e-10), and
+/// the two copies of the loss's scalars on a rank holding both towers stay identical.
+#[test]
+fn data_parallel_and_hybrid_layouts_equal_one_device() {
+    for batch in [GLOBAL_BATCH, 11] {
+        for kind in [LossKind::Clip, LossKind::Siglip] {
+            let at = |exchange, tile, micro| TrainConfig {
+                global_batch: batch,
+                ..loss_config(kind, exchange, tile, micro)
+            };
+            let reference = reference_run(
+                &at(Exchange::Lse, TileSize::Untiled, MicroBatch::default()),
+                DType::F64,
+            );
+            for exchange in [Exchange::Lse, Exchange::GatherScatter] {
+                for (tile, micro) in [
+                    (TileSize::Untiled, MicroBatch::default()),
+                    (TileSize::Columns(5), MICRO_BATCH),
+                ] {
+                    for (devices, image, text) in SHARED_LAYOUTS {
+                        let topology = super::common::cpu_layout(devices, image, text);
+                        let cfg = at(exchange, tile, micro);
+                        let ranks =
+                            layout_run_on(&Device::Cpu, &test_model(), &topology, &cfg, DType::F64);
+                        let label = format!(
+                            "batch {batch} {kind} {exchange} tile {tile} micro-batch {micro:?} \
+                             {devices} devices, image {image}, text {text}"
+                        );
+                        compare_f64(&label, &reference, &ranks);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// In f32, data parallelism on 2 ranks and a hybrid match one device at the spec's f32
+/// tolerances; with gradient clipping each tower is clipped on its own, as in the split.
+#[test]
+fn data_parallel_and_hybrid_in_f32_and_clipped_equal_one_device() {
+    let reference = reference_run(&train_config(GLOBAL_BATCH), DType::F32);
+    let clipped = TrainConfig {
+        grad_clip: Some(0.05),
+        ..train_config(GLOBAL_BATCH)
+    };
+    let reference_clipped = reference_run(&clipped, DType::F64);
+    for (devices, image, text) in [(2, "0-1", "0-1"), (3, "0-2", "1-2")] {
+        let topology = super::common::cpu_layout(devices, image, text);
+        let label = format!("{devices} devices, image {image}, text {text}");
+        let ranks = layout_run_on(
+            &Device::Cpu,
+            &test_model(),
+            &topology,
+            &train_config(GLOBAL_BATCH),
+            DType::F32,
+        );
+        compare_f32(&format!("f32 {label}"), &reference, &ranks);
+        let ranks = layout_run_on(&Device::Cpu, &test_model(), &topology, &clipped, DType::F64);
+        compare_f64(&format!("clipped {label}"), &reference_clipped, &ranks);
+    }
+}
+
 #[test]
 fn f32_gather_scatter_tiled_accumulated_3x2_equals_one_device() {
     for kind in [LossKind::Clip, LossKind::Siglip] {
@@ -642,6 +754,23 @@ mod cuda {
     fn cuda_2x2_rank_threads_on_one_gpu_equal_one_cpu_device() {
         check_on_gpu(2, 2, DType::F64);
         check_on_gpu(2, 2, DType::F32);
+    }
+
+    /// One GPU holding both towers (one rank thread running both in turn): the layout
+    /// `topology/gpu-1x1.toml` trains.
+    #[test]
+    fn cuda_one_gpu_holding_both_towers_equals_one_cpu_device() {
+        let topology = super::super::common::cpu_layout(1, "0", "0");
+        for dtype in [DType::F64, DType::F32] {
+            let cfg = train_config(GLOBAL_BATCH);
+            let reference = reference_run(&cfg, dtype);
+            let ranks = layout_run_on(&gpu(), &test_model(), &topology, &cfg, dtype);
+            let label = format!("cuda one GPU, both towers, {dtype:?}");
+            match dtype {
+                DType::F64 => compare_f64(&label, &reference, &ranks),
+                _ => compare_f32(&label, &reference, &ranks),
+            }
+        }
     }
 
     #[test]

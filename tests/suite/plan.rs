@@ -162,10 +162,20 @@ fn measured_payload_per_step_equals_the_plan() {
         let measured = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
             let mut trainer =
                 RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-            let indices = batch_indices(0, 12, trainer.offset, trainer.local_batch);
-            let input = source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
-            let outcome = trainer.step(&comms, &input, None, 1e-3)?;
-            Ok((trainer.tower, outcome.bytes))
+            let indices = batch_indices(
+                0,
+                12,
+                trainer.towers[0].offset,
+                trainer.towers[0].local_batch,
+            );
+            let input = source.tower_input(
+                trainer.towers[0].tower,
+                Stream::Train,
+                &indices,
+                &Device::Cpu,
+            )?;
+            let outcome = trainer.step(&comms, std::slice::from_ref(&input), None, 1e-3)?;
+            Ok((trainer.towers[0].tower, outcome.bytes))
         })
         .unwrap();
         let t = &plan.traffic;

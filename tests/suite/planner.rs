@@ -5,9 +5,9 @@ use std::path::Path;
 
 use mmpipe::model::ClipConfig;
 use mmpipe::plan::cost::{ring_all_gather_s, ring_all_reduce_s, ring_link, LinkCost};
-use mmpipe::plan::search::search;
+use mmpipe::plan::search::{search, Candidate};
 use mmpipe::plan::{CostModel, Plan};
-use mmpipe::topology::{Topology, Tower};
+use mmpipe::topology::{LayoutKind, Topology, Tower};
 
 use super::plan::options;
 
@@ -128,7 +128,7 @@ fn auto_finds_the_balanced_split_worked_out_by_hand() {
     let m = model("ViT-B-16.toml");
     let t = cluster(1, 8, 1000.0, "groups = \"auto\"");
     let auto = search(&t, &m, &options(840), 3).unwrap();
-    let best = &auto.candidates[0].split;
+    let best = &best_of(&auto, LayoutKind::Split).split;
     let ranks = |t: Tower| best.groups.iter().find(|g| g.tower == t).unwrap().ranks;
     assert_eq!((ranks(Tower::Image), ranks(Tower::Text)), (6, 2));
     assert!(auto
@@ -142,7 +142,7 @@ fn auto_gives_the_faster_devices_to_the_heavier_tower_on_a_mixed_cluster() {
     let m = model("ViT-B-16.toml");
     let t = Topology::from_file(Path::new("topology/mixed.toml")).unwrap();
     let auto = search(&t, &m, &options(1920), 5).unwrap();
-    let best = &auto.candidates[0];
+    let best = best_of(&auto, LayoutKind::Split);
     assert!(
         best.image.iter().all(|e| e.starts_with("fast")),
         "{:?}",
@@ -150,18 +150,105 @@ fn auto_gives_the_faster_devices_to_the_heavier_tower_on_a_mixed_cluster() {
     );
 }
 
+/// The best layout of `kind` the search kept.
+fn best_of(auto: &mmpipe::plan::search::AutoPlan, kind: LayoutKind) -> &Candidate {
+    auto.candidates
+        .iter()
+        .find(|c| c.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind} candidate: {}", auto.render()))
+}
+
+/// Where plain data parallelism beats every split (ViT-B/16 at 4800 on two 8-GPU nodes,
+/// the case the old warning named), `--auto` now chooses it (or a hybrid), lists the best
+/// of each other kind beside it, and its choice is what `with_groups` makes of it.
 #[test]
-fn auto_warns_when_the_best_split_loses_to_data_parallelism() {
+fn auto_compares_the_three_kinds_and_chooses_data_parallelism_where_it_wins() {
     let m = model("ViT-B-16.toml");
     let t = Topology::from_file(Path::new("topology/2node-8gpu.toml")).unwrap();
-    let auto = search(&t, &m, &options(4800), 5).unwrap();
-    assert!(
-        auto.warnings
+    let auto = search(&t, &m, &options(4800), 3).unwrap();
+    let best = auto.best();
+    assert_ne!(best.kind, LayoutKind::Split, "{}", auto.render());
+    for kind in [
+        LayoutKind::Split,
+        LayoutKind::DataParallel,
+        LayoutKind::Hybrid,
+    ] {
+        let c = best_of(&auto, kind);
+        assert!(c.split.step_s >= best.split.step_s);
+        let chosen = t.with_groups(&c.image_devices, &c.text_devices).unwrap();
+        assert_eq!(chosen.layout_kind(), kind);
+    }
+    let split = best_of(&auto, LayoutKind::Split);
+    assert!(split.split.step_s > best.split.step_s, "{}", auto.render());
+    let text = auto.render();
+    assert!(text.contains("best split: "), "{text}");
+    // The counts say what was searched.
+    assert_eq!(
+        auto.considered
             .iter()
-            .any(|w| w.contains("loses to plain data parallelism")),
-        "{:?}",
-        auto.warnings
+            .find(|(k, _)| *k == LayoutKind::DataParallel)
+            .unwrap()
+            .1,
+        1
     );
+}
+
+/// The cost model on layouts whose devices hold both towers: data parallel on 8 equal
+/// devices is each device running both towers on an eighth of the batch; a device
+/// holding both carries both towers' weights, gradients and optimizer state.
+#[test]
+fn a_device_holding_both_towers_runs_both_and_holds_both() {
+    let m = model("ViT-B-16.toml");
+    let cost = |t: &Topology| {
+        CostModel {
+            topology: t,
+            model: &m,
+            options: &options(1024),
+        }
+        .split()
+        .unwrap()
+    };
+    let split = cost(&cluster(
+        1,
+        8,
+        1000.0,
+        "[groups]\nimage = [\"n0:0-5\"]\ntext = [\"n0:6-7\"]",
+    ));
+    let dp = cost(&cluster(
+        1,
+        8,
+        1000.0,
+        "[groups]\nimage = [\"n0:0-7\"]\ntext = [\"n0:0-7\"]",
+    ));
+    let (image, text) = (&dp.groups[0], &dp.groups[1]);
+    // Each group's row is a device's whole step: both towers' compute.
+    let towers = image.forward_s
+        + image.backward_s
+        + image.loss_s
+        + text.forward_s
+        + text.backward_s
+        + text.loss_s;
+    assert!(
+        (image.compute_s - towers).abs() < 1e-12,
+        "{} vs {towers}",
+        image.compute_s
+    );
+    assert_eq!(image.compute_s, text.compute_s);
+    assert!((image.compute_s + image.comm_s + image.idle_s - dp.step_s).abs() < 1e-12);
+    assert!(
+        image.idle_s.abs() < 1e-12,
+        "no device idles in data parallelism"
+    );
+    // Both towers' state on every device: more than the split's image rank holds.
+    let split_image = &split.groups[0].memory;
+    assert!(image.memory.weights > split_image.weights);
+    assert!(
+        (image.memory.weights - (split.groups[0].memory.weights + split.groups[1].memory.weights))
+            .abs()
+            < 1.0
+    );
+    // 1024 over 8: 128 samples of each tower per device.
+    assert_eq!((image.local_batch, text.local_batch), (128, 128));
 }
 
 #[test]
@@ -192,12 +279,17 @@ fn the_plan_round_trips_through_json() {
 #[test]
 fn impossible_requests_are_errors() {
     let m = model("ViT-B-16.toml");
+    // One device can only hold both towers.
     let one = cluster(1, 1, 1.0, "groups = \"auto\"");
-    let e = search(&one, &m, &options(8), 3).unwrap_err().to_string();
-    assert!(e.contains("at least two devices"), "{e}");
+    let auto = search(&one, &m, &options(8), 3).unwrap();
+    assert_eq!(auto.best().kind, LayoutKind::DataParallel);
+    assert_eq!(auto.candidates.len(), 1);
     let t = cluster(1, 4, 1.0, "groups = \"auto\"");
     // Any batch splits, but not over more ranks than it has samples.
     search(&t, &m, &options(7), 3).unwrap();
+    // A batch of one fits on no group of two or more: only a split of one device each,
+    // or one device holding both (not on a four-device cluster, where every device needs a
+    // tower).
     let e = search(&t, &m, &options(1), 3).unwrap_err().to_string();
     assert!(e.contains("more ranks in a group than samples"), "{e}");
     // ViT-L/14 at 65,536 fits with checkpointing and micro-batches; at 2^26 the gathered

@@ -245,7 +245,7 @@ fn bf16_gradient_sums_halve_the_all_reduce_and_track_fp32() {
             GradReduce::Bf16 => &bf16,
         };
         for (rank, r) in runs.iter().enumerate() {
-            let tower = topology.ranks[rank].tower;
+            let tower = topology.ranks[rank].roles[0].tower;
             let (_, predicted) = plan
                 .traffic
                 .grad_all_reduce
@@ -311,29 +311,29 @@ fn the_planner_memory_is_what_a_bf16_rank_allocates() {
                 )?;
                 let indices = super::common::batch_indices(0, GLOBAL_BATCH, 0, GLOBAL_BATCH);
                 let input = source.tower_input(
-                    trainer.tower,
+                    trainer.towers[0].tower,
                     mmpipe::data::Stream::Train,
                     &indices,
                     &Device::Cpu,
                 )?;
-                let g = trainer.compute_grads(&comms, &input, None)?;
+                let g = trainer.compute_grads(&comms, std::slice::from_ref(&input), None)?;
                 // The loss's scalars: one f32 each, with two f32 moments.
-                let scalars = trainer
+                let scalars = trainer.towers[0]
                     .params()
                     .iter()
                     .filter(|(n, _)| n.starts_with("logit_"))
                     .count();
-                let tower_grads: usize = trainer
+                let tower_grads: usize = trainer.towers[0]
                     .trainable()
                     .names()
                     .iter()
-                    .zip(&g.grads)
+                    .zip(&g.grads[0])
                     .filter(|(n, _)| !n.starts_with("logit_"))
                     .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
                     .sum();
                 let state = trainer.state_bytes();
                 Ok((
-                    trainer.tower,
+                    trainer.towers[0].tower,
                     state.weights - 4 * scalars,
                     tower_grads + g.backward_grad_bytes,
                     state.optimizer - 8 * scalars,

@@ -177,17 +177,20 @@ fn split_and_single(sync: bool) -> (SplitStep, SingleStep) {
     let topology = super::common::cpu_topology(2, 1);
     let ranks = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
         let mut t = RankTrainer::new(&topology, rank, &cfg, &train, DType::F64, &Device::Cpu)?;
-        t.attach(&comms);
-        let indices = batch_indices(0, 6, t.offset, t.local_batch);
-        let input = source.tower_input(t.tower, Stream::Train, &indices, &Device::Cpu)?;
-        let g = t.compute_grads(&comms, &input, None)?;
-        let names: Vec<String> = t
+        t.attach(&comms)?;
+        let indices = batch_indices(0, 6, t.towers[0].offset, t.towers[0].local_batch);
+        let input = source.tower_input(t.towers[0].tower, Stream::Train, &indices, &Device::Cpu)?;
+        let g = t.compute_grads(&comms, std::slice::from_ref(&input), None)?;
+        let names: Vec<String> = t.towers[0]
             .trainable()
             .names()
             .iter()
             .map(|s| s.to_string())
             .collect();
-        Ok((g.loss, names.into_iter().zip(g.grads).collect::<Vec<_>>()))
+        Ok((
+            g.loss,
+            names.into_iter().zip(g.grads.concat()).collect::<Vec<_>>(),
+        ))
     })
     .unwrap();
     let loss = ranks[0].0;

@@ -37,7 +37,7 @@ fn four_by_four_places_four_gpus_per_tower_on_two_nodes() {
     assert_eq!(t.group(Tower::Image), vec![0, 1, 2, 3]);
     assert_eq!(t.group(Tower::Text), vec![4, 5, 6, 7]);
     assert!(t.ranks[..4].iter().all(|r| t.nodes[r.node].name == "node0"));
-    assert_eq!(t.ranks[6].group_rank, 2);
+    assert_eq!(t.ranks[6].roles[0].group_rank, 2);
 }
 
 #[test]
@@ -60,8 +60,8 @@ fn group_order_follows_the_list_not_the_device_index() {
     )
     .unwrap();
     assert_eq!(t.group(Tower::Image), vec![2, 0]);
-    assert_eq!(t.ranks[0].group_rank, 1);
-    assert_eq!(t.ranks[1].tower, Tower::Text);
+    assert_eq!(t.ranks[0].roles[0].group_rank, 1);
+    assert_eq!(t.ranks[1].roles[0].tower, Tower::Text);
 }
 
 /// Parses `body` as `broken.toml` and returns the error text.
@@ -80,7 +80,7 @@ fn with_groups(image: &str, text: &str) -> String {
 #[test]
 fn broken_files_name_the_file_and_the_field() {
     let cases = [
-        (with_groups(r#"["n0:0-1"]"#, r#"["n0:1", "n1:0-1"]"#), "`groups.text[0]`", "already in `groups.image[0]`"),
+        (with_groups(r#"["n0:0-1"]"#, r#"["n1:0-1", "n1:1"]"#), "`groups.text[1]`", "listed twice in the text group (first in `groups.text[0]`)"),
         (with_groups(r#"["n0:0-1", "n1:0"]"#, r#"["n2:0"]"#), "`groups.text[0]`", "no node named `n2`"),
         (with_groups(r#"["n0:0-1", "n1:0"]"#, r#"["n1:5"]"#), "`groups.text[0]`", "has 2 devices"),
         (with_groups("[]", r#"["n0:0-1", "n1:0-1"]"#), "`groups.image`", "empty"),

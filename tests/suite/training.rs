@@ -46,30 +46,43 @@ fn a_non_finite_step_is_skipped_everywhere_and_training_goes_on() {
             RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
         let mut out = Vec::new();
         for step in 0..3 {
-            let indices = batch_indices(step, 8, trainer.offset, trainer.local_batch);
-            let mut input =
-                source.tower_input(trainer.tower, Stream::Train, &indices, &Device::Cpu)?;
+            let indices = batch_indices(
+                step,
+                8,
+                trainer.towers[0].offset,
+                trainer.towers[0].local_batch,
+            );
+            let mut input = source.tower_input(
+                trainer.towers[0].tower,
+                Stream::Train,
+                &indices,
+                &Device::Cpu,
+            )?;
             if step == 1 && rank == 1 {
                 if let TowerInput::Images(x) = &input {
                     input = TowerInput::Images((x * f64::NAN)?);
                 }
             }
-            let before: Vec<Tensor> = trainer
+            let before: Vec<Tensor> = trainer.towers[0]
                 .params()
                 .iter()
                 .map(|(_, v)| v.as_tensor().copy().unwrap())
                 .collect();
-            let o = trainer.step(&comms, &input, None, 1e-3)?;
-            let moved = trainer.params().iter().zip(&before).any(|((_, v), b)| {
-                super::common::scalar(
-                    &(v.as_tensor() - b)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap(),
-                ) > 0.0
-            });
+            let o = trainer.step(&comms, std::slice::from_ref(&input), None, 1e-3)?;
+            let moved = trainer.towers[0]
+                .params()
+                .iter()
+                .zip(&before)
+                .any(|((_, v), b)| {
+                    super::common::scalar(
+                        &(v.as_tensor() - b)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap(),
+                    ) > 0.0
+                });
             out.push((o.loss, o.skipped, moved));
         }
         Ok(out)
@@ -158,11 +171,15 @@ fn the_metrics_file_has_a_line_per_step_with_every_rank_and_phase() {
                 );
             }
             assert!(r["bytes"]["feature_exchange"].as_u64().unwrap() > 0);
-            let norm = r["grad_norm"].as_f64().unwrap();
+            let tower = r["tower"].as_str().unwrap();
+            let norm = r["grad_norm"][tower].as_f64().unwrap();
             assert!(norm.is_finite() && norm > 0.0, "grad_norm: {r}");
         }
         // The image ranks hold the same group-summed gradients.
-        assert_eq!(ranks[0]["grad_norm"], ranks[1]["grad_norm"]);
+        assert_eq!(
+            ranks[0]["grad_norm"]["image"],
+            ranks[1]["grad_norm"]["image"]
+        );
     }
 }
 

@@ -156,39 +156,48 @@ pub fn save(
         std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     }
     comms.world.barrier()?;
-    // [tower (1 image, 2 text; 0 none), size high, size low, CRC-32] from every rank.
-    let mine: [u32; 4] = if comms.group.rank() == 0 {
-        let path = partial.join(part_file(trainer.tower));
-        trainer.save_part(&path)?;
-        let r = part_record(&path)?;
-        let tower = match trainer.tower {
-            Tower::Image => 1,
-            Tower::Text => 2,
+    // Per tower (image, text): [written, size high, size low, CRC-32] from every rank;
+    // each group's first rank writes its tower's part (a rank first in both writes both).
+    let mut mine = [0u32; 8];
+    for (slot, tower) in [Tower::Image, Tower::Text].into_iter().enumerate() {
+        let (Some(replica), Ok(group)) = (trainer.tower(tower), comms.group(tower)) else {
+            continue;
         };
-        [tower, (r.bytes >> 32) as u32, r.bytes as u32, r.crc32]
-    } else {
-        [0; 4]
-    };
+        if group.comm.rank() == 0 {
+            let path = partial.join(part_file(tower));
+            replica.save_part(&path)?;
+            let r = part_record(&path)?;
+            mine[slot * 4..slot * 4 + 4].copy_from_slice(&[
+                1,
+                (r.bytes >> 32) as u32,
+                r.bytes as u32,
+                r.crc32,
+            ]);
+        }
+    }
     let reports: Vec<Vec<u32>> = comms
         .world
-        .all_gather(&Tensor::from_vec(mine.to_vec(), (1, 4), &Device::Cpu)?)?
+        .all_gather(&Tensor::from_vec(mine.to_vec(), (1, 8), &Device::Cpu)?)?
         .to_vec2()?;
     if lead {
         let parts = reports
             .iter()
-            .filter_map(|r| {
-                let tower = match r[0] {
-                    1 => Tower::Image,
-                    2 => Tower::Text,
-                    _ => return None,
-                };
-                Some((
-                    part_file(tower).to_string(),
-                    PartRecord {
-                        bytes: u64::from(r[1]) << 32 | u64::from(r[2]),
-                        crc32: r[3],
-                    },
-                ))
+            .flat_map(|r| {
+                [Tower::Image, Tower::Text]
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(slot, _)| r[slot * 4] == 1)
+                    .map(|(slot, tower)| {
+                        let r = &r[slot * 4..slot * 4 + 4];
+                        (
+                            part_file(tower).to_string(),
+                            PartRecord {
+                                bytes: u64::from(r[1]) << 32 | u64::from(r[2]),
+                                crc32: r[3],
+                            },
+                        )
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect();
         let state = CheckpointState {

@@ -21,39 +21,41 @@ enum Unusable {
 }
 
 /// The checks one rank can make of a save: its state, the settings it was trained with,
-/// and this rank's tower's part against its recorded size and checksum.
+/// and the parts of this rank's towers against their recorded sizes and checksums.
 fn check(
     checkpoint: &Path,
-    tower: Tower,
+    towers: &[Tower],
     cfg: &TrainConfig,
     identity: &RunIdentity,
 ) -> std::result::Result<(CheckpointState, u32), Unusable> {
     let (state, bytes) =
         read_state_file(checkpoint).map_err(|e| Unusable::Damaged(e.to_string()))?;
     check_identity(checkpoint, &state, cfg, identity).map_err(Unusable::Mismatch)?;
-    let part = checkpoint.join(part_file(tower));
-    if state.parts.is_empty() {
-        tracing::warn!(
-            "{}: a save from before checksums: its parts load unchecked",
-            checkpoint.display()
-        );
-        if !part.is_file() {
-            return Err(Unusable::Damaged(format!("{} is missing", part.display())));
-        }
-    } else {
-        let recorded = state.parts.get(part_file(tower)).ok_or_else(|| {
-            Unusable::Damaged(format!("state.json records no {}", part_file(tower)))
-        })?;
-        let found = part_record(&part).map_err(|e| Unusable::Damaged(e.to_string()))?;
-        if found != *recorded {
-            return Err(Unusable::Damaged(format!(
-                "{} is {} bytes with CRC-32 {:08x}, state.json recorded {} bytes with {:08x}",
-                part.display(),
-                found.bytes,
-                found.crc32,
-                recorded.bytes,
-                recorded.crc32
-            )));
+    for &tower in towers {
+        let part = checkpoint.join(part_file(tower));
+        if state.parts.is_empty() {
+            tracing::warn!(
+                "{}: a save from before checksums: its parts load unchecked",
+                checkpoint.display()
+            );
+            if !part.is_file() {
+                return Err(Unusable::Damaged(format!("{} is missing", part.display())));
+            }
+        } else {
+            let recorded = state.parts.get(part_file(tower)).ok_or_else(|| {
+                Unusable::Damaged(format!("state.json records no {}", part_file(tower)))
+            })?;
+            let found = part_record(&part).map_err(|e| Unusable::Damaged(e.to_string()))?;
+            if found != *recorded {
+                return Err(Unusable::Damaged(format!(
+                    "{} is {} bytes with CRC-32 {:08x}, state.json recorded {} bytes with {:08x}",
+                    part.display(),
+                    found.bytes,
+                    found.crc32,
+                    recorded.bytes,
+                    recorded.crc32
+                )));
+            }
         }
     }
     Ok((state, crc32fast::hash(&bytes)))
@@ -69,7 +71,7 @@ pub fn resume_point(
     comms: &RankComms,
     dir: Option<&Path>,
     resume: &Path,
-    tower: Tower,
+    towers: &[Tower],
     cfg: &TrainConfig,
     identity: &RunIdentity,
 ) -> Result<(PathBuf, CheckpointState)> {
@@ -131,7 +133,7 @@ pub fn resume_point(
     };
     let mut reasons = Vec::new();
     for checkpoint in &candidates {
-        let mine = match check(checkpoint, tower, cfg, identity) {
+        let mine = match check(checkpoint, towers, cfg, identity) {
             Ok((state, hash)) => Ok((state, hash)),
             Err(Unusable::Mismatch(e)) => return Err(e),
             Err(Unusable::Damaged(why)) => Err(why),
