@@ -401,11 +401,17 @@ impl CostModel<'_> {
             .map(|r| {
                 let held: Vec<&GroupEstimate> = r.roles.iter().map(|x| tower_of(x.tower)).collect();
                 let compute = held.iter().map(|g| g.compute_s).sum::<f64>();
-                let comm = feature_all_gather_s
-                    + held
-                        .iter()
-                        .map(|g| g.comm_s - feature_all_gather_s)
-                        .sum::<f64>();
+                let sum =
+                    |f: &dyn Fn(&GroupEstimate) -> f64| held.iter().map(|g| f(g)).sum::<f64>();
+                // Overlapped, a tower's all-reduce may hide behind any backward the device
+                // runs (the other tower's too).
+                let grad_all_reduce = sum(&|g| g.grad_all_reduce_s);
+                let exposed = if o.overlap {
+                    (grad_all_reduce - sum(&|g| g.backward_s)).max(0.0)
+                } else {
+                    grad_all_reduce
+                };
+                let comm = feature_all_gather_s + sum(&|g| g.loss_exchange_s) + exposed;
                 let memory = held
                     .iter()
                     .skip(1)
@@ -457,117 +463,37 @@ impl CostModel<'_> {
         })
     }
 
-    /// The same global batch with every device holding both towers (OpenCLIP's layout:
-    /// features all-gathered, each rank's local loss, gradients all-reduced over all).
+    /// The same global batch with every device holding both towers (OpenCLIP's layout,
+    /// which mmpipe trains too: features all-gathered, each tower's gradients summed over
+    /// every device): [`Self::split`] of that layout.
     pub fn data_parallel(&self) -> Result<DataParallelEstimate> {
         let t = self.topology;
-        let o = self.options;
-        let links = self.links()?;
-        let n = t.devices().len();
-        // Data parallelism puts ranks on every device, node by node.
-        let dp = t.with_groups(&t.devices()[..1], &t.devices()[1..]).ok();
-        let world: Vec<usize> = (0..n).collect();
-        let link = dp.as_ref().and_then(|dp| ring_link(dp, &links, &world));
-        let b = o.global_batch.div_ceil(n);
-        let b_global = o.global_batch as f64;
-        let d = self.model.embed_dim as f64;
-        let (img, txt) = (
-            tower_numbers(self.model, Tower::Image, o.checkpointing, o.global_batch),
-            tower_numbers(self.model, Tower::Text, o.checkpointing, o.global_batch),
-        );
-        // The slowest device sets the pace; with calibration, each tower runs at its
-        // measured rate and the loss at the image tower's FLOP rate.
-        let mut slowest = f64::INFINITY;
-        for &(node, _) in &t.devices() {
-            let rate = match (o.calibration, t.spec(node)) {
-                (Some(c), _) => c.image_samples_per_s * img.forward_flops * 3.0,
-                (None, Some(s)) => s.tflops * 1e12 * s.efficiency,
-                (None, None) => {
-                    return Err(Error::invalid(
-                        &t.source,
-                        format!("nodes[{node}].kind"),
-                        "the cost model needs each device's throughput: declare [device_kinds] or run with --calibrate",
-                    ))
-                }
-            };
-            slowest = slowest.min(rate);
+        let devices = t.devices();
+        let dp = t.with_groups(&devices, &devices)?;
+        let s = CostModel {
+            topology: &dp,
+            model: self.model,
+            options: self.options,
         }
-        // Forward passes of a locked tower count once, trained ones 3× (4× checkpointed).
-        let factor = |t: Tower| {
-            if self.model.is_locked(t) {
-                1.0
-            } else {
-                self.compute_factor()
-            }
-        };
-        // A micro-batch smaller than the slice pays one more forward of its tower.
-        let factor = |t: Tower| {
-            let extra = o.micro_batch.of(t).is_some_and(|m| m < b) && !self.model.is_locked(t);
-            factor(t) + f64::from(u8::from(extra))
-        };
-        let towers_s = match o.calibration {
-            Some(c) => {
-                b as f64
-                    * (factor(Tower::Image) / 3.0 / c.image_samples_per_s
-                        + factor(Tower::Text) / 3.0 / c.text_samples_per_s)
-            }
-            None => {
-                b as f64
-                    * (factor(Tower::Image) * img.forward_flops
-                        + factor(Tower::Text) * txt.forward_flops)
-                    / slowest
-            }
-        };
-        let trained = |t: Tower, p: f64| if self.model.is_locked(t) { 0.0 } else { p };
-        let trained_params = Params {
-            all: trained(Tower::Image, img.params) + trained(Tower::Text, txt.params),
-            copied: trained(Tower::Image, img.copied_params)
-                + trained(Tower::Text, txt.copied_params),
-        };
-        let held = Params {
-            all: img.params + txt.params,
-            copied: img.copied_params + txt.copied_params,
-        };
-        let reduced_elems = trained(Tower::Image, img.grad_all_reduce_elems)
-            + trained(Tower::Text, txt.grad_all_reduce_elems);
-        // Two b × B logit blocks (one per direction), each with two gradient products.
-        let compute_s = towers_s + 2.0 * 3.0 * 2.0 * b as f64 * b_global * d / slowest;
-        let feature_all_gather_s = ring_all_gather_s(2.0 * b_global * d * 4.0, n, link);
-        let grad_all_reduce_s = ring_all_reduce_s(reduced_elems * o.grad_reduce.bytes(), n, link);
-        let backward_s = compute_s * (self.compute_factor() - 1.0) / self.compute_factor();
-        let grad_all_reduce_exposed_s = if o.overlap {
-            (grad_all_reduce_s - backward_s).max(0.0)
-        } else {
-            grad_all_reduce_s
-        };
-        let step_s = compute_s + feature_all_gather_s + grad_all_reduce_exposed_s;
-        // With micro-batches (OpenCLIP's accum-freq does the same), one micro-batch's
-        // activations per tower.
-        let rows = |t: Tower| o.micro_batch.of(t).map_or(b, |m| m.min(b)) as f64;
-        let activations = (rows(Tower::Image) * img.activation_elems
-            + rows(Tower::Text) * txt.activation_elems)
-            * o.precision.activation_bytes();
-        // OpenCLIP's local loss: b × B logits per direction, and all features.
-        let loss = 2.0 * 3.0 * b as f64 * b_global * 4.0 + 2.0 * b_global * d * 4.0;
-        let device = t
-            .devices()
-            .iter()
-            .map(|&(node, _)| {
-                t.spec(node)
-                    .map_or(f64::INFINITY, |s| s.memory_gib * (1u64 << 30) as f64)
-            })
-            .fold(f64::INFINITY, f64::min);
+        .split()?;
+        let (image, text) = (&s.groups[0], &s.groups[1]);
         Ok(DataParallelEstimate {
-            ranks: n,
-            local_batch: b,
-            link: link_name(link),
-            compute_s,
-            feature_all_gather_s,
-            grad_all_reduce_s,
-            grad_all_reduce_exposed_s,
-            step_s,
-            samples_per_s: b_global / step_s,
-            memory: self.memory(held, trained_params, activations, loss, device),
+            ranks: devices.len(),
+            local_batch: image.local_batch,
+            link: image.link.clone(),
+            compute_s: image.compute_s,
+            feature_all_gather_s: s.feature_all_gather_s,
+            grad_all_reduce_s: image.grad_all_reduce_s + text.grad_all_reduce_s,
+            // A device's collectives beyond the features and the loss's own: what of its
+            // all-reduces no backward hides.
+            grad_all_reduce_exposed_s: (image.comm_s
+                - s.feature_all_gather_s
+                - image.loss_exchange_s
+                - text.loss_exchange_s)
+                .max(0.0),
+            step_s: s.step_s,
+            samples_per_s: s.samples_per_s,
+            memory: image.memory,
         })
     }
 }

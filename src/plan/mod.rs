@@ -190,8 +190,9 @@ impl Plan {
             if let Some(dp) = &data_parallel {
                 if dp.step_s < s.step_s && dp.memory.fits {
                     data_parallel_warnings.push(format!(
-                        "this split is {:.2}x slower than plain data parallelism on the same devices \
+                        "this {} layout is {:.2}x slower than plain data parallelism on the same devices \
                          ({} vs {} per step)",
+                        topology.layout_kind(),
                         s.step_s / dp.step_s,
                         secs(s.step_s),
                         secs(dp.step_s)
@@ -414,7 +415,7 @@ impl Plan {
                         secs(dp.step_s),
                         dp.samples_per_s,
                         secs(dp.compute_s),
-                        secs(dp.feature_all_gather_s + dp.grad_all_reduce_exposed_s),
+                        secs(dp.step_s - dp.compute_s),
                         dp.link,
                         gib(dp.memory.total),
                         if dp.memory.fits { "" } else { " — DOES NOT FIT" }
@@ -422,7 +423,8 @@ impl Plan {
                     let ratio = dp.step_s / split.step_s;
                     let _ = writeln!(
                         s,
-                        "  split vs data parallel: {:.2}x {}",
+                        "  {} vs data parallel: {:.2}x {}",
+                        self.layout,
                         if ratio >= 1.0 { ratio } else { 1.0 / ratio },
                         if ratio >= 1.0 { "faster" } else { "slower" }
                     );

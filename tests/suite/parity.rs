@@ -429,25 +429,31 @@ fn a_locked_text_tower_stays_put_while_the_image_side_matches_one_device() {
     let cfg = train_config(GLOBAL_BATCH);
     let reference = reference_run_of(&model, &cfg, DType::F64);
     let initial = Reference::new(&model, cfg.seed, DType::F64);
-    for (rank, run) in split_run_of(&model, 2, 1, &cfg, DType::F64)
-        .iter()
-        .enumerate()
-    {
-        for (name, w) in &run.weights {
-            let want = if name.starts_with("visual.") || name == "logit_scale" {
-                reference.weights[name].clone()
-            } else {
-                initial.params.get(name).unwrap().as_tensor().clone()
-            };
-            if let Some((i, a, b)) = worst_violation(w, &want, 0.0, 1e-9, Relative::Element) {
-                panic!("rank {rank}: {name}[{i}] is {a}, expected {b}");
+    // The split, data parallelism, and a hybrid whose text ranks also hold the image.
+    for topology in [
+        cpu_topology(2, 1),
+        super::common::cpu_layout(2, "0-1", "0-1"),
+        super::common::cpu_layout(3, "0-2", "1-2"),
+    ] {
+        let label = topology.source.display().to_string();
+        let runs = layout_run_on(&Device::Cpu, &model, &topology, &cfg, DType::F64);
+        for (rank, run) in runs.iter().enumerate() {
+            for (name, w) in &run.weights {
+                let want = if name.starts_with("visual.") || name == "logit_scale" {
+                    reference.weights[name].clone()
+                } else {
+                    initial.params.get(name).unwrap().as_tensor().clone()
+                };
+                if let Some((i, a, b)) = worst_violation(w, &want, 0.0, 1e-9, Relative::Element) {
+                    panic!("{label} rank {rank}: {name}[{i}] is {a}, expected {b}");
+                }
             }
-        }
-        if rank == 2 {
-            assert_eq!(
-                run.grads.keys().collect::<Vec<_>>(),
-                vec!["logit_scale"],
-                "no text gradients"
+            assert!(
+                run.grads
+                    .keys()
+                    .all(|n| n.starts_with("visual.") || n == "logit_scale"),
+                "{label} rank {rank}: no text gradients, got {:?}",
+                run.grads.keys().collect::<Vec<_>>()
             );
         }
     }

@@ -140,6 +140,14 @@ type SingleStep = (f64, std::collections::BTreeMap<String, Tensor>);
 /// device on the whole batch, for the tiny ResNet CLIP with or without synchronised
 /// batch norm.
 fn split_and_single(sync: bool) -> (SplitStep, SingleStep) {
+    split_and_single_on(sync, &super::common::cpu_topology(2, 1))
+}
+
+/// [`split_and_single`] on any layout (devices may hold both towers).
+fn split_and_single_on(
+    sync: bool,
+    topology: &mmpipe::topology::Topology,
+) -> (SplitStep, SingleStep) {
     use super::common::batch_indices;
     use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
     use mmpipe::data::{Stream, SyntheticSource};
@@ -174,23 +182,24 @@ fn split_and_single(sync: bool) -> (SplitStep, SingleStep) {
             .collect(),
     );
 
-    let topology = super::common::cpu_topology(2, 1);
-    let ranks = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
-        let mut t = RankTrainer::new(&topology, rank, &cfg, &train, DType::F64, &Device::Cpu)?;
+    let ranks = run_ranks(topology, DEFAULT_TIMEOUT, |rank, comms| {
+        let mut t = RankTrainer::new(topology, rank, &cfg, &train, DType::F64, &Device::Cpu)?;
         t.attach(&comms)?;
-        let indices = batch_indices(0, 6, t.towers[0].offset, t.towers[0].local_batch);
-        let input = source.tower_input(t.towers[0].tower, Stream::Train, &indices, &Device::Cpu)?;
-        let g = t.compute_grads(&comms, std::slice::from_ref(&input), None)?;
-        let names: Vec<String> = t.towers[0]
-            .trainable()
-            .names()
+        let inputs = t
+            .towers
             .iter()
-            .map(|s| s.to_string())
-            .collect();
-        Ok((
-            g.loss,
-            names.into_iter().zip(g.grads.concat()).collect::<Vec<_>>(),
-        ))
+            .map(|tower| {
+                let indices = batch_indices(0, 6, tower.offset, tower.local_batch);
+                source.tower_input(tower.tower, Stream::Train, &indices, &Device::Cpu)
+            })
+            .collect::<mmpipe::error::Result<Vec<_>>>()?;
+        let g = t.compute_grads(&comms, &inputs, None)?;
+        let mut named = Vec::new();
+        for (tower, grads) in t.towers.iter().zip(g.grads) {
+            let names = tower.trainable().names();
+            named.extend(names.iter().map(|s| s.to_string()).zip(grads));
+        }
+        Ok((g.loss, named))
     })
     .unwrap();
     let loss = ranks[0].0;
@@ -210,6 +219,28 @@ fn synchronised_batch_norm_makes_the_split_resnet_step_exact() {
             panic!("{name}[{i}]: {a} vs {b}");
         }
     }
+}
+
+/// The same on two devices each holding both towers: the ResNet replicas' batch norm
+/// takes its statistics over the image group, through the rank that also runs text.
+#[test]
+fn synchronised_batch_norm_is_exact_under_data_parallelism_too() {
+    let topology = super::common::cpu_layout(2, "0-1", "0-1");
+    let ((loss, grads), (want_loss, want)) = split_and_single_on(true, &topology);
+    assert!(
+        (loss - want_loss).abs() < 1e-10 * want_loss.abs(),
+        "loss {loss} vs {want_loss}"
+    );
+    for (name, g) in &grads {
+        if let Some((i, a, b)) = worst_violation(g, &want[name], 1e-8, 1e-11, Relative::Element) {
+            panic!("{name}[{i}]: {a} vs {b}");
+        }
+    }
+    let ((loss, _), _) = split_and_single_on(false, &topology);
+    assert!(
+        (loss - want_loss).abs() > 1e-6 * want_loss.abs(),
+        "without synchronisation the statistics are per rank: loss {loss} vs {want_loss}"
+    );
 }
 
 #[test]

@@ -195,7 +195,8 @@ fn checkpoint_tensors(dir: &std::path::Path) -> std::collections::BTreeMap<Strin
 }
 
 /// 10 steps straight, and 5 steps + resume + 5: the same losses, weights and optimizer
-/// state, on synthetic data and on shards with random crops and a shuffle buffer.
+/// state, on synthetic data and on shards with random crops and a shuffle buffer, on
+/// splits, data parallelism and a hybrid.
 #[test]
 fn resuming_from_a_checkpoint_is_exact() {
     let base = std::env::temp_dir().join(format!("mmpipe-resume-{}", std::process::id()));
@@ -218,7 +219,24 @@ fn resuming_from_a_checkpoint_is_exact() {
             mmpipe::data::DataConfig::default(),
             super::common::cpu_topology(2, 1),
         ),
-        ("shards", bpe, webdataset, super::common::cpu_topology(1, 2)),
+        (
+            "shards",
+            bpe.clone(),
+            webdataset.clone(),
+            super::common::cpu_topology(1, 2),
+        ),
+        (
+            "data-parallel",
+            super::common::test_model(),
+            mmpipe::data::DataConfig::default(),
+            super::common::cpu_layout(2, "0-1", "0-1"),
+        ),
+        (
+            "hybrid-shards",
+            bpe,
+            webdataset,
+            super::common::cpu_layout(3, "0-2", "1-2"),
+        ),
     ] {
         let run = |dir: &str, resume: Option<std::path::PathBuf>| {
             let cfg = mmpipe::train::TrainConfig {
@@ -262,6 +280,43 @@ fn resuming_from_a_checkpoint_is_exact() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f64::max);
             assert!(worst <= 1e-6, "{name}: {k} differs by {worst}");
+        }
+    }
+}
+
+/// A checkpoint is a tower part per tower, whatever the layout that wrote it: a split
+/// run's save resumes under data parallelism (and a data-parallel save on a split) and
+/// continues with the losses the original layout would have had.
+#[test]
+fn a_save_resumes_on_another_layout() {
+    let base = std::env::temp_dir().join(format!("mmpipe-relayout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let model = super::common::test_model();
+    let split = super::common::cpu_topology(2, 1);
+    let dp = super::common::cpu_layout(2, "0-1", "0-1");
+    for (name, first, second) in [("split-to-dp", &split, &dp), ("dp-to-split", &dp, &split)] {
+        let run = |topology: &mmpipe::topology::Topology, dir: &str, resume| {
+            let cfg = mmpipe::train::TrainConfig {
+                steps: 10,
+                global_batch: 8,
+                warmup: 2,
+                checkpoint_dir: Some(base.join(name).join(dir)),
+                checkpoint_every: 5,
+                resume,
+                ..super::common::train_config(8)
+            };
+            mmpipe::train::train(topology, &model, &cfg).unwrap()
+        };
+        let straight = run(first, "straight", None);
+        let halfway = base.join(name).join("straight/step-00000005");
+        let moved = run(second, "moved", Some(halfway));
+        assert_eq!(moved.losses.len(), 5, "{name}");
+        for (step, (a, b)) in straight.losses[5..].iter().zip(&moved.losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "{name} step {}: {a} vs {b}",
+                step + 5
+            );
         }
     }
 }
