@@ -66,7 +66,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let per_rank = launch::threads_per_rank(topology.world_size());
     println!(
-        "bench: {} on {} ({} as threads, {per_rank} compute thread{} each, {threads} in all), \
+        "bench: {} on {} ({}, as threads, {per_rank} compute thread{} each, {threads} in all), \
          batch {}, {}, {} timed steps after {} untimed",
         args.model.display(),
         topology.source.display(),

@@ -82,9 +82,26 @@ pub struct GroupEstimate {
     pub memory: Memory,
 }
 
+/// The devices that hold the same towers ("image", "text" or "image+text"), and how
+/// their step divides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceClassEstimate {
+    pub towers: String,
+    pub ranks: usize,
+    /// The busiest of them; the three add up to the step time.
+    pub compute_s: f64,
+    pub comm_s: f64,
+    pub idle_s: f64,
+    /// The fullest of them.
+    pub memory: Memory,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SplitEstimate {
     pub groups: Vec<GroupEstimate>,
+    /// Per kind of device (what it holds), image-only first, then both, then text-only.
+    #[serde(default)]
+    pub classes: Vec<DeviceClassEstimate>,
     pub feature_all_gather_s: f64,
     pub step_s: f64,
     pub samples_per_s: f64,
@@ -443,6 +460,39 @@ impl CostModel<'_> {
             g.idle_s = step_s - g.compute_s - g.comm_s;
             g.memory = heaviest;
         }
+        let mut classes: Vec<DeviceClassEstimate> = Vec::new();
+        for (r, &(compute, comm, memory)) in t.ranks.iter().zip(&per_rank) {
+            let towers = r.label();
+            match classes.iter_mut().find(|c| c.towers == towers) {
+                Some(c) => {
+                    c.ranks += 1;
+                    if compute + comm > c.compute_s + c.comm_s {
+                        (c.compute_s, c.comm_s) = (compute, comm);
+                    }
+                    if memory.total > c.memory.total {
+                        c.memory = memory;
+                    }
+                }
+                None => classes.push(DeviceClassEstimate {
+                    towers,
+                    ranks: 1,
+                    compute_s: compute,
+                    comm_s: comm,
+                    idle_s: 0.0,
+                    memory,
+                }),
+            }
+        }
+        let order = |c: &DeviceClassEstimate| match c.towers.as_str() {
+            "image" => 0,
+            "image+text" => 1,
+            _ => 2,
+        };
+        classes.sort_by_key(order);
+        for c in &mut classes {
+            // Not below zero: the busiest device's own rounding.
+            c.idle_s = (step_s - c.compute_s - c.comm_s).max(0.0);
+        }
         let busy = |g: &GroupEstimate| g.compute_s + g.comm_s;
         let lighter = if busy(&groups[0]) <= busy(&groups[1]) {
             Tower::Image
@@ -455,6 +505,7 @@ impl CostModel<'_> {
             .map_or(0.0, |g| g.idle_s / step_s);
         Ok(SplitEstimate {
             groups,
+            classes,
             feature_all_gather_s,
             step_s,
             samples_per_s: b_global / step_s,

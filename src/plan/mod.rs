@@ -372,39 +372,49 @@ impl Plan {
                 );
                 let _ = writeln!(
                     s,
-                    "  {:<5} {:>5} {:>10} {:>10} {:>10} {:>10}  {:<10} {:>12} {:>10}",
-                    "group",
-                    "ranks",
-                    "compute",
-                    "comm",
-                    "idle",
-                    "idle %",
-                    "ring link",
-                    "grad a-r",
-                    "memory"
+                    "  {:<10} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    "devices", "ranks", "compute", "comm", "idle", "idle %", "memory"
                 );
-                for g in &split.groups {
+                for c in &split.classes {
                     let _ = writeln!(
                         s,
-                        "  {:<5} {:>5} {:>10} {:>10} {:>10} {:>9.1}%  {:<10} {:>12} {:>10}{}",
-                        g.tower,
-                        g.ranks,
-                        secs(g.compute_s),
-                        secs(g.comm_s),
-                        secs(g.idle_s),
-                        100.0 * g.idle_s / split.step_s,
-                        g.link,
-                        secs(g.grad_all_reduce_s),
-                        gib(g.memory.total),
-                        if g.memory.fits { "" } else { "  DOES NOT FIT" }
+                        "  {:<10} {:>5} {:>10} {:>10} {:>10} {:>9.1}% {:>10}{}",
+                        c.towers,
+                        c.ranks,
+                        secs(c.compute_s),
+                        secs(c.comm_s),
+                        secs(c.idle_s),
+                        100.0 * c.idle_s / split.step_s,
+                        gib(c.memory.total),
+                        if c.memory.fits { "" } else { "  DOES NOT FIT" }
                     );
                 }
                 let _ = writeln!(
                     s,
-                    "  feature all-gather {}; the lighter group ({}) idles {:.1}% of the step",
+                    "  {:<10} {:>5}  {:<10} {:>12}",
+                    "group", "ranks", "ring link", "grad a-r"
+                );
+                for g in &split.groups {
+                    let _ = writeln!(
+                        s,
+                        "  {:<10} {:>5}  {:<10} {:>12}",
+                        g.tower,
+                        g.ranks,
+                        g.link,
+                        secs(g.grad_all_reduce_s)
+                    );
+                }
+                let idlest = split
+                    .classes
+                    .iter()
+                    .max_by(|a, b| a.idle_s.total_cmp(&b.idle_s))
+                    .expect("a layout has devices");
+                let _ = writeln!(
+                    s,
+                    "  feature all-gather {}; the least busy devices ({}) idle {:.1}% of the step",
                     secs(split.feature_all_gather_s),
-                    split.lighter,
-                    100.0 * split.idle_fraction
+                    idlest.towers,
+                    100.0 * idlest.idle_s / split.step_s
                 );
                 if let Some(dp) = &self.data_parallel {
                     let _ = writeln!(
