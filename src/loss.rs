@@ -14,7 +14,8 @@
 //!
 //! Every rank owns a contiguous slice of rows of its modality and, after a world
 //! all-gather, holds all features of the other one. A text rank sees `Sᵀ`: the maths is
-//! symmetric, so one function serves both sides. Two exchange schemes:
+//! symmetric, so one function serves both sides. A rank holding both towers owns a slice
+//! of each and computes both sides ([`Side`]), with one world collective for both. Two exchange schemes:
 //! - `lse`: each rank computes the complete gradient of its own features. For CLIP it
 //!   needs the other direction's normalisers, combined inside its group from per-rank
 //!   partials (`size·B` floats); SigLIP has none. No gradient traffic.

@@ -25,6 +25,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     args.loss.apply(&mut loss);
     let mut micro_batch = MicroBatch::default();
     args.loss.apply_micro_batch(&mut micro_batch);
+    let precision = args
+        .precision
+        .unwrap_or_else(|| Precision::default_on(topology.device));
     let calibration = if args.calibrate {
         if topology.device != DeviceKind::Cpu {
             anyhow::bail!(
@@ -36,11 +39,17 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         let world = topology.devices().len();
         let threads = launch::threads_per_rank(world);
         let cores = launch::cores();
-        let c = calibrate::calibrate(&topology, &model, global_batch, Duration::from_secs(3))
-            .context("calibration failed")?;
+        let c = calibrate::calibrate(
+            &topology,
+            &model,
+            global_batch,
+            Duration::from_secs(3),
+            precision,
+        )
+        .context("calibration failed")?;
         eprintln!(
-            "calibrated on {cores} cores, {threads} compute thread(s) per rank, {world} ranks: image {:.0}, \
-             text {:.0} samples/s per rank (forward + backward)",
+            "calibrated on {cores} cores, {threads} compute thread(s) per rank, {world} ranks, {precision:?}: \
+             image {:.0}, text {:.0} samples/s per rank (forward + backward)",
             c.image_samples_per_s, c.text_samples_per_s
         );
         Some(c)
@@ -51,9 +60,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         global_batch,
         loss,
         micro_batch,
-        precision: args
-            .precision
-            .unwrap_or_else(|| Precision::default_on(topology.device)),
+        precision,
         grad_reduce: args.grad_all_reduce,
         optimizer: args.optimizer,
         checkpointing: args.checkpointing,

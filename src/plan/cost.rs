@@ -243,6 +243,13 @@ impl CostModel<'_> {
     fn flops_per_s(&self, rank: usize, tower: Tower) -> Result<f64> {
         let t = self.topology;
         if let Some(c) = self.options.calibration {
+            if c.precision != self.options.precision {
+                return Err(Error::Msg(format!(
+                    "the calibration measured the towers in {:?} but the plan is for {:?}: \
+                     calibrate with the same --precision",
+                    c.precision, self.options.precision
+                )));
+            }
             // Measured on one rank's share of the cores, so it already is per rank.
             let rate = match tower {
                 Tower::Image => c.image_samples_per_s,

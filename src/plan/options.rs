@@ -93,6 +93,9 @@ impl Optimizer {
 pub struct Calibration {
     pub image_samples_per_s: f64,
     pub text_samples_per_s: f64,
+    /// The precision the towers ran in while measured: a plan at another precision would
+    /// use rates that are not its own, and is refused.
+    pub precision: Precision,
 }
 
 /// Samples per forward pass on each rank, by group, when fewer than the rank's slice of

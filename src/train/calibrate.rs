@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::data::{Stream, SyntheticSource};
 use crate::error::{Error, Result};
 use crate::model::layers::l2_normalize;
-use crate::model::{cpu_builder, ClipConfig, Encoder};
-use crate::plan::Calibration;
+use crate::model::{ClipConfig, Encoder, ParamBuilder};
+use crate::plan::{Calibration, Precision};
 use crate::topology::{Topology, Tower};
 
 /// Samples per second of forward + backward for `tower` on this thread, with `lockstep`
@@ -32,15 +32,19 @@ fn tower_rate(
     tower: Tower,
     batch: usize,
     budget: Duration,
+    precision: Precision,
     lockstep: &Lockstep,
 ) -> Result<f64> {
-    let encoder = Encoder::new(&cpu_builder(0), model, tower)?;
+    // As the trainer builds it: f32 masters, the tower computing in the precision's dtype.
+    let compute = precision.compute_dtype(DType::F32);
+    let pb = ParamBuilder::mixed(0, compute, DType::F32, &Device::Cpu);
+    let encoder = Encoder::new(&pb, model, tower)?;
     let source = SyntheticSource::new(0, model)?;
     let indices: Vec<u64> = (0..batch as u64).collect();
     let input = source.tower_input(tower, Stream::Train, &indices, &Device::Cpu)?;
     let step = || -> Result<()> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
-            let features = l2_normalize(&encoder.forward(&input)?)?;
+            let features = l2_normalize(&encoder.forward(&input)?.to_dtype(DType::F32)?)?;
             features.sum_all()?.backward()?;
             Ok(())
         }))
@@ -95,7 +99,8 @@ struct Lockstep {
     stop: AtomicBool,
 }
 
-/// Runs every rank's tower at once (as [`tower_rate`]) and returns each tower's mean rate
+/// Runs every rank's tower at once (as [`tower_rate`], in `precision`) and returns each
+/// tower's mean rate
 /// per rank: one thread per device. An `auto` topology, or one whose devices hold both
 /// towers, is measured half image, half text (the threads' contention is then what the
 /// devices' would be; a device running both towers in turn runs each at that rate).
@@ -104,6 +109,7 @@ pub fn calibrate(
     model: &ClipConfig,
     global_batch: usize,
     budget: Duration,
+    precision: Precision,
 ) -> Result<Calibration> {
     let world = topology.devices().len();
     let shared = topology.ranks.iter().any(|r| r.roles.len() > 1);
@@ -136,7 +142,7 @@ pub fn calibrate(
             .map(|&t| {
                 let batch = global_batch.div_ceil(group_size(t)).max(1);
                 let lockstep = &lockstep;
-                s.spawn(move || tower_rate(model, t, batch, budget, lockstep))
+                s.spawn(move || tower_rate(model, t, batch, budget, precision, lockstep))
             })
             .collect();
         handles
@@ -154,5 +160,6 @@ pub fn calibrate(
     Ok(Calibration {
         image_samples_per_s: sums[0] / group_size(Tower::Image) as f64,
         text_samples_per_s: sums[1] / group_size(Tower::Text) as f64,
+        precision,
     })
 }

@@ -1044,17 +1044,6 @@ fn a_rank_stuck_outside_a_collective_ends_the_run_naming_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The step losses a `--metrics` file recorded, in order.
-fn metric_losses(path: &std::path::Path) -> Vec<f64> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("eval").is_none())
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect()
-}
-
 /// `mmpipe train --topology topology/cpu-dp2.toml` (two ranks, each holding both towers)
 /// gives cpu-1x1's losses step by step, up to float rounding; so does a hybrid (image on
 /// three ranks, text on two of them), with an uneven batch, the gather-scatter scheme
@@ -1089,7 +1078,11 @@ fn data_parallel_and_hybrid_topologies_train_like_one_device_from_the_cli() {
         args.extend_from_slice(extra);
         let out = mmpipe(&args);
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
-        (metric_losses(&metrics), text(&out.stdout), metrics)
+        (
+            super::common::metric_losses(&metrics),
+            text(&out.stdout),
+            metrics,
+        )
     };
     let close = |a: &[f64], b: &[f64], label: &str| {
         assert_eq!(a.len(), 8, "{label}");
@@ -1190,5 +1183,5 @@ fn auto_groups_train_the_layout_plan_auto_chooses() {
     let bare = |l: &str| l.replace('"', "");
     assert!(chosen.contains(&bare(&image)), "{chosen} vs {image}");
     assert!(chosen.contains(&bare(&txt)), "{chosen} vs {txt}");
-    assert_eq!(metric_losses(&metrics).len(), 3);
+    assert_eq!(super::common::metric_losses(&metrics).len(), 3);
 }

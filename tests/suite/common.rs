@@ -118,6 +118,48 @@ pub fn batch_indices(step: usize, global_batch: usize, offset: usize, len: usize
     (start..start + len as u64).collect()
 }
 
+/// The samples of step `step` a tower replica owns (its slice of the global batch).
+pub fn slice_indices(
+    tower: &mmpipe::train::trainer::TowerTrainer,
+    step: usize,
+    global_batch: usize,
+) -> Vec<u64> {
+    batch_indices(step, global_batch, tower.offset, tower.local_batch)
+}
+
+/// Each of a rank's towers' inputs for step `step` of the synthetic set: what
+/// [`mmpipe::train::RankTrainer::step`] takes.
+pub fn slice_inputs(
+    trainer: &mmpipe::train::RankTrainer,
+    source: &mmpipe::data::SyntheticSource,
+    step: usize,
+    global_batch: usize,
+) -> mmpipe::error::Result<Vec<TowerInput>> {
+    trainer
+        .towers
+        .iter()
+        .map(|t| {
+            source.tower_input(
+                t.tower,
+                mmpipe::data::Stream::Train,
+                &slice_indices(t, step, global_batch),
+                &Device::Cpu,
+            )
+        })
+        .collect()
+}
+
+/// The step losses a `--metrics` file recorded, in order (evaluation lines left out).
+pub fn metric_losses(path: &Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_none())
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
 /// The whole model on one device.
 pub struct Reference {
     pub model: Clip,

@@ -15,7 +15,6 @@ use mmpipe::model::ClipConfig;
 use mmpipe::topology::Tower;
 use mmpipe::train::{RankTrainer, TrainConfig};
 
-use super::common::batch_indices;
 use rand::{Rng, SeedableRng};
 
 use super::common::{batch, cpu_topology, scalar, test_model, train_config, Reference};
@@ -508,12 +507,7 @@ fn a_step_without_an_unreadable_pair_equals_one_device_on_the_rest() {
     let topology = cpu_topology(2, 1);
     let runs = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
         let trainer = RankTrainer::new(&topology, rank, &model, &cfg, DType::F64, &Device::Cpu)?;
-        let indices = batch_indices(
-            0,
-            12,
-            trainer.towers[0].offset,
-            trainer.towers[0].local_batch,
-        );
+        let indices = super::common::slice_indices(&trainer.towers[0], 0, 12);
         let input = source.tower_input(
             trainer.towers[0].tower,
             Stream::Train,
@@ -565,12 +559,7 @@ fn image_and_text_ranks_that_read_different_samples_stop_at_that_step() {
         let results = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
             let trainer =
                 RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-            let indices = batch_indices(
-                0,
-                12,
-                trainer.towers[0].offset,
-                trainer.towers[0].local_batch,
-            );
+            let indices = super::common::slice_indices(&trainer.towers[0], 0, 12);
             let input = source.tower_input(
                 trainer.towers[0].tower,
                 Stream::Train,
@@ -1013,12 +1002,7 @@ fn a_batch_with_fewer_than_two_readable_pairs_is_skipped_on_every_rank() {
     let outcomes = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
         let mut trainer =
             RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-        let indices = batch_indices(
-            0,
-            6,
-            trainer.towers[0].offset,
-            trainer.towers[0].local_batch,
-        );
+        let indices = super::common::slice_indices(&trainer.towers[0], 0, 6);
         let input = source.tower_input(
             trainer.towers[0].tower,
             Stream::Train,

@@ -62,14 +62,31 @@ fn mpi_collectives_and_losses_match_serial_answers_and_one_device() {
     }
 }
 
-fn losses(metrics: &std::path::Path) -> Vec<f64> {
-    std::fs::read_to_string(metrics)
+/// `mmpipe ARGS --metrics METRICS` started by scripts/launch.sh over MPI, with `hosts` as
+/// its host file (written into `dir`).
+fn train_over_mpi(
+    dir: &std::path::Path,
+    hosts: &str,
+    args: &[&str],
+    metrics: &std::path::Path,
+) -> std::process::Output {
+    let hostfile = dir.join("hosts.txt");
+    std::fs::write(&hostfile, hosts).unwrap();
+    Command::new("bash")
+        .args([
+            "scripts/launch.sh",
+            "--hostfile",
+            hostfile.to_str().unwrap(),
+            "--backend",
+            "mpi",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(args)
+        .args(["--metrics", metrics.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
         .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("eval").is_none())
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect()
 }
 
 /// scripts/launch.sh with a host file of two "nodes" on loopback starts three MPI ranks;
@@ -100,32 +117,20 @@ fn launch_script_trains_over_mpi_like_the_thread_run() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let thread_stdout = text(&out.stdout);
-    let hosts = dir.join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        "localhost slots=2\n127.0.0.1 slots=1  # a second 'node'\n",
-    )
-    .unwrap();
     let processes = dir.join("processes.jsonl");
-    let out = Command::new("bash")
-        .args([
-            "scripts/launch.sh",
-            "--hostfile",
-            hosts.to_str().unwrap(),
-            "--backend",
-            "mpi",
-            "--",
-        ])
-        .arg(env!("CARGO_BIN_EXE_mmpipe"))
-        .args(common)
-        .args(["--metrics", processes.to_str().unwrap()])
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
+    let out = train_over_mpi(
+        &dir,
+        "localhost slots=2\n127.0.0.1 slots=1  # a second 'node'\n",
+        &common,
+        &processes,
+    );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("as processes (MPI)"), "{stdout}");
-    let (a, b) = (losses(&threads), losses(&processes));
+    let (a, b) = (
+        super::common::metric_losses(&threads),
+        super::common::metric_losses(&processes),
+    );
     assert_eq!(a.len(), 20);
     assert_eq!(a, b, "thread run vs MPI processes");
     // Rank 0 evaluates, as the thread run does: the same scores.
@@ -352,27 +357,15 @@ fn data_parallel_and_hybrid_layouts_train_over_mpi_like_their_thread_runs() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
-        let hosts = dir.join("hosts.txt");
-        std::fs::write(&hosts, format!("localhost slots={ranks}\n")).unwrap();
         let processes = dir.join("processes.jsonl");
-        let out = Command::new("bash")
-            .args([
-                "scripts/launch.sh",
-                "--hostfile",
-                hosts.to_str().unwrap(),
-                "--backend",
-                "mpi",
-                "--",
-            ])
-            .arg(env!("CARGO_BIN_EXE_mmpipe"))
-            .args(common)
-            .args(["--metrics", processes.to_str().unwrap()])
-            .env("RAYON_NUM_THREADS", "1")
-            .output()
-            .unwrap();
+        let hosts = format!("localhost slots={ranks}\n");
+        let out = train_over_mpi(&dir, &hosts, &common, &processes);
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-        let (a, b) = (losses(&threads), losses(&processes));
+        let (a, b) = (
+            super::common::metric_losses(&threads),
+            super::common::metric_losses(&processes),
+        );
         assert_eq!(a.len(), 6, "{topology}");
         assert_eq!(a, b, "{topology}: thread run vs MPI processes");
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
-use mmpipe::data::{Stream, SyntheticSource};
+use mmpipe::data::SyntheticSource;
 use mmpipe::loss::{Exchange, LossConfig, LossKind, TileSize};
 use mmpipe::model::{ClipConfig, LOGIT_SCALE_MAX};
 use mmpipe::topology::{Topology, Tower};
@@ -14,7 +14,7 @@ use mmpipe::train::config::MicroBatch;
 use mmpipe::train::optim::{AdamW, AdamWConfig};
 use mmpipe::train::{RankTrainer, TrainConfig};
 
-use super::common::batch_indices;
+use super::common::{batch_indices, slice_inputs};
 
 use super::common::{
     batch, cpu_topology, scalar, test_model, train_config, worst_violation, Reference, Relative,
@@ -187,14 +187,7 @@ pub(super) fn layout_run_on(
             grad_all_reduce_bytes: 0,
         };
         for step in 0..STEPS {
-            let inputs = trainer
-                .towers
-                .iter()
-                .map(|t| {
-                    let indices = batch_indices(step, cfg.global_batch, t.offset, t.local_batch);
-                    source.tower_input(t.tower, Stream::Train, &indices, &Device::Cpu)
-                })
-                .collect::<mmpipe::error::Result<Vec<_>>>()?;
+            let inputs = slice_inputs(&trainer, &source, step, cfg.global_batch)?;
             let g = trainer.compute_grads(&comms, &inputs, None)?;
             run.losses.push(g.loss);
             if step == 0 {

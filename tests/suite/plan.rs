@@ -125,10 +125,9 @@ fn temperature_constants_are_openclips() {
 /// the plan says, for every loss and exchange scheme, on a topology with unequal groups.
 #[test]
 fn measured_payload_per_step_equals_the_plan() {
-    use super::common::batch_indices;
     use candle_core::{DType, Device};
     use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
-    use mmpipe::data::{Stream, SyntheticSource};
+    use mmpipe::data::SyntheticSource;
     use mmpipe::loss::{Exchange, LossConfig, LossKind};
     use mmpipe::train::RankTrainer;
 
@@ -162,19 +161,8 @@ fn measured_payload_per_step_equals_the_plan() {
         let measured = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
             let mut trainer =
                 RankTrainer::new(&topology, rank, &model, &cfg, DType::F32, &Device::Cpu)?;
-            let indices = batch_indices(
-                0,
-                12,
-                trainer.towers[0].offset,
-                trainer.towers[0].local_batch,
-            );
-            let input = source.tower_input(
-                trainer.towers[0].tower,
-                Stream::Train,
-                &indices,
-                &Device::Cpu,
-            )?;
-            let outcome = trainer.step(&comms, std::slice::from_ref(&input), None, 1e-3)?;
+            let inputs = super::common::slice_inputs(&trainer, &source, 0, 12)?;
+            let outcome = trainer.step(&comms, &inputs, None, 1e-3)?;
             Ok((trainer.towers[0].tower, outcome.bytes))
         })
         .unwrap();

@@ -6,7 +6,7 @@ use std::path::Path;
 use mmpipe::model::ClipConfig;
 use mmpipe::plan::cost::{ring_all_gather_s, ring_all_reduce_s, ring_link, LinkCost};
 use mmpipe::plan::search::{search, Candidate};
-use mmpipe::plan::{CostModel, Plan};
+use mmpipe::plan::{CostModel, Plan, Precision};
 use mmpipe::topology::{LayoutKind, Topology, Tower};
 
 use super::plan::options;
@@ -421,14 +421,45 @@ fn a_locked_tower_costs_a_forward_and_no_gradient_traffic() {
 fn calibration_runs_every_rank_in_lockstep_and_returns_each_towers_rate() {
     // Three threads of unequal work (two image ranks at half the batch, one text rank at
     // all of it) share barriers: a thread that left the lockstep early would hang this test.
-    let rates = mmpipe::train::calibrate::calibrate(
-        &super::common::cpu_topology(2, 1),
-        &super::common::test_model(),
-        8,
-        std::time::Duration::ZERO,
-    )
-    .unwrap();
-    for rate in [rates.image_samples_per_s, rates.text_samples_per_s] {
-        assert!(rate.is_finite() && rate > 0.0, "{rates:?}");
+    // In each precision: the towers run in it (bf16 products on the CPU too), and the
+    // rates say which they are.
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let rates = mmpipe::train::calibrate::calibrate(
+            &super::common::cpu_topology(2, 1),
+            &super::common::test_model(),
+            8,
+            std::time::Duration::ZERO,
+            precision,
+        )
+        .unwrap();
+        for rate in [rates.image_samples_per_s, rates.text_samples_per_s] {
+            assert!(rate.is_finite() && rate > 0.0, "{rates:?}");
+        }
+        assert_eq!(rates.precision, precision);
     }
+}
+
+/// Rates measured in one precision do not cost a plan in another.
+#[test]
+fn a_calibration_in_another_precision_is_refused() {
+    let t = Topology::from_file(Path::new("topology/cpu-2x1.toml")).unwrap();
+    let m = ClipConfig::default_tiny();
+    let options = mmpipe::plan::CostOptions {
+        precision: Precision::Bf16,
+        calibration: Some(mmpipe::plan::Calibration {
+            image_samples_per_s: 100.0,
+            text_samples_per_s: 300.0,
+            precision: Precision::Fp32,
+        }),
+        ..options(12)
+    };
+    let e = CostModel {
+        topology: &t,
+        model: &m,
+        options: &options,
+    }
+    .split()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("calibrate with the same --precision"), "{e}");
 }

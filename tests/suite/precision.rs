@@ -287,6 +287,7 @@ fn the_planner_memory_is_what_a_bf16_rank_allocates() {
             calibration: Some(Calibration {
                 image_samples_per_s: 100.0,
                 text_samples_per_s: 100.0,
+                precision,
             }),
             ..super::plan::options(GLOBAL_BATCH)
         };

@@ -207,18 +207,22 @@ fn split_and_single_on(
     ((loss, grads), single)
 }
 
-#[test]
-fn synchronised_batch_norm_makes_the_split_resnet_step_exact() {
-    let ((loss, grads), (want_loss, want)) = split_and_single(true);
+/// The distributed step's loss and every gradient equal one device's.
+fn assert_exact(((loss, grads), (want_loss, want)): &(SplitStep, SingleStep)) {
     assert!(
         (loss - want_loss).abs() < 1e-10 * want_loss.abs(),
         "loss {loss} vs {want_loss}"
     );
-    for (name, g) in &grads {
+    for (name, g) in grads {
         if let Some((i, a, b)) = worst_violation(g, &want[name], 1e-8, 1e-11, Relative::Element) {
             panic!("{name}[{i}]: {a} vs {b}");
         }
     }
+}
+
+#[test]
+fn synchronised_batch_norm_makes_the_split_resnet_step_exact() {
+    assert_exact(&split_and_single(true));
 }
 
 /// The same on two devices each holding both towers: the ResNet replicas' batch norm
@@ -226,16 +230,9 @@ fn synchronised_batch_norm_makes_the_split_resnet_step_exact() {
 #[test]
 fn synchronised_batch_norm_is_exact_under_data_parallelism_too() {
     let topology = super::common::cpu_layout(2, "0-1", "0-1");
-    let ((loss, grads), (want_loss, want)) = split_and_single_on(true, &topology);
-    assert!(
-        (loss - want_loss).abs() < 1e-10 * want_loss.abs(),
-        "loss {loss} vs {want_loss}"
-    );
-    for (name, g) in &grads {
-        if let Some((i, a, b)) = worst_violation(g, &want[name], 1e-8, 1e-11, Relative::Element) {
-            panic!("{name}[{i}]: {a} vs {b}");
-        }
-    }
+    let synchronised = split_and_single_on(true, &topology);
+    assert_exact(&synchronised);
+    let want_loss = synchronised.1 .0;
     let ((loss, _), _) = split_and_single_on(false, &topology);
     assert!(
         (loss - want_loss).abs() > 1e-6 * want_loss.abs(),

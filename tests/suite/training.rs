@@ -194,6 +194,22 @@ fn checkpoint_tensors(dir: &std::path::Path) -> std::collections::BTreeMap<Strin
     all
 }
 
+/// 10 steps of 8 samples saved into `dir` every 5, from `resume` if given.
+fn ten_steps_saved_at_five(
+    dir: &std::path::Path,
+    resume: Option<std::path::PathBuf>,
+) -> mmpipe::train::TrainConfig {
+    mmpipe::train::TrainConfig {
+        steps: 10,
+        global_batch: 8,
+        warmup: 2,
+        checkpoint_dir: Some(dir.to_path_buf()),
+        checkpoint_every: 5,
+        resume,
+        ..super::common::train_config(8)
+    }
+}
+
 /// 10 steps straight, and 5 steps + resume + 5: the same losses, weights and optimizer
 /// state, on synthetic data and on shards with random crops and a shuffle buffer, on
 /// splits, data parallelism and a hybrid.
@@ -240,14 +256,8 @@ fn resuming_from_a_checkpoint_is_exact() {
     ] {
         let run = |dir: &str, resume: Option<std::path::PathBuf>| {
             let cfg = mmpipe::train::TrainConfig {
-                steps: 10,
-                global_batch: 8,
-                warmup: 2,
-                checkpoint_dir: Some(base.join(name).join(dir)),
-                checkpoint_every: 5,
-                resume,
                 data: data.clone(),
-                ..super::common::train_config(8)
+                ..ten_steps_saved_at_five(&base.join(name).join(dir), resume)
             };
             mmpipe::train::train(&topology, &model, &cfg).unwrap()
         };
@@ -296,15 +306,7 @@ fn a_save_resumes_on_another_layout() {
     let dp = super::common::cpu_layout(2, "0-1", "0-1");
     for (name, first, second) in [("split-to-dp", &split, &dp), ("dp-to-split", &dp, &split)] {
         let run = |topology: &mmpipe::topology::Topology, dir: &str, resume| {
-            let cfg = mmpipe::train::TrainConfig {
-                steps: 10,
-                global_batch: 8,
-                warmup: 2,
-                checkpoint_dir: Some(base.join(name).join(dir)),
-                checkpoint_every: 5,
-                resume,
-                ..super::common::train_config(8)
-            };
+            let cfg = ten_steps_saved_at_five(&base.join(name).join(dir), resume);
             mmpipe::train::train(topology, &model, &cfg).unwrap()
         };
         let straight = run(first, "straight", None);
