@@ -9,6 +9,10 @@
 #      the CPU AdamW bit for bit, masters, moments and bf16 copies (tests optim::);
 #   4. bf16 on the GPU against f32 on the CPU: loss, gradients, weights after 5 steps
 #      (tests precision::cuda);
+#   4b. the fused ops' CUDA kernels (layer norm, forward and backward, f32 and bf16 inputs):
+#      NVRTC compiles them, they equal the plain ops in f64 and run twice to the same bits,
+#      and their workbench timings against the plain ops (tests fused::cuda, log
+#      fused-kernels-cuda.log holds the timings);
 #   5. `mmpipe train` on topology/gpu-1x1.toml in full f32 (no TF32) against the same run
 #      on the CPU: the losses of 20 steps;
 #   6. 300 steps of the default run in bf16 and in f32 on the GPU: the largest loss gap
@@ -35,11 +39,13 @@ report() { # name, status, detail
   [ "$2" = PASS ] || failed=1
 }
 
-# Runs test filter $2 of the suite; summary: the tests and their time.
+# Runs test filter $2 of the suite (further arguments go to the test binary); summary: the
+# tests and their time.
 tests() {
   local name=$1 filter=$2 start end log="$logs/$1.log"
+  shift 2
   start=$(date +%s.%N)
-  "$bundle/suite" "$filter" --test-threads "${TEST_THREADS:-4}" >"$log" 2>&1
+  "$bundle/suite" "$filter" --test-threads "${TEST_THREADS:-4}" "$@" >"$log" 2>&1
   local rc=$?
   end=$(date +%s.%N)
   local summary
@@ -55,6 +61,7 @@ tests parity-and-gradients-cuda parity::cuda::
 tests nccl-single-rank nccl::
 tests adamw-kernel optim::
 tests bf16-cuda-vs-cpu-f32 precision::cuda::
+tests fused-kernels-cuda fused::cuda:: --nocapture
 
 # 5. The CLI on the GPU against the CPU: 20 steps of the tiny model, same seed, full f32.
 train_losses() { # topology, metrics file

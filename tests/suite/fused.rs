@@ -570,3 +570,190 @@ fn an_embedding_id_outside_the_table_is_an_error_naming_it() {
     let err = fused::embedding(&table, &ids).unwrap_err().to_string();
     assert!(err.contains("id 4 outside a table of 4 rows"), "{err}");
 }
+
+/// The fused ops' CUDA kernels: NVRTC compiles them (no GPU needed), and on a GPU, the
+/// workbench: each kernel against the plain ops on fresh random inputs, in f64 on the CPU,
+/// with both timed (printed, not asserted; `scripts/gpu-check.sh` keeps the log).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_layer_norm_kernels_compile_for_sm_90() {
+        let ptx = fused::cuda::layer_norm_ptx(9, 0).unwrap();
+        for entry in [
+            "layer_norm_fwd_f32",
+            "layer_norm_fwd_bf16",
+            "layer_norm_bwd_dx_f32",
+            "layer_norm_bwd_dx_bf16",
+            "layer_norm_bwd_partial_f32",
+            "layer_norm_bwd_partial_bf16",
+            "layer_norm_bwd_dw",
+        ] {
+            assert!(
+                ptx.contains(&format!(".entry {entry}(")),
+                "{entry}: {}",
+                &ptx[..ptx.len().min(400)]
+            );
+        }
+        assert!(ptx.contains(".target sm_90"));
+    }
+
+    fn gpu() -> Device {
+        mmpipe::comm::device::cuda_device(0).expect("these tests need a CUDA GPU")
+    }
+
+    /// Forward value and the gradients of x, w, b of `Σ layer_norm(x, w, b) ⊙ g`, all
+    /// returned on the CPU in f64.
+    fn run(
+        f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        g: &Tensor,
+    ) -> Vec<Tensor> {
+        let (x, w, b) = (
+            Var::from_tensor(x).unwrap(),
+            Var::from_tensor(w).unwrap(),
+            Var::from_tensor(b).unwrap(),
+        );
+        let y = f(x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let loss = (&y * g.to_dtype(y.dtype()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let host = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let mut out = vec![host(&y)];
+        for v in [&x, &w, &b] {
+            out.push(host(grads.get(v.as_tensor()).expect("a gradient")));
+        }
+        out
+    }
+
+    /// The CUDA layer norm (f32 and bf16 inputs, f32 weights, one row and many, widths
+    /// that are and are not multiples of the block) against the plain ops in f64 on the
+    /// same values: output and every gradient. The input's gradient comes back in the
+    /// input's dtype.
+    #[test]
+    fn the_cuda_layer_norm_equals_the_plain_ops() {
+        let dev = gpu();
+        for dims in [
+            vec![1, 768],
+            vec![3, 7, 33],
+            vec![50, 197, 768],
+            vec![4, 1000],
+        ] {
+            let width = *dims.last().unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let label = format!("{dims:?} {dtype:?}");
+                // Rows off centre and spread: the two-pass variance is needed.
+                let x = Tensor::randn(0.5f32, 3.0, dims.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let w = Tensor::randn(1f32, 0.2, width, &Device::Cpu).unwrap();
+                let b = Tensor::randn(0f32, 0.2, width, &Device::Cpu).unwrap();
+                let g = Tensor::randn(0f32, 1.0, dims.as_slice(), &Device::Cpu).unwrap();
+                let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
+                assert!(fused::cuda::layer_norm_applies(
+                    &on_gpu(&x),
+                    &on_gpu(&w),
+                    &on_gpu(&b)
+                ));
+                let kernel = run(
+                    &|x, w, b| fused::layer_norm(x, w, b, 1e-5).unwrap(),
+                    &on_gpu(&x),
+                    &on_gpu(&w),
+                    &on_gpu(&b),
+                    &on_gpu(&g),
+                );
+                let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let reference = run(
+                    &|x, w, b| plain::layer_norm(x, w, b),
+                    &wide(&x),
+                    &wide(&w),
+                    &wide(&b),
+                    &wide(&g),
+                );
+                // f32 sums over a row (and dw, db over every row); the bf16 input's gradient
+                // is rounded to bf16 (2^-9 of its scale).
+                let dx_rel = if dtype == DType::BF16 { 8e-3 } else { 1e-5 };
+                for (i, (what, rel)) in [("y", 1e-5), ("dx", dx_rel), ("dw", 1e-4), ("db", 1e-4)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if let Some((at, a, b)) =
+                        worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                    {
+                        panic!("{label}: {what}[{at}] is {a}, the plain ops' {b}");
+                    }
+                }
+                // The same inputs, the same bits: no atomics in any sum.
+                let again = run(
+                    &|x, w, b| fused::layer_norm(x, w, b, 1e-5).unwrap(),
+                    &on_gpu(&x),
+                    &on_gpu(&w),
+                    &on_gpu(&b),
+                    &on_gpu(&g),
+                );
+                for (a, b) in kernel.iter().zip(&again) {
+                    assert!(
+                        worst_violation(a, b, 0.0, 0.0, Relative::Element).is_none(),
+                        "{label}: a second run differs"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Workbench timing: the kernels against candle's composition of plain ops at a
+    /// ViT-B/16 layer's size (256 × 197 rows of 768), forward + backward, printed.
+    #[test]
+    fn the_cuda_layer_norm_workbench_times_both() {
+        let dev = gpu();
+        let (rows, width) = (256 * 197, 768);
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::randn(0f32, 1.0, (rows, width), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Tensor::ones(width, DType::F32, &dev).unwrap();
+            let b = Tensor::zeros(width, DType::F32, &dev).unwrap();
+            let g = Tensor::randn(0f32, 1.0, (rows, width), &dev).unwrap();
+            let time = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+                let step = || {
+                    let xv = Var::from_tensor(&x).unwrap();
+                    let y = f(xv.as_tensor(), &w, &b);
+                    let loss = (&y * &g.to_dtype(y.dtype()).unwrap())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    loss.backward().unwrap();
+                    dev.synchronize().unwrap();
+                };
+                step();
+                let started = std::time::Instant::now();
+                for _ in 0..10 {
+                    step();
+                }
+                started.elapsed().as_secs_f64() * 1e3 / 10.0
+            };
+            let kernel = time(&|x, w, b| fused::layer_norm(x, w, b, 1e-5).unwrap());
+            let plain_ms = time(&|x, w, b| {
+                let x = x.to_dtype(DType::F32).unwrap();
+                candle_nn::ops::layer_norm_slow(&x, w, b, 1e-5).unwrap()
+            });
+            println!(
+                "layer norm {rows}x{width} {dtype:?}, forward + backward (with the loss's \
+                 multiply and sum): kernels {kernel:.3} ms, plain ops {plain_ms:.3} ms"
+            );
+        }
+    }
+}

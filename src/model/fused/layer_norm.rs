@@ -6,8 +6,14 @@ use super::*;
 /// Layer norm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 ///
 /// Half-precision inputs are normalised in f32 (statistics, affine and the weights'
-/// gradients), the output rounded back: autocast's rule for layer norm.
+/// gradients), the output rounded back: autocast's rule for layer norm. On a GPU, f32
+/// weights with an f32 or bf16 input run the CUDA kernels (`cuda.rs`).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    // On a GPU: the CUDA kernels (an f32 or bf16 input read as it is, no cast pass).
+    #[cfg(feature = "cuda")]
+    if super::cuda::layer_norm_applies(x, weight, bias) {
+        return super::cuda::layer_norm(x, weight, bias, eps);
+    }
     let half = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F16);
     if half(x) || half(weight) {
         let wide = |t: &Tensor| t.to_dtype(DType::F32);

@@ -439,6 +439,8 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
 }
 
 mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod embedding;
 mod gelu;
 mod layer_norm;

@@ -1,0 +1,220 @@
+// Layer norm over the last dimension on the GPU, forward and backward, for rows of f32 or
+// bf16 inputs with f32 weights, bias, output and statistics (autocast's rule: a norm
+// computes and returns f32). Compiled at start-up by NVRTC (src/model/fused/cuda.rs); no
+// headers, so it compiles wherever libnvrtc is.
+//
+// Every pointer argument is a device address (u64): the host passes each tensor's first
+// element, its layout's offset applied.
+//
+// Sums run in a fixed order (a warp's shuffle tree, then the warps in order), and the
+// weight gradients reduce rows in chunks whose partial sums are added in chunk order: the
+// same inputs give the same bits, run after run (no atomics).
+//
+//   layer_norm_fwd_{f32,bf16}: one block per row: the row's mean, then its variance about
+//     the mean (two passes: exact for values far from 0), y = (x − mean)·rstd·w + b, and
+//     the row's (mean, rstd) kept for backward.
+//   layer_norm_bwd_dx_{f32,bf16}: one block per row: dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂)),
+//     in x's dtype.
+//   layer_norm_bwd_partial_{f32,bf16}: a thread per column and chunk of rows: Σ g·x̂ and Σ g.
+//   layer_norm_bwd_dw: a thread per column: the chunks' partial sums, in chunk order.
+
+#define THREADS 256
+#define WARPS (THREADS / 32)
+
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+
+__device__ __forceinline__ float load(const unsigned short* p, long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+
+// Round to nearest even, as half::bf16::from_f32 (candle's CPU cast) does; a NaN stays a
+// (quiet) NaN.
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (unsigned short)((u >> 16) | 0x40u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
+
+__device__ __forceinline__ void store(unsigned short* p, long long i, float v) { p[i] = bf16_bits(v); }
+
+// The sum of every thread's `v` over the block (THREADS threads), on every thread.
+// `shared` holds WARPS + 1 floats; the call ends with a barrier, so it may be reused.
+__device__ float block_sum(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_down_sync(0xffffffffu, v, o);
+    }
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        shared[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < WARPS ? shared[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) {
+            w += __shfl_down_sync(0xffffffffu, w, o);
+        }
+        if (lane == 0) {
+            shared[WARPS] = w;
+        }
+    }
+    __syncthreads();
+    const float total = shared[WARPS];
+    __syncthreads();
+    return total;
+}
+
+template <typename T>
+__device__ void fwd(
+    unsigned long long x_at,
+    unsigned long long w_at,
+    unsigned long long b_at,
+    unsigned long long y_at,
+    unsigned long long stats_at,
+    int width,
+    float eps)
+{
+    __shared__ float shared[WARPS + 1];
+    const long long row = blockIdx.x;
+    const T* x = (const T*)x_at + row * width;
+    const float* w = (const float*)w_at;
+    const float* b = (const float*)b_at;
+    float* y = (float*)y_at + row * width;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < width; i += THREADS) {
+        s += load(x, i);
+    }
+    const float mean = block_sum(s, shared) / (float)width;
+    float q = 0.0f;
+    for (int i = threadIdx.x; i < width; i += THREADS) {
+        const float d = load(x, i) - mean;
+        q += d * d;
+    }
+    const float rstd = 1.0f / sqrtf(block_sum(q, shared) / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += THREADS) {
+        y[i] = (load(x, i) - mean) * rstd * w[i] + b[i];
+    }
+    if (threadIdx.x == 0) {
+        float* stats = (float*)stats_at;
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
+template <typename T>
+__device__ void bwd_dx(
+    unsigned long long x_at,
+    unsigned long long w_at,
+    unsigned long long dy_at,
+    unsigned long long stats_at,
+    unsigned long long dx_at,
+    int width)
+{
+    __shared__ float shared[WARPS + 1];
+    const long long row = blockIdx.x;
+    const T* x = (const T*)x_at + row * width;
+    const float* w = (const float*)w_at;
+    const float* g = (const float*)dy_at + row * width;
+    T* dx = (T*)dx_at + row * width;
+    const float* stats = (const float*)stats_at;
+    const float mean = stats[2 * row];
+    const float rstd = stats[2 * row + 1];
+    float sum_gw = 0.0f;
+    float sum_gw_xhat = 0.0f;
+    for (int i = threadIdx.x; i < width; i += THREADS) {
+        const float gw = g[i] * w[i];
+        sum_gw += gw;
+        sum_gw_xhat += gw * ((load(x, i) - mean) * rstd);
+    }
+    const float mean_gw = block_sum(sum_gw, shared) / (float)width;
+    const float mean_gw_xhat = block_sum(sum_gw_xhat, shared) / (float)width;
+    for (int i = threadIdx.x; i < width; i += THREADS) {
+        const float h = (load(x, i) - mean) * rstd;
+        store(dx, i, rstd * (g[i] * w[i] - mean_gw - h * mean_gw_xhat));
+    }
+}
+
+// Grid: (column blocks, chunks). partial holds 2 × chunks × width floats: Σ g·x̂ of each
+// chunk, then Σ g.
+template <typename T>
+__device__ void bwd_partial(
+    unsigned long long x_at,
+    unsigned long long dy_at,
+    unsigned long long stats_at,
+    unsigned long long partial_at,
+    long long rows,
+    int width,
+    long long rows_per_chunk)
+{
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= width) {
+        return;
+    }
+    const T* x = (const T*)x_at;
+    const float* g = (const float*)dy_at;
+    const float* stats = (const float*)stats_at;
+    float* partial = (float*)partial_at;
+    const long long chunk = blockIdx.y;
+    const long long chunks = gridDim.y;
+    const long long first = chunk * rows_per_chunk;
+    const long long last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
+    float dw = 0.0f;
+    float db = 0.0f;
+    for (long long r = first; r < last; ++r) {
+        const float gi = g[r * width + j];
+        dw += gi * ((load(x, r * width + j) - stats[2 * r]) * stats[2 * r + 1]);
+        db += gi;
+    }
+    partial[chunk * width + j] = dw;
+    partial[(chunks + chunk) * width + j] = db;
+}
+
+extern "C" __global__ void layer_norm_bwd_dw(
+    unsigned long long partial_at,
+    unsigned long long dw_at,
+    unsigned long long db_at,
+    int width,
+    int chunks)
+{
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= width) {
+        return;
+    }
+    const float* partial = (const float*)partial_at;
+    float dw = 0.0f;
+    float db = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+        dw += partial[(long long)c * width + j];
+        db += partial[(long long)(chunks + c) * width + j];
+    }
+    ((float*)dw_at)[j] = dw;
+    ((float*)db_at)[j] = db;
+}
+
+#define ENTRIES(NAME, T)                                                                     \
+    extern "C" __global__ void layer_norm_fwd_##NAME(                                        \
+        unsigned long long x, unsigned long long w, unsigned long long b,                    \
+        unsigned long long y, unsigned long long stats, int width, float eps)                \
+    {                                                                                        \
+        fwd<T>(x, w, b, y, stats, width, eps);                                               \
+    }                                                                                        \
+    extern "C" __global__ void layer_norm_bwd_dx_##NAME(                                     \
+        unsigned long long x, unsigned long long w, unsigned long long dy,                   \
+        unsigned long long stats, unsigned long long dx, int width)                          \
+    {                                                                                        \
+        bwd_dx<T>(x, w, dy, stats, dx, width);                                               \
+    }                                                                                        \
+    extern "C" __global__ void layer_norm_bwd_partial_##NAME(                                \
+        unsigned long long x, unsigned long long dy, unsigned long long stats,               \
+        unsigned long long partial, long long rows, int width, long long rows_per_chunk)     \
+    {                                                                                        \
+        bwd_partial<T>(x, dy, stats, partial, rows, width, rows_per_chunk);                  \
+    }
+
+ENTRIES(f32, float)
+ENTRIES(bf16, unsigned short)
