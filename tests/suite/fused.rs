@@ -580,17 +580,23 @@ mod cuda {
     use candle_core::Device;
 
     #[test]
-    fn the_layer_norm_kernels_compile_for_sm_90() {
-        let ptx = fused::cuda::layer_norm_ptx(9, 0).unwrap();
-        for entry in [
-            "layer_norm_fwd_f32",
-            "layer_norm_fwd_bf16",
-            "layer_norm_bwd_dx_f32",
-            "layer_norm_bwd_dx_bf16",
-            "layer_norm_bwd_partial_f32",
-            "layer_norm_bwd_partial_bf16",
-            "layer_norm_bwd_dw",
-        ] {
+    fn the_fused_kernels_compile_for_sm_90() {
+        let ptx = fused::cuda::ptx(9, 0).unwrap();
+        let mut entries = vec!["layer_norm_bwd_dw".to_string()];
+        for dtype in ["f32", "bf16"] {
+            for kernel in [
+                "layer_norm_fwd",
+                "layer_norm_bwd_dx",
+                "layer_norm_bwd_partial",
+                "gelu_fwd",
+                "gelu_bwd",
+                "gelu_bias_partial",
+                "gelu_bias_grad",
+            ] {
+                entries.push(format!("{kernel}_{dtype}"));
+            }
+        }
+        for entry in entries {
             assert!(
                 ptx.contains(&format!(".entry {entry}(")),
                 "{entry}: {}",
@@ -713,10 +719,108 @@ mod cuda {
         }
     }
 
-    /// Workbench timing: the kernels against candle's composition of plain ops at a
-    /// ViT-B/16 layer's size (256 × 197 rows of 768), forward + backward, printed.
+    /// The CUDA GELU, alone and with a bias (f32 and bf16 values, widths that are and are
+    /// not multiples of the block), against the plain ops in f64 on the same values: value
+    /// and the gradients of the values and of the bias, in their dtypes; the same bits on
+    /// a second run.
     #[test]
-    fn the_cuda_layer_norm_workbench_times_both() {
+    fn the_cuda_gelu_equals_the_plain_ops() {
+        let dev = gpu();
+        for dims in [vec![1, 3072], vec![3, 7, 33], vec![64, 3072]] {
+            let width = *dims.last().unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                for with_bias in [false, true] {
+                    let label = format!("{dims:?} {dtype:?} bias {with_bias}");
+                    let y = Tensor::randn(0f32, 2.5, dims.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let bias = Tensor::randn(0f32, 0.5, width, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let g = Tensor::randn(0f32, 1.0, dims.as_slice(), &Device::Cpu).unwrap();
+                    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor,
+                               y: &Tensor,
+                               bias: &Tensor,
+                               g: &Tensor| {
+                        let (y, bias) = (
+                            Var::from_tensor(y).unwrap(),
+                            Var::from_tensor(bias).unwrap(),
+                        );
+                        let out = f(y.as_tensor(), bias.as_tensor());
+                        let loss = (&out * g.to_dtype(out.dtype()).unwrap())
+                            .unwrap()
+                            .sum_all()
+                            .unwrap();
+                        let grads = loss.backward().unwrap();
+                        let host = |t: &Tensor| {
+                            t.to_device(&Device::Cpu)
+                                .unwrap()
+                                .to_dtype(DType::F64)
+                                .unwrap()
+                        };
+                        let mut all = vec![host(&out), host(grads.get(y.as_tensor()).unwrap())];
+                        if with_bias {
+                            all.push(host(grads.get(bias.as_tensor()).unwrap()));
+                        }
+                        all
+                    };
+                    let fused_op = |y: &Tensor, b: &Tensor| {
+                        if with_bias {
+                            fused::gelu_erf_bias(y, b).unwrap()
+                        } else {
+                            fused::gelu_erf(y).unwrap()
+                        }
+                    };
+                    let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
+                    assert!(fused::cuda::gelu_applies(&on_gpu(&y), Some(&on_gpu(&bias))));
+                    let kernel = run(&fused_op, &on_gpu(&y), &on_gpu(&bias), &on_gpu(&g));
+                    let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                    let reference = run(
+                        &|y, b| {
+                            let z = if with_bias {
+                                y.broadcast_add(b).unwrap()
+                            } else {
+                                y.clone()
+                            };
+                            plain::gelu(&z)
+                        },
+                        &wide(&y),
+                        &wide(&bias),
+                        &wide(&g),
+                    );
+                    // In bf16 the value and the gradients are rounded to bf16; the bias
+                    // gradient sums f32 terms over the rows before its rounding.
+                    let rel = if dtype == DType::BF16 { 8e-3 } else { 1e-5 };
+                    for (i, what) in ["value", "d values", "d bias"]
+                        .iter()
+                        .enumerate()
+                        .take(kernel.len())
+                    {
+                        if let Some((at, a, b)) =
+                            worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                        {
+                            panic!("{label}: {what}[{at}] is {a}, the plain ops' {b}");
+                        }
+                    }
+                    let again = run(&fused_op, &on_gpu(&y), &on_gpu(&bias), &on_gpu(&g));
+                    for (a, b) in kernel.iter().zip(&again) {
+                        assert!(
+                            worst_violation(a, b, 0.0, 0.0, Relative::Element).is_none(),
+                            "{label}: a second run differs"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Workbench timing: the kernels against candle's composition of plain ops at a
+    /// ViT-B/16 layer's size (256 × 197 rows of 768; the MLP 4 × wider), forward +
+    /// backward, printed.
+    #[test]
+    fn the_cuda_kernels_workbench_times_both() {
         let dev = gpu();
         let (rows, width) = (256 * 197, 768);
         for dtype in [DType::F32, DType::BF16] {
@@ -753,6 +857,46 @@ mod cuda {
             println!(
                 "layer norm {rows}x{width} {dtype:?}, forward + backward (with the loss's \
                  multiply and sum): kernels {kernel:.3} ms, plain ops {plain_ms:.3} ms"
+            );
+            // The MLP's activation at the same rows: 4 × 768 wide, with its bias.
+            let y = Tensor::randn(0f32, 1.0, (rows, 4 * width), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bias = Tensor::zeros(4 * width, dtype, &dev).unwrap();
+            let g = Tensor::randn(0f32, 1.0, (rows, 4 * width), &dev).unwrap();
+            let time_gelu = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+                let step = || {
+                    let yv = Var::from_tensor(&y).unwrap();
+                    let bv = Var::from_tensor(&bias).unwrap();
+                    let out = f(yv.as_tensor(), bv.as_tensor());
+                    let loss = (&out * &g.to_dtype(out.dtype()).unwrap())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    loss.backward().unwrap();
+                    dev.synchronize().unwrap();
+                };
+                step();
+                let started = std::time::Instant::now();
+                for _ in 0..10 {
+                    step();
+                }
+                started.elapsed().as_secs_f64() * 1e3 / 10.0
+            };
+            let kernel = time_gelu(&|y, b| fused::gelu_erf_bias(y, b).unwrap());
+            let plain_ms = time_gelu(&|y, b| {
+                let z = y
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .broadcast_add(&b.to_dtype(DType::F32).unwrap())
+                    .unwrap();
+                plain::gelu(&z).to_dtype(y.dtype()).unwrap()
+            });
+            println!(
+                "GELU with bias {rows}x{} {dtype:?}, forward + backward: kernels {kernel:.3} ms, \
+                 plain ops {plain_ms:.3} ms",
+                4 * width
             );
         }
     }

@@ -1,6 +1,8 @@
-//! The fused ops' CUDA kernels, with their own backward (`layer_norm.cu`): one pass over
-//! memory forward, one for the input's gradient and one for the weights', where candle's
-//! composition of small ops launches a kernel and makes a pass per op.
+//! The fused ops' CUDA kernels, with their own backward: layer norm (`layer_norm.cu`) and
+//! exact GELU with an optional bias (`gelu.cu`), over what they share (`kernels.cuh`).
+//! One pass over memory forward and one or two backward, where candle's composition of
+//! small ops launches a kernel and makes a pass per op (GELU through `erf` was eight, and
+//! two casts under bf16).
 //!
 //! The kernels are compiled at start-up by NVRTC for the device's compute capability, as
 //! the AdamW kernel is (`src/train/optim/cuda.rs`): the build needs no CUDA compiler.
@@ -15,20 +17,28 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage};
 
 use crate::error::{Error, Result};
 
-/// The layer norm kernels' CUDA source.
-pub const LAYER_NORM_SOURCE: &str = include_str!("layer_norm.cu");
+/// The kernels' CUDA source: the shared part, then each op's file.
+pub const SOURCE: &str = concat!(
+    include_str!("kernels.cuh"),
+    include_str!("layer_norm.cu"),
+    include_str!("gelu.cu")
+);
 /// Threads a block: the source's `THREADS`.
 const THREADS: u32 = 256;
-/// The most row chunks the weight gradients reduce over (each a partial sum per column).
+/// The most row chunks a weight or bias gradient reduces over (each a partial sum per
+/// column, added in chunk order).
 const MAX_CHUNKS: usize = 256;
+/// The module name the kernels load under, once per device.
+const MODULE: &str = "mmpipe_fused";
 
-/// The layer norm kernels as PTX for compute capability `major.minor` (9.0: H100, H200),
-/// compiled by NVRTC once per process and capability. No GPU is needed to compile.
-pub fn layer_norm_ptx(major: i32, minor: i32) -> Result<String> {
+/// The kernels as PTX for compute capability `major.minor` (9.0: H100, H200), compiled by
+/// NVRTC once per process and capability. No GPU is needed to compile.
+pub fn ptx(major: i32, minor: i32) -> Result<String> {
     static COMPILED: Mutex<Vec<((i32, i32), String)>> = Mutex::new(Vec::new());
     let mut compiled = COMPILED.lock().expect("compiled kernels");
     if let Some((_, ptx)) = compiled.iter().find(|(cc, _)| *cc == (major, minor)) {
@@ -36,20 +46,137 @@ pub fn layer_norm_ptx(major: i32, minor: i32) -> Result<String> {
     }
     let options = CompileOptions {
         options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-        name: Some("layer_norm.cu".into()),
+        name: Some("fused.cu".into()),
         ..Default::default()
     };
-    let ptx = compile_ptx_with_opts(LAYER_NORM_SOURCE, options)
+    let ptx = compile_ptx_with_opts(SOURCE, options)
         .map_err(|e| {
             Error::Cuda(format!(
-                "NVRTC could not compile the layer norm kernels (src/model/fused/layer_norm.cu) \
-                 for compute capability {major}.{minor}: {e}"
+                "NVRTC could not compile the fused kernels (src/model/fused/*.cu) for compute \
+                 capability {major}.{minor}: {e}"
             ))
         })?
         .to_src();
     compiled.push(((major, minor), ptx.clone()));
     Ok(ptx)
 }
+
+fn cuda_err(e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("a fused CUDA kernel: {e:?}"))
+}
+
+/// "f32" or "bf16": the kernels' name suffix for values of `dtype`.
+fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => Err(cuda_err(format!("values of {other:?}"))),
+    }
+}
+
+/// The device address of a storage's element at `layout`'s start (contiguous layouts
+/// only), whatever its dtype (f32 or bf16).
+fn storage_address(
+    s: &CudaStorage,
+    layout: &Layout,
+    stream: &CudaStream,
+) -> candle_core::Result<u64> {
+    fn at<T: CudaDType>(
+        s: &CudaStorage,
+        layout: &Layout,
+        stream: &CudaStream,
+    ) -> candle_core::Result<u64> {
+        let (base, _sync) = s.as_cuda_slice::<T>()?.device_ptr(stream);
+        Ok(base + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+    }
+    if !layout.is_contiguous() {
+        return Err(cuda_err("a strided input"));
+    }
+    match s.dtype() {
+        DType::F32 => at::<f32>(s, layout, stream),
+        DType::BF16 => at::<half::bf16>(s, layout, stream),
+        other => Err(cuda_err(format!("values of {other:?}"))),
+    }
+}
+
+/// The device address of a (contiguous) tensor's first element.
+fn tensor_address(t: &Tensor, stream: &CudaStream) -> candle_core::Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        return Err(cuda_err("a tensor off the GPU"));
+    };
+    storage_address(s, layout, stream)
+}
+
+/// The address of a buffer the kernels write or read whole.
+fn slice_address<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+/// One kernel argument.
+enum Arg {
+    Address(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+fn int(n: usize) -> candle_core::Result<Arg> {
+    Ok(Arg::I32(i32::try_from(n).map_err(cuda_err)?))
+}
+
+fn blocks(n: usize) -> candle_core::Result<u32> {
+    u32::try_from(n).map_err(|_| cuda_err(format!("{n} blocks")))
+}
+
+/// Launches kernel `name` of the fused module on `device`'s stream, `THREADS` a block.
+///
+/// Every caller passes addresses of live buffers on this device of the sizes the kernel
+/// reads and writes (its comment in the source says which), held until the stream has run
+/// it (a tensor's memory is freed in stream order), and arguments in its signature's order.
+fn launch(
+    device: &CudaDevice,
+    name: &str,
+    grid: (usize, usize),
+    args: &[Arg],
+) -> candle_core::Result<()> {
+    let (major, minor) = device
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(cuda_err)?;
+    let ptx = ptx(major, minor).map_err(cuda_err)?;
+    let func = device.get_or_load_custom_func(name, MODULE, &ptx)?;
+    let mut builder = func.builder();
+    for a in args {
+        match a {
+            Arg::Address(v) => builder.arg(v),
+            Arg::I64(v) => builder.arg(v),
+            Arg::I32(v) => builder.arg(v),
+            Arg::F32(v) => builder.arg(v),
+        };
+    }
+    let config = LaunchConfig {
+        grid_dim: (blocks(grid.0)?, blocks(grid.1)?, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as the function's contract says (every caller below keeps it).
+    unsafe { builder.launch(config) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// How a column reduction over `rows` rows is cut: (chunks, rows a chunk).
+fn chunking(rows: usize) -> (usize, usize) {
+    let per_chunk = rows.div_ceil(rows.clamp(1, MAX_CHUNKS));
+    (rows.div_ceil(per_chunk.max(1)), per_chunk.max(1))
+}
+
+fn columns(width: usize) -> usize {
+    width.div_ceil(THREADS as usize)
+}
+
+// Layer norm.
 
 /// Whether the CUDA layer norm takes these: a contiguous f32 or bf16 input on a GPU, f32
 /// weight and bias of its last dimension's width there (a norm returns f32 under
@@ -70,85 +197,20 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     Ok(x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        LayerNormCuda {
+        LayerNorm {
             eps,
             stats: Mutex::new(None),
         },
     )?)
 }
 
-struct LayerNormCuda {
+struct LayerNorm {
     eps: f32,
     /// Each row's mean and 1/σ from forward, on the GPU.
     stats: Mutex<Option<CudaSlice<f32>>>,
 }
 
-fn cuda_err(e: impl std::fmt::Debug) -> candle_core::Error {
-    candle_core::Error::Msg(format!("the CUDA layer norm: {e:?}"))
-}
-
-/// The device address of a storage's element at `layout`'s start (contiguous layouts
-/// only).
-fn storage_address<T: CudaDType>(
-    s: &CudaStorage,
-    layout: &Layout,
-    stream: &CudaStream,
-) -> candle_core::Result<u64> {
-    if !layout.is_contiguous() {
-        return Err(cuda_err("a strided input"));
-    }
-    let (base, _sync) = s.as_cuda_slice::<T>()?.device_ptr(stream);
-    Ok(base + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
-}
-
-/// The device address of a tensor's first element.
-fn tensor_address<T: CudaDType>(t: &Tensor, stream: &CudaStream) -> candle_core::Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else {
-        return Err(cuda_err("a tensor off the GPU"));
-    };
-    storage_address::<T>(s, layout, stream)
-}
-
-/// The address of `x`'s data whatever its dtype (f32 or bf16).
-fn input_address(
-    s: &CudaStorage,
-    layout: &Layout,
-    stream: &CudaStream,
-) -> candle_core::Result<u64> {
-    match s.dtype() {
-        DType::F32 => storage_address::<f32>(s, layout, stream),
-        DType::BF16 => storage_address::<half::bf16>(s, layout, stream),
-        other => Err(cuda_err(format!("an input of {other:?}"))),
-    }
-}
-
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        other => Err(cuda_err(format!("an input of {other:?}"))),
-    }
-}
-
-/// The kernels' PTX for `device`'s compute capability.
-fn ptx_for(device: &CudaDevice) -> candle_core::Result<String> {
-    let (major, minor) = device
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(cuda_err)?;
-    layer_norm_ptx(major, minor).map_err(cuda_err)
-}
-
-/// The module name the kernels load under, once per device.
-const MODULE: &str = "mmpipe_layer_norm";
-
-fn blocks(n: usize) -> candle_core::Result<u32> {
-    u32::try_from(n).map_err(|_| cuda_err(format!("{n} blocks")))
-}
-
-impl CustomOp3 for LayerNormCuda {
+impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "cuda-layer-norm"
     }
@@ -162,7 +224,7 @@ impl CustomOp3 for LayerNormCuda {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(cuda_err("called on CPU tensors"))
+        Err(cuda_err("the CUDA layer norm called on CPU tensors"))
     }
 
     fn cuda_fwd(
@@ -179,41 +241,26 @@ impl CustomOp3 for LayerNormCuda {
         let width = lw.shape().elem_count();
         let n = lx.shape().elem_count();
         if width == 0 || !n.is_multiple_of(width) || lb.shape().elem_count() != width {
-            return Err(cuda_err(format!("{n} values, weight {width}")));
+            return Err(cuda_err(format!(
+                "layer norm of {n} values, weight {width}"
+            )));
         }
         let rows = n / width;
         // SAFETY: the kernel writes every element of both before anything reads them.
         let (y, stats) = unsafe { (device.alloc::<f32>(n)?, device.alloc::<f32>(2 * rows)?) };
-        let (y_at, _y) = y.device_ptr(&stream);
-        let (stats_at, _s) = stats.device_ptr(&stream);
-        let (x_at, w_at, b_at) = (
-            input_address(x, lx, &stream)?,
-            storage_address::<f32>(w, lw, &stream)?,
-            storage_address::<f32>(b, lb, &stream)?,
-        );
-        let width_arg = i32::try_from(width).map_err(cuda_err)?;
         if rows > 0 {
+            let args = [
+                Arg::Address(storage_address(x, lx, &stream)?),
+                Arg::Address(storage_address(w, lw, &stream)?),
+                Arg::Address(storage_address(b, lb, &stream)?),
+                Arg::Address(slice_address(&y, &stream)),
+                Arg::Address(slice_address(&stats, &stream)),
+                int(width)?,
+                Arg::F32(self.eps),
+            ];
             let name = format!("layer_norm_fwd_{}", suffix(x.dtype())?);
-            let func = device.get_or_load_custom_func(&name, MODULE, &ptx_for(&device)?)?;
-            let mut launch = func.builder();
-            launch.arg(&x_at);
-            launch.arg(&w_at);
-            launch.arg(&b_at);
-            launch.arg(&y_at);
-            launch.arg(&stats_at);
-            launch.arg(&width_arg);
-            launch.arg(&self.eps);
-            let config = LaunchConfig {
-                grid_dim: (blocks(rows)?, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: every address is a live buffer of the sizes the kernel reads and
-            // writes (rows × width inputs and outputs, width weights, 2 × rows statistics)
-            // on this stream's device; the arguments match the kernel's signature.
-            unsafe { launch.launch(config) }.map_err(cuda_err)?;
+            launch(&device, &name, (rows, 1), &args)?;
         }
-        drop((_y, _s));
         *self.stats.lock().expect("layer norm statistics") = Some(stats);
         Ok((CudaStorage::wrap_cuda_slice(y, device), lx.shape().clone()))
     }
@@ -229,7 +276,7 @@ impl CustomOp3 for LayerNormCuda {
         let stats = self.stats.lock().expect("layer norm statistics");
         let stats = stats
             .as_ref()
-            .ok_or_else(|| cuda_err("backward before forward"))?;
+            .ok_or_else(|| cuda_err("layer norm backward before forward"))?;
         let device = x.device().as_cuda_device()?.clone();
         let stream = device.cuda_stream();
         let width = w.elem_count();
@@ -242,81 +289,251 @@ impl CustomOp3 for LayerNormCuda {
         if rows == 0 {
             return Ok((Some(dx), Some(dw), Some(db)));
         }
-        let chunks = rows.min(MAX_CHUNKS);
-        let rows_per_chunk = rows.div_ceil(chunks) as i64;
-        let chunks = rows.div_ceil(rows_per_chunk as usize);
+        let (chunks, per_chunk) = chunking(rows);
         let partial = Tensor::zeros(2 * chunks * width, DType::F32, x.device())?;
-        let (stats_at, _s) = stats.device_ptr(&stream);
-        let x_at = {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cuda(s) = &*storage else {
-                return Err(cuda_err("a tensor off the GPU"));
-            };
-            input_address(s, layout, &stream)?
-        };
-        let dx_at = match x.dtype() {
-            DType::BF16 => tensor_address::<half::bf16>(&dx, &stream)?,
-            _ => tensor_address::<f32>(&dx, &stream)?,
-        };
-        let (w_at, dy_at, partial_at, dw_at, db_at) = (
-            tensor_address::<f32>(&w, &stream)?,
-            tensor_address::<f32>(&dy, &stream)?,
-            tensor_address::<f32>(&partial, &stream)?,
-            tensor_address::<f32>(&dw, &stream)?,
-            tensor_address::<f32>(&db, &stream)?,
-        );
         let name = suffix(x.dtype())?;
-        let ptx = ptx_for(&device)?;
-        let width_arg = i32::try_from(width).map_err(cuda_err)?;
-        let columns = blocks(width.div_ceil(THREADS as usize))?;
-        let launch_on = |grid: (u32, u32, u32)| LaunchConfig {
-            grid_dim: grid,
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY (the three launches): every address is a live buffer on this stream's
-        // device of the size its kernel reads or writes (rows × width for x, dy and dx,
-        // width for w, dw and db, 2 × rows statistics, 2 × chunks × width partial sums),
-        // held until the stream has run them; the arguments match the signatures.
-        let func =
-            device.get_or_load_custom_func(&format!("layer_norm_bwd_dx_{name}"), MODULE, &ptx)?;
-        let mut launch = func.builder();
-        launch.arg(&x_at);
-        launch.arg(&w_at);
-        launch.arg(&dy_at);
-        launch.arg(&stats_at);
-        launch.arg(&dx_at);
-        launch.arg(&width_arg);
-        unsafe { launch.launch(launch_on((blocks(rows)?, 1, 1))) }.map_err(cuda_err)?;
-
-        let rows_arg = rows as i64;
-        let func = device.get_or_load_custom_func(
-            &format!("layer_norm_bwd_partial_{name}"),
-            MODULE,
-            &ptx,
+        let (x_at, w_at, dy_at, stats_at) = (
+            tensor_address(x, &stream)?,
+            tensor_address(&w, &stream)?,
+            tensor_address(&dy, &stream)?,
+            slice_address(stats, &stream),
+        );
+        let dx_args = [
+            Arg::Address(x_at),
+            Arg::Address(w_at),
+            Arg::Address(dy_at),
+            Arg::Address(stats_at),
+            Arg::Address(tensor_address(&dx, &stream)?),
+            int(width)?,
+        ];
+        launch(
+            &device,
+            &format!("layer_norm_bwd_dx_{name}"),
+            (rows, 1),
+            &dx_args,
         )?;
-        let mut launch = func.builder();
-        launch.arg(&x_at);
-        launch.arg(&dy_at);
-        launch.arg(&stats_at);
-        launch.arg(&partial_at);
-        launch.arg(&rows_arg);
-        launch.arg(&width_arg);
-        launch.arg(&rows_per_chunk);
-        unsafe { launch.launch(launch_on((columns, blocks(chunks)?, 1))) }.map_err(cuda_err)?;
-
-        let chunks_arg = i32::try_from(chunks).map_err(cuda_err)?;
-        let func = device.get_or_load_custom_func("layer_norm_bwd_dw", MODULE, &ptx)?;
-        let mut launch = func.builder();
-        launch.arg(&partial_at);
-        launch.arg(&dw_at);
-        launch.arg(&db_at);
-        launch.arg(&width_arg);
-        launch.arg(&chunks_arg);
-        unsafe { launch.launch(launch_on((columns, 1, 1))) }.map_err(cuda_err)?;
-        drop(_s);
-        // `dy`, `partial` and the rest stay alive until here; the stream orders their
-        // frees after the kernels.
+        let partial_at = tensor_address(&partial, &stream)?;
+        let partial_args = [
+            Arg::Address(x_at),
+            Arg::Address(dy_at),
+            Arg::Address(stats_at),
+            Arg::Address(partial_at),
+            Arg::I64(rows as i64),
+            int(width)?,
+            Arg::I64(per_chunk as i64),
+        ];
+        let grid = (columns(width), chunks);
+        launch(
+            &device,
+            &format!("layer_norm_bwd_partial_{name}"),
+            grid,
+            &partial_args,
+        )?;
+        let dw_args = [
+            Arg::Address(partial_at),
+            Arg::Address(tensor_address(&dw, &stream)?),
+            Arg::Address(tensor_address(&db, &stream)?),
+            int(width)?,
+            int(chunks)?,
+        ];
+        launch(&device, "layer_norm_bwd_dw", (columns(width), 1), &dw_args)?;
+        // `w`, `dy` and `partial` are freed after this, in stream order: after the kernels.
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+// GELU.
+
+/// Whether the CUDA GELU takes these: contiguous-able f32 or bf16 values on a GPU, and a
+/// bias (if any) of the same dtype and of their last dimension's width there.
+pub fn gelu_applies(y: &Tensor, bias: Option<&Tensor>) -> bool {
+    let width = y.dims().last().copied().unwrap_or(0);
+    y.device().is_cuda()
+        && matches!(y.dtype(), DType::F32 | DType::BF16)
+        && y.elem_count() > 0
+        && bias.is_none_or(|b| {
+            b.dtype() == y.dtype() && b.dims() == [width] && b.device().same_device(y.device())
+        })
+}
+
+/// Exact GELU of `y` (+ `bias` on its rows) on the GPU (what [`gelu_applies`] accepted),
+/// in `y`'s dtype, its backward by the kernels too.
+pub fn gelu(y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = y.contiguous()?;
+    Ok(match bias {
+        Some(b) => y.apply_op2(&b.contiguous()?, Gelu)?,
+        None => y.apply_op1(Gelu)?,
+    })
+}
+
+struct Gelu;
+
+impl Gelu {
+    fn fwd(
+        &self,
+        y: &CudaStorage,
+        ly: &Layout,
+        bias: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = y.device().clone();
+        let stream = device.cuda_stream();
+        let n = ly.shape().elem_count();
+        let width = ly.shape().dims().last().copied().unwrap_or(1).max(1);
+        let bias_at = match bias {
+            Some((b, lb)) => storage_address(b, lb, &stream)?,
+            None => 0,
+        };
+        fn out<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+            device: &CudaDevice,
+            n: usize,
+        ) -> candle_core::Result<(CudaStorage, u64)> {
+            // SAFETY: the kernel writes every element before anything reads it.
+            let slice = unsafe { device.alloc::<T>(n)? };
+            let at = slice_address(&slice, &device.cuda_stream());
+            Ok((CudaStorage::wrap_cuda_slice(slice, device.clone()), at))
+        }
+        let (storage, out_at) = match y.dtype() {
+            DType::BF16 => out::<half::bf16>(&device, n)?,
+            _ => out::<f32>(&device, n)?,
+        };
+        let args = [
+            Arg::Address(storage_address(y, ly, &stream)?),
+            Arg::Address(bias_at),
+            Arg::Address(out_at),
+            Arg::I64(n as i64),
+            int(width)?,
+        ];
+        let name = format!("gelu_fwd_{}", suffix(y.dtype())?);
+        launch(&device, &name, (n.div_ceil(THREADS as usize), 1), &args)?;
+        Ok((storage, ly.shape().clone()))
+    }
+
+    /// (∂/∂y, ∂/∂bias when there is one).
+    fn backward(
+        &self,
+        y: &Tensor,
+        bias: Option<&Tensor>,
+        dz: &Tensor,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let device = y.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
+        let n = y.elem_count();
+        let width = y.dims().last().copied().unwrap_or(1).max(1);
+        let rows = n / width;
+        let name = suffix(y.dtype())?;
+        // Bound here, so that no copy is freed before the kernels have read it.
+        let g = dz.to_dtype(y.dtype())?.contiguous()?;
+        let dy = Tensor::zeros(y.shape(), y.dtype(), y.device())?;
+        let (y_at, g_at) = (tensor_address(y, &stream)?, tensor_address(&g, &stream)?);
+        let bias_at = match bias {
+            Some(b) => tensor_address(b, &stream)?,
+            None => 0,
+        };
+        let args = [
+            Arg::Address(y_at),
+            Arg::Address(bias_at),
+            Arg::Address(g_at),
+            Arg::Address(tensor_address(&dy, &stream)?),
+            Arg::I64(n as i64),
+            int(width)?,
+        ];
+        launch(
+            &device,
+            &format!("gelu_bwd_{name}"),
+            (n.div_ceil(THREADS as usize), 1),
+            &args,
+        )?;
+        let Some(b) = bias else {
+            return Ok((dy, None));
+        };
+        let (chunks, per_chunk) = chunking(rows);
+        let partial = Tensor::zeros(chunks * width, DType::F32, y.device())?;
+        let dbias = Tensor::zeros(b.shape(), b.dtype(), y.device())?;
+        let partial_at = tensor_address(&partial, &stream)?;
+        let partial_args = [
+            Arg::Address(y_at),
+            Arg::Address(bias_at),
+            Arg::Address(g_at),
+            Arg::Address(partial_at),
+            Arg::I64(rows as i64),
+            int(width)?,
+            Arg::I64(per_chunk as i64),
+        ];
+        let grid = (columns(width), chunks);
+        launch(
+            &device,
+            &format!("gelu_bias_partial_{name}"),
+            grid,
+            &partial_args,
+        )?;
+        let grad_args = [
+            Arg::Address(partial_at),
+            Arg::Address(tensor_address(&dbias, &stream)?),
+            int(width)?,
+            int(chunks)?,
+        ];
+        launch(
+            &device,
+            &format!("gelu_bias_grad_{name}"),
+            (columns(width), 1),
+            &grad_args,
+        )?;
+        // `g` and `partial` are freed after this, in stream order: after the kernels.
+        Ok((dy, Some(dbias)))
+    }
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "cuda-gelu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA GELU called on CPU tensors"))
+    }
+
+    fn cuda_fwd(&self, y: &CudaStorage, ly: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.fwd(y, ly, None)
+    }
+
+    fn bwd(&self, y: &Tensor, _: &Tensor, dz: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.backward(y, None, dz)?.0))
+    }
+}
+
+impl CustomOp2 for Gelu {
+    fn name(&self) -> &'static str {
+        "cuda-gelu-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA GELU called on CPU tensors"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        ly: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.fwd(y, ly, Some((b, lb)))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        bias: &Tensor,
+        _: &Tensor,
+        dz: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dy, dbias) = self.backward(y, Some(bias), dz)?;
+        Ok((Some(dy), dbias))
     }
 }

@@ -5,6 +5,11 @@ use super::*;
 
 /// Exact GELU, `x Φ(x)`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    // On a GPU: the CUDA kernels, in the values' dtype (f32 or bf16, computing in f32).
+    #[cfg(feature = "cuda")]
+    if super::cuda::gelu_applies(x, None) {
+        return super::cuda::gelu(x, None);
+    }
     if let dtype @ (DType::BF16 | DType::F16) = x.dtype() {
         return Ok(gelu_erf(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
     }
@@ -25,6 +30,10 @@ pub fn gelu_erf_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
             bias.dims(),
             y.dims()
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if super::cuda::gelu_applies(y, Some(bias)) {
+        return super::cuda::gelu(y, Some(bias));
     }
     if let dtype @ (DType::BF16 | DType::F16) = y.dtype() {
         let wide = |t: &Tensor| t.to_dtype(DType::F32);

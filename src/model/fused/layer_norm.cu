@@ -1,14 +1,9 @@
 // Layer norm over the last dimension on the GPU, forward and backward, for rows of f32 or
 // bf16 inputs with f32 weights, bias, output and statistics (autocast's rule: a norm
-// computes and returns f32). Compiled at start-up by NVRTC (src/model/fused/cuda.rs); no
-// headers, so it compiles wherever libnvrtc is.
+// computes and returns f32). Compiled at start-up by NVRTC after kernels.cuh
+// (src/model/fused/cuda.rs).
 //
-// Every pointer argument is a device address (u64): the host passes each tensor's first
-// element, its layout's offset applied.
-//
-// Sums run in a fixed order (a warp's shuffle tree, then the warps in order), and the
-// weight gradients reduce rows in chunks whose partial sums are added in chunk order: the
-// same inputs give the same bits, run after run (no atomics).
+// The weight gradients reduce rows in chunks whose partial sums are added in chunk order.
 //
 //   layer_norm_fwd_{f32,bf16}: one block per row: the row's mean, then its variance about
 //     the mean (two passes: exact for values far from 0), y = (x − mean)·rstd·w + b, and
@@ -18,59 +13,8 @@
 //   layer_norm_bwd_partial_{f32,bf16}: a thread per column and chunk of rows: Σ g·x̂ and Σ g.
 //   layer_norm_bwd_dw: a thread per column: the chunks' partial sums, in chunk order.
 
-#define THREADS 256
-#define WARPS (THREADS / 32)
-
-__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
-
-__device__ __forceinline__ float load(const unsigned short* p, long long i) {
-    return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-
-// Round to nearest even, as half::bf16::from_f32 (candle's CPU cast) does; a NaN stays a
-// (quiet) NaN.
-__device__ __forceinline__ unsigned short bf16_bits(float x) {
-    unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (unsigned short)((u >> 16) | 0x40u);
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
-
-__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
-
-__device__ __forceinline__ void store(unsigned short* p, long long i, float v) { p[i] = bf16_bits(v); }
-
-// The sum of every thread's `v` over the block (THREADS threads), on every thread.
-// `shared` holds WARPS + 1 floats; the call ends with a barrier, so it may be reused.
-__device__ float block_sum(float v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) {
-        v += __shfl_down_sync(0xffffffffu, v, o);
-    }
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        shared[warp] = v;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        float w = lane < WARPS ? shared[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) {
-            w += __shfl_down_sync(0xffffffffu, w, o);
-        }
-        if (lane == 0) {
-            shared[WARPS] = w;
-        }
-    }
-    __syncthreads();
-    const float total = shared[WARPS];
-    __syncthreads();
-    return total;
-}
-
 template <typename T>
-__device__ void fwd(
+__device__ void ln_fwd(
     unsigned long long x_at,
     unsigned long long w_at,
     unsigned long long b_at,
@@ -107,7 +51,7 @@ __device__ void fwd(
 }
 
 template <typename T>
-__device__ void bwd_dx(
+__device__ void ln_bwd_dx(
     unsigned long long x_at,
     unsigned long long w_at,
     unsigned long long dy_at,
@@ -142,7 +86,7 @@ __device__ void bwd_dx(
 // Grid: (column blocks, chunks). partial holds 2 × chunks × width floats: Σ g·x̂ of each
 // chunk, then Σ g.
 template <typename T>
-__device__ void bwd_partial(
+__device__ void ln_bwd_partial(
     unsigned long long x_at,
     unsigned long long dy_at,
     unsigned long long stats_at,
@@ -196,25 +140,25 @@ extern "C" __global__ void layer_norm_bwd_dw(
     ((float*)db_at)[j] = db;
 }
 
-#define ENTRIES(NAME, T)                                                                     \
+#define LAYER_NORM_ENTRIES(NAME, T)                                                                     \
     extern "C" __global__ void layer_norm_fwd_##NAME(                                        \
         unsigned long long x, unsigned long long w, unsigned long long b,                    \
         unsigned long long y, unsigned long long stats, int width, float eps)                \
     {                                                                                        \
-        fwd<T>(x, w, b, y, stats, width, eps);                                               \
+        ln_fwd<T>(x, w, b, y, stats, width, eps);                                               \
     }                                                                                        \
     extern "C" __global__ void layer_norm_bwd_dx_##NAME(                                     \
         unsigned long long x, unsigned long long w, unsigned long long dy,                   \
         unsigned long long stats, unsigned long long dx, int width)                          \
     {                                                                                        \
-        bwd_dx<T>(x, w, dy, stats, dx, width);                                               \
+        ln_bwd_dx<T>(x, w, dy, stats, dx, width);                                               \
     }                                                                                        \
     extern "C" __global__ void layer_norm_bwd_partial_##NAME(                                \
         unsigned long long x, unsigned long long dy, unsigned long long stats,               \
         unsigned long long partial, long long rows, int width, long long rows_per_chunk)     \
     {                                                                                        \
-        bwd_partial<T>(x, dy, stats, partial, rows, width, rows_per_chunk);                  \
+        ln_bwd_partial<T>(x, dy, stats, partial, rows, width, rows_per_chunk);                  \
     }
 
-ENTRIES(f32, float)
-ENTRIES(bf16, unsigned short)
+LAYER_NORM_ENTRIES(f32, float)
+LAYER_NORM_ENTRIES(bf16, unsigned short)

@@ -1,0 +1,60 @@
+// What the fused ops' CUDA kernels share: bf16 as its bits (no headers, so the sources
+// compile wherever libnvrtc is), and a block-wide sum in a fixed order. The kernel files
+// (layer_norm.cu, gelu.cu) are compiled after this one, as one module
+// (src/model/fused/cuda.rs).
+//
+// Every pointer argument of a kernel is a device address (u64): the host passes each
+// tensor's first element, its layout's offset applied. Sums run in a fixed order, so the
+// same inputs give the same bits, run after run (no atomics).
+
+#define THREADS 256
+#define WARPS (THREADS / 32)
+
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+
+__device__ __forceinline__ float load(const unsigned short* p, long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+
+// Round to nearest even, as half::bf16::from_f32 (candle's CPU cast) does; a NaN stays a
+// (quiet) NaN.
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (unsigned short)((u >> 16) | 0x40u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
+
+__device__ __forceinline__ void store(unsigned short* p, long long i, float v) { p[i] = bf16_bits(v); }
+
+// The sum of every thread's `v` over the block (THREADS threads), on every thread.
+// `shared` holds WARPS + 1 floats; the call ends with a barrier, so it may be reused.
+__device__ float block_sum(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_down_sync(0xffffffffu, v, o);
+    }
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        shared[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < WARPS ? shared[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) {
+            w += __shfl_down_sync(0xffffffffu, w, o);
+        }
+        if (lane == 0) {
+            shared[WARPS] = w;
+        }
+    }
+    __syncthreads();
+    const float total = shared[WARPS];
+    __syncthreads();
+    return total;
+}
+
