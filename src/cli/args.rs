@@ -358,6 +358,23 @@ pub struct EvalArgs {
     /// images: on the image tower's features, and on raw pixels for reference.
     #[arg(long)]
     pub linear_probe: Option<usize>,
+    /// Zero-shot classification of an image folder instead (ROOT/CLASS/*.jpg|png|webp, one
+    /// subfolder per class): top-1, top-5 and the mean per-class recall.
+    #[arg(long, value_name = "ROOT")]
+    pub zeroshot_folder: Option<PathBuf>,
+    /// The classes' names, one a line in the folders' sorted order [default: the folder
+    /// names; the ImageNet-1k names for 1000 WordNet-id folders].
+    #[arg(long, requires = "zeroshot_folder")]
+    pub class_names: Option<PathBuf>,
+    /// Prompt templates, one a line with `{}` for the class [default: OpenAI's 80 ImageNet
+    /// templates].
+    #[arg(long, requires = "zeroshot_folder")]
+    pub templates: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args)]

@@ -1,11 +1,48 @@
-//! `mmpipe eval`: a training checkpoint's zero-shot accuracy, recall@k and linear probes.
+//! `mmpipe eval`: a training checkpoint's zero-shot accuracy on an image folder, or its
+//! zero-shot accuracy, recall@k and linear probes on Fashion-MNIST.
 
+use mmpipe::eval::zero_shot::{LabelledImages, Templates};
 use mmpipe::model::checkpoint::checkpoint_model;
 
-use super::args::EvalArgs;
+use super::args::{EvalArgs, Format};
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let model = checkpoint_model(&args.checkpoint, args.model.as_deref())?;
+    if let Some(root) = &args.zeroshot_folder {
+        let set = LabelledImages::from_folder(root, args.class_names.as_deref())?;
+        let templates = match &args.templates {
+            Some(path) => Templates::from_file(path)?,
+            None => Templates::openai_imagenet(),
+        };
+        let progress = !args.quiet && args.format == Format::Text;
+        let (scores, rate) = mmpipe::eval::zero_shot_checkpoint(
+            &args.checkpoint,
+            &model,
+            &set,
+            &templates,
+            progress,
+        )?;
+        match args.format {
+            Format::Text => println!(
+                "{}: zero-shot on {}: {} ({} templates; {rate:.0} images/s)",
+                args.checkpoint.display(),
+                root.display(),
+                scores.summary(),
+                templates.0.len()
+            ),
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "checkpoint": args.checkpoint,
+                    "set": root,
+                    "templates": templates.0.len(),
+                    "images_per_s": rate,
+                    "zero_shot": scores,
+                }))?
+            ),
+        }
+        return Ok(());
+    }
     let (r, probe) = mmpipe::eval::evaluate_checkpoint(
         &args.checkpoint,
         &model,

@@ -3,6 +3,7 @@
 //! as the true partner; chance is computed under the same rule.
 
 pub mod distributed;
+pub mod zero_shot;
 
 use std::path::Path;
 
@@ -217,16 +218,12 @@ pub struct ProbeScores {
     pub pixels: f64,
 }
 
-/// Loads a training checkpoint's parts into both towers on the CPU and evaluates them on
-/// the first `images` of Fashion-MNIST's test split (from `dir`); with `probe`, also fits
-/// linear probes on that many training images.
-pub fn evaluate_checkpoint(
+/// Both towers on the CPU with a training checkpoint's parts loaded (parameters, and the
+/// image tower's batch-norm statistics).
+fn load_towers(
     checkpoint: &Path,
     model: &ClipConfig,
-    dir: &Path,
-    images: usize,
-    probe: Option<usize>,
-) -> Result<(EvalScores, Option<ProbeScores>)> {
+) -> Result<(crate::model::Encoder, crate::model::Encoder)> {
     use crate::model::{checkpoint as ckpt, cpu_builder, Encoder};
 
     // Each tower's parameters are what building it registered.
@@ -239,7 +236,74 @@ pub fn evaluate_checkpoint(
     ckpt::load(&image_params, &image_part)?;
     image_tower.load_buffers(&ckpt::read_tensors(&image_part)?)?;
     ckpt::load(&text_params, &checkpoint.join(ckpt::part_file(Tower::Text)))?;
+    Ok((image_tower, text_tower))
+}
 
+/// A checkpoint's zero-shot classification of a labelled image set (`set`'s classes
+/// prompted with `templates`), on the CPU; with `progress`, a bar with images/s. Returns
+/// the scores and the images/s of decoding and encoding them.
+pub fn zero_shot_checkpoint(
+    checkpoint: &Path,
+    model: &ClipConfig,
+    set: &zero_shot::LabelledImages,
+    templates: &zero_shot::Templates,
+    progress: bool,
+) -> Result<(zero_shot::ZeroShotScores, f64)> {
+    use crate::data::transform::{Crop, ImageTransform};
+
+    const CHUNK: usize = 256;
+    let (image_tower, text_tower) = load_towers(checkpoint, model)?;
+    let tokenizer = crate::data::tokenizer::caption_tokenizer(model)?;
+    let context = model.context_length();
+    // Detached: the parameters are variables, and a kept output would keep its whole
+    // forward graph alive.
+    let encode_text = |prompts: &[String]| -> Result<Tensor> {
+        let input = tokenizer.caption_input(prompts, context, &Device::Cpu)?;
+        Ok(l2_normalize(&text_tower.forward_eval(&input)?.detach())?.detach())
+    };
+    let classes = zero_shot::class_features(&set.classes, templates, &encode_text)?;
+    let transform = ImageTransform::clip(model.image_size(), Crop::Centre);
+    let n = set.images.len();
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(n as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images · {per_sec}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let started = std::time::Instant::now();
+    let mut features = Vec::new();
+    for start in (0..n).step_by(CHUNK) {
+        let range = start..(start + CHUNK).min(n);
+        let len = range.len();
+        let x = TowerInput::Images(set.pixels(range, &transform)?);
+        features.push(l2_normalize(&image_tower.forward_eval(&x)?.detach())?.detach());
+        if let Some(bar) = &bar {
+            bar.inc(len as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let scores = zero_shot::zero_shot_scores(&Tensor::cat(&features, 0)?, &classes, &set.labels())?;
+    Ok((scores, rate))
+}
+
+/// Loads a training checkpoint's parts into both towers on the CPU and evaluates them on
+/// the first `images` of Fashion-MNIST's test split (from `dir`); with `probe`, also fits
+/// linear probes on that many training images.
+pub fn evaluate_checkpoint(
+    checkpoint: &Path,
+    model: &ClipConfig,
+    dir: &Path,
+    images: usize,
+    probe: Option<usize>,
+) -> Result<(EvalScores, Option<ProbeScores>)> {
+    let (image_tower, text_tower) = load_towers(checkpoint, model)?;
     let held_out = HeldOut::fashion_mnist(dir, model)?;
     let n = images.min(held_out.pairs().unwrap_or(images)).max(1);
     // Detached: the parameters are variables, and a kept output would keep its whole

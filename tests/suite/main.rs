@@ -51,3 +51,5 @@ mod resnet;
 mod topology_files;
 /// The embedded default run learns: retrieval far above chance.
 mod training;
+/// Zero-shot classification of a labelled image folder: scores, CLI, bad input.
+mod zero_shot;

@@ -1,0 +1,227 @@
+//! Zero-shot classification on a labelled image folder: the scores by hand, a folder
+//! written from Fashion-MNIST's test split giving the in-memory evaluation's accuracy,
+//! `mmpipe eval --zeroshot-folder`, and bad input named.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use mmpipe::data::fashion_mnist::{FashionMnist, Split, CLASSES, DEBIAN_DIR, SIDE, TEMPLATES};
+use mmpipe::eval::zero_shot::{zero_shot_scores, LabelledImages, Templates};
+use mmpipe::model::ClipConfig;
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mmpipe-zs-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Three classes along the axes of 3-D features; five images: two of class 0 (one right,
+/// one taken for class 1 with class 0 second), two of class 1 (right), one of class 2
+/// ranked third. Top-1 3/5, top-5 5/5, per-class recall (1/2 + 1 + 0)/3.
+#[test]
+fn scores_by_hand() {
+    let classes = Tensor::from_vec(
+        vec![1f32, 0., 0., 0., 1., 0., 0., 0., 1.],
+        (3, 3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let images = Tensor::from_vec(
+        vec![
+            0.9f32, 0.1, 0.0, // 0 → 0
+            0.4, 0.6, 0.0, // 0 → 1, then 0
+            0.1, 0.9, 0.0, // 1 → 1
+            0.0, 0.8, 0.2, // 1 → 1
+            0.5, 0.4, 0.1, // 2 → 0, 1, then 2
+        ],
+        (5, 3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let s = zero_shot_scores(&images, &classes, &[0, 0, 1, 1, 2]).unwrap();
+    assert_eq!((s.images, s.classes), (5, 3));
+    assert!((s.top1 - 0.6).abs() < 1e-12, "{s:?}");
+    assert!((s.top5 - 1.0).abs() < 1e-12, "{s:?}");
+    assert!((s.mean_per_class_recall - 0.5).abs() < 1e-12, "{s:?}");
+    let e = zero_shot_scores(&images, &classes, &[0, 0, 1, 1, 3])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label 3 of 3 classes"), "{e}");
+}
+
+/// `n` Fashion-MNIST test images as RGB PNGs in `root/CLASS/i.png` (the class names as
+/// folder names).
+fn write_fashion_folder(root: &Path, n: usize) -> FashionMnist {
+    let set = FashionMnist::load(Path::new(DEBIAN_DIR), Split::Test).unwrap();
+    for i in 0..n {
+        let folder = root.join(CLASSES[set.label(i)]);
+        std::fs::create_dir_all(&folder).unwrap();
+        image::RgbImage::from_raw(SIDE as u32, SIDE as u32, set.rgb(i))
+            .unwrap()
+            .save(folder.join(format!("{i:05}.png")))
+            .unwrap();
+    }
+    set
+}
+
+/// A short training run's checkpoint of the BPE tiny model on Fashion-MNIST.
+fn checkpoint(dir: &Path) -> PathBuf {
+    let cfg = mmpipe::train::TrainConfig {
+        steps: 2,
+        global_batch: 16,
+        checkpoint_dir: Some(dir.to_path_buf()),
+        // Copied into the checkpoint: `mmpipe eval` reads the model from there.
+        model: Some(PathBuf::from("configs/clip-tiny-bpe.toml")),
+        data: mmpipe::data::DataConfig {
+            kind: mmpipe::data::DataKind::FashionMnist,
+            ..mmpipe::data::DataConfig::default()
+        },
+        ..super::common::train_config(16)
+    };
+    let model = bpe_model();
+    mmpipe::train::train(&super::common::cpu_topology(1, 1), &model, &cfg).unwrap();
+    dir.join("step-00000002")
+}
+
+fn bpe_model() -> ClipConfig {
+    ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap()
+}
+
+/// 300 test images written as a class folder score what the in-memory Fashion-MNIST
+/// evaluation scores on the same images with the same six templates: the same pixels,
+/// the same class features, the same top-1 (the folder's class order differs, which the
+/// accuracy does not see).
+#[test]
+fn a_folder_of_fashion_mnist_scores_the_in_memory_evaluation() {
+    const N: usize = 300;
+    let dir = fresh_dir("fashion");
+    let root = dir.join("images");
+    write_fashion_folder(&root, N);
+    let templates = dir.join("templates.txt");
+    std::fs::write(&templates, TEMPLATES.join("\n")).unwrap();
+    let checkpoint = checkpoint(&dir.join("run"));
+    let model = bpe_model();
+    let set = LabelledImages::from_folder(&root, None).unwrap();
+    assert_eq!(set.images.len(), N);
+    let mut sorted = CLASSES.map(str::to_string).to_vec();
+    sorted.sort();
+    assert_eq!(set.classes, sorted, "folder names, sorted");
+    let (scores, rate) = mmpipe::eval::zero_shot_checkpoint(
+        &checkpoint,
+        &model,
+        &set,
+        &Templates::from_file(&templates).unwrap(),
+        false,
+    )
+    .unwrap();
+    assert!(rate > 0.0);
+    let (reference, _) =
+        mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, Path::new(DEBIAN_DIR), N, None)
+            .unwrap();
+    let want = reference.zero_shot.unwrap();
+    assert!(
+        (scores.top1 - want).abs() < 1e-12,
+        "folder top-1 {} vs in-memory {want}",
+        scores.top1
+    );
+    assert!(scores.top5 >= scores.top1 && scores.top5 <= 1.0);
+    assert!(scores.mean_per_class_recall > 0.0);
+}
+
+/// `mmpipe eval --zeroshot-folder ROOT --format json` on a checkpoint; OpenAI's 80
+/// templates by default, a class-names file when given.
+#[test]
+fn eval_zeroshot_folder_from_the_cli() {
+    let dir = fresh_dir("cli");
+    let root = dir.join("images");
+    write_fashion_folder(&root, 60);
+    let checkpoint = checkpoint(&dir.join("run"));
+    let names = dir.join("names.txt");
+    let mut sorted = CLASSES.to_vec();
+    sorted.sort();
+    std::fs::write(&names, sorted.join("\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["eval", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--zeroshot-folder")
+        .arg(&root)
+        .arg("--class-names")
+        .arg(&names)
+        .args(["--format", "json", "--quiet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["templates"], 80, "{v}");
+    assert_eq!(v["zero_shot"]["images"], 60, "{v}");
+    assert_eq!(v["zero_shot"]["classes"], 10, "{v}");
+    for key in ["top1", "top5", "mean_per_class_recall"] {
+        let s = v["zero_shot"][key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&s), "{key}: {v}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["eval", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--zeroshot-folder")
+        .arg(&root)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("top-1") && text.contains("mean per-class recall"),
+        "{text}"
+    );
+}
+
+/// Bad input names its path: an empty class folder, a names file of the wrong length,
+/// an unreadable template file, a template without `{}`, a folder with no classes.
+#[test]
+fn bad_zero_shot_input_names_the_path() {
+    let dir = fresh_dir("bad");
+    let root = dir.join("images");
+    write_fashion_folder(&root, 20);
+    std::fs::create_dir_all(root.join("zebra")).unwrap();
+    std::fs::write(root.join("zebra/notes.txt"), "not an image").unwrap();
+    let e = LabelledImages::from_folder(&root, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("zebra") && e.contains("no images"), "{e}");
+    std::fs::remove_dir_all(root.join("zebra")).unwrap();
+
+    let names = dir.join("names.txt");
+    std::fs::write(&names, "one\ntwo\n").unwrap();
+    let e = LabelledImages::from_folder(&root, Some(&names))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("names.txt") && e.contains("2 class names for the"),
+        "{e}"
+    );
+
+    let missing = dir.join("no-such-templates.txt");
+    let e = Templates::from_file(&missing).unwrap_err().to_string();
+    assert!(
+        e.contains("no-such-templates.txt") && e.contains("cannot read"),
+        "{e}"
+    );
+    let broken = dir.join("broken.txt");
+    std::fs::write(&broken, "a photo of a {}.\na photo without a slot.\n").unwrap();
+    let e = Templates::from_file(&broken).unwrap_err().to_string();
+    assert!(e.contains("broken.txt") && e.contains("line 2"), "{e}");
+
+    let flat = dir.join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    let e = LabelledImages::from_folder(&flat, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("flat") && e.contains("no class folders"), "{e}");
+    assert_eq!(Templates::openai_imagenet().0.len(), 80);
+}
