@@ -225,6 +225,10 @@ pub struct TrainArgs {
     /// Write per-step metrics (JSON lines) to this file.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
+    /// Write the same numbers (loss, lr, temperature, samples/s, every rank's phase times
+    /// and gradient norms, every evaluation) as TensorBoard event files into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub tensorboard: Option<PathBuf>,
     /// Save checkpoints in this folder (at the end, and every --checkpoint-every steps).
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,

@@ -111,6 +111,9 @@ fn config(args: &TrainArgs) -> anyhow::Result<(Topology, ClipConfig, TrainConfig
     if args.metrics.is_some() {
         cfg.metrics = args.metrics.clone();
     }
+    if args.tensorboard.is_some() {
+        cfg.tensorboard = args.tensorboard.clone();
+    }
     if args.checkpoint_dir.is_some() {
         cfg.checkpoint_dir = args.checkpoint_dir.clone();
     }

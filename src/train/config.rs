@@ -80,6 +80,8 @@ pub struct TrainConfig {
     /// Write one JSON line per step here (loss, lr, temperature, throughput, every rank's
     /// phase times and bytes, memory, skipped samples).
     pub metrics: Option<std::path::PathBuf>,
+    /// Write the same numbers as TensorBoard event files into this folder.
+    pub tensorboard: Option<std::path::PathBuf>,
     /// Save checkpoints here: every `checkpoint_every` steps (0: only at the end), keeping
     /// the newest `keep_checkpoints`.
     pub checkpoint_dir: Option<std::path::PathBuf>,
@@ -124,6 +126,7 @@ impl Default for TrainConfig {
             checkpointing: false,
             max_bad_steps: 5,
             metrics: None,
+            tensorboard: None,
             checkpoint_dir: None,
             checkpoint_every: 0,
             keep_checkpoints: 3,

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::phase::{PhaseBytes, PhaseTimes};
 use super::step::SkipReason;
+use super::tensorboard::EventWriter;
 use crate::error::{Error, Result};
 use crate::eval::EvalScores;
 use crate::topology::Tower;
@@ -174,22 +175,31 @@ impl MetricsFile {
     /// Opens `path` (and its folder) and starts the writer for `world` ranks. Nothing in
     /// the file is touched until the run says where it starts ([`Record::Start`]): a
     /// resumed run appends to the lines of the steps before it.
-    pub fn create(path: &Path, world: usize, global_batch: usize) -> Result<Self> {
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
+    pub fn create(
+        path: Option<&Path>,
+        tensorboard: Option<&Path>,
+        world: usize,
+        global_batch: usize,
+    ) -> Result<Self> {
+        if let Some(path) = path {
+            let io = |source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            };
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            // Fails now if the file cannot be written, before any step.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(io)?;
         }
-        // Fails now if the file cannot be written, before any step.
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(io)?;
+        // Also made now: a folder that cannot be written fails before any step.
+        let mut events = tensorboard.map(EventWriter::create).transpose()?;
         let (tx, rx) = unbounded::<Record>();
-        let path: PathBuf = path.to_path_buf();
+        let path: Option<PathBuf> = path.map(Path::to_path_buf);
         let writer = std::thread::spawn(move || -> Result<()> {
             // The file is only rewritten once the run says where it starts: a run that
             // fails before (a refused resume) leaves it as it was.
@@ -198,17 +208,29 @@ impl MetricsFile {
                 Ok(other) => (0, Some(other)),
                 Err(_) => return Ok(()),
             };
-            let file = keep_lines_before(&path, start)?;
-            let mut out = std::io::BufWriter::new(file);
+            let mut out = match &path {
+                Some(path) => Some((
+                    path.clone(),
+                    std::io::BufWriter::new(keep_lines_before(path, start)?),
+                )),
+                None => None,
+            };
             let mut pending: std::collections::BTreeMap<usize, Vec<RankStep>> = Default::default();
             let mut evals: Vec<(usize, EvalScores)> = Vec::new();
-            let mut write = |value: serde_json::Value| {
-                writeln!(out, "{value}")
-                    .and_then(|_| out.flush())
-                    .map_err(|source| Error::Io {
-                        path: path.clone(),
-                        source,
-                    })
+            // Each line to the JSONL file and to the event file.
+            let mut write = |value: serde_json::Value| -> Result<()> {
+                if let Some((path, out)) = &mut out {
+                    writeln!(out, "{value}")
+                        .and_then(|_| out.flush())
+                        .map_err(|source| Error::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                }
+                if let Some(events) = &mut events {
+                    events.line(&value)?;
+                }
+                Ok(())
             };
             for record in first.into_iter().chain(rx.iter()) {
                 let s = match record {

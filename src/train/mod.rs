@@ -10,6 +10,7 @@ pub mod pairs;
 pub mod phase;
 mod run;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 
 use std::time::{Duration, Instant};
@@ -127,11 +128,15 @@ pub fn train_ranks(
         )?),
         _ => None,
     };
-    let metrics = cfg
-        .metrics
-        .as_ref()
-        .filter(|_| writes_metrics)
-        .map(|p| MetricsFile::create(p, metric_ranks, cfg.global_batch))
+    let metrics = (writes_metrics && (cfg.metrics.is_some() || cfg.tensorboard.is_some()))
+        .then(|| {
+            MetricsFile::create(
+                cfg.metrics.as_deref(),
+                cfg.tensorboard.as_deref(),
+                metric_ranks,
+                cfg.global_batch,
+            )
+        })
         .transpose()?;
     let started = Instant::now();
     let work = |rank: usize, comms: &RankComms| {

@@ -441,3 +441,198 @@ fn the_linear_probe_separates_separable_classes_and_not_noise() {
     .unwrap();
     assert!(accuracy < 0.6, "{accuracy}");
 }
+
+/// CRC-32C, bit by bit (Castagnoli, reflected 0x82F63B78): independent of the writer's
+/// table-driven crate.
+fn crc32c_by_bits(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn read_varint(bytes: &[u8], at: &mut usize) -> u64 {
+    let (mut v, mut shift) = (0u64, 0);
+    loop {
+        let b = bytes[*at];
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return v;
+        }
+        shift += 7;
+    }
+}
+
+/// The protocol-buffer fields of `bytes` as (field, wire type, payload): varints as their
+/// value's bytes, fixed64/fixed32 and length-delimited as their bytes.
+fn fields(bytes: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let key = read_varint(bytes, &mut at);
+        let (field, wire) = (key >> 3, key & 7);
+        let payload = match wire {
+            0 => read_varint(bytes, &mut at).to_le_bytes().to_vec(),
+            1 => {
+                at += 8;
+                bytes[at - 8..at].to_vec()
+            }
+            2 => {
+                let len = read_varint(bytes, &mut at) as usize;
+                at += len;
+                bytes[at - len..at].to_vec()
+            }
+            5 => {
+                at += 4;
+                bytes[at - 4..at].to_vec()
+            }
+            w => panic!("wire type {w}"),
+        };
+        out.push((field, wire, payload));
+    }
+    out
+}
+
+/// An event file's records, their CRCs checked: (step, [(tag, value)]) per event, and
+/// the first record's file version.
+/// One event: its step and its scalars.
+type Event = (i64, Vec<(String, f32)>);
+
+fn read_events(path: &std::path::Path) -> (String, Vec<Event>) {
+    let bytes = std::fs::read(path).unwrap();
+    let masked = |d: &[u8]| crc32c_by_bits(d).rotate_right(15).wrapping_add(0xa282_ead8);
+    let (mut at, mut version, mut events) = (0, String::new(), Vec::new());
+    while at < bytes.len() {
+        let len_bytes = &bytes[at..at + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+        assert_eq!(crc, masked(len_bytes), "length CRC at byte {at}");
+        let data = &bytes[at + 12..at + 12 + len];
+        let crc = u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+        assert_eq!(crc, masked(data), "data CRC at byte {at}");
+        at += 16 + len;
+        let mut step = 0i64;
+        let mut values = Vec::new();
+        for (field, _, payload) in fields(data) {
+            match field {
+                2 => step = i64::from_le_bytes(payload.try_into().unwrap()),
+                3 => version = String::from_utf8(payload).unwrap(),
+                5 => {
+                    for (_, _, value) in fields(&payload) {
+                        let (mut tag, mut v) = (String::new(), f32::NAN);
+                        for (f, _, p) in fields(&value) {
+                            match f {
+                                1 => tag = String::from_utf8(p).unwrap(),
+                                2 => v = f32::from_le_bytes(p.try_into().unwrap()),
+                                _ => {}
+                            }
+                        }
+                        values.push((tag, v));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !values.is_empty() {
+            events.push((step, values));
+        }
+    }
+    (version, events)
+}
+
+/// `--tensorboard DIR` writes TensorFlow event records (CRCs checked by an independent
+/// CRC-32C) holding every number of the metrics lines at their steps: the loss, the
+/// learning rate, each rank's phases and gradient norms, every evaluation. Where Python
+/// has the `tensorboard` package (or `MMPIPE_TENSORBOARD_PYTHON` names one that has), its
+/// own reader loads the loss too.
+#[test]
+fn tensorboard_event_files_hold_the_metrics() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-tb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (metrics, events_dir) = (dir.join("metrics.jsonl"), dir.join("tb"));
+    let cfg = mmpipe::train::TrainConfig {
+        steps: 4,
+        metrics: Some(metrics.clone()),
+        tensorboard: Some(events_dir.clone()),
+        eval: mmpipe::train::config::EvalConfig {
+            every: 2,
+            pairs: 16,
+        },
+        ..super::common::train_config(8)
+    };
+    let topology = super::common::cpu_topology(2, 1);
+    mmpipe::train::train(&topology, &super::common::test_model(), &cfg).unwrap();
+    let files: Vec<_> = std::fs::read_dir(&events_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let (version, events) = read_events(&files[0]);
+    assert_eq!(version, "brain.Event:2");
+    let losses = super::common::metric_losses(&metrics);
+    let scalar = |step: i64, tag: &str| {
+        events
+            .iter()
+            .filter(|(s, _)| *s == step)
+            .flat_map(|(_, v)| v)
+            .find(|(t, _)| t == tag)
+            .map(|(_, v)| *v)
+    };
+    for (step, loss) in losses.iter().enumerate() {
+        assert_eq!(
+            scalar(step as i64, "loss"),
+            Some(*loss as f32),
+            "step {step}"
+        );
+        for tag in [
+            "lr",
+            "logit_scale",
+            "samples_per_s",
+            "rank0/phases/forward_ms",
+        ] {
+            assert!(scalar(step as i64, tag).is_some(), "step {step}: no {tag}");
+        }
+        assert!(scalar(step as i64, "rank2/grad_norm/text").unwrap() > 0.0);
+    }
+    // The evaluations after steps 2 and 4 (0-based lines 1 and 3).
+    for step in [1, 3] {
+        let r1 = scalar(step, "eval/recall/image_to_text_r1").expect("an evaluation");
+        assert!((0.0..=1.0).contains(&r1));
+    }
+
+    let python = std::env::var("MMPIPE_TENSORBOARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = format!(
+        "from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+         a = EventAccumulator({:?}); a.Reload()\n\
+         print(' '.join(repr(e.value) for e in a.Scalars('loss')))\n",
+        events_dir.display().to_string()
+    );
+    match std::process::Command::new(&python)
+        .args(["-c", &script])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let read: Vec<f32> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            let want: Vec<f32> = losses.iter().map(|&l| l as f32).collect();
+            assert_eq!(read, want, "TensorBoard's own reader");
+        }
+        _ => eprintln!("note: no Python `tensorboard` package ({python}): its reader not run"),
+    }
+}
