@@ -85,7 +85,11 @@ pub fn anchor_train_config(batch: usize, steps: usize) -> TrainConfig {
         beta2: 0.98,
         eps: 1e-6,
         progress: false,
-        eval: crate::train::config::EvalConfig { every: 0, pairs: 0 },
+        eval: crate::train::config::EvalConfig {
+            every: 0,
+            pairs: 0,
+            sets: Vec::new(),
+        },
         ..TrainConfig::default()
     }
 }

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::zero_shot::{class_features, zero_shot_scores, ZeroShotScores, ZeroShotSet};
 use super::EvalScores;
 use crate::comm::RankComms;
 use crate::data::HeldOut;
@@ -86,4 +87,104 @@ pub fn evaluate(
     let captions: Vec<String> = (0..pairs as u64).map(|i| held_out.caption(i)).collect();
     let classes = classes.as_ref().zip(labels.as_deref());
     Ok(Some(super::score(&image, &text, &captions, classes)?))
+}
+
+/// Every rank's rows of a `tower` group's share of `total` items (`local`: this rank's,
+/// `None` when it holds no `tower`), in group-rank order on every rank: one world
+/// all-gather (ranks outside the group send no rows).
+fn gather_group(
+    topology: &Topology,
+    rank: usize,
+    world: &dyn crate::comm::Communicator,
+    tower: Tower,
+    local: Option<Tensor>,
+    total: usize,
+    dim: usize,
+) -> Result<Tensor> {
+    let size = topology.group_size(tower);
+    let rows = |g: usize| {
+        topology.ranks[g]
+            .role(tower)
+            .map_or(0, |r| split_len(total, size, r.group_rank))
+    };
+    let mine = match local {
+        Some(t) => t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+        None => Tensor::zeros((0, dim), DType::F32, &Device::Cpu)?,
+    };
+    debug_assert_eq!(mine.dim(0)?, rows(rank));
+    let all = world.all_gather(&mine)?;
+    let mut starts = Vec::with_capacity(topology.world_size());
+    let mut at = 0;
+    for g in 0..topology.world_size() {
+        starts.push(at);
+        at += rows(g);
+    }
+    let parts: Vec<Tensor> = topology
+        .group(tower)
+        .iter()
+        .map(|&g| all.narrow(0, starts[g], rows(g)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Zero-shot classification of `set` over the ranks: the image ranks encode their share
+/// of its images, the text ranks their share of its classes' prompts (each class the
+/// normalised mean of its templates), and world rank 0 scores them; the other ranks
+/// return None. `dim` is the features' width.
+pub fn evaluate_zero_shot(
+    topology: &Topology,
+    rank: usize,
+    comms: &RankComms,
+    encode: &dyn Fn(Tower, &TowerInput) -> Result<Tensor>,
+    set: &ZeroShotSet,
+    dim: usize,
+) -> Result<Option<ZeroShotScores>> {
+    const CHUNK: usize = 256;
+    let me = &topology.ranks[rank];
+    let share = |tower: Tower, total: usize| {
+        me.role(tower).map(|r| {
+            let size = topology.group_size(tower);
+            let from = split_offset(total, size, r.group_rank);
+            from..from + split_len(total, size, r.group_rank)
+        })
+    };
+    let n = set.images.images.len();
+    let images = match share(Tower::Image, n) {
+        Some(range) => {
+            let mut parts = vec![Tensor::zeros((0, dim), DType::F32, &Device::Cpu)?];
+            for start in range.clone().step_by(CHUNK) {
+                let chunk = start..(start + CHUNK).min(range.end);
+                let x = encode(Tower::Image, &set.image_input(chunk)?)?;
+                parts.push(x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+            }
+            Some(Tensor::cat(&parts, 0)?)
+        }
+        None => None,
+    };
+    let c = set.images.classes.len();
+    let classes = match share(Tower::Text, c) {
+        Some(range) => {
+            let encode_text = |prompts: &[String]| encode(Tower::Text, &set.text_input(prompts)?);
+            let mine = &set.images.classes[range];
+            Some(if mine.is_empty() {
+                Tensor::zeros((0, dim), DType::F32, &Device::Cpu)?
+            } else {
+                class_features(mine, &set.templates, &encode_text)?
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+            })
+        }
+        None => None,
+    };
+    let world = comms.world.as_ref();
+    let images = gather_group(topology, rank, world, Tower::Image, images, n, dim)?;
+    let classes = gather_group(topology, rank, world, Tower::Text, classes, c, dim)?;
+    if rank != 0 {
+        return Ok(None);
+    }
+    Ok(Some(zero_shot_scores(
+        &images,
+        &classes,
+        &set.images.labels(),
+    )?))
 }

@@ -100,6 +100,8 @@ pub struct EvalScores {
     pub chance: f64,
     /// Zero-shot classification accuracy over class names × prompt templates.
     pub zero_shot: Option<f64>,
+    /// The named zero-shot sets (`[[eval.sets]]`), each scored.
+    pub sets: Vec<(String, zero_shot::ZeroShotScores)>,
 }
 
 impl EvalScores {
@@ -121,12 +123,30 @@ impl EvalScores {
         let zero_shot = self
             .zero_shot
             .map_or(String::new(), |z| format!("zero-shot {:.1}%, ", 100.0 * z));
-        format!(
-            "{zero_shot}image->text/text->image {} (R@1 chance {:.1}%) on {} pairs",
-            recall.join(", "),
-            100.0 * self.chance,
-            self.pairs
-        )
+        let mut parts = Vec::new();
+        if self.pairs > 0 {
+            parts.push(format!(
+                "{zero_shot}image->text/text->image {} (R@1 chance {:.1}%) on {} pairs",
+                recall.join(", "),
+                100.0 * self.chance,
+                self.pairs
+            ));
+        }
+        for (name, s) in &self.sets {
+            parts.push(format!("{name}: zero-shot {}", s.summary()));
+        }
+        parts.join("; ")
+    }
+
+    /// Only named sets, no held-out pairs.
+    pub fn sets_only(sets: Vec<(String, zero_shot::ZeroShotScores)>) -> Self {
+        EvalScores {
+            pairs: 0,
+            recall: Vec::new(),
+            chance: f64::NAN,
+            zero_shot: None,
+            sets,
+        }
     }
 }
 
@@ -145,6 +165,7 @@ pub fn score(
         zero_shot: classes
             .map(|(c, labels)| zero_shot_accuracy(image, c, labels))
             .transpose()?,
+        sets: Vec::new(),
     })
 }
 

@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::data::transform::ImageTransform;
+use crate::data::transform::{Crop, ImageTransform};
+use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::model::layers::l2_normalize;
+use crate::model::{ClipConfig, TowerInput};
 
 /// OpenAI's 80 ImageNet prompt templates (`data/zero-shot/`), `{}` for the class.
 pub const OPENAI_IMAGENET_TEMPLATES: &str =
@@ -318,4 +320,52 @@ pub fn zero_shot_scores(
         top5: share(top5),
         mean_per_class_recall: present.iter().sum::<f64>() / present.len().max(1) as f64,
     })
+}
+
+/// A labelled image set ready to score at every evaluation of a run: its images, its
+/// prompts, and the model's input shapes.
+pub struct ZeroShotSet {
+    pub name: String,
+    pub images: LabelledImages,
+    pub templates: Templates,
+    transform: ImageTransform,
+    tokenizer: TextTokenizer,
+    context: usize,
+}
+
+impl ZeroShotSet {
+    /// The set of `folder` (with `class_names` and `templates` files where given), shaped
+    /// for `model`.
+    pub fn new(
+        name: &str,
+        folder: &Path,
+        class_names: Option<&Path>,
+        templates: Option<&Path>,
+        model: &ClipConfig,
+    ) -> Result<Self> {
+        Ok(ZeroShotSet {
+            name: name.to_string(),
+            images: LabelledImages::from_folder(folder, class_names)?,
+            templates: match templates {
+                Some(path) => Templates::from_file(path)?,
+                None => Templates::openai_imagenet(),
+            },
+            transform: ImageTransform::clip(model.image_size(), Crop::Centre),
+            tokenizer: crate::data::tokenizer::caption_tokenizer(model)?,
+            context: model.context_length(),
+        })
+    }
+
+    /// Images `range` as the image tower's input.
+    pub fn image_input(&self, range: std::ops::Range<usize>) -> Result<TowerInput> {
+        Ok(TowerInput::Images(
+            self.images.pixels(range, &self.transform)?,
+        ))
+    }
+
+    /// Prompts as the text tower's input.
+    pub fn text_input(&self, prompts: &[String]) -> Result<TowerInput> {
+        self.tokenizer
+            .caption_input(prompts, self.context, &candle_core::Device::Cpu)
+    }
 }

@@ -23,6 +23,8 @@ pub struct EvalConfig {
     pub every: usize,
     /// Held-out pairs (0: no evaluation). Fashion-MNIST has 10,000 test images.
     pub pairs: usize,
+    /// Named labelled image sets scored zero-shot at every evaluation (`[[eval.sets]]`).
+    pub sets: Vec<EvalSetConfig>,
 }
 
 impl Default for EvalConfig {
@@ -30,8 +32,22 @@ impl Default for EvalConfig {
         EvalConfig {
             every: 0,
             pairs: 256,
+            sets: Vec::new(),
         }
     }
+}
+
+/// A zero-shot set of `[[eval.sets]]`: an image folder (`ROOT/CLASS/*.jpg`), its class
+/// names and prompt templates (`mmpipe eval --zeroshot-folder`'s defaults when absent).
+/// Paths are relative to the config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSetConfig {
+    /// Its name in the logs, the metrics file and TensorBoard (`eval/sets/NAME/top1`).
+    pub name: String,
+    pub folder: std::path::PathBuf,
+    pub class_names: Option<std::path::PathBuf>,
+    pub templates: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -253,6 +269,12 @@ impl TrainConfig {
                 .unwrap_or_else(|| ".".into());
             cfg.data.origin = p.to_path_buf();
             cfg.model = cfg.model.map(|m| cfg.data.base_dir.join(m));
+            for set in &mut cfg.eval.sets {
+                let base = &cfg.data.base_dir;
+                set.folder = base.join(&set.folder);
+                set.class_names = set.class_names.as_ref().map(|p| base.join(p));
+                set.templates = set.templates.as_ref().map(|p| base.join(p));
+            }
         }
         cfg.validate(&origin)?;
         Ok(cfg)
@@ -269,6 +291,20 @@ impl TrainConfig {
     /// in the error.
     pub fn validate(&self, origin: &Path) -> Result<()> {
         let bad = |field: &str, message: String| Err(Error::invalid(origin, field, message));
+        for (i, set) in self.eval.sets.iter().enumerate() {
+            if set.name.is_empty() || set.name.contains('/') {
+                return bad(
+                    &format!("eval.sets[{i}].name"),
+                    format!("`{}` must be non-empty and contain no '/'", set.name),
+                );
+            }
+            if self.eval.sets[..i].iter().any(|s| s.name == set.name) {
+                return bad(
+                    &format!("eval.sets[{i}].name"),
+                    format!("`{}` names two sets", set.name),
+                );
+            }
+        }
         if let Some(c) = self.grad_clip {
             if !(c.is_finite() && c > 0.0) {
                 return bad("grad_clip", format!("{c} is not a positive norm"));

@@ -139,6 +139,11 @@ fn eval_line(step: usize, scores: &EvalScores) -> serde_json::Value {
             "zero_shot": scores.zero_shot,
             "recall": recall,
             "chance_r1": scores.chance,
+            "sets": scores
+                .sets
+                .iter()
+                .map(|(name, s)| (name.clone(), json!(s)))
+                .collect::<serde_json::Map<_, _>>(),
         },
     })
 }

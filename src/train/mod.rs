@@ -28,6 +28,7 @@ use crate::comm::{thread, RankComms};
 use crate::data::order::SkipCounts;
 use crate::data::Source;
 use crate::error::Result;
+use crate::eval::zero_shot::ZeroShotSet;
 use crate::eval::EvalScores;
 use crate::model::ClipConfig;
 use crate::topology::Topology;
@@ -111,6 +112,21 @@ pub fn train_ranks(
         Ranks::Process { rank, .. } => Some(*rank),
     };
     let source = Source::new(&cfg.data, model, cfg.seed, cfg.eval.pairs, process_rank)?;
+    // The zero-shot sets, read (and any bad folder named) before any rank starts.
+    let sets = cfg
+        .eval
+        .sets
+        .iter()
+        .map(|s| {
+            ZeroShotSet::new(
+                &s.name,
+                &s.folder,
+                s.class_names.as_deref(),
+                s.templates.as_deref(),
+                model,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     STOP.store(false, std::sync::atomic::Ordering::SeqCst);
     // Ranks whose lines the metrics file collects: all of them as threads, rank 0's alone
     // across processes.
@@ -142,6 +158,8 @@ pub fn train_ranks(
     let work = |rank: usize, comms: &RankComms| {
         let data = RankInputs {
             source: &source,
+            sets: &sets,
+            embed_dim: model.embed_dim,
             metrics: metrics.as_ref().map(MetricsFile::sender),
         };
         run_rank(topology, rank, comms, model, cfg, data)

@@ -18,13 +18,18 @@ use crate::comm::RankComms;
 use crate::data::order::SkipCounts;
 use crate::data::{RankSlice, Source};
 use crate::error::{Error, Result};
+use crate::eval::zero_shot::ZeroShotSet;
 use crate::eval::EvalScores;
 use crate::model::{ClipConfig, TowerInput};
 use crate::topology::{Topology, Tower};
 
-/// What every rank of a process shares: the data, and the metrics file's channel.
+/// What every rank of a process shares: the data, the zero-shot sets it scores, and the
+/// metrics file's channel.
 pub(super) struct RankInputs<'a> {
     pub source: &'a Source,
+    pub sets: &'a [ZeroShotSet],
+    /// The features' width (the sets' empty shares need it).
+    pub embed_dim: usize,
     pub metrics: Option<crossbeam_channel::Sender<Record>>,
 }
 
@@ -333,23 +338,42 @@ fn evaluate_and_show(
     bar: Option<&ProgressBar>,
     done: usize,
 ) -> Result<Option<(usize, EvalScores)>> {
-    let Some(held_out) = inputs.source.held_out() else {
+    if inputs.source.held_out().is_none() && inputs.sets.is_empty() {
         return Ok(None);
-    };
+    }
     let encode = |tower: Tower, x: &TowerInput| match trainer.tower(tower) {
         Some(t) => t.encode(x),
         None => Err(Error::Msg(format!("this rank holds no {tower} replica"))),
     };
-    let Some(scores) = crate::eval::distributed::evaluate(
-        topology,
-        rank,
-        comms,
-        &encode,
-        held_out,
-        cfg.eval.pairs,
-    )?
-    else {
+    let held = match inputs.source.held_out() {
+        Some(held_out) => crate::eval::distributed::evaluate(
+            topology,
+            rank,
+            comms,
+            &encode,
+            held_out,
+            cfg.eval.pairs,
+        )?,
+        None => None,
+    };
+    let mut sets = Vec::new();
+    for set in inputs.sets {
+        let scores = crate::eval::distributed::evaluate_zero_shot(
+            topology,
+            rank,
+            comms,
+            &encode,
+            set,
+            inputs.embed_dim,
+        )?;
+        sets.extend(scores.map(|s| (set.name.clone(), s)));
+    }
+    if rank != 0 {
         return Ok(None);
+    }
+    let scores = match held {
+        Some(scores) => EvalScores { sets, ..scores },
+        None => EvalScores::sets_only(sets),
     };
     let line = format!("eval after step {done}: {}", scores.summary());
     match bar {

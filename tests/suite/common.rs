@@ -50,7 +50,11 @@ pub fn train_config(global_batch: usize) -> TrainConfig {
         global_batch,
         steps: 5,
         progress: false,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        eval: mmpipe::train::config::EvalConfig {
+            every: 0,
+            pairs: 0,
+            sets: Vec::new(),
+        },
         ..TrainConfig::default()
     }
 }

@@ -37,7 +37,11 @@ fn quiet_run(steps: usize, global_batch: usize, data: DataConfig) -> TrainConfig
     TrainConfig {
         steps,
         global_batch,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        eval: mmpipe::train::config::EvalConfig {
+            every: 0,
+            pairs: 0,
+            sets: Vec::new(),
+        },
         progress: false,
         data,
         ..TrainConfig::default()
@@ -775,7 +779,11 @@ fn fashion_mnist_loads_as_real_labelled_images_and_trains() {
     let cfg = TrainConfig {
         steps: 3,
         global_batch: 16,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        eval: mmpipe::train::config::EvalConfig {
+            every: 0,
+            pairs: 0,
+            sets: Vec::new(),
+        },
         progress: false,
         data: DataConfig {
             kind: DataKind::FashionMnist,
@@ -898,7 +906,11 @@ fn a_csv_of_paths_and_captions_trains_directly() {
     let cfg = TrainConfig {
         steps: 4,
         global_batch: 6,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        eval: mmpipe::train::config::EvalConfig {
+            every: 0,
+            pairs: 0,
+            sets: Vec::new(),
+        },
         progress: false,
         data: DataConfig {
             kind: DataKind::Csv,
@@ -971,7 +983,11 @@ fn training_with_the_cache_runs_over_several_epochs() {
     let cfg = TrainConfig {
         steps: 4,
         global_batch: 16,
-        eval: mmpipe::train::config::EvalConfig { every: 0, pairs: 0 },
+        eval: mmpipe::train::config::EvalConfig {
+            every: 0,
+            pairs: 0,
+            sets: Vec::new(),
+        },
         progress: false,
         data: DataConfig {
             kind: DataKind::Webdataset,

@@ -566,6 +566,7 @@ fn tensorboard_event_files_hold_the_metrics() {
         eval: mmpipe::train::config::EvalConfig {
             every: 2,
             pairs: 16,
+            sets: Vec::new(),
         },
         ..super::common::train_config(8)
     };

@@ -225,3 +225,96 @@ fn bad_zero_shot_input_names_the_path() {
     assert!(e.contains("flat") && e.contains("no class folders"), "{e}");
     assert_eq!(Templates::openai_imagenet().0.len(), 80);
 }
+
+/// `[[eval.sets]]` in a training config: a named zero-shot folder scored at every
+/// evaluation over the ranks (images split over the image group, classes over the two
+/// text ranks of cpu-1x2), printed, written to the metrics file and TensorBoard; its
+/// final scores are what `mmpipe eval --zeroshot-folder` gives the final checkpoint in
+/// one process.
+#[test]
+fn eval_sets_score_during_training_like_eval_on_the_checkpoint() {
+    let dir = fresh_dir("train");
+    write_fashion_folder(&dir.join("images"), 50);
+    std::fs::write(dir.join("templates.txt"), TEMPLATES.join("\n")).unwrap();
+    let config = dir.join("train.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\n[data]\nkind = \"fashion-mnist\"\n[eval]\nevery = 2\npairs = 0\n\
+             [[eval.sets]]\nname = \"clothes\"\nfolder = \"images\"\ntemplates = \"templates.txt\"\n",
+            std::fs::canonicalize("configs/clip-tiny-bpe.toml").unwrap()
+        ),
+    )
+    .unwrap();
+    let (metrics, events, checkpoints) = (dir.join("m.jsonl"), dir.join("tb"), dir.join("ckpt"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["train", "--topology", "topology/cpu-1x2.toml", "--config"])
+        .arg(&config)
+        .args(["--batch", "16", "--steps", "4", "--quiet"])
+        .arg("--metrics")
+        .arg(&metrics)
+        .arg("--tensorboard")
+        .arg(&events)
+        .arg("--checkpoint-dir")
+        .arg(&checkpoints)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2, "after steps 2 and 4");
+    let last = &evals[1]["eval"]["sets"]["clothes"];
+    assert_eq!(last["images"], 50, "{last}");
+    let tb = std::fs::read_dir(&events).unwrap().count();
+    assert_eq!(tb, 1);
+    assert!(
+        std::fs::read(
+            std::fs::read_dir(&events)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path()
+        )
+        .unwrap()
+        .windows(b"eval/sets/clothes/top1".len())
+        .any(|w| w == b"eval/sets/clothes/top1"),
+        "the event file has the set's top-1"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["eval", "--checkpoint"])
+        .arg(checkpoints.join("step-00000004"))
+        .arg("--zeroshot-folder")
+        .arg(dir.join("images"))
+        .arg("--templates")
+        .arg(dir.join("templates.txt"))
+        .args(["--format", "json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let single: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["top1", "top5", "mean_per_class_recall"] {
+        let (a, b) = (
+            last[key].as_f64().unwrap(),
+            single["zero_shot"][key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-12,
+            "{key}: during training {a}, on the checkpoint {b}"
+        );
+    }
+    assert!(stdout.contains("clothes: zero-shot top-1"), "{stdout}");
+}
