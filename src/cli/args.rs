@@ -364,15 +364,20 @@ pub struct EvalArgs {
     pub linear_probe: Option<usize>,
     /// Zero-shot classification of an image folder instead (ROOT/CLASS/*.jpg|png|webp, one
     /// subfolder per class): top-1, top-5 and the mean per-class recall.
-    #[arg(long, value_name = "ROOT")]
+    #[arg(long, value_name = "ROOT", conflicts_with = "zeroshot_shards")]
     pub zeroshot_folder: Option<PathBuf>,
-    /// The classes' names, one a line in the folders' sorted order [default: the folder
-    /// names; the ImageNet-1k names for 1000 WordNet-id folders].
-    #[arg(long, requires = "zeroshot_folder")]
+    /// Zero-shot classification of WebDataset shards instead, each sample an image and a
+    /// `.cls` class index ('val/{000..007}.tar'; needs --class-names).
+    #[arg(long, value_name = "PATTERN", requires = "class_names")]
+    pub zeroshot_shards: Vec<String>,
+    /// The classes' names, one a line: in the folders' sorted order, or by label for
+    /// shards [default for a folder: its subfolders' names; the ImageNet-1k names for 1000
+    /// WordNet-id folders].
+    #[arg(long)]
     pub class_names: Option<PathBuf>,
     /// Prompt templates, one a line with `{}` for the class [default: OpenAI's 80 ImageNet
     /// templates].
-    #[arg(long, requires = "zeroshot_folder")]
+    #[arg(long)]
     pub templates: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,

@@ -8,8 +8,33 @@ use super::args::{EvalArgs, Format};
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let model = checkpoint_model(&args.checkpoint, args.model.as_deref())?;
-    if let Some(root) = &args.zeroshot_folder {
-        let set = LabelledImages::from_folder(root, args.class_names.as_deref())?;
+    let set = match (&args.zeroshot_folder, args.zeroshot_shards.is_empty()) {
+        (Some(root), _) => Some(LabelledImages::from_folder(
+            root,
+            args.class_names.as_deref(),
+        )?),
+        (None, false) => {
+            let shards = mmpipe::data::shards::resolve(
+                &args.zeroshot_shards,
+                std::path::Path::new("."),
+                std::path::Path::new("--zeroshot-shards"),
+                "--zeroshot-shards",
+            )?;
+            let names = args.class_names.as_deref().expect("clap requires it");
+            Some(LabelledImages::from_shards(&shards, names)?)
+        }
+        (None, true) => {
+            if args.templates.is_some() || args.class_names.is_some() {
+                anyhow::bail!(
+                    "--templates and --class-names go with --zeroshot-folder or --zeroshot-shards \
+                     (Fashion-MNIST's evaluation has its own classes and templates)"
+                );
+            }
+            None
+        }
+    };
+    if let Some(set) = set {
+        let root = set.root.clone();
         let templates = match &args.templates {
             Some(path) => Templates::from_file(path)?,
             None => Templates::openai_imagenet(),

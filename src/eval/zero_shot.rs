@@ -5,8 +5,10 @@
 //! top-1, top-5 and the mean per-class recall.
 //!
 //! The set is an image folder with one subfolder per class (`ROOT/CLASS/*.jpg|png|webp`,
-//! torchvision's and ImageNet's layout). Class names are the folder names, a names file's
-//! lines (one per class, in the folders' sorted order), or, for 1000 folders named by
+//! torchvision's and ImageNet's layout), or WebDataset shards whose samples carry an
+//! image and a `.cls` integer label (clip_benchmark's and img2dataset's convention).
+//! Class names are a names file's lines (one per class: in the folders' sorted order, or
+//! by label), or for a folder its subfolders' names, or, for 1000 folders named by
 //! WordNet id (`n01440764`), the ImageNet-1k names.
 
 use std::path::{Path, PathBuf};
@@ -100,13 +102,54 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// A labelled image set: every image's file and class.
+/// Where one image's bytes are.
+#[derive(Debug, Clone)]
+pub enum ImageRef {
+    File(PathBuf),
+    /// A member of a WebDataset shard.
+    Member {
+        sample: crate::data::shards::ShardSample,
+        member: crate::data::shards::Member,
+    },
+}
+
+impl ImageRef {
+    /// The image's bytes; an error naming the file, or the shard and the sample's key.
+    fn read(&self) -> Result<Vec<u8>> {
+        match self {
+            ImageRef::File(path) => std::fs::read(path).map_err(|e| Error::File {
+                path: path.clone(),
+                message: format!("cannot read the image: {e}"),
+            }),
+            ImageRef::Member { sample, member } => sample.read(member).map_err(|e| Error::File {
+                path: sample.shard.to_path_buf(),
+                message: format!("sample `{}`: cannot read its image: {e}", sample.key),
+            }),
+        }
+    }
+
+    /// The error for bytes that do not decode, naming where they came from.
+    fn undecodable(&self, e: impl std::fmt::Display) -> Error {
+        match self {
+            ImageRef::File(path) => Error::File {
+                path: path.clone(),
+                message: format!("cannot decode the image: {e}"),
+            },
+            ImageRef::Member { sample, .. } => Error::File {
+                path: sample.shard.to_path_buf(),
+                message: format!("sample `{}`: cannot decode its image: {e}", sample.key),
+            },
+        }
+    }
+}
+
+/// A labelled image set: every image and its class.
 #[derive(Debug, Clone)]
 pub struct LabelledImages {
     /// Where it was read from (named in its errors).
     pub root: PathBuf,
-    /// Each image's file and class index.
-    pub images: Vec<(PathBuf, usize)>,
+    /// Each image and its class index.
+    pub images: Vec<(ImageRef, usize)>,
     pub classes: Vec<String>,
 }
 
@@ -159,7 +202,7 @@ impl LabelledImages {
                 ));
             }
             files.sort();
-            images.extend(files.into_iter().map(|f| (f, class)));
+            images.extend(files.into_iter().map(|f| (ImageRef::File(f), class)));
         }
         let folder_names: Vec<String> = folders
             .iter()
@@ -196,6 +239,76 @@ impl LabelledImages {
         })
     }
 
+    /// The samples of `shards` that carry an image and a `.cls` label (an integer, the
+    /// class's line in `names`), in shard order. A sample without one of them, a label
+    /// that is not an integer or is past the names, or a shard that cannot be read is an
+    /// error naming the shard and the sample.
+    pub fn from_shards(shards: &[PathBuf], names: &Path) -> Result<Self> {
+        let classes = read_class_names(names)?;
+        if classes.is_empty() {
+            return Err(Error::File {
+                path: names.to_path_buf(),
+                message: "no class names in the file".into(),
+            });
+        }
+        let mut images = Vec::new();
+        for shard in shards {
+            let scan = crate::data::shards::scan(shard);
+            if let Some((cause, message)) = scan.stopped {
+                return Err(Error::File {
+                    path: shard.clone(),
+                    message: format!("{}: {message}", cause.describe()),
+                });
+            }
+            for sample in scan.samples {
+                let bad = |message: String| Error::File {
+                    path: shard.clone(),
+                    message: format!("sample `{}`: {message}", sample.key),
+                };
+                let image = sample
+                    .image()
+                    .cloned()
+                    .ok_or_else(|| bad("no image member".into()))?;
+                let cls = sample
+                    .member(&["cls"])
+                    .ok_or_else(|| bad("no `.cls` label member".into()))?;
+                let text = sample
+                    .read(cls)
+                    .map_err(|e| bad(format!("cannot read its label: {e}")))?;
+                let text = String::from_utf8_lossy(&text);
+                let label: usize = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("label `{}` is not a class index", text.trim())))?;
+                if label >= classes.len() {
+                    return Err(bad(format!(
+                        "label {label} is past the {} class names of {}",
+                        classes.len(),
+                        names.display()
+                    )));
+                }
+                images.push((
+                    ImageRef::Member {
+                        sample: sample.clone(),
+                        member: image,
+                    },
+                    label,
+                ));
+            }
+        }
+        if images.is_empty() {
+            return Err(Error::File {
+                path: shards[0].clone(),
+                message: "the shards hold no samples".into(),
+            });
+        }
+        Ok(LabelledImages {
+            root: shards[0].clone(),
+            images,
+            classes,
+        })
+    }
+
     pub fn labels(&self) -> Vec<usize> {
         self.images.iter().map(|(_, c)| *c).collect()
     }
@@ -211,15 +324,9 @@ impl LabelledImages {
         let side = transform.size;
         let decoded: Vec<Vec<f32>> = self.images[range.clone()]
             .par_iter()
-            .map(|(path, _)| {
-                let bytes = std::fs::read(path).map_err(|e| Error::File {
-                    path: path.clone(),
-                    message: format!("cannot read the image: {e}"),
-                })?;
-                transform.apply(&bytes, 0).map_err(|e| Error::File {
-                    path: path.clone(),
-                    message: format!("cannot decode the image: {e}"),
-                })
+            .map(|(image, _)| {
+                let bytes = image.read()?;
+                transform.apply(&bytes, 0).map_err(|e| image.undecodable(e))
             })
             .collect::<Result<_>>()?;
         let n = decoded.len();
@@ -334,18 +441,16 @@ pub struct ZeroShotSet {
 }
 
 impl ZeroShotSet {
-    /// The set of `folder` (with `class_names` and `templates` files where given), shaped
-    /// for `model`.
+    /// `images` prompted with `templates` (a file, or OpenAI's 80), shaped for `model`.
     pub fn new(
         name: &str,
-        folder: &Path,
-        class_names: Option<&Path>,
+        images: LabelledImages,
         templates: Option<&Path>,
         model: &ClipConfig,
     ) -> Result<Self> {
         Ok(ZeroShotSet {
             name: name.to_string(),
-            images: LabelledImages::from_folder(folder, class_names)?,
+            images,
             templates: match templates {
                 Some(path) => Templates::from_file(path)?,
                 None => Templates::openai_imagenet(),

@@ -37,15 +37,19 @@ impl Default for EvalConfig {
     }
 }
 
-/// A zero-shot set of `[[eval.sets]]`: an image folder (`ROOT/CLASS/*.jpg`), its class
-/// names and prompt templates (`mmpipe eval --zeroshot-folder`'s defaults when absent).
-/// Paths are relative to the config file.
+/// A zero-shot set of `[[eval.sets]]`: an image folder (`ROOT/CLASS/*.jpg`) or WebDataset
+/// shards with `.cls` labels (then `class_names` is required), its class names and prompt
+/// templates (`mmpipe eval`'s defaults when absent). Paths are relative to the config
+/// file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSetConfig {
     /// Its name in the logs, the metrics file and TensorBoard (`eval/sets/NAME/top1`).
     pub name: String,
-    pub folder: std::path::PathBuf,
+    pub folder: Option<std::path::PathBuf>,
+    /// Shard patterns (`val/{000..007}.tar`), as `data.shards` takes them.
+    #[serde(default)]
+    pub shards: Vec<String>,
     pub class_names: Option<std::path::PathBuf>,
     pub templates: Option<std::path::PathBuf>,
 }
@@ -271,7 +275,7 @@ impl TrainConfig {
             cfg.model = cfg.model.map(|m| cfg.data.base_dir.join(m));
             for set in &mut cfg.eval.sets {
                 let base = &cfg.data.base_dir;
-                set.folder = base.join(&set.folder);
+                set.folder = set.folder.as_ref().map(|p| base.join(p));
                 set.class_names = set.class_names.as_ref().map(|p| base.join(p));
                 set.templates = set.templates.as_ref().map(|p| base.join(p));
             }
@@ -303,6 +307,21 @@ impl TrainConfig {
                     &format!("eval.sets[{i}].name"),
                     format!("`{}` names two sets", set.name),
                 );
+            }
+            match (&set.folder, set.shards.is_empty(), &set.class_names) {
+                (Some(_), true, _) | (None, false, Some(_)) => {}
+                (None, false, None) => return bad(
+                    &format!("eval.sets[{i}].class_names"),
+                    "shards with `.cls` labels need a class-names file (one name a line, by label)"
+                        .into(),
+                ),
+                _ => {
+                    return bad(
+                        &format!("eval.sets[{i}]"),
+                        "give either `folder` (ROOT/CLASS/*.jpg) or `shards` (with `.cls` labels)"
+                            .into(),
+                    )
+                }
             }
         }
         if let Some(c) = self.grad_clip {

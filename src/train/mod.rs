@@ -28,7 +28,7 @@ use crate::comm::{thread, RankComms};
 use crate::data::order::SkipCounts;
 use crate::data::Source;
 use crate::error::Result;
-use crate::eval::zero_shot::ZeroShotSet;
+use crate::eval::zero_shot::{LabelledImages, ZeroShotSet};
 use crate::eval::EvalScores;
 use crate::model::ClipConfig;
 use crate::topology::Topology;
@@ -117,14 +117,23 @@ pub fn train_ranks(
         .eval
         .sets
         .iter()
-        .map(|s| {
-            ZeroShotSet::new(
-                &s.name,
-                &s.folder,
-                s.class_names.as_deref(),
-                s.templates.as_deref(),
-                model,
-            )
+        .enumerate()
+        .map(|(i, s)| {
+            let images = match (&s.folder, &s.class_names) {
+                (Some(folder), names) => LabelledImages::from_folder(folder, names.as_deref())?,
+                (None, Some(names)) => {
+                    let field = format!("eval.sets[{i}].shards");
+                    let shards = crate::data::shards::resolve(
+                        &s.shards,
+                        &cfg.data.base_dir,
+                        &cfg.data.origin,
+                        &field,
+                    )?;
+                    LabelledImages::from_shards(&shards, names)?
+                }
+                (None, None) => unreachable!("TrainConfig::validate requires one"),
+            };
+            ZeroShotSet::new(&s.name, images, s.templates.as_deref(), model)
         })
         .collect::<Result<Vec<_>>>()?;
     STOP.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -318,3 +318,131 @@ fn eval_sets_score_during_training_like_eval_on_the_checkpoint() {
     }
     assert!(stdout.contains("clothes: zero-shot top-1"), "{stdout}");
 }
+
+/// `n` Fashion-MNIST test images as a WebDataset shard: `KEY.png` and `KEY.cls` (the label
+/// as text), and the class names by label.
+fn write_fashion_shard(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
+    let set = FashionMnist::load(Path::new(DEBIAN_DIR), Split::Test).unwrap();
+    let samples: Vec<mmpipe::data::shards::SampleMembers> = (0..n)
+        .map(|i| {
+            let mut png = Vec::new();
+            image::RgbImage::from_raw(SIDE as u32, SIDE as u32, set.rgb(i))
+                .unwrap()
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .unwrap();
+            (
+                format!("{i:06}"),
+                vec![
+                    ("png".to_string(), png),
+                    ("cls".to_string(), set.label(i).to_string().into_bytes()),
+                ],
+            )
+        })
+        .collect();
+    let shard = dir.join("val-000.tar");
+    mmpipe::data::shards::write_shard(&shard, &samples).unwrap();
+    let names = dir.join("classes.txt");
+    std::fs::write(&names, CLASSES.join("\n")).unwrap();
+    (shard, names)
+}
+
+/// Shards with `.cls` labels score what the in-memory evaluation scores on the same
+/// images; from the CLI too; a label past the names and a sample without one are errors
+/// naming the shard and the sample.
+#[test]
+fn webdataset_shards_with_cls_labels_score_the_in_memory_evaluation() {
+    const N: usize = 120;
+    let dir = fresh_dir("shards");
+    let (shard, names) = write_fashion_shard(&dir, N);
+    let templates = dir.join("templates.txt");
+    std::fs::write(&templates, TEMPLATES.join("\n")).unwrap();
+    let checkpoint = checkpoint(&dir.join("run"));
+    let model = bpe_model();
+    let set = LabelledImages::from_shards(std::slice::from_ref(&shard), &names).unwrap();
+    assert_eq!(set.images.len(), N);
+    let (scores, _) = mmpipe::eval::zero_shot_checkpoint(
+        &checkpoint,
+        &model,
+        &set,
+        &Templates::from_file(&templates).unwrap(),
+        false,
+    )
+    .unwrap();
+    let (reference, _) =
+        mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, Path::new(DEBIAN_DIR), N, None)
+            .unwrap();
+    assert!((scores.top1 - reference.zero_shot.unwrap()).abs() < 1e-12);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["eval", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--zeroshot-shards")
+        .arg(&shard)
+        .arg("--class-names")
+        .arg(&names)
+        .arg("--templates")
+        .arg(&templates)
+        .args(["--format", "json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((v["zero_shot"]["top1"].as_f64().unwrap() - scores.top1).abs() < 1e-12);
+
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "one\ntwo\n").unwrap();
+    let e = LabelledImages::from_shards(std::slice::from_ref(&shard), &short)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("val-000.tar") && e.contains("sample `") && e.contains("past the 2 class names"),
+        "{e}"
+    );
+    let unlabelled = dir.join("unlabelled.tar");
+    mmpipe::data::shards::write_shard(
+        &unlabelled,
+        &[("a".into(), vec![("png".into(), vec![1, 2, 3])])],
+    )
+    .unwrap();
+    let e = LabelledImages::from_shards(&[unlabelled], &names)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unlabelled.tar") && e.contains("sample `a`") && e.contains(".cls"),
+        "{e}"
+    );
+}
+
+/// `[[eval.sets]]` that cannot work are refused when the config is read, naming the field.
+#[test]
+fn eval_sets_in_a_config_are_checked_by_field() {
+    let dir = fresh_dir("config");
+    for (body, field, message) in [
+        (
+            "[[eval.sets]]\nname = \"a\"\nshards = [\"v.tar\"]\n",
+            "eval.sets[0].class_names",
+            "need a class-names file",
+        ),
+        (
+            "[[eval.sets]]\nname = \"a\"\n",
+            "eval.sets[0]",
+            "either `folder`",
+        ),
+        (
+            "[[eval.sets]]\nname = \"a\"\nfolder = \"x\"\n[[eval.sets]]\nname = \"a\"\nfolder = \"y\"\n",
+            "eval.sets[1].name",
+            "names two sets",
+        ),
+    ] {
+        let path = dir.join("train.toml");
+        std::fs::write(&path, body).unwrap();
+        let e = mmpipe::train::TrainConfig::load(Some(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.toml") && e.contains(field) && e.contains(message), "{e}");
+    }
+}
