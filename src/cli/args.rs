@@ -370,6 +370,10 @@ pub struct EvalArgs {
     /// `.cls` class index ('val/{000..007}.tar'; needs --class-names).
     #[arg(long, value_name = "PATTERN", requires = "class_names")]
     pub zeroshot_shards: Vec<String>,
+    /// Retrieval on held-out image–caption pairs instead: WebDataset shards
+    /// (`KEY.jpg` + `KEY.txt`): recall@1/5/10 both ways.
+    #[arg(long, value_name = "PATTERN", conflicts_with_all = ["zeroshot_folder", "zeroshot_shards"])]
+    pub retrieval_shards: Vec<String>,
     /// The classes' names, one a line: in the folders' sorted order, or by label for
     /// shards [default for a folder: its subfolders' names; the ImageNet-1k names for 1000
     /// WordNet-id folders].

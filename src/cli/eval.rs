@@ -1,6 +1,7 @@
 //! `mmpipe eval`: a training checkpoint's zero-shot accuracy on an image folder, or its
 //! zero-shot accuracy, recall@k and linear probes on Fashion-MNIST.
 
+use mmpipe::eval::retrieval::RetrievalSet;
 use mmpipe::eval::zero_shot::{LabelledImages, Templates};
 use mmpipe::model::checkpoint::checkpoint_model;
 
@@ -8,6 +9,33 @@ use super::args::{EvalArgs, Format};
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let model = checkpoint_model(&args.checkpoint, args.model.as_deref())?;
+    if !args.retrieval_shards.is_empty() {
+        let shards = mmpipe::data::shards::resolve(
+            &args.retrieval_shards,
+            std::path::Path::new("."),
+            std::path::Path::new("--retrieval-shards"),
+            "--retrieval-shards",
+        )?;
+        let set = RetrievalSet::from_shards("retrieval", &shards, &model)?;
+        let scores = mmpipe::eval::retrieval_checkpoint(&args.checkpoint, &model, &set)?;
+        match args.format {
+            Format::Text => println!(
+                "{}: retrieval on {} shard(s): {}",
+                args.checkpoint.display(),
+                shards.len(),
+                scores.summary()
+            ),
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "checkpoint": args.checkpoint,
+                    "shards": shards,
+                    "retrieval": scores,
+                }))?
+            ),
+        }
+        return Ok(());
+    }
     let set = match (&args.zeroshot_folder, args.zeroshot_shards.is_empty()) {
         (Some(root), _) => Some(LabelledImages::from_folder(
             root,

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::retrieval::{RetrievalScores, RetrievalSet};
 use super::zero_shot::{class_features, zero_shot_scores, ZeroShotScores, ZeroShotSet};
 use super::EvalScores;
 use crate::comm::RankComms;
@@ -187,4 +188,50 @@ pub fn evaluate_zero_shot(
         &classes,
         &set.images.labels(),
     )?))
+}
+
+/// Retrieval on `set` over the ranks: the image ranks encode their share of its images,
+/// the text ranks their share of its captions, and world rank 0 scores them; the other
+/// ranks return None.
+pub fn evaluate_retrieval(
+    topology: &Topology,
+    rank: usize,
+    comms: &RankComms,
+    encode: &dyn Fn(Tower, &TowerInput) -> Result<Tensor>,
+    set: &RetrievalSet,
+    dim: usize,
+) -> Result<Option<RetrievalScores>> {
+    const CHUNK: usize = 256;
+    let me = &topology.ranks[rank];
+    let n = set.pairs.len();
+    let local = |tower: Tower| -> Result<Option<Tensor>> {
+        let Some(role) = me.role(tower) else {
+            return Ok(None);
+        };
+        let size = topology.group_size(tower);
+        let from = split_offset(n, size, role.group_rank);
+        let to = from + split_len(n, size, role.group_rank);
+        let mut parts = vec![Tensor::zeros((0, dim), DType::F32, &Device::Cpu)?];
+        for start in (from..to).step_by(CHUNK) {
+            let chunk = start..(start + CHUNK).min(to);
+            let input = match tower {
+                Tower::Image => set.image_input(chunk)?,
+                Tower::Text => set.text_input(chunk)?,
+            };
+            parts.push(
+                encode(tower, &input)?
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?,
+            );
+        }
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    };
+    let (image, text) = (local(Tower::Image)?, local(Tower::Text)?);
+    let world = comms.world.as_ref();
+    let image = gather_group(topology, rank, world, Tower::Image, image, n, dim)?;
+    let text = gather_group(topology, rank, world, Tower::Text, text, n, dim)?;
+    if rank != 0 {
+        return Ok(None);
+    }
+    Ok(Some(set.score(&image, &text)?))
 }

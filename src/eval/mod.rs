@@ -3,6 +3,7 @@
 //! as the true partner; chance is computed under the same rule.
 
 pub mod distributed;
+pub mod retrieval;
 pub mod zero_shot;
 
 use std::path::Path;
@@ -100,8 +101,40 @@ pub struct EvalScores {
     pub chance: f64,
     /// Zero-shot classification accuracy over class names × prompt templates.
     pub zero_shot: Option<f64>,
-    /// The named zero-shot sets (`[[eval.sets]]`), each scored.
-    pub sets: Vec<(String, zero_shot::ZeroShotScores)>,
+    /// The named sets (`[[eval.sets]]`), each scored.
+    pub sets: Vec<(String, SetScores)>,
+}
+
+/// A named evaluation set of a run (`[[eval.sets]]`).
+pub enum EvalSet {
+    ZeroShot(zero_shot::ZeroShotSet),
+    Retrieval(retrieval::RetrievalSet),
+}
+
+impl EvalSet {
+    pub fn name(&self) -> &str {
+        match self {
+            EvalSet::ZeroShot(s) => &s.name,
+            EvalSet::Retrieval(s) => &s.name,
+        }
+    }
+}
+
+/// What a named set scored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum SetScores {
+    ZeroShot(zero_shot::ZeroShotScores),
+    Retrieval(retrieval::RetrievalScores),
+}
+
+impl SetScores {
+    pub fn summary(&self) -> String {
+        match self {
+            SetScores::ZeroShot(s) => format!("zero-shot {}", s.summary()),
+            SetScores::Retrieval(s) => format!("retrieval {}", s.summary()),
+        }
+    }
 }
 
 impl EvalScores {
@@ -133,13 +166,13 @@ impl EvalScores {
             ));
         }
         for (name, s) in &self.sets {
-            parts.push(format!("{name}: zero-shot {}", s.summary()));
+            parts.push(format!("{name}: {}", s.summary()));
         }
         parts.join("; ")
     }
 
     /// Only named sets, no held-out pairs.
-    pub fn sets_only(sets: Vec<(String, zero_shot::ZeroShotScores)>) -> Self {
+    pub fn sets_only(sets: Vec<(String, SetScores)>) -> Self {
         EvalScores {
             pairs: 0,
             recall: Vec::new(),
@@ -312,6 +345,27 @@ pub fn zero_shot_checkpoint(
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let scores = zero_shot::zero_shot_scores(&Tensor::cat(&features, 0)?, &classes, &set.labels())?;
     Ok((scores, rate))
+}
+
+/// A checkpoint's retrieval on held-out pairs of the user's data, on the CPU: recall@k
+/// both ways.
+pub fn retrieval_checkpoint(
+    checkpoint: &Path,
+    model: &ClipConfig,
+    set: &retrieval::RetrievalSet,
+) -> Result<retrieval::RetrievalScores> {
+    const CHUNK: usize = 256;
+    let (image_tower, text_tower) = load_towers(checkpoint, model)?;
+    let n = set.pairs.len();
+    let (mut image, mut text) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(CHUNK) {
+        let range = start..(start + CHUNK).min(n);
+        let x = set.image_input(range.clone())?;
+        image.push(l2_normalize(&image_tower.forward_eval(&x)?.detach())?.detach());
+        let t = set.text_input(range)?;
+        text.push(l2_normalize(&text_tower.forward_eval(&t)?.detach())?.detach());
+    }
+    set.score(&Tensor::cat(&image, 0)?, &Tensor::cat(&text, 0)?)
 }
 
 /// Loads a training checkpoint's parts into both towers on the CPU and evaluates them on

@@ -128,6 +128,13 @@ impl ImageRef {
         }
     }
 
+    /// The image through `transform`: `[3, size, size]` pixels; an error naming where
+    /// it came from when it cannot be read or decoded.
+    pub fn pixels(&self, transform: &ImageTransform) -> Result<Vec<f32>> {
+        let bytes = self.read()?;
+        transform.apply(&bytes, 0).map_err(|e| self.undecodable(e))
+    }
+
     /// The error for bytes that do not decode, naming where they came from.
     fn undecodable(&self, e: impl std::fmt::Display) -> Error {
         match self {
@@ -324,10 +331,7 @@ impl LabelledImages {
         let side = transform.size;
         let decoded: Vec<Vec<f32>> = self.images[range.clone()]
             .par_iter()
-            .map(|(image, _)| {
-                let bytes = image.read()?;
-                transform.apply(&bytes, 0).map_err(|e| image.undecodable(e))
-            })
+            .map(|(image, _)| image.pixels(transform))
             .collect::<Result<_>>()?;
         let n = decoded.len();
         Ok(Tensor::from_vec(

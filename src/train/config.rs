@@ -37,6 +37,15 @@ impl Default for EvalConfig {
     }
 }
 
+/// What a set of `[[eval.sets]]` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalSetKind {
+    #[default]
+    ZeroShot,
+    Retrieval,
+}
+
 /// A zero-shot set of `[[eval.sets]]`: an image folder (`ROOT/CLASS/*.jpg`) or WebDataset
 /// shards with `.cls` labels (then `class_names` is required), its class names and prompt
 /// templates (`mmpipe eval`'s defaults when absent). Paths are relative to the config
@@ -46,6 +55,10 @@ impl Default for EvalConfig {
 pub struct EvalSetConfig {
     /// Its name in the logs, the metrics file and TensorBoard (`eval/sets/NAME/top1`).
     pub name: String,
+    /// `"zero-shot"` (the default: classification of labelled images) or `"retrieval"`
+    /// (recall@k on held-out image–caption pairs of `shards`).
+    #[serde(default)]
+    pub kind: EvalSetKind,
     pub folder: Option<std::path::PathBuf>,
     /// Shard patterns (`val/{000..007}.tar`), as `data.shards` takes them.
     #[serde(default)]
@@ -307,6 +320,21 @@ impl TrainConfig {
                     &format!("eval.sets[{i}].name"),
                     format!("`{}` names two sets", set.name),
                 );
+            }
+            if set.kind == EvalSetKind::Retrieval {
+                if set.shards.is_empty()
+                    || set.folder.is_some()
+                    || set.class_names.is_some()
+                    || set.templates.is_some()
+                {
+                    return bad(
+                        &format!("eval.sets[{i}]"),
+                        "a retrieval set takes `shards` (image–caption pairs) and no folder, \
+                         class names or templates"
+                            .into(),
+                    );
+                }
+                continue;
             }
             match (&set.folder, set.shards.is_empty(), &set.class_names) {
                 (Some(_), true, _) | (None, false, Some(_)) => {}

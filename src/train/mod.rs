@@ -28,10 +28,12 @@ use crate::comm::{thread, RankComms};
 use crate::data::order::SkipCounts;
 use crate::data::Source;
 use crate::error::Result;
+use crate::eval::retrieval::RetrievalSet;
 use crate::eval::zero_shot::{LabelledImages, ZeroShotSet};
-use crate::eval::EvalScores;
+use crate::eval::{EvalScores, EvalSet};
 use crate::model::ClipConfig;
 use crate::topology::Topology;
+use config::EvalSetKind;
 use metrics::MetricsFile;
 use run::{run_rank, RankInputs, RankOutcome};
 
@@ -112,28 +114,40 @@ pub fn train_ranks(
         Ranks::Process { rank, .. } => Some(*rank),
     };
     let source = Source::new(&cfg.data, model, cfg.seed, cfg.eval.pairs, process_rank)?;
-    // The zero-shot sets, read (and any bad folder named) before any rank starts.
+    // The named evaluation sets, read (and any bad folder or shard named) before any rank
+    // starts.
     let sets = cfg
         .eval
         .sets
         .iter()
         .enumerate()
         .map(|(i, s)| {
+            let shards = || {
+                crate::data::shards::resolve(
+                    &s.shards,
+                    &cfg.data.base_dir,
+                    &cfg.data.origin,
+                    &format!("eval.sets[{i}].shards"),
+                )
+            };
+            if s.kind == EvalSetKind::Retrieval {
+                return Ok(EvalSet::Retrieval(RetrievalSet::from_shards(
+                    &s.name,
+                    &shards()?,
+                    model,
+                )?));
+            }
             let images = match (&s.folder, &s.class_names) {
                 (Some(folder), names) => LabelledImages::from_folder(folder, names.as_deref())?,
-                (None, Some(names)) => {
-                    let field = format!("eval.sets[{i}].shards");
-                    let shards = crate::data::shards::resolve(
-                        &s.shards,
-                        &cfg.data.base_dir,
-                        &cfg.data.origin,
-                        &field,
-                    )?;
-                    LabelledImages::from_shards(&shards, names)?
-                }
+                (None, Some(names)) => LabelledImages::from_shards(&shards()?, names)?,
                 (None, None) => unreachable!("TrainConfig::validate requires one"),
             };
-            ZeroShotSet::new(&s.name, images, s.templates.as_deref(), model)
+            Ok(EvalSet::ZeroShot(ZeroShotSet::new(
+                &s.name,
+                images,
+                s.templates.as_deref(),
+                model,
+            )?))
         })
         .collect::<Result<Vec<_>>>()?;
     STOP.store(false, std::sync::atomic::Ordering::SeqCst);

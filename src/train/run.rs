@@ -18,8 +18,7 @@ use crate::comm::RankComms;
 use crate::data::order::SkipCounts;
 use crate::data::{RankSlice, Source};
 use crate::error::{Error, Result};
-use crate::eval::zero_shot::ZeroShotSet;
-use crate::eval::EvalScores;
+use crate::eval::{EvalScores, EvalSet, SetScores};
 use crate::model::{ClipConfig, TowerInput};
 use crate::topology::{Topology, Tower};
 
@@ -27,7 +26,7 @@ use crate::topology::{Topology, Tower};
 /// metrics file's channel.
 pub(super) struct RankInputs<'a> {
     pub source: &'a Source,
-    pub sets: &'a [ZeroShotSet],
+    pub sets: &'a [EvalSet],
     /// The features' width (the sets' empty shares need it).
     pub embed_dim: usize,
     pub metrics: Option<crossbeam_channel::Sender<Record>>,
@@ -358,15 +357,16 @@ fn evaluate_and_show(
     };
     let mut sets = Vec::new();
     for set in inputs.sets {
-        let scores = crate::eval::distributed::evaluate_zero_shot(
-            topology,
-            rank,
-            comms,
-            &encode,
-            set,
-            inputs.embed_dim,
-        )?;
-        sets.extend(scores.map(|s| (set.name.clone(), s)));
+        use crate::eval::distributed::{evaluate_retrieval, evaluate_zero_shot};
+        let dim = inputs.embed_dim;
+        let scores = match set {
+            EvalSet::ZeroShot(s) => {
+                evaluate_zero_shot(topology, rank, comms, &encode, s, dim)?.map(SetScores::ZeroShot)
+            }
+            EvalSet::Retrieval(s) => evaluate_retrieval(topology, rank, comms, &encode, s, dim)?
+                .map(SetScores::Retrieval),
+        };
+        sets.extend(scores.map(|s| (set.name().to_string(), s)));
     }
     if rank != 0 {
         return Ok(None);

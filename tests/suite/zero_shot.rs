@@ -446,3 +446,68 @@ fn eval_sets_in_a_config_are_checked_by_field() {
         assert!(e.contains("train.toml") && e.contains(field) && e.contains(message), "{e}");
     }
 }
+
+/// A retrieval set of `[[eval.sets]]` (the real-photo shard's 22 image–caption pairs)
+/// scored during training on cpu-2x1 (images over two image ranks, captions on the text
+/// rank) equals `mmpipe eval --retrieval-shards` on the final checkpoint.
+#[test]
+fn retrieval_sets_score_during_training_like_eval_on_the_checkpoint() {
+    let dir = fresh_dir("retrieval");
+    let shard = std::fs::canonicalize("tests/fixtures/real-photos.tar").unwrap();
+    let config = dir.join("train.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\n[data]\nkind = \"fashion-mnist\"\n[eval]\npairs = 0\n\
+             [[eval.sets]]\nname = \"photos\"\nkind = \"retrieval\"\nshards = [{:?}]\n",
+            std::fs::canonicalize("configs/clip-tiny-bpe.toml").unwrap(),
+            shard.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (metrics, checkpoints) = (dir.join("m.jsonl"), dir.join("ckpt"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["train", "--topology", "topology/cpu-2x1.toml", "--config"])
+        .arg(&config)
+        .args(["--batch", "16", "--steps", "2", "--quiet"])
+        .arg("--metrics")
+        .arg(&metrics)
+        .arg("--checkpoint-dir")
+        .arg(&checkpoints)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("photos: retrieval image->text"), "{stdout}");
+    let eval: serde_json::Value = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("eval").is_some())
+        .unwrap();
+    let during = &eval["eval"]["sets"]["photos"];
+    assert_eq!(during["pairs"], 22, "{during}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["eval", "--checkpoint"])
+        .arg(checkpoints.join("step-00000002"))
+        .arg("--retrieval-shards")
+        .arg(&shard)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let single: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        during["recall"], single["retrieval"]["recall"],
+        "{during} vs {single}"
+    );
+    assert_eq!(during["chance_r1"], single["retrieval"]["chance_r1"]);
+}
