@@ -34,6 +34,9 @@ pub struct EvalPoint {
     pub zero_shot: Option<f64>,
     pub image_to_text_r1: f64,
     pub text_to_image_r1: f64,
+    /// The named sets' headline numbers (`[[eval.sets]]`): a zero-shot set's top-1
+    /// (`NAME top-1`), a retrieval set's image→text recall@1 (`NAME R@1`).
+    pub sets: Vec<(String, f64)>,
 }
 
 /// A run's metrics, as read back.
@@ -103,11 +106,24 @@ impl Run {
                 .ok_or_else(|| bad("no `step`".into()))? as usize;
             if let Some(eval) = value.get("eval") {
                 let recall = |key: &str| eval["recall"][key].as_f64().unwrap_or(f64::NAN);
+                let mut sets = Vec::new();
+                for (name, set) in eval["sets"].as_object().into_iter().flatten() {
+                    if let Some(top1) = set["top1"].as_f64() {
+                        sets.push((format!("{name} top-1"), top1));
+                    }
+                    let r1 = set["recall"]
+                        .as_array()
+                        .and_then(|ks| ks.iter().find(|k| k[0].as_u64() == Some(1))?[1].as_f64());
+                    if let Some(r1) = r1 {
+                        sets.push((format!("{name} R@1"), r1));
+                    }
+                }
                 evals.push(EvalPoint {
                     step,
                     zero_shot: eval["zero_shot"].as_f64(),
                     image_to_text_r1: recall("image_to_text_r1"),
                     text_to_image_r1: recall("text_to_image_r1"),
+                    sets,
                 });
                 continue;
             }
@@ -401,7 +417,11 @@ fn draw_evals(runs: &[Run], path: &Path) -> Result<()> {
         let series = |f: &dyn Fn(&EvalPoint) -> Option<f64>| -> Vec<(f64, f64)> {
             run.evals
                 .iter()
-                .filter_map(|e| f(e).map(|v| ((e.step + 1) as f64, 100.0 * v)))
+                .filter_map(|e| {
+                    // A run scoring only named sets has no held-out recall (NaN).
+                    let v = f(e).filter(|v| v.is_finite())?;
+                    Some(((e.step + 1) as f64, 100.0 * v))
+                })
                 .collect()
         };
         let zero_shot = series(&|e| e.zero_shot);
@@ -566,8 +586,81 @@ pub struct Report {
     pub runs: Vec<Run>,
 }
 
-/// Reads the runs and draws `training.png`, `eval.png` (when a run evaluated) and
-/// `phases.png` (the first run) into `out`.
+/// `sets.png`: each named set's headline number (zero-shot top-1, retrieval R@1) per run,
+/// in percent, one line per (run, set).
+fn draw_sets(runs: &[Run], path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    let err = plot_err(path);
+    root.fill(&WHITE).map_err(&err)?;
+    let last_step = runs
+        .iter()
+        .flat_map(|r| r.steps.last().map(|s| s.step))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "evaluation sets (zero-shot top-1, retrieval image→text R@1)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..(last_step + 1) as f64, 0f64..100f64)
+        .map_err(&err)?;
+    chart
+        .configure_mesh()
+        .x_desc("steps trained")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("%")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(&err)?;
+    let mut colour_at = 0;
+    for run in runs {
+        let mut names: Vec<&String> = run
+            .evals
+            .iter()
+            .flat_map(|e| e.sets.iter().map(|(n, _)| n))
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let colour = SERIES[colour_at % SERIES.len()];
+            colour_at += 1;
+            let points: Vec<(f64, f64)> = run
+                .evals
+                .iter()
+                .filter_map(|e| {
+                    let v = e.sets.iter().find(|(n, _)| n == name)?.1;
+                    Some(((e.step + 1) as f64, 100.0 * v))
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(3)))
+                .map_err(&err)?
+                .label(format!("{} {name}", run.name))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                .map_err(&err)?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(&err)?;
+    root.present().map_err(&err)
+}
+
+/// Reads the runs and draws `training.png`, `eval.png` (when a run evaluated),
+/// `sets.png` (when it scored named sets) and `phases.png` (the first run) into `out`.
 pub fn write(runs: &[PathBuf], out: &Path) -> Result<Report> {
     let runs: Vec<Run> = runs.iter().map(|r| Run::read(r)).collect::<Result<_>>()?;
     register_font()?;
@@ -580,6 +673,14 @@ pub fn write(runs: &[PathBuf], out: &Path) -> Result<Report> {
     if runs.iter().any(|r| !r.evals.is_empty()) {
         plots.push(out.join("eval.png"));
         draw_evals(&runs, plots.last().expect("just pushed"))?;
+    }
+    if runs
+        .iter()
+        .flat_map(|r| &r.evals)
+        .any(|e| !e.sets.is_empty())
+    {
+        plots.push(out.join("sets.png"));
+        draw_sets(&runs, plots.last().expect("just pushed"))?;
     }
     plots.push(out.join("phases.png"));
     draw_phases(&runs[0], plots.last().expect("just pushed"))?;

@@ -317,6 +317,18 @@ fn eval_sets_score_during_training_like_eval_on_the_checkpoint() {
         );
     }
     assert!(stdout.contains("clothes: zero-shot top-1"), "{stdout}");
+    // `mmpipe report` plots the set's top-1 over the steps.
+    let plots = dir.join("plots");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .arg("report")
+        .arg(&metrics)
+        .arg("--out")
+        .arg(&plots)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = std::fs::read(plots.join("sets.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 5000, "{} bytes", png.len());
 }
 
 /// `n` Fashion-MNIST test images as a WebDataset shard: `KEY.png` and `KEY.cls` (the label
