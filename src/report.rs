@@ -383,27 +383,32 @@ fn draw_training(runs: &[Run], path: &Path) -> Result<()> {
     root.present().map_err(&err)
 }
 
-/// `eval.png`: zero-shot accuracy (where measured) and recall@1 both ways, in percent.
-fn draw_evals(runs: &[Run], path: &Path) -> Result<()> {
-    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
-    let err = plot_err(path);
-    root.fill(&WHITE).map_err(&err)?;
+/// A chart of percentages over the steps the runs trained, its axes drawn.
+fn percent_chart<'a, DB: DrawingBackend + 'a>(
+    root: &'a DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[Run],
+    caption: &str,
+    path: &Path,
+) -> Result<
+    ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+> {
     let last_step = runs
         .iter()
         .flat_map(|r| r.steps.last().map(|s| s.step))
         .max()
         .unwrap_or(1)
         .max(1);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "held-out evaluation (solid: zero-shot, dashed: image→text R@1, dotted: text→image R@1)",
-            ("sans-serif", 18),
-        )
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
         .build_cartesian_2d(0f64..(last_step + 1) as f64, 0f64..100f64)
-        .map_err(&err)?;
+        .map_err(plot_err(path))?;
     chart
         .configure_mesh()
         .x_desc("steps trained")
@@ -411,7 +416,21 @@ fn draw_evals(runs: &[Run], path: &Path) -> Result<()> {
         .y_desc("%")
         .label_style(("sans-serif", 13))
         .draw()
-        .map_err(&err)?;
+        .map_err(plot_err(path))?;
+    Ok(chart)
+}
+
+/// `eval.png`: zero-shot accuracy (where measured) and recall@1 both ways, in percent.
+fn draw_evals(runs: &[Run], path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    let err = plot_err(path);
+    root.fill(&WHITE).map_err(&err)?;
+    let mut chart = percent_chart(
+        &root,
+        runs,
+        "held-out evaluation (solid: zero-shot, dashed: image→text R@1, dotted: text→image R@1)",
+        path,
+    )?;
     for (i, run) in runs.iter().enumerate() {
         let colour = SERIES[i % SERIES.len()];
         let series = |f: &dyn Fn(&EvalPoint) -> Option<f64>| -> Vec<(f64, f64)> {
@@ -592,30 +611,12 @@ fn draw_sets(runs: &[Run], path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     let err = plot_err(path);
     root.fill(&WHITE).map_err(&err)?;
-    let last_step = runs
-        .iter()
-        .flat_map(|r| r.steps.last().map(|s| s.step))
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "evaluation sets (zero-shot top-1, retrieval image→text R@1)",
-            ("sans-serif", 18),
-        )
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..(last_step + 1) as f64, 0f64..100f64)
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .x_desc("steps trained")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_desc("%")
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(&err)?;
+    let mut chart = percent_chart(
+        &root,
+        runs,
+        "evaluation sets (zero-shot top-1, retrieval image→text R@1)",
+        path,
+    )?;
     let mut colour_at = 0;
     for run in runs {
         let mut names: Vec<&String> = run

@@ -56,41 +56,33 @@ impl RetrievalSet {
     /// error naming the shard and the sample.
     pub fn from_shards(name: &str, shards: &[PathBuf], model: &ClipConfig) -> Result<Self> {
         let mut pairs = Vec::new();
-        for shard in shards {
-            let scan = crate::data::shards::scan(shard);
-            if let Some((cause, message)) = scan.stopped {
-                return Err(Error::File {
-                    path: shard.clone(),
-                    message: format!("{}: {message}", cause.describe()),
-                });
-            }
-            for sample in scan.samples {
-                let bad = |message: String| Error::File {
-                    path: shard.clone(),
-                    message: format!("sample `{}`: {message}", sample.key),
-                };
-                let image = sample
-                    .image()
-                    .cloned()
-                    .ok_or_else(|| bad("no image member".into()))?;
-                let caption = sample
-                    .caption()
-                    .ok_or_else(|| bad("no `.txt` caption".into()))?;
-                let bytes = sample
-                    .read(caption)
-                    .map_err(|e| bad(format!("cannot read its caption: {e}")))?;
-                let caption = String::from_utf8(bytes)
-                    .map_err(|_| bad("its caption is not UTF-8".into()))?
-                    .trim()
-                    .to_string();
-                pairs.push((
-                    ImageRef::Member {
-                        sample: sample.clone(),
-                        member: image,
-                    },
-                    caption,
-                ));
-            }
+        for sample in super::zero_shot::every_sample(shards)? {
+            let shard = sample.shard.as_ref();
+            let bad = |message: String| Error::File {
+                path: shard.clone(),
+                message: format!("sample `{}`: {message}", sample.key),
+            };
+            let image = sample
+                .image()
+                .cloned()
+                .ok_or_else(|| bad("no image member".into()))?;
+            let caption = sample
+                .caption()
+                .ok_or_else(|| bad("no `.txt` caption".into()))?;
+            let bytes = sample
+                .read(caption)
+                .map_err(|e| bad(format!("cannot read its caption: {e}")))?;
+            let caption = String::from_utf8(bytes)
+                .map_err(|_| bad("its caption is not UTF-8".into()))?
+                .trim()
+                .to_string();
+            pairs.push((
+                ImageRef::Member {
+                    sample: sample.clone(),
+                    member: image,
+                },
+                caption,
+            ));
         }
         if pairs.len() < 2 {
             return Err(Error::File {

@@ -150,6 +150,23 @@ impl ImageRef {
     }
 }
 
+/// Every sample of `shards`, in order; a shard that cannot be read, or is cut short, is
+/// an error naming it (an evaluation set is scored whole or not at all).
+pub fn every_sample(shards: &[PathBuf]) -> Result<Vec<crate::data::shards::ShardSample>> {
+    let mut samples = Vec::new();
+    for shard in shards {
+        let scan = crate::data::shards::scan(shard);
+        if let Some((cause, message)) = scan.stopped {
+            return Err(Error::File {
+                path: shard.clone(),
+                message: format!("{}: {message}", cause.describe()),
+            });
+        }
+        samples.extend(scan.samples);
+    }
+    Ok(samples)
+}
+
 /// A labelled image set: every image and its class.
 #[derive(Debug, Clone)]
 pub struct LabelledImages {
@@ -259,49 +276,41 @@ impl LabelledImages {
             });
         }
         let mut images = Vec::new();
-        for shard in shards {
-            let scan = crate::data::shards::scan(shard);
-            if let Some((cause, message)) = scan.stopped {
-                return Err(Error::File {
-                    path: shard.clone(),
-                    message: format!("{}: {message}", cause.describe()),
-                });
+        for sample in every_sample(shards)? {
+            let shard = sample.shard.as_ref();
+            let bad = |message: String| Error::File {
+                path: shard.clone(),
+                message: format!("sample `{}`: {message}", sample.key),
+            };
+            let image = sample
+                .image()
+                .cloned()
+                .ok_or_else(|| bad("no image member".into()))?;
+            let cls = sample
+                .member(&["cls"])
+                .ok_or_else(|| bad("no `.cls` label member".into()))?;
+            let text = sample
+                .read(cls)
+                .map_err(|e| bad(format!("cannot read its label: {e}")))?;
+            let text = String::from_utf8_lossy(&text);
+            let label: usize = text
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("label `{}` is not a class index", text.trim())))?;
+            if label >= classes.len() {
+                return Err(bad(format!(
+                    "label {label} is past the {} class names of {}",
+                    classes.len(),
+                    names.display()
+                )));
             }
-            for sample in scan.samples {
-                let bad = |message: String| Error::File {
-                    path: shard.clone(),
-                    message: format!("sample `{}`: {message}", sample.key),
-                };
-                let image = sample
-                    .image()
-                    .cloned()
-                    .ok_or_else(|| bad("no image member".into()))?;
-                let cls = sample
-                    .member(&["cls"])
-                    .ok_or_else(|| bad("no `.cls` label member".into()))?;
-                let text = sample
-                    .read(cls)
-                    .map_err(|e| bad(format!("cannot read its label: {e}")))?;
-                let text = String::from_utf8_lossy(&text);
-                let label: usize = text
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad(format!("label `{}` is not a class index", text.trim())))?;
-                if label >= classes.len() {
-                    return Err(bad(format!(
-                        "label {label} is past the {} class names of {}",
-                        classes.len(),
-                        names.display()
-                    )));
-                }
-                images.push((
-                    ImageRef::Member {
-                        sample: sample.clone(),
-                        member: image,
-                    },
-                    label,
-                ));
-            }
+            images.push((
+                ImageRef::Member {
+                    sample: sample.clone(),
+                    member: image,
+                },
+                label,
+            ));
         }
         if images.is_empty() {
             return Err(Error::File {

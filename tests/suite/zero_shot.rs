@@ -326,9 +326,17 @@ fn eval_sets_score_during_training_like_eval_on_the_checkpoint() {
         .arg(&plots)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let png = std::fs::read(plots.join("sets.png")).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 5000, "{} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5000,
+        "{} bytes",
+        png.len()
+    );
 }
 
 /// `n` Fashion-MNIST test images as a WebDataset shard: `KEY.png` and `KEY.cls` (the label
