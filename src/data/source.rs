@@ -200,8 +200,10 @@ impl Source {
             }
             (_, kind) => {
                 tracing::warn!(
-                    "no held-out set for data.kind = {kind:?} yet: this run is not evaluated \
-                     (evaluate a checkpoint with `mmpipe eval`)"
+                    "no built-in held-out pairs for data.kind = {kind:?}: name your own in \
+                     `[[eval.sets]]` (zero-shot folders or shards, or kind = \"retrieval\" \
+                     with held-out shards) and set eval.pairs = 0, or evaluate a checkpoint \
+                     with `mmpipe eval`"
                 );
                 None
             }
