@@ -2,7 +2,7 @@
 //! zero-shot accuracy, recall@k and linear probes on Fashion-MNIST.
 
 use mmpipe::eval::retrieval::RetrievalSet;
-use mmpipe::eval::zero_shot::{LabelledImages, Templates};
+use mmpipe::eval::zero_shot::{LabelledImages, ZeroShotSet};
 use mmpipe::model::checkpoint::checkpoint_model;
 
 use super::args::{EvalArgs, Format};
@@ -61,20 +61,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             None
         }
     };
-    if let Some(set) = set {
-        let root = set.root.clone();
-        let templates = match &args.templates {
-            Some(path) => Templates::from_file(path)?,
-            None => Templates::openai_imagenet(),
-        };
+    if let Some(images) = set {
+        let root = images.root.clone();
+        let set = ZeroShotSet::new("eval", images, args.templates.as_deref(), &model)?;
+        let templates = &set.templates;
         let progress = !args.quiet && args.format == Format::Text;
-        let (scores, rate) = mmpipe::eval::zero_shot_checkpoint(
-            &args.checkpoint,
-            &model,
-            &set,
-            &templates,
-            progress,
-        )?;
+        let (scores, rate) =
+            mmpipe::eval::zero_shot_checkpoint(&args.checkpoint, &model, &set, progress)?;
         match args.format {
             Format::Text => println!(
                 "{}: zero-shot on {}: {} ({} templates; {rate:.0} images/s)",

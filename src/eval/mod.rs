@@ -272,6 +272,12 @@ pub struct ProbeScores {
     pub pixels: f64,
 }
 
+/// `tower`'s normalised features of `x`, detached: the parameters are variables, and a
+/// kept output would keep its whole forward graph (every activation) alive.
+fn encode_detached(tower: &crate::model::Encoder, x: &TowerInput) -> Result<Tensor> {
+    Ok(l2_normalize(&tower.forward_eval(x)?.detach())?.detach())
+}
+
 /// Both towers on the CPU with a training checkpoint's parts loaded (parameters, and the
 /// image tower's batch-norm statistics).
 fn load_towers(
@@ -299,25 +305,14 @@ fn load_towers(
 pub fn zero_shot_checkpoint(
     checkpoint: &Path,
     model: &ClipConfig,
-    set: &zero_shot::LabelledImages,
-    templates: &zero_shot::Templates,
+    set: &zero_shot::ZeroShotSet,
     progress: bool,
 ) -> Result<(zero_shot::ZeroShotScores, f64)> {
-    use crate::data::transform::{Crop, ImageTransform};
-
     const CHUNK: usize = 256;
     let (image_tower, text_tower) = load_towers(checkpoint, model)?;
-    let tokenizer = crate::data::tokenizer::caption_tokenizer(model)?;
-    let context = model.context_length();
-    // Detached: the parameters are variables, and a kept output would keep its whole
-    // forward graph alive.
-    let encode_text = |prompts: &[String]| -> Result<Tensor> {
-        let input = tokenizer.caption_input(prompts, context, &Device::Cpu)?;
-        Ok(l2_normalize(&text_tower.forward_eval(&input)?.detach())?.detach())
-    };
-    let classes = zero_shot::class_features(&set.classes, templates, &encode_text)?;
-    let transform = ImageTransform::clip(model.image_size(), Crop::Centre);
-    let n = set.images.len();
+    let encode_text = |prompts: &[String]| encode_detached(&text_tower, &set.text_input(prompts)?);
+    let classes = zero_shot::class_features(&set.images.classes, &set.templates, &encode_text)?;
+    let n = set.images.images.len();
     let bar = progress.then(|| {
         let bar = indicatif::ProgressBar::new(n as u64);
         bar.set_style(
@@ -333,8 +328,7 @@ pub fn zero_shot_checkpoint(
     for start in (0..n).step_by(CHUNK) {
         let range = start..(start + CHUNK).min(n);
         let len = range.len();
-        let x = TowerInput::Images(set.pixels(range, &transform)?);
-        features.push(l2_normalize(&image_tower.forward_eval(&x)?.detach())?.detach());
+        features.push(encode_detached(&image_tower, &set.image_input(range)?)?);
         if let Some(bar) = &bar {
             bar.inc(len as u64);
         }
@@ -343,7 +337,8 @@ pub fn zero_shot_checkpoint(
         bar.finish_and_clear();
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    let scores = zero_shot::zero_shot_scores(&Tensor::cat(&features, 0)?, &classes, &set.labels())?;
+    let labels = set.images.labels();
+    let scores = zero_shot::zero_shot_scores(&Tensor::cat(&features, 0)?, &classes, &labels)?;
     Ok((scores, rate))
 }
 
@@ -361,9 +356,9 @@ pub fn retrieval_checkpoint(
     for start in (0..n).step_by(CHUNK) {
         let range = start..(start + CHUNK).min(n);
         let x = set.image_input(range.clone())?;
-        image.push(l2_normalize(&image_tower.forward_eval(&x)?.detach())?.detach());
+        image.push(encode_detached(&image_tower, &x)?);
         let t = set.text_input(range)?;
-        text.push(l2_normalize(&text_tower.forward_eval(&t)?.detach())?.detach());
+        text.push(encode_detached(&text_tower, &t)?);
     }
     set.score(&Tensor::cat(&image, 0)?, &Tensor::cat(&text, 0)?)
 }
@@ -381,16 +376,8 @@ pub fn evaluate_checkpoint(
     let (image_tower, text_tower) = load_towers(checkpoint, model)?;
     let held_out = HeldOut::fashion_mnist(dir, model)?;
     let n = images.min(held_out.pairs().unwrap_or(images)).max(1);
-    // Detached: the parameters are variables, and a kept output would keep its whole
-    // forward graph (every activation) alive.
-    let encode_image = |x: &TowerInput| -> Result<Tensor> {
-        let features = image_tower.forward_eval(x)?.detach();
-        Ok(l2_normalize(&features)?.detach())
-    };
-    let encode_text = |x: &TowerInput| -> Result<Tensor> {
-        let features = text_tower.forward_eval(x)?.detach();
-        Ok(l2_normalize(&features)?.detach())
-    };
+    let encode_image = |x: &TowerInput| encode_detached(&image_tower, x);
+    let encode_text = |x: &TowerInput| encode_detached(&text_tower, x);
     let encode_all = |tower: Tower, encode: &dyn Fn(&TowerInput) -> Result<Tensor>| {
         let mut parts = Vec::new();
         for start in (0..n as u64).step_by(256) {

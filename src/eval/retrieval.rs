@@ -6,9 +6,8 @@
 use std::path::PathBuf;
 
 use candle_core::Tensor;
-use rayon::prelude::*;
 
-use super::zero_shot::ImageRef;
+use super::zero_shot::{decode_batch, ImageRef};
 use crate::data::transform::{Crop, ImageTransform};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
@@ -105,17 +104,8 @@ impl RetrievalSet {
 
     /// Images `range` as the image tower's input, decoded in parallel.
     pub fn image_input(&self, range: std::ops::Range<usize>) -> Result<TowerInput> {
-        let side = self.transform.size;
-        let decoded: Vec<Vec<f32>> = self.pairs[range]
-            .par_iter()
-            .map(|(image, _)| image.pixels(&self.transform))
-            .collect::<Result<_>>()?;
-        let n = decoded.len();
-        Ok(TowerInput::Images(Tensor::from_vec(
-            decoded.concat(),
-            (n, 3, side, side),
-            &candle_core::Device::Cpu,
-        )?))
+        let refs: Vec<&ImageRef> = self.pairs[range].iter().map(|(image, _)| image).collect();
+        Ok(TowerInput::Images(decode_batch(&refs, &self.transform)?))
     }
 
     /// Captions `range` as the text tower's input.

@@ -337,18 +337,24 @@ impl LabelledImages {
         range: std::ops::Range<usize>,
         transform: &ImageTransform,
     ) -> Result<Tensor> {
-        let side = transform.size;
-        let decoded: Vec<Vec<f32>> = self.images[range.clone()]
-            .par_iter()
-            .map(|(image, _)| image.pixels(transform))
-            .collect::<Result<_>>()?;
-        let n = decoded.len();
-        Ok(Tensor::from_vec(
-            decoded.concat(),
-            (n, 3, side, side),
-            &candle_core::Device::Cpu,
-        )?)
+        let refs: Vec<&ImageRef> = self.images[range].iter().map(|(image, _)| image).collect();
+        decode_batch(&refs, transform)
     }
+}
+
+/// `images` through `transform`, decoded in parallel, as a `[n, 3, size, size]` tensor;
+/// an image that cannot be read or decoded is an error naming it.
+pub fn decode_batch(images: &[&ImageRef], transform: &ImageTransform) -> Result<Tensor> {
+    let side = transform.size;
+    let decoded: Vec<Vec<f32>> = images
+        .par_iter()
+        .map(|image| image.pixels(transform))
+        .collect::<Result<_>>()?;
+    Ok(Tensor::from_vec(
+        decoded.concat(),
+        (images.len(), 3, side, side),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// Each class's text feature: its prompts encoded by `encode_text` (normalised features,

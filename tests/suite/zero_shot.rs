@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use mmpipe::data::fashion_mnist::{FashionMnist, Split, CLASSES, DEBIAN_DIR, SIDE, TEMPLATES};
-use mmpipe::eval::zero_shot::{zero_shot_scores, LabelledImages, Templates};
+use mmpipe::eval::zero_shot::{zero_shot_scores, LabelledImages, Templates, ZeroShotSet};
 use mmpipe::model::ClipConfig;
 
 fn fresh_dir(name: &str) -> PathBuf {
@@ -107,14 +107,10 @@ fn a_folder_of_fashion_mnist_scores_the_in_memory_evaluation() {
     let mut sorted = CLASSES.map(str::to_string).to_vec();
     sorted.sort();
     assert_eq!(set.classes, sorted, "folder names, sorted");
-    let (scores, rate) = mmpipe::eval::zero_shot_checkpoint(
-        &checkpoint,
-        &model,
-        &set,
-        &Templates::from_file(&templates).unwrap(),
-        false,
-    )
-    .unwrap();
+    let set = ZeroShotSet::new("fashion", set, Some(&templates), &model).unwrap();
+    assert_eq!(set.templates, Templates::from_file(&templates).unwrap());
+    let (scores, rate) =
+        mmpipe::eval::zero_shot_checkpoint(&checkpoint, &model, &set, false).unwrap();
     assert!(rate > 0.0);
     let (reference, _) =
         mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, Path::new(DEBIAN_DIR), N, None)
@@ -380,14 +376,8 @@ fn webdataset_shards_with_cls_labels_score_the_in_memory_evaluation() {
     let model = bpe_model();
     let set = LabelledImages::from_shards(std::slice::from_ref(&shard), &names).unwrap();
     assert_eq!(set.images.len(), N);
-    let (scores, _) = mmpipe::eval::zero_shot_checkpoint(
-        &checkpoint,
-        &model,
-        &set,
-        &Templates::from_file(&templates).unwrap(),
-        false,
-    )
-    .unwrap();
+    let set = ZeroShotSet::new("shards", set, Some(&templates), &model).unwrap();
+    let (scores, _) = mmpipe::eval::zero_shot_checkpoint(&checkpoint, &model, &set, false).unwrap();
     let (reference, _) =
         mmpipe::eval::evaluate_checkpoint(&checkpoint, &model, Path::new(DEBIAN_DIR), N, None)
             .unwrap();
