@@ -8,7 +8,7 @@ use crate::topology::{DeviceKind, Topology};
 
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    cuda_device, device_count, memory_peak, reset_tensor_memory_peak, sample_memory,
+    cuda_device, device_count, memory_peak, nvrtc_ptx, reset_tensor_memory_peak, sample_memory,
     tensor_memory_peak,
 };
 
@@ -60,6 +60,45 @@ mod cuda {
     use candle_core::Device;
 
     use crate::error::{Error, Result};
+
+    /// `source` (named `name`: in NVRTC's messages, and for the cache, so one name one
+    /// source) as PTX for compute capability `major.minor`, compiled by NVRTC once per
+    /// process, source and capability; `fmad`:
+    /// whether products and sums may fuse. No GPU is needed to compile. The kernels of
+    /// mmpipe (the AdamW step, the fused ops) are built this way at start-up, so the build
+    /// needs no CUDA compiler and the PTX matches the GPU it runs on.
+    pub fn nvrtc_ptx(
+        source: &'static str,
+        name: &str,
+        fmad: bool,
+        major: i32,
+        minor: i32,
+    ) -> Result<String> {
+        use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+        type Key = (String, bool, i32, i32);
+        static COMPILED: Mutex<Vec<(Key, String)>> = Mutex::new(Vec::new());
+        // Each source has a name of its own.
+        let key = (name.to_string(), fmad, major, minor);
+        let mut compiled = COMPILED.lock().expect("compiled kernels");
+        if let Some((_, ptx)) = compiled.iter().find(|(k, _)| *k == key) {
+            return Ok(ptx.clone());
+        }
+        let options = CompileOptions {
+            fmad: Some(fmad),
+            options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(source, options)
+            .map_err(|e| {
+                Error::Cuda(format!(
+                    "NVRTC could not compile {name} for compute capability {major}.{minor}: {e}"
+                ))
+            })?
+            .to_src();
+        compiled.push((key, ptx.clone()));
+        Ok(ptx)
+    }
 
     /// The CUDA device of ordinal `ordinal`, one per process: every rank thread on that GPU
     /// gets the same device and so the same stream, which orders their kernels and makes

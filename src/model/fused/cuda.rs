@@ -15,12 +15,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::Tensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The kernels' CUDA source: the shared part, then each op's file.
 pub const SOURCE: &str = concat!(
@@ -39,26 +38,7 @@ const MODULE: &str = "mmpipe_fused";
 /// The kernels as PTX for compute capability `major.minor` (9.0: H100, H200), compiled by
 /// NVRTC once per process and capability. No GPU is needed to compile.
 pub fn ptx(major: i32, minor: i32) -> Result<String> {
-    static COMPILED: Mutex<Vec<((i32, i32), String)>> = Mutex::new(Vec::new());
-    let mut compiled = COMPILED.lock().expect("compiled kernels");
-    if let Some((_, ptx)) = compiled.iter().find(|(cc, _)| *cc == (major, minor)) {
-        return Ok(ptx.clone());
-    }
-    let options = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-        name: Some("fused.cu".into()),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(SOURCE, options)
-        .map_err(|e| {
-            Error::Cuda(format!(
-                "NVRTC could not compile the fused kernels (src/model/fused/*.cu) for compute \
-                 capability {major}.{minor}: {e}"
-            ))
-        })?
-        .to_src();
-    compiled.push(((major, minor), ptx.clone()));
-    Ok(ptx)
+    crate::comm::device::nvrtc_ptx(SOURCE, "src/model/fused/*.cu", true, major, minor)
 }
 
 fn cuda_err(e: impl std::fmt::Debug) -> candle_core::Error {

@@ -6,12 +6,9 @@
 //! The kernel is compiled at start-up by NVRTC for the device's compute capability, so the
 //! build needs no CUDA compiler and the PTX matches the GPU it runs on.
 
-use std::sync::Mutex;
-
 use candle_core::cuda_backend::cudarc::driver::{
     CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Storage, Tensor};
 
@@ -26,30 +23,10 @@ const CHUNK: usize = 4096;
 const THREADS: u32 = 256;
 
 /// The kernel as PTX for compute capability `major.minor` (9.0: H100, H200), compiled by
-/// NVRTC once per process and capability. No GPU is needed to compile.
+/// NVRTC once per process and capability, without fused multiply-adds: each element rounds
+/// as the CPU AdamW's does. No GPU is needed to compile.
 pub fn ptx(major: i32, minor: i32) -> Result<String> {
-    static COMPILED: Mutex<Vec<((i32, i32), String)>> = Mutex::new(Vec::new());
-    let mut compiled = COMPILED.lock().expect("compiled kernels");
-    if let Some((_, ptx)) = compiled.iter().find(|(cc, _)| *cc == (major, minor)) {
-        return Ok(ptx.clone());
-    }
-    let options = CompileOptions {
-        // No fused multiply-adds: each element rounds as the CPU AdamW's does.
-        fmad: Some(false),
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-        name: Some("adamw.cu".into()),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(SOURCE, options)
-        .map_err(|e| {
-            Error::Cuda(format!(
-                "NVRTC could not compile the AdamW kernel (src/train/optim/adamw.cu) for \
-                 compute capability {major}.{minor}: {e}"
-            ))
-        })?
-        .to_src();
-    compiled.push(((major, minor), ptx.clone()));
-    Ok(ptx)
+    crate::comm::device::nvrtc_ptx(SOURCE, "src/train/optim/adamw.cu", false, major, minor)
 }
 
 fn is_cuda_f32(t: &Tensor) -> bool {
