@@ -344,12 +344,16 @@ pub struct BenchArgs {
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("set").multiple(false))]
+#[command(group = clap::ArgGroup::new("csv").multiple(false))]
 pub struct EvalArgs {
-    /// A checkpoint folder (step-NNNNNNNN/), as `train --checkpoint-dir` writes.
+    /// A checkpoint folder (step-NNNNNNNN/), as `train --checkpoint-dir` writes; or an
+    /// OpenCLIP `state_dict` as one safetensors file (then --model is required).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The model config it was trained with [default: the checkpoint's model.toml,
-    /// else the built-in clip-tiny].
+    /// The model config it was trained with: an mmpipe model TOML, or OpenCLIP's model
+    /// config JSON (ViT-B-32.json) [default: the checkpoint folder's model.toml, else the
+    /// built-in clip-tiny].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Fashion-MNIST's folder (IDX files).
@@ -364,16 +368,32 @@ pub struct EvalArgs {
     pub linear_probe: Option<usize>,
     /// Zero-shot classification of an image folder instead (ROOT/CLASS/*.jpg|png|webp, one
     /// subfolder per class): top-1, top-5 and the mean per-class recall.
-    #[arg(long, value_name = "ROOT", conflicts_with = "zeroshot_shards")]
+    #[arg(long, value_name = "ROOT", group = "set")]
     pub zeroshot_folder: Option<PathBuf>,
     /// Zero-shot classification of WebDataset shards instead, each sample an image and a
     /// `.cls` class index ('val/{000..007}.tar'; needs --class-names).
-    #[arg(long, value_name = "PATTERN", requires = "class_names")]
+    #[arg(long, value_name = "PATTERN", requires = "class_names", group = "set")]
     pub zeroshot_shards: Vec<String>,
+    /// Zero-shot classification of a CSV/TSV's rows instead: an image path (relative to
+    /// the file) and a label, a class index (with --class-names) or a class name.
+    #[arg(long, value_name = "FILE", groups = ["set", "csv"])]
+    pub zeroshot_csv: Option<PathBuf>,
     /// Retrieval on held-out image–caption pairs instead: WebDataset shards
     /// (`KEY.jpg` + `KEY.txt`): recall@1/5/10 both ways.
-    #[arg(long, value_name = "PATTERN", conflicts_with_all = ["zeroshot_folder", "zeroshot_shards"])]
+    #[arg(long, value_name = "PATTERN", group = "set")]
     pub retrieval_shards: Vec<String>,
+    /// Retrieval on a CSV/TSV's image–caption rows instead.
+    #[arg(long, value_name = "FILE", groups = ["set", "csv"])]
+    pub retrieval_csv: Option<PathBuf>,
+    /// The CSV's image-path column.
+    #[arg(long, default_value = "filepath", requires = "csv")]
+    pub image_column: String,
+    /// The zero-shot CSV's label column.
+    #[arg(long, default_value = "label", requires = "zeroshot_csv")]
+    pub label_column: String,
+    /// The retrieval CSV's caption column.
+    #[arg(long, default_value = "title", requires = "retrieval_csv")]
+    pub caption_column: String,
     /// The classes' names, one a line: in the folders' sorted order, or by label for
     /// shards [default for a folder: its subfolders' names; the ImageNet-1k names for 1000
     /// WordNet-id folders].

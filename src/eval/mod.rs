@@ -278,8 +278,22 @@ fn encode_detached(tower: &crate::model::Encoder, x: &TowerInput) -> Result<Tens
     Ok(l2_normalize(&tower.forward_eval(x)?.detach())?.detach())
 }
 
-/// Both towers on the CPU with a training checkpoint's parts loaded (parameters, and the
-/// image tower's batch-norm statistics).
+/// Tensors of a whole-model state_dict that are not the towers' (the loss's scalars, and
+/// OpenCLIP's causal mask where a save kept it).
+const NOT_TOWER_TENSORS: [&str; 3] = ["logit_scale", "logit_bias", "attn_mask"];
+
+/// Whether `name` is a batch norm's running statistic (a buffer, not a parameter).
+fn is_norm_statistic(name: &str) -> bool {
+    [".running_mean", ".running_var", ".num_batches_tracked"]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+/// Both towers on the CPU with a checkpoint loaded: a training checkpoint folder's parts
+/// (parameters, and the image tower's batch-norm statistics), or one safetensors file
+/// holding both towers under OpenCLIP's names (an OpenCLIP `state_dict`, or mmpipe's
+/// export). A tensor of that file that no parameter takes is an error naming it: it
+/// means the model config does not match the weights.
 fn load_towers(
     checkpoint: &Path,
     model: &ClipConfig,
@@ -292,11 +306,51 @@ fn load_towers(
     let image_params = pb.params();
     let text_tower = Encoder::new(&pb, model, Tower::Text)?;
     let text_params = pb.params().without(&image_params);
+    if checkpoint.is_file() {
+        let tensors = ckpt::read_tensors(checkpoint)?;
+        let report = ckpt::load(&pb.params(), checkpoint)?;
+        let buffers = image_tower.load_buffers(&tensors)?;
+        let stray: Vec<&String> = report
+            .unused
+            .iter()
+            .filter(|name| !NOT_TOWER_TENSORS.contains(&name.as_str()))
+            .filter(|name| !(buffers > 0 && is_norm_statistic(name)))
+            .collect();
+        if !stray.is_empty() {
+            return Err(Error::File {
+                path: checkpoint.to_path_buf(),
+                message: format!(
+                    "{} tensor(s) that the model config has no parameter for ({}): the \
+                     config does not match these weights",
+                    stray.len(),
+                    stray
+                        .iter()
+                        .take(5)
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        return Ok((image_tower, text_tower));
+    }
     let image_part = checkpoint.join(ckpt::part_file(Tower::Image));
     ckpt::load(&image_params, &image_part)?;
     image_tower.load_buffers(&ckpt::read_tensors(&image_part)?)?;
     ckpt::load(&text_params, &checkpoint.join(ckpt::part_file(Tower::Text)))?;
     Ok((image_tower, text_tower))
+}
+
+/// A progress bar over `n` images, with images/s.
+fn image_bar(n: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images · {per_sec}",
+        )
+        .expect("valid template"),
+    );
+    bar
 }
 
 /// A checkpoint's zero-shot classification of a labelled image set (`set`'s classes
@@ -313,16 +367,7 @@ pub fn zero_shot_checkpoint(
     let encode_text = |prompts: &[String]| encode_detached(&text_tower, &set.text_input(prompts)?);
     let classes = zero_shot::class_features(&set.images.classes, &set.templates, &encode_text)?;
     let n = set.images.images.len();
-    let bar = progress.then(|| {
-        let bar = indicatif::ProgressBar::new(n as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images · {per_sec}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    });
+    let bar = progress.then(|| image_bar(n));
     let started = std::time::Instant::now();
     let mut features = Vec::new();
     for start in (0..n).step_by(CHUNK) {
@@ -343,24 +388,37 @@ pub fn zero_shot_checkpoint(
 }
 
 /// A checkpoint's retrieval on held-out pairs of the user's data, on the CPU: recall@k
-/// both ways.
+/// both ways; with `progress`, a bar with pairs/s. Returns the scores and the pairs/s of
+/// decoding and encoding them.
 pub fn retrieval_checkpoint(
     checkpoint: &Path,
     model: &ClipConfig,
     set: &retrieval::RetrievalSet,
-) -> Result<retrieval::RetrievalScores> {
+    progress: bool,
+) -> Result<(retrieval::RetrievalScores, f64)> {
     const CHUNK: usize = 256;
     let (image_tower, text_tower) = load_towers(checkpoint, model)?;
     let n = set.pairs.len();
+    let bar = progress.then(|| image_bar(n));
+    let started = std::time::Instant::now();
     let (mut image, mut text) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(CHUNK) {
         let range = start..(start + CHUNK).min(n);
+        let len = range.len();
         let x = set.image_input(range.clone())?;
         image.push(encode_detached(&image_tower, &x)?);
         let t = set.text_input(range)?;
         text.push(encode_detached(&text_tower, &t)?);
+        if let Some(bar) = &bar {
+            bar.inc(len as u64);
+        }
     }
-    set.score(&Tensor::cat(&image, 0)?, &Tensor::cat(&text, 0)?)
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let scores = set.score(&Tensor::cat(&image, 0)?, &Tensor::cat(&text, 0)?)?;
+    Ok((scores, rate))
 }
 
 /// Loads a training checkpoint's parts into both towers on the CPU and evaluates them on

@@ -1,13 +1,15 @@
 //! Retrieval on held-out image–caption pairs of the user's own data: WebDataset shards
-//! (`KEY.jpg|png|webp` + `KEY.txt`, as training reads them). Recall@1/5/10 both ways,
+//! (`KEY.jpg|png|webp` + `KEY.txt`, as training reads them), or a CSV/TSV of image paths
+//! and captions (as `data.kind = "csv"` reads it). Recall@1/5/10 both ways,
 //! a retrieval counting as a hit when the retrieved item carries the partner's caption
 //! (the rule of every mmpipe retrieval score: [`super::recall_at_k`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
 use super::zero_shot::{decode_batch, ImageRef};
+use crate::data::convert::{read_rows, CsvColumns};
 use crate::data::transform::{Crop, ImageTransform};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
@@ -83,9 +85,49 @@ impl RetrievalSet {
                 caption,
             ));
         }
+        Self::new(
+            name,
+            pairs,
+            &shards.first().cloned().unwrap_or_default(),
+            model,
+        )
+    }
+
+    /// Every row of a CSV/TSV (`.tsv`: tab-separated) of image paths (relative to the
+    /// file) and captions, in file order; a missing image or a blank caption is an error
+    /// naming the file and the line.
+    pub fn from_csv(
+        name: &str,
+        path: &Path,
+        columns: &CsvColumns,
+        model: &ClipConfig,
+    ) -> Result<Self> {
+        let mut pairs = Vec::new();
+        for (row, (file, caption)) in read_rows(path, columns)?.into_iter().enumerate() {
+            let at = |message: String| Error::File {
+                path: path.to_path_buf(),
+                message: format!("line {}: {message}", row + 2),
+            };
+            if caption.is_empty() {
+                return Err(at(format!("blank `{}`", columns.caption)));
+            }
+            if !file.is_file() {
+                return Err(at(format!("no image file {}", file.display())));
+            }
+            pairs.push((ImageRef::File(file), caption));
+        }
+        Self::new(name, pairs, path, model)
+    }
+
+    fn new(
+        name: &str,
+        pairs: Vec<(ImageRef, String)>,
+        origin: &Path,
+        model: &ClipConfig,
+    ) -> Result<Self> {
         if pairs.len() < 2 {
             return Err(Error::File {
-                path: shards.first().cloned().unwrap_or_default(),
+                path: origin.to_path_buf(),
                 message: format!("{} image–caption pairs: retrieval needs two", pairs.len()),
             });
         }

@@ -6,7 +6,8 @@
 //!
 //! The set is an image folder with one subfolder per class (`ROOT/CLASS/*.jpg|png|webp`,
 //! torchvision's and ImageNet's layout), or WebDataset shards whose samples carry an
-//! image and a `.cls` integer label (clip_benchmark's and img2dataset's convention).
+//! image and a `.cls` integer label (clip_benchmark's and img2dataset's convention), or a
+//! CSV/TSV with an image-path column and a label column (an index or a class name).
 //! Class names are a names file's lines (one per class: in the folders' sorted order, or
 //! by label), or for a folder its subfolders' names, or, for 1000 folders named by
 //! WordNet id (`n01440764`), the ImageNet-1k names.
@@ -177,6 +178,23 @@ pub struct LabelledImages {
     pub classes: Vec<String>,
 }
 
+/// Which columns of a zero-shot CSV/TSV hold the image path and the label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsvLabels {
+    pub image: String,
+    pub label: String,
+}
+
+impl Default for CsvLabels {
+    /// OpenCLIP's image column name (`--csv-img-key`), and `label`.
+    fn default() -> Self {
+        CsvLabels {
+            image: "filepath".into(),
+            label: "label".into(),
+        }
+    }
+}
+
 /// Whether `name` is a WordNet id: `n` and eight digits.
 fn is_wordnet_id(name: &str) -> bool {
     name.len() == 9 && name.starts_with('n') && name[1..].bytes().all(|b| b.is_ascii_digit())
@@ -320,6 +338,97 @@ impl LabelledImages {
         }
         Ok(LabelledImages {
             root: shards[0].clone(),
+            images,
+            classes,
+        })
+    }
+
+    /// The rows of a CSV/TSV (`.tsv`: tab-separated) naming an image (a path relative to
+    /// the file) and its label, in file order. A label is a class index (a line of
+    /// `names`) or a class name: one of `names`' lines, or, without `names`, any name (the
+    /// classes are then the distinct names, sorted). A missing image, a blank label, or a
+    /// label that is no class is an error naming the file and the line.
+    pub fn from_csv(path: &Path, columns: &CsvLabels, names: Option<&Path>) -> Result<Self> {
+        let rows = crate::data::convert::read_rows(
+            path,
+            &crate::data::convert::CsvColumns {
+                image: columns.image.clone(),
+                caption: columns.label.clone(),
+                delimiter: None,
+            },
+        )?;
+        let at = |row: usize, message: String| Error::File {
+            path: path.to_path_buf(),
+            message: format!("line {}: {message}", row + 2),
+        };
+        if rows.is_empty() {
+            return Err(Error::File {
+                path: path.to_path_buf(),
+                message: "the file has no rows".into(),
+            });
+        }
+        let named = match names {
+            Some(p) => Some((p, read_class_names(p)?)),
+            None => None,
+        };
+        let classes: Vec<String> = match &named {
+            Some((_, names)) => names.clone(),
+            None => {
+                if let Some(row) = rows.iter().position(|(_, l)| l.parse::<usize>().is_ok()) {
+                    return Err(at(
+                        row,
+                        format!(
+                            "label `{}` is a class index: name the classes with a class-names \
+                             file (one name a line, by index)",
+                            rows[row].1
+                        ),
+                    ));
+                }
+                let mut distinct: Vec<String> = rows.iter().map(|(_, l)| l.clone()).collect();
+                distinct.sort();
+                distinct.dedup();
+                distinct
+            }
+        };
+        let mut images = Vec::with_capacity(rows.len());
+        for (row, (file, label)) in rows.iter().enumerate() {
+            if label.is_empty() {
+                return Err(at(row, format!("blank `{}`", columns.label)));
+            }
+            let class = match label.parse::<usize>() {
+                Ok(index) if index < classes.len() => index,
+                Ok(index) => {
+                    return Err(at(
+                        row,
+                        format!(
+                            "label {index} is past the {} class names of {}",
+                            classes.len(),
+                            named
+                                .as_ref()
+                                .map_or(String::new(), |(p, _)| p.display().to_string())
+                        ),
+                    ))
+                }
+                Err(_) => classes.iter().position(|c| c == label).ok_or_else(|| {
+                    at(
+                        row,
+                        format!(
+                            "label `{label}` is not one of the {} class names of {}",
+                            classes.len(),
+                            named
+                                .as_ref()
+                                .map_or(String::new(), |(p, _)| p.display().to_string())
+                        ),
+                    )
+                })?,
+            };
+            if !file.is_file() {
+                return Err(at(row, format!("no image file {}", file.display())));
+            }
+            images.push((ImageRef::File(file.clone()), class));
+        }
+        Ok(LabelledImages {
+            root: path.to_path_buf(),
             images,
             classes,
         })

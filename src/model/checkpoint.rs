@@ -27,10 +27,19 @@ pub const MODEL_FILE: &str = "model.toml";
 
 /// The model of training checkpoint folder `dir`: `model` when given, else the config
 /// saved in the folder, else the built-in clip-tiny (saves from before configs were kept).
+///
+/// `dir` may instead be one safetensors file of both towers (an OpenCLIP `state_dict`):
+/// then `model` is required (mmpipe's TOML or OpenCLIP's JSON model config).
 pub fn checkpoint_model(dir: &Path, model: Option<&Path>) -> Result<ClipConfig> {
     let saved = dir.join(MODEL_FILE);
     match model {
         Some(m) => ClipConfig::from_file(m),
+        None if dir.is_file() => Err(Error::File {
+            path: dir.to_path_buf(),
+            message: "a single weights file carries no model config: name it with --model \
+                      (OpenCLIP's model config JSON, as ViT-B-32.json, or an mmpipe model TOML)"
+                .into(),
+        }),
         None if saved.is_file() => ClipConfig::from_file(&saved),
         None => Ok(ClipConfig::default_tiny()),
     }

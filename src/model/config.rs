@@ -168,7 +168,14 @@ fn two_five_six() -> usize {
 pub const DEFAULT_TINY: &str = include_str!("../../configs/clip-tiny.toml");
 
 impl ClipConfig {
+    /// A model file: mmpipe's TOML, or OpenCLIP's JSON model config (`ViT-B-32.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+        {
+            return super::openclip_config::from_file(path);
+        }
         let file: ClipConfigFile = read_toml(path)?;
         Self::build(file, path)
     }
@@ -197,7 +204,7 @@ impl ClipConfig {
         Ok(c)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    pub(crate) fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, msg: String| Err(Error::invalid(path, field, msg));
         if self.locked.len() > 1 && self.locked[0] != self.locked[1] {
             return bad(

@@ -7,6 +7,7 @@ pub mod checkpointing;
 pub mod config;
 pub mod fused;
 pub mod layers;
+pub mod openclip_config;
 pub mod params;
 pub mod resnet;
 pub mod text;

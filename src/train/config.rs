@@ -46,10 +46,11 @@ pub enum EvalSetKind {
     Retrieval,
 }
 
-/// A zero-shot set of `[[eval.sets]]`: an image folder (`ROOT/CLASS/*.jpg`) or WebDataset
-/// shards with `.cls` labels (then `class_names` is required), its class names and prompt
-/// templates (`mmpipe eval`'s defaults when absent). Paths are relative to the config
-/// file.
+/// A set of `[[eval.sets]]`. Zero-shot: an image folder (`ROOT/CLASS/*.jpg`), WebDataset
+/// shards with `.cls` labels (then `class_names` is required) or a CSV/TSV with a label
+/// column, its class names and prompt templates (`mmpipe eval`'s defaults when absent).
+/// Retrieval: shards or a CSV/TSV of image–caption pairs. Paths are relative to the
+/// config file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSetConfig {
@@ -63,8 +64,44 @@ pub struct EvalSetConfig {
     /// Shard patterns (`val/{000..007}.tar`), as `data.shards` takes them.
     #[serde(default)]
     pub shards: Vec<String>,
+    /// A CSV/TSV (`.tsv`: tab-separated) instead: for zero-shot, rows of an image path
+    /// (relative to the CSV) and a label (a class index, or a class name); for
+    /// retrieval, rows of an image path and a caption.
+    pub csv: Option<std::path::PathBuf>,
+    /// The CSV's image-path column [default: `filepath`, OpenCLIP's].
+    pub image_column: Option<String>,
+    /// A zero-shot CSV's label column [default: `label`].
+    pub label_column: Option<String>,
+    /// A retrieval CSV's caption column [default: `title`, OpenCLIP's].
+    pub caption_column: Option<String>,
     pub class_names: Option<std::path::PathBuf>,
     pub templates: Option<std::path::PathBuf>,
+}
+
+impl EvalSetConfig {
+    /// A zero-shot CSV's columns (defaults where the set names none).
+    pub fn csv_labels(&self) -> crate::eval::zero_shot::CsvLabels {
+        let default = crate::eval::zero_shot::CsvLabels::default();
+        crate::eval::zero_shot::CsvLabels {
+            image: self.image_column.clone().unwrap_or(default.image),
+            label: self.label_column.clone().unwrap_or(default.label),
+        }
+    }
+
+    /// A retrieval CSV's columns (defaults where the set names none).
+    pub fn csv_pairs(&self) -> crate::data::convert::CsvColumns {
+        crate::data::convert::CsvColumns {
+            image: self
+                .image_column
+                .clone()
+                .unwrap_or_else(|| "filepath".into()),
+            caption: self
+                .caption_column
+                .clone()
+                .unwrap_or_else(|| "title".into()),
+            delimiter: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -289,6 +326,7 @@ impl TrainConfig {
             for set in &mut cfg.eval.sets {
                 let base = &cfg.data.base_dir;
                 set.folder = set.folder.as_ref().map(|p| base.join(p));
+                set.csv = set.csv.as_ref().map(|p| base.join(p));
                 set.class_names = set.class_names.as_ref().map(|p| base.join(p));
                 set.templates = set.templates.as_ref().map(|p| base.join(p));
             }
@@ -321,35 +359,68 @@ impl TrainConfig {
                     format!("`{}` names two sets", set.name),
                 );
             }
+            let field = |name: &str| format!("eval.sets[{i}].{name}");
+            // Where the set's samples are: exactly one of these.
+            let sources = [
+                ("folder", set.folder.is_some()),
+                ("shards", !set.shards.is_empty()),
+                ("csv", set.csv.is_some()),
+            ];
+            let given: Vec<&str> = sources.iter().filter(|s| s.1).map(|s| s.0).collect();
+            // Fields that mean nothing for this set (a dead field is an error).
+            let mut stray = Vec::new();
+            if set.csv.is_none() {
+                stray.extend([
+                    ("image_column", set.image_column.is_some()),
+                    ("label_column", set.label_column.is_some()),
+                    ("caption_column", set.caption_column.is_some()),
+                ]);
+            }
             if set.kind == EvalSetKind::Retrieval {
-                if set.shards.is_empty()
-                    || set.folder.is_some()
-                    || set.class_names.is_some()
-                    || set.templates.is_some()
-                {
+                if given.len() != 1 || set.folder.is_some() {
                     return bad(
-                        &format!("eval.sets[{i}]"),
-                        "a retrieval set takes `shards` (image–caption pairs) and no folder, \
-                         class names or templates"
+                        &field("shards"),
+                        "a retrieval set takes either `shards` (image–caption pairs) or `csv` \
+                         (image paths and captions)"
                             .into(),
                     );
                 }
-                continue;
-            }
-            match (&set.folder, set.shards.is_empty(), &set.class_names) {
-                (Some(_), true, _) | (None, false, Some(_)) => {}
-                (None, false, None) => return bad(
-                    &format!("eval.sets[{i}].class_names"),
-                    "shards with `.cls` labels need a class-names file (one name a line, by label)"
-                        .into(),
-                ),
-                _ => {
+                stray.extend([
+                    ("class_names", set.class_names.is_some()),
+                    ("templates", set.templates.is_some()),
+                    ("label_column", set.label_column.is_some()),
+                ]);
+            } else {
+                if given.len() != 1 {
                     return bad(
-                        &format!("eval.sets[{i}]"),
-                        "give either `folder` (ROOT/CLASS/*.jpg) or `shards` (with `.cls` labels)"
+                        &field("folder"),
+                        "a zero-shot set takes one of `folder` (ROOT/CLASS/*.jpg), `shards` \
+                         (with `.cls` labels) or `csv` (image paths and labels)"
                             .into(),
-                    )
+                    );
                 }
+                if !set.shards.is_empty() && set.class_names.is_none() {
+                    return bad(
+                        &field("class_names"),
+                        "shards with `.cls` labels need a class-names file (one name a line, by \
+                         label)"
+                            .into(),
+                    );
+                }
+                stray.push(("caption_column", set.caption_column.is_some()));
+            }
+            if let Some((name, _)) = stray.iter().find(|s| s.1) {
+                return bad(
+                    &field(name),
+                    format!(
+                        "does nothing for a {} set read from {}",
+                        match set.kind {
+                            EvalSetKind::Retrieval => "retrieval",
+                            EvalSetKind::ZeroShot => "zero-shot",
+                        },
+                        given.join(", ")
+                    ),
+                );
             }
         }
         if let Some(c) = self.grad_clip {

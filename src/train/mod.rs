@@ -131,16 +131,17 @@ pub fn train_ranks(
                 )
             };
             if s.kind == EvalSetKind::Retrieval {
-                return Ok(EvalSet::Retrieval(RetrievalSet::from_shards(
-                    &s.name,
-                    &shards()?,
-                    model,
-                )?));
+                return Ok(EvalSet::Retrieval(match &s.csv {
+                    Some(csv) => RetrievalSet::from_csv(&s.name, csv, &s.csv_pairs(), model)?,
+                    None => RetrievalSet::from_shards(&s.name, &shards()?, model)?,
+                }));
             }
-            let images = match (&s.folder, &s.class_names) {
-                (Some(folder), names) => LabelledImages::from_folder(folder, names.as_deref())?,
-                (None, Some(names)) => LabelledImages::from_shards(&shards()?, names)?,
-                (None, None) => unreachable!("TrainConfig::validate requires one"),
+            let names = s.class_names.as_deref();
+            let images = match (&s.folder, &s.csv, names) {
+                (Some(folder), _, _) => LabelledImages::from_folder(folder, names)?,
+                (None, Some(csv), _) => LabelledImages::from_csv(csv, &s.csv_labels(), names)?,
+                (None, None, Some(names)) => LabelledImages::from_shards(&shards()?, names)?,
+                (None, None, None) => unreachable!("TrainConfig::validate requires one"),
             };
             Ok(EvalSet::ZeroShot(ZeroShotSet::new(
                 &s.name,

@@ -32,6 +32,8 @@ mod mpi;
 mod nccl;
 /// OpenCLIP's own state_dict and outputs, loaded and reproduced.
 mod openclip;
+/// `mmpipe eval` on an OpenCLIP state_dict against clip_benchmark's scores; CSV sets.
+mod openclip_eval;
 /// AdamW against the textbook update.
 mod optim;
 /// The split loss and training on 1x1 .. 3x1 ranks against one device on the whole batch.

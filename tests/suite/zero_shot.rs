@@ -439,8 +439,8 @@ fn eval_sets_in_a_config_are_checked_by_field() {
         ),
         (
             "[[eval.sets]]\nname = \"a\"\n",
-            "eval.sets[0]",
-            "either `folder`",
+            "eval.sets[0].folder",
+            "one of `folder`",
         ),
         (
             "[[eval.sets]]\nname = \"a\"\nfolder = \"x\"\n[[eval.sets]]\nname = \"a\"\nfolder = \"y\"\n",
