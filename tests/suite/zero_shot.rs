@@ -177,6 +177,49 @@ fn eval_zeroshot_folder_from_the_cli() {
     );
 }
 
+/// The progress bar is drawn on a terminal (`script` gives the command one), with
+/// images/s, and `--quiet` leaves it out.
+#[test]
+fn eval_draws_a_progress_bar_unless_quiet() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("this test needs util-linux's `script` (for a terminal)");
+    }
+    let dir = fresh_dir("bar");
+    let root = dir.join("images");
+    write_fashion_folder(&root, 20);
+    let checkpoint = checkpoint(&dir.join("run"));
+    let run = |quiet: bool| {
+        let command = format!(
+            "{} eval --checkpoint {} --zeroshot-folder {} {}",
+            env!("CARGO_BIN_EXE_mmpipe"),
+            checkpoint.display(),
+            root.display(),
+            if quiet { "--quiet" } else { "" }
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .env("TERM", "xterm")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (shown, quiet) = (run(false), run(true));
+    assert!(shown.contains("20/20 images"), "{shown}");
+    assert!(
+        !quiet.contains("images ·") && quiet.contains("top-1"),
+        "{quiet}"
+    );
+}
+
 /// Bad input names its path: an empty class folder, a names file of the wrong length,
 /// an unreadable template file, a template without `{}`, a folder with no classes.
 #[test]
@@ -447,6 +490,31 @@ fn eval_sets_in_a_config_are_checked_by_field() {
             "eval.sets[1].name",
             "names two sets",
         ),
+        (
+            "[[eval.sets]]\nname = \"a\"\nfolder = \"x\"\ncsv = \"l.csv\"\n",
+            "eval.sets[0].folder",
+            "one of `folder`",
+        ),
+        (
+            "[[eval.sets]]\nname = \"a\"\nfolder = \"x\"\nlabel_column = \"y\"\n",
+            "eval.sets[0].label_column",
+            "does nothing for a zero-shot set read from folder",
+        ),
+        (
+            "[[eval.sets]]\nname = \"a\"\ncsv = \"l.csv\"\ncaption_column = \"t\"\n",
+            "eval.sets[0].caption_column",
+            "does nothing for a zero-shot set",
+        ),
+        (
+            "[[eval.sets]]\nname = \"a\"\nkind = \"retrieval\"\ncsv = \"p.csv\"\nlabel_column = \"y\"\n",
+            "eval.sets[0].label_column",
+            "does nothing for a retrieval set read from csv",
+        ),
+        (
+            "[[eval.sets]]\nname = \"a\"\nkind = \"retrieval\"\nfolder = \"x\"\n",
+            "eval.sets[0].shards",
+            "either `shards`",
+        ),
     ] {
         let path = dir.join("train.toml");
         std::fs::write(&path, body).unwrap();
@@ -464,12 +532,32 @@ fn eval_sets_in_a_config_are_checked_by_field() {
 fn retrieval_sets_score_during_training_like_eval_on_the_checkpoint() {
     let dir = fresh_dir("retrieval");
     let shard = std::fs::canonicalize("tests/fixtures/real-photos.tar").unwrap();
+    // The same pairs as a TSV beside the config (paths relative to it).
+    let photos = dir.join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    tar::Archive::new(std::fs::File::open(&shard).unwrap())
+        .unpack(&photos)
+        .unwrap();
+    let mut tsv = String::from("path\tcaption\n");
+    for i in 0..22 {
+        let key = format!("{i:06}");
+        let image = ["png", "jpg"]
+            .iter()
+            .map(|e| format!("{key}.{e}"))
+            .find(|f| photos.join(f).is_file())
+            .unwrap();
+        let caption = std::fs::read_to_string(photos.join(format!("{key}.txt"))).unwrap();
+        tsv.push_str(&format!("photos/{image}\t{}\n", caption.trim()));
+    }
+    std::fs::write(dir.join("pairs.tsv"), tsv).unwrap();
     let config = dir.join("train.toml");
     std::fs::write(
         &config,
         format!(
             "model = {:?}\n[data]\nkind = \"fashion-mnist\"\n[eval]\npairs = 0\n\
-             [[eval.sets]]\nname = \"photos\"\nkind = \"retrieval\"\nshards = [{:?}]\n",
+             [[eval.sets]]\nname = \"photos\"\nkind = \"retrieval\"\nshards = [{:?}]\n\
+             [[eval.sets]]\nname = \"photos-tsv\"\nkind = \"retrieval\"\ncsv = \"pairs.tsv\"\n\
+             image_column = \"path\"\ncaption_column = \"caption\"\n",
             std::fs::canonicalize("configs/clip-tiny-bpe.toml").unwrap(),
             shard.display().to_string()
         ),
@@ -501,6 +589,7 @@ fn retrieval_sets_score_during_training_like_eval_on_the_checkpoint() {
         .unwrap();
     let during = &eval["eval"]["sets"]["photos"];
     assert_eq!(during["pairs"], 22, "{during}");
+    assert_eq!(&eval["eval"]["sets"]["photos-tsv"], during);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
         .args(["eval", "--checkpoint"])
         .arg(checkpoints.join("step-00000002"))
