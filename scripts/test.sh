@@ -32,6 +32,10 @@ elif [ "$gpu" = 0 ]; then
 fi
 # A caller's own `--` (test-binary arguments) already opened the list the skips join.
 if [ ${#skip[@]} -gt 0 ] && [[ " $* " == *" -- "* ]]; then skip=("${skip[@]:1}"); fi
+# TensorBoard's reader, where fetch-fixtures.sh could install it.
+if [ -z "${MMPIPE_TENSORBOARD_PYTHON:-}" ] && [ -x target/fixtures/tensorboard-venv/bin/python ]; then
+  export MMPIPE_TENSORBOARD_PYTHON="$PWD/target/fixtures/tensorboard-venv/bin/python"
+fi
 flags=()
 [ ${#features[@]} -gt 0 ] && flags=(--features "$(IFS=,; echo "${features[*]}")")
 cargo test "${flags[@]}" "$@" "${skip[@]}"

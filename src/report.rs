@@ -111,10 +111,7 @@ impl Run {
                     if let Some(top1) = set["top1"].as_f64() {
                         sets.push((format!("{name} top-1"), top1));
                     }
-                    let r1 = set["recall"]
-                        .as_array()
-                        .and_then(|ks| ks.iter().find(|k| k[0].as_u64() == Some(1))?[1].as_f64());
-                    if let Some(r1) = r1 {
+                    if let Some(r1) = set["recall"]["image_to_text_r1"].as_f64() {
                         sets.push((format!("{name} R@1"), r1));
                     }
                 }

@@ -278,6 +278,24 @@ fn encode_detached(tower: &crate::model::Encoder, x: &TowerInput) -> Result<Tens
     Ok(l2_normalize(&tower.forward_eval(x)?.detach())?.detach())
 }
 
+/// Recall@k both ways as named numbers: `image_to_text_r1`, `text_to_image_r1`, … (what
+/// the metrics file, TensorBoard's tags and `mmpipe eval --format json` show).
+pub fn recall_json(recall: &[(usize, f64, f64)]) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for (k, i2t, t2i) in recall {
+        out.insert(format!("image_to_text_r{k}"), serde_json::json!(i2t));
+        out.insert(format!("text_to_image_r{k}"), serde_json::json!(t2i));
+    }
+    out
+}
+
+fn serialize_recall<S: serde::Serializer>(
+    recall: &[(usize, f64, f64)],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&recall_json(recall), s)
+}
+
 /// Tensors of a whole-model state_dict that are not the towers' (the loss's scalars, and
 /// OpenCLIP's causal mask where a save kept it).
 const NOT_TOWER_TENSORS: [&str; 3] = ["logit_scale", "logit_bias", "attn_mask"];

@@ -19,7 +19,9 @@ use crate::model::{ClipConfig, TowerInput};
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RetrievalScores {
     pub pairs: usize,
-    /// `(k, image→text, text→image)` for k = 1, 5, 10.
+    /// `(k, image→text, text→image)` for k = 1, 5, 10; written as the held-out
+    /// evaluation's are (`image_to_text_r1`, `text_to_image_r1`, …).
+    #[serde(serialize_with = "super::serialize_recall")]
     pub recall: Vec<(usize, f64, f64)>,
     /// Recall@1 of a uniformly random pick, under the same-caption rule.
     pub chance_r1: f64,

@@ -127,11 +127,7 @@ fn line(steps: &[RankStep], global_batch: usize) -> serde_json::Value {
 }
 
 fn eval_line(step: usize, scores: &EvalScores) -> serde_json::Value {
-    let mut recall = serde_json::Map::new();
-    for (k, i2t, t2i) in &scores.recall {
-        recall.insert(format!("image_to_text_r{k}"), json!(i2t));
-        recall.insert(format!("text_to_image_r{k}"), json!(t2i));
-    }
+    let recall = crate::eval::recall_json(&scores.recall);
     json!({
         "step": step,
         "eval": {

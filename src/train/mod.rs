@@ -26,7 +26,7 @@ pub use trainer::{RankTrainer, StateBytes};
 
 use crate::comm::{thread, RankComms};
 use crate::data::order::SkipCounts;
-use crate::data::Source;
+use crate::data::{DataKind, Source};
 use crate::error::Result;
 use crate::eval::retrieval::RetrievalSet;
 use crate::eval::zero_shot::{LabelledImages, ZeroShotSet};
@@ -113,7 +113,15 @@ pub fn train_ranks(
         Ranks::Threads => None,
         Ranks::Process { rank, .. } => Some(*rank),
     };
-    let source = Source::new(&cfg.data, model, cfg.seed, cfg.eval.pairs, process_rank)?;
+    // Shards and CSVs carry no held-out pairs of their own: where named sets are given
+    // they are the evaluation, and nothing needs a warning.
+    let has_no_pairs = matches!(cfg.data.kind, DataKind::Webdataset | DataKind::Csv);
+    let held_out_pairs = if has_no_pairs && !cfg.eval.sets.is_empty() {
+        0
+    } else {
+        cfg.eval.pairs
+    };
+    let source = Source::new(&cfg.data, model, cfg.seed, held_out_pairs, process_rank)?;
     // The named evaluation sets, read (and any bad folder or shard named) before any rank
     // starts.
     let sets = cfg

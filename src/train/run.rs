@@ -4,6 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+/// How often a run off a terminal (its progress bar hidden) prints a progress line.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -217,6 +220,7 @@ pub(super) fn run_rank(
     let (mut evaluated_at, mut saved_at, mut interrupted_at) = (None, None, None);
     let mut end = cfg.steps;
     let started = Instant::now();
+    let mut last_log: Option<Instant> = None;
     for step in start..cfg.steps {
         // 1. Steps 0..step are done: evaluate and save them when due.
         if cfg.eval.every > 0 && step > start && step % cfg.eval.every == 0 {
@@ -281,9 +285,17 @@ pub(super) fn run_rank(
             if let Some(loss) = outcome.loss {
                 let rate = ((step + 1 - start) * cfg.global_batch) as f64
                     / started.elapsed().as_secs_f64();
-                bar.set_message(format!(
-                    "loss {loss:.3} · {rate:.0} samples/s · lr {lr:.1e}"
-                ));
+                let message = format!("loss {loss:.3} · {rate:.0} samples/s · lr {lr:.1e}");
+                // Off a terminal the bar is hidden: a plain line now and then instead,
+                // for the job's log.
+                if bar.is_hidden()
+                    && (step + 1 == end
+                        || last_log.is_none_or(|t: Instant| t.elapsed() >= LOG_INTERVAL))
+                {
+                    println!("step {}/{} · {message}", step + 1, cfg.steps);
+                    last_log = Some(Instant::now());
+                }
+                bar.set_message(message);
             }
             bar.inc(1);
         }
@@ -377,7 +389,10 @@ fn evaluate_and_show(
     };
     let line = format!("eval after step {done}: {}", scores.summary());
     match bar {
-        Some(bar) => bar.println(line),
+        Some(bar) if !bar.is_hidden() => bar.println(line),
+        // A bar is hidden off a terminal (a batch job's log file), and so is what it
+        // prints: the scores go to standard output themselves.
+        Some(_) => println!("{line}"),
         None => tracing::info!("{line}"),
     }
     if let Some(tx) = &inputs.metrics {

@@ -503,11 +503,11 @@ fn fields(bytes: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
 }
 
 /// One event: its step and its scalars.
-type Event = (i64, Vec<(String, f32)>);
+pub type Event = (i64, Vec<(String, f32)>);
 
 /// An event file's records, their CRCs checked: (step, [(tag, value)]) per event, and
 /// the first record's file version.
-fn read_events(path: &std::path::Path) -> (String, Vec<Event>) {
+pub fn read_events(path: &std::path::Path) -> (String, Vec<Event>) {
     let bytes = std::fs::read(path).unwrap();
     let masked = |d: &[u8]| crc32c_by_bits(d).rotate_right(15).wrapping_add(0xa282_ead8);
     let (mut at, mut version, mut events) = (0, String::new(), Vec::new());

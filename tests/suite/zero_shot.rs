@@ -610,3 +610,85 @@ fn retrieval_sets_score_during_training_like_eval_on_the_checkpoint() {
     );
     assert_eq!(during["chance_r1"], single["retrieval"]["chance_r1"]);
 }
+
+/// The issue's "done when": `mmpipe train --shards … --config X` with a zero-shot set and
+/// a retrieval set prints both at each evaluation during training (off a terminal too, in
+/// a job's log), and writes them to the metrics JSONL and to TensorBoard under the sets'
+/// names, with the recall named as the held-out evaluation's is.
+#[test]
+fn train_on_shards_prints_and_logs_both_kinds_of_sets() {
+    let dir = fresh_dir("done");
+    let fixture = |p: &str| std::fs::canonicalize(Path::new("tests/fixtures").join(p)).unwrap();
+    let config = dir.join("x.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\n[eval]\nevery = 2\n\
+             [[eval.sets]]\nname = \"textures\"\nfolder = {:?}\ntemplates = {:?}\n\
+             [[eval.sets]]\nname = \"photos\"\nkind = \"retrieval\"\nshards = [{:?}]\n",
+            std::fs::canonicalize("configs/clip-tiny-bpe.toml").unwrap(),
+            fixture("openclip-eval/classes"),
+            fixture("openclip-eval/templates.txt"),
+            fixture("openclip-eval/retrieval.tar").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let (metrics, events) = (dir.join("m.jsonl"), dir.join("tb"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["train", "--shards"])
+        .arg(fixture("real-photos.tar"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--batch", "8", "--steps", "4", "--metrics"])
+        .arg(&metrics)
+        .arg("--tensorboard")
+        .arg(&events)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // No warning about built-in pairs: the named sets are the evaluation.
+    assert!(!stderr.contains("no built-in held-out pairs"), "{stderr}");
+    let during = stdout
+        .lines()
+        .find(|l| l.starts_with("eval after step 2:"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        during.contains("textures: zero-shot top-1") && during.contains("photos: retrieval"),
+        "{during}"
+    );
+    assert!(stdout.contains("step 4/4 · loss"), "{stdout}");
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2, "{evals:?}");
+    for e in &evals {
+        let sets = &e["eval"]["sets"];
+        assert_eq!(sets["textures"]["images"], 32, "{e}");
+        assert!(sets["photos"]["recall"]["image_to_text_r1"].is_f64(), "{e}");
+    }
+    let file = std::fs::read_dir(&events)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let (_, records) = super::training::read_events(&file);
+    for tag in [
+        "eval/sets/textures/top1",
+        "eval/sets/textures/mean_per_class_recall",
+        "eval/sets/photos/recall/image_to_text_r1",
+        "eval/sets/photos/recall/text_to_image_r10",
+    ] {
+        let steps: Vec<i64> = records
+            .iter()
+            .filter(|(_, v)| v.iter().any(|(t, _)| t == tag))
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(steps, [1, 3], "{tag}");
+    }
+}
