@@ -20,6 +20,8 @@ mod fused;
 mod fuzz;
 /// The autograd reference against finite differences: every parameter's gradient.
 mod gradients;
+/// The fused CUDA kernels on a CPU emulator, launched by their plans, against formulas.
+mod kernels;
 /// CLIP and SigLIP across groups, both exchange schemes, tiled: against one device.
 mod losses;
 /// Parameters and FLOPs from the configs against published figures.

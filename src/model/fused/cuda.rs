@@ -21,17 +21,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 use crate::error::Result;
 
-/// The kernels' CUDA source: the shared part, then each op's file.
-pub const SOURCE: &str = concat!(
-    include_str!("kernels.cuh"),
-    include_str!("layer_norm.cu"),
-    include_str!("gelu.cu")
-);
-/// Threads a block: the source's `THREADS`.
-const THREADS: u32 = 256;
-/// The most row chunks a weight or bias gradient reduces over (each a partial sum per
-/// column, added in chunk order).
-const MAX_CHUNKS: usize = 256;
+use super::plan::{self, Buffer, Plan, Values, SOURCE, THREADS};
+
 /// The module name the kernels load under, once per device.
 const MODULE: &str = "mmpipe_fused";
 
@@ -45,11 +36,11 @@ fn cuda_err(e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("a fused CUDA kernel: {e:?}"))
 }
 
-/// "f32" or "bf16": the kernels' name suffix for values of `dtype`.
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+/// The kernels' element type for values of `dtype`.
+fn values(dtype: DType) -> candle_core::Result<Values> {
     match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
+        DType::F32 => Ok(Values::F32),
+        DType::BF16 => Ok(Values::Bf16),
         other => Err(cuda_err(format!("values of {other:?}"))),
     }
 }
@@ -93,67 +84,83 @@ fn slice_address<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
 }
 
-/// One kernel argument.
-enum Arg {
-    Address(u64),
-    I64(i64),
-    I32(i32),
-    F32(f32),
-}
-
-fn int(n: usize) -> candle_core::Result<Arg> {
-    Ok(Arg::I32(i32::try_from(n).map_err(cuda_err)?))
-}
-
 fn blocks(n: usize) -> candle_core::Result<u32> {
     u32::try_from(n).map_err(|_| cuda_err(format!("{n} blocks")))
 }
 
-/// Launches kernel `name` of the fused module on `device`'s stream, `THREADS` a block.
+/// Runs `plan` on `device`'s stream, `THREADS` a block, its buffers at `addresses` and its
+/// scratch buffers allocated (zeroed) here.
 ///
-/// Every caller passes addresses of live buffers on this device of the sizes the kernel
-/// reads and writes (its comment in the source says which), held until the stream has run
-/// it (a tensor's memory is freed in stream order), and arguments in its signature's order.
-fn launch(
-    device: &CudaDevice,
-    name: &str,
-    grid: (usize, usize),
-    args: &[Arg],
-) -> candle_core::Result<()> {
-    let (major, minor) = device
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(cuda_err)?;
-    let ptx = ptx(major, minor).map_err(cuda_err)?;
-    let func = device.get_or_load_custom_func(name, MODULE, &ptx)?;
-    let mut builder = func.builder();
-    for a in args {
-        match a {
-            Arg::Address(v) => builder.arg(v),
-            Arg::I64(v) => builder.arg(v),
-            Arg::I32(v) => builder.arg(v),
-            Arg::F32(v) => builder.arg(v),
-        };
+/// Every caller passes addresses of live buffers on this device of the sizes the plan's
+/// op reads and writes (`plan.rs` says which), held until the stream has run the kernels
+/// (a tensor's memory is freed in stream order); the plan holds the arguments in each
+/// kernel's signature's order (the emulator's tests check both).
+fn run(device: &CudaDevice, plan: &Plan, addresses: &[(Buffer, u64)]) -> candle_core::Result<()> {
+    if plan.launches.is_empty() {
+        return Ok(());
     }
-    let config = LaunchConfig {
-        grid_dim: (blocks(grid.0)?, blocks(grid.1)?, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let stream = device.cuda_stream();
+    let (major, minor) = stream.context().compute_capability().map_err(cuda_err)?;
+    let ptx = ptx(major, minor).map_err(cuda_err)?;
+    let scratch = plan
+        .scratch
+        .iter()
+        .map(|&(b, len)| {
+            let t = Tensor::zeros(len, DType::F32, &candle_core::Device::Cuda(device.clone()))?;
+            Ok((b, t))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut at: Vec<(Buffer, u64)> = addresses.to_vec();
+    for (b, t) in &scratch {
+        at.push((*b, tensor_address(t, &stream)?));
+    }
+    let address = |b: Buffer| {
+        at.iter()
+            .find(|(role, _)| *role == b)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| cuda_err(format!("no {b:?} buffer for the plan")))
     };
-    // SAFETY: as the function's contract says (every caller below keeps it).
-    unsafe { builder.launch(config) }.map_err(cuda_err)?;
+    for l in &plan.launches {
+        let func = device.get_or_load_custom_func(&l.kernel, MODULE, &ptx)?;
+        let mut builder = func.builder();
+        // The values live until the launch (the builder holds references).
+        let mut values: Vec<Value> = Vec::with_capacity(l.args.len());
+        for a in &l.args {
+            values.push(match *a {
+                plan::Arg::Address(b) => Value::U64(address(b)?),
+                plan::Arg::Null => Value::U64(0),
+                plan::Arg::I64(v) => Value::I64(v),
+                plan::Arg::I32(v) => Value::I32(v),
+                plan::Arg::F32(v) => Value::F32(v),
+            });
+        }
+        for v in &values {
+            match v {
+                Value::U64(v) => builder.arg(v),
+                Value::I64(v) => builder.arg(v),
+                Value::I32(v) => builder.arg(v),
+                Value::F32(v) => builder.arg(v),
+            };
+        }
+        let config = LaunchConfig {
+            grid_dim: (blocks(l.grid.0)?, blocks(l.grid.1)?, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as the function's contract says (every caller below keeps it).
+        unsafe { builder.launch(config) }.map_err(cuda_err)?;
+    }
+    // `scratch` is freed after this, in stream order: after the kernels.
+    drop(scratch);
     Ok(())
 }
 
-/// How a column reduction over `rows` rows is cut: (chunks, rows a chunk).
-fn chunking(rows: usize) -> (usize, usize) {
-    let per_chunk = rows.div_ceil(rows.clamp(1, MAX_CHUNKS));
-    (rows.div_ceil(per_chunk.max(1)), per_chunk.max(1))
-}
-
-fn columns(width: usize) -> usize {
-    width.div_ceil(THREADS as usize)
+/// A kernel argument's value.
+enum Value {
+    U64(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
 }
 
 // Layer norm.
@@ -228,19 +235,15 @@ impl CustomOp3 for LayerNorm {
         let rows = n / width;
         // SAFETY: the kernel writes every element of both before anything reads them.
         let (y, stats) = unsafe { (device.alloc::<f32>(n)?, device.alloc::<f32>(2 * rows)?) };
-        if rows > 0 {
-            let args = [
-                Arg::Address(storage_address(x, lx, &stream)?),
-                Arg::Address(storage_address(w, lw, &stream)?),
-                Arg::Address(storage_address(b, lb, &stream)?),
-                Arg::Address(slice_address(&y, &stream)),
-                Arg::Address(slice_address(&stats, &stream)),
-                int(width)?,
-                Arg::F32(self.eps),
-            ];
-            let name = format!("layer_norm_fwd_{}", suffix(x.dtype())?);
-            launch(&device, &name, (rows, 1), &args)?;
-        }
+        let plan = plan::layer_norm_forward(values(x.dtype())?, rows, width, self.eps);
+        let addresses = [
+            (Buffer::Input, storage_address(x, lx, &stream)?),
+            (Buffer::Weight, storage_address(w, lw, &stream)?),
+            (Buffer::Bias, storage_address(b, lb, &stream)?),
+            (Buffer::Output, slice_address(&y, &stream)),
+            (Buffer::Stats, slice_address(&stats, &stream)),
+        ];
+        run(&device, &plan, &addresses)?;
         *self.stats.lock().expect("layer norm statistics") = Some(stats);
         Ok((CudaStorage::wrap_cuda_slice(y, device), lx.shape().clone()))
     }
@@ -269,55 +272,18 @@ impl CustomOp3 for LayerNorm {
         if rows == 0 {
             return Ok((Some(dx), Some(dw), Some(db)));
         }
-        let (chunks, per_chunk) = chunking(rows);
-        let partial = Tensor::zeros(2 * chunks * width, DType::F32, x.device())?;
-        let name = suffix(x.dtype())?;
-        let (x_at, w_at, dy_at, stats_at) = (
-            tensor_address(x, &stream)?,
-            tensor_address(&w, &stream)?,
-            tensor_address(&dy, &stream)?,
-            slice_address(stats, &stream),
-        );
-        let dx_args = [
-            Arg::Address(x_at),
-            Arg::Address(w_at),
-            Arg::Address(dy_at),
-            Arg::Address(stats_at),
-            Arg::Address(tensor_address(&dx, &stream)?),
-            int(width)?,
+        let plan = plan::layer_norm_backward(values(x.dtype())?, rows, width);
+        let addresses = [
+            (Buffer::Input, tensor_address(x, &stream)?),
+            (Buffer::Weight, tensor_address(&w, &stream)?),
+            (Buffer::OutputGrad, tensor_address(&dy, &stream)?),
+            (Buffer::Stats, slice_address(stats, &stream)),
+            (Buffer::InputGrad, tensor_address(&dx, &stream)?),
+            (Buffer::WeightGrad, tensor_address(&dw, &stream)?),
+            (Buffer::BiasGrad, tensor_address(&db, &stream)?),
         ];
-        launch(
-            &device,
-            &format!("layer_norm_bwd_dx_{name}"),
-            (rows, 1),
-            &dx_args,
-        )?;
-        let partial_at = tensor_address(&partial, &stream)?;
-        let partial_args = [
-            Arg::Address(x_at),
-            Arg::Address(dy_at),
-            Arg::Address(stats_at),
-            Arg::Address(partial_at),
-            Arg::I64(rows as i64),
-            int(width)?,
-            Arg::I64(per_chunk as i64),
-        ];
-        let grid = (columns(width), chunks);
-        launch(
-            &device,
-            &format!("layer_norm_bwd_partial_{name}"),
-            grid,
-            &partial_args,
-        )?;
-        let dw_args = [
-            Arg::Address(partial_at),
-            Arg::Address(tensor_address(&dw, &stream)?),
-            Arg::Address(tensor_address(&db, &stream)?),
-            int(width)?,
-            int(chunks)?,
-        ];
-        launch(&device, "layer_norm_bwd_dw", (columns(width), 1), &dw_args)?;
-        // `w`, `dy` and `partial` are freed after this, in stream order: after the kernels.
+        run(&device, &plan, &addresses)?;
+        // `w` and `dy` are freed after this, in stream order: after the kernels.
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -359,10 +325,6 @@ impl Gelu {
         let stream = device.cuda_stream();
         let n = ly.shape().elem_count();
         let width = ly.shape().dims().last().copied().unwrap_or(1).max(1);
-        let bias_at = match bias {
-            Some((b, lb)) => storage_address(b, lb, &stream)?,
-            None => 0,
-        };
         fn out<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             device: &CudaDevice,
             n: usize,
@@ -376,15 +338,15 @@ impl Gelu {
             DType::BF16 => out::<half::bf16>(&device, n)?,
             _ => out::<f32>(&device, n)?,
         };
-        let args = [
-            Arg::Address(storage_address(y, ly, &stream)?),
-            Arg::Address(bias_at),
-            Arg::Address(out_at),
-            Arg::I64(n as i64),
-            int(width)?,
+        let plan = plan::gelu_forward(values(y.dtype())?, n, width, bias.is_some());
+        let mut addresses = vec![
+            (Buffer::Input, storage_address(y, ly, &stream)?),
+            (Buffer::Output, out_at),
         ];
-        let name = format!("gelu_fwd_{}", suffix(y.dtype())?);
-        launch(&device, &name, (n.div_ceil(THREADS as usize), 1), &args)?;
+        if let Some((b, lb)) = bias {
+            addresses.push((Buffer::Bias, storage_address(b, lb, &stream)?));
+        }
+        run(&device, &plan, &addresses)?;
         Ok((storage, ly.shape().clone()))
     }
 
@@ -399,70 +361,28 @@ impl Gelu {
         let stream = device.cuda_stream();
         let n = y.elem_count();
         let width = y.dims().last().copied().unwrap_or(1).max(1);
-        let rows = n / width;
-        let name = suffix(y.dtype())?;
         // Bound here, so that no copy is freed before the kernels have read it.
         let g = dz.to_dtype(y.dtype())?.contiguous()?;
         let dy = Tensor::zeros(y.shape(), y.dtype(), y.device())?;
-        let (y_at, g_at) = (tensor_address(y, &stream)?, tensor_address(&g, &stream)?);
-        let bias_at = match bias {
-            Some(b) => tensor_address(b, &stream)?,
-            None => 0,
+        let dbias = match bias {
+            Some(b) => Some(Tensor::zeros(b.shape(), b.dtype(), y.device())?),
+            None => None,
         };
-        let args = [
-            Arg::Address(y_at),
-            Arg::Address(bias_at),
-            Arg::Address(g_at),
-            Arg::Address(tensor_address(&dy, &stream)?),
-            Arg::I64(n as i64),
-            int(width)?,
+        let plan = plan::gelu_backward(values(y.dtype())?, n, width, bias.is_some());
+        let mut addresses = vec![
+            (Buffer::Input, tensor_address(y, &stream)?),
+            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+            (Buffer::InputGrad, tensor_address(&dy, &stream)?),
         ];
-        launch(
-            &device,
-            &format!("gelu_bwd_{name}"),
-            (n.div_ceil(THREADS as usize), 1),
-            &args,
-        )?;
-        let Some(b) = bias else {
-            return Ok((dy, None));
-        };
-        let (chunks, per_chunk) = chunking(rows);
-        let partial = Tensor::zeros(chunks * width, DType::F32, y.device())?;
-        let dbias = Tensor::zeros(b.shape(), b.dtype(), y.device())?;
-        let partial_at = tensor_address(&partial, &stream)?;
-        let partial_args = [
-            Arg::Address(y_at),
-            Arg::Address(bias_at),
-            Arg::Address(g_at),
-            Arg::Address(partial_at),
-            Arg::I64(rows as i64),
-            int(width)?,
-            Arg::I64(per_chunk as i64),
-        ];
-        let grid = (columns(width), chunks);
-        launch(
-            &device,
-            &format!("gelu_bias_partial_{name}"),
-            grid,
-            &partial_args,
-        )?;
-        let grad_args = [
-            Arg::Address(partial_at),
-            Arg::Address(tensor_address(&dbias, &stream)?),
-            int(width)?,
-            int(chunks)?,
-        ];
-        launch(
-            &device,
-            &format!("gelu_bias_grad_{name}"),
-            (columns(width), 1),
-            &grad_args,
-        )?;
-        // `g` and `partial` are freed after this, in stream order: after the kernels.
-        Ok((dy, Some(dbias)))
+        if let (Some(b), Some(db)) = (bias, &dbias) {
+            addresses.push((Buffer::Bias, tensor_address(b, &stream)?));
+            addresses.push((Buffer::BiasGrad, tensor_address(db, &stream)?));
+        }
+        run(&device, &plan, &addresses)?;
+        // `g` is freed after this, in stream order: after the kernels.
+        Ok((dy, dbias))
     }
 }
-
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "cuda-gelu"

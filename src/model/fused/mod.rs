@@ -445,6 +445,7 @@ mod embedding;
 mod gelu;
 mod layer_norm;
 mod linear;
+pub mod plan;
 mod softmax;
 
 pub use attention::{attention, attention_mix, attention_plain, attention_scores};

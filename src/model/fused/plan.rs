@@ -1,0 +1,269 @@
+//! What the fused ops' CUDA kernels are launched with, as data: for each op, the kernels in
+//! order, their grids, and their arguments, buffers named by role. `cuda.rs` resolves the
+//! roles to device addresses and launches; the CPU emulator of the kernels
+//! (`tests/cuda-emulator/`, `kernels::` in the test suite) resolves them to host buffers
+//! and runs the same plan, so the kernels and the launch sequences are checked on any
+//! machine, before a GPU runs them. Nothing here needs CUDA.
+
+/// The kernels' CUDA source: the shared part, then each op's file.
+pub const SOURCE: &str = concat!(
+    include_str!("kernels.cuh"),
+    include_str!("layer_norm.cu"),
+    include_str!("gelu.cu")
+);
+
+/// Threads a block: the source's `THREADS`.
+pub const THREADS: usize = 256;
+/// The most row chunks a weight or bias gradient reduces over (each a partial sum per
+/// column, added in chunk order).
+pub const MAX_CHUNKS: usize = 256;
+
+/// The values' element type: the kernels' name suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    F32,
+    /// bf16, as its bits.
+    Bf16,
+}
+
+impl Values {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Values::F32 => "f32",
+            Values::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A buffer of an op, by its role. Which dtype and size each has is the op's comment's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Buffer {
+    /// The op's input (values).
+    Input,
+    Weight,
+    Bias,
+    /// The forward's output.
+    Output,
+    /// Per-row statistics kept from forward for backward (f32).
+    Stats,
+    /// The gradient arriving at the output.
+    OutputGrad,
+    InputGrad,
+    WeightGrad,
+    BiasGrad,
+    /// Per-chunk partial sums of a column reduction (f32 scratch, zeroed).
+    Partial,
+}
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// The address of a buffer's first element.
+    Address(Buffer),
+    /// A null address: an optional buffer that is absent.
+    Null,
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+/// One launch: `THREADS` threads a block on a `grid` of blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    pub kernel: String,
+    pub grid: (usize, usize),
+    pub args: Vec<Arg>,
+}
+
+/// An op's launches in order, and the scratch buffers (f32, zeroed) they need beside the
+/// op's own.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    pub scratch: Vec<(Buffer, usize)>,
+    pub launches: Vec<Launch>,
+}
+
+fn int(n: usize) -> Arg {
+    Arg::I32(i32::try_from(n).expect("a size the kernels index with i32"))
+}
+
+fn long(n: usize) -> Arg {
+    Arg::I64(n as i64)
+}
+
+/// How a column reduction over `rows` rows is cut: (chunks, rows a chunk).
+pub fn chunking(rows: usize) -> (usize, usize) {
+    let per_chunk = rows.div_ceil(rows.clamp(1, MAX_CHUNKS)).max(1);
+    (rows.div_ceil(per_chunk), per_chunk)
+}
+
+/// Blocks of `THREADS` over `width` columns.
+fn columns(width: usize) -> usize {
+    width.div_ceil(THREADS)
+}
+
+fn launch(kernel: String, grid: (usize, usize), args: Vec<Arg>) -> Launch {
+    Launch { kernel, grid, args }
+}
+
+use Arg::Address;
+use Buffer::*;
+
+/// Layer norm forward over `rows` rows of `width`: `Input` (`values`), `Weight` and
+/// `Bias` (f32, `width`) → `Output` (f32, rows × width), `Stats` (f32, 2 × rows: each
+/// row's mean and 1/σ).
+pub fn layer_norm_forward(values: Values, rows: usize, width: usize, eps: f32) -> Plan {
+    if rows == 0 {
+        return Plan::default();
+    }
+    let args = vec![
+        Address(Input),
+        Address(Weight),
+        Address(Bias),
+        Address(Output),
+        Address(Stats),
+        int(width),
+        Arg::F32(eps),
+    ];
+    Plan {
+        scratch: Vec::new(),
+        launches: vec![launch(
+            format!("layer_norm_fwd_{}", values.suffix()),
+            (rows, 1),
+            args,
+        )],
+    }
+}
+
+/// Layer norm backward: `Input`, `Weight`, `Stats` (forward's), `OutputGrad` (f32) →
+/// `InputGrad` (`values`), `WeightGrad` and `BiasGrad` (f32, `width`).
+pub fn layer_norm_backward(values: Values, rows: usize, width: usize) -> Plan {
+    if rows == 0 {
+        return Plan::default();
+    }
+    let name = values.suffix();
+    let (chunks, per_chunk) = chunking(rows);
+    let dx = vec![
+        Address(Input),
+        Address(Weight),
+        Address(OutputGrad),
+        Address(Stats),
+        Address(InputGrad),
+        int(width),
+    ];
+    let partial = vec![
+        Address(Input),
+        Address(OutputGrad),
+        Address(Stats),
+        Address(Partial),
+        long(rows),
+        int(width),
+        long(per_chunk),
+    ];
+    let dw = vec![
+        Address(Partial),
+        Address(WeightGrad),
+        Address(BiasGrad),
+        int(width),
+        int(chunks),
+    ];
+    Plan {
+        scratch: vec![(Partial, 2 * chunks * width)],
+        launches: vec![
+            launch(format!("layer_norm_bwd_dx_{name}"), (rows, 1), dx),
+            launch(
+                format!("layer_norm_bwd_partial_{name}"),
+                (columns(width), chunks),
+                partial,
+            ),
+            launch("layer_norm_bwd_dw".into(), (columns(width), 1), dw),
+        ],
+    }
+}
+
+fn optional(bias: bool) -> Arg {
+    if bias {
+        Address(Bias)
+    } else {
+        Arg::Null
+    }
+}
+
+/// Exact GELU of `Input` (+ `Bias`, `width`, on its rows) → `Output`, all `values`, `n`
+/// elements.
+pub fn gelu_forward(values: Values, n: usize, width: usize, bias: bool) -> Plan {
+    let args = vec![
+        Address(Input),
+        optional(bias),
+        Address(Output),
+        long(n),
+        int(width),
+    ];
+    Plan {
+        scratch: Vec::new(),
+        launches: vec![launch(
+            format!("gelu_fwd_{}", values.suffix()),
+            (n.div_ceil(THREADS), 1),
+            args,
+        )],
+    }
+}
+
+/// GELU backward: `Input`, `Bias` (when there is one), `OutputGrad` (all `values`) →
+/// `InputGrad`, and `BiasGrad` when there is a bias (`values`).
+pub fn gelu_backward(values: Values, n: usize, width: usize, bias: bool) -> Plan {
+    let name = values.suffix();
+    let mut plan = Plan {
+        scratch: Vec::new(),
+        launches: vec![launch(
+            format!("gelu_bwd_{name}"),
+            (n.div_ceil(THREADS), 1),
+            vec![
+                Address(Input),
+                optional(bias),
+                Address(OutputGrad),
+                Address(InputGrad),
+                long(n),
+                int(width),
+            ],
+        )],
+    };
+    if !bias {
+        return plan;
+    }
+    let rows = n / width.max(1);
+    let (chunks, per_chunk) = chunking(rows);
+    plan.scratch.push((Partial, chunks * width));
+    plan.launches.push(launch(
+        format!("gelu_bias_partial_{name}"),
+        (columns(width), chunks),
+        vec![
+            Address(Input),
+            Address(Bias),
+            Address(OutputGrad),
+            Address(Partial),
+            long(rows),
+            int(width),
+            long(per_chunk),
+        ],
+    ));
+    plan.launches.push(launch(
+        format!("gelu_bias_grad_{name}"),
+        (columns(width), 1),
+        vec![Address(Partial), Address(BiasGrad), int(width), int(chunks)],
+    ));
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_rows_once() {
+        for rows in [1, 2, 255, 256, 257, 1000, 70_000] {
+            let (chunks, per) = chunking(rows);
+            assert!(chunks <= MAX_CHUNKS && chunks * per >= rows && (chunks - 1) * per < rows);
+        }
+    }
+}

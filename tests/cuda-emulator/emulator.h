@@ -1,0 +1,204 @@
+// A CPU emulator of the CUDA our kernels use, so that their sources (src/model/fused/*.cu,
+// compiled for the GPU by NVRTC) compile with g++ and run on any machine: each block's
+// threads are coroutines (ucontext), `__syncthreads` a barrier across them, a warp shuffle
+// a barrier across the warp's 32 threads around a shared exchange slot, `__shared__` a
+// static (blocks run one at a time). What this checks: indexing, reductions, their order, the bf16
+// rounding, and the host's launch sequence (tests/suite/kernels.rs). What it cannot:
+// speed, and what only a GPU's memory model or a partial warp would show.
+//
+// Only what the kernels call is here; a kernel using more fails to compile, loudly.
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include <ucontext.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct dim3 {
+    unsigned int x = 0, y = 0, z = 0;
+};
+
+// The running emulated thread's indices (set before it resumes).
+inline dim3 threadIdx;
+inline dim3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+namespace emulator {
+
+// What an emulated thread waits for.
+enum class Wait { None, Block, Warp, Done };
+
+// A block's threads as coroutines on this one OS thread: each runs until it reaches a
+// barrier (or returns), and a barrier releases its threads once every live thread of its
+// block (`__syncthreads`) or warp (a shuffle) has reached it. Cheaper by far than an OS
+// thread per CUDA thread, and deterministic.
+struct Block {
+    unsigned threads = 0;
+    std::vector<ucontext_t> contexts;
+    // One allocation for every thread's stack, left uninitialised (touched as used).
+    std::unique_ptr<char[]> stacks;
+    std::vector<Wait> waits;
+    std::vector<unsigned long long> slots;
+    ucontext_t scheduler;
+    unsigned current = 0;
+    const std::function<void()>* kernel = nullptr;
+};
+
+inline Block* block = nullptr;
+
+inline void yield(Wait w) {
+    Block& b = *block;
+    b.waits[b.current] = w;
+    swapcontext(&b.contexts[b.current], &b.scheduler);
+}
+
+inline void entry() {
+    (*block->kernel)();
+    yield(Wait::Done);
+}
+
+constexpr std::size_t STACK = 64 * 1024;
+
+// Runs `kernel` on a grid of `grid` blocks of `threads` threads, one block at a time.
+inline void launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
+    gridDim = grid;
+    blockDim = dim3{threads, 1, 1};
+    Block b;
+    b.threads = threads;
+    b.contexts.resize(threads);
+    b.stacks.reset(new char[STACK * threads]);
+    b.waits.assign(threads, Wait::None);
+    b.slots.assign(threads, 0);
+    b.kernel = &kernel;
+    block = &b;
+    for (unsigned by = 0; by < grid.y; ++by) {
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+            blockIdx = dim3{bx, by, 0};
+            for (unsigned t = 0; t < threads; ++t) {
+                getcontext(&b.contexts[t]);
+                b.contexts[t].uc_stack.ss_sp = b.stacks.get() + STACK * t;
+                b.contexts[t].uc_stack.ss_size = STACK;
+                b.contexts[t].uc_link = nullptr;
+                makecontext(&b.contexts[t], entry, 0);
+                b.waits[t] = Wait::None;
+            }
+            std::vector<bool> runnable(threads, true);
+            for (;;) {
+                for (unsigned t = 0; t < threads; ++t) {
+                    if (!runnable[t]) continue;
+                    runnable[t] = false;
+                    b.current = t;
+                    threadIdx = dim3{t, 0, 0};
+                    swapcontext(&b.scheduler, &b.contexts[t]);
+                }
+                // Everyone is at a barrier or done: release what is complete.
+                bool live = false, released = false;
+                bool all_at_block = true;
+                for (unsigned t = 0; t < threads; ++t) {
+                    if (b.waits[t] != Wait::Done) live = true;
+                    if (b.waits[t] == Wait::Warp) all_at_block = false;
+                }
+                if (!live) break;
+                for (unsigned w = 0; w * 32 < threads; ++w) {
+                    bool any = false, all = true;
+                    for (unsigned t = 32 * w; t < threads && t < 32 * w + 32; ++t) {
+                        if (b.waits[t] == Wait::Warp) any = true;
+                        else if (b.waits[t] != Wait::Done) all = false;
+                    }
+                    if (any && all) {
+                        for (unsigned t = 32 * w; t < threads && t < 32 * w + 32; ++t) {
+                            if (b.waits[t] == Wait::Warp) {
+                                b.waits[t] = Wait::None;
+                                runnable[t] = true;
+                            }
+                        }
+                        released = true;
+                    }
+                }
+                if (!released && all_at_block) {
+                    for (unsigned t = 0; t < threads; ++t) {
+                        if (b.waits[t] == Wait::Block) {
+                            b.waits[t] = Wait::None;
+                            runnable[t] = true;
+                            released = true;
+                        }
+                    }
+                }
+                if (!released) {
+                    std::fprintf(stderr, "emulator: deadlock in block (%u, %u): threads wait at different barriers\n", bx, by);
+                    std::exit(3);
+                }
+            }
+        }
+    }
+    block = nullptr;
+}
+
+template <typename T>
+inline T shuffle(T v, int source_lane) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "a shuffled value fits a slot");
+    const unsigned t = threadIdx.x;
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    block->slots[t] = bits;
+    yield(Wait::Warp);
+    T out;
+    bits = block->slots[t / 32 * 32 + (unsigned)source_lane];
+    std::memcpy(&out, &bits, sizeof(T));
+    // No lane writes its next value before every lane has read this one.
+    yield(Wait::Warp);
+    return out;
+}
+
+}  // namespace emulator
+
+inline void __syncthreads() { emulator::yield(emulator::Wait::Block); }
+
+// The full-warp shuffles (every kernel here passes the full mask).
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
+    const int lane = (int)(threadIdx.x & 31);
+    const int source = lane + (int)delta < 32 ? lane + (int)delta : lane;
+    return emulator::shuffle(v, source);
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    return emulator::shuffle(v, (int)(threadIdx.x & 31) ^ mask);
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int lane) {
+    return emulator::shuffle(v, lane & 31);
+}
+
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
