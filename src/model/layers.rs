@@ -295,14 +295,7 @@ impl Activation {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Gelu => super::fused::gelu_erf(x)?,
-            Activation::QuickGelu => match x.dtype() {
-                dtype @ (candle_core::DType::BF16 | candle_core::DType::F16) => {
-                    Activation::QuickGelu
-                        .forward(&x.to_dtype(candle_core::DType::F32)?)?
-                        .to_dtype(dtype)?
-                }
-                _ => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
-            },
+            Activation::QuickGelu => super::fused::quick_gelu(x)?,
         })
     }
 }

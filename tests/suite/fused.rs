@@ -592,6 +592,12 @@ mod cuda {
                 "gelu_bwd",
                 "gelu_bias_partial",
                 "gelu_bias_grad",
+                "quick_gelu_fwd",
+                "quick_gelu_bwd",
+                "quick_gelu_bias_partial",
+                "quick_gelu_bias_grad",
+                "softmax_fwd",
+                "softmax_bwd",
             ] {
                 entries.push(format!("{kernel}_{dtype}"));
             }
@@ -811,6 +817,84 @@ mod cuda {
                             "{label}: a second run differs"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// A one-input op under test.
+    type Op = dyn Fn(&Tensor) -> Tensor;
+
+    /// The value and the input's gradient of `Σ f(x) ⊙ g`, on the CPU in f64.
+    fn value_and_grad(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, g: &Tensor) -> Vec<Tensor> {
+        let x = Var::from_tensor(x).unwrap();
+        let y = f(x.as_tensor());
+        let loss = (&y * g.to_dtype(y.dtype()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let host = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        vec![
+            host(&y),
+            host(grads.get(x.as_tensor()).expect("a gradient")),
+        ]
+    }
+
+    /// The CUDA softmax (attention's score rows: 50, 197 and 77 wide, and one over the
+    /// block) and quick GELU, f32 and bf16, against the plain ops in f64 on the same
+    /// values: value and gradient, in the values' dtype; the same bits on a second run.
+    #[test]
+    fn the_cuda_softmax_and_quick_gelu_equal_the_plain_ops() {
+        let dev = gpu();
+        let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
+        let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let quick =
+            |x: &Tensor| (x * candle_nn::ops::sigmoid(&(x * 1.702).unwrap()).unwrap()).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let rel = if dtype == DType::BF16 { 8e-3 } else { 1e-5 };
+            for (what, dims) in [
+                ("softmax", vec![12 * 50, 50]),
+                ("softmax", vec![4, 12, 197, 197]),
+                ("softmax", vec![3, 77, 77]),
+                ("softmax", vec![2, 1000]),
+                ("quick GELU", vec![3, 7, 33]),
+                ("quick GELU", vec![64, 3072]),
+            ] {
+                let label = format!("{what} {dims:?} {dtype:?}");
+                let x = Tensor::randn(0f32, 3.0, dims.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let g = Tensor::randn(0f32, 1.0, dims.as_slice(), &Device::Cpu).unwrap();
+                let (fused_op, reference_op): (&Op, &Op) = if what == "softmax" {
+                    assert!(fused::cuda::softmax_applies(&on_gpu(&x)));
+                    (&|x| fused::softmax_last_dim(x).unwrap(), &|x| {
+                        plain::softmax(x)
+                    })
+                } else {
+                    (&|x| fused::quick_gelu(x).unwrap(), &quick)
+                };
+                let kernel = value_and_grad(fused_op, &on_gpu(&x), &on_gpu(&g));
+                let reference = value_and_grad(reference_op, &wide(&x), &wide(&g));
+                for (i, part) in ["value", "gradient"].iter().enumerate() {
+                    if let Some((at, a, b)) =
+                        worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                    {
+                        panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
+                    }
+                }
+                let again = value_and_grad(fused_op, &on_gpu(&x), &on_gpu(&g));
+                for (a, b) in kernel.iter().zip(&again) {
+                    assert!(
+                        worst_violation(a, b, 0.0, 0.0, Relative::Element).is_none(),
+                        "{label}: a second run differs"
+                    );
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use mmpipe::model::fused::plan::{self, Arg, Buffer, Plan, Values};
+use mmpipe::model::fused::plan::{self, Arg, Buffer, Gelu, Plan, Values};
 
 /// The emulator built once per test run: the kernels' source and the list of their entry
 /// points beside it.
@@ -222,6 +222,18 @@ fn gelu_grad(z: f64) -> f64 {
     cdf + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt()
 }
 
+/// A scalar function of the reference.
+type Scalar = fn(f64) -> f64;
+
+fn quick_gelu(z: f64) -> f64 {
+    z / (1.0 + (-1.702 * z).exp())
+}
+
+fn quick_gelu_grad(z: f64) -> f64 {
+    let s = 1.0 / (1.0 + (-1.702 * z).exp());
+    s + 1.702 * z * s * (1.0 - s)
+}
+
 fn libm_erf(x: f64) -> f64 {
     candle_core::cpu::erf::erf_f64(x)
 }
@@ -344,18 +356,25 @@ fn layer_norm_kernels_equal_the_formulas() {
     }
 }
 
-/// Exact GELU forward and backward, with and without the bias, f32 and bf16: a tail block
-/// (n not a multiple of 256), and rows enough for chunked bias gradients.
+/// Exact and quick GELU forward and backward, with and without the bias, f32 and bf16: a
+/// tail block (n not a multiple of 256), and rows enough for chunked bias gradients.
 #[test]
 fn gelu_kernels_equal_the_formulas() {
-    for (of, rows, width, bias) in [
-        (Values::F32, 7, 37, false),
-        (Values::F32, 7, 37, true),
-        (Values::Bf16, 7, 300, true),
-        (Values::Bf16, 5, 24, false),
-        (Values::F32, 300, 20, true),
+    for (act, of, rows, width, bias) in [
+        (Gelu::Erf, Values::F32, 7, 37, false),
+        (Gelu::Erf, Values::F32, 7, 37, true),
+        (Gelu::Erf, Values::Bf16, 7, 300, true),
+        (Gelu::Erf, Values::Bf16, 5, 24, false),
+        (Gelu::Erf, Values::F32, 300, 20, true),
+        (Gelu::Quick, Values::F32, 7, 37, false),
+        (Gelu::Quick, Values::Bf16, 7, 300, true),
+        (Gelu::Quick, Values::F32, 300, 20, true),
     ] {
-        let name = format!("gelu-{}-{rows}x{width}-{bias}", of.suffix());
+        let name = format!("{act:?}-{}-{rows}x{width}-{bias}", of.suffix());
+        let (f, f_grad): (Scalar, Scalar) = match act {
+            Gelu::Erf => (gelu, gelu_grad),
+            Gelu::Quick => (quick_gelu, quick_gelu_grad),
+        };
         let n = rows * width;
         let (y_bytes, y) = encode(&values(n, 5), of);
         let (b_bytes, b) = encode(&values(width, 6), of);
@@ -367,11 +386,11 @@ fn gelu_kernels_equal_the_formulas() {
         }
         let fwd = run(
             &format!("{name}-fwd"),
-            &plan::gelu_forward(of, n, width, bias),
+            &plan::gelu_forward(act, of, n, width, bias),
             &buffers,
         );
         let z = |i: usize| y[i] + if bias { b[i % width] } else { 0.0 };
-        let want: Vec<f64> = (0..n).map(|i| gelu(z(i))).collect();
+        let want: Vec<f64> = (0..n).map(|i| f(z(i))).collect();
         assert_close(
             &format!("{name} out"),
             &decode(&fwd[&Buffer::Output], of),
@@ -387,10 +406,10 @@ fn gelu_kernels_equal_the_formulas() {
         }
         let bwd = run(
             &format!("{name}-bwd"),
-            &plan::gelu_backward(of, n, width, bias),
+            &plan::gelu_backward(act, of, n, width, bias),
             &buffers,
         );
-        let dz: Vec<f64> = (0..n).map(|i| g[i] * gelu_grad(z(i))).collect();
+        let dz: Vec<f64> = (0..n).map(|i| g[i] * f_grad(z(i))).collect();
         assert_close(
             &format!("{name} dy"),
             &decode(&bwd[&Buffer::InputGrad], of),
@@ -411,6 +430,76 @@ fn gelu_kernels_equal_the_formulas() {
                 1e-5,
             );
         }
+    }
+}
+
+/// Softmax forward and backward over rows of attention's widths (50, 77, 197) and one
+/// over the block, f32 and bf16, with a row of −∞ but one entry (a causal mask's first
+/// row).
+#[test]
+fn softmax_kernels_equal_the_formulas() {
+    for (of, rows, width) in [
+        (Values::F32, 6, 50),
+        (Values::F32, 4, 197),
+        (Values::Bf16, 5, 77),
+        (Values::F32, 2, 1000),
+        (Values::Bf16, 2, 300),
+    ] {
+        let name = format!("softmax-{}-{rows}x{width}", of.suffix());
+        let mut raw: Vec<f32> = values(rows * width, 8).iter().map(|v| v * 3.0).collect();
+        for v in &mut raw[1..width] {
+            *v = f32::NEG_INFINITY;
+        }
+        let (x_bytes, x) = encode(&raw, of);
+        let bytes = x_bytes.len();
+        let mut buffers =
+            BTreeMap::from([(Buffer::Input, x_bytes), (Buffer::Output, vec![0u8; bytes])]);
+        let fwd = run(
+            &format!("{name}-fwd"),
+            &plan::softmax_forward(of, rows, width),
+            &buffers,
+        );
+        let mut want = vec![0f64; rows * width];
+        for r in 0..rows {
+            let row = &x[r * width..(r + 1) * width];
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
+            for i in 0..width {
+                want[r * width + i] = (row[i] - max).exp() / sum;
+            }
+        }
+        let y = decode(&fwd[&Buffer::Output], of);
+        assert_close(&format!("{name} y"), &y, &want, of, 1e-6);
+        assert_eq!(y[0], 1.0, "{name}: the masked row's one entry");
+
+        let (g_bytes, g) = encode(&values(rows * width, 9), of);
+        buffers.insert(Buffer::Output, fwd[&Buffer::Output].clone());
+        buffers.insert(Buffer::OutputGrad, g_bytes);
+        buffers.insert(Buffer::InputGrad, vec![0u8; bytes]);
+        let bwd = run(
+            &format!("{name}-bwd"),
+            &plan::softmax_backward(of, rows, width),
+            &buffers,
+        );
+        // From the probabilities the kernel kept (rounded to bf16 where the values are).
+        let mut dx = vec![0f64; rows * width];
+        for r in 0..rows {
+            let (yr, gr) = (
+                &y[r * width..(r + 1) * width],
+                &g[r * width..(r + 1) * width],
+            );
+            let dot: f64 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for i in 0..width {
+                dx[r * width + i] = yr[i] * (gr[i] - dot);
+            }
+        }
+        assert_close(
+            &format!("{name} dx"),
+            &decode(&bwd[&Buffer::InputGrad], of),
+            &dx,
+            of,
+            1e-6,
+        );
     }
 }
 

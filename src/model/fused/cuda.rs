@@ -1,5 +1,6 @@
-//! The fused ops' CUDA kernels, with their own backward: layer norm (`layer_norm.cu`) and
-//! exact GELU with an optional bias (`gelu.cu`), over what they share (`kernels.cuh`).
+//! The fused ops' CUDA kernels, with their own backward: layer norm (`layer_norm.cu`),
+//! exact and quick GELU with an optional bias (`gelu.cu`) and softmax (`softmax.cu`), over
+//! what they share (`kernels.cuh`), launched as `plan.rs` lays out.
 //! One pass over memory forward and one or two backward, where candle's composition of
 //! small ops launches a kernel and makes a pass per op (GELU through `erf` was eight, and
 //! two casts under bf16).
@@ -302,17 +303,19 @@ pub fn gelu_applies(y: &Tensor, bias: Option<&Tensor>) -> bool {
         })
 }
 
-/// Exact GELU of `y` (+ `bias` on its rows) on the GPU (what [`gelu_applies`] accepted),
-/// in `y`'s dtype, its backward by the kernels too.
-pub fn gelu(y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// GELU (`act`: exact or quick) of `y` (+ `bias` on its rows) on the GPU (what
+/// [`gelu_applies`] accepted), in `y`'s dtype, its backward by the kernels too.
+pub fn gelu(act: plan::Gelu, y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = y.contiguous()?;
     Ok(match bias {
-        Some(b) => y.apply_op2(&b.contiguous()?, Gelu)?,
-        None => y.apply_op1(Gelu)?,
+        Some(b) => y.apply_op2(&b.contiguous()?, Gelu { act })?,
+        None => y.apply_op1(Gelu { act })?,
     })
 }
 
-struct Gelu;
+struct Gelu {
+    act: plan::Gelu,
+}
 
 impl Gelu {
     fn fwd(
@@ -338,7 +341,7 @@ impl Gelu {
             DType::BF16 => out::<half::bf16>(&device, n)?,
             _ => out::<f32>(&device, n)?,
         };
-        let plan = plan::gelu_forward(values(y.dtype())?, n, width, bias.is_some());
+        let plan = plan::gelu_forward(self.act, values(y.dtype())?, n, width, bias.is_some());
         let mut addresses = vec![
             (Buffer::Input, storage_address(y, ly, &stream)?),
             (Buffer::Output, out_at),
@@ -368,7 +371,7 @@ impl Gelu {
             Some(b) => Some(Tensor::zeros(b.shape(), b.dtype(), y.device())?),
             None => None,
         };
-        let plan = plan::gelu_backward(values(y.dtype())?, n, width, bias.is_some());
+        let plan = plan::gelu_backward(self.act, values(y.dtype())?, n, width, bias.is_some());
         let mut addresses = vec![
             (Buffer::Input, tensor_address(y, &stream)?),
             (Buffer::OutputGrad, tensor_address(&g, &stream)?),
@@ -435,5 +438,74 @@ impl CustomOp2 for Gelu {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dy, dbias) = self.backward(y, Some(bias), dz)?;
         Ok((Some(dy), dbias))
+    }
+}
+
+// Softmax.
+
+/// Whether the CUDA softmax takes `x`: f32 or bf16 values on a GPU.
+pub fn softmax_applies(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) && x.elem_count() > 0
+}
+
+/// Softmax over the last dimension on the GPU (what [`softmax_applies`] accepted), in
+/// `x`'s dtype computing in f32, its backward by the kernels too.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Softmax)?)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "cuda-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA softmax called on CPU tensors"))
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, lx: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = x.device().clone();
+        let stream = device.cuda_stream();
+        let n = lx.shape().elem_count();
+        let width = lx.shape().dims().last().copied().unwrap_or(1).max(1);
+        // SAFETY (both arms): the kernel writes every element before anything reads it.
+        let (storage, out_at) = match x.dtype() {
+            DType::BF16 => {
+                let slice = unsafe { device.alloc::<half::bf16>(n)? };
+                let at = slice_address(&slice, &stream);
+                (CudaStorage::wrap_cuda_slice(slice, device.clone()), at)
+            }
+            _ => {
+                let slice = unsafe { device.alloc::<f32>(n)? };
+                let at = slice_address(&slice, &stream);
+                (CudaStorage::wrap_cuda_slice(slice, device.clone()), at)
+            }
+        };
+        let plan = plan::softmax_forward(values(x.dtype())?, n / width, width);
+        let addresses = [
+            (Buffer::Input, storage_address(x, lx, &stream)?),
+            (Buffer::Output, out_at),
+        ];
+        run(&device, &plan, &addresses)?;
+        Ok((storage, lx.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let device = y.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
+        let width = y.dims().last().copied().unwrap_or(1).max(1);
+        // Bound here, so that no copy is freed before the kernel has read it.
+        let (y, g) = (y.contiguous()?, dy.to_dtype(y.dtype())?.contiguous()?);
+        let dx = Tensor::zeros(y.shape(), y.dtype(), y.device())?;
+        let plan = plan::softmax_backward(values(y.dtype())?, y.elem_count() / width, width);
+        let addresses = [
+            (Buffer::Output, tensor_address(&y, &stream)?),
+            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+            (Buffer::InputGrad, tensor_address(&dx, &stream)?),
+        ];
+        run(&device, &plan, &addresses)?;
+        Ok(Some(dx))
     }
 }

@@ -8,7 +8,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     // On a GPU: the CUDA kernels, in the values' dtype (f32 or bf16, computing in f32).
     #[cfg(feature = "cuda")]
     if super::cuda::gelu_applies(x, None) {
-        return super::cuda::gelu(x, None);
+        return super::cuda::gelu(super::plan::Gelu::Erf, x, None);
     }
     if let dtype @ (DType::BF16 | DType::F16) = x.dtype() {
         return Ok(gelu_erf(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
@@ -17,6 +17,20 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return gelu_plain(x);
     }
     Ok(x.contiguous()?.apply_op1(GeluErf)?)
+}
+
+/// OpenAI's quick GELU, `x σ(1.702 x)`: on a GPU the CUDA kernels (one pass each way, in
+/// the values' dtype computing in f32); elsewhere plain ops, half precision computed in
+/// f32 and rounded back once.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::gelu_applies(x, None) {
+        return super::cuda::gelu(super::plan::Gelu::Quick, x, None);
+    }
+    if let dtype @ (DType::BF16 | DType::F16) = x.dtype() {
+        return Ok(quick_gelu(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
+    }
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
 /// `gelu(y + bias)`, `bias` broadcast over the rows of `y` (its last dimension): on the CPU
@@ -33,7 +47,7 @@ pub fn gelu_erf_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     if super::cuda::gelu_applies(y, Some(bias)) {
-        return super::cuda::gelu(y, Some(bias));
+        return super::cuda::gelu(super::plan::Gelu::Erf, y, Some(bias));
     }
     if let dtype @ (DType::BF16 | DType::F16) = y.dtype() {
         let wide = |t: &Tensor| t.to_dtype(DType::F32);

@@ -1,7 +1,7 @@
 // What the fused ops' CUDA kernels share: bf16 as its bits (no headers, so the sources
-// compile wherever libnvrtc is), and a block-wide sum in a fixed order. The kernel files
-// (layer_norm.cu, gelu.cu) are compiled after this one, as one module
-// (src/model/fused/cuda.rs).
+// compile wherever libnvrtc is), and block-wide sums and maxima in a fixed order. The
+// kernel files (layer_norm.cu, gelu.cu, softmax.cu) are compiled after this one, as one
+// module (src/model/fused/cuda.rs; src/model/fused/plan.rs names the order).
 //
 // Every pointer argument of a kernel is a device address (u64): the host passes each
 // tensor's first element, its layout's offset applied. Sums run in a fixed order, so the
@@ -9,6 +9,7 @@
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
+#define NEG_INFINITY __uint_as_float(0xff800000u)
 
 __device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
 
@@ -58,3 +59,28 @@ __device__ float block_sum(float v, float* shared) {
     return total;
 }
 
+// The largest of every thread's `v` over the block, on every thread (as block_sum).
+__device__ float block_max(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
+    }
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        shared[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < WARPS ? shared[lane] : NEG_INFINITY;
+        for (int o = 16; o > 0; o >>= 1) {
+            w = fmaxf(w, __shfl_down_sync(0xffffffffu, w, o));
+        }
+        if (lane == 0) {
+            shared[WARPS] = w;
+        }
+    }
+    __syncthreads();
+    const float total = shared[WARPS];
+    __syncthreads();
+    return total;
+}

@@ -9,7 +9,8 @@
 pub const SOURCE: &str = concat!(
     include_str!("kernels.cuh"),
     include_str!("layer_norm.cu"),
-    include_str!("gelu.cu")
+    include_str!("gelu.cu"),
+    include_str!("softmax.cu")
 );
 
 /// Threads a block: the source's `THREADS`.
@@ -181,6 +182,24 @@ pub fn layer_norm_backward(values: Values, rows: usize, width: usize) -> Plan {
     }
 }
 
+/// Which GELU: the kernels' name prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// Exact: `z Φ(z)`.
+    Erf,
+    /// OpenAI's quick GELU: `z σ(1.702 z)`.
+    Quick,
+}
+
+impl Gelu {
+    fn prefix(self) -> &'static str {
+        match self {
+            Gelu::Erf => "gelu",
+            Gelu::Quick => "quick_gelu",
+        }
+    }
+}
+
 fn optional(bias: bool) -> Arg {
     if bias {
         Address(Bias)
@@ -189,9 +208,9 @@ fn optional(bias: bool) -> Arg {
     }
 }
 
-/// Exact GELU of `Input` (+ `Bias`, `width`, on its rows) → `Output`, all `values`, `n`
+/// GELU of `Input` (+ `Bias`, `width`, on its rows) → `Output`, all `values`, `n`
 /// elements.
-pub fn gelu_forward(values: Values, n: usize, width: usize, bias: bool) -> Plan {
+pub fn gelu_forward(act: Gelu, values: Values, n: usize, width: usize, bias: bool) -> Plan {
     let args = vec![
         Address(Input),
         optional(bias),
@@ -202,7 +221,7 @@ pub fn gelu_forward(values: Values, n: usize, width: usize, bias: bool) -> Plan 
     Plan {
         scratch: Vec::new(),
         launches: vec![launch(
-            format!("gelu_fwd_{}", values.suffix()),
+            format!("{}_fwd_{}", act.prefix(), values.suffix()),
             (n.div_ceil(THREADS), 1),
             args,
         )],
@@ -211,12 +230,12 @@ pub fn gelu_forward(values: Values, n: usize, width: usize, bias: bool) -> Plan 
 
 /// GELU backward: `Input`, `Bias` (when there is one), `OutputGrad` (all `values`) →
 /// `InputGrad`, and `BiasGrad` when there is a bias (`values`).
-pub fn gelu_backward(values: Values, n: usize, width: usize, bias: bool) -> Plan {
-    let name = values.suffix();
+pub fn gelu_backward(act: Gelu, values: Values, n: usize, width: usize, bias: bool) -> Plan {
+    let (prefix, name) = (act.prefix(), values.suffix());
     let mut plan = Plan {
         scratch: Vec::new(),
         launches: vec![launch(
-            format!("gelu_bwd_{name}"),
+            format!("{prefix}_bwd_{name}"),
             (n.div_ceil(THREADS), 1),
             vec![
                 Address(Input),
@@ -235,7 +254,7 @@ pub fn gelu_backward(values: Values, n: usize, width: usize, bias: bool) -> Plan
     let (chunks, per_chunk) = chunking(rows);
     plan.scratch.push((Partial, chunks * width));
     plan.launches.push(launch(
-        format!("gelu_bias_partial_{name}"),
+        format!("{prefix}_bias_partial_{name}"),
         (columns(width), chunks),
         vec![
             Address(Input),
@@ -248,11 +267,52 @@ pub fn gelu_backward(values: Values, n: usize, width: usize, bias: bool) -> Plan
         ],
     ));
     plan.launches.push(launch(
-        format!("gelu_bias_grad_{name}"),
+        format!("{prefix}_bias_grad_{name}"),
         (columns(width), 1),
         vec![Address(Partial), Address(BiasGrad), int(width), int(chunks)],
     ));
     plan
+}
+
+/// Softmax over rows of `width`: `Input` → `Output`, both `values`.
+pub fn softmax_forward(values: Values, rows: usize, width: usize) -> Plan {
+    let launches = (rows > 0)
+        .then(|| {
+            launch(
+                format!("softmax_fwd_{}", values.suffix()),
+                (rows, 1),
+                vec![Address(Input), Address(Output), int(width)],
+            )
+        })
+        .into_iter()
+        .collect();
+    Plan {
+        scratch: Vec::new(),
+        launches,
+    }
+}
+
+/// Softmax backward: `Output` (forward's) and `OutputGrad` → `InputGrad`, all `values`.
+pub fn softmax_backward(values: Values, rows: usize, width: usize) -> Plan {
+    let launches = (rows > 0)
+        .then(|| {
+            launch(
+                format!("softmax_bwd_{}", values.suffix()),
+                (rows, 1),
+                vec![
+                    Address(Output),
+                    Address(OutputGrad),
+                    Address(InputGrad),
+                    int(width),
+                ],
+            )
+        })
+        .into_iter()
+        .collect();
+    Plan {
+        scratch: Vec::new(),
+        launches,
+    }
 }
 
 #[cfg(test)]

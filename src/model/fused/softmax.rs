@@ -5,7 +5,12 @@ use super::*;
 /// Softmax over the last dimension.
 /// Half-precision inputs are computed in f32 (exponentials and the row sums) and the
 /// probabilities rounded back to the input's dtype, as autocast does.
+/// On a GPU the CUDA kernels (`softmax.cu`), one pass each way.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::softmax_applies(x) {
+        return super::cuda::softmax(x);
+    }
     if let dtype @ (DType::BF16 | DType::F16) = x.dtype() {
         return Ok(softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
     }
