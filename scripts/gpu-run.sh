@@ -42,6 +42,15 @@ stage "side by side, bf16" 200 env LOG_DIR="$logs/bench" PRECISION=bf16 bash scr
 stage "mmpipe ViT-B/32 full f32" 50 bash -c "source scripts/gpu-env.sh '$bundle' && \
   \"\$bundle/mmpipe\" bench --topology topology/gpu-1x1.toml --model configs/ViT-B-32.toml \
   --batch 256 --precision fp32 --no-tf32 --steps 10 --warmup 2 | grep -vE '^RESULT_JSON'"
-stage "profile ViT-B/32 bf16" 150 env LOG_DIR="$logs/profile" bash scripts/gpu-profile.sh "$bundle" ViT-B-32
+# Whether 16 cores decode real JPEGs as fast as the GPU trains (issue 21, part 4): the
+# training loader at ViT-B/16's 224 px, all cores. The full-size real-photo shard when it
+# was carried (`cp ../shared/data/real-photos/shard-000000.tar .gpu-anchor/real-photos.tar`),
+# else the repository's 128 px copy (cheaper to decode than real photos).
+decode_shard=.gpu-anchor/real-photos.tar
+[ -f "$decode_shard" ] || decode_shard=tests/fixtures/real-photos.tar
+stage "decode rate, $(nproc) workers, $decode_shard" 20 bash -c "source scripts/gpu-env.sh '$bundle' && \
+  \"\$bundle/mmpipe\" data bench --shards '$decode_shard' --model configs/ViT-B-16.toml \
+  --workers $(nproc) --batch 256 --batches 10"
+stage "profile ViT-B/32 bf16" 140 env LOG_DIR="$logs/profile" bash scripts/gpu-profile.sh "$bundle" ViT-B-32
 tar cJf "$out/gpu-logs.tar.xz" -C "$logs" . 2>/dev/null
 echo "summary: $summary; logs: $out/gpu-logs.tar.xz"

@@ -81,6 +81,34 @@ pub enum DataCommand {
         #[arg(long, default_value = "title")]
         caption_column: String,
     },
+    /// How fast the training loader decodes images: the image pipeline of a run (its
+    /// shards, workers, transforms, cache) drained with no model behind it, in images/s.
+    /// Above the step's samples/s, the device never waits for data.
+    Bench {
+        /// Shards ('train/{00000..00099}.tar') [default: the config's data].
+        #[arg(long, num_args = 1..)]
+        shards: Vec<String>,
+        /// A training config: its `[data]` (kind, shards, workers, cache, crop) and model.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The model, for its image size [default: the config's, else clip-tiny].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Decoding threads [default: the config's data.workers].
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Images a batch (the global batch: one rank decoding all of it).
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Batches timed.
+        #[arg(long, default_value_t = 20)]
+        batches: usize,
+        /// Untimed batches first (the workers and the shard reader starting).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Print a shard's sample counts, member types, problems and its first samples.
     Inspect {
         shard: PathBuf,

@@ -103,6 +103,44 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
             wrote((shards, samples), &out);
             println!("rows skipped: {skipped}");
         }
+        DataCommand::Bench {
+            shards,
+            config,
+            model,
+            workers,
+            batch,
+            batches,
+            warmup,
+            format,
+        } => {
+            let mut cfg = mmpipe::train::TrainConfig::load(config.as_deref(), &[])?;
+            if !shards.is_empty() {
+                cfg.data.kind = mmpipe::data::DataKind::Webdataset;
+                cfg.data.shards = shards;
+                cfg.data.base_dir = PathBuf::from(".");
+                cfg.data.origin = PathBuf::from("--shards");
+            }
+            if let Some(w) = workers {
+                cfg.data.workers = w;
+            }
+            let model = super::load_model(model.as_ref().or(cfg.model.as_ref()))?;
+            if batch == 0 || batches == 0 {
+                anyhow::bail!("--batch and --batches must be at least 1");
+            }
+            let source = mmpipe::data::Source::new(&cfg.data, &model, cfg.seed, 0, None)?;
+            let rate = mmpipe::data::throughput::measure(&source, batch, warmup, batches)?;
+            match format {
+                super::args::Format::Text => println!(
+                    "{:?} data, {} px images: {}",
+                    cfg.data.kind,
+                    model.image_size(),
+                    rate.summary()
+                ),
+                super::args::Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&rate)?)
+                }
+            }
+        }
         DataCommand::Inspect { shard, show } => {
             if !shard.is_file() {
                 anyhow::bail!("{}: no such shard", shard.display());

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod shards;
 pub mod source;
 pub mod synthetic;
+pub mod throughput;
 pub mod tokenizer;
 pub mod transform;
 pub mod vocab;

@@ -243,6 +243,11 @@ impl Source {
 
     /// Whether a batch can hold samples that did not materialise (every rank must then
     /// agree on the readable pairs): everything but the synthetic set, which always does.
+    /// The decoding threads each rank's pipeline runs.
+    pub fn workers(&self) -> usize {
+        self.config.workers.max(1)
+    }
+
     pub fn may_fail(&self) -> bool {
         self.config.kind != DataKind::Synthetic
     }

@@ -1239,3 +1239,56 @@ fn a_run_whose_data_cannot_be_read_stops_after_max_bad_steps() {
         "{err}"
     );
 }
+
+/// `mmpipe data bench` drains the training loader's image pipeline on the real photos:
+/// every batch whole, the workers counted, a rate; `--workers` reaches the pipeline.
+#[test]
+fn data_bench_measures_the_image_pipeline() {
+    let run = |workers: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+            .args([
+                "data",
+                "bench",
+                "--shards",
+                "tests/fixtures/real-photos.tar",
+            ])
+            .args([
+                "--model",
+                "configs/clip-tiny-bpe.toml",
+                "--workers",
+                workers,
+            ])
+            .args([
+                "--batch",
+                "8",
+                "--batches",
+                "3",
+                "--warmup",
+                "1",
+                "--format",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    for workers in [1, 3] {
+        let v = run(&workers.to_string());
+        assert_eq!(v["workers"], workers, "{v}");
+        assert_eq!(
+            (v["batch"].as_u64(), v["batches"].as_u64()),
+            (Some(8), Some(3))
+        );
+        assert_eq!(v["samples_failed"], 0, "{v}");
+        let rate = v["images_per_s"].as_f64().unwrap();
+        let per_batch = v["ms_per_batch"].as_f64().unwrap();
+        assert!(rate > 0.0 && per_batch > 0.0, "{v}");
+        // The rate is the batches' images over their time.
+        assert!((rate * per_batch / 1e3 - 8.0).abs() < 1e-6, "{v}");
+    }
+}
