@@ -376,6 +376,7 @@ mod cpu_fused {
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod plan;
 
 /// Linear warm-up to `peak` over `warmup` steps, then cosine decay to 0 at `total`.
 pub fn cosine_lr(step: usize, peak: f64, warmup: usize, total: usize) -> f64 {

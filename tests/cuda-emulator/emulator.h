@@ -27,6 +27,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __restrict__ __restrict
 
 struct dim3 {
     unsigned int x = 0, y = 0, z = 0;

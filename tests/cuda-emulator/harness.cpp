@@ -6,8 +6,12 @@
 //
 // A job, one command a line:
 //   buffer ID BYTES PATH    the buffer's bytes from PATH (`-`: zeros)
-//   launch NAME GX GY ARG.. ARG: `b:ID` (an address), `n` (null), `l:I64`, `i:I32`,
+//   launch NAME GX GY THREADS ARG..
+//                           a grid of GX × GY blocks of THREADS; ARG: `b:ID` (an
+//                           address), `n` (null), `l:I64`, `i:I32`,
 //                           `f:BITS` (an f32 as its hex bits)
+//   addresses ID FIELD..    a buffer of u64s: FIELD `b:ID` (that buffer's address) or
+//                           `v:N` (the number N), as a kernel's descriptor table holds
 //   write ID PATH           the buffer's bytes into PATH
 // An argument of another type than the kernel's parameter, a wrong count, or an unknown
 // kernel stops the job with a message naming it.
@@ -51,6 +55,12 @@ template <typename T> struct Param;
 template <> struct Param<unsigned long long> {
     static constexpr Kind kind = Kind::Address;
     static unsigned long long get(const Value& v) { return v.u; }
+};
+template <> struct Param<const unsigned long long*> {
+    static constexpr Kind kind = Kind::Address;
+    static const unsigned long long* get(const Value& v) {
+        return reinterpret_cast<const unsigned long long*>(v.u);
+    }
 };
 template <> struct Param<long long> {
     static constexpr Kind kind = Kind::I64;
@@ -142,10 +152,29 @@ int main(int argc, char** argv) {
                 b.assign((bytes + 7) / 8 + 1, 0);
                 std::memcpy(b.data(), data.data(), bytes);
                 sizes[id] = bytes;
+            } else if (command == "addresses") {
+                std::string id, field;
+                words >> id;
+                std::vector<unsigned long long> table;
+                while (words >> field) {
+                    if (field.rfind("b:", 0) == 0) {
+                        auto it = buffers.find(field.substr(2));
+                        if (it == buffers.end()) throw std::runtime_error(id + ": no buffer " + field);
+                        table.push_back((unsigned long long)(std::uintptr_t)it->second.data());
+                    } else if (field.rfind("v:", 0) == 0) {
+                        table.push_back(std::stoull(field.substr(2)));
+                    } else {
+                        throw std::runtime_error(id + ": bad field " + field);
+                    }
+                }
+                auto& b = buffers[id];
+                b = table;
+                b.push_back(0);
+                sizes[id] = 8 * table.size();
             } else if (command == "launch") {
                 std::string name;
-                unsigned gx = 0, gy = 0;
-                words >> name >> gx >> gy;
+                unsigned gx = 0, gy = 0, threads = 0;
+                words >> name >> gx >> gy >> threads;
                 std::vector<Value> args;
                 std::string a;
                 while (words >> a) {
@@ -173,7 +202,7 @@ int main(int argc, char** argv) {
                 }
                 auto it = kernels().find(name);
                 if (it == kernels().end()) throw std::runtime_error("no kernel " + name);
-                emulator::launch(dim3{gx, gy, 1}, THREADS, it->second(name, args));
+                emulator::launch(dim3{gx, gy, 1}, threads, it->second(name, args));
             } else if (command == "write") {
                 std::string id, path;
                 words >> id >> path;

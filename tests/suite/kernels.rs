@@ -13,71 +13,98 @@ use std::sync::OnceLock;
 
 use mmpipe::model::fused::plan::{self, Arg, Buffer, Gelu, Plan, Values};
 
-/// The emulator built once per test run: the kernels' source and the list of their entry
-/// points beside it.
+/// An emulator build: the kernels of `source`, compiled with the harness.
+fn build(name: &str, source: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cuda-emulator")
+        .join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kernels.cu"), source).unwrap();
+    // The entry points, from the source with its macros expanded.
+    let expanded = std::process::Command::new("g++")
+        .args([
+            "-E",
+            "-P",
+            "-x",
+            "c++",
+            "-D__global__=",
+            "-D__device__=",
+            "-D__forceinline__=inline",
+            "-D__shared__=static",
+            "-D__restrict__=",
+        ])
+        .arg(dir.join("kernels.cu"))
+        .output()
+        .expect("the kernel emulator needs g++");
+    assert!(
+        expanded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&expanded.stderr)
+    );
+    let text = String::from_utf8(expanded.stdout).unwrap();
+    let mut names: Vec<String> = text
+        .split("extern \"C\"")
+        .skip(1)
+        .filter_map(|rest| {
+            let rest = rest.trim_start().strip_prefix("void")?;
+            let name: String = rest
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(!names.is_empty(), "{name}: no kernels");
+    let registry: String = names.iter().map(|n| format!("KERNEL({n})\n")).collect();
+    std::fs::write(dir.join("registry.inc"), registry).unwrap();
+    let binary = dir.join("emulator");
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda-emulator");
+    // IEEE single precision, no contractions into fused multiply-adds: the CPU's
+    // arithmetic, and the GPU's where a kernel is compiled with --fmad=false.
+    let out = std::process::Command::new("g++")
+        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-I"])
+        .arg(&dir)
+        .arg("-I")
+        .arg(&here)
+        .arg(here.join("harness.cpp"))
+        .arg("-o")
+        .arg(&binary)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the emulator: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary
+}
+
+/// The fused ops' kernels on the emulator, built once per test run.
 fn emulator() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emulator");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("kernels.cu"), plan::SOURCE).unwrap();
-        // The entry points, from the source with its macros expanded.
-        let expanded = std::process::Command::new("g++")
-            .args([
-                "-E",
-                "-P",
-                "-x",
-                "c++",
-                "-D__global__=",
-                "-D__device__=",
-                "-D__forceinline__=inline",
-                "-D__shared__=static",
-            ])
-            .arg(dir.join("kernels.cu"))
-            .output()
-            .expect("the kernel emulator needs g++");
-        assert!(
-            expanded.status.success(),
-            "{}",
-            String::from_utf8_lossy(&expanded.stderr)
-        );
-        let text = String::from_utf8(expanded.stdout).unwrap();
-        let mut names: Vec<String> = text
-            .split("extern \"C\"")
-            .skip(1)
-            .filter_map(|rest| {
-                let rest = rest.trim_start().strip_prefix("void")?;
-                let name: String = rest
-                    .trim_start()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                (!name.is_empty()).then_some(name)
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        assert!(names.len() >= 10, "{names:?}");
-        let registry: String = names.iter().map(|n| format!("KERNEL({n})\n")).collect();
-        std::fs::write(dir.join("registry.inc"), registry).unwrap();
-        let binary = dir.join("emulator");
-        let out = std::process::Command::new("g++")
-            .args(["-std=c++20", "-O1", "-I"])
-            .arg(&dir)
-            .arg("-I")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda-emulator"))
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda-emulator/harness.cpp"))
-            .arg("-o")
-            .arg(&binary)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "building the emulator: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        binary
-    })
+    BUILT.get_or_init(|| build("fused", plan::SOURCE))
+}
+
+/// The AdamW kernel on the emulator, built once per test run.
+fn adamw_emulator() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build("adamw", mmpipe::train::optim::plan::SOURCE))
+}
+
+/// Runs job `job` (the harness's commands) in a fresh folder `name` with `emulator`.
+fn run_job(emulator: &Path, name: &str, job: &str) -> std::process::Output {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cuda-emulator")
+        .join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("job"), job).unwrap();
+    std::process::Command::new(emulator)
+        .arg(dir.join("job"))
+        .output()
+        .unwrap()
 }
 
 /// Runs `plan` on the emulator with `buffers` (bytes by role, plus the plan's scratch),
@@ -104,7 +131,13 @@ fn run(name: &str, plan: &Plan, buffers: &BTreeMap<Buffer, Vec<u8>>) -> BTreeMap
         ));
     }
     for l in &plan.launches {
-        job.push_str(&format!("launch {} {} {}", l.kernel, l.grid.0, l.grid.1));
+        job.push_str(&format!(
+            "launch {} {} {} {}",
+            l.kernel,
+            l.grid.0,
+            l.grid.1,
+            plan::THREADS
+        ));
         for a in &l.args {
             job.push_str(&match a {
                 Arg::Address(b) => format!(" b:{}", id(b)),
@@ -507,22 +540,201 @@ fn softmax_kernels_equal_the_formulas() {
 /// emulator's check is live.
 #[test]
 fn a_launch_out_of_step_with_its_kernel_is_refused() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emulator");
-    let _ = emulator();
-    let job = dir.join(format!("bad-job-{}", std::process::id()));
-    std::fs::write(
-        &job,
-        "buffer Input 16 -\nbuffer Output 16 -\nlaunch gelu_fwd_f32 1 1 b:Input n b:Output i:4 l:4\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(emulator())
-        .arg(&job)
-        .output()
-        .unwrap();
+    let out = run_job(
+        emulator(),
+        "bad-job",
+        "buffer Input 16 -\nbuffer Output 16 -\nlaunch gelu_fwd_f32 1 1 256 b:Input n b:Output i:4 l:4\n",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
         stderr.contains("gelu_fwd_f32: argument 3 is an i32, the parameter an i64"),
         "{stderr}"
     );
+}
+
+/// The one-launch AdamW kernel (`adamw.cu`), launched as `optim::cuda` launches it
+/// (`optim::plan`), against the CPU AdamW on the same tensors: sizes around its
+/// 4096-element chunks, a scalar, decayed and undecayed, with bf16 working copies; three
+/// steps. Masters, both moments and the working copies equal bit for bit: the kernel runs
+/// the CPU path's operations in its order, with its f32 scalars, and no fused
+/// multiply-adds (as NVRTC compiles it, `--fmad=false`).
+#[test]
+fn the_adamw_kernel_equals_the_cpu_adamw_bit_for_bit() {
+    use candle_core::{DType, Device, Tensor};
+    use mmpipe::model::{Init, ParamBuilder};
+    use mmpipe::train::optim::{decays, plan as adamw, AdamW, AdamWConfig};
+
+    const CFG: AdamWConfig = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        weight_decay: 0.1,
+    };
+    let pb = ParamBuilder::mixed(11, DType::BF16, DType::F32, &Device::Cpu);
+    for (name, shape) in [
+        ("a.logit_scale", &[][..]),
+        ("b.bias", &[5]),
+        ("c.weight", &[64, 64]),
+        ("d.weight", &[4097]),
+        ("e.bias", &[4095]),
+        ("f.weight", &[30, 700]),
+        ("g.ln_1.weight", &[8193]),
+    ] {
+        pb.get(shape, name, Init::Normal(0.3)).unwrap();
+    }
+    let (masters, working) = (pb.masters(), pb.params());
+    let names = masters.names();
+    let copy_of = |name: &str| {
+        let master = masters.get(name).unwrap();
+        working.get(name).filter(|w| w.id() != master.id())
+    };
+    let tensors: Vec<adamw::Tensor> = masters
+        .iter()
+        .map(|(name, var)| adamw::Tensor {
+            elements: var.elem_count(),
+            decays: decays(name, var),
+            working_copy: copy_of(name).is_some(),
+        })
+        .collect();
+    assert!(tensors.iter().any(|t| t.working_copy) && tensors.iter().any(|t| !t.decays));
+    let bytes_f32 = |t: &Tensor| -> Vec<u8> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    };
+    let bytes_bf16 = |t: &Tensor| -> Vec<u8> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect()
+    };
+
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cuda-emulator")
+        .join(format!("adamw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut job = String::new();
+    let buffer = |job: &mut String, id: String, bytes: &[u8]| {
+        let path = dir.join(format!("{id}.in"));
+        std::fs::write(&path, bytes).unwrap();
+        job.push_str(&format!("buffer {id} {} {}\n", bytes.len(), path.display()));
+    };
+    for (i, (name, var)) in masters.iter().enumerate() {
+        let zeros = vec![0u8; 4 * var.elem_count()];
+        buffer(&mut job, format!("w{i}"), &bytes_f32(var.as_tensor()));
+        buffer(&mut job, format!("m{i}"), &zeros);
+        buffer(&mut job, format!("v{i}"), &zeros);
+        if let Some(copy) = copy_of(name) {
+            buffer(&mut job, format!("c{i}"), &bytes_bf16(copy.as_tensor()));
+        }
+    }
+    let mut optimizer = AdamW::with_working_copies(&masters, &working, CFG).unwrap();
+    for (step, lr) in [3e-3, 1e-2, 5e-4].into_iter().enumerate() {
+        let grads: Vec<Tensor> = masters
+            .iter()
+            .enumerate()
+            .map(|(i, (_, var))| {
+                let g: Vec<f32> = values(var.elem_count(), 100 + (10 * step + i) as u64)
+                    .iter()
+                    .map(|v| v * (step + 1) as f32)
+                    .collect();
+                Tensor::from_vec(g, var.shape(), &Device::Cpu).unwrap()
+            })
+            .collect();
+        for (i, g) in grads.iter().enumerate() {
+            buffer(&mut job, format!("g{step}.{i}"), &bytes_f32(g));
+        }
+        // The update's bias corrections, as AdamW::step computes them.
+        let t = (step + 1) as i32;
+        let (bias1, bias2) = (1.0 - CFG.beta1.powi(t), 1.0 - CFG.beta2.powi(t));
+        let launch = adamw::launch(&tensors, CFG, bias1, bias2, lr).unwrap();
+        job.push_str(&format!("addresses d{step}"));
+        for d in &launch.descriptors {
+            for field in d {
+                job.push_str(&match *field {
+                    adamw::Field::Master(i) => format!(" b:w{i}"),
+                    adamw::Field::FirstMoment(i) => format!(" b:m{i}"),
+                    adamw::Field::SecondMoment(i) => format!(" b:v{i}"),
+                    adamw::Field::Gradient(i) => format!(" b:g{step}.{i}"),
+                    adamw::Field::WorkingCopy(i) => format!(" b:c{i}"),
+                    adamw::Field::Null => " v:0".into(),
+                    adamw::Field::Value(v) => format!(" v:{v}"),
+                });
+            }
+        }
+        job.push_str(&format!(
+            "\nlaunch {} {} 1 {} b:d{step} i:{}",
+            adamw::KERNEL,
+            launch.blocks,
+            adamw::THREADS,
+            launch.descriptors.len()
+        ));
+        for s in launch.scalars {
+            job.push_str(&format!(" f:{:x}", s.to_bits()));
+        }
+        job.push('\n');
+        optimizer.step(&grads, lr).unwrap();
+    }
+    for (i, (name, _)) in masters.iter().enumerate() {
+        for b in ["w", "m", "v"] {
+            job.push_str(&format!(
+                "write {b}{i} {}\n",
+                dir.join(format!("{b}{i}.out")).display()
+            ));
+        }
+        if copy_of(name).is_some() {
+            job.push_str(&format!(
+                "write c{i} {}\n",
+                dir.join(format!("c{i}.out")).display()
+            ));
+        }
+    }
+    std::fs::write(dir.join("job"), &job).unwrap();
+    let out = std::process::Command::new(adamw_emulator())
+        .arg(dir.join("job"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let state: BTreeMap<String, Tensor> = optimizer.state(&names).unwrap().into_iter().collect();
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    for (i, (name, var)) in masters.iter().enumerate() {
+        assert_eq!(
+            read(&format!("w{i}.out")),
+            bytes_f32(var.as_tensor()),
+            "{name}: master"
+        );
+        let m = &state[&format!("optimizer.m.{name}")];
+        let v = &state[&format!("optimizer.v.{name}")];
+        assert_eq!(
+            read(&format!("m{i}.out")),
+            bytes_f32(m),
+            "{name}: first moment"
+        );
+        assert_eq!(
+            read(&format!("v{i}.out")),
+            bytes_f32(v),
+            "{name}: second moment"
+        );
+        if let Some(copy) = copy_of(name) {
+            assert_eq!(
+                read(&format!("c{i}.out")),
+                bytes_bf16(copy.as_tensor()),
+                "{name}: working copy"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

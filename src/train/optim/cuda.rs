@@ -15,12 +15,7 @@ use candle_core::{DType, Storage, Tensor};
 use super::{AdamWConfig, Slot};
 use crate::error::{Error, Result};
 
-/// The kernel's CUDA source.
-pub const SOURCE: &str = include_str!("adamw.cu");
-const KERNEL: &str = "adamw_multi_tensor";
-/// Elements per block: the source's `CHUNK`.
-const CHUNK: usize = 4096;
-const THREADS: u32 = 256;
+use super::plan::{self, Field, KERNEL, SOURCE, THREADS};
 
 /// The kernel as PTX for compute capability `major.minor` (9.0: H100, H200), compiled by
 /// NVRTC once per process and capability, without fused multiply-adds: each element rounds
@@ -78,53 +73,43 @@ pub(super) fn step(
 ) -> Result<()> {
     let device = slots[0].var.device().as_cuda_device()?.clone();
     let stream = device.cuda_stream();
-    let mut desc: Vec<u64> = Vec::with_capacity(8 * slots.len());
-    let mut blocks = 0usize;
-    for (slot, g) in slots.iter().zip(grads) {
-        let w = slot.var.as_tensor();
-        let n = w.elem_count();
-        if n == 0 {
-            continue;
-        }
-        desc.extend([
-            address::<f32>(w, &stream)?,
-            address::<f32>(&slot.m, &stream)?,
-            address::<f32>(&slot.v, &stream)?,
-            address::<f32>(g, &stream)?,
-            match &slot.working {
-                Some(copy) => address::<half::bf16>(copy.as_tensor(), &stream)?,
-                None => 0,
-            },
-            n as u64,
-            blocks as u64,
-            u64::from(slot.decay),
-        ]);
-        blocks += n.div_ceil(CHUNK);
-    }
-    if blocks == 0 {
+    let tensors: Vec<plan::Tensor> = slots
+        .iter()
+        .map(|s| plan::Tensor {
+            elements: s.var.elem_count(),
+            decays: s.decay,
+            working_copy: s.working.is_some(),
+        })
+        .collect();
+    let Some(l) = plan::launch(&tensors, c, bias1, bias2, lr) else {
         return Ok(());
+    };
+    let mut desc: Vec<u64> = Vec::with_capacity(8 * l.descriptors.len());
+    for d in &l.descriptors {
+        for field in d {
+            desc.push(match *field {
+                Field::Master(i) => address::<f32>(slots[i].var.as_tensor(), &stream)?,
+                Field::FirstMoment(i) => address::<f32>(&slots[i].m, &stream)?,
+                Field::SecondMoment(i) => address::<f32>(&slots[i].v, &stream)?,
+                Field::Gradient(i) => address::<f32>(&grads[i], &stream)?,
+                Field::WorkingCopy(i) => match &slots[i].working {
+                    Some(copy) => address::<half::bf16>(copy.as_tensor(), &stream)?,
+                    None => 0,
+                },
+                Field::Null => 0,
+                Field::Value(v) => v,
+            });
+        }
     }
-    let tensors = (desc.len() / 8) as i32;
+    let tensors = l.descriptors.len() as i32;
+    let blocks = l.blocks;
     let desc = device.clone_htod(&desc)?;
     let (major, minor) = stream
         .context()
         .compute_capability()
         .map_err(|e| Error::Cuda(format!("the GPU's compute capability: {e:?}")))?;
     let func = device.get_or_load_custom_func(KERNEL, "mmpipe_adamw", &ptx(major, minor)?)?;
-    // The scalars rounded to f32 as the CPU path rounds them (from f64).
-    let f = |x: f64| x as f32;
-    let decay = f(1.0 - lr * c.weight_decay);
-    let args = [
-        f(lr),
-        f(c.beta1),
-        f(1.0 - c.beta1),
-        f(c.beta2),
-        f(1.0 - c.beta2),
-        f(c.eps),
-        f(1.0 / bias1),
-        f(1.0 / bias2),
-        decay,
-    ];
+    let args = l.scalars;
     let mut launch = func.builder();
     launch.arg(&desc);
     launch.arg(&tensors);
@@ -137,7 +122,7 @@ pub(super) fn step(
             1,
             1,
         ),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: every address is a live f32 (bf16 for copies) buffer of `n` elements on this
