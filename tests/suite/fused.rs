@@ -582,7 +582,11 @@ mod cuda {
     #[test]
     fn the_fused_kernels_compile_for_sm_90() {
         let ptx = fused::cuda::ptx(9, 0).unwrap();
-        let mut entries = vec!["layer_norm_bwd_dw".to_string()];
+        let mut entries = vec![
+            "layer_norm_bwd_dw".to_string(),
+            "attention_softmax_fwd_f32".to_string(),
+            "attention_softmax_bwd_f32".to_string(),
+        ];
         for dtype in ["f32", "bf16"] {
             for kernel in [
                 "layer_norm_fwd",
@@ -895,6 +899,71 @@ mod cuda {
                         worst_violation(a, b, 0.0, 0.0, Relative::Element).is_none(),
                         "{label}: a second run differs"
                     );
+                }
+            }
+        }
+    }
+
+    /// Attention on the GPU (its scores' scale, mask and softmax in the CUDA kernels), f32
+    /// and bf16 packed projections, no mask, a causal mask and a padding mask, against the
+    /// plain ops in f64 on the CPU: the output and the projections' gradient.
+    #[test]
+    fn the_cuda_attention_softmax_equals_the_plain_ops() {
+        let dev = gpu();
+        let (n, heads, len, width) = (3, 4, 77, 64);
+        let causal: Vec<f32> = (0..len * len)
+            .map(|i| {
+                if i % len > i / len {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, len, len), &Device::Cpu).unwrap();
+        let padding: Vec<f32> = (0..n * len)
+            .map(|i| {
+                if i % len >= len - 5 * (i / len) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let padding = Tensor::from_vec(padding, (n, 1, len), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let rel = if dtype == DType::BF16 { 3e-2 } else { 1e-5 };
+            for (what, mask) in [
+                ("none", None),
+                ("causal", Some(&causal)),
+                ("padding", Some(&padding)),
+            ] {
+                let label = format!("attention {dtype:?} mask {what}");
+                let qkv = Tensor::randn(0f32, 1.0, (n, len, 3 * width), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let g = Tensor::randn(0f32, 1.0, (n, len, width), &Device::Cpu).unwrap();
+                let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
+                let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let gpu_mask = mask.map(on_gpu);
+                let kernel = value_and_grad(
+                    &|x| fused::attention(x, heads, gpu_mask.as_ref()).unwrap(),
+                    &on_gpu(&qkv),
+                    &on_gpu(&g),
+                );
+                let cpu_mask = mask.map(wide);
+                let reference = value_and_grad(
+                    &|x| fused::attention_plain(x, heads, cpu_mask.as_ref()).unwrap(),
+                    &wide(&qkv),
+                    &wide(&g),
+                );
+                for (i, part) in ["output", "d qkv"].iter().enumerate() {
+                    if let Some((at, a, b)) =
+                        worst_violation(&kernel[i], &reference[i], rel, 1e-5, Relative::Tensor)
+                    {
+                        panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
+                    }
                 }
             }
         }

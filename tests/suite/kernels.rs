@@ -536,6 +536,120 @@ fn softmax_kernels_equal_the_formulas() {
     }
 }
 
+/// Attention's softmax from raw scores: the scale and an additive mask broadcast over the
+/// heads (none; a causal `[1, len, len]`; a padding `[n, 1, len]`; a full `[n, len, len]`),
+/// rows of 5, 77 (CLIP's text) and 300 keys; probabilities and the raw scores' gradient.
+#[test]
+fn attention_softmax_kernels_equal_the_formulas() {
+    use plan::MaskStrides;
+    for (samples, heads, len, mask) in [
+        (2, 3, 5, "none"),
+        (1, 2, 77, "causal"),
+        (3, 2, 5, "padding"),
+        (2, 3, 5, "full"),
+        (1, 1, 300, "causal"),
+    ] {
+        let name = format!("attention-softmax-{samples}x{heads}x{len}-{mask}");
+        let rows = samples * heads * len;
+        let scale = 1.0 / (len as f32).sqrt();
+        let s = values(rows * len, 11)
+            .iter()
+            .map(|v| v * 4.0)
+            .collect::<Vec<f32>>();
+        let (mask_dims, mask_values): ((usize, usize), Vec<f32>) = match mask {
+            "none" => ((0, 0), Vec::new()),
+            "causal" => (
+                (1, len),
+                (0..len * len)
+                    .map(|i| {
+                        if i % len > i / len {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
+            ),
+            // Each sample's last keys padded: -inf, and a large finite negative.
+            "padding" => (
+                (samples, 1),
+                (0..samples * len)
+                    .map(|i| match (i % len) + (i / len) {
+                        k if k > len => f32::NEG_INFINITY,
+                        k if k == len => -1e9,
+                        _ => 0.0,
+                    })
+                    .collect(),
+            ),
+            _ => ((samples, len), values(samples * len * len, 12)),
+        };
+        let strides = (mask != "none").then(|| MaskStrides {
+            sample: if mask_dims.0 > 1 {
+                mask_dims.1 * len
+            } else {
+                0
+            },
+            query: if mask_dims.1 > 1 { len } else { 0 },
+        });
+        let mut buffers = BTreeMap::from([
+            (Buffer::Input, f32_bytes(&s)),
+            (Buffer::Output, vec![0u8; 4 * rows * len]),
+        ]);
+        if strides.is_some() {
+            buffers.insert(Buffer::Mask, f32_bytes(&mask_values));
+        }
+        let fwd = run(
+            &format!("{name}-fwd"),
+            &plan::attention_softmax_forward(rows, len, heads, strides, scale),
+            &buffers,
+        );
+        let g = values(rows * len, 13);
+        let (mut p, mut ds) = (vec![0f64; rows * len], vec![0f64; rows * len]);
+        for r in 0..rows {
+            let (query, sample) = (r % len, r / (len * heads));
+            let z: Vec<f64> = (0..len)
+                .map(|k| {
+                    let m = match strides {
+                        Some(st) => mask_values[sample * st.sample + query * st.query + k] as f64,
+                        None => 0.0,
+                    };
+                    s[r * len + k] as f64 * scale as f64 + m
+                })
+                .collect();
+            let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+            let pr: Vec<f64> = z.iter().map(|v| (v - max).exp() / sum).collect();
+            let dot: f64 = (0..len).map(|k| pr[k] * g[r * len + k] as f64).sum();
+            for k in 0..len {
+                p[r * len + k] = pr[k];
+                ds[r * len + k] = scale as f64 * pr[k] * (g[r * len + k] as f64 - dot);
+            }
+        }
+        assert_close(
+            &format!("{name} p"),
+            &decode(&fwd[&Buffer::Output], Values::F32),
+            &p,
+            Values::F32,
+            1e-6,
+        );
+        buffers.insert(Buffer::Output, fwd[&Buffer::Output].clone());
+        buffers.insert(Buffer::OutputGrad, f32_bytes(&g));
+        buffers.insert(Buffer::InputGrad, vec![0u8; 4 * rows * len]);
+        let bwd = run(
+            &format!("{name}-bwd"),
+            &plan::attention_softmax_backward(rows, len, scale),
+            &buffers,
+        );
+        assert_close(
+            &format!("{name} ds"),
+            &decode(&bwd[&Buffer::InputGrad], Values::F32),
+            &ds,
+            Values::F32,
+            1e-5,
+        );
+    }
+}
+
 /// A plan whose arguments do not match the kernel's parameters is refused by name: the
 /// emulator's check is live.
 #[test]

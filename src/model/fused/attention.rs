@@ -38,11 +38,16 @@ pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Te
 /// scores: rounding them to bf16 before the softmax cost a visible share of bf16's
 /// agreement with f32); in their own dtype otherwise.
 pub fn attention_scores(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok((raw_scores(q, k)? * scale)?)
+}
+
+/// `q kᵀ` unscaled, widened as [`attention_scores`] widens it.
+fn raw_scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let wide = |t: &Tensor| match t.dtype() {
         DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
         _ => Ok(t.clone()),
     };
-    Ok((wide(q)?.matmul(&wide(k)?.t()?)? * scale)?)
+    Ok(wide(q)?.matmul(&wide(k)?.t()?)?)
 }
 
 /// `probs · v`, the probabilities (f32 from [`attention_scores`]' softmax) rounded to
@@ -62,7 +67,15 @@ pub fn attention_plain(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Res
         Ok(qkv.get(i)?.contiguous()?.reshape((n * heads, len, d))?)
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let scores = attention_scores(&q, &k, 1.0 / (d as f64).sqrt())?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let raw = raw_scores(&q, &k)?;
+    // On a GPU, f32 scores: the scale, the mask and the softmax in one kernel each way.
+    #[cfg(feature = "cuda")]
+    if super::cuda::attention_softmax_applies(&raw, mask) {
+        let probs = super::cuda::attention_softmax(&raw, mask, heads, scale)?;
+        return merge_heads(&attention_mix(&probs, &v)?, n, heads, len, d);
+    }
+    let scores = (raw * scale)?;
     let scores = match mask {
         // [n or 1, len or 1, len] → [n, 1, len, len] over the heads.
         Some(m) => scores
@@ -72,6 +85,11 @@ pub fn attention_plain(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Res
         None => scores,
     };
     let attn = attention_mix(&softmax_last_dim(&scores)?, &v)?; // [n*h, len, d]
+    merge_heads(&attn, n, heads, len, d)
+}
+
+/// `[n·heads, len, d]` → `[n, len, heads·d]`.
+fn merge_heads(attn: &Tensor, n: usize, heads: usize, len: usize, d: usize) -> Result<Tensor> {
     Ok(attn
         .reshape((n, heads, len, d))?
         .transpose(1, 2)?

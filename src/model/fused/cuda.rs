@@ -509,3 +509,170 @@ impl CustomOp1 for Softmax {
         Ok(Some(dx))
     }
 }
+
+// Attention's softmax.
+
+/// Whether the CUDA attention softmax takes these raw scores `[n·heads, len, len]`: f32
+/// on a GPU, and a mask (if any) `[n or 1, len or 1, len]` there.
+pub fn attention_softmax_applies(scores: &Tensor, mask: Option<&Tensor>) -> bool {
+    let Ok((_, q, k)) = scores.dims3() else {
+        return false;
+    };
+    scores.device().is_cuda()
+        && scores.dtype() == DType::F32
+        && q == k
+        && k > 0
+        && mask.is_none_or(|m| {
+            m.rank() == 3 && m.dims()[2] == k && m.device().same_device(scores.device())
+        })
+}
+
+/// `softmax(scale · scores + mask)` over the keys, the mask `[n or 1, len or 1, len]`
+/// broadcast over the heads (and over samples or queries where it is 1): one pass forward
+/// and one backward (what [`attention_softmax_applies`] accepted). f32 out.
+pub fn attention_softmax(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (rows, len, _) = scores.dims3()?;
+    let op = |strides| AttentionSoftmax {
+        heads,
+        scale: scale as f32,
+        strides,
+        samples: rows / heads.max(1),
+    };
+    let scores = scores.contiguous()?;
+    Ok(match mask {
+        Some(m) => {
+            let (b, q, _) = m.dims3()?;
+            let strides = plan::MaskStrides {
+                sample: if b > 1 { q * len } else { 0 },
+                query: if q > 1 { len } else { 0 },
+            };
+            let m = m.to_dtype(DType::F32)?.contiguous()?;
+            scores.apply_op2(&m, op(Some(strides)))?
+        }
+        None => scores.apply_op1(op(None))?,
+    })
+}
+
+struct AttentionSoftmax {
+    heads: usize,
+    scale: f32,
+    strides: Option<plan::MaskStrides>,
+    samples: usize,
+}
+
+impl AttentionSoftmax {
+    fn fwd(
+        &self,
+        s: &CudaStorage,
+        ls: &Layout,
+        mask: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = s.device().clone();
+        let stream = device.cuda_stream();
+        let (rows, len, _) = ls.shape().dims3()?;
+        if let Some((_, lm)) = mask {
+            let (b, _, _) = lm.shape().dims3()?;
+            if !(b == 1 || b == self.samples) || rows != self.samples * self.heads {
+                return Err(cuda_err(format!(
+                    "an attention mask {:?} for {rows} score rows of {} heads",
+                    lm.shape().dims(),
+                    self.heads
+                )));
+            }
+        }
+        let n = ls.shape().elem_count();
+        // SAFETY: the kernel writes every element before anything reads it.
+        let probs = unsafe { device.alloc::<f32>(n)? };
+        let plan =
+            plan::attention_softmax_forward(rows * len, len, self.heads, self.strides, self.scale);
+        let mut addresses = vec![
+            (Buffer::Input, storage_address(s, ls, &stream)?),
+            (Buffer::Output, slice_address(&probs, &stream)),
+        ];
+        if let Some((m, lm)) = mask {
+            addresses.push((Buffer::Mask, storage_address(m, lm, &stream)?));
+        }
+        run(&device, &plan, &addresses)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(probs, device),
+            ls.shape().clone(),
+        ))
+    }
+
+    fn backward(&self, probs: &Tensor, dp: &Tensor) -> candle_core::Result<Tensor> {
+        let device = probs.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
+        let (rows, len, _) = probs.dims3()?;
+        // Bound here, so that no copy is freed before the kernel has read it.
+        let (p, g) = (probs.contiguous()?, dp.to_dtype(DType::F32)?.contiguous()?);
+        let ds = Tensor::zeros(p.shape(), DType::F32, p.device())?;
+        let plan = plan::attention_softmax_backward(rows * len, len, self.scale);
+        let addresses = [
+            (Buffer::Output, tensor_address(&p, &stream)?),
+            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+            (Buffer::InputGrad, tensor_address(&ds, &stream)?),
+        ];
+        run(&device, &plan, &addresses)?;
+        Ok(ds)
+    }
+}
+
+impl CustomOp1 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "cuda-attention-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA attention softmax called on CPU tensors"))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, ls: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.fwd(s, ls, None)
+    }
+
+    fn bwd(&self, _: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.backward(p, dp)?))
+    }
+}
+
+impl CustomOp2 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "cuda-attention-softmax-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA attention softmax called on CPU tensors"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        ls: &Layout,
+        m: &CudaStorage,
+        lm: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.fwd(s, ls, Some((m, lm)))
+    }
+
+    /// The mask is a constant: no gradient.
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.backward(p, dp)?), None))
+    }
+}

@@ -54,6 +54,8 @@ pub enum Buffer {
     BiasGrad,
     /// Per-chunk partial sums of a column reduction (f32 scratch, zeroed).
     Partial,
+    /// An additive attention mask (f32).
+    Mask,
 }
 
 /// One kernel argument.
@@ -304,6 +306,84 @@ pub fn softmax_backward(values: Values, rows: usize, width: usize) -> Plan {
                     Address(OutputGrad),
                     Address(InputGrad),
                     int(width),
+                ],
+            )
+        })
+        .into_iter()
+        .collect();
+    Plan {
+        scratch: Vec::new(),
+        launches,
+    }
+}
+
+/// How an attention mask `[samples or 1, queries or 1, len]` broadcasts: its strides
+/// (elements) between samples and between queries, 0 where it repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskStrides {
+    pub sample: usize,
+    pub query: usize,
+}
+
+/// Attention's probabilities from raw scores `Input` (f32, `samples · heads · len` rows of
+/// `len`): `softmax(scale · s + mask)`, with `Mask` (f32) when `mask` says how it
+/// broadcasts → `Output` (f32).
+pub fn attention_softmax_forward(
+    rows: usize,
+    len: usize,
+    heads: usize,
+    mask: Option<MaskStrides>,
+    scale: f32,
+) -> Plan {
+    let (mask_at, strides) = match mask {
+        Some(m) => (Address(Mask), m),
+        None => (
+            Arg::Null,
+            MaskStrides {
+                sample: 0,
+                query: 0,
+            },
+        ),
+    };
+    let launches = (rows > 0)
+        .then(|| {
+            launch(
+                "attention_softmax_fwd_f32".into(),
+                (rows, 1),
+                vec![
+                    Address(Input),
+                    mask_at,
+                    Address(Output),
+                    int(len),
+                    int(heads),
+                    long(strides.sample),
+                    int(strides.query),
+                    Arg::F32(scale),
+                ],
+            )
+        })
+        .into_iter()
+        .collect();
+    Plan {
+        scratch: Vec::new(),
+        launches,
+    }
+}
+
+/// Its backward: `Output` (the probabilities) and `OutputGrad` → `InputGrad`, the raw
+/// scores' gradient (all f32).
+pub fn attention_softmax_backward(rows: usize, len: usize, scale: f32) -> Plan {
+    let launches = (rows > 0)
+        .then(|| {
+            launch(
+                "attention_softmax_bwd_f32".into(),
+                (rows, 1),
+                vec![
+                    Address(Output),
+                    Address(OutputGrad),
+                    Address(InputGrad),
+                    int(len),
+                    Arg::F32(scale),
                 ],
             )
         })

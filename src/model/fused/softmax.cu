@@ -6,6 +6,11 @@
 //     y = exp(x − max) / Σ. A row of −∞ only gives NaNs, as the CPU's softmax does.
 //   softmax_bwd_{f32,bf16}: one block per row: dx = y ⊙ (g − Σ y ⊙ g), from the forward's
 //     output y.
+//   attention_softmax_fwd_f32: attention's probabilities from the raw scores q·kᵀ, one
+//     block per (sample, head, query) row of `len` keys: p = softmax(scale·s + mask), the
+//     additive mask (optional) broadcast over the heads and, through its strides, over
+//     samples or queries. The scale and the mask cost no pass of their own.
+//   attention_softmax_bwd_f32: ds = scale · p ⊙ (g − Σ p ⊙ g), the raw scores' gradient.
 
 template <typename T>
 __device__ void softmax_fwd(unsigned long long x_at, unsigned long long y_at, int width)
@@ -48,6 +53,65 @@ __device__ void softmax_bwd(
     dot = block_sum(dot, shared);
     for (int i = threadIdx.x; i < width; i += THREADS) {
         store(dx, i, load(y, i) * (load(g, i) - dot));
+    }
+}
+
+// Rows are (sample, head, query) in that order; the mask's row for one is at
+// mask + sample·mask_sample_stride + query·mask_query_stride (strides 0 where it
+// broadcasts), `len` keys long.
+extern "C" __global__ void attention_softmax_fwd_f32(
+    unsigned long long scores_at,
+    unsigned long long mask_at,
+    unsigned long long probs_at,
+    int len,
+    int heads,
+    long long mask_sample_stride,
+    int mask_query_stride,
+    float scale)
+{
+    __shared__ float shared[WARPS + 1];
+    const long long row = blockIdx.x;
+    const float* s = (const float*)scores_at + row * len;
+    float* p = (float*)probs_at + row * len;
+    const long long query = row % len;
+    const long long sample = row / ((long long)len * heads);
+    const float* mask = mask_at
+        ? (const float*)mask_at + sample * mask_sample_stride + query * mask_query_stride
+        : 0;
+    float m = NEG_INFINITY;
+    for (int i = threadIdx.x; i < len; i += THREADS) {
+        m = fmaxf(m, s[i] * scale + (mask ? mask[i] : 0.0f));
+    }
+    m = block_max(m, shared);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < len; i += THREADS) {
+        sum += expf(s[i] * scale + (mask ? mask[i] : 0.0f) - m);
+    }
+    const float inv = 1.0f / block_sum(sum, shared);
+    for (int i = threadIdx.x; i < len; i += THREADS) {
+        p[i] = expf(s[i] * scale + (mask ? mask[i] : 0.0f) - m) * inv;
+    }
+}
+
+extern "C" __global__ void attention_softmax_bwd_f32(
+    unsigned long long probs_at,
+    unsigned long long g_at,
+    unsigned long long ds_at,
+    int len,
+    float scale)
+{
+    __shared__ float shared[WARPS + 1];
+    const long long row = blockIdx.x;
+    const float* p = (const float*)probs_at + row * len;
+    const float* g = (const float*)g_at + row * len;
+    float* ds = (float*)ds_at + row * len;
+    float dot = 0.0f;
+    for (int i = threadIdx.x; i < len; i += THREADS) {
+        dot += p[i] * g[i];
+    }
+    dot = block_sum(dot, shared);
+    for (int i = threadIdx.x; i < len; i += THREADS) {
+        ds[i] = scale * p[i] * (g[i] - dot);
     }
 }
 
