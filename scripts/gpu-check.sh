@@ -9,10 +9,11 @@
 #      the CPU AdamW bit for bit, masters, moments and bf16 copies (tests optim::);
 #   4. bf16 on the GPU against f32 on the CPU: loss, gradients, weights after 5 steps
 #      (tests precision::cuda);
-#   4b. the fused ops' CUDA kernels (layer norm, forward and backward, f32 and bf16 inputs):
-#      NVRTC compiles them, they equal the plain ops in f64 and run twice to the same bits,
-#      and their workbench timings against the plain ops (tests fused::cuda, log
-#      fused-kernels-cuda.log holds the timings);
+#   4b. the fused ops' CUDA kernels (layer norm, exact and quick GELU, softmax, attention's
+#      softmax; forward and backward, f32 and bf16): NVRTC compiles them, they equal the
+#      plain ops in f64 and run twice to the same bits, and their workbench timings against
+#      the plain ops (tests fused::cuda, log fused-kernels-cuda.log holds the timings; the
+#      same kernels run on the CPU emulator in every CI run: tests kernels::);
 #   5. `mmpipe train` on topology/gpu-1x1.toml in full f32 (no TF32) against the same run
 #      on the CPU: the losses of 20 steps;
 #   6. 300 steps of the default run in bf16 and in f32 on the GPU: the largest loss gap
