@@ -85,6 +85,24 @@ fn slice_address<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     s.device_ptr(stream).0
 }
 
+/// A fresh output of `n` values of `dtype` (f32 or bf16), and its address, for a kernel
+/// that writes every element.
+fn output(device: &CudaDevice, dtype: DType, n: usize) -> candle_core::Result<(CudaStorage, u64)> {
+    fn of<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        device: &CudaDevice,
+        n: usize,
+    ) -> candle_core::Result<(CudaStorage, u64)> {
+        // SAFETY: every caller's kernel writes every element before anything reads it.
+        let slice = unsafe { device.alloc::<T>(n)? };
+        let at = slice_address(&slice, &device.cuda_stream());
+        Ok((CudaStorage::wrap_cuda_slice(slice, device.clone()), at))
+    }
+    match dtype {
+        DType::BF16 => of::<half::bf16>(device, n),
+        _ => of::<f32>(device, n),
+    }
+}
+
 fn blocks(n: usize) -> candle_core::Result<u32> {
     u32::try_from(n).map_err(|_| cuda_err(format!("{n} blocks")))
 }
@@ -328,19 +346,7 @@ impl Gelu {
         let stream = device.cuda_stream();
         let n = ly.shape().elem_count();
         let width = ly.shape().dims().last().copied().unwrap_or(1).max(1);
-        fn out<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-            device: &CudaDevice,
-            n: usize,
-        ) -> candle_core::Result<(CudaStorage, u64)> {
-            // SAFETY: the kernel writes every element before anything reads it.
-            let slice = unsafe { device.alloc::<T>(n)? };
-            let at = slice_address(&slice, &device.cuda_stream());
-            Ok((CudaStorage::wrap_cuda_slice(slice, device.clone()), at))
-        }
-        let (storage, out_at) = match y.dtype() {
-            DType::BF16 => out::<half::bf16>(&device, n)?,
-            _ => out::<f32>(&device, n)?,
-        };
+        let (storage, out_at) = output(&device, y.dtype(), n)?;
         let plan = plan::gelu_forward(self.act, values(y.dtype())?, n, width, bias.is_some());
         let mut addresses = vec![
             (Buffer::Input, storage_address(y, ly, &stream)?),
@@ -386,6 +392,7 @@ impl Gelu {
         Ok((dy, dbias))
     }
 }
+
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "cuda-gelu"
@@ -470,19 +477,7 @@ impl CustomOp1 for Softmax {
         let stream = device.cuda_stream();
         let n = lx.shape().elem_count();
         let width = lx.shape().dims().last().copied().unwrap_or(1).max(1);
-        // SAFETY (both arms): the kernel writes every element before anything reads it.
-        let (storage, out_at) = match x.dtype() {
-            DType::BF16 => {
-                let slice = unsafe { device.alloc::<half::bf16>(n)? };
-                let at = slice_address(&slice, &stream);
-                (CudaStorage::wrap_cuda_slice(slice, device.clone()), at)
-            }
-            _ => {
-                let slice = unsafe { device.alloc::<f32>(n)? };
-                let at = slice_address(&slice, &stream);
-                (CudaStorage::wrap_cuda_slice(slice, device.clone()), at)
-            }
-        };
+        let (storage, out_at) = output(&device, x.dtype(), n)?;
         let plan = plan::softmax_forward(values(x.dtype())?, n / width, width);
         let addresses = [
             (Buffer::Input, storage_address(x, lx, &stream)?),
