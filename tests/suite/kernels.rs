@@ -650,6 +650,71 @@ fn attention_softmax_kernels_equal_the_formulas() {
     }
 }
 
+/// Embedding lookup and its scatter: a table of 40 rows (two and a half tiles) and 300
+/// columns (two column blocks), 50 ids with repeats, f32 and bf16. The lookup copies rows
+/// (an id past the table reads NaN); the scatter sums in token order in f32, so in f32 it
+/// is the CPU's scatter bit for bit.
+#[test]
+fn embedding_kernels_equal_the_cpu_scatter() {
+    let (rows, width) = (40usize, 300usize);
+    let ids: Vec<u32> = (0..50u32).map(|i| (i * 7 + i / 3) % rows as u32).collect();
+    let ids_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    for of in [Values::F32, Values::Bf16] {
+        let name = format!("embedding-{}", of.suffix());
+        let size = if of == Values::F32 { 4 } else { 2 };
+        let (table_bytes, table) = encode(&values(rows * width, 21), of);
+        // One id past the table, for the lookup only.
+        let mut lookup_ids = ids_bytes.clone();
+        lookup_ids[4..8].copy_from_slice(&(rows as u32 + 3).to_le_bytes());
+        let fwd = run(
+            &format!("{name}-fwd"),
+            &plan::embedding_forward(of, rows, width, ids.len()),
+            &BTreeMap::from([
+                (Buffer::Weight, table_bytes),
+                (Buffer::Ids, lookup_ids),
+                (Buffer::Output, vec![0u8; size * ids.len() * width]),
+            ]),
+        );
+        let out = decode(&fwd[&Buffer::Output], of);
+        for (p, &id) in ids.iter().enumerate() {
+            for j in 0..width {
+                let got = out[p * width + j];
+                if p == 1 {
+                    assert!(got.is_nan(), "{name}: the id past the table reads {got}");
+                } else {
+                    assert_eq!(got, table[id as usize * width + j], "{name}: out[{p}, {j}]");
+                }
+            }
+        }
+
+        let (g_bytes, g) = encode(&values(ids.len() * width, 22), of);
+        let bwd = run(
+            &format!("{name}-bwd"),
+            &plan::embedding_backward(of, rows, width, ids.len()),
+            &BTreeMap::from([
+                (Buffer::Ids, ids_bytes.clone()),
+                (Buffer::OutputGrad, g_bytes),
+                (Buffer::WeightGrad, vec![0xffu8; size * rows * width]),
+            ]),
+        );
+        // The CPU scatter's order, in f32.
+        let mut want = vec![0f32; rows * width];
+        for (p, &id) in ids.iter().enumerate() {
+            for j in 0..width {
+                want[id as usize * width + j] += g[p * width + j] as f32;
+            }
+        }
+        let got = decode(&bwd[&Buffer::WeightGrad], of);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let b = match of {
+                Values::F32 => *b as f64,
+                Values::Bf16 => half::bf16::from_f32(*b).to_f64(),
+            };
+            assert_eq!(*a, b, "{name}: grad[{}, {}]", i / width, i % width);
+        }
+    }
+}
+
 /// A plan whose arguments do not match the kernel's parameters is refused by name: the
 /// emulator's check is live.
 #[test]

@@ -47,7 +47,7 @@ fn values(dtype: DType) -> candle_core::Result<Values> {
 }
 
 /// The device address of a storage's element at `layout`'s start (contiguous layouts
-/// only), whatever its dtype (f32 or bf16).
+/// only), whatever its dtype (f32, bf16, or u32 ids).
 fn storage_address(
     s: &CudaStorage,
     layout: &Layout,
@@ -67,6 +67,7 @@ fn storage_address(
     match s.dtype() {
         DType::F32 => at::<f32>(s, layout, stream),
         DType::BF16 => at::<half::bf16>(s, layout, stream),
+        DType::U32 => at::<u32>(s, layout, stream),
         other => Err(cuda_err(format!("values of {other:?}"))),
     }
 }
@@ -669,5 +670,128 @@ impl CustomOp2 for AttentionSoftmax {
         dp: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(self.backward(p, dp)?), None))
+    }
+}
+
+// Embedding lookup.
+
+/// Whether the CUDA embedding takes these: an f32 or bf16 table `[rows, width]` and u32
+/// ids `[n]` on one GPU.
+pub fn embedding_applies(table: &Tensor, ids: &Tensor) -> bool {
+    table.device().is_cuda()
+        && matches!(table.dtype(), DType::F32 | DType::BF16)
+        && table.rank() == 2
+        && ids.dtype() == DType::U32
+        && ids.rank() == 1
+        && ids.device().same_device(table.device())
+}
+
+/// `table[ids]` on the GPU (what [`embedding_applies`] accepted), its backward a
+/// deterministic scatter in token order (the CPU's sums).
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    Ok(table
+        .contiguous()?
+        .apply_op2(&ids.contiguous()?, Embedding)?)
+}
+
+struct Embedding;
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "cuda-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA embedding called on CPU tensors"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        table: &CudaStorage,
+        lt: &Layout,
+        ids: &CudaStorage,
+        li: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = table.device().clone();
+        let stream = device.cuda_stream();
+        let (rows, width) = lt.shape().dims2()?;
+        let n = li.shape().elem_count();
+        let (storage, out_at) = output(&device, table.dtype(), n * width)?;
+        let plan = plan::embedding_forward(values(table.dtype())?, rows, width, n);
+        let addresses = [
+            (Buffer::Weight, storage_address(table, lt, &stream)?),
+            (Buffer::Ids, storage_address(ids, li, &stream)?),
+            (Buffer::Output, out_at),
+        ];
+        run(&device, &plan, &addresses)?;
+        Ok((storage, Shape::from((n, width))))
+    }
+
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, width) = table.dims2()?;
+        let g = dy.to_dtype(table.dtype())?.contiguous()?;
+        // The scatter as an op of its own: its output needs no zero fill first.
+        let grad = ids
+            .contiguous()?
+            .apply_op2_no_bwd(&g, &EmbeddingGrad { rows, width })?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// The embedding's backward: `[rows, width]` from the ids and the output's gradient.
+struct EmbeddingGrad {
+    rows: usize,
+    width: usize,
+}
+
+impl CustomOp2 for EmbeddingGrad {
+    fn name(&self) -> &'static str {
+        "cuda-embedding-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err(
+            "the CUDA embedding gradient called on CPU tensors",
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        ids: &CudaStorage,
+        li: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = g.device().clone();
+        let stream = device.cuda_stream();
+        let (rows, width) = (self.rows, self.width);
+        let (grad, grad_at) = output(&device, g.dtype(), rows * width)?;
+        let n = li.shape().elem_count();
+        let plan = plan::embedding_backward(values(g.dtype())?, rows, width, n);
+        let addresses = [
+            (Buffer::Ids, storage_address(ids, li, &stream)?),
+            (Buffer::OutputGrad, storage_address(g, lg, &stream)?),
+            (Buffer::WeightGrad, grad_at),
+        ];
+        run(&device, &plan, &addresses)?;
+        Ok((grad, Shape::from((rows, width))))
     }
 }

@@ -10,6 +10,11 @@ use super::*;
 /// a 100 MB fill and a 100 MB copy every step. Here the backward adds the rows into one
 /// zeroed table, in the same order as `index_add` (so the same sums, bit for bit).
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    // On a GPU the CUDA kernels: the lookup, and a scatter without atomics (token order).
+    #[cfg(feature = "cuda")]
+    if super::cuda::embedding_applies(table, ids) {
+        return super::cuda::embedding(table, ids);
+    }
     if !on_cpu(table) || ids.dtype() != DType::U32 || table.rank() != 2 || ids.rank() != 1 {
         return Ok(table.index_select(ids, 0)?);
     }

@@ -10,7 +10,8 @@ pub const SOURCE: &str = concat!(
     include_str!("kernels.cuh"),
     include_str!("layer_norm.cu"),
     include_str!("gelu.cu"),
-    include_str!("softmax.cu")
+    include_str!("softmax.cu"),
+    include_str!("embedding.cu")
 );
 
 /// Threads a block: the source's `THREADS`.
@@ -56,7 +57,12 @@ pub enum Buffer {
     Partial,
     /// An additive attention mask (f32).
     Mask,
+    /// Table row ids (u32).
+    Ids,
 }
+
+/// Table rows a block of the embedding backward owns: the source's `EMBEDDING_TILE`.
+pub const EMBEDDING_TILE: usize = 16;
 
 /// One kernel argument.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -306,6 +312,59 @@ pub fn softmax_backward(values: Values, rows: usize, width: usize) -> Plan {
                     Address(OutputGrad),
                     Address(InputGrad),
                     int(width),
+                ],
+            )
+        })
+        .into_iter()
+        .collect();
+    Plan {
+        scratch: Vec::new(),
+        launches,
+    }
+}
+
+/// Embedding lookup: `Weight` (the table, `values`, rows × width) at `Ids` (u32, `ids`)
+/// → `Output` (`values`, ids × width).
+pub fn embedding_forward(values: Values, rows: usize, width: usize, ids: usize) -> Plan {
+    let n = ids * width;
+    let launches = (n > 0)
+        .then(|| {
+            launch(
+                format!("embedding_fwd_{}", values.suffix()),
+                (n.div_ceil(THREADS), 1),
+                vec![
+                    Address(Weight),
+                    Address(Ids),
+                    Address(Output),
+                    long(n),
+                    int(width),
+                    int(rows),
+                ],
+            )
+        })
+        .into_iter()
+        .collect();
+    Plan {
+        scratch: Vec::new(),
+        launches,
+    }
+}
+
+/// Its backward: `Ids` and `OutputGrad` (`values`) → `WeightGrad` (`values`, the whole
+/// table: zero where no id points).
+pub fn embedding_backward(values: Values, rows: usize, width: usize, ids: usize) -> Plan {
+    let launches = (rows * width > 0)
+        .then(|| {
+            launch(
+                format!("embedding_bwd_{}", values.suffix()),
+                (rows.div_ceil(EMBEDDING_TILE), columns(width)),
+                vec![
+                    Address(Ids),
+                    Address(OutputGrad),
+                    Address(WeightGrad),
+                    long(ids),
+                    int(width),
+                    int(rows),
                 ],
             )
         })
