@@ -20,7 +20,7 @@ pub fn convert_checkpoint(args: ConvertArgs) -> anyhow::Result<()> {
     };
     // Batch-norm statistics travel with the weights (OpenCLIP's ResNets).
     if args.from == CheckpointFormat::Openclip {
-        let tensors = checkpoint::read_tensors(&args.input)?;
+        let tensors = checkpoint::without_ddp_prefix(checkpoint::read_tensors(&args.input)?);
         if image.load_buffers(&tensors)? > 0 {
             report.unused.retain(|k| {
                 !(k.ends_with("running_mean")

@@ -325,7 +325,7 @@ fn load_towers(
     let text_tower = Encoder::new(&pb, model, Tower::Text)?;
     let text_params = pb.params().without(&image_params);
     if checkpoint.is_file() {
-        let tensors = ckpt::read_tensors(checkpoint)?;
+        let tensors = ckpt::without_ddp_prefix(ckpt::read_tensors(checkpoint)?);
         let report = ckpt::load(&pb.params(), checkpoint)?;
         let buffers = image_tower.load_buffers(&tensors)?;
         let stray: Vec<&String> = report

@@ -131,9 +131,36 @@ pub fn load_into(
     Ok(LoadReport { loaded, unused })
 }
 
-/// Loads an mmpipe or OpenCLIP checkpoint (same names) into `params`.
+/// The prefix DDP puts before every name of a state_dict saved from a wrapped model
+/// (OpenCLIP's own training checkpoints): OpenCLIP strips it on load, and so do we.
+const DDP_PREFIX: &str = "module.";
+
+/// `tensors` with DDP's `module.` taken off their names, where every name has it.
+pub fn without_ddp_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    if tensors.is_empty() || !tensors.keys().all(|k| k.starts_with(DDP_PREFIX)) {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .map(|(k, v)| (k[DDP_PREFIX.len()..].to_string(), v))
+        .collect()
+}
+
+/// Loads an mmpipe or OpenCLIP checkpoint (same names, with or without DDP's `module.`
+/// before them) into `params`. The report's unused names are given without the prefix.
 pub fn load(params: &Params, path: &Path) -> Result<LoadReport> {
-    load_into(params, path, str::to_string)
+    let wrapped = {
+        let tensors = read_tensors(path)?;
+        !tensors.is_empty() && tensors.keys().all(|k| k.starts_with(DDP_PREFIX))
+    };
+    if !wrapped {
+        return load_into(params, path, str::to_string);
+    }
+    let mut report = load_into(params, path, |name| format!("{DDP_PREFIX}{name}"))?;
+    for name in &mut report.unused {
+        *name = name[DDP_PREFIX.len()..].to_string();
+    }
+    Ok(report)
 }
 
 /// Loads an HF BERT checkpoint (`model.safetensors`, names with or without `bert.`) into

@@ -223,7 +223,8 @@ fn openclip_scores() {
 
 /// The same sets as a CSV (class names as labels, rows in another order) and a TSV of
 /// image–caption pairs score what the folder and the shard score; `--label-column`,
-/// `--caption-column` and `--image-column` name other columns.
+/// `--caption-column` and `--image-column` name other columns; a DDP-saved state_dict
+/// (`module.` names) scores what the plain one does.
 #[test]
 fn csv_sets_score_what_the_folder_and_the_shard_do() {
     let dir = fresh_dir("csv");
@@ -290,6 +291,30 @@ fn csv_sets_score_what_the_folder_and_the_shard_do() {
         templates.as_os_str(),
     ]);
     assert_eq!(folder["zero_shot"], from_indices["zero_shot"]);
+
+    // The same weights as a DDP-wrapped model saves them (`module.` before every name,
+    // OpenCLIP's training checkpoints): the same scores.
+    let wrapped = dir.join("wrapped.safetensors");
+    let tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&state_dict, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (format!("module.{k}"), v))
+            .collect();
+    candle_core::safetensors::save(&tensors, &wrapped).unwrap();
+    let out = mmpipe_eval(&[
+        "--checkpoint".as_ref(),
+        wrapped.as_os_str(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+        "--zeroshot-folder".as_ref(),
+        fixture("classes").as_os_str(),
+        "--templates".as_ref(),
+        templates.as_os_str(),
+    ]);
+    assert_eq!(json_of(&out)["zero_shot"], folder["zero_shot"]);
 
     let shard = common(&[
         "--retrieval-shards".as_ref(),
