@@ -11,7 +11,7 @@ use crate::error::Result;
 /// A phase of one rank's step, in the order it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Waiting for the data pipeline's next batch.
+    /// Waiting for the data pipeline's next batch, and copying it onto the rank's device.
     DataWait,
     Forward,
     /// Agreeing on the readable pairs, and the world all-gather of features.

@@ -255,8 +255,9 @@ pub(super) fn run_rank(
             .collect();
         let step_inputs: Vec<TowerInput> = batches.iter().map(|b| b.input.clone()).collect();
         let outcome = trainer.step(comms, &step_inputs, masked.then_some(&reads[..]), lr)?;
+        // The pipeline's wait, and the step's copy of the batch onto the device.
         let times = PhaseTimes {
-            data_wait,
+            data_wait: data_wait + outcome.times.data_wait,
             ..outcome.times
         };
         let seconds = step_started.elapsed().as_secs_f64();

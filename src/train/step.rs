@@ -177,10 +177,14 @@ impl RankTrainer {
             }
         }
         let mut timer = PhaseTimer::new(&self.device, comms);
-        let inputs = inputs
-            .iter()
-            .map(|i| i.to_device(&self.device))
-            .collect::<Result<Vec<_>>>()?;
+        // The batch's copy onto the device counts as waiting for data: on a GPU it is the
+        // host-to-device transfer, which no kernel overlaps yet.
+        let inputs = timer.time(Phase::DataWait, || {
+            inputs
+                .iter()
+                .map(|i| i.to_device(&self.device))
+                .collect::<Result<Vec<_>>>()
+        })?;
         let forwards = timer.time(Phase::Forward, || {
             self.towers
                 .iter()
