@@ -146,6 +146,7 @@ fn pipeline(shard: &Path, workers: usize) -> f64 {
             image_shape: (3, SIZE, SIZE),
             tokenizer: Arc::new(TextTokenizer::clip()),
             context: 77,
+            upload: None,
         },
         PipelineConfig {
             workers,

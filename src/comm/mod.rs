@@ -18,6 +18,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 pub mod thread;
+pub mod upload;
 pub mod watchdog;
 
 use candle_core::Tensor;

@@ -283,6 +283,10 @@ impl Materialiser {
     }
 }
 
+/// Moves an assembled batch onto the device its step runs on, on the assembler's thread,
+/// so that the copy overlaps the step before (`comm::upload`).
+pub type Upload = Box<dyn FnMut(TowerInput) -> Result<TowerInput> + Send>;
+
 /// Stacks a batch's items into the tower's input.
 pub struct Assembler {
     pub tower: Tower,
@@ -290,6 +294,8 @@ pub struct Assembler {
     pub image_shape: (usize, usize, usize),
     pub tokenizer: Arc<TextTokenizer>,
     pub context: usize,
+    /// Where batches go once assembled; None: they stay on the CPU.
+    pub upload: Option<Upload>,
 }
 
 impl Assembler {
@@ -530,7 +536,7 @@ struct Partial {
 fn assemble(
     from: Receiver<ToAssembler>,
     out: Sender<Result<Batch>>,
-    assembler: Assembler,
+    mut assembler: Assembler,
     len: usize,
     start: u64,
 ) {
@@ -588,7 +594,13 @@ fn assemble(
                     }
                 })
                 .collect();
-            let batch = assembler.input(items).map(|input| Batch {
+            let input = assembler
+                .input(items)
+                .and_then(|input| match &mut assembler.upload {
+                    Some(upload) => upload(input),
+                    None => Ok(input),
+                });
+            let batch = input.map(|input| Batch {
                 step: next,
                 input,
                 valid,
@@ -627,6 +639,7 @@ mod tests {
                 image_shape: (3, 8, 8),
                 tokenizer,
                 context: 8,
+                upload: None,
             },
             PipelineConfig {
                 workers: 2,

@@ -269,6 +269,17 @@ impl Source {
     /// Starts a rank's pipeline: its modality, its slice of every global batch. `log`:
     /// this rank reports the order's progress (epochs, shards).
     pub fn rank_pipeline(&self, slice: RankSlice, log: bool) -> RankData {
+        self.rank_pipeline_onto(slice, log, None)
+    }
+
+    /// [`Self::rank_pipeline`], each batch moved by `upload` (onto the rank's GPU) as soon
+    /// as it is assembled.
+    pub fn rank_pipeline_onto(
+        &self,
+        slice: RankSlice,
+        log: bool,
+        upload: Option<super::pipeline::Upload>,
+    ) -> RankData {
         let tower = slice.tower;
         let crop = if self.config.random_crop {
             Crop::OPENCLIP_TRAIN
@@ -334,6 +345,7 @@ impl Source {
             image_shape: self.image_shape,
             tokenizer: self.captions.clone(),
             context: self.context,
+            upload,
         };
         RankData::spawn(
             order,

@@ -192,7 +192,7 @@ pub(super) fn run_rank(
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            inputs.source.rank_pipeline(
+            inputs.source.rank_pipeline_onto(
                 RankSlice {
                     tower: t.tower,
                     offset: t.offset,
@@ -201,6 +201,7 @@ pub(super) fn run_rank(
                     start_step: start,
                 },
                 rank == 0 && i == 0,
+                crate::comm::upload::uploader(&trainer.device),
             )
         })
         .collect();

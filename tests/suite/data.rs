@@ -213,6 +213,7 @@ fn caption_assembler(tower: Tower, image_size: usize) -> Assembler {
         image_shape: (3, image_size, image_size),
         tokenizer: Arc::new(TextTokenizer::clip()),
         context: 16,
+        upload: None,
     }
 }
 
@@ -1291,4 +1292,48 @@ fn data_bench_measures_the_image_pipeline() {
         // The rate is the batches' images over their time.
         assert!((rate * per_batch / 1e3 - 8.0).abs() < 1e-6, "{v}");
     }
+}
+
+/// A rank's pipeline hands every assembled batch to its upload (on a GPU, the copy onto
+/// the device ahead of the step), on the assembler's thread, in step order; the batches
+/// the step gets are what the upload returned.
+#[test]
+fn the_pipeline_uploads_every_batch_once_assembled() {
+    use mmpipe::data::source::{RankSlice, Source};
+    use mmpipe::model::TowerInput;
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let data = DataConfig {
+        kind: DataKind::Webdataset,
+        shards: vec!["tests/fixtures/real-photos.tar".into()],
+        base_dir: PathBuf::from("."),
+        ..DataConfig::default()
+    };
+    let source = Source::new(&data, &model, 0, 0, None).unwrap();
+    let uploads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = uploads.clone();
+    let upload: mmpipe::data::pipeline::Upload = Box::new(move |input| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // A stand-in for the device copy that a test can see: the pixels widened.
+        Ok(match input {
+            TowerInput::Images(t) => TowerInput::Images(t.to_dtype(DType::F64)?),
+            other => other,
+        })
+    });
+    let slice = RankSlice {
+        tower: Tower::Image,
+        offset: 0,
+        len: 4,
+        global_batch: 4,
+        start_step: 0,
+    };
+    let pipeline = source.rank_pipeline_onto(slice, false, Some(upload));
+    for step in 0..3 {
+        let batch = pipeline.next().unwrap();
+        assert_eq!(batch.step, step);
+        match &batch.input {
+            TowerInput::Images(t) => assert_eq!(t.dtype(), DType::F64, "step {step}"),
+            _ => panic!("image batches expected"),
+        }
+    }
+    assert!(uploads.load(std::sync::atomic::Ordering::SeqCst) >= 3);
 }
