@@ -4,9 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-/// How often a run off a terminal (its progress bar hidden) prints a progress line.
-const LOG_INTERVAL: Duration = Duration::from_secs(10);
-
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -24,6 +21,9 @@ use crate::error::{Error, Result};
 use crate::eval::{EvalScores, EvalSet, SetScores};
 use crate::model::{ClipConfig, TowerInput};
 use crate::topology::{Topology, Tower};
+
+/// How often a run off a terminal (its progress bar hidden) prints a progress line.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What every rank of a process shares: the data, the zero-shot sets it scores, and the
 /// metrics file's channel.
