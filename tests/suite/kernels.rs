@@ -650,7 +650,7 @@ fn attention_softmax_kernels_equal_the_formulas() {
     }
 }
 
-/// Embedding lookup and its scatter: a table of 40 rows (two and a half tiles) and 300
+/// Embedding lookup and its scatter: a table of 40 rows (a tile and a quarter) and 300
 /// columns (two column blocks), 50 ids with repeats, f32 and bf16. The lookup copies rows
 /// (an id past the table reads NaN); the scatter sums in token order in f32, so in f32 it
 /// is the CPU's scatter bit for bit.

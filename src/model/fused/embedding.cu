@@ -11,7 +11,7 @@
 //     (untouched rows are zero). No atomics: the sums run in token order, as the CPU's
 //     scatter does, so they are the CPU's bits in f32.
 
-#define EMBEDDING_TILE 16
+#define EMBEDDING_TILE 32
 
 template <typename T>
 __device__ void embedding_fwd(

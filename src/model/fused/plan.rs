@@ -62,7 +62,7 @@ pub enum Buffer {
 }
 
 /// Table rows a block of the embedding backward owns: the source's `EMBEDDING_TILE`.
-pub const EMBEDDING_TILE: usize = 16;
+pub const EMBEDDING_TILE: usize = 32;
 
 /// One kernel argument.
 #[derive(Debug, Clone, Copy, PartialEq)]
