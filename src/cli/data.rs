@@ -14,21 +14,19 @@ pub fn convert_checkpoint(args: ConvertArgs) -> anyhow::Result<()> {
     let pb = mmpipe::model::cpu_builder(args.seed);
     let (image, text) = mmpipe::model::build_all(&pb, &model)?;
     let params = pb.params();
-    let mut report = match args.from {
-        CheckpointFormat::Openclip => checkpoint::load(&params, &args.input)?,
+    let report = match args.from {
+        CheckpointFormat::Openclip => {
+            // Batch-norm statistics travel with the weights (OpenCLIP's ResNets).
+            let tensors = checkpoint::read_state_dict(&args.input)?;
+            let buffers = image.load_buffers(&tensors)?;
+            let mut report = checkpoint::load_tensors(&params, tensors, &args.input)?;
+            if buffers > 0 {
+                report.unused.retain(|k| !checkpoint::is_norm_statistic(k));
+            }
+            report
+        }
         CheckpointFormat::HfBert => checkpoint::load_hf_bert(&params, &args.input)?,
     };
-    // Batch-norm statistics travel with the weights (OpenCLIP's ResNets).
-    if args.from == CheckpointFormat::Openclip {
-        let tensors = checkpoint::without_ddp_prefix(checkpoint::read_tensors(&args.input)?);
-        if image.load_buffers(&tensors)? > 0 {
-            report.unused.retain(|k| {
-                !(k.ends_with("running_mean")
-                    || k.ends_with("running_var")
-                    || k.ends_with("num_batches_tracked"))
-            });
-        }
-    }
     let mut buffers = image.buffers()?;
     buffers.extend(text.buffers()?);
     checkpoint::save_with_buffers(&params, &buffers, &args.out)?;

@@ -300,13 +300,6 @@ fn serialize_recall<S: serde::Serializer>(
 /// OpenCLIP's causal mask where a save kept it).
 const NOT_TOWER_TENSORS: [&str; 3] = ["logit_scale", "logit_bias", "attn_mask"];
 
-/// Whether `name` is a batch norm's running statistic (a buffer, not a parameter).
-fn is_norm_statistic(name: &str) -> bool {
-    [".running_mean", ".running_var", ".num_batches_tracked"]
-        .iter()
-        .any(|s| name.ends_with(s))
-}
-
 /// Both towers on the CPU with a checkpoint loaded: a training checkpoint folder's parts
 /// (parameters, and the image tower's batch-norm statistics), or one safetensors file
 /// holding both towers under OpenCLIP's names (an OpenCLIP `state_dict`, or mmpipe's
@@ -325,14 +318,14 @@ fn load_towers(
     let text_tower = Encoder::new(&pb, model, Tower::Text)?;
     let text_params = pb.params().without(&image_params);
     if checkpoint.is_file() {
-        let tensors = ckpt::without_ddp_prefix(ckpt::read_tensors(checkpoint)?);
-        let report = ckpt::load(&pb.params(), checkpoint)?;
+        let tensors = ckpt::read_state_dict(checkpoint)?;
         let buffers = image_tower.load_buffers(&tensors)?;
+        let report = ckpt::load_tensors(&pb.params(), tensors, checkpoint)?;
         let stray: Vec<&String> = report
             .unused
             .iter()
             .filter(|name| !NOT_TOWER_TENSORS.contains(&name.as_str()))
-            .filter(|name| !(buffers > 0 && is_norm_statistic(name)))
+            .filter(|name| !(buffers > 0 && ckpt::is_norm_statistic(name)))
             .collect();
         if !stray.is_empty() {
             return Err(Error::File {

@@ -101,7 +101,16 @@ pub fn load_into(
     path: &Path,
     name_in_file: impl Fn(&str) -> String,
 ) -> Result<LoadReport> {
-    let mut tensors = read_tensors(path)?;
+    assign(params, read_tensors(path)?, path, name_in_file)
+}
+
+/// [`load_into`] from tensors already read from `path` (named in errors).
+fn assign(
+    params: &Params,
+    mut tensors: HashMap<String, Tensor>,
+    path: &Path,
+    name_in_file: impl Fn(&str) -> String,
+) -> Result<LoadReport> {
     let mut loaded = 0;
     for (name, var) in params.iter() {
         let key = name_in_file(name);
@@ -136,7 +145,7 @@ pub fn load_into(
 const DDP_PREFIX: &str = "module.";
 
 /// `tensors` with DDP's `module.` taken off their names, where every name has it.
-pub fn without_ddp_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+fn without_ddp_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
     if tensors.is_empty() || !tensors.keys().all(|k| k.starts_with(DDP_PREFIX)) {
         return tensors;
     }
@@ -146,21 +155,33 @@ pub fn without_ddp_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, T
         .collect()
 }
 
+/// A state_dict file's tensors under the names parameters go by: DDP's `module.` taken
+/// off where a save has it.
+pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(without_ddp_prefix(read_tensors(path)?))
+}
+
 /// Loads an mmpipe or OpenCLIP checkpoint (same names, with or without DDP's `module.`
-/// before them) into `params`. The report's unused names are given without the prefix.
+/// before them) into `params`.
 pub fn load(params: &Params, path: &Path) -> Result<LoadReport> {
-    let wrapped = {
-        let tensors = read_tensors(path)?;
-        !tensors.is_empty() && tensors.keys().all(|k| k.starts_with(DDP_PREFIX))
-    };
-    if !wrapped {
-        return load_into(params, path, str::to_string);
-    }
-    let mut report = load_into(params, path, |name| format!("{DDP_PREFIX}{name}"))?;
-    for name in &mut report.unused {
-        *name = name[DDP_PREFIX.len()..].to_string();
-    }
-    Ok(report)
+    load_tensors(params, read_state_dict(path)?, path)
+}
+
+/// [`load`] from a state_dict already read from `path` ([`read_state_dict`]), for callers
+/// that also take its buffers.
+pub fn load_tensors(
+    params: &Params,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<LoadReport> {
+    assign(params, tensors, path, str::to_string)
+}
+
+/// Whether `name` is a batch norm's running statistic: a buffer, not a parameter.
+pub fn is_norm_statistic(name: &str) -> bool {
+    [".running_mean", ".running_var", ".num_batches_tracked"]
+        .iter()
+        .any(|s| name.ends_with(s))
 }
 
 /// Loads an HF BERT checkpoint (`model.safetensors`, names with or without `bert.`) into
