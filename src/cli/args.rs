@@ -75,10 +75,10 @@ pub enum DataCommand {
         #[arg(long)]
         limit: Option<usize>,
         /// CSV: the column of image paths (relative to the file).
-        #[arg(long, default_value = "filepath")]
+        #[arg(long, default_value = mmpipe::data::CSV_IMAGE_COLUMN)]
         image_column: String,
         /// CSV: the column of captions.
-        #[arg(long, default_value = "title")]
+        #[arg(long, default_value = mmpipe::data::CSV_CAPTION_COLUMN)]
         caption_column: String,
     },
     /// How fast the training loader decodes images: the image pipeline of a run (its
@@ -414,13 +414,13 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE", groups = ["set", "csv"])]
     pub retrieval_csv: Option<PathBuf>,
     /// The CSV's image-path column.
-    #[arg(long, default_value = "filepath", requires = "csv")]
+    #[arg(long, default_value = mmpipe::data::CSV_IMAGE_COLUMN, requires = "csv")]
     pub image_column: String,
     /// The zero-shot CSV's label column.
     #[arg(long, default_value = "label", requires = "zeroshot_csv")]
     pub label_column: String,
     /// The retrieval CSV's caption column.
-    #[arg(long, default_value = "title", requires = "retrieval_csv")]
+    #[arg(long, default_value = mmpipe::data::CSV_CAPTION_COLUMN, requires = "retrieval_csv")]
     pub caption_column: String,
     /// The classes' names, one a line: in the folders' sorted order, or by label for
     /// shards [default for a folder: its subfolders' names; the ImageNet-1k names for 1000

@@ -113,10 +113,7 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
         } => {
             let mut cfg = mmpipe::train::TrainConfig::load(config.as_deref(), &[])?;
             if !shards.is_empty() {
-                cfg.data.kind = mmpipe::data::DataKind::Webdataset;
-                cfg.data.shards = shards;
-                cfg.data.base_dir = PathBuf::from(".");
-                cfg.data.origin = PathBuf::from("--shards");
+                cfg.data.use_shards(shards);
             }
             if let Some(w) = workers {
                 cfg.data.workers = w;

@@ -135,11 +135,7 @@ fn fashion_mnist(args: &EvalArgs, model: &ClipConfig) -> anyhow::Result<()> {
         args.linear_probe,
     )?;
     if args.format == Format::Json {
-        let recall: Vec<_> = r
-            .recall
-            .iter()
-            .map(|(k, i2t, t2i)| serde_json::json!({"k": k, "image_to_text": i2t, "text_to_image": t2i}))
-            .collect();
+        let recall = mmpipe::eval::recall_json(&r.recall);
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({

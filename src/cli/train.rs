@@ -103,10 +103,7 @@ fn config(args: &TrainArgs) -> anyhow::Result<(Topology, ClipConfig, TrainConfig
     args.loss.apply(&mut cfg.loss);
     args.loss.apply_micro_batch(&mut cfg.micro_batch);
     if !args.shards.is_empty() {
-        cfg.data.kind = DataKind::Webdataset;
-        cfg.data.shards = args.shards.clone();
-        cfg.data.base_dir = PathBuf::from(".");
-        cfg.data.origin = PathBuf::from("--shards");
+        cfg.data.use_shards(args.shards.clone());
     }
     if args.metrics.is_some() {
         cfg.metrics = args.metrics.clone();

@@ -33,7 +33,6 @@ pub fn uploader(device: &Device) -> Option<Upload> {
 mod cuda {
     use std::sync::Arc;
 
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaStream, PinnedHostSlice};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::{DType, Device, Storage, Tensor};
@@ -102,7 +101,6 @@ mod cuda {
                 .memcpy_htod(&*pinned, &mut on_device)
                 .map_err(cuda_err)?;
             let storage = CudaStorage::wrap_cuda_slice(on_device, self.device.clone());
-            debug_assert_eq!(storage.dtype(), DType::F32);
             Ok(Tensor::from_storage(
                 Storage::Cuda(storage),
                 t.shape().clone(),

@@ -106,6 +106,11 @@ pub struct DataConfig {
     pub origin: PathBuf,
 }
 
+/// OpenCLIP's CSV columns (`--csv-img-key`, `--csv-caption-key`): the default everywhere
+/// mmpipe reads image paths and captions from a CSV.
+pub const CSV_IMAGE_COLUMN: &str = "filepath";
+pub const CSV_CAPTION_COLUMN: &str = "title";
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
@@ -113,8 +118,8 @@ impl Default for DataConfig {
             shards: Vec::new(),
             sources: Vec::new(),
             csv: PathBuf::new(),
-            image_column: "filepath".into(),
-            caption_column: "title".into(),
+            image_column: CSV_IMAGE_COLUMN.into(),
+            caption_column: CSV_CAPTION_COLUMN.into(),
             shuffle_buffer: 1000,
             resample: false,
             workers: 2,
@@ -133,6 +138,15 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// These settings reading the shards `patterns` (the command line's `--shards`,
+    /// relative to the working directory) instead of what they named.
+    pub fn use_shards(&mut self, patterns: Vec<String>) {
+        self.kind = DataKind::Webdataset;
+        self.shards = patterns;
+        self.base_dir = PathBuf::from(".");
+        self.origin = PathBuf::from("--shards");
+    }
+
     /// The decoding bounds these settings ask for.
     pub fn image_limits(&self) -> transform::ImageLimits {
         transform::ImageLimits {

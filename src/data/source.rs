@@ -241,13 +241,13 @@ impl Source {
         seed_of(self.seed, what)
     }
 
-    /// Whether a batch can hold samples that did not materialise (every rank must then
-    /// agree on the readable pairs): everything but the synthetic set, which always does.
     /// The decoding threads each rank's pipeline runs.
     pub fn workers(&self) -> usize {
         self.config.workers.max(1)
     }
 
+    /// Whether a batch can hold samples that did not materialise (every rank must then
+    /// agree on the readable pairs): everything but the synthetic set, which always does.
     pub fn may_fail(&self) -> bool {
         self.config.kind != DataKind::Synthetic
     }

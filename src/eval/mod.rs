@@ -352,16 +352,37 @@ fn load_towers(
     Ok((image_tower, text_tower))
 }
 
-/// A progress bar over `n` images, with images/s.
-fn image_bar(n: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(n as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images · {per_sec}",
-        )
-        .expect("valid template"),
-    );
-    bar
+/// Runs `encode` on `0..n` in chunks of 256, with a progress bar (images/s) when
+/// `progress`; returns the items per second.
+fn in_chunks(
+    n: usize,
+    progress: bool,
+    mut encode: impl FnMut(std::ops::Range<usize>) -> Result<()>,
+) -> Result<f64> {
+    const CHUNK: usize = 256;
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(n as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images · {per_sec}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let started = std::time::Instant::now();
+    for start in (0..n).step_by(CHUNK) {
+        let range = start..(start + CHUNK).min(n);
+        let len = range.len();
+        encode(range)?;
+        if let Some(bar) = &bar {
+            bar.inc(len as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// A checkpoint's zero-shot classification of a labelled image set (`set`'s classes
@@ -373,26 +394,14 @@ pub fn zero_shot_checkpoint(
     set: &zero_shot::ZeroShotSet,
     progress: bool,
 ) -> Result<(zero_shot::ZeroShotScores, f64)> {
-    const CHUNK: usize = 256;
     let (image_tower, text_tower) = load_towers(checkpoint, model)?;
     let encode_text = |prompts: &[String]| encode_detached(&text_tower, &set.text_input(prompts)?);
     let classes = zero_shot::class_features(&set.images.classes, &set.templates, &encode_text)?;
-    let n = set.images.images.len();
-    let bar = progress.then(|| image_bar(n));
-    let started = std::time::Instant::now();
     let mut features = Vec::new();
-    for start in (0..n).step_by(CHUNK) {
-        let range = start..(start + CHUNK).min(n);
-        let len = range.len();
+    let rate = in_chunks(set.images.images.len(), progress, |range| {
         features.push(encode_detached(&image_tower, &set.image_input(range)?)?);
-        if let Some(bar) = &bar {
-            bar.inc(len as u64);
-        }
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+        Ok(())
+    })?;
     let labels = set.images.labels();
     let scores = zero_shot::zero_shot_scores(&Tensor::cat(&features, 0)?, &classes, &labels)?;
     Ok((scores, rate))
@@ -407,27 +416,16 @@ pub fn retrieval_checkpoint(
     set: &retrieval::RetrievalSet,
     progress: bool,
 ) -> Result<(retrieval::RetrievalScores, f64)> {
-    const CHUNK: usize = 256;
     let (image_tower, text_tower) = load_towers(checkpoint, model)?;
-    let n = set.pairs.len();
-    let bar = progress.then(|| image_bar(n));
-    let started = std::time::Instant::now();
     let (mut image, mut text) = (Vec::new(), Vec::new());
-    for start in (0..n).step_by(CHUNK) {
-        let range = start..(start + CHUNK).min(n);
-        let len = range.len();
-        let x = set.image_input(range.clone())?;
-        image.push(encode_detached(&image_tower, &x)?);
-        let t = set.text_input(range)?;
-        text.push(encode_detached(&text_tower, &t)?);
-        if let Some(bar) = &bar {
-            bar.inc(len as u64);
-        }
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let rate = in_chunks(set.pairs.len(), progress, |range| {
+        image.push(encode_detached(
+            &image_tower,
+            &set.image_input(range.clone())?,
+        )?);
+        text.push(encode_detached(&text_tower, &set.text_input(range)?)?);
+        Ok(())
+    })?;
     let scores = set.score(&Tensor::cat(&image, 0)?, &Tensor::cat(&text, 0)?)?;
     Ok((scores, rate))
 }

@@ -189,7 +189,7 @@ impl Default for CsvLabels {
     /// OpenCLIP's image column name (`--csv-img-key`), and `label`.
     fn default() -> Self {
         CsvLabels {
-            image: "filepath".into(),
+            image: crate::data::CSV_IMAGE_COLUMN.into(),
             label: "label".into(),
         }
     }

@@ -94,11 +94,11 @@ impl EvalSetConfig {
             image: self
                 .image_column
                 .clone()
-                .unwrap_or_else(|| "filepath".into()),
+                .unwrap_or_else(|| crate::data::CSV_IMAGE_COLUMN.into()),
             caption: self
                 .caption_column
                 .clone()
-                .unwrap_or_else(|| "title".into()),
+                .unwrap_or_else(|| crate::data::CSV_CAPTION_COLUMN.into()),
             delimiter: None,
         }
     }
