@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 
 use super::zero_shot::{decode_batch, ImageRef};
-use crate::data::convert::{read_rows, CsvColumns};
+use crate::data::convert::CsvColumns;
 use crate::data::transform::{Crop, ImageTransform};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
@@ -104,20 +104,10 @@ impl RetrievalSet {
         columns: &CsvColumns,
         model: &ClipConfig,
     ) -> Result<Self> {
-        let mut pairs = Vec::new();
-        for (row, (file, caption)) in read_rows(path, columns)?.into_iter().enumerate() {
-            let at = |message: String| Error::File {
-                path: path.to_path_buf(),
-                message: format!("line {}: {message}", row + 2),
-            };
-            if caption.is_empty() {
-                return Err(at(format!("blank `{}`", columns.caption)));
-            }
-            if !file.is_file() {
-                return Err(at(format!("no image file {}", file.display())));
-            }
-            pairs.push((ImageRef::File(file), caption));
-        }
+        let pairs = super::zero_shot::csv_rows(path, &columns.image, &columns.caption)?
+            .into_iter()
+            .map(|(file, caption)| (ImageRef::File(file), caption))
+            .collect();
         Self::new(name, pairs, path, model)
     }
 

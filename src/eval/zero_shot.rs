@@ -178,6 +178,39 @@ pub struct LabelledImages {
     pub classes: Vec<String>,
 }
 
+/// The rows of a CSV/TSV (`.tsv`: tab-separated) as (image file, resolved against the
+/// file's folder; the `value` column), every image present and every value non-blank; an
+/// error names the file and the line.
+pub(super) fn csv_rows(path: &Path, image: &str, value: &str) -> Result<Vec<(PathBuf, String)>> {
+    let columns = crate::data::convert::CsvColumns {
+        image: image.to_string(),
+        caption: value.to_string(),
+        delimiter: None,
+    };
+    let rows = crate::data::convert::read_rows(path, &columns)?;
+    for (row, (file, text)) in rows.iter().enumerate() {
+        if text.is_empty() {
+            return Err(csv_error(path, row, format!("blank `{value}`")));
+        }
+        if !file.is_file() {
+            return Err(csv_error(
+                path,
+                row,
+                format!("no image file {}", file.display()),
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// An error at data row `row` of CSV `path` (line `row + 2`, after the header).
+fn csv_error(path: &Path, row: usize, message: String) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        message: format!("line {}: {message}", row + 2),
+    }
+}
+
 /// Which columns of a zero-shot CSV/TSV hold the image path and the label.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsvLabels {
@@ -349,18 +382,8 @@ impl LabelledImages {
     /// classes are then the distinct names, sorted). A missing image, a blank label, or a
     /// label that is no class is an error naming the file and the line.
     pub fn from_csv(path: &Path, columns: &CsvLabels, names: Option<&Path>) -> Result<Self> {
-        let rows = crate::data::convert::read_rows(
-            path,
-            &crate::data::convert::CsvColumns {
-                image: columns.image.clone(),
-                caption: columns.label.clone(),
-                delimiter: None,
-            },
-        )?;
-        let at = |row: usize, message: String| Error::File {
-            path: path.to_path_buf(),
-            message: format!("line {}: {message}", row + 2),
-        };
+        let rows = csv_rows(path, &columns.image, &columns.label)?;
+        let at = |row: usize, message: String| csv_error(path, row, message);
         if rows.is_empty() {
             return Err(Error::File {
                 path: path.to_path_buf(),
@@ -391,10 +414,7 @@ impl LabelledImages {
             }
         };
         let mut images = Vec::with_capacity(rows.len());
-        for (row, (file, label)) in rows.iter().enumerate() {
-            if label.is_empty() {
-                return Err(at(row, format!("blank `{}`", columns.label)));
-            }
+        for (row, (file, label)) in rows.into_iter().enumerate() {
             let class = match label.parse::<usize>() {
                 Ok(index) if index < classes.len() => index,
                 Ok(index) => {
@@ -409,7 +429,7 @@ impl LabelledImages {
                         ),
                     ))
                 }
-                Err(_) => classes.iter().position(|c| c == label).ok_or_else(|| {
+                Err(_) => classes.iter().position(|c| *c == label).ok_or_else(|| {
                     at(
                         row,
                         format!(
@@ -422,10 +442,7 @@ impl LabelledImages {
                     )
                 })?,
             };
-            if !file.is_file() {
-                return Err(at(row, format!("no image file {}", file.display())));
-            }
-            images.push((ImageRef::File(file.clone()), class));
+            images.push((ImageRef::File(file), class));
         }
         Ok(LabelledImages {
             root: path.to_path_buf(),
