@@ -115,6 +115,18 @@ fn launch(kernel: String, grid: (usize, usize), args: Vec<Arg>) -> Launch {
     Launch { kernel, grid, args }
 }
 
+/// The plan of one launch; of none when there are no elements to work on.
+fn single(elements: usize, kernel: String, grid: (usize, usize), args: Vec<Arg>) -> Plan {
+    Plan {
+        scratch: Vec::new(),
+        launches: if elements > 0 {
+            vec![launch(kernel, grid, args)]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
 use Arg::Address;
 use Buffer::*;
 
@@ -122,9 +134,6 @@ use Buffer::*;
 /// `Bias` (f32, `width`) → `Output` (f32, rows × width), `Stats` (f32, 2 × rows: each
 /// row's mean and 1/σ).
 pub fn layer_norm_forward(values: Values, rows: usize, width: usize, eps: f32) -> Plan {
-    if rows == 0 {
-        return Plan::default();
-    }
     let args = vec![
         Address(Input),
         Address(Weight),
@@ -134,14 +143,12 @@ pub fn layer_norm_forward(values: Values, rows: usize, width: usize, eps: f32) -
         int(width),
         Arg::F32(eps),
     ];
-    Plan {
-        scratch: Vec::new(),
-        launches: vec![launch(
-            format!("layer_norm_fwd_{}", values.suffix()),
-            (rows, 1),
-            args,
-        )],
-    }
+    single(
+        rows,
+        format!("layer_norm_fwd_{}", values.suffix()),
+        (rows, 1),
+        args,
+    )
 }
 
 /// Layer norm backward: `Input`, `Weight`, `Stats` (forward's), `OutputGrad` (f32) →
@@ -226,14 +233,12 @@ pub fn gelu_forward(act: Gelu, values: Values, n: usize, width: usize, bias: boo
         long(n),
         int(width),
     ];
-    Plan {
-        scratch: Vec::new(),
-        launches: vec![launch(
-            format!("{}_fwd_{}", act.prefix(), values.suffix()),
-            (n.div_ceil(THREADS), 1),
-            args,
-        )],
-    }
+    single(
+        n,
+        format!("{}_fwd_{}", act.prefix(), values.suffix()),
+        (n.div_ceil(THREADS), 1),
+        args,
+    )
 }
 
 /// GELU backward: `Input`, `Bias` (when there is one), `OutputGrad` (all `values`) →
@@ -284,96 +289,64 @@ pub fn gelu_backward(act: Gelu, values: Values, n: usize, width: usize, bias: bo
 
 /// Softmax over rows of `width`: `Input` → `Output`, both `values`.
 pub fn softmax_forward(values: Values, rows: usize, width: usize) -> Plan {
-    let launches = (rows > 0)
-        .then(|| {
-            launch(
-                format!("softmax_fwd_{}", values.suffix()),
-                (rows, 1),
-                vec![Address(Input), Address(Output), int(width)],
-            )
-        })
-        .into_iter()
-        .collect();
-    Plan {
-        scratch: Vec::new(),
-        launches,
-    }
+    single(
+        rows,
+        format!("softmax_fwd_{}", values.suffix()),
+        (rows, 1),
+        vec![Address(Input), Address(Output), int(width)],
+    )
 }
 
 /// Softmax backward: `Output` (forward's) and `OutputGrad` → `InputGrad`, all `values`.
 pub fn softmax_backward(values: Values, rows: usize, width: usize) -> Plan {
-    let launches = (rows > 0)
-        .then(|| {
-            launch(
-                format!("softmax_bwd_{}", values.suffix()),
-                (rows, 1),
-                vec![
-                    Address(Output),
-                    Address(OutputGrad),
-                    Address(InputGrad),
-                    int(width),
-                ],
-            )
-        })
-        .into_iter()
-        .collect();
-    Plan {
-        scratch: Vec::new(),
-        launches,
-    }
+    single(
+        rows,
+        format!("softmax_bwd_{}", values.suffix()),
+        (rows, 1),
+        vec![
+            Address(Output),
+            Address(OutputGrad),
+            Address(InputGrad),
+            int(width),
+        ],
+    )
 }
 
 /// Embedding lookup: `Weight` (the table, `values`, rows × width) at `Ids` (u32, `ids`)
 /// → `Output` (`values`, ids × width).
 pub fn embedding_forward(values: Values, rows: usize, width: usize, ids: usize) -> Plan {
     let n = ids * width;
-    let launches = (n > 0)
-        .then(|| {
-            launch(
-                format!("embedding_fwd_{}", values.suffix()),
-                (n.div_ceil(THREADS), 1),
-                vec![
-                    Address(Weight),
-                    Address(Ids),
-                    Address(Output),
-                    long(n),
-                    int(width),
-                    int(rows),
-                ],
-            )
-        })
-        .into_iter()
-        .collect();
-    Plan {
-        scratch: Vec::new(),
-        launches,
-    }
+    single(
+        n,
+        format!("embedding_fwd_{}", values.suffix()),
+        (n.div_ceil(THREADS), 1),
+        vec![
+            Address(Weight),
+            Address(Ids),
+            Address(Output),
+            long(n),
+            int(width),
+            int(rows),
+        ],
+    )
 }
 
 /// Its backward: `Ids` and `OutputGrad` (`values`) → `WeightGrad` (`values`, the whole
 /// table: zero where no id points).
 pub fn embedding_backward(values: Values, rows: usize, width: usize, ids: usize) -> Plan {
-    let launches = (rows * width > 0)
-        .then(|| {
-            launch(
-                format!("embedding_bwd_{}", values.suffix()),
-                (rows.div_ceil(EMBEDDING_TILE), columns(width)),
-                vec![
-                    Address(Ids),
-                    Address(OutputGrad),
-                    Address(WeightGrad),
-                    long(ids),
-                    int(width),
-                    int(rows),
-                ],
-            )
-        })
-        .into_iter()
-        .collect();
-    Plan {
-        scratch: Vec::new(),
-        launches,
-    }
+    single(
+        rows * width,
+        format!("embedding_bwd_{}", values.suffix()),
+        (rows.div_ceil(EMBEDDING_TILE), columns(width)),
+        vec![
+            Address(Ids),
+            Address(OutputGrad),
+            Address(WeightGrad),
+            long(ids),
+            int(width),
+            int(rows),
+        ],
+    )
 }
 
 /// How an attention mask `[samples or 1, queries or 1, len]` broadcasts: its strides
@@ -404,54 +377,38 @@ pub fn attention_softmax_forward(
             },
         ),
     };
-    let launches = (rows > 0)
-        .then(|| {
-            launch(
-                "attention_softmax_fwd_f32".into(),
-                (rows, 1),
-                vec![
-                    Address(Input),
-                    mask_at,
-                    Address(Output),
-                    int(len),
-                    int(heads),
-                    long(strides.sample),
-                    int(strides.query),
-                    Arg::F32(scale),
-                ],
-            )
-        })
-        .into_iter()
-        .collect();
-    Plan {
-        scratch: Vec::new(),
-        launches,
-    }
+    single(
+        rows,
+        "attention_softmax_fwd_f32".into(),
+        (rows, 1),
+        vec![
+            Address(Input),
+            mask_at,
+            Address(Output),
+            int(len),
+            int(heads),
+            long(strides.sample),
+            int(strides.query),
+            Arg::F32(scale),
+        ],
+    )
 }
 
 /// Its backward: `Output` (the probabilities) and `OutputGrad` → `InputGrad`, the raw
 /// scores' gradient (all f32).
 pub fn attention_softmax_backward(rows: usize, len: usize, scale: f32) -> Plan {
-    let launches = (rows > 0)
-        .then(|| {
-            launch(
-                "attention_softmax_bwd_f32".into(),
-                (rows, 1),
-                vec![
-                    Address(Output),
-                    Address(OutputGrad),
-                    Address(InputGrad),
-                    int(len),
-                    Arg::F32(scale),
-                ],
-            )
-        })
-        .into_iter()
-        .collect();
-    Plan {
-        scratch: Vec::new(),
-        launches,
-    }
+    single(
+        rows,
+        "attention_softmax_bwd_f32".into(),
+        (rows, 1),
+        vec![
+            Address(Output),
+            Address(OutputGrad),
+            Address(InputGrad),
+            int(len),
+            Arg::F32(scale),
+        ],
+    )
 }
 
 #[cfg(test)]
