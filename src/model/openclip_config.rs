@@ -21,17 +21,27 @@ use crate::error::{Error, Result};
 const HEAD_WIDTH: u64 = 64;
 
 /// Fields mmpipe does not model, accepted at these values only (OpenCLIP's defaults, and
-/// what leaves the model unchanged).
-const VISION_DEFAULTS: &[(&str, &[&str])] = &[
+/// what leaves the model unchanged): both towers' (`CLIPVisionCfg` and `CLIPTextCfg`
+/// share them), then each tower's own, then the model's.
+const TOWER_DEFAULTS: &[(&str, &[&str])] = &[
     ("ls_init_value", &["null"]),
-    ("patch_dropout", &["0", "0.0"]),
-    ("no_ln_pre", &["false"]),
-    ("pos_embed_type", &["\"learnable\""]),
     ("final_ln_after_pool", &["false"]),
-    ("pool_type", &["\"tok\""]),
     ("output_tokens", &["false"]),
     ("act_kwargs", &["null"]),
     ("norm_kwargs", &["null"]),
+    ("block_type", &["null"]),
+    ("qk_norm", &["false"]),
+    ("scaled_cosine_attn", &["false"]),
+    ("scale_heads", &["false"]),
+    ("scale_attn_inner", &["false"]),
+    ("scale_attn", &["false"]),
+    ("scale_fc", &["false"]),
+];
+const VISION_DEFAULTS: &[(&str, &[&str])] = &[
+    ("patch_dropout", &["0", "0.0"]),
+    ("no_ln_pre", &["false"]),
+    ("pos_embed_type", &["\"learnable\""]),
+    ("pool_type", &["\"tok\""]),
     ("input_patchnorm", &["false"]),
     ("global_average_pool", &["false"]),
     ("timm_model_name", &["null"]),
@@ -41,26 +51,14 @@ const VISION_DEFAULTS: &[(&str, &[&str])] = &[
     ("timm_proj_bias", &["false"]),
     ("timm_drop", &["0", "0.0"]),
     ("timm_drop_path", &["null"]),
-    ("block_type", &["null"]),
-    ("qk_norm", &["false"]),
-    ("scaled_cosine_attn", &["false"]),
-    ("scale_heads", &["false"]),
-    ("scale_attn_inner", &["false"]),
-    ("scale_attn", &["false"]),
-    ("scale_fc", &["false"]),
 ];
 const TEXT_DEFAULTS: &[(&str, &[&str])] = &[
-    ("ls_init_value", &["null"]),
     ("embed_cls", &["false"]),
     ("pad_id", &["0"]),
     ("no_causal_mask", &["false"]),
-    ("final_ln_after_pool", &["false"]),
     ("pool_type", &["\"argmax\""]),
     ("proj_bias", &["false"]),
     ("proj_type", &["\"linear\""]),
-    ("output_tokens", &["false"]),
-    ("act_kwargs", &["null"]),
-    ("norm_kwargs", &["null"]),
     ("hf_model_name", &["null"]),
     ("hf_tokenizer_name", &["null"]),
     ("hf_model_pretrained", &["true"]),
@@ -68,13 +66,6 @@ const TEXT_DEFAULTS: &[(&str, &[&str])] = &[
     ("hf_pooler_type", &["\"mean_pooler\""]),
     ("tokenizer_kwargs", &["null"]),
     ("tokenizer_mode", &["null"]),
-    ("block_type", &["null"]),
-    ("qk_norm", &["false"]),
-    ("scaled_cosine_attn", &["false"]),
-    ("scale_heads", &["false"]),
-    ("scale_attn_inner", &["false"]),
-    ("scale_attn", &["false"]),
-    ("scale_fc", &["false"]),
 ];
 const TOP_DEFAULTS: &[(&str, &[&str])] = &[
     ("custom_text", &["false"]),
@@ -101,7 +92,7 @@ pub fn from_str(text: &str, origin: &Path) -> Result<ClipConfig> {
     let top = Fields::new(&value, "", origin)?;
     top.only(
         &["embed_dim", "quick_gelu", "vision_cfg", "text_cfg"],
-        TOP_DEFAULTS,
+        &[TOP_DEFAULTS],
     )?;
     let act = if top.boolean("quick_gelu", false)? {
         Activation::QuickGelu
@@ -130,7 +121,7 @@ fn vision_tower(v: &Fields, act: Activation) -> Result<ImageTowerConfig> {
         Some(Value::Array(stages)) => {
             v.only(
                 &["image_size", "layers", "width", "head_width", "patch_size"],
-                VISION_DEFAULTS,
+                &[TOWER_DEFAULTS, VISION_DEFAULTS],
             )?;
             let layers: Vec<usize> = stages
                 .iter()
@@ -166,7 +157,7 @@ fn vision_tower(v: &Fields, act: Activation) -> Result<ImageTowerConfig> {
                     "attn_pooler_queries",
                     "attn_pooler_heads",
                 ],
-                VISION_DEFAULTS,
+                &[TOWER_DEFAULTS, VISION_DEFAULTS],
             )?;
             if !width.is_multiple_of(head_width.max(1)) {
                 return Err(v.bad(
@@ -204,7 +195,7 @@ fn text_tower(t: &Fields, act: Activation) -> Result<TextTowerConfig> {
             // here) finds the end-of-text token as the largest id.
             "eos_id",
         ],
-        TEXT_DEFAULTS,
+        &[TOWER_DEFAULTS, TEXT_DEFAULTS],
     )?;
     Ok(TextTowerConfig::Clip(TextTransformerConfig {
         vocab_size: t.int("vocab_size", Some(49408))?,
@@ -252,13 +243,18 @@ impl<'a> Fields<'a> {
         self.get(field).ok_or_else(|| self.bad(field, "missing"))
     }
 
-    /// Every field is one of `known`, or one of `defaults` at a value listed there.
-    fn only(&self, known: &[&str], defaults: &[(&str, &[&str])]) -> Result<()> {
+    /// Every field is one of `known`, or in one of the `defaults` lists at a value listed
+    /// there.
+    fn only(&self, known: &[&str], defaults: &[&[(&str, &[&str])]]) -> Result<()> {
         for (field, value) in self.map {
             if known.contains(&field.as_str()) {
                 continue;
             }
-            match defaults.iter().find(|(name, _)| name == field) {
+            match defaults
+                .iter()
+                .flat_map(|d| d.iter())
+                .find(|(name, _)| name == field)
+            {
                 Some((_, allowed)) if allowed.contains(&value.to_string().as_str()) => {}
                 Some((_, allowed)) => {
                     return Err(self.bad(
