@@ -1278,6 +1278,39 @@ fn data_bench_measures_the_image_pipeline() {
         );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
+    // A training config's [data] and model reach it too: its workers, its shards.
+    let dir = std::env::temp_dir().join(format!("mmpipe-data-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("train.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\n[data]\nkind = \"webdataset\"\nshards = [{:?}]\nworkers = 3\n",
+            std::fs::canonicalize("configs/clip-tiny-bpe.toml").unwrap(),
+            std::fs::canonicalize("tests/fixtures/real-photos.tar")
+                .unwrap()
+                .display()
+                .to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmpipe"))
+        .args(["data", "bench", "--config"])
+        .arg(&config)
+        .args(["--batch", "8", "--batches", "2", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["workers"].as_u64(), v["batches"].as_u64()),
+        (Some(3), Some(2)),
+        "{v}"
+    );
     for workers in [1, 3] {
         let v = run(&workers.to_string());
         assert_eq!(v["workers"], workers, "{v}");

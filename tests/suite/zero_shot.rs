@@ -611,23 +611,47 @@ fn retrieval_sets_score_during_training_like_eval_on_the_checkpoint() {
     assert_eq!(during["chance_r1"], single["retrieval"]["chance_r1"]);
 }
 
-/// The issue's "done when": `mmpipe train --shards … --config X` with a zero-shot set and
-/// a retrieval set prints both at each evaluation during training (off a terminal too, in
+/// The issue's "done when": `mmpipe train --shards … --config X` with zero-shot sets (a
+/// folder, and the same images as a CSV whose columns the config names) and a retrieval
+/// set prints them at each evaluation during training (off a terminal too, in
 /// a job's log), and writes them to the metrics JSONL and to TensorBoard under the sets'
 /// names, with the recall named as the held-out evaluation's is.
 #[test]
 fn train_on_shards_prints_and_logs_both_kinds_of_sets() {
     let dir = fresh_dir("done");
     let fixture = |p: &str| std::fs::canonicalize(Path::new("tests/fixtures").join(p)).unwrap();
+    // The texture folder again as a CSV with its own column names, beside the config.
+    let mut csv = String::from("image,texture\n");
+    let classes = fixture("openclip-eval/classes");
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(&classes)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    folders.sort();
+    for folder in &folders {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for file in files {
+            let class = folder.file_name().unwrap().to_string_lossy();
+            csv.push_str(&format!("{},{class}\n", file.display()));
+        }
+    }
+    std::fs::write(dir.join("textures.csv"), csv).unwrap();
     let config = dir.join("x.toml");
     std::fs::write(
         &config,
         format!(
             "model = {:?}\n[eval]\nevery = 2\n\
              [[eval.sets]]\nname = \"textures\"\nfolder = {:?}\ntemplates = {:?}\n\
+             [[eval.sets]]\nname = \"textures-csv\"\ncsv = \"textures.csv\"\n\
+             image_column = \"image\"\nlabel_column = \"texture\"\ntemplates = {:?}\n\
              [[eval.sets]]\nname = \"photos\"\nkind = \"retrieval\"\nshards = [{:?}]\n",
             std::fs::canonicalize("configs/clip-tiny-bpe.toml").unwrap(),
-            fixture("openclip-eval/classes"),
+            classes,
+            fixture("openclip-eval/templates.txt"),
             fixture("openclip-eval/templates.txt"),
             fixture("openclip-eval/retrieval.tar").display().to_string(),
         ),
@@ -669,6 +693,8 @@ fn train_on_shards_prints_and_logs_both_kinds_of_sets() {
     for e in &evals {
         let sets = &e["eval"]["sets"];
         assert_eq!(sets["textures"]["images"], 32, "{e}");
+        // The CSV of the same images and classes (its columns named in the config).
+        assert_eq!(sets["textures-csv"], sets["textures"], "{e}");
         assert!(sets["photos"]["recall"]["image_to_text_r1"].is_f64(), "{e}");
     }
     let file = std::fs::read_dir(&events)
