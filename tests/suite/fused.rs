@@ -413,6 +413,146 @@ fn fused_attention_is_the_same_on_one_thread_and_several() {
 
 /// An input that needs no gradient (pixels: not a variable, not computed from one) gets
 /// none from the fused linear, and the weight's gradient is still exact.
+/// The GPU attention's GEMMs (`head_gemms`: one cuBLAS strided-batched call per head that
+/// reads q, k and v inside the packed projections and writes the merged heads in place),
+/// run on the CPU by a reading of cuBLAS's contract (its argument checks, bounds checked),
+/// with the softmax and its backward in f64 between them as the kernels do it: the output
+/// and the packed projections' gradient equal the plain ops' for every kind of mask, and
+/// each stage writes every element of its output.
+#[test]
+fn attention_head_gemms_equal_the_plain_ops() {
+    use fused::head_gemms::{calls, cublas_reference, Dims, Operand, Stage};
+    fn stage(stage: Stage, dims: Dims, inputs: &[(Operand, &[f64])], out: &mut [f64]) {
+        for call in calls(stage, dims) {
+            let input = |o: Operand| inputs.iter().find(|(x, _)| *x == o).unwrap().1;
+            cublas_reference(&call, input(call.a.operand), input(call.b.operand), out)
+                .unwrap_or_else(|e| panic!("{stage:?}: {e}"));
+        }
+    }
+    fn written(what: &str, v: &[f64]) {
+        assert!(
+            v.iter().all(|x| !x.is_nan()),
+            "{what}: an element left unwritten"
+        );
+    }
+    for (n, len, heads, d) in [(3, 7, 2, 4), (2, 5, 3, 5)] {
+        let (w, scale) = (heads * d, 1.0 / (d as f64).sqrt());
+        let dims = Dims {
+            n,
+            len,
+            heads,
+            width: w,
+        };
+        let qkv = (fixed_values(&[n, len, 3 * w], 0.3) * 2.5).unwrap();
+        let per_query = (fixed_values(&[n, len, len], 0.7) * 4.0).unwrap();
+        let masks = [
+            ("no mask", None),
+            (
+                "causal",
+                Some(causal_mask(len, DType::F64).unsqueeze(0).unwrap()),
+            ),
+            (
+                "padding",
+                Some(padding_mask(n, len, DType::F64).squeeze(1).unwrap()),
+            ),
+            ("per sample and query", Some(per_query)),
+        ];
+        for (name, mask) in &masks {
+            let label = format!("{n}×{len}, {heads} heads of {d}, {name}");
+            let x = values(&qkv);
+            // The mask as the kernel reads it: [n or 1, len or 1, len], broadcast.
+            let mask_at = |b: usize, i: usize, j: usize| {
+                mask.as_ref().map_or(0.0, |m| {
+                    let (mb, mq, _) = m.dims3().unwrap();
+                    let row = if mb > 1 { b * mq } else { 0 } + if mq > 1 { i } else { 0 };
+                    values(m)[row * len + j]
+                })
+            };
+            let scores_len = dims.size(Operand::Scores);
+            let mut raw = vec![f64::NAN; scores_len];
+            stage(Stage::Scores, dims, &[(Operand::Packed, &x)], &mut raw);
+            written("raw scores", &raw);
+            let mut p = raw.clone();
+            for (r, row) in p.chunks_mut(len).enumerate() {
+                let (b, i) = (r / (heads * len), r % len);
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = *s * scale + mask_at(b, i, j);
+                }
+                let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = row.iter().map(|s| (s - max).exp()).sum();
+                row.iter_mut().for_each(|s| *s = (*s - max).exp() / sum);
+            }
+            let mut out = vec![f64::NAN; dims.size(Operand::Merged)];
+            let inputs = [(Operand::Scores, &p[..]), (Operand::Packed, &x[..])];
+            stage(Stage::Mix, dims, &inputs, &mut out);
+            written("output", &out);
+
+            let plain_mask = mask.as_ref();
+            let qkv_var = Var::from_tensor(&qkv).unwrap();
+            let (want, grads) = value_and_grads(&[&qkv_var], &|t| {
+                fused::attention_plain(&t[0], heads, plain_mask).unwrap()
+            });
+            let got = Tensor::from_vec(out, (n, len, w), &candle_core::Device::Cpu).unwrap();
+            if let Some((at, a, b)) = worst_violation(&got, &want, 1e-12, 1e-14, Relative::Tensor) {
+                panic!("{label}: output[{at}] is {a}, the plain ops' {b}");
+            }
+
+            // Backward, from the same output gradient `value_and_grads` weights with.
+            let g = values(&fixed_values(&[n, len, w], 1.1));
+            let mut dqkv = vec![f64::NAN; dims.size(Operand::Packed)];
+            let inputs = [(Operand::Scores, &p[..]), (Operand::Merged, &g[..])];
+            stage(Stage::ValueGrad, dims, &inputs, &mut dqkv);
+            let mut dp = vec![f64::NAN; scores_len];
+            let inputs = [(Operand::Merged, &g[..]), (Operand::Packed, &x[..])];
+            stage(Stage::ProbsGrad, dims, &inputs, &mut dp);
+            written("probabilities' gradient", &dp);
+            let mut ds = dp;
+            for (row, p) in ds.chunks_mut(len).zip(p.chunks(len)) {
+                let dot: f64 = row.iter().zip(p).map(|(g, p)| g * p).sum();
+                for (g, p) in row.iter_mut().zip(p) {
+                    *g = p * (*g - dot) * scale;
+                }
+            }
+            let inputs = [(Operand::Scores, &ds[..]), (Operand::Packed, &x[..])];
+            stage(Stage::QueryGrad, dims, &inputs, &mut dqkv);
+            stage(Stage::KeyGrad, dims, &inputs, &mut dqkv);
+            written("packed projections' gradient", &dqkv);
+            let got = Tensor::from_vec(dqkv, (n, len, 3 * w), &candle_core::Device::Cpu).unwrap();
+            if let Some((at, a, b)) =
+                worst_violation(&got, &grads[0], 1e-12, 1e-14, Relative::Tensor)
+            {
+                panic!("{label}: d qkv[{at}] is {a}, the plain ops' {b}");
+            }
+        }
+    }
+}
+
+/// A call whose leading dimension is below the rows it spans is one cuBLAS refuses (and
+/// one past its operand reads another's memory): the reference refuses both, so the test
+/// above could see a wrong layout.
+#[test]
+fn the_cublas_reference_refuses_what_cublas_would() {
+    use fused::head_gemms::{calls, cublas_reference, Dims, Operand, Stage};
+    let dims = Dims {
+        n: 2,
+        len: 3,
+        heads: 2,
+        width: 4,
+    };
+    let call = calls(Stage::Scores, dims)[1];
+    let x = vec![1.0; dims.size(Operand::Packed)];
+    let mut c = vec![0.0; dims.size(Operand::Scores)];
+    assert!(cublas_reference(&call, &x, &x, &mut c).is_ok());
+    let mut narrow = call;
+    narrow.a.ld = 1;
+    let e = cublas_reference(&narrow, &x, &x, &mut c).unwrap_err();
+    assert!(e.contains("leading dimension"), "{e}");
+    let mut past = call;
+    past.b.offset += 3 * dims.width;
+    let e = cublas_reference(&past, &x, &x, &mut c).unwrap_err();
+    assert!(e.contains("past"), "{e}");
+}
+
 #[test]
 fn fused_linear_skips_the_gradient_of_constant_inputs() {
     let x = fixed_values(&[7, 4], 0.2);
@@ -952,11 +1092,13 @@ mod cuda {
         }
     }
 
-    /// Attention on the GPU (its scores' scale, mask and softmax in the CUDA kernels), f32
-    /// and bf16 packed projections, no mask, a causal mask and a padding mask, against the
-    /// plain ops in f64 on the CPU: the output and the projections' gradient.
+    /// Attention on the GPU both ways it runs there, f32 and bf16 packed projections, no
+    /// mask, a causal mask and a padding mask, against the plain ops in f64 on the CPU (the
+    /// output and the projections' gradient): `fused::attention` (the GEMMs on the heads in
+    /// place, `head_gemms`) and `attention_plain` (per-head copies; the scale, mask and
+    /// softmax in the CUDA kernel).
     #[test]
-    fn the_cuda_attention_softmax_equals_the_plain_ops() {
+    fn the_cuda_attention_equals_the_plain_ops() {
         let dev = gpu();
         let (n, heads, len, width) = (3, 4, 77, 64);
         let causal: Vec<f32> = (0..len * len)
@@ -994,23 +1136,36 @@ mod cuda {
                 let g = Tensor::randn(0f32, 1.0, (n, len, width), &Device::Cpu).unwrap();
                 let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
                 let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                // `attention_plain` takes the mask as `[n or 1, len or 1, len]`,
+                // `attention` as `[len, len]` or `[n, 1, len or 1, len]`.
                 let gpu_mask = mask.map(on_gpu);
-                let kernel = value_and_grad(
-                    &|x| fused::attention(x, heads, gpu_mask.as_ref()).unwrap(),
-                    &on_gpu(&qkv),
-                    &on_gpu(&g),
-                );
+                let user_mask = gpu_mask.as_ref().map(|m| match m.dims3().unwrap() {
+                    (1, q, k) => m.reshape((q, k)).unwrap(),
+                    (b, q, k) => m.reshape((b, 1, q, k)).unwrap(),
+                });
                 let cpu_mask = mask.map(wide);
                 let reference = value_and_grad(
                     &|x| fused::attention_plain(x, heads, cpu_mask.as_ref()).unwrap(),
                     &wide(&qkv),
                     &wide(&g),
                 );
-                for (i, part) in ["output", "d qkv"].iter().enumerate() {
-                    if let Some((at, a, b)) =
-                        worst_violation(&kernel[i], &reference[i], rel, 1e-5, Relative::Tensor)
-                    {
-                        panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
+                let in_place = value_and_grad(
+                    &|x| fused::attention(x, heads, user_mask.as_ref()).unwrap(),
+                    &on_gpu(&qkv),
+                    &on_gpu(&g),
+                );
+                let copies = value_and_grad(
+                    &|x| fused::attention_plain(x, heads, gpu_mask.as_ref()).unwrap(),
+                    &on_gpu(&qkv),
+                    &on_gpu(&g),
+                );
+                for (way, got) in [("heads in place", in_place), ("head copies", copies)] {
+                    for (i, part) in ["output", "d qkv"].iter().enumerate() {
+                        if let Some((at, a, b)) =
+                            worst_violation(&got[i], &reference[i], rel, 1e-5, Relative::Tensor)
+                        {
+                            panic!("{label}, {way}: {part}[{at}] is {a}, the plain ops' {b}");
+                        }
                     }
                 }
             }
@@ -1128,5 +1283,39 @@ mod cuda {
              kernels {kernel:.3} ms, plain ops {plain_ms:.3} ms",
             n * heads
         );
+        // Whole attention at the same size (packed projections [256, 197, 3 × 768]):
+        // the GEMMs on the heads in place against per-head copies.
+        let width = 768;
+        for dtype in [DType::F32, DType::BF16] {
+            let qkv = Tensor::randn(0f32, 1.0, (n, len, 3 * width), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::randn(0f32, 1.0, (n, len, width), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let time_attention = |f: &dyn Fn(&Tensor) -> Tensor| {
+                let step = || {
+                    let xv = Var::from_tensor(&qkv).unwrap();
+                    let y = f(xv.as_tensor());
+                    (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                    dev.synchronize().unwrap();
+                };
+                step();
+                let started = std::time::Instant::now();
+                for _ in 0..10 {
+                    step();
+                }
+                started.elapsed().as_secs_f64() * 1e3 / 10.0
+            };
+            let in_place = time_attention(&|x| fused::attention(x, heads, None).unwrap());
+            let copies = time_attention(&|x| fused::attention_plain(x, heads, None).unwrap());
+            println!(
+                "attention {n}x{len}, {heads} heads of {}, {dtype:?}, forward + backward: \
+                 heads in place {in_place:.3} ms, per-head copies {copies:.3} ms",
+                width / heads
+            );
+        }
     }
 }

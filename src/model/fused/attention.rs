@@ -24,7 +24,13 @@ pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Te
         None => None,
     };
     if !on_cpu(qkv) {
-        return attention_plain(qkv, heads, mask.as_ref().map(|m| &m.values));
+        let mask = mask.as_ref().map(|m| &m.values);
+        // On a GPU, the heads read in place by cuBLAS (`head_gemms.rs`), no copies.
+        #[cfg(feature = "cuda")]
+        if super::cuda::attention_applies(qkv, mask) {
+            return super::cuda::attention(qkv, heads, mask);
+        }
+        return attention_plain(qkv, heads, mask);
     }
     Ok(qkv.contiguous()?.apply_op1(AttentionOp {
         heads,

@@ -1,6 +1,7 @@
 //! The fused ops' CUDA kernels, with their own backward: layer norm (`layer_norm.cu`),
 //! exact and quick GELU with an optional bias (`gelu.cu`) and softmax (`softmax.cu`), over
-//! what they share (`kernels.cuh`), launched as `plan.rs` lays out.
+//! what they share (`kernels.cuh`), launched as `plan.rs` lays out; and attention, its
+//! GEMMs through cuBLAS on the heads in place as `head_gemms.rs` lays out.
 //! One pass over memory forward and one or two backward, where candle's composition of
 //! small ops launches a kernel and makes a pass per op (GELU through `erf` was eight, and
 //! two casts under bf16).
@@ -22,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 use crate::error::Result;
 
+use super::head_gemms::{self, Dims, Operand, Stage};
 use super::plan::{self, Buffer, Plan, Values, SOURCE, THREADS};
 
 /// The module name the kernels load under, once per device.
@@ -542,15 +544,20 @@ pub fn attention_softmax(
     let scores = scores.contiguous()?;
     Ok(match mask {
         Some(m) => {
-            let (b, q, _) = m.dims3()?;
-            let strides = plan::MaskStrides {
-                sample: if b > 1 { q * len } else { 0 },
-                query: if q > 1 { len } else { 0 },
-            };
+            let strides = mask_strides(m, len)?;
             let m = m.to_dtype(DType::F32)?.contiguous()?;
             scores.apply_op2(&m, op(Some(strides)))?
         }
         None => scores.apply_op1(op(None))?,
+    })
+}
+
+/// How a mask `[n or 1, len or 1, len]` broadcasts over samples and queries.
+fn mask_strides(mask: &Tensor, len: usize) -> Result<plan::MaskStrides> {
+    let (b, q, _) = mask.dims3()?;
+    Ok(plan::MaskStrides {
+        sample: if b > 1 { q * len } else { 0 },
+        query: if q > 1 { len } else { 0 },
     })
 }
 
@@ -670,6 +677,353 @@ impl CustomOp2 for AttentionSoftmax {
         dp: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(self.backward(p, dp)?), None))
+    }
+}
+
+// Attention, its GEMMs on the heads in place.
+
+/// Whether the CUDA attention takes these: packed projections `[n, len, 3·w]` of f32 or
+/// bf16 on a GPU, and a mask (if any) `[n or 1, len or 1, len]` there.
+pub fn attention_applies(qkv: &Tensor, mask: Option<&Tensor>) -> bool {
+    let Ok((n, len, width3)) = qkv.dims3() else {
+        return false;
+    };
+    qkv.device().is_cuda()
+        && matches!(qkv.dtype(), DType::F32 | DType::BF16)
+        && n * len * width3 > 0
+        && mask.is_none_or(|m| {
+            m.rank() == 3 && m.dims()[2] == len && m.device().same_device(qkv.device())
+        })
+}
+
+/// `softmax(q kᵀ/√d + mask) v` with the heads merged, `[n, len, w]`, from the packed
+/// projections (what [`attention_applies`] accepted; `fused::attention` checks the
+/// shapes): the GEMMs read and write the heads in place (`head_gemms.rs`), the scores in
+/// f32 whatever the values' dtype, the softmax with its scale and mask in one kernel each
+/// way. Backward alike: two GEMMs, the softmax's backward, two more, into one gradient.
+pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (n, len, width3) = qkv.dims3()?;
+    let dims = Dims {
+        n,
+        len,
+        heads,
+        width: width3 / 3,
+    };
+    let (mask, strides) = match mask {
+        Some(m) => (
+            Some(m.to_dtype(DType::F32)?.contiguous()?),
+            Some(mask_strides(m, len)?),
+        ),
+        None => (None, None),
+    };
+    let op = HeadsAttention {
+        dims,
+        softmax: AttentionSoftmax {
+            heads,
+            scale: (1.0 / (dims.head() as f64).sqrt()) as f32,
+            strides,
+            samples: n,
+        },
+        mask,
+        probs: Mutex::new(None),
+    };
+    Ok(qkv.contiguous()?.apply_op1(op)?)
+}
+
+struct HeadsAttention {
+    dims: Dims,
+    softmax: AttentionSoftmax,
+    /// f32, contiguous, on the GPU.
+    mask: Option<Tensor>,
+    probs: Mutex<Option<Probs>>,
+}
+
+/// The probabilities `[n, heads, len, len]` from forward, for backward.
+struct Probs {
+    /// In f32, as the softmax's backward reads them.
+    exact: CudaStorage,
+    /// Rounded to the values' dtype for the GEMMs (none in f32: `exact` serves).
+    rounded: Option<CudaStorage>,
+}
+
+impl Probs {
+    fn for_gemms(&self) -> &CudaStorage {
+        self.rounded.as_ref().unwrap_or(&self.exact)
+    }
+}
+
+impl HeadsAttention {
+    fn scores_layout(&self) -> Layout {
+        let Dims { n, len, heads, .. } = self.dims;
+        Layout::contiguous((n * heads, len, len))
+    }
+
+    fn check(&self, what: &str, layout: &Layout, operand: Operand) -> candle_core::Result<()> {
+        if layout.shape().elem_count() != self.dims.size(operand) {
+            return Err(cuda_err(format!(
+                "attention's {what} of shape {:?} for {:?}",
+                layout.shape().dims(),
+                self.dims
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `f32` rounded to `dtype` on the GPU (a copy), or none where `dtype` is f32.
+fn rounded(
+    s: &CudaStorage,
+    layout: &Layout,
+    dtype: DType,
+) -> candle_core::Result<Option<CudaStorage>> {
+    match dtype {
+        DType::F32 => Ok(None),
+        other => Ok(Some(s.to_dtype(layout, other)?)),
+    }
+}
+
+/// Runs one stage of attention's GEMMs (`head_gemms.rs`: a cuBLAS call per head) on
+/// `device`'s stream, its inputs found by operand, its output written whole (beta 0).
+fn head_gemms(
+    device: &CudaDevice,
+    stage: Stage,
+    dims: Dims,
+    inputs: &[(Operand, u64, DType)],
+    output: (u64, DType),
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+    let input = |operand: Operand| {
+        inputs
+            .iter()
+            .find(|(o, ..)| *o == operand)
+            .map(|&(_, at, dtype)| (at, dtype))
+            .ok_or_else(|| cuda_err(format!("no {operand:?} input for attention's {stage:?}")))
+    };
+    let data_type = |dtype: DType| match dtype {
+        DType::F32 => Ok(sys::cudaDataType_t::CUDA_R_32F),
+        DType::BF16 => Ok(sys::cudaDataType_t::CUDA_R_16BF),
+        other => Err(cuda_err(format!("attention GEMMs on {other:?}"))),
+    };
+    let op = |transposed: bool| {
+        if transposed {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let address = |(base, dtype): (u64, DType), arg: &head_gemms::Arg| {
+        base + (arg.offset * dtype.size_in_bytes()) as u64
+    };
+    let blas = device.cublas_handle();
+    let (alpha, beta) = (1f32, 0f32);
+    for call in head_gemms::calls(stage, dims) {
+        let (a, b) = (input(call.a.operand)?, input(call.b.operand)?);
+        // TF32 where the precision policy allows it for f32 GEMMs (as candle's matmul);
+        // bf16 operands multiply exactly into f32 sums.
+        let compute =
+            if a.1 == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            };
+        // SAFETY: the callers pass live buffers of `dims`' sizes (checked against their
+        // layouts), which every call stays inside (`head_gemms::cublas_reference` checks
+        // the same calls' bounds in the tests); cuBLAS runs on the buffers' stream.
+        unsafe {
+            result::gemm_strided_batched_ex(
+                *blas.handle(),
+                op(call.transa),
+                op(call.transb),
+                call.m,
+                call.n,
+                call.k,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                address(a, &call.a) as *const std::ffi::c_void,
+                data_type(a.1)?,
+                call.a.ld,
+                call.a.stride,
+                address(b, &call.b) as *const std::ffi::c_void,
+                data_type(b.1)?,
+                call.b.ld,
+                call.b.stride,
+                &beta as *const f32 as *const std::ffi::c_void,
+                address(output, &call.c) as *mut std::ffi::c_void,
+                data_type(output.1)?,
+                call.c.ld,
+                call.c.stride,
+                call.batch,
+                compute,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(cuda_err)?;
+    }
+    Ok(())
+}
+
+impl CustomOp1 for HeadsAttention {
+    fn name(&self) -> &'static str {
+        "cuda-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA attention called on CPU tensors"))
+    }
+
+    fn cuda_fwd(&self, qkv: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.check("input", l, Operand::Packed)?;
+        let device = qkv.device().clone();
+        let stream = device.cuda_stream();
+        let (dims, dtype) = (self.dims, qkv.dtype());
+        let packed = (Operand::Packed, storage_address(qkv, l, &stream)?, dtype);
+        // SAFETY: the GEMMs write every element before the softmax reads it.
+        let raw = unsafe { device.alloc::<f32>(dims.size(Operand::Scores))? };
+        let raw_at = slice_address(&raw, &stream);
+        head_gemms(
+            &device,
+            Stage::Scores,
+            dims,
+            &[packed],
+            (raw_at, DType::F32),
+        )?;
+        let raw = CudaStorage::wrap_cuda_slice(raw, device.clone());
+        let scores = self.scores_layout();
+        let (exact, _) = match &self.mask {
+            Some(m) => {
+                let (storage, layout) = m.storage_and_layout();
+                let Storage::Cuda(ms) = &*storage else {
+                    return Err(cuda_err("an attention mask off the GPU"));
+                };
+                self.softmax.fwd(&raw, &scores, Some((ms, layout)))?
+            }
+            None => self.softmax.fwd(&raw, &scores, None)?,
+        };
+        let probs = Probs {
+            rounded: rounded(&exact, &scores, dtype)?,
+            exact,
+        };
+        let (out, out_at) = output(&device, dtype, dims.size(Operand::Merged))?;
+        let p = probs.for_gemms();
+        let inputs = [
+            (
+                Operand::Scores,
+                storage_address(p, &scores, &stream)?,
+                dtype,
+            ),
+            packed,
+        ];
+        head_gemms(&device, Stage::Mix, dims, &inputs, (out_at, dtype))?;
+        *self.probs.lock().expect("attention probabilities") = Some(probs);
+        // `raw` is freed after this, in stream order: after the kernels.
+        Ok((out, Shape::from((dims.n, dims.len, dims.width))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_dtype(qkv.dtype())?.contiguous()?;
+        // The gradient as an op of its own: its output needs no zero fill first.
+        Ok(Some(
+            qkv.contiguous()?
+                .apply_op2_no_bwd(&g, &HeadsAttentionGrad { op: self })?,
+        ))
+    }
+}
+
+/// Attention's backward: the packed projections' gradient `[n, len, 3·w]` from them and
+/// the output's gradient.
+struct HeadsAttentionGrad<'a> {
+    op: &'a HeadsAttention,
+}
+
+impl CustomOp2 for HeadsAttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "cuda-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err(
+            "the CUDA attention gradient called on CPU tensors",
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        qkv: &CudaStorage,
+        lq: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let op = self.op;
+        op.check("input", lq, Operand::Packed)?;
+        op.check("output gradient", lg, Operand::Merged)?;
+        let probs = op.probs.lock().expect("attention probabilities");
+        let probs = probs
+            .as_ref()
+            .ok_or_else(|| cuda_err("attention backward before forward"))?;
+        let device = qkv.device().clone();
+        let stream = device.cuda_stream();
+        let (dims, dtype) = (op.dims, qkv.dtype());
+        let scores = op.scores_layout();
+        let packed = (Operand::Packed, storage_address(qkv, lq, &stream)?, dtype);
+        let merged = (Operand::Merged, storage_address(g, lg, &stream)?, dtype);
+        let p = (
+            Operand::Scores,
+            storage_address(probs.for_gemms(), &scores, &stream)?,
+            dtype,
+        );
+        // dv, dq and dk cover every element of the packed gradient between them.
+        let (dqkv, dqkv_at) = output(&device, dtype, dims.size(Operand::Packed))?;
+        head_gemms(
+            &device,
+            Stage::ValueGrad,
+            dims,
+            &[p, merged],
+            (dqkv_at, dtype),
+        )?;
+        // SAFETY: the GEMM and the softmax's backward write every element before reading.
+        let (dp, ds) = unsafe {
+            let n = dims.size(Operand::Scores);
+            (device.alloc::<f32>(n)?, device.alloc::<f32>(n)?)
+        };
+        let (dp_at, ds_at) = (slice_address(&dp, &stream), slice_address(&ds, &stream));
+        head_gemms(
+            &device,
+            Stage::ProbsGrad,
+            dims,
+            &[merged, packed],
+            (dp_at, DType::F32),
+        )?;
+        let (rows, len) = (dims.n * dims.heads * dims.len, dims.len);
+        let plan = plan::attention_softmax_backward(rows, len, op.softmax.scale);
+        let addresses = [
+            (
+                Buffer::Output,
+                storage_address(&probs.exact, &scores, &stream)?,
+            ),
+            (Buffer::OutputGrad, dp_at),
+            (Buffer::InputGrad, ds_at),
+        ];
+        run(&device, &plan, &addresses)?;
+        let ds = CudaStorage::wrap_cuda_slice(ds, device.clone());
+        let ds_rounded = rounded(&ds, &scores, dtype)?;
+        let ds_for_gemms = ds_rounded.as_ref().unwrap_or(&ds);
+        let inputs = [
+            (
+                Operand::Scores,
+                storage_address(ds_for_gemms, &scores, &stream)?,
+                dtype,
+            ),
+            packed,
+        ];
+        head_gemms(&device, Stage::QueryGrad, dims, &inputs, (dqkv_at, dtype))?;
+        head_gemms(&device, Stage::KeyGrad, dims, &inputs, (dqkv_at, dtype))?;
+        // `dp`, `ds` and its rounding are freed after this, in stream order.
+        Ok((dqkv, lq.shape().clone()))
     }
 }
 

@@ -443,6 +443,7 @@ mod attention;
 pub mod cuda;
 mod embedding;
 mod gelu;
+pub mod head_gemms;
 mod layer_norm;
 mod linear;
 pub mod plan;
