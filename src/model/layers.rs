@@ -37,6 +37,19 @@ impl Linear {
         self.apply(x, None)
     }
 
+    /// `stream + (x Wᵀ + b)` in the stream's dtype: a block's branch that ends in this
+    /// layer, added to the residual stream. On a GPU the bias add, the rounding and the
+    /// residual add are one kernel (`fused::bias_residual`); on the CPU the bias rides in
+    /// the GEMM.
+    pub fn forward_onto(&self, x: &Tensor, stream: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) if !stream.device().is_cpu() => {
+                super::fused::bias_residual(stream, &self.forward_without_bias(x)?, b)
+            }
+            _ => residual(stream, &self.forward(x)?),
+        }
+    }
+
     fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         // The product runs in the weight's dtype (bf16 under mixed precision).
         let x = x.to_dtype(self.weight.dtype())?;
@@ -220,9 +233,24 @@ impl Attention {
     /// `x`: `[batch, len, width]`; `mask`: additive, broadcastable to `[batch, 1, len,
     /// len]` (−∞ where attention is barred): `[len, len]` causal, `[batch, 1, 1, len]` padding.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?;
+        self.out_proj.forward(&self.heads_merged(x, mask)?)
+    }
+
+    /// `stream + forward(x, mask)`, the residual add fused with the output projection's
+    /// bias ([`Linear::forward_onto`]).
+    pub fn forward_onto(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        stream: &Tensor,
+    ) -> Result<Tensor> {
         self.out_proj
-            .forward(&super::fused::attention(&qkv, self.heads, mask)?)
+            .forward_onto(&self.heads_merged(x, mask)?, stream)
+    }
+
+    /// The heads' outputs merged, `[batch, len, width]`, before the output projection.
+    fn heads_merged(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        super::fused::attention(&self.qkv.forward(x)?, self.heads, mask)
     }
 
     /// The output at the pooled token only, `[n, width]`: every token's keys and values,
@@ -269,14 +297,24 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = match (self.act, &self.c_fc.bias) {
+        self.c_proj.forward(&self.hidden(x)?)
+    }
+
+    /// `stream + forward(x)`, the residual add fused with the second layer's bias
+    /// ([`Linear::forward_onto`]).
+    pub fn forward_onto(&self, x: &Tensor, stream: &Tensor) -> Result<Tensor> {
+        self.c_proj.forward_onto(&self.hidden(x)?, stream)
+    }
+
+    /// The activation of the first layer.
+    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        match (self.act, &self.c_fc.bias) {
             // The bias add and the activation in one pass (and their gradients in one).
             (Activation::Gelu, Some(b)) => {
-                super::fused::gelu_erf_bias(&self.c_fc.forward_without_bias(x)?, b)?
+                super::fused::gelu_erf_bias(&self.c_fc.forward_without_bias(x)?, b)
             }
-            _ => self.act.forward(&self.c_fc.forward(x)?)?,
-        };
-        self.c_proj.forward(&hidden)
+            _ => self.act.forward(&self.c_fc.forward(x)?),
+        }
     }
 }
 
@@ -311,8 +349,8 @@ pub struct ResidualBlock {
 
 impl ResidualBlock {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = residual(x, &self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
-        residual(&x, &self.mlp.forward(&self.ln_2.forward(&x)?)?)
+        let x = self.attn.forward_onto(&self.ln_1.forward(x)?, mask, x)?;
+        self.mlp.forward_onto(&self.ln_2.forward(&x)?, &x)
     }
 
     /// The block's output at the pooled token only, `[n, width]`: the same values as
@@ -328,7 +366,7 @@ impl ResidualBlock {
             .attn
             .forward_pooled(&self.ln_1.forward(x)?, mask, pooled)?;
         let x = residual(&pooled.select(x)?, &attended)?;
-        residual(&x, &self.mlp.forward(&self.ln_2.forward(&x)?)?)
+        self.mlp.forward_onto(&self.ln_2.forward(&x)?, &x)
     }
 }
 

@@ -744,6 +744,9 @@ mod cuda {
                 "softmax_bwd",
                 "embedding_fwd",
                 "embedding_bwd",
+                "bias_residual_fwd",
+                "bias_residual_bwd_partial",
+                "bias_residual_bias_grad",
             ] {
                 entries.push(format!("{kernel}_{dtype}"));
             }
@@ -1172,6 +1175,77 @@ mod cuda {
         }
     }
 
+    /// The bias add and residual add after a linear layer on the GPU (f32 stream, f32 or
+    /// bf16 branch and bias; ViT's 768 wide and a width that is no multiple of a block)
+    /// against the plain ops in f64 on the CPU: the output, and the gradients of the
+    /// stream, the branch and the bias.
+    #[test]
+    fn the_cuda_bias_residual_equals_the_plain_ops() {
+        let dev = gpu();
+        for (dtype, rows, width) in [
+            (DType::F32, 197 * 3, 768),
+            (DType::BF16, 197 * 3, 768),
+            (DType::BF16, 1000, 37),
+        ] {
+            let label = format!("bias and residual {dtype:?} {rows}x{width}");
+            let rel = if dtype == DType::BF16 { 1e-2 } else { 1e-6 };
+            let cpu = |shape: (usize, usize), dt: DType| {
+                Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap()
+            };
+            let stream = cpu((rows, width), DType::F32);
+            let y = cpu((rows, width), dtype);
+            let bias = cpu((1, width), dtype).squeeze(0).unwrap();
+            let g = cpu((rows, width), DType::F32);
+            let grads = |device: &Device, wide: bool| {
+                let put = |t: &Tensor| {
+                    let t = t.to_device(device).unwrap();
+                    Var::from_tensor(&if wide {
+                        t.to_dtype(DType::F64).unwrap()
+                    } else {
+                        t
+                    })
+                    .unwrap()
+                };
+                let (s, yv, b) = (put(&stream), put(&y), put(&bias));
+                let out =
+                    fused::bias_residual(s.as_tensor(), yv.as_tensor(), b.as_tensor()).unwrap();
+                let weights = g.to_device(device).unwrap().to_dtype(out.dtype()).unwrap();
+                let store = (&out * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let host = |t: &Tensor| {
+                    t.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                let mut all = vec![host(&out)];
+                for v in [&s, &yv, &b] {
+                    all.push(host(store.get(v.as_tensor()).expect("a gradient")));
+                }
+                all
+            };
+            let kernel = grads(&dev, false);
+            let reference = grads(&Device::Cpu, true);
+            for (i, part) in ["output", "d stream", "d branch", "d bias"]
+                .iter()
+                .enumerate()
+            {
+                if let Some((at, a, b)) =
+                    worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                {
+                    panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
+                }
+            }
+        }
+    }
+
     /// Workbench timing: the kernels against candle's composition of plain ops at a
     /// ViT-B/16 layer's size (256 × 197 rows of 768; the MLP 4 × wider), forward +
     /// backward, printed.
@@ -1283,6 +1357,43 @@ mod cuda {
              kernels {kernel:.3} ms, plain ops {plain_ms:.3} ms",
             n * heads
         );
+        // The bias and residual add after the MLP's second layer, at the same rows.
+        for dtype in [DType::F32, DType::BF16] {
+            let rows = n * len;
+            let stream = Tensor::randn(0f32, 1.0, (rows, 768), &dev).unwrap();
+            let y = Tensor::randn(0f32, 1.0, (rows, 768), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bias = Tensor::zeros(768, dtype, &dev).unwrap();
+            let g = Tensor::randn(0f32, 1.0, (rows, 768), &dev).unwrap();
+            let time_residual = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+                let step = || {
+                    let (sv, yv, bv) = (
+                        Var::from_tensor(&stream).unwrap(),
+                        Var::from_tensor(&y).unwrap(),
+                        Var::from_tensor(&bias).unwrap(),
+                    );
+                    let out = f(sv.as_tensor(), yv.as_tensor(), bv.as_tensor());
+                    (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                    dev.synchronize().unwrap();
+                };
+                step();
+                let started = std::time::Instant::now();
+                for _ in 0..10 {
+                    step();
+                }
+                started.elapsed().as_secs_f64() * 1e3 / 10.0
+            };
+            let kernel = time_residual(&|s, y, b| fused::bias_residual(s, y, b).unwrap());
+            let plain_ms = time_residual(&|s, y, b| {
+                (s + y.broadcast_add(b).unwrap().to_dtype(DType::F32).unwrap()).unwrap()
+            });
+            println!(
+                "bias and residual add {rows}x768 {dtype:?}, forward + backward: kernels \
+                 {kernel:.3} ms, plain ops {plain_ms:.3} ms"
+            );
+        }
         // Whole attention at the same size (packed projections [256, 197, 3 × 768]):
         // the GEMMs on the heads in place against per-head copies.
         let width = 768;

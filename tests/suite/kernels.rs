@@ -466,6 +466,90 @@ fn gelu_kernels_equal_the_formulas() {
     }
 }
 
+/// The bias add and residual add after a linear layer (f32 stream, f32 or bf16 branch),
+/// forward and backward, against the plain ops' maths: `z = y + b` rounded to the branch's
+/// dtype, `out = stream + z`; the branch's gradient the output's rounded, and the bias's
+/// its sum over the rows (with rows over several chunks).
+#[test]
+fn bias_residual_kernels_equal_the_formulas() {
+    for (of, rows, width) in [
+        (Values::F32, 7, 37),
+        (Values::Bf16, 7, 300),
+        (Values::F32, 300, 20),
+        (Values::Bf16, 600, 3),
+    ] {
+        let name = format!("bias-residual-{}-{rows}x{width}", of.suffix());
+        let n = rows * width;
+        let stream = values(n, 11);
+        let (y_bytes, y) = encode(&values(n, 12), of);
+        let (b_bytes, b) = encode(&values(width, 13), of);
+        let g = values(n, 14);
+        let bytes_of = |count: usize| vec![0u8; count * if of == Values::F32 { 4 } else { 2 }];
+        let round = |v: f64| match of {
+            Values::F32 => v as f32 as f64,
+            Values::Bf16 => half::bf16::from_f64(v).to_f64(),
+        };
+        let fwd = run(
+            &format!("{name}-fwd"),
+            &plan::bias_residual_forward(of, n, width),
+            &BTreeMap::from([
+                (Buffer::Residual, f32_bytes(&stream)),
+                (Buffer::Input, y_bytes),
+                (Buffer::Bias, b_bytes),
+                (Buffer::Output, vec![0u8; 4 * n]),
+            ]),
+        );
+        // The sum rounded to the branch's dtype first, then added in f32 as the kernel
+        // does: the same bits (bf16's rounding of `y + b` in f32 and in f64 agree but for
+        // ties, which these values do not hit).
+        let want: Vec<f64> = (0..n)
+            .map(|i| (stream[i] + round(y[i] + b[i % width]) as f32) as f64)
+            .collect();
+        assert_close(
+            &format!("{name} out"),
+            &decode(&fwd[&Buffer::Output], Values::F32),
+            &want,
+            Values::F32,
+            0.0,
+        );
+        let bwd = run(
+            &format!("{name}-bwd"),
+            &plan::bias_residual_backward(of, n, width),
+            &BTreeMap::from([
+                (Buffer::OutputGrad, f32_bytes(&g)),
+                (Buffer::InputGrad, bytes_of(n)),
+                (Buffer::BiasGrad, bytes_of(width)),
+            ]),
+        );
+        let dy: Vec<f64> = g.iter().map(|&v| round(v as f64)).collect();
+        if of == Values::Bf16 {
+            assert_close(
+                &format!("{name} dy"),
+                &decode(&bwd[&Buffer::InputGrad], of),
+                &dy,
+                of,
+                0.0,
+            );
+        } else {
+            assert!(
+                bwd[&Buffer::InputGrad].iter().all(|&x| x == 0),
+                "{name}: the f32 branch's gradient is the output's own, not written"
+            );
+        }
+        let mut dbias = vec![0f64; width];
+        for (i, d) in dy.iter().enumerate() {
+            dbias[i % width] += d;
+        }
+        assert_close(
+            &format!("{name} dbias"),
+            &decode(&bwd[&Buffer::BiasGrad], of),
+            &dbias,
+            of,
+            1e-5,
+        );
+    }
+}
+
 /// Softmax forward and backward over rows of attention's widths (50, 77, 197) and one
 /// over the block, f32 and bf16, with a row of −∞ but one entry (a causal mask's first
 /// row).

@@ -1027,6 +1027,124 @@ impl CustomOp2 for HeadsAttentionGrad<'_> {
     }
 }
 
+// The bias add and the residual add after a linear layer.
+
+/// Whether the CUDA bias-and-residual add takes these: an f32 residual stream, a branch
+/// `y` of f32 or bf16 of the same shape, and a bias of `y`'s dtype and last dimension's
+/// width, on one GPU.
+pub fn bias_residual_applies(stream: &Tensor, y: &Tensor, bias: &Tensor) -> bool {
+    let width = y.dims().last().copied().unwrap_or(0);
+    stream.device().is_cuda()
+        && stream.dtype() == DType::F32
+        && matches!(y.dtype(), DType::F32 | DType::BF16)
+        && stream.dims() == y.dims()
+        && width > 0
+        && bias.dtype() == y.dtype()
+        && bias.dims() == [width]
+        && [y, bias]
+            .iter()
+            .all(|t| t.device().same_device(stream.device()))
+}
+
+/// `stream + (y + bias)` on the GPU (what [`bias_residual_applies`] accepted), f32 out,
+/// its backward by the kernels too.
+pub fn bias_residual(stream: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(stream
+        .contiguous()?
+        .apply_op3(&y.contiguous()?, &bias.contiguous()?, BiasResidual)?)
+}
+
+struct BiasResidual;
+
+impl CustomOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        "cuda-bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err(
+            "the CUDA bias-and-residual add called on CPU tensors",
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        stream_values: &CudaStorage,
+        ls: &Layout,
+        y: &CudaStorage,
+        ly: &Layout,
+        bias: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = y.device().clone();
+        let stream = device.cuda_stream();
+        let n = ly.shape().elem_count();
+        let width = lb.shape().elem_count();
+        if width == 0 || !n.is_multiple_of(width) || ls.shape().elem_count() != n {
+            return Err(cuda_err(format!(
+                "a residual add of {} values, branch {n}, bias {width}",
+                ls.shape().elem_count()
+            )));
+        }
+        let (out, out_at) = output(&device, DType::F32, n)?;
+        let plan = plan::bias_residual_forward(values(y.dtype())?, n, width);
+        let addresses = [
+            (
+                Buffer::Residual,
+                storage_address(stream_values, ls, &stream)?,
+            ),
+            (Buffer::Input, storage_address(y, ly, &stream)?),
+            (Buffer::Bias, storage_address(bias, lb, &stream)?),
+            (Buffer::Output, out_at),
+        ];
+        run(&device, &plan, &addresses)?;
+        Ok((out, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        y: &Tensor,
+        bias: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let device = y.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let (n, width) = (y.elem_count(), bias.elem_count());
+        let of = values(y.dtype())?;
+        let dbias = Tensor::zeros(bias.shape(), bias.dtype(), y.device())?;
+        // In f32 the branch's gradient is the output's own; in bf16 the kernel rounds it.
+        let dy = match of {
+            Values::F32 => None,
+            Values::Bf16 => Some(Tensor::zeros(y.shape(), y.dtype(), y.device())?),
+        };
+        let mut addresses = vec![
+            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+            (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
+        ];
+        if let Some(dy) = &dy {
+            addresses.push((Buffer::InputGrad, tensor_address(dy, &stream)?));
+        }
+        run(
+            &device,
+            &plan::bias_residual_backward(of, n, width),
+            &addresses,
+        )?;
+        let dy = dy.unwrap_or_else(|| g.clone());
+        Ok((Some(g), Some(dy), Some(dbias)))
+    }
+}
+
 // Embedding lookup.
 
 /// Whether the CUDA embedding takes these: an f32 or bf16 table `[rows, width]` and u32

@@ -10,7 +10,7 @@
 //     f32 (from y, bias and g again, not from the rounded dz: as the CPU sums f32
 //     gradients).
 //   {,quick_}gelu_bias_grad_{f32,bf16}: a thread per column: the chunks' sums in chunk
-//     order.
+//     order (column_sums, kernels.cuh).
 
 #define ACT_ERF 0
 #define ACT_QUICK 1
@@ -111,25 +111,6 @@ __device__ void gelu_bias_partial(
     ((float*)partial_at)[(long long)blockIdx.y * width + j] = sum;
 }
 
-template <typename T>
-__device__ void gelu_bias_grad(
-    unsigned long long partial_at,
-    unsigned long long dbias_at,
-    int width,
-    int chunks)
-{
-    const int j = blockIdx.x * THREADS + threadIdx.x;
-    if (j >= width) {
-        return;
-    }
-    const float* partial = (const float*)partial_at;
-    float sum = 0.0f;
-    for (int c = 0; c < chunks; ++c) {
-        sum += partial[(long long)c * width + j];
-    }
-    store((T*)dbias_at, j, sum);
-}
-
 #define GELU_ENTRIES(PREFIX, ACT, NAME, T)                                                  \
     extern "C" __global__ void PREFIX##_fwd_##NAME(                                          \
         unsigned long long y, unsigned long long bias, unsigned long long out,               \
@@ -152,7 +133,7 @@ __device__ void gelu_bias_grad(
     extern "C" __global__ void PREFIX##_bias_grad_##NAME(                                    \
         unsigned long long partial, unsigned long long dbias, int width, int chunks)         \
     {                                                                                        \
-        gelu_bias_grad<T>(partial, dbias, width, chunks);                                    \
+        column_sums<T>(partial, dbias, width, chunks);                                    \
     }
 
 GELU_ENTRIES(gelu, ACT_ERF, f32, float)

@@ -84,3 +84,24 @@ __device__ float block_max(float v, float* shared) {
     __syncthreads();
     return total;
 }
+
+// A column reduction's second stage, a thread per column: `chunks` rows of `width` f32
+// partial sums (one row per chunk of the reduced rows) added in chunk order → `out` (T).
+template <typename T>
+__device__ void column_sums(
+    unsigned long long partial_at,
+    unsigned long long out_at,
+    int width,
+    int chunks)
+{
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= width) {
+        return;
+    }
+    const float* partial = (const float*)partial_at;
+    float sum = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+        sum += partial[(long long)c * width + j];
+    }
+    store((T*)out_at, j, sum);
+}

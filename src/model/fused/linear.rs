@@ -255,3 +255,17 @@ impl CustomOp3 for LinearOp {
         Ok((dx, Some(dw), Some(db)))
     }
 }
+
+/// `stream + (y + bias)`, the sum `y + bias` in `y`'s dtype and then added to the residual
+/// `stream` in the stream's (f32 under mixed precision): where a transformer block's
+/// branch ends in a linear layer. On a GPU one kernel forward (where the plain ops make
+/// three passes) and one backward, the bias gradient's reduction included; elsewhere the
+/// plain ops, which are also its reference.
+pub fn bias_residual(stream: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::bias_residual_applies(stream, y, bias) {
+        return super::cuda::bias_residual(stream, y, bias);
+    }
+    let branch = y.broadcast_add(&bias.to_dtype(y.dtype())?)?;
+    Ok((stream + branch.to_dtype(stream.dtype())?)?)
+}

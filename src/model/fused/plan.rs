@@ -11,7 +11,8 @@ pub const SOURCE: &str = concat!(
     include_str!("layer_norm.cu"),
     include_str!("gelu.cu"),
     include_str!("softmax.cu"),
-    include_str!("embedding.cu")
+    include_str!("embedding.cu"),
+    include_str!("bias.cu")
 );
 
 /// Threads a block: the source's `THREADS`.
@@ -59,6 +60,8 @@ pub enum Buffer {
     Mask,
     /// Table row ids (u32).
     Ids,
+    /// The residual stream a block's branch is added to (f32).
+    Residual,
 }
 
 /// Table rows a block of the embedding backward owns: the source's `EMBEDDING_TILE`.
@@ -409,6 +412,64 @@ pub fn attention_softmax_backward(rows: usize, len: usize, scale: f32) -> Plan {
             Arg::F32(scale),
         ],
     )
+}
+
+/// A linear layer's bias add and the residual add after it, `n` values in rows of
+/// `width`: `Residual` (f32) + (`Input` + `Bias`, both `values`, the sum rounded to
+/// `values`) → `Output` (f32).
+pub fn bias_residual_forward(values: Values, n: usize, width: usize) -> Plan {
+    single(
+        n,
+        format!("bias_residual_fwd_{}", values.suffix()),
+        (n.div_ceil(THREADS), 1),
+        vec![
+            Address(Residual),
+            Address(Input),
+            Address(Bias),
+            Address(Output),
+            long(n),
+            int(width),
+        ],
+    )
+}
+
+/// Its backward from `OutputGrad` (f32; the residual stream's gradient is that same
+/// tensor): `InputGrad`, the gradient rounded to `values` (bf16 only: in f32 it would be
+/// a copy of `OutputGrad`), and `BiasGrad` (`values`), the sum of the rounded gradient
+/// over the rows.
+pub fn bias_residual_backward(values: Values, n: usize, width: usize) -> Plan {
+    let name = values.suffix();
+    let rows = n / width.max(1);
+    if n == 0 {
+        return Plan::default();
+    }
+    let (chunks, per_chunk) = chunking(rows);
+    let input_grad = match values {
+        Values::F32 => Arg::Null,
+        Values::Bf16 => Address(InputGrad),
+    };
+    Plan {
+        scratch: vec![(Partial, chunks * width)],
+        launches: vec![
+            launch(
+                format!("bias_residual_bwd_partial_{name}"),
+                (columns(width), chunks),
+                vec![
+                    Address(OutputGrad),
+                    input_grad,
+                    Address(Partial),
+                    long(rows),
+                    int(width),
+                    long(per_chunk),
+                ],
+            ),
+            launch(
+                format!("bias_residual_bias_grad_{name}"),
+                (columns(width), 1),
+                vec![Address(Partial), Address(BiasGrad), int(width), int(chunks)],
+            ),
+        ],
+    }
 }
 
 #[cfg(test)]
