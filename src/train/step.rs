@@ -31,6 +31,7 @@ use crate::comm::{all_reduce_sum_sparse_rows, Communicator, RankComms};
 use crate::error::{Error, Result};
 use crate::loss::{exchange_features, global_loss, LossOutput, LossScalars, Side};
 use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
+use crate::model::fused::GradSum;
 use crate::model::{TowerInput, LOGIT_SCALE_MAX};
 use crate::topology::Tower;
 
@@ -421,29 +422,35 @@ impl TowerTrainer {
         let grads = if tower_params.is_empty() {
             Vec::new()
         } else if forward.accumulated {
-            let mut sums: Option<Vec<Tensor>> = None;
+            let mut sums: Option<Vec<GradSum>> = None;
             for (start, len) in self.micro_batches() {
-                // Accumulated in the master dtype: bf16 partial sums would round at
-                // every micro-batch.
-                let grads = self
-                    .tower_grads(
-                        &input.narrow(start, len)?,
-                        &grad.narrow(0, start, len)?,
-                        tower_params,
-                    )?
-                    .into_iter()
-                    .map(|g| g.to_dtype(self.master))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                sums = Some(match sums {
-                    None => grads,
-                    Some(acc) => acc
-                        .iter()
-                        .zip(&grads)
-                        .map(|(a, g)| a + g)
-                        .collect::<candle_core::Result<_>>()?,
-                });
+                let grads = self.tower_grads(
+                    &input.narrow(start, len)?,
+                    &grad.narrow(0, start, len)?,
+                    tower_params,
+                )?;
+                // Accumulated in the master dtype (bf16 partial sums would round at every
+                // micro-batch), in place: a bf16 gradient is widened as it is added.
+                match &mut sums {
+                    None => {
+                        sums = Some(
+                            grads
+                                .iter()
+                                .map(|g| GradSum::new(g, self.master))
+                                .collect::<Result<_>>()?,
+                        )
+                    }
+                    Some(acc) => {
+                        for (a, g) in acc.iter_mut().zip(&grads) {
+                            a.add(g)?;
+                        }
+                    }
+                }
             }
             sums.expect("at least two micro-batches")
+                .into_iter()
+                .map(GradSum::into_tensor)
+                .collect()
         } else if !forward.saved.is_empty() {
             backward_recomputing(
                 &self.encoder,

@@ -553,6 +553,51 @@ fn the_cublas_reference_refuses_what_cublas_would() {
     assert!(e.contains("past"), "{e}");
 }
 
+/// Gradients summed in place (`fused::GradSum`, micro-batches' sums): the sums equal
+/// `a + b` in the sum's dtype bit for bit (f32, bf16 into f32, f64), strided and broadcast
+/// gradients included; the first gradient's own tensor is left as it was; a gradient of
+/// another shape is an error naming both.
+#[test]
+fn gradient_sums_in_place_equal_plain_adds_and_leave_their_inputs_alone() {
+    for (sum_dtype, g_dtype) in [
+        (DType::F32, DType::F32),
+        (DType::F32, DType::BF16),
+        (DType::F64, DType::F64),
+    ] {
+        let label = format!("{g_dtype:?} into {sum_dtype:?}");
+        let grad = |phase: f64| fixed_values(&[6, 5], phase).to_dtype(g_dtype).unwrap();
+        let first = grad(0.1);
+        let before = values(&first);
+        let strided = grad(0.2).t().unwrap().contiguous().unwrap().t().unwrap();
+        let broadcast = Tensor::new(&[0.5f64], &candle_core::Device::Cpu)
+            .unwrap()
+            .to_dtype(g_dtype)
+            .unwrap()
+            .broadcast_as((6, 5))
+            .unwrap();
+        let mut sum = fused::GradSum::new(&first, sum_dtype).unwrap();
+        let mut want = first.to_dtype(sum_dtype).unwrap();
+        for g in [&grad(0.3), &strided, &broadcast] {
+            sum.add(g).unwrap();
+            want = (&want + g.to_dtype(sum_dtype).unwrap()).unwrap();
+        }
+        let got = sum.into_tensor();
+        assert_eq!(got.dtype(), sum_dtype, "{label}");
+        assert_eq!(values(&got), values(&want), "{label}: the sums differ");
+        assert_eq!(
+            values(&first),
+            before,
+            "{label}: the first gradient changed"
+        );
+    }
+    let mut sum = fused::GradSum::new(&fixed_values(&[2, 3], 0.0), DType::F64).unwrap();
+    let e = sum
+        .add(&fixed_values(&[3, 2], 0.0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
+}
+
 #[test]
 fn fused_linear_skips_the_gradient_of_constant_inputs() {
     let x = fixed_values(&[7, 4], 0.2);
@@ -747,6 +792,7 @@ mod cuda {
                 "bias_residual_fwd",
                 "bias_residual_bwd_partial",
                 "bias_residual_bias_grad",
+                "accumulate",
             ] {
                 entries.push(format!("{kernel}_{dtype}"));
             }
@@ -1243,6 +1289,34 @@ mod cuda {
                     panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
                 }
             }
+        }
+    }
+
+    /// Gradients summed in place on the GPU (the accumulate kernel), f32 and bf16 into f32:
+    /// the same bits as the CPU's in-place sums of the same values.
+    #[test]
+    fn the_cuda_gradient_sums_equal_the_cpu_sums() {
+        let dev = gpu();
+        for g_dtype in [DType::F32, DType::BF16] {
+            let grads: Vec<Tensor> = (0..3)
+                .map(|seed| {
+                    Tensor::randn(0f32, 1.0, (1000, 37), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(g_dtype)
+                        .unwrap()
+                        .affine(1.0, seed as f64)
+                        .unwrap()
+                })
+                .collect();
+            let sum_on = |device: &Device| {
+                let on = |t: &Tensor| t.to_device(device).unwrap();
+                let mut sum = fused::GradSum::new(&on(&grads[0]), DType::F32).unwrap();
+                for g in &grads[1..] {
+                    sum.add(&on(g)).unwrap();
+                }
+                values(&sum.into_tensor().to_device(&Device::Cpu).unwrap())
+            };
+            assert_eq!(sum_on(&dev), sum_on(&Device::Cpu), "{g_dtype:?} into f32");
         }
     }
 

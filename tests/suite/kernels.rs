@@ -550,6 +550,24 @@ fn bias_residual_kernels_equal_the_formulas() {
     }
 }
 
+/// A gradient into its f32 running sum in place (f32, and bf16 widened): the CPU's sums,
+/// bit for bit, over a size that is no multiple of a block.
+#[test]
+fn accumulate_kernels_equal_the_cpu_sums() {
+    for of in [Values::F32, Values::Bf16] {
+        let n = 1000;
+        let sum = values(n, 21);
+        let (g_bytes, g) = encode(&values(n, 22), of);
+        let out = run(
+            &format!("accumulate-{}", of.suffix()),
+            &plan::accumulate(of, n),
+            &BTreeMap::from([(Buffer::Output, f32_bytes(&sum)), (Buffer::Input, g_bytes)]),
+        );
+        let want: Vec<f64> = (0..n).map(|i| (sum[i] + g[i] as f32) as f64).collect();
+        assert_eq!(decode(&out[&Buffer::Output], Values::F32), want, "{of:?}");
+    }
+}
+
 /// Softmax forward and backward over rows of attention's widths (50, 77, 197) and one
 /// over the block, f32 and bf16, with a row of −∞ but one entry (a causal mask's first
 /// row).

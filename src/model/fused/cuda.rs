@@ -1145,6 +1145,38 @@ impl CustomOp3 for BiasResidual {
     }
 }
 
+// Gradients summed in place.
+
+/// `sum += g` on the GPU (`accumulate.rs`' op): an f32 sum, `g` f32 or bf16, both
+/// contiguous and of one size.
+pub fn accumulate(
+    sum: &mut CudaStorage,
+    ls: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+) -> candle_core::Result<()> {
+    let n = ls.shape().elem_count();
+    if sum.dtype() != DType::F32 || lg.shape().elem_count() != n {
+        return Err(cuda_err(format!(
+            "accumulate: {} {:?} values into {n} {:?}",
+            lg.shape().elem_count(),
+            g.dtype(),
+            sum.dtype()
+        )));
+    }
+    let device = sum.device().clone();
+    let stream = device.cuda_stream();
+    let addresses = [
+        (Buffer::Output, storage_address(sum, ls, &stream)?),
+        (Buffer::Input, storage_address(g, lg, &stream)?),
+    ];
+    run(
+        &device,
+        &plan::accumulate(values(g.dtype())?, n),
+        &addresses,
+    )
+}
+
 // Embedding lookup.
 
 /// Whether the CUDA embedding takes these: an f32 or bf16 table `[rows, width]` and u32

@@ -438,6 +438,7 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
     Ok(by_dtype!(t.dtype(), run(t))?)
 }
 
+mod accumulate;
 mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -449,6 +450,7 @@ mod linear;
 pub mod plan;
 mod softmax;
 
+pub use accumulate::GradSum;
 pub use attention::{attention, attention_mix, attention_plain, attention_scores};
 pub use embedding::embedding;
 pub use gelu::{gelu_erf, gelu_erf_bias, quick_gelu};

@@ -12,7 +12,8 @@ pub const SOURCE: &str = concat!(
     include_str!("gelu.cu"),
     include_str!("softmax.cu"),
     include_str!("embedding.cu"),
-    include_str!("bias.cu")
+    include_str!("bias.cu"),
+    include_str!("accumulate.cu")
 );
 
 /// Threads a block: the source's `THREADS`.
@@ -470,6 +471,16 @@ pub fn bias_residual_backward(values: Values, n: usize, width: usize) -> Plan {
             ),
         ],
     }
+}
+
+/// A gradient into its running sum in place: `Output` (f32, `n`) += `Input` (`values`).
+pub fn accumulate(values: Values, n: usize) -> Plan {
+    single(
+        n,
+        format!("accumulate_{}", values.suffix()),
+        (n.div_ceil(THREADS), 1),
+        vec![Address(Output), Address(Input), long(n)],
+    )
 }
 
 #[cfg(test)]
