@@ -791,7 +791,9 @@ mod cuda {
                 "embedding_bwd",
                 "bias_residual_fwd",
                 "bias_residual_bwd_partial",
-                "bias_residual_bias_grad",
+                "bias_add_fwd",
+                "bias_grad_partial",
+                "bias_grad",
                 "accumulate",
             ] {
                 entries.push(format!("{kernel}_{dtype}"));
@@ -1287,6 +1289,65 @@ mod cuda {
                     worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
                 {
                     panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
+                }
+            }
+        }
+    }
+
+    /// A linear layer's bias add on the GPU, f32 and bf16, against the plain op in f64 on
+    /// the CPU: the output and the gradients of the values and the bias.
+    #[test]
+    fn the_cuda_bias_add_equals_the_plain_op() {
+        let dev = gpu();
+        for (dtype, rows, width) in [(DType::F32, 591, 2304), (DType::BF16, 1000, 37)] {
+            let label = format!("bias add {dtype:?} {rows}x{width}");
+            let rel = if dtype == DType::BF16 { 1e-2 } else { 1e-6 };
+            let y = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bias = Tensor::randn(0f32, 1.0, width, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
+            let grads = |device: &Device, wide: bool| {
+                let put = |t: &Tensor| {
+                    let t = t.to_device(device).unwrap();
+                    Var::from_tensor(&if wide {
+                        t.to_dtype(DType::F64).unwrap()
+                    } else {
+                        t
+                    })
+                    .unwrap()
+                };
+                let (yv, b) = (put(&y), put(&bias));
+                let out = fused::bias_add(yv.as_tensor(), b.as_tensor()).unwrap();
+                let weights = g.to_device(device).unwrap().to_dtype(out.dtype()).unwrap();
+                let store = (&out * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let host = |t: &Tensor| {
+                    t.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                vec![
+                    host(&out),
+                    host(store.get(yv.as_tensor()).expect("a gradient")),
+                    host(store.get(b.as_tensor()).expect("a gradient")),
+                ]
+            };
+            let (kernel, reference) = (grads(&dev, false), grads(&Device::Cpu, true));
+            for (i, part) in ["output", "d values", "d bias"].iter().enumerate() {
+                if let Some((at, a, b)) =
+                    worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                {
+                    panic!("{label}: {part}[{at}] is {a}, the plain op's {b}");
                 }
             }
         }

@@ -568,6 +568,60 @@ fn accumulate_kernels_equal_the_cpu_sums() {
     }
 }
 
+/// A linear layer's bias add (no residual after it), f32 and bf16, and its bias's
+/// gradient, the output's summed over the rows (several chunks of them).
+#[test]
+fn bias_add_kernels_equal_the_formulas() {
+    for (of, rows, width) in [
+        (Values::F32, 7, 37),
+        (Values::Bf16, 7, 300),
+        (Values::Bf16, 600, 3),
+    ] {
+        let name = format!("bias-add-{}-{rows}x{width}", of.suffix());
+        let n = rows * width;
+        let (y_bytes, y) = encode(&values(n, 15), of);
+        let (b_bytes, b) = encode(&values(width, 16), of);
+        let (g_bytes, g) = encode(&values(n, 17), of);
+        let bytes_of = |count: usize| vec![0u8; count * if of == Values::F32 { 4 } else { 2 }];
+        let fwd = run(
+            &format!("{name}-fwd"),
+            &plan::bias_add_forward(of, n, width),
+            &BTreeMap::from([
+                (Buffer::Input, y_bytes),
+                (Buffer::Bias, b_bytes),
+                (Buffer::Output, bytes_of(n)),
+            ]),
+        );
+        let want: Vec<f64> = (0..n).map(|i| y[i] + b[i % width]).collect();
+        assert_close(
+            &format!("{name} out"),
+            &decode(&fwd[&Buffer::Output], of),
+            &want,
+            of,
+            1e-7,
+        );
+        let bwd = run(
+            &format!("{name}-bwd"),
+            &plan::bias_add_backward(of, n, width),
+            &BTreeMap::from([
+                (Buffer::OutputGrad, g_bytes),
+                (Buffer::BiasGrad, bytes_of(width)),
+            ]),
+        );
+        let mut dbias = vec![0f64; width];
+        for (i, d) in g.iter().enumerate() {
+            dbias[i % width] += d;
+        }
+        assert_close(
+            &format!("{name} dbias"),
+            &decode(&bwd[&Buffer::BiasGrad], of),
+            &dbias,
+            of,
+            1e-5,
+        );
+    }
+}
+
 /// Softmax forward and backward over rows of attention's widths (50, 77, 197) and one
 /// over the block, f32 and bf16, with a row of −∞ but one entry (a causal mask's first
 /// row).

@@ -11,8 +11,14 @@
 //   bias_residual_bwd_partial_{f32,bf16}: a thread per column and chunk of rows: the
 //     branch's gradient, the output's rounded to y's dtype, written (where `dy` is not
 //     null: in f32 it is the output's own) and summed in f32 per chunk.
-//   bias_residual_bias_grad_{f32,bf16}: a thread per column: the chunks' sums in chunk
-//     order (column_sums, kernels.cuh).
+//   bias_add_fwd_{f32,bf16}: a thread per element: out = y + bias[column], in y's dtype
+//     (a linear layer's bias where no residual add follows: the attention's packed
+//     projections).
+//   bias_grad_partial_{f32,bf16}: a thread per column and chunk of rows: Σ g in f32 per
+//     chunk (the plain ops' reduction over the rows read a column per block, one row
+//     apart per thread).
+//   bias_grad_{f32,bf16}: a thread per column: the chunks' sums in chunk order
+//     (column_sums, kernels.cuh), for both ops.
 
 // `v` rounded to T's precision, as f32.
 __device__ __forceinline__ float rounded_to(const float*, float v) { return v; }
@@ -38,6 +44,44 @@ __device__ void bias_residual_fwd(
     const T* y = (const T*)y_at;
     const float z = rounded_to(y, load(y, i) + load((const T*)bias_at, i % width));
     ((float*)out_at)[i] = ((const float*)stream_at)[i] + z;
+}
+
+template <typename T>
+__device__ void bias_add_fwd(
+    unsigned long long y_at,
+    unsigned long long bias_at,
+    unsigned long long out_at,
+    long long n,
+    int width)
+{
+    const long long i = (long long)blockIdx.x * THREADS + threadIdx.x;
+    if (i >= n) {
+        return;
+    }
+    store((T*)out_at, i, load((const T*)y_at, i) + load((const T*)bias_at, i % width));
+}
+
+// Grid: (column blocks, chunks); partial holds chunks × width floats.
+template <typename T>
+__device__ void bias_grad_partial(
+    unsigned long long g_at,
+    unsigned long long partial_at,
+    long long rows,
+    int width,
+    long long rows_per_chunk)
+{
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= width) {
+        return;
+    }
+    const T* g = (const T*)g_at;
+    const long long first = (long long)blockIdx.y * rows_per_chunk;
+    const long long last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
+    float sum = 0.0f;
+    for (long long r = first; r < last; ++r) {
+        sum += load(g, r * width + j);
+    }
+    ((float*)partial_at)[(long long)blockIdx.y * width + j] = sum;
 }
 
 // Grid: (column blocks, chunks); partial holds chunks × width floats.
@@ -70,7 +114,7 @@ __device__ void bias_residual_bwd_partial(
     ((float*)partial_at)[(long long)blockIdx.y * width + j] = sum;
 }
 
-#define BIAS_RESIDUAL_ENTRIES(NAME, T)                                                      \
+#define BIAS_ENTRIES(NAME, T)                                                      \
     extern "C" __global__ void bias_residual_fwd_##NAME(                                     \
         unsigned long long stream, unsigned long long y, unsigned long long bias,            \
         unsigned long long out, long long n, int width)                                      \
@@ -83,11 +127,23 @@ __device__ void bias_residual_bwd_partial(
     {                                                                                        \
         bias_residual_bwd_partial<T>(g, dy, partial, rows, width, rows_per_chunk);           \
     }                                                                                        \
-    extern "C" __global__ void bias_residual_bias_grad_##NAME(                               \
+    extern "C" __global__ void bias_add_fwd_##NAME(                                          \
+        unsigned long long y, unsigned long long bias, unsigned long long out, long long n,  \
+        int width)                                                                           \
+    {                                                                                        \
+        bias_add_fwd<T>(y, bias, out, n, width);                                             \
+    }                                                                                        \
+    extern "C" __global__ void bias_grad_partial_##NAME(                                     \
+        unsigned long long g, unsigned long long partial, long long rows, int width,         \
+        long long rows_per_chunk)                                                            \
+    {                                                                                        \
+        bias_grad_partial<T>(g, partial, rows, width, rows_per_chunk);                       \
+    }                                                                                        \
+    extern "C" __global__ void bias_grad_##NAME(                                             \
         unsigned long long partial, unsigned long long dbias, int width, int chunks)         \
     {                                                                                        \
         column_sums<T>(partial, dbias, width, chunks);                                       \
     }
 
-BIAS_RESIDUAL_ENTRIES(f32, float)
-BIAS_RESIDUAL_ENTRIES(bf16, unsigned short)
+BIAS_ENTRIES(f32, float)
+BIAS_ENTRIES(bf16, unsigned short)

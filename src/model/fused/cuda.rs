@@ -1145,6 +1145,90 @@ impl CustomOp3 for BiasResidual {
     }
 }
 
+// A linear layer's bias add.
+
+/// Whether the CUDA bias add takes these: `y` f32 or bf16 and a bias of its dtype and last
+/// dimension's width, on one GPU.
+pub fn bias_add_applies(y: &Tensor, bias: &Tensor) -> bool {
+    let width = y.dims().last().copied().unwrap_or(0);
+    y.device().is_cuda()
+        && matches!(y.dtype(), DType::F32 | DType::BF16)
+        && width > 0
+        && bias.dtype() == y.dtype()
+        && bias.dims() == [width]
+        && bias.device().same_device(y.device())
+}
+
+/// `y + bias` on its rows on the GPU (what [`bias_add_applies`] accepted), in `y`'s dtype;
+/// backward, the bias's gradient is a coalesced reduction over the rows.
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(y.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)?)
+}
+
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "cuda-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA bias add called on CPU tensors"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        ly: &Layout,
+        bias: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = y.device().clone();
+        let stream = device.cuda_stream();
+        let (n, width) = (ly.shape().elem_count(), lb.shape().elem_count());
+        if width == 0 || !n.is_multiple_of(width) {
+            return Err(cuda_err(format!("a bias of {width} on {n} values")));
+        }
+        let (out, out_at) = output(&device, y.dtype(), n)?;
+        let addresses = [
+            (Buffer::Input, storage_address(y, ly, &stream)?),
+            (Buffer::Bias, storage_address(bias, lb, &stream)?),
+            (Buffer::Output, out_at),
+        ];
+        run(
+            &device,
+            &plan::bias_add_forward(values(y.dtype())?, n, width),
+            &addresses,
+        )?;
+        Ok((out, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        bias: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let stream = y.device().as_cuda_device()?.cuda_stream();
+        let g = g.to_dtype(y.dtype())?.contiguous()?;
+        let dbias = Tensor::zeros(bias.shape(), bias.dtype(), y.device())?;
+        let addresses = [
+            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+            (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
+        ];
+        let plan = plan::bias_add_backward(values(y.dtype())?, g.elem_count(), bias.elem_count());
+        run(y.device().as_cuda_device()?, &plan, &addresses)?;
+        Ok((Some(g), Some(dbias)))
+    }
+}
+
 // Gradients summed in place.
 
 /// `sum += g` on the GPU (`accumulate.rs`' op): an f32 sum, `g` f32 or bf16, both

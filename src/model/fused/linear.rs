@@ -10,10 +10,10 @@ use super::*;
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !on_cpu(x) || x.rank() != 2 || w.rank() != 2 {
         let y = x.matmul(&w.t()?)?;
-        return Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
+        return match b {
+            Some(b) => bias_add(&y, b),
+            None => Ok(y),
+        };
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(match b {
@@ -268,4 +268,15 @@ pub fn bias_residual(stream: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tenso
     }
     let branch = y.broadcast_add(&bias.to_dtype(y.dtype())?)?;
     Ok((stream + branch.to_dtype(stream.dtype())?)?)
+}
+
+/// `y + bias` on its rows, in `y`'s dtype. On a GPU one kernel, and the bias's gradient a
+/// coalesced reduction over the rows (candle's reduces each column in a block of its own,
+/// its threads reading one row apart); elsewhere the plain op.
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::bias_add_applies(y, bias) {
+        return super::cuda::bias_add(y, bias);
+    }
+    Ok(y.broadcast_add(bias)?)
 }

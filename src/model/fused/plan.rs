@@ -464,11 +464,60 @@ pub fn bias_residual_backward(values: Values, n: usize, width: usize) -> Plan {
                     long(per_chunk),
                 ],
             ),
+            bias_grad(values, width, chunks),
+        ],
+    }
+}
+
+/// The last stage of a bias gradient: the chunks' partial sums per column → `BiasGrad`.
+fn bias_grad(values: Values, width: usize, chunks: usize) -> Launch {
+    launch(
+        format!("bias_grad_{}", values.suffix()),
+        (columns(width), 1),
+        vec![Address(Partial), Address(BiasGrad), int(width), int(chunks)],
+    )
+}
+
+/// A linear layer's bias add, `n` values in rows of `width`: `Input` + `Bias` → `Output`,
+/// all `values`.
+pub fn bias_add_forward(values: Values, n: usize, width: usize) -> Plan {
+    single(
+        n,
+        format!("bias_add_fwd_{}", values.suffix()),
+        (n.div_ceil(THREADS), 1),
+        vec![
+            Address(Input),
+            Address(Bias),
+            Address(Output),
+            long(n),
+            int(width),
+        ],
+    )
+}
+
+/// Its bias's gradient: `OutputGrad` (`values`) summed over the rows → `BiasGrad`
+/// (`values`). (The input's gradient is the output's own.)
+pub fn bias_add_backward(values: Values, n: usize, width: usize) -> Plan {
+    if n == 0 {
+        return Plan::default();
+    }
+    let rows = n / width.max(1);
+    let (chunks, per_chunk) = chunking(rows);
+    Plan {
+        scratch: vec![(Partial, chunks * width)],
+        launches: vec![
             launch(
-                format!("bias_residual_bias_grad_{name}"),
-                (columns(width), 1),
-                vec![Address(Partial), Address(BiasGrad), int(width), int(chunks)],
+                format!("bias_grad_partial_{}", values.suffix()),
+                (columns(width), chunks),
+                vec![
+                    Address(OutputGrad),
+                    Address(Partial),
+                    long(rows),
+                    int(width),
+                    long(per_chunk),
+                ],
             ),
+            bias_grad(values, width, chunks),
         ],
     }
 }
