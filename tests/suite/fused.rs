@@ -1223,131 +1223,103 @@ mod cuda {
         }
     }
 
-    /// The bias add and residual add after a linear layer on the GPU (f32 stream, f32 or
-    /// bf16 branch and bias; ViT's 768 wide and a width that is no multiple of a block)
-    /// against the plain ops in f64 on the CPU: the output, and the gradients of the
-    /// stream, the branch and the bias.
+    /// `f(inputs)`'s value and every input's gradient under the weights `g`, with the
+    /// inputs on `device` (widened to f64 where `wide`), all returned on the CPU in f64.
+    fn grads_on(
+        device: &Device,
+        wide: bool,
+        inputs: &[&Tensor],
+        g: &Tensor,
+        f: &dyn Fn(&[Tensor]) -> Tensor,
+    ) -> Vec<Tensor> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| {
+                let t = t.to_device(device).unwrap();
+                Var::from_tensor(&if wide {
+                    t.to_dtype(DType::F64).unwrap()
+                } else {
+                    t
+                })
+                .unwrap()
+            })
+            .collect();
+        let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&xs);
+        let weights = g.to_device(device).unwrap().to_dtype(out.dtype()).unwrap();
+        let store = (&out * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let host = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let mut all = vec![host(&out)];
+        for v in &vars {
+            all.push(host(store.get(v.as_tensor()).expect("a gradient")));
+        }
+        all
+    }
+
+    /// An op on a list of inputs.
+    type ListOp<'a> = dyn Fn(&[Tensor]) -> Tensor + 'a;
+
+    fn random(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// A linear layer's bias add on the GPU, alone (`bias_add`) and with the residual add
+    /// after it (`bias_residual`: f32 stream), f32 and bf16 values (ViT's widths, and one
+    /// that is no multiple of a block), against the plain ops in f64 on the CPU: the output
+    /// and every input's gradient.
     #[test]
-    fn the_cuda_bias_residual_equals_the_plain_ops() {
+    fn the_cuda_bias_ops_equal_the_plain_ops() {
         let dev = gpu();
         for (dtype, rows, width) in [
             (DType::F32, 197 * 3, 768),
-            (DType::BF16, 197 * 3, 768),
+            (DType::BF16, 197 * 3, 2304),
             (DType::BF16, 1000, 37),
         ] {
-            let label = format!("bias and residual {dtype:?} {rows}x{width}");
             let rel = if dtype == DType::BF16 { 1e-2 } else { 1e-6 };
-            let cpu = |shape: (usize, usize), dt: DType| {
-                Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dt)
-                    .unwrap()
-            };
-            let stream = cpu((rows, width), DType::F32);
-            let y = cpu((rows, width), dtype);
-            let bias = cpu((1, width), dtype).squeeze(0).unwrap();
-            let g = cpu((rows, width), DType::F32);
-            let grads = |device: &Device, wide: bool| {
-                let put = |t: &Tensor| {
-                    let t = t.to_device(device).unwrap();
-                    Var::from_tensor(&if wide {
-                        t.to_dtype(DType::F64).unwrap()
-                    } else {
-                        t
-                    })
-                    .unwrap()
-                };
-                let (s, yv, b) = (put(&stream), put(&y), put(&bias));
-                let out =
-                    fused::bias_residual(s.as_tensor(), yv.as_tensor(), b.as_tensor()).unwrap();
-                let weights = g.to_device(device).unwrap().to_dtype(out.dtype()).unwrap();
-                let store = (&out * &weights)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let host = |t: &Tensor| {
-                    t.to_device(&Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                };
-                let mut all = vec![host(&out)];
-                for v in [&s, &yv, &b] {
-                    all.push(host(store.get(v.as_tensor()).expect("a gradient")));
-                }
-                all
-            };
-            let kernel = grads(&dev, false);
-            let reference = grads(&Device::Cpu, true);
-            for (i, part) in ["output", "d stream", "d branch", "d bias"]
-                .iter()
-                .enumerate()
-            {
-                if let Some((at, a, b)) =
-                    worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
-                {
-                    panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
-                }
-            }
-        }
-    }
-
-    /// A linear layer's bias add on the GPU, f32 and bf16, against the plain op in f64 on
-    /// the CPU: the output and the gradients of the values and the bias.
-    #[test]
-    fn the_cuda_bias_add_equals_the_plain_op() {
-        let dev = gpu();
-        for (dtype, rows, width) in [(DType::F32, 591, 2304), (DType::BF16, 1000, 37)] {
-            let label = format!("bias add {dtype:?} {rows}x{width}");
-            let rel = if dtype == DType::BF16 { 1e-2 } else { 1e-6 };
-            let y = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let bias = Tensor::randn(0f32, 1.0, width, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let g = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
-            let grads = |device: &Device, wide: bool| {
-                let put = |t: &Tensor| {
-                    let t = t.to_device(device).unwrap();
-                    Var::from_tensor(&if wide {
-                        t.to_dtype(DType::F64).unwrap()
-                    } else {
-                        t
-                    })
-                    .unwrap()
-                };
-                let (yv, b) = (put(&y), put(&bias));
-                let out = fused::bias_add(yv.as_tensor(), b.as_tensor()).unwrap();
-                let weights = g.to_device(device).unwrap().to_dtype(out.dtype()).unwrap();
-                let store = (&out * &weights)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let host = |t: &Tensor| {
-                    t.to_device(&Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                };
-                vec![
-                    host(&out),
-                    host(store.get(yv.as_tensor()).expect("a gradient")),
-                    host(store.get(b.as_tensor()).expect("a gradient")),
-                ]
-            };
-            let (kernel, reference) = (grads(&dev, false), grads(&Device::Cpu, true));
-            for (i, part) in ["output", "d values", "d bias"].iter().enumerate() {
-                if let Some((at, a, b)) =
-                    worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
-                {
-                    panic!("{label}: {part}[{at}] is {a}, the plain op's {b}");
+            let (stream, y) = (
+                random(&[rows, width], DType::F32),
+                random(&[rows, width], dtype),
+            );
+            let (bias, g) = (random(&[width], dtype), random(&[rows, width], DType::F32));
+            let residual = |x: &[Tensor]| fused::bias_residual(&x[0], &x[1], &x[2]).unwrap();
+            let add = |x: &[Tensor]| fused::bias_add(&x[0], &x[1]).unwrap();
+            let cases: [(&str, &[&Tensor], &ListOp, &[&str]); 2] = [
+                (
+                    "bias and residual",
+                    &[&stream, &y, &bias],
+                    &residual,
+                    &["output", "d stream", "d values", "d bias"],
+                ),
+                (
+                    "bias",
+                    &[&y, &bias],
+                    &add,
+                    &["output", "d values", "d bias"],
+                ),
+            ];
+            for (what, inputs, f, parts) in cases {
+                let label = format!("{what} {dtype:?} {rows}x{width}");
+                let kernel = grads_on(&dev, false, inputs, &g, f);
+                let reference = grads_on(&Device::Cpu, true, inputs, &g, f);
+                for (i, part) in parts.iter().enumerate() {
+                    if let Some((at, a, b)) =
+                        worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                    {
+                        panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
+                    }
                 }
             }
         }

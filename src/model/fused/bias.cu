@@ -1,5 +1,5 @@
-// A linear layer's bias add and the residual add after it, in one pass each way: the end
-// of each transformer block's branch (the attention's output projection, the MLP's second
+// A linear layer's bias add, alone or with the residual add after it, in one pass each
+// way. With the residual add: the end of each transformer block's branch (the attention's output projection, the MLP's second
 // layer). The branch `y` and its bias are f32 or bf16, the residual stream f32 (under
 // mixed precision the stream stays f32). The plain ops made three passes forward (bias
 // add, cast to f32, add) and a separate reduction over the rows for the bias gradient;
@@ -61,32 +61,11 @@ __device__ void bias_add_fwd(
     store((T*)out_at, i, load((const T*)y_at, i) + load((const T*)bias_at, i % width));
 }
 
-// Grid: (column blocks, chunks); partial holds chunks × width floats.
-template <typename T>
+// Grid: (column blocks, chunks); partial holds chunks × width floats. The gradient `g`
+// (G: f32 from the residual stream, or the values' own dtype), rounded to T, written to
+// `dy` where it is not null, and summed in f32 per chunk.
+template <typename G, typename T>
 __device__ void bias_grad_partial(
-    unsigned long long g_at,
-    unsigned long long partial_at,
-    long long rows,
-    int width,
-    long long rows_per_chunk)
-{
-    const int j = blockIdx.x * THREADS + threadIdx.x;
-    if (j >= width) {
-        return;
-    }
-    const T* g = (const T*)g_at;
-    const long long first = (long long)blockIdx.y * rows_per_chunk;
-    const long long last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
-    float sum = 0.0f;
-    for (long long r = first; r < last; ++r) {
-        sum += load(g, r * width + j);
-    }
-    ((float*)partial_at)[(long long)blockIdx.y * width + j] = sum;
-}
-
-// Grid: (column blocks, chunks); partial holds chunks × width floats.
-template <typename T>
-__device__ void bias_residual_bwd_partial(
     unsigned long long g_at,
     unsigned long long dy_at,
     unsigned long long partial_at,
@@ -98,14 +77,14 @@ __device__ void bias_residual_bwd_partial(
     if (j >= width) {
         return;
     }
-    const float* g = (const float*)g_at;
+    const G* g = (const G*)g_at;
     T* dy = (T*)dy_at;
     const long long first = (long long)blockIdx.y * rows_per_chunk;
     const long long last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
     float sum = 0.0f;
     for (long long r = first; r < last; ++r) {
         const long long i = r * width + j;
-        const float d = rounded_to(dy, g[i]);
+        const float d = rounded_to((const T*)dy, load(g, i));
         if (dy) {
             store(dy, i, d);
         }
@@ -114,7 +93,7 @@ __device__ void bias_residual_bwd_partial(
     ((float*)partial_at)[(long long)blockIdx.y * width + j] = sum;
 }
 
-#define BIAS_ENTRIES(NAME, T)                                                      \
+#define BIAS_ENTRIES(NAME, T)                                                                \
     extern "C" __global__ void bias_residual_fwd_##NAME(                                     \
         unsigned long long stream, unsigned long long y, unsigned long long bias,            \
         unsigned long long out, long long n, int width)                                      \
@@ -125,7 +104,7 @@ __device__ void bias_residual_bwd_partial(
         unsigned long long g, unsigned long long dy, unsigned long long partial,             \
         long long rows, int width, long long rows_per_chunk)                                 \
     {                                                                                        \
-        bias_residual_bwd_partial<T>(g, dy, partial, rows, width, rows_per_chunk);           \
+        bias_grad_partial<float, T>(g, dy, partial, rows, width, rows_per_chunk);            \
     }                                                                                        \
     extern "C" __global__ void bias_add_fwd_##NAME(                                          \
         unsigned long long y, unsigned long long bias, unsigned long long out, long long n,  \
@@ -137,7 +116,7 @@ __device__ void bias_residual_bwd_partial(
         unsigned long long g, unsigned long long partial, long long rows, int width,         \
         long long rows_per_chunk)                                                            \
     {                                                                                        \
-        bias_grad_partial<T>(g, partial, rows, width, rows_per_chunk);                       \
+        bias_grad_partial<T, T>(g, 0, partial, rows, width, rows_per_chunk);                 \
     }                                                                                        \
     extern "C" __global__ void bias_grad_##NAME(                                             \
         unsigned long long partial, unsigned long long dbias, int width, int chunks)         \
