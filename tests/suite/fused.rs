@@ -1353,6 +1353,17 @@ mod cuda {
         }
     }
 
+    /// Milliseconds a run of `step` takes, the mean of 10 after one to warm up (`step`
+    /// synchronises the device itself).
+    fn mean_ms(step: &dyn Fn()) -> f64 {
+        step();
+        let started = std::time::Instant::now();
+        for _ in 0..10 {
+            step();
+        }
+        started.elapsed().as_secs_f64() * 1e3 / 10.0
+    }
+
     /// Workbench timing: the kernels against candle's composition of plain ops at a
     /// ViT-B/16 layer's size (256 × 197 rows of 768; the MLP 4 × wider), forward +
     /// backward, printed.
@@ -1379,12 +1390,7 @@ mod cuda {
                     loss.backward().unwrap();
                     dev.synchronize().unwrap();
                 };
-                step();
-                let started = std::time::Instant::now();
-                for _ in 0..10 {
-                    step();
-                }
-                started.elapsed().as_secs_f64() * 1e3 / 10.0
+                mean_ms(&step)
             };
             let kernel = time(&|x, w, b| fused::layer_norm(x, w, b, 1e-5).unwrap());
             let plain_ms = time(&|x, w, b| {
@@ -1414,12 +1420,7 @@ mod cuda {
                     loss.backward().unwrap();
                     dev.synchronize().unwrap();
                 };
-                step();
-                let started = std::time::Instant::now();
-                for _ in 0..10 {
-                    step();
-                }
-                started.elapsed().as_secs_f64() * 1e3 / 10.0
+                mean_ms(&step)
             };
             let kernel = time_gelu(&|y, b| fused::gelu_erf_bias(y, b).unwrap());
             let plain_ms = time_gelu(&|y, b| {
@@ -1449,12 +1450,7 @@ mod cuda {
                 (&p * &g).unwrap().sum_all().unwrap().backward().unwrap();
                 dev.synchronize().unwrap();
             };
-            step();
-            let started = std::time::Instant::now();
-            for _ in 0..10 {
-                step();
-            }
-            started.elapsed().as_secs_f64() * 1e3 / 10.0
+            mean_ms(&step)
         };
         let kernel =
             time_softmax(&|s| fused::cuda::attention_softmax(s, None, heads, scale).unwrap());
@@ -1485,12 +1481,7 @@ mod cuda {
                     (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
                     dev.synchronize().unwrap();
                 };
-                step();
-                let started = std::time::Instant::now();
-                for _ in 0..10 {
-                    step();
-                }
-                started.elapsed().as_secs_f64() * 1e3 / 10.0
+                mean_ms(&step)
             };
             let kernel = time_residual(&|s, y, b| fused::bias_residual(s, y, b).unwrap());
             let plain_ms = time_residual(&|s, y, b| {
@@ -1520,12 +1511,7 @@ mod cuda {
                     (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
                     dev.synchronize().unwrap();
                 };
-                step();
-                let started = std::time::Instant::now();
-                for _ in 0..10 {
-                    step();
-                }
-                started.elapsed().as_secs_f64() * 1e3 / 10.0
+                mean_ms(&step)
             };
             let in_place = time_attention(&|x| fused::attention(x, heads, None).unwrap());
             let copies = time_attention(&|x| fused::attention_plain(x, heads, None).unwrap());
