@@ -6,6 +6,8 @@
 
 use rand::{Rng, SeedableRng};
 
+use super::transform::{CLIP_MEAN, CLIP_STD};
+
 pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "cross"];
 pub const COLOURS: [(&str, [f32; 3]); 6] = [
     ("red", [0.9, 0.1, 0.1]),
@@ -23,10 +25,6 @@ pub const POSITIONS: [&str; 5] = [
     "bottom right",
     "centre",
 ];
-
-/// CLIP's image normalisation constants.
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Which independent sample stream: training batches, or held-out evaluation pairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -771,6 +771,7 @@ mod cuda {
             "layer_norm_bwd_dw".to_string(),
             "attention_softmax_fwd_f32".to_string(),
             "attention_softmax_bwd_f32".to_string(),
+            "attention_softmax_bwd_bf16".to_string(),
         ];
         for dtype in ["f32", "bf16"] {
             for kernel in [

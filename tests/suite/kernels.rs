@@ -793,7 +793,7 @@ fn attention_softmax_kernels_equal_the_formulas() {
         buffers.insert(Buffer::InputGrad, vec![0u8; 4 * rows * len]);
         let bwd = run(
             &format!("{name}-bwd"),
-            &plan::attention_softmax_backward(rows, len, scale),
+            &plan::attention_softmax_backward(Values::F32, rows, len, scale),
             &buffers,
         );
         assert_close(
@@ -801,6 +801,35 @@ fn attention_softmax_kernels_equal_the_formulas() {
             &decode(&bwd[&Buffer::InputGrad], Values::F32),
             &ds,
             Values::F32,
+            1e-5,
+        );
+        // The same from the probabilities rounded to bf16 (as attention keeps them for
+        // its bf16 GEMMs), the gradient written in bf16: the formula on the rounded values.
+        let kernel_p: Vec<f32> = decode(&fwd[&Buffer::Output], Values::F32)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let (p_bf16, pb) = encode(&kernel_p, Values::Bf16);
+        buffers.insert(Buffer::Output, p_bf16);
+        buffers.insert(Buffer::InputGrad, vec![0u8; 2 * rows * len]);
+        let bwd = run(
+            &format!("{name}-bwd-bf16"),
+            &plan::attention_softmax_backward(Values::Bf16, rows, len, scale),
+            &buffers,
+        );
+        let mut ds_rounded = vec![0f64; rows * len];
+        for r in 0..rows {
+            let row = r * len..(r + 1) * len;
+            let dot: f64 = row.clone().map(|i| pb[i] * g[i] as f64).sum();
+            for i in row {
+                ds_rounded[i] = scale as f64 * pb[i] * (g[i] as f64 - dot);
+            }
+        }
+        assert_close(
+            &format!("{name} ds from bf16 probabilities"),
+            &decode(&bwd[&Buffer::InputGrad], Values::Bf16),
+            &ds_rounded,
+            Values::Bf16,
             1e-5,
         );
     }

@@ -614,7 +614,7 @@ impl AttentionSoftmax {
         // Bound here, so that no copy is freed before the kernel has read it.
         let (p, g) = (probs.contiguous()?, dp.to_dtype(DType::F32)?.contiguous()?);
         let ds = Tensor::zeros(p.shape(), DType::F32, p.device())?;
-        let plan = plan::attention_softmax_backward(rows * len, len, self.scale);
+        let plan = plan::attention_softmax_backward(Values::F32, rows * len, len, self.scale);
         let addresses = [
             (Buffer::Output, tensor_address(&p, &stream)?),
             (Buffer::OutputGrad, tensor_address(&g, &stream)?),
@@ -735,21 +735,10 @@ struct HeadsAttention {
     softmax: AttentionSoftmax,
     /// f32, contiguous, on the GPU.
     mask: Option<Tensor>,
-    probs: Mutex<Option<Probs>>,
-}
-
-/// The probabilities `[n, heads, len, len]` from forward, for backward.
-struct Probs {
-    /// In f32, as the softmax's backward reads them.
-    exact: CudaStorage,
-    /// Rounded to the values' dtype for the GEMMs (none in f32: `exact` serves).
-    rounded: Option<CudaStorage>,
-}
-
-impl Probs {
-    fn for_gemms(&self) -> &CudaStorage {
-        self.rounded.as_ref().unwrap_or(&self.exact)
-    }
+    /// The probabilities `[n, heads, len, len]` from forward, for backward, in the values'
+    /// dtype: the GEMMs' operand, which the softmax's backward reads too (bf16 keeps no f32
+    /// copy of them).
+    probs: Mutex<Option<CudaStorage>>,
 }
 
 impl HeadsAttention {
@@ -767,18 +756,6 @@ impl HeadsAttention {
             )));
         }
         Ok(())
-    }
-}
-
-/// `f32` rounded to `dtype` on the GPU (a copy), or none where `dtype` is f32.
-fn rounded(
-    s: &CudaStorage,
-    layout: &Layout,
-    dtype: DType,
-) -> candle_core::Result<Option<CudaStorage>> {
-    match dtype {
-        DType::F32 => Ok(None),
-        other => Ok(Some(s.to_dtype(layout, other)?)),
     }
 }
 
@@ -898,23 +875,23 @@ impl CustomOp1 for HeadsAttention {
             }
             None => self.softmax.fwd(&raw, &scores, None)?,
         };
-        let probs = Probs {
-            rounded: rounded(&exact, &scores, dtype)?,
-            exact,
+        let probs = match dtype {
+            DType::F32 => exact,
+            other => exact.to_dtype(&scores, other)?,
         };
         let (out, out_at) = output(&device, dtype, dims.size(Operand::Merged))?;
-        let p = probs.for_gemms();
         let inputs = [
             (
                 Operand::Scores,
-                storage_address(p, &scores, &stream)?,
+                storage_address(&probs, &scores, &stream)?,
                 dtype,
             ),
             packed,
         ];
         head_gemms(&device, Stage::Mix, dims, &inputs, (out_at, dtype))?;
         *self.probs.lock().expect("attention probabilities") = Some(probs);
-        // `raw` is freed after this, in stream order: after the kernels.
+        // `raw` (and in bf16 the f32 probabilities) is freed after this, in stream order:
+        // after the kernels.
         Ok((out, Shape::from((dims.n, dims.len, dims.width))))
     }
 
@@ -973,7 +950,7 @@ impl CustomOp2 for HeadsAttentionGrad<'_> {
         let merged = (Operand::Merged, storage_address(g, lg, &stream)?, dtype);
         let p = (
             Operand::Scores,
-            storage_address(probs.for_gemms(), &scores, &stream)?,
+            storage_address(probs, &scores, &stream)?,
             dtype,
         );
         // dv, dq and dk cover every element of the packed gradient between them.
@@ -985,12 +962,9 @@ impl CustomOp2 for HeadsAttentionGrad<'_> {
             &[p, merged],
             (dqkv_at, dtype),
         )?;
-        // SAFETY: the GEMM and the softmax's backward write every element before reading.
-        let (dp, ds) = unsafe {
-            let n = dims.size(Operand::Scores);
-            (device.alloc::<f32>(n)?, device.alloc::<f32>(n)?)
-        };
-        let (dp_at, ds_at) = (slice_address(&dp, &stream), slice_address(&ds, &stream));
+        // SAFETY: the GEMM writes every element before the softmax's backward reads it.
+        let dp = unsafe { device.alloc::<f32>(dims.size(Operand::Scores))? };
+        let dp_at = slice_address(&dp, &stream);
         head_gemms(
             &device,
             Stage::ProbsGrad,
@@ -998,31 +972,27 @@ impl CustomOp2 for HeadsAttentionGrad<'_> {
             &[merged, packed],
             (dp_at, DType::F32),
         )?;
+        // The scores' gradient in the values' dtype, the GEMMs' operand, from the kernel.
+        let (ds, ds_at) = output(&device, dtype, dims.size(Operand::Scores))?;
         let (rows, len) = (dims.n * dims.heads * dims.len, dims.len);
-        let plan = plan::attention_softmax_backward(rows, len, op.softmax.scale);
+        let plan = plan::attention_softmax_backward(values(dtype)?, rows, len, op.softmax.scale);
         let addresses = [
-            (
-                Buffer::Output,
-                storage_address(&probs.exact, &scores, &stream)?,
-            ),
+            (Buffer::Output, p.1),
             (Buffer::OutputGrad, dp_at),
             (Buffer::InputGrad, ds_at),
         ];
         run(&device, &plan, &addresses)?;
-        let ds = CudaStorage::wrap_cuda_slice(ds, device.clone());
-        let ds_rounded = rounded(&ds, &scores, dtype)?;
-        let ds_for_gemms = ds_rounded.as_ref().unwrap_or(&ds);
         let inputs = [
             (
                 Operand::Scores,
-                storage_address(ds_for_gemms, &scores, &stream)?,
+                storage_address(&ds, &scores, &stream)?,
                 dtype,
             ),
             packed,
         ];
         head_gemms(&device, Stage::QueryGrad, dims, &inputs, (dqkv_at, dtype))?;
         head_gemms(&device, Stage::KeyGrad, dims, &inputs, (dqkv_at, dtype))?;
-        // `dp`, `ds` and its rounding are freed after this, in stream order.
+        // `dp` and `ds` are freed after this, in stream order.
         Ok((dqkv, lq.shape().clone()))
     }
 }

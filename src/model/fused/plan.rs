@@ -398,12 +398,12 @@ pub fn attention_softmax_forward(
     )
 }
 
-/// Its backward: `Output` (the probabilities) and `OutputGrad` → `InputGrad`, the raw
-/// scores' gradient (all f32).
-pub fn attention_softmax_backward(rows: usize, len: usize, scale: f32) -> Plan {
+/// Its backward: `Output` (the probabilities, `values`) and `OutputGrad` (f32) →
+/// `InputGrad`, the raw scores' gradient (`values`).
+pub fn attention_softmax_backward(values: Values, rows: usize, len: usize, scale: f32) -> Plan {
     single(
         rows,
-        "attention_softmax_bwd_f32".into(),
+        format!("attention_softmax_bwd_{}", values.suffix()),
         (rows, 1),
         vec![
             Address(Output),

@@ -10,7 +10,8 @@
 //     block per (sample, head, query) row of `len` keys: p = softmax(scale·s + mask), the
 //     additive mask (optional) broadcast over the heads and, through its strides, over
 //     samples or queries. The scale and the mask cost no pass of their own.
-//   attention_softmax_bwd_f32: ds = scale · p ⊙ (g − Σ p ⊙ g), the raw scores' gradient.
+//   attention_softmax_bwd_{f32,bf16}: ds = scale · p ⊙ (g − Σ p ⊙ g), the raw scores'
+//     gradient; p and ds f32, or both bf16 (g f32).
 
 template <typename T>
 __device__ void softmax_fwd(unsigned long long x_at, unsigned long long y_at, int width)
@@ -93,7 +94,10 @@ extern "C" __global__ void attention_softmax_fwd_f32(
     }
 }
 
-extern "C" __global__ void attention_softmax_bwd_f32(
+// The probabilities and the scores' gradient in T (f32, or bf16 where attention keeps its
+// probabilities rounded for its GEMMs), the probabilities' gradient in f32.
+template <typename T>
+__device__ void attention_softmax_bwd(
     unsigned long long probs_at,
     unsigned long long g_at,
     unsigned long long ds_at,
@@ -102,17 +106,29 @@ extern "C" __global__ void attention_softmax_bwd_f32(
 {
     __shared__ float shared[WARPS + 1];
     const long long row = blockIdx.x;
-    const float* p = (const float*)probs_at + row * len;
+    const T* p = (const T*)probs_at + row * len;
     const float* g = (const float*)g_at + row * len;
-    float* ds = (float*)ds_at + row * len;
+    T* ds = (T*)ds_at + row * len;
     float dot = 0.0f;
     for (int i = threadIdx.x; i < len; i += THREADS) {
-        dot += p[i] * g[i];
+        dot += load(p, i) * g[i];
     }
     dot = block_sum(dot, shared);
     for (int i = threadIdx.x; i < len; i += THREADS) {
-        ds[i] = scale * p[i] * (g[i] - dot);
+        store(ds, i, scale * load(p, i) * (g[i] - dot));
     }
+}
+
+extern "C" __global__ void attention_softmax_bwd_f32(
+    unsigned long long probs, unsigned long long g, unsigned long long ds, int len, float scale)
+{
+    attention_softmax_bwd<float>(probs, g, ds, len, scale);
+}
+
+extern "C" __global__ void attention_softmax_bwd_bf16(
+    unsigned long long probs, unsigned long long g, unsigned long long ds, int len, float scale)
+{
+    attention_softmax_bwd<unsigned short>(probs, g, ds, len, scale);
 }
 
 #define SOFTMAX_ENTRIES(NAME, T)                                                             \
