@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::config::{BertConfig, BertPooling};
-use super::layers::{project, residual, Activation, Attention, LayerNorm, Linear, QkvProjection};
+use super::layers::{project, Activation, Attention, LayerNorm, Linear, QkvProjection};
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
 
@@ -28,10 +28,10 @@ impl BertLayer {
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = self
             .attention_norm
-            .forward(&residual(x, &self.attention.forward(x, Some(mask))?)?)?;
+            .forward(&self.attention.forward_onto(x, Some(mask), x)?)?;
         let hidden = Activation::Gelu.forward(&self.intermediate.forward(&x)?)?;
         self.output_norm
-            .forward(&residual(&x, &self.output.forward(&hidden)?)?)
+            .forward(&self.output.forward_onto(&hidden, &x)?)
     }
 }
 

@@ -232,12 +232,8 @@ impl Attention {
 
     /// `x`: `[batch, len, width]`; `mask`: additive, broadcastable to `[batch, 1, len,
     /// len]` (−∞ where attention is barred): `[len, len]` causal, `[batch, 1, 1, len]` padding.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.out_proj.forward(&self.heads_merged(x, mask)?)
-    }
-
-    /// `stream + forward(x, mask)`, the residual add fused with the output projection's
-    /// bias ([`Linear::forward_onto`]).
+    /// Returns `stream + out_proj(attention(x))`, the residual add fused with the output
+    /// projection's bias ([`Linear::forward_onto`]).
     pub fn forward_onto(
         &self,
         x: &Tensor,
@@ -296,12 +292,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&self.hidden(x)?)
-    }
-
-    /// `stream + forward(x)`, the residual add fused with the second layer's bias
-    /// ([`Linear::forward_onto`]).
+    /// `stream + c_proj(act(c_fc(x)))`, the residual add fused with the second layer's
+    /// bias ([`Linear::forward_onto`]).
     pub fn forward_onto(&self, x: &Tensor, stream: &Tensor) -> Result<Tensor> {
         self.c_proj.forward_onto(&self.hidden(x)?, stream)
     }

@@ -133,7 +133,7 @@ __device__ void gelu_bias_partial(
     extern "C" __global__ void PREFIX##_bias_grad_##NAME(                                    \
         unsigned long long partial, unsigned long long dbias, int width, int chunks)         \
     {                                                                                        \
-        column_sums<T>(partial, dbias, width, chunks);                                    \
+        column_sums<T>(partial, dbias, width, chunks);                                       \
     }
 
 GELU_ENTRIES(gelu, ACT_ERF, f32, float)

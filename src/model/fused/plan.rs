@@ -439,21 +439,28 @@ pub fn bias_residual_forward(values: Values, n: usize, width: usize) -> Plan {
 /// a copy of `OutputGrad`), and `BiasGrad` (`values`), the sum of the rounded gradient
 /// over the rows.
 pub fn bias_residual_backward(values: Values, n: usize, width: usize) -> Plan {
-    let name = values.suffix();
-    let rows = n / width.max(1);
-    if n == 0 {
-        return Plan::default();
-    }
-    let (chunks, per_chunk) = chunking(rows);
     let input_grad = match values {
         Values::F32 => Arg::Null,
         Values::Bf16 => Address(InputGrad),
     };
+    bias_backward("bias_residual_bwd_partial", values, n, width, input_grad)
+}
+
+/// A bias gradient: `OutputGrad` summed over the rows in chunks of partial sums (written
+/// rounded to `InputGrad` where `input_grad` names it), then the chunks per column →
+/// `BiasGrad` (`values`).
+fn bias_backward(partial: &str, values: Values, n: usize, width: usize, input_grad: Arg) -> Plan {
+    if n == 0 {
+        return Plan::default();
+    }
+    let name = values.suffix();
+    let rows = n / width.max(1);
+    let (chunks, per_chunk) = chunking(rows);
     Plan {
         scratch: vec![(Partial, chunks * width)],
         launches: vec![
             launch(
-                format!("bias_residual_bwd_partial_{name}"),
+                format!("{partial}_{name}"),
                 (columns(width), chunks),
                 vec![
                     Address(OutputGrad),
@@ -464,18 +471,13 @@ pub fn bias_residual_backward(values: Values, n: usize, width: usize) -> Plan {
                     long(per_chunk),
                 ],
             ),
-            bias_grad(values, width, chunks),
+            launch(
+                format!("bias_grad_{name}"),
+                (columns(width), 1),
+                vec![Address(Partial), Address(BiasGrad), int(width), int(chunks)],
+            ),
         ],
     }
-}
-
-/// The last stage of a bias gradient: the chunks' partial sums per column → `BiasGrad`.
-fn bias_grad(values: Values, width: usize, chunks: usize) -> Launch {
-    launch(
-        format!("bias_grad_{}", values.suffix()),
-        (columns(width), 1),
-        vec![Address(Partial), Address(BiasGrad), int(width), int(chunks)],
-    )
 }
 
 /// A linear layer's bias add, `n` values in rows of `width`: `Input` + `Bias` → `Output`,
@@ -498,28 +500,7 @@ pub fn bias_add_forward(values: Values, n: usize, width: usize) -> Plan {
 /// Its bias's gradient: `OutputGrad` (`values`) summed over the rows → `BiasGrad`
 /// (`values`). (The input's gradient is the output's own.)
 pub fn bias_add_backward(values: Values, n: usize, width: usize) -> Plan {
-    if n == 0 {
-        return Plan::default();
-    }
-    let rows = n / width.max(1);
-    let (chunks, per_chunk) = chunking(rows);
-    Plan {
-        scratch: vec![(Partial, chunks * width)],
-        launches: vec![
-            launch(
-                format!("bias_grad_partial_{}", values.suffix()),
-                (columns(width), chunks),
-                vec![
-                    Address(OutputGrad),
-                    Address(Partial),
-                    long(rows),
-                    int(width),
-                    long(per_chunk),
-                ],
-            ),
-            bias_grad(values, width, chunks),
-        ],
-    }
+    bias_backward("bias_grad_partial", values, n, width, Arg::Null)
 }
 
 /// A gradient into its running sum in place: `Output` (f32, `n`) += `Input` (`values`).
