@@ -26,6 +26,9 @@ pub struct BenchOptions {
     pub precision: Option<Precision>,
     pub grad_reduce: GradReduce,
     pub tf32: bool,
+    /// As `train.grad_overlap` and `train.grad_bucket_mb`.
+    pub grad_overlap: bool,
+    pub grad_bucket_mb: f64,
 }
 
 impl BenchOptions {
@@ -35,6 +38,8 @@ impl BenchOptions {
             precision: self.precision,
             grad_all_reduce: self.grad_reduce,
             tf32: self.tf32,
+            grad_overlap: self.grad_overlap,
+            grad_bucket_mb: self.grad_bucket_mb,
             ..anchor_train_config(self.batch, steps)
         }
     }

@@ -291,6 +291,13 @@ pub struct PrecisionArgs {
     /// Full f32 matrix products on CUDA (default: TF32 tensor cores allowed for f32).
     #[arg(long)]
     pub no_tf32: bool,
+    /// Sum the gradients over the group after backward, not in buckets during it
+    /// (grad_overlap = false).
+    #[arg(long)]
+    pub no_grad_overlap: bool,
+    /// Megabytes per overlapped gradient all-reduce [default: 25] (grad_bucket_mb).
+    #[arg(long, value_name = "MB")]
+    pub grad_bucket_mb: Option<f64>,
 }
 
 impl PrecisionArgs {
@@ -302,6 +309,10 @@ impl PrecisionArgs {
             cfg.grad_all_reduce = g;
         }
         cfg.tf32 &= !self.no_tf32;
+        cfg.grad_overlap &= !self.no_grad_overlap;
+        if let Some(mb) = self.grad_bucket_mb {
+            cfg.grad_bucket_mb = mb;
+        }
     }
 }
 

@@ -22,6 +22,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let model = load_model(Some(&args.model))?;
     let mut precision = TrainConfig::default();
     args.precision.apply(&mut precision);
+    if !(precision.grad_bucket_mb.is_finite() && precision.grad_bucket_mb > 0.0) {
+        anyhow::bail!(
+            "--grad-bucket-mb {} is not a positive number of megabytes",
+            precision.grad_bucket_mb
+        );
+    }
     summary::precision_notes(&precision, &topology);
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -87,6 +93,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             precision: precision.precision,
             grad_reduce: precision.grad_all_reduce,
             tf32: precision.tf32,
+            grad_overlap: precision.grad_overlap,
+            grad_bucket_mb: precision.grad_bucket_mb,
         },
         threads,
         peak,

@@ -3,6 +3,7 @@
 
 use std::fmt::Display;
 
+use mmpipe::comm::overlap::OverlapStats;
 use mmpipe::plan::{self, GradReduce, Precision};
 use mmpipe::topology::{DeviceKind, Topology};
 use mmpipe::train::{PhaseBytes, PhaseTimes, TrainConfig};
@@ -88,6 +89,36 @@ pub fn print_bytes(phases: &[(String, PhaseTimes)], bytes: &[PhaseBytes], steps:
             per_step(b.exchange),
             per_step(b.loss),
             per_step(b.grad_all_reduce)
+        );
+    }
+}
+
+/// Each rank's gradient sums that ran in buckets during backward (`train.grad_overlap`):
+/// how many, how long the worker spent summing, and how much of that backward hid (the
+/// grad all-reduce phase is the part it did not). Nothing when no rank overlapped.
+pub fn print_overlap(phases: &[(String, PhaseTimes)], overlap: &[OverlapStats], steps: usize) {
+    if overlap.iter().all(|o| o.buckets == 0) {
+        return;
+    }
+    let steps = steps.max(1) as f64;
+    println!("gradient sums during backward  rank tower      buckets/step  summing ms/step  exposed ms/step  hidden");
+    for (rank, ((tower, times), o)) in phases.iter().zip(overlap).enumerate() {
+        if o.buckets == 0 {
+            continue;
+        }
+        let busy = o.busy.as_secs_f64() * 1e3 / steps;
+        let exposed = times.grad_all_reduce.as_secs_f64() * 1e3 / steps;
+        let hidden = if busy > 0.0 {
+            ((busy - exposed) / busy).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        println!(
+            "                               {rank:>4} {tower:<10} {:>12.1} {:>16.1} {:>16.1} {:>6.0}%",
+            o.buckets as f64 / steps,
+            busy,
+            exposed,
+            100.0 * hidden
         );
     }
 }

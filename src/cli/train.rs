@@ -186,6 +186,7 @@ fn print_report(report: &TrainReport, cfg: &TrainConfig) {
         println!("samples skipped: none");
     }
     summary::print_bytes(&report.phases, &report.bytes, steps_run);
+    summary::print_overlap(&report.phases, &report.overlap, steps_run);
     summary::print_memory();
 }
 

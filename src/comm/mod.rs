@@ -16,6 +16,7 @@ pub mod launch;
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod overlap;
 pub mod rendezvous;
 pub mod thread;
 pub mod upload;
@@ -49,6 +50,14 @@ pub trait Communicator: Send {
     /// reduce-scatter, the tensor of a broadcast. Backend-independent, so it can be set
     /// against `mmpipe plan`'s traffic table; what a ring puts on the wire follows from it.
     fn payload_bytes(&self) -> u64;
+
+    /// Whether one of this rank's collectives holds every other communicator of the
+    /// process until it completes (MPI here: one process-wide lock). Then a collective
+    /// on another thread may not wait for one this thread has yet to make: the gradient
+    /// sums do not overlap a backward that itself reduces (synchronised batch norm).
+    fn serialises_collectives(&self) -> bool {
+        false
+    }
 
     /// Element-wise sums of many tensors over ranks, as one collective: every rank passes
     /// the same list of shapes in the same order (a replica's gradients). By default one
@@ -151,7 +160,9 @@ pub fn agree_on_run(world: &dyn Communicator, topology_hash: u64, config_hash: u
 /// One tower's group, as a rank in it holds it.
 pub struct GroupComms {
     pub tower: Tower,
-    pub comm: Box<dyn Communicator>,
+    /// The group's collectives: the gradient sums (from a worker thread while backward
+    /// runs, [`overlap`]) and the replicas' checks.
+    pub comm: Box<dyn Communicator + Sync>,
     /// A second communicator over the same group, shareable with model code that reduces
     /// inside forward and backward (synchronised batch norm).
     pub stats: std::sync::Arc<dyn Communicator + Sync>,

@@ -351,6 +351,10 @@ impl Communicator for MpiCommunicator {
     fn payload_bytes(&self) -> u64 {
         self.payload.load(Ordering::Relaxed)
     }
+
+    fn serialises_collectives(&self) -> bool {
+        true
+    }
 }
 
 /// This process's communicators for `topology`: the world, its tower's group (split by

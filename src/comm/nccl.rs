@@ -2,12 +2,14 @@
 //! the world and for each tower's group, built from unique ids that world rank 0 creates
 //! and hands out through the rendezvous ([`super::rendezvous`]).
 //!
-//! The collectives run on the compute stream of the rank's device, so they are ordered
-//! after the kernels that produce their inputs with no extra events. Each one then waits
-//! for its stream: candle's backward hands back every gradient at once (there is no
-//! per-parameter hook to overlap a bucket with the rest of backward), and a collective
-//! that never completes must surface inside the watchdog's window
-//! ([`super::watchdog`]), not at some later copy to the host.
+//! The world's and the statistics' collectives run on the compute stream of the rank's
+//! device, so they are ordered after the kernels that produce their inputs with no extra
+//! events. A tower group's communicator, which sums the gradients while backward runs
+//! (`comm::overlap`, from a worker thread), has a stream of its own: each of its
+//! collectives first waits for everything queued on the compute stream so far (an event,
+//! not the host), so backward's later kernels run beside it. Each collective then waits
+//! for its own stream: a collective that never completes must surface inside the
+//! watchdog's window ([`super::watchdog`]), not at some later copy to the host.
 //!
 //! Conventions of the trait that NCCL does not keep by itself, kept here: all-gather takes
 //! different row counts (the counts go first, then padded blocks); broadcast takes any
@@ -45,6 +47,9 @@ fn nccl_message(e: &NcclError) -> String {
 struct RawComm {
     comm: sys::ncclComm_t,
     stream: Arc<CudaStream>,
+    /// The device's compute stream when `stream` is another one: each collective waits
+    /// for the work queued on it first.
+    after: Option<Arc<CudaStream>>,
     rank: usize,
 }
 
@@ -72,7 +77,12 @@ impl RawComm {
             nccl::comm_init_rank(comm.as_mut_ptr(), size, id, rank_i)?;
             comm.assume_init()
         };
-        Ok(RawComm { comm, stream, rank })
+        Ok(RawComm {
+            comm,
+            stream,
+            after: None,
+            rank,
+        })
     }
 
     fn handle(&self) -> usize {
@@ -145,14 +155,50 @@ impl NcclCommunicator {
     /// Joins the communicator of `id` as `rank` of `size`, on `device`'s stream. Blocks
     /// until every member has joined (NCCL's init is collective).
     pub fn new(id: &[u8], rank: usize, size: usize, device: &Device, name: &str) -> Result<Self> {
+        Self::join(id, rank, size, device, name, false)
+    }
+
+    /// [`Self::new`] on a stream of its own, ordered after the compute stream's work at
+    /// each collective: its sums run beside the kernels queued after them.
+    pub fn on_own_stream(
+        id: &[u8],
+        rank: usize,
+        size: usize,
+        device: &Device,
+        name: &str,
+    ) -> Result<Self> {
+        Self::join(id, rank, size, device, name, true)
+    }
+
+    fn join(
+        id: &[u8],
+        rank: usize,
+        size: usize,
+        device: &Device,
+        name: &str,
+        own_stream: bool,
+    ) -> Result<Self> {
         let cuda = device.as_cuda_device()?;
         let id = id_from_bytes(id, name)?;
-        let comm = RawComm::join(cuda.cuda_stream(), rank, size, id).map_err(|e| {
+        let compute = cuda.cuda_stream();
+        let stream = if own_stream {
+            compute
+                .context()
+                .new_stream()
+                .map_err(|e| Error::Cuda(format!("a stream for NCCL communicator `{name}`: {e}")))?
+        } else {
+            compute.clone()
+        };
+        let comm = RawComm::join(stream, rank, size, id).map_err(|e| {
             Error::Cuda(format!(
                 "NCCL communicator `{name}` (rank {rank} of {size}) could not start: {}",
                 nccl_message(&e)
             ))
         })?;
+        let comm = RawComm {
+            after: own_stream.then_some(compute),
+            ..comm
+        };
         LIVE.lock().expect("live list").push(comm.handle());
         Ok(NcclCommunicator {
             comm: Mutex::new(comm),
@@ -182,7 +228,16 @@ impl NcclCommunicator {
                     group: self.name.clone(),
                     message: e.to_string(),
                 })?;
-            self.device.synchronize()?;
+            match &comm.after {
+                // The host waits for the collective's stream only: the compute stream
+                // goes on with what was queued after it.
+                Some(_) => comm.stream.synchronize().map_err(|e| Error::Collective {
+                    op: op.name(),
+                    group: self.name.clone(),
+                    message: e.to_string(),
+                })?,
+                None => self.device.synchronize()?,
+            }
             out
         };
         Ok(out.to_device(t.device())?)
@@ -247,6 +302,13 @@ impl Collective<'_> {
         let mut dst = device.alloc_zeros::<T>(out.elem_count())?;
         let c = self.comm;
         let (count_in, count_out) = (src.len(), dst.len());
+        if let Some(compute) = &c.after {
+            // Everything queued on the compute stream so far, the input's kernels and
+            // the output's zeroing among them, before the collective.
+            c.stream
+                .join(compute)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL (rank {}): {e}", c.rank)))?;
+        }
         let done = {
             let (src_ptr, _read) = src.device_ptr(&c.stream);
             let (dst_ptr, _write) = dst.device_ptr_mut(&c.stream);
@@ -487,7 +549,9 @@ pub fn rank_comms(
             Tower::Text => ("nccl/text", "nccl/text-stats"),
         };
         let size = topology.group_size(role.tower);
-        let group = NcclCommunicator::new(&id(group_key)?, role.group_rank, size, device, &name)?;
+        // The gradient sums' communicator, on its own stream (see the module's note).
+        let group =
+            NcclCommunicator::on_own_stream(&id(group_key)?, role.group_rank, size, device, &name)?;
         let stats = NcclCommunicator::new(&id(stats_key)?, role.group_rank, size, device, &name)?;
         groups.push(GroupComms {
             tower: role.tower,

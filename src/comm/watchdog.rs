@@ -6,9 +6,10 @@
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// What this process is waiting for: a collective's name and group, and since when.
+/// What this process is waiting for: each collective in flight (the rank's own, and the
+/// gradient sums' worker's beside it), by id, with its name and group, and since when.
 struct Waiting {
-    what: Mutex<Option<(String, Instant)>>,
+    what: Mutex<Vec<(u64, String, Instant)>>,
     timeout: Mutex<Duration>,
     /// Run before exiting (NCCL: abort the communicators so the GPU is released).
     abort: Mutex<Option<fn()>>,
@@ -51,9 +52,9 @@ fn waiting() -> &'static Waiting {
                     .what
                     .lock()
                     .expect("watchdog")
-                    .as_ref()
-                    .filter(|(_, since)| since.elapsed() > limit)
-                    .map(|(what, _)| what.clone());
+                    .iter()
+                    .find(|(_, _, since)| since.elapsed() > limit)
+                    .map(|(_, what, _)| what.clone());
                 if let Some(what) = late {
                     eprintln!(
                         "mmpipe: rank {}: {what} did not complete within {:.0} s: a peer is stuck \
@@ -69,7 +70,7 @@ fn waiting() -> &'static Waiting {
             })
             .expect("spawn the collective watchdog");
         Waiting {
-            what: Mutex::new(None),
+            what: Mutex::new(Vec::new()),
             // Until set: a collective waits as long as it takes.
             timeout: Mutex::new(Duration::MAX),
             abort: Mutex::new(None),
@@ -79,24 +80,31 @@ fn waiting() -> &'static Waiting {
 
 /// Marks a collective as in flight for the watchdog until dropped. Without
 /// [`set_collective_timeout`] it does nothing.
-pub struct InFlight;
+pub struct InFlight(u64);
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl InFlight {
     pub fn start(op: &str, group: &str) -> InFlight {
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(w) = WAITING.get() {
-            *w.what.lock().expect("watchdog") = Some((
+            w.what.lock().expect("watchdog").push((
+                id,
                 format!("collective `{op}` in group `{group}`"),
                 Instant::now(),
             ));
         }
-        InFlight
+        InFlight(id)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(w) = WAITING.get() {
-            *w.what.lock().expect("watchdog") = None;
+            w.what
+                .lock()
+                .expect("watchdog")
+                .retain(|(id, _, _)| *id != self.0);
         }
     }
 }

@@ -138,6 +138,13 @@ pub struct TrainConfig {
     /// What gradients are summed in over a group: `fp32` (default), or `bf16` (half the
     /// bytes, each sum rounded to bf16); cast to the master dtype after.
     pub grad_all_reduce: GradReduce,
+    /// Sum each segment's gradients over the group (in buckets, on a worker thread, on
+    /// GPUs on the group's own stream) while backward runs on (DDP's overlap); false: one
+    /// sum after backward. Only groups of two or more ranks have anything to overlap.
+    pub grad_overlap: bool,
+    /// Megabytes of gradients per overlapped all-reduce (DDP's `bucket_cap_mb`): smaller
+    /// buckets start sooner, larger ones pay each collective's latency less often.
+    pub grad_bucket_mb: f64,
     pub eval: EvalConfig,
     /// Show a progress bar on world rank 0 (a CLI matter, not a file field).
     #[serde(skip)]
@@ -191,6 +198,8 @@ impl Default for TrainConfig {
             precision: None,
             tf32: true,
             grad_all_reduce: GradReduce::Fp32,
+            grad_overlap: true,
+            grad_bucket_mb: 25.0,
             eval: EvalConfig::default(),
             progress: true,
             checkpointing: false,
@@ -224,7 +233,7 @@ impl TrainConfig {
             grad_reduce: self.grad_all_reduce,
             optimizer: crate::plan::Optimizer::Adamw,
             checkpointing: self.checkpointing,
-            overlap: true,
+            overlap: self.grad_overlap,
             calibration: None,
         }
     }
@@ -427,6 +436,15 @@ impl TrainConfig {
             if !(c.is_finite() && c > 0.0) {
                 return bad("grad_clip", format!("{c} is not a positive norm"));
             }
+        }
+        if !(self.grad_bucket_mb.is_finite() && self.grad_bucket_mb > 0.0) {
+            return bad(
+                "grad_bucket_mb",
+                format!(
+                    "{} is not a positive number of megabytes",
+                    self.grad_bucket_mb
+                ),
+            );
         }
         if !(self.collective_timeout.is_finite() && self.collective_timeout > 0.0) {
             return bad(

@@ -32,6 +32,8 @@ pub struct RankStep {
     pub bytes: PhaseBytes,
     /// Each tower's gradient norm (group-summed, before clipping).
     pub grad_norms: Vec<(Tower, f64)>,
+    /// The gradient sums that ran during backward.
+    pub overlap: crate::comm::overlap::OverlapStats,
     /// Wall time of the whole step on this rank, data included.
     pub seconds: f64,
     /// Samples this rank could not use in this step's batch.
@@ -105,6 +107,11 @@ fn line(steps: &[RankStep], global_batch: usize) -> serde_json::Value {
                     .map(|(t, n)| (t.to_string(), json!(n)))
                     .collect::<serde_json::Map<_, _>>(),
                 "samples_skipped": s.samples_skipped,
+                "grad_overlap": {
+                    "buckets": s.overlap.buckets,
+                    "during_backward": s.overlap.during_backward,
+                    "summing_ms": ms(s.overlap.busy),
+                },
             })
         })
         .collect();

@@ -24,6 +24,7 @@ pub use phase::{PhaseBytes, PhaseTimes};
 pub use step::{SkipReason, StepGrads, StepOutcome};
 pub use trainer::{RankTrainer, StateBytes};
 
+use crate::comm::overlap::OverlapStats;
 use crate::comm::{thread, RankComms};
 use crate::data::order::SkipCounts;
 use crate::data::{DataKind, Source};
@@ -68,6 +69,8 @@ pub struct TrainReport {
     pub phases: Vec<(String, PhaseTimes)>,
     /// Per global rank: its collective payload summed over the steps.
     pub bytes: Vec<PhaseBytes>,
+    /// Per global rank: its gradient sums that ran during backward, summed over the steps.
+    pub overlap: Vec<OverlapStats>,
     /// Per global rank: samples it could not use, by cause. Header problems (missing
     /// members, truncated shards) show on every rank; decoding problems on the ranks of
     /// the modality that hit them.
@@ -210,10 +213,11 @@ pub fn train_ranks(
     let outcomes = outcomes?;
     let seconds = started.elapsed().as_secs_f64();
     let lead = &outcomes[0];
-    let (phases, bytes) = match &ranks {
+    let (phases, bytes, overlap) = match &ranks {
         Ranks::Threads => (
             outcomes.iter().map(|o| o.phases).collect(),
             outcomes.iter().map(|o| o.bytes).collect(),
+            outcomes.iter().map(|o| o.overlap).collect(),
         ),
         Ranks::Process { comms, .. } => gather_accounts(comms, lead)?,
     };
@@ -229,6 +233,7 @@ pub fn train_ranks(
             .map(|(p, r)| (r.label(), p))
             .collect(),
         bytes,
+        overlap,
         skipped: outcomes.iter().map(|o| o.skipped.clone()).collect(),
         skipped_steps: lead.skipped_steps,
         non_finite_steps: lead.non_finite_steps,
@@ -238,11 +243,11 @@ pub fn train_ranks(
     })
 }
 
-/// Every process's phase times and bytes, by world rank: one small world all-gather.
-fn gather_accounts(
-    comms: &RankComms,
-    mine: &RankOutcome,
-) -> Result<(Vec<PhaseTimes>, Vec<PhaseBytes>)> {
+/// Every process's phase times, bytes and overlapped sums, by world rank: one small
+/// world all-gather.
+type Accounts = (Vec<PhaseTimes>, Vec<PhaseBytes>, Vec<OverlapStats>);
+
+fn gather_accounts(comms: &RankComms, mine: &RankOutcome) -> Result<Accounts> {
     let mut row: Vec<f64> = mine
         .phases
         .as_array()
@@ -251,6 +256,12 @@ fn gather_accounts(
         .collect();
     let b = mine.bytes;
     row.extend([b.exchange, b.loss, b.grad_all_reduce].map(|v| v as f64));
+    let o = mine.overlap;
+    row.extend([
+        o.buckets as f64,
+        o.during_backward as f64,
+        o.busy.as_secs_f64(),
+    ]);
     let width = row.len();
     let all: Vec<Vec<f64>> = comms
         .world
@@ -261,17 +272,23 @@ fn gather_accounts(
         )?)?
         .to_vec2()?;
     let seconds = Duration::from_secs_f64;
-    Ok(all
-        .iter()
-        .map(|r| {
-            (
-                PhaseTimes::from_array(std::array::from_fn(|i| seconds(r[i]))),
-                PhaseBytes {
-                    exchange: r[7] as u64,
-                    loss: r[8] as u64,
-                    grad_all_reduce: r[9] as u64,
-                },
-            )
-        })
-        .unzip())
+    let mut accounts: Accounts = Default::default();
+    for r in &all {
+        accounts
+            .0
+            .push(PhaseTimes::from_array(std::array::from_fn(|i| {
+                seconds(r[i])
+            })));
+        accounts.1.push(PhaseBytes {
+            exchange: r[7] as u64,
+            loss: r[8] as u64,
+            grad_all_reduce: r[9] as u64,
+        });
+        accounts.2.push(OverlapStats {
+            buckets: r[10] as usize,
+            during_backward: r[11] as usize,
+            busy: seconds(r[12]),
+        });
+    }
+    Ok(accounts)
 }

@@ -113,7 +113,9 @@ impl PhaseBytes {
         match phase {
             Phase::Exchange => Some(&mut self.exchange),
             Phase::Loss => Some(&mut self.loss),
-            Phase::GradAllReduce => Some(&mut self.grad_all_reduce),
+            // The gradient sums run during backward too (`comm::overlap`), on a worker
+            // whose collectives may end between two phases: [`PhaseTimer::count_grad_sums`]
+            // counts them over both at once.
             _ => None,
         }
     }
@@ -141,16 +143,26 @@ impl<'a> PhaseTimer<'a> {
 
     /// Runs `work` as (part of) `phase`, adding its time and bytes to the phase's.
     pub fn time<T>(&mut self, phase: Phase, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        let payload = |c: &RankComms| {
-            c.world.payload_bytes() + c.groups.iter().map(|g| g.comm.payload_bytes()).sum::<u64>()
-        };
-        let (started, before) = (Instant::now(), payload(self.comms));
+        let (started, before) = (Instant::now(), self.payload());
         let out = work()?;
         self.device.synchronize()?;
         *self.times.of_mut(phase) += started.elapsed();
+        let carried = self.payload() - before;
         if let Some(b) = self.bytes.of_mut(phase) {
-            *b += payload(self.comms) - before;
+            *b += carried;
         }
         Ok(out)
+    }
+
+    /// Bytes the rank's communicators have carried so far.
+    pub fn payload(&self) -> u64 {
+        let c = self.comms;
+        c.world.payload_bytes() + c.groups.iter().map(|g| g.comm.payload_bytes()).sum::<u64>()
+    }
+
+    /// Counts what the communicators carried since `before` (read before backward) as the
+    /// gradient sums': every collective from backward's start to the sums' end is one.
+    pub fn count_grad_sums(&mut self, before: u64) {
+        self.bytes.grad_all_reduce += self.payload() - before;
     }
 }

@@ -14,6 +14,7 @@ use super::pairs::Readable;
 use super::phase::{PhaseBytes, PhaseTimes};
 use super::step::{SkipReason, StepOutcome};
 use super::trainer::RankTrainer;
+use crate::comm::overlap::OverlapStats;
 use crate::comm::RankComms;
 use crate::data::order::SkipCounts;
 use crate::data::{RankSlice, Source};
@@ -42,6 +43,7 @@ pub(super) struct RankOutcome {
     pub evals: Vec<(usize, EvalScores)>,
     pub phases: PhaseTimes,
     pub bytes: PhaseBytes,
+    pub overlap: OverlapStats,
     /// Samples this rank could not use, by cause (the order's skips included).
     pub skipped: SkipCounts,
     pub skipped_steps: usize,
@@ -65,6 +67,7 @@ struct Tally {
     step_seconds: Vec<f64>,
     phases: PhaseTimes,
     bytes: PhaseBytes,
+    overlap: OverlapStats,
     /// Samples the pipeline could not use (the order's own skips are added at the end).
     skipped: SkipCounts,
     skipped_steps: usize,
@@ -86,6 +89,7 @@ impl Tally {
         let max_bad = self.max_bad;
         self.phases.add(times);
         self.bytes.add(&outcome.bytes);
+        self.overlap.add(&outcome.overlap);
         let why = match (outcome.loss, outcome.skipped) {
             (Some(loss), _) => {
                 self.bad_in_a_row = 0;
@@ -276,6 +280,7 @@ pub(super) fn run_rank(
                 times,
                 bytes: outcome.bytes,
                 grad_norms: outcome.grad_norms.clone(),
+                overlap: outcome.overlap,
                 seconds,
                 samples_skipped,
             };
@@ -328,6 +333,7 @@ pub(super) fn run_rank(
         evals,
         phases: tally.phases,
         bytes: tally.bytes,
+        overlap: tally.overlap,
         skipped: tally.skipped,
         skipped_steps: tally.skipped_steps,
         non_finite_steps: tally.non_finite_steps,

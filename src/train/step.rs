@@ -27,10 +27,14 @@ use candle_core::{Device, Tensor};
 use super::pairs::{agree_on_pairs, PairSide, Pairs, Readable, Slice};
 use super::phase::{Phase, PhaseBytes, PhaseTimer, PhaseTimes};
 use super::trainer::{RankTrainer, TowerTrainer};
-use crate::comm::{all_reduce_sum_sparse_rows, Communicator, RankComms};
+use crate::comm::overlap::{Buckets, OverlapStats};
+use crate::comm::{all_reduce_sum_sparse_rows, Communicator, RankComms, SparseRows};
 use crate::error::{Error, Result};
 use crate::loss::{exchange_features, global_loss, LossOutput, LossScalars, Side};
-use crate::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
+use crate::model::checkpointing::{
+    backward_recomputing_into, forward_in_segments, forward_keeping_block_inputs, GradAccumulator,
+    SegmentGrads, Segments,
+};
 use crate::model::fused::GradSum;
 use crate::model::{TowerInput, LOGIT_SCALE_MAX};
 use crate::topology::Tower;
@@ -56,6 +60,8 @@ pub struct StepGrads {
     /// infinite when a gradient, the loss's scalars' included, is. One pass serves
     /// clipping, the NaN check and the metrics.
     pub grad_norms: Vec<(Tower, f64)>,
+    /// The overlapped gradient sums of the rank's towers (zero when none overlapped).
+    pub overlap: OverlapStats,
 }
 
 /// Why a step made no update (every rank decides alike).
@@ -80,6 +86,7 @@ pub struct StepOutcome {
     /// Some rank was asked to stop ([`super::request_stop`]): every rank stops after this
     /// step.
     pub stop: bool,
+    pub overlap: OverlapStats,
 }
 
 /// The joint L2 norm of `grads` (NaN or infinite when one of them is).
@@ -114,6 +121,28 @@ struct Forward {
     saved: Vec<Tensor>,
     /// Whether the forward ran per micro-batch (GradCache): backward re-runs it.
     accumulated: bool,
+    /// Every block's graph, cut at the blocks, for a backward that hands over each
+    /// block's gradients as it goes (overlapped sums, without checkpointing).
+    segments: Option<Segments>,
+}
+
+impl Forward {
+    /// Whether backward can hand over its gradients segment by segment.
+    fn in_segments(&self) -> bool {
+        self.segments.is_some() || !self.saved.is_empty()
+    }
+}
+
+/// Backward's gradients of a tower's trained parameters, before the group's sum.
+enum TowerGrads<'scope> {
+    /// Every gradient, in the compute dtype: summed after backward.
+    Local(Vec<Tensor>),
+    /// The buckets already on their way (summing during backward), and the token
+    /// table's gradient held back for its sparse-row sum.
+    Overlapped {
+        buckets: Buckets<'scope>,
+        table: Option<(usize, Tensor)>,
+    },
 }
 
 impl RankTrainer {
@@ -145,6 +174,7 @@ impl RankTrainer {
             bytes: g.bytes,
             grad_norms: g.grad_norms,
             stop,
+            overlap: g.overlap,
         })
     }
 
@@ -202,6 +232,7 @@ impl RankTrainer {
                 bytes: timer.bytes,
                 skipped: true,
                 grad_norms: self.towers.iter().map(|t| (t.tower, f64::NAN)).collect(),
+                overlap: OverlapStats::default(),
             });
         };
         let features: Vec<&Tensor> = forwards.iter().map(|f| &f.features).collect();
@@ -210,29 +241,51 @@ impl RankTrainer {
         let loss = timer.time(Phase::Loss, || {
             self.loss(comms, &pairs, &mine, &others, &features)
         })?;
-        let backward = timer.time(Phase::Backward, || {
-            self.towers
-                .iter()
-                .zip(&inputs)
-                .zip(forwards)
-                .zip(&loss.grads)
-                .map(|(((t, input), forward), grad)| t.backward(input, forward, grad))
-                .collect::<Result<Vec<_>>>()
+        // Each tower's gradient sums may start during backward, on a worker per tower
+        // (`comm::overlap`): they live in this scope, and the group's sum ends in it.
+        let grad_sums_from = timer.payload();
+        let (reduced, backward_grad_bytes) = std::thread::scope(|scope| -> Result<_> {
+            let backward = timer.time(Phase::Backward, || {
+                self.towers
+                    .iter()
+                    .zip(&inputs)
+                    .zip(forwards)
+                    .zip(&loss.grads)
+                    .map(|(((t, input), forward), grad)| {
+                        let buckets = if t.overlap && forward.in_segments() {
+                            let comm = comms.group(t.tower)?.comm.as_ref();
+                            Some(Buckets::start(scope, comm, t.bucket_bytes))
+                        } else {
+                            None
+                        };
+                        t.backward(input, forward, grad, buckets)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            // Activations and gradients are all alive here: the step's high-water mark.
+            crate::comm::device::sample_memory(&self.device);
+            let backward_grad_bytes = backward.iter().map(|(_, bytes)| bytes).sum();
+            let reduced = timer.time(Phase::GradAllReduce, || {
+                self.towers
+                    .iter()
+                    .zip(&inputs)
+                    .zip(backward)
+                    .map(|((t, input), (grads, _))| {
+                        t.reduce(comms.group(t.tower)?.comm.as_ref(), input, grads, &loss)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            Ok((reduced, backward_grad_bytes))
         })?;
-        // Activations and gradients are all alive here: the step's high-water mark.
-        crate::comm::device::sample_memory(&self.device);
-        let backward_grad_bytes = backward.iter().map(|(_, bytes)| bytes).sum();
-        let reduced = timer.time(Phase::GradAllReduce, || {
-            self.towers
-                .iter()
-                .zip(&inputs)
-                .zip(backward)
-                .map(|((t, input), (grads, _))| {
-                    t.reduce(comms.group(t.tower)?.comm.as_ref(), input, grads, &loss)
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        let (grads, norms): (Vec<_>, Vec<_>) = reduced.into_iter().unzip();
+        timer.count_grad_sums(grad_sums_from);
+        let mut overlap = OverlapStats::default();
+        let mut grads = Vec::with_capacity(reduced.len());
+        let mut norms = Vec::with_capacity(reduced.len());
+        for (g, norm, stats) in reduced {
+            grads.push(g);
+            norms.push(norm);
+            overlap.add(&stats);
+        }
         Ok(StepGrads {
             loss: loss.loss,
             grads,
@@ -241,6 +294,7 @@ impl RankTrainer {
             bytes: timer.bytes,
             skipped: false,
             grad_norms: self.towers.iter().map(|t| t.tower).zip(norms).collect(),
+            overlap,
         })
     }
 
@@ -381,6 +435,7 @@ impl TowerTrainer {
     fn forward(&self, input: &TowerInput) -> Result<Forward> {
         let micro_batches = self.micro_batches();
         let accumulated = micro_batches.len() > 1;
+        let mut segments = None;
         let (features, saved) = if accumulated {
             let parts = micro_batches
                 .iter()
@@ -392,6 +447,11 @@ impl TowerTrainer {
             (Tensor::cat(&parts, 0)?, Vec::new())
         } else if self.checkpointing && !self.locked {
             forward_keeping_block_inputs(&self.encoder, input, |x: &Tensor| self.normalise(x))?
+        } else if self.overlap {
+            let (features, kept) =
+                forward_in_segments(&self.encoder, input, |x: &Tensor| self.normalise(x))?;
+            segments = Some(kept);
+            (features, Vec::new())
         } else {
             let features = self.normalise(&self.encoder.forward(input)?)?;
             // A locked tower keeps no graph: its features are constants of the step.
@@ -406,19 +466,60 @@ impl TowerTrainer {
             features,
             saved,
             accumulated,
+            segments,
         })
     }
 
     /// Backpropagates ∂L/∂features into the tower (d/dθ Σ features ⊙ g = (∂L/∂features) ·
     /// ∂features/∂θ): the gradients of the tower's trained parameters, in the compute
-    /// dtype, and how many bytes of them are not in the master dtype.
-    fn backward(
+    /// dtype, and how many bytes of them are not in the master dtype. With `buckets`
+    /// (and a forward in segments), each segment's gradients start their group sum as
+    /// soon as the segment is done.
+    fn backward<'scope>(
         &self,
         input: &TowerInput,
         forward: Forward,
         grad: &Tensor,
-    ) -> Result<(Vec<Tensor>, usize)> {
+        buckets: Option<Buckets<'scope>>,
+    ) -> Result<(TowerGrads<'scope>, usize)> {
         let tower_params = &self.tower_working;
+        if let Some(mut buckets) = buckets {
+            let table_index = self.token_table_index(input, tower_params);
+            let mut table: Option<Tensor> = None;
+            let mut other_dtype = 0;
+            {
+                let mut sink = |grads: SegmentGrads| -> Result<()> {
+                    for (i, g) in grads {
+                        if g.dtype() != self.master {
+                            other_dtype += g.elem_count() * g.dtype().size_in_bytes();
+                        }
+                        if Some(i) == table_index {
+                            table = Some(match table.take() {
+                                Some(prev) => (prev + g)?,
+                                None => g,
+                            });
+                        } else {
+                            buckets.add(i, g.to_dtype(self.grad_reduce)?);
+                        }
+                    }
+                    Ok(())
+                };
+                match forward.segments {
+                    Some(segments) => segments.backward(grad, tower_params, &mut sink)?,
+                    None => backward_recomputing_into(
+                        &self.encoder,
+                        input,
+                        &forward.saved,
+                        grad,
+                        |x: &Tensor| self.normalise(x),
+                        tower_params,
+                        &mut sink,
+                    )?,
+                }
+            }
+            let table = table_index.zip(table);
+            return Ok((TowerGrads::Overlapped { buckets, table }, other_dtype));
+        }
         let grads = if tower_params.is_empty() {
             Vec::new()
         } else if forward.accumulated {
@@ -451,15 +552,22 @@ impl TowerTrainer {
                 .into_iter()
                 .map(GradSum::into_tensor)
                 .collect()
-        } else if !forward.saved.is_empty() {
-            backward_recomputing(
-                &self.encoder,
-                input,
-                &forward.saved,
-                grad,
-                |x: &Tensor| self.normalise(x),
-                tower_params,
-            )?
+        } else if forward.in_segments() {
+            let mut acc = GradAccumulator::new(tower_params);
+            let mut sink = |g: SegmentGrads| acc.add(g);
+            match forward.segments {
+                Some(segments) => segments.backward(grad, tower_params, &mut sink)?,
+                None => backward_recomputing_into(
+                    &self.encoder,
+                    input,
+                    &forward.saved,
+                    grad,
+                    |x: &Tensor| self.normalise(x),
+                    tower_params,
+                    &mut sink,
+                )?,
+            }
+            acc.finish()?
         } else {
             let store = (forward.features * grad)?.sum_all()?.backward()?;
             tower_params.grads(&store)?
@@ -471,26 +579,57 @@ impl TowerTrainer {
             .filter(|g| g.dtype() != self.master)
             .map(|g| g.elem_count() * g.dtype().size_in_bytes())
             .sum();
-        Ok((grads, other_dtype))
+        Ok((TowerGrads::Local(grads), other_dtype))
     }
 
     /// Sums the tower's gradients over the group (in the all-reduce's dtype, sparse rows
-    /// for the token table), clips them, and puts the loss scalars' own gradients beside
-    /// them: every trainable parameter's gradient in the master dtype, and the tower's
-    /// norm before clipping (NaN when any gradient is not finite).
+    /// for the token table), or waits for the buckets already summing, clips them, and
+    /// puts the loss scalars' own gradients beside them: every trainable parameter's
+    /// gradient in the master dtype, the tower's norm before clipping (NaN when any
+    /// gradient is not finite), and what the overlapped sums did.
     fn reduce(
         &self,
         group: &dyn Communicator,
         input: &TowerInput,
-        tower_grads: Vec<Tensor>,
+        tower_grads: TowerGrads,
         loss: &LossOutput,
-    ) -> Result<(Vec<Tensor>, f64)> {
-        let sparse = self.sparse_grad_rows(input, &self.tower_working)?;
-        let local = tower_grads
-            .into_iter()
-            .map(|g| g.to_dtype(self.grad_reduce))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut reduced = all_reduce_sum_sparse_rows(group, &local, &sparse)?
+    ) -> Result<(Vec<Tensor>, f64, OverlapStats)> {
+        let (summed, stats) = match tower_grads {
+            TowerGrads::Local(grads) => {
+                let sparse = self.sparse_grad_rows(input, &self.tower_working)?;
+                let local = grads
+                    .into_iter()
+                    .map(|g| g.to_dtype(self.grad_reduce))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let summed = all_reduce_sum_sparse_rows(group, &local, &sparse)?;
+                (summed, OverlapStats::default())
+            }
+            TowerGrads::Overlapped { buckets, table } => {
+                let (mut summed, stats) = buckets.finish(self.tower_working.len())?;
+                // The worker is done with the group: the table's sum follows its buckets.
+                if let Some((i, g)) = table {
+                    let rows = self
+                        .sparse_grad_rows(input, &self.tower_working)?
+                        .into_iter()
+                        .flat_map(|s| s.rows)
+                        .collect();
+                    let sparse = [SparseRows { index: 0, rows }];
+                    let g = g.to_dtype(self.grad_reduce)?;
+                    summed[i] = all_reduce_sum_sparse_rows(group, &[g], &sparse)?.pop();
+                }
+                let summed = summed
+                    .into_iter()
+                    .zip(self.tower_working.iter())
+                    .map(|(g, (_, v))| match g {
+                        Some(g) => Ok(g),
+                        // Backward never reached it, on any rank: its sum is zero.
+                        None => Ok(v.as_tensor().zeros_like()?.to_dtype(self.grad_reduce)?),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (summed, stats)
+            }
+        };
+        let mut reduced = summed
             .into_iter()
             .map(|g| g.to_dtype(self.master))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -522,7 +661,7 @@ impl TowerTrainer {
                 }
             })
             .collect::<Result<_>>()?;
-        Ok((grads, norm))
+        Ok((grads, norm, stats))
     }
 }
 

@@ -75,6 +75,11 @@ pub struct TowerTrainer {
     pub(super) grad_reduce: DType,
     pub(super) locked: bool,
     pub(super) checkpointing: bool,
+    /// Sum the gradients over the group in buckets while backward runs
+    /// (`comm::overlap`): asked for, and the group has two ranks or more to sum over.
+    pub(super) overlap: bool,
+    /// Bytes per overlapped bucket.
+    pub(super) bucket_bytes: usize,
     pub(super) sync_batch_norm: bool,
     /// The loss's temperature and bias: how they were built says they are not the tower's.
     pub(super) scalars: LossScalarVars,
@@ -231,6 +236,15 @@ impl TowerTrainer {
             grad_reduce: cfg.grad_all_reduce.dtype(dtype),
             locked,
             checkpointing: cfg.checkpointing,
+            // GradCache sums its micro-batches' gradients first: one sum after backward.
+            // Decided from the config, not from this rank's slice (a rank whose slice is
+            // no larger than the micro-batch runs whole): every rank of the group must
+            // make the same collectives.
+            overlap: cfg.grad_overlap
+                && size > 1
+                && !locked
+                && cfg.micro_batch.of(role.tower).is_none(),
+            bucket_bytes: (cfg.grad_bucket_mb * 1e6) as usize,
             sync_batch_norm: model.sync_batch_norm() && role.tower == Tower::Image,
             scalars,
             micro_batch,
@@ -264,6 +278,12 @@ impl TowerTrainer {
     /// Connects what the model reduces inside its own passes to the tower's group (today:
     /// synchronised batch norm, when the model asks for it).
     fn attach(&mut self, group: &GroupComms) {
+        // Synchronised batch norm reduces inside backward: under a backend whose
+        // collectives hold each other, the overlapped sums could wait for it while it
+        // waits for them.
+        if self.sync_batch_norm && group.comm.serialises_collectives() {
+            self.overlap = false;
+        }
         if self.sync_batch_norm {
             self.encoder
                 .set_stats_reducer(Arc::new(GroupStats(group.stats.clone())));
@@ -350,6 +370,20 @@ impl TowerTrainer {
         }
     }
 
+    /// Where the token table is in `tower_params`, when the tower looks tokens up and
+    /// trains its table: the one gradient that is zero outside a few rows.
+    pub(super) fn token_table_index(
+        &self,
+        input: &TowerInput,
+        tower_params: &Params,
+    ) -> Option<usize> {
+        let table = self.encoder.token_table()?;
+        if !matches!(input, TowerInput::Captions { .. }) {
+            return None;
+        }
+        tower_params.iter().position(|(_, v)| v.id() == table.id())
+    }
+
     /// Where this rank's tower gradients (in `tower_params`' order) are zero outside a few
     /// rows: the token table's, outside the rows of this rank's captions' tokens.
     pub(super) fn sparse_grad_rows(
@@ -357,12 +391,9 @@ impl TowerTrainer {
         input: &TowerInput,
         tower_params: &Params,
     ) -> Result<Vec<SparseRows>> {
-        let (Some(table), TowerInput::Captions { tokens, .. }) =
-            (self.encoder.token_table(), input)
+        let (Some(index), TowerInput::Captions { tokens, .. }) =
+            (self.token_table_index(input, tower_params), input)
         else {
-            return Ok(Vec::new());
-        };
-        let Some(index) = tower_params.iter().position(|(_, v)| v.id() == table.id()) else {
             return Ok(Vec::new());
         };
         let rows = tokens

@@ -341,3 +341,55 @@ fn a_sparse_row_outside_the_table_is_an_error_naming_it() {
         );
     }
 }
+
+/// The bucketed sums a worker makes while the rank goes on: every tensor summed as by one
+/// all-reduce, whatever the buckets, a repeated index summed with itself, and each bucket
+/// counted; a peer that leaves mid-way turns `finish` into an error naming the group.
+#[test]
+fn bucketed_sums_on_a_worker_equal_one_all_reduce_and_report_a_lost_peer() {
+    use mmpipe::comm::overlap::Buckets;
+    let results = on_ranks(3, Duration::from_secs(10), |comm| {
+        let tensors: Vec<Tensor> = (0..5).map(|i| input(comm.rank() + i, 3)).collect();
+        let want = comm.all_reduce_sum_many(&tensors)?;
+        std::thread::scope(|scope| -> mmpipe::Result<()> {
+            // 40 bytes: two 3×2 f32 tensors (24 bytes each) a bucket.
+            let mut buckets = Buckets::start(scope, &comm, 40);
+            for (i, t) in tensors.iter().enumerate() {
+                buckets.add(i, t.clone());
+            }
+            buckets.add(4, tensors[4].clone());
+            let (got, stats) = buckets.finish(6)?;
+            assert_eq!((stats.buckets, stats.during_backward), (3, 3));
+            for (i, w) in want.iter().enumerate().take(4) {
+                assert_eq!(rows(got[i].as_ref().unwrap()), rows(w), "tensor {i}");
+            }
+            assert_eq!(
+                rows(got[4].as_ref().unwrap()),
+                rows(&(&want[4] * 2.0)?),
+                "a repeated index"
+            );
+            assert!(got[5].is_none(), "an index never handed over");
+            Ok(())
+        })
+    });
+    for r in results {
+        r.unwrap();
+    }
+    let results = on_ranks(2, Duration::from_secs(10), |comm| {
+        if comm.rank() == 1 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        std::thread::scope(|scope| {
+            let mut buckets = Buckets::start(scope, &comm, 1);
+            buckets.add(0, input(0, 2));
+            buckets.finish(1).map(|_| ())
+        })
+    });
+    match &results[0] {
+        Err(Error::PeerLost { group, peer, .. }) => {
+            assert_eq!((group.as_str(), *peer), ("test", 1))
+        }
+        other => panic!("expected the lost peer, got {other:?}"),
+    }
+}

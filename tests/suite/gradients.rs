@@ -35,9 +35,14 @@ fn every_parameter_gradient_matches_finite_differences() {
     assert!(checked >= 3 * 30, "only {checked} entries checked");
 }
 
+/// Both backwards that go one segment at a time (recomputing each block, or keeping
+/// every block's graph for the overlapped gradient sums) equal candle's whole-graph
+/// backward, and hand over one batch of gradients per segment, the head's first.
 #[test]
-fn checkpointed_backward_equals_plain_autograd_for_every_tower() {
-    use mmpipe::model::checkpointing::{backward_recomputing, forward_keeping_block_inputs};
+fn checkpointed_and_segmented_backward_equal_plain_autograd_for_every_tower() {
+    use mmpipe::model::checkpointing::{
+        backward_recomputing, forward_in_segments, forward_keeping_block_inputs, GradAccumulator,
+    };
     use mmpipe::model::layers::l2_normalize;
     use mmpipe::model::{ClipConfig, Encoder, ParamBuilder};
     use mmpipe::topology::Tower;
@@ -99,16 +104,47 @@ pooling = "mean"
                 values(&plain),
                 "model {m} {tower}: forward differs"
             );
-            let got =
+            let recomputed =
                 backward_recomputing(&encoder, input, &saved, &upstream, l2_normalize, &params)
                     .unwrap();
-            for ((name, _), (g, w)) in params.iter().zip(got.iter().zip(&want)) {
-                assert!(
-                    values(w).iter().any(|v| *v != 0.0),
-                    "model {m} {tower} {name}: zero gradient"
-                );
-                if let Some((i, a, b)) = worst_violation(g, w, 1e-10, 1e-12, Relative::Element) {
-                    panic!("model {m} {tower} {name}[{i}]: {a} vs {b}");
+            let (features, segments) = forward_in_segments(&encoder, input, l2_normalize).unwrap();
+            assert_eq!(
+                values(&features),
+                values(&plain),
+                "model {m} {tower}: the segmented forward differs"
+            );
+            let mut acc = GradAccumulator::new(&params);
+            let mut handed = Vec::new();
+            segments
+                .backward(&upstream, &params, &mut |g| {
+                    handed.push(g.iter().map(|(i, _)| *i).collect::<Vec<_>>());
+                    acc.add(g)
+                })
+                .unwrap();
+            let segmented = acc.finish().unwrap();
+            assert_eq!(
+                handed.len(),
+                encoder.num_blocks() + 2,
+                "model {m} {tower}: one hand-over per segment"
+            );
+            // No parameter is read by two segments: each comes once, whole.
+            let mut all: Vec<usize> = handed.concat();
+            all.sort_unstable();
+            assert_eq!(
+                all,
+                (0..params.len()).collect::<Vec<_>>(),
+                "model {m} {tower}: parameters handed over {handed:?}"
+            );
+            for (how, got) in [("recomputed", &recomputed), ("segmented", &segmented)] {
+                for ((name, _), (g, w)) in params.iter().zip(got.iter().zip(&want)) {
+                    assert!(
+                        values(w).iter().any(|v| *v != 0.0),
+                        "model {m} {tower} {name}: zero gradient"
+                    );
+                    if let Some((i, a, b)) = worst_violation(g, w, 1e-10, 1e-12, Relative::Element)
+                    {
+                        panic!("model {m} {tower} {how} {name}[{i}]: {a} vs {b}");
+                    }
                 }
             }
         }

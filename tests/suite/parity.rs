@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
+use mmpipe::comm::overlap::OverlapStats;
 use mmpipe::comm::thread::{run_ranks, DEFAULT_TIMEOUT};
 use mmpipe::data::SyntheticSource;
 use mmpipe::loss::{Exchange, LossConfig, LossKind, TileSize};
@@ -32,6 +33,8 @@ pub(super) struct Run {
     pub weights: BTreeMap<String, Tensor>,
     /// What step 0's gradient all-reduce handled on this rank (0 on one device).
     pub grad_all_reduce_bytes: u64,
+    /// What step 0's gradient sums did during backward on this rank.
+    pub overlap: OverlapStats,
 }
 
 fn adamw(cfg: &TrainConfig) -> AdamWConfig {
@@ -62,6 +65,7 @@ fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run 
         grads: BTreeMap::new(),
         weights: BTreeMap::new(),
         grad_all_reduce_bytes: 0,
+        overlap: OverlapStats::default(),
     };
     for step in 0..STEPS {
         let (images, texts) = batch(
@@ -185,6 +189,7 @@ pub(super) fn layout_run_on(
             grads: BTreeMap::new(),
             weights: BTreeMap::new(),
             grad_all_reduce_bytes: 0,
+            overlap: OverlapStats::default(),
         };
         for step in 0..STEPS {
             let inputs = slice_inputs(&trainer, &source, step, cfg.global_batch)?;
@@ -204,6 +209,7 @@ pub(super) fn layout_run_on(
                     }
                 }
                 run.grad_all_reduce_bytes = g.bytes.grad_all_reduce;
+                run.overlap = g.overlap;
             }
             trainer.apply(&g.grads, LR)?;
         }
@@ -789,6 +795,104 @@ mod cuda {
                 let cfg = loss_config(kind, exchange, TileSize::Columns(5), MICRO_BATCH);
                 let ranks = split_run_on(&gpu(), &model, 3, 2, &cfg, DType::F64);
                 compare_f64(&format!("cuda 3x2 {kind} {exchange}"), &reference, &ranks);
+            }
+        }
+    }
+}
+
+/// The same rank of two runs: identical losses, step 0's gradients and the final weights,
+/// bit for bit.
+fn assert_identical(label: &str, a: &Run, b: &Run) {
+    assert_eq!(a.losses, b.losses, "{label}: losses");
+    for (what, x, y) in [
+        ("gradient", &a.grads, &b.grads),
+        ("weights", &a.weights, &b.weights),
+    ] {
+        assert_eq!(
+            x.keys().collect::<Vec<_>>(),
+            y.keys().collect::<Vec<_>>(),
+            "{label}: {what} names"
+        );
+        for (name, t) in x {
+            if let Some((i, p, q)) = worst_violation(t, &y[name], 0.0, 0.0, Relative::Element) {
+                panic!("{label}: {what} of {name}[{i}]: {p} vs {q}");
+            }
+        }
+    }
+}
+
+/// The gradient sums overlapped with backward, in buckets of every size (one tensor a
+/// bucket, a few tensors, one bucket for all), with and without checkpointing, on the
+/// split, on a large vocabulary's sparse table and on a layout where ranks hold both
+/// towers: the gradients and the weights after 5 steps are bit for bit those of one sum
+/// after backward (a sum is element-wise, and the thread backend sums in rank order), and
+/// so equal one device. The buckets really go during backward.
+#[test]
+fn gradient_sums_overlapped_with_backward_equal_one_sum_after_it_bit_for_bit() {
+    let vocabulary = ClipConfig::from_str(
+        &super::common::TEST_MODEL.replace("vocab_size = 32", "vocab_size = 2000"),
+        std::path::Path::new("vocab-2000.toml"),
+    )
+    .unwrap();
+    let layouts = [
+        (test_model(), cpu_topology(2, 2)),
+        (vocabulary, cpu_topology(1, 3)),
+        (test_model(), super::common::cpu_layout(3, "0-2", "1-2")),
+    ];
+    for (model, topology) in &layouts {
+        for checkpointing in [false, true] {
+            let at = |grad_overlap, grad_bucket_mb| TrainConfig {
+                checkpointing,
+                grad_overlap,
+                grad_bucket_mb,
+                ..train_config(GLOBAL_BATCH)
+            };
+            let after = layout_run_on(&Device::Cpu, model, topology, &at(false, 25.0), DType::F64);
+            assert!(after.iter().all(|r| r.overlap == OverlapStats::default()));
+            let reference = reference_run_of(model, &at(false, 25.0), DType::F64);
+            // 1 byte: every tensor its own bucket; 2 kB: a few tensors each; 25 MB: one.
+            for mb in [1e-6, 2e-3, 25.0] {
+                let label = format!(
+                    "{}, checkpointing {checkpointing}, buckets of {mb} MB",
+                    topology.describe_groups()
+                );
+                let during =
+                    layout_run_on(&Device::Cpu, model, topology, &at(true, mb), DType::F64);
+                for (rank, (a, d)) in after.iter().zip(&during).enumerate() {
+                    let label = format!("{label}: rank {rank}");
+                    assert_identical(&label, a, d);
+                    assert_eq!(
+                        d.grad_all_reduce_bytes, a.grad_all_reduce_bytes,
+                        "{label}: other bytes summed"
+                    );
+                    let (tensors, stats) = (d.grads.len(), d.overlap);
+                    let shared = topology.ranks[rank]
+                        .roles
+                        .iter()
+                        .any(|r| topology.group_size(r.tower) > 1);
+                    if !shared {
+                        // A group of one has nothing to sum.
+                        assert_eq!(stats, OverlapStats::default(), "{label}");
+                    } else if mb < 1e-3 {
+                        // A bucket per tensor (but the loss's scalars and the sparse
+                        // table, which goes after), every one handed over during backward.
+                        assert!(
+                            stats.buckets >= tensors / 2 && stats.during_backward == stats.buckets,
+                            "{label}: {stats:?} for {tensors} tensors"
+                        );
+                    } else if mb > 1.0 {
+                        assert!(
+                            stats.during_backward == 0 && stats.buckets >= 1,
+                            "{label}: {stats:?}"
+                        );
+                    } else {
+                        assert!(
+                            stats.during_backward >= 2 && stats.buckets < tensors / 2,
+                            "{label}: {stats:?} for {tensors} tensors"
+                        );
+                    }
+                }
+                compare_f64(&label, &reference, &during);
             }
         }
     }
