@@ -189,16 +189,13 @@ impl NcclCommunicator {
         } else {
             compute.clone()
         };
-        let comm = RawComm::join(stream, rank, size, id).map_err(|e| {
+        let mut comm = RawComm::join(stream, rank, size, id).map_err(|e| {
             Error::Cuda(format!(
                 "NCCL communicator `{name}` (rank {rank} of {size}) could not start: {}",
                 nccl_message(&e)
             ))
         })?;
-        let comm = RawComm {
-            after: own_stream.then_some(compute),
-            ..comm
-        };
+        comm.after = own_stream.then_some(compute);
         LIVE.lock().expect("live list").push(comm.handle());
         Ok(NcclCommunicator {
             comm: Mutex::new(comm),

@@ -1185,3 +1185,83 @@ fn auto_groups_train_the_layout_plan_auto_chooses() {
     assert!(chosen.contains(&bare(&txt)), "{chosen} vs {txt}");
     assert_eq!(super::common::metric_losses(&metrics).len(), 3);
 }
+
+/// `train` sums the gradients in buckets during backward by default, with the buckets
+/// `--grad-bucket-mb` asks for, and says how much backward hid; `--no-grad-overlap`
+/// sums them after backward (no buckets in the metrics, no overlap table); the same
+/// losses either way. A bucket size that is not positive is refused by name.
+#[test]
+fn train_overlaps_the_gradient_sums_unless_told_not_to() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-overlap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |name: &str, extra: &[&str]| -> (String, Vec<serde_json::Value>) {
+        let metrics = dir.join(name);
+        let mut args = vec![
+            "train",
+            "--topology",
+            "topology/cpu-2x2.toml",
+            "--steps",
+            "2",
+            "--batch",
+            "16",
+            "--eval-pairs",
+            "0",
+            "--quiet",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = mmpipe(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let lines = std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (text(&out.stdout), lines)
+    };
+    let buckets = |lines: &[serde_json::Value]| -> Vec<u64> {
+        lines[0]["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["grad_overlap"]["buckets"].as_u64().unwrap())
+            .collect()
+    };
+    let loss =
+        |stdout: &str| stdout.lines().find(|l| l.starts_with("loss ")).unwrap()[..20].to_string();
+    let (one, one_lines) = run("one.jsonl", &[]);
+    let (many, many_lines) = run("many.jsonl", &["--grad-bucket-mb", "0.01"]);
+    let (after, after_lines) = run("after.jsonl", &["--no-grad-overlap"]);
+    assert_eq!(
+        buckets(&one_lines),
+        [1, 1, 1, 1],
+        "one 25 MB bucket per rank"
+    );
+    assert!(
+        buckets(&many_lines).iter().all(|&b| b > 3),
+        "{:?}",
+        buckets(&many_lines)
+    );
+    assert_eq!(buckets(&after_lines), [0, 0, 0, 0]);
+    assert!(one.contains("gradient sums during backward"), "{one}");
+    assert!(many.contains("gradient sums during backward"), "{many}");
+    assert!(!after.contains("gradient sums during backward"), "{after}");
+    assert_eq!(loss(&one), loss(&after));
+    assert_eq!(loss(&many), loss(&after));
+
+    let out = mmpipe(&[
+        "train",
+        "--topology",
+        "topology/cpu-2x2.toml",
+        "--steps",
+        "1",
+        "--grad-bucket-mb",
+        "0",
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("grad_bucket_mb"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
