@@ -181,6 +181,10 @@ pub struct PlanArgs {
     /// Do not overlap the gradient all-reduce with the backward pass.
     #[arg(long)]
     pub no_overlap: bool,
+    /// Megabytes per overlapped gradient all-reduce bucket, as `train.grad_bucket_mb`:
+    /// the last one is exposed after backward.
+    #[arg(long, value_name = "MB", default_value_t = 25.0)]
+    pub grad_bucket_mb: f64,
     /// Search the split and its placement on the nodes; print the best plans.
     #[arg(long)]
     pub auto: bool,

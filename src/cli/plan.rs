@@ -15,6 +15,12 @@ use super::args::{Format, PlanArgs};
 use super::load_model;
 
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
+    if !(args.grad_bucket_mb.is_finite() && args.grad_bucket_mb > 0.0) {
+        anyhow::bail!(
+            "--grad-bucket-mb {} is not a positive number of megabytes",
+            args.grad_bucket_mb
+        );
+    }
     let topology = Topology::from_file(&args.topology)?;
     let model = load_model(args.model.model.as_ref())?;
     let global_batch = args
@@ -64,7 +70,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         grad_reduce: args.grad_all_reduce,
         optimizer: args.optimizer,
         checkpointing: args.checkpointing,
-        overlap: !args.no_overlap,
+        overlap: (!args.no_overlap).then_some(args.grad_bucket_mb * 1e6),
         calibration,
     };
     let (text, json, chosen) = if args.auto || topology.auto_groups {

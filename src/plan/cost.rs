@@ -9,7 +9,9 @@
 //!   `(p−1)/p · n/bw + (p−1)·latency`. A ring runs at the slowest link it crosses: the
 //!   inter-node link as soon as its ranks span two nodes.
 //! - Overlap: the gradient all-reduce can overlap the backward pass (bucketed, as DDP
-//!   does); only what exceeds the backward is exposed. The feature all-gather and the
+//!   does); exposed are what exceeds the backward, and the last bucket, which only
+//!   backward's end starts: `max(0, T(n − bucket) − backward) + T(bucket)`, `T` the
+//!   all-reduce time of so many bytes (as `comm::overlap` sums them). The feature all-gather and the
 //!   loss's normaliser exchange sit between forward and backward: always exposed.
 //! - Synchronisation: the groups meet at the feature all-gather once per step, so the
 //!   step lasts as long as the busier group; the lighter group idles for the difference.
@@ -374,15 +376,20 @@ impl CostModel<'_> {
                     ring_all_gather_s(loss_payload, world.len(), ring_link(t, &links, &world))
                 }
             };
+            let grad_bytes = num.grad_all_reduce_elems * o.grad_reduce.bytes();
             let grad_all_reduce_s = if locked {
                 0.0
             } else {
-                ring_all_reduce_s(num.grad_all_reduce_elems * o.grad_reduce.bytes(), n, link)
+                ring_all_reduce_s(grad_bytes, n, link)
             };
-            let grad_all_reduce_exposed_s = if o.overlap {
-                (grad_all_reduce_s - backward_s).max(0.0)
-            } else {
-                grad_all_reduce_s
+            let grad_all_reduce_exposed_s = match o.overlap {
+                _ if locked => 0.0,
+                Some(bucket) => {
+                    let last = bucket.min(grad_bytes);
+                    (ring_all_reduce_s(grad_bytes - last, n, link) - backward_s).max(0.0)
+                        + ring_all_reduce_s(last, n, link)
+                }
+                None => grad_all_reduce_s,
             };
             let activations =
                 micro.unwrap_or(b) as f64 * num.activation_elems * o.precision.activation_bytes();
@@ -430,8 +437,12 @@ impl CostModel<'_> {
                 // Overlapped, a tower's all-reduce may hide behind any backward the device
                 // runs (the other tower's too).
                 let grad_all_reduce = sum(&|g| g.grad_all_reduce_s);
-                let exposed = if o.overlap {
-                    (grad_all_reduce - sum(&|g| g.backward_s)).max(0.0)
+                let exposed = if o.overlap.is_some() {
+                    // The sums may hide behind any backward the device runs (the first
+                    // tower's behind the second's too), but not the last tower's, which
+                    // its own backward's end starts: at least its exposed part.
+                    let last = held.last().map_or(0.0, |g| g.grad_all_reduce_exposed_s);
+                    (grad_all_reduce - sum(&|g| g.backward_s)).max(last)
                 } else {
                     grad_all_reduce
                 };

@@ -128,7 +128,8 @@ pub struct CostOptions {
     pub grad_reduce: GradReduce,
     pub optimizer: Optimizer,
     pub checkpointing: bool,
-    /// Overlap the gradient all-reduce with the backward pass.
-    pub overlap: bool,
+    /// Overlap the gradient all-reduce with the backward pass, in buckets of this many
+    /// bytes (`train.grad_bucket_mb`); None: the whole sum after backward.
+    pub overlap: Option<f64>,
     pub calibration: Option<Calibration>,
 }

@@ -233,7 +233,7 @@ impl TrainConfig {
             grad_reduce: self.grad_all_reduce,
             optimizer: crate::plan::Optimizer::Adamw,
             checkpointing: self.checkpointing,
-            overlap: self.grad_overlap,
+            overlap: self.grad_overlap.then_some(self.grad_bucket_mb * 1e6),
             calibration: None,
         }
     }

@@ -1265,3 +1265,59 @@ fn train_overlaps_the_gradient_sums_unless_told_not_to() {
     assert!(stderr.contains("grad_bucket_mb"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The plan's exposed gradient all-reduce follows the bucket size: small buckets hide
+/// all but the last one behind backward; one bucket as large as the gradients hides
+/// nothing, as `--no-overlap`; a bucket size that is not positive is refused.
+#[test]
+fn plan_exposes_the_last_gradient_bucket() {
+    let exposed = |args: &[&str]| -> Vec<(f64, f64)> {
+        let mut all = vec![
+            "plan",
+            "--topology",
+            "topology/4x4.toml",
+            "--model",
+            "configs/ViT-B-32.toml",
+            "--batch",
+            "256",
+            "--format",
+            "json",
+        ];
+        all.extend_from_slice(args);
+        let out = mmpipe(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["split"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                (
+                    g["grad_all_reduce_s"].as_f64().unwrap(),
+                    g["grad_all_reduce_exposed_s"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let small = exposed(&["--grad-bucket-mb", "1"]);
+    let whole = exposed(&["--grad-bucket-mb", "1000"]);
+    let none = exposed(&["--no-overlap"]);
+    for ((s, w), n) in small.iter().zip(&whole).zip(&none) {
+        assert!(s.1 > 0.0 && s.1 < 0.1 * s.0, "{s:?}");
+        assert_eq!(w.1, w.0);
+        assert_eq!(n.1, n.0);
+    }
+    let out = mmpipe(&[
+        "plan",
+        "--topology",
+        "topology/4x4.toml",
+        "--grad-bucket-mb",
+        "0",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--grad-bucket-mb"),
+        "{}",
+        text(&out.stderr)
+    );
+}

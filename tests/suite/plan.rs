@@ -13,7 +13,7 @@ pub fn options(global_batch: usize) -> CostOptions {
         grad_reduce: mmpipe::plan::GradReduce::Fp32,
         optimizer: Optimizer::Adamw,
         checkpointing: false,
-        overlap: true,
+        overlap: Some(25e6),
         calibration: None,
     }
 }
