@@ -504,18 +504,7 @@ impl TowerTrainer {
                     }
                     Ok(())
                 };
-                match forward.segments {
-                    Some(segments) => segments.backward(grad, tower_params, &mut sink)?,
-                    None => backward_recomputing_into(
-                        &self.encoder,
-                        input,
-                        &forward.saved,
-                        grad,
-                        |x: &Tensor| self.normalise(x),
-                        tower_params,
-                        &mut sink,
-                    )?,
-                }
+                self.backward_segments(input, forward, grad, &mut sink)?;
             }
             let table = table_index.zip(table);
             return Ok((TowerGrads::Overlapped { buckets, table }, other_dtype));
@@ -555,18 +544,7 @@ impl TowerTrainer {
         } else if forward.in_segments() {
             let mut acc = GradAccumulator::new(tower_params);
             let mut sink = |g: SegmentGrads| acc.add(g);
-            match forward.segments {
-                Some(segments) => segments.backward(grad, tower_params, &mut sink)?,
-                None => backward_recomputing_into(
-                    &self.encoder,
-                    input,
-                    &forward.saved,
-                    grad,
-                    |x: &Tensor| self.normalise(x),
-                    tower_params,
-                    &mut sink,
-                )?,
-            }
+            self.backward_segments(input, forward, grad, &mut sink)?;
             acc.finish()?
         } else {
             let store = (forward.features * grad)?.sum_all()?.backward()?;
@@ -580,6 +558,30 @@ impl TowerTrainer {
             .map(|g| g.elem_count() * g.dtype().size_in_bytes())
             .sum();
         Ok((TowerGrads::Local(grads), other_dtype))
+    }
+
+    /// Backward one segment at a time, through the kept segments or recomputing from the
+    /// saved block inputs: each segment's gradients of the trained parameters go to
+    /// `sink` as soon as the segment is done.
+    fn backward_segments(
+        &self,
+        input: &TowerInput,
+        forward: Forward,
+        grad: &Tensor,
+        sink: &mut dyn FnMut(SegmentGrads) -> Result<()>,
+    ) -> Result<()> {
+        match forward.segments {
+            Some(segments) => segments.backward(grad, &self.tower_working, sink),
+            None => backward_recomputing_into(
+                &self.encoder,
+                input,
+                &forward.saved,
+                grad,
+                |x: &Tensor| self.normalise(x),
+                &self.tower_working,
+                sink,
+            ),
+        }
     }
 
     /// Sums the tower's gradients over the group (in the all-reduce's dtype, sparse rows
