@@ -120,8 +120,9 @@ fn cached(shard: &Path) -> (f64, f64, f64) {
     (plain, cold, warm)
 }
 
-/// Images per second through one image rank's pipeline with `workers` threads.
-fn pipeline(shard: &Path, workers: usize) -> f64 {
+/// Images per second through one image rank's pipeline with `workers` threads; `bytes`:
+/// batches leave as uint8 for the device to normalise (`data.normalise_on`).
+fn pipeline(shard: &Path, workers: usize, bytes: bool) -> f64 {
     let cache = None;
     let batch = 32;
     let order = SampleOrder::Shards(Box::new(GlobalStream::new(
@@ -144,6 +145,8 @@ fn pipeline(shard: &Path, workers: usize) -> f64 {
         Assembler {
             tower: Tower::Image,
             image_shape: (3, SIZE, SIZE),
+            norm: ImageTransform::clip(SIZE, Crop::Centre).norm(),
+            bytes_to_device: bytes,
             tokenizer: Arc::new(TextTokenizer::clip()),
             context: 77,
             upload: None,
@@ -215,12 +218,13 @@ fn main() {
     let _ = writeln!(
         md,
         "\nThrough one image rank's pipeline (all 22 photos, batches of 32, prefetch 2):\n\n\
-         | worker threads | images/s |\n|---:|---:|"
+         | worker threads | images/s, normalised as stacked (floats leave) | images/s, bytes leave (normalised on the device) |\n|---:|---:|---:|"
     );
     for workers in [1, 2, 4] {
-        let rate = pipeline(&shard, workers);
-        eprintln!("pipeline, {workers} workers: {rate:.1}/s");
-        let _ = writeln!(md, "| {workers} | {rate:.1} |");
+        let floats = pipeline(&shard, workers, false);
+        let bytes = pipeline(&shard, workers, true);
+        eprintln!("pipeline, {workers} workers: {floats:.1}/s floats, {bytes:.1}/s bytes");
+        let _ = writeln!(md, "| {workers} | {floats:.1} | {bytes:.1} |");
     }
     let (plain, cold, warm) = cached(&shard);
     eprintln!("cache: uncached {plain:.1}/s, first pass {cold:.1}/s, later passes {warm:.1}/s");

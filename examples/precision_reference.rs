@@ -51,7 +51,10 @@ fn main() -> mmpipe::error::Result<()> {
         mmpipe::topology::Tower::Image,
         mmpipe::topology::Tower::Text,
     ] {
-        match source.tower_input(tower, Stream::Train, &indices, &Device::Cpu)? {
+        match source
+            .tower_input(tower, Stream::Train, &indices, &Device::Cpu)?
+            .normalised()?
+        {
             TowerInput::Images(t) => {
                 batch.insert("images".to_string(), t.to_dtype(DType::F32)?);
             }
@@ -59,6 +62,7 @@ fn main() -> mmpipe::error::Result<()> {
                 batch.insert("tokens".to_string(), tokens.to_dtype(DType::I64)?);
                 batch.insert("eot".to_string(), eot.to_dtype(DType::I64)?);
             }
+            TowerInput::Pixels { .. } => unreachable!("normalised above"),
         }
     }
     checkpoint::write_tensors(&batch, &out.join("batch.safetensors"))?;

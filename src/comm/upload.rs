@@ -8,6 +8,10 @@
 //! step's kernels run on the device's stream; cudarc's event tracking (on, as candle's
 //! multi-stream devices have it) makes them wait for the copy's completion before they
 //! read the batch, and makes the next copy into the pinned buffer wait for the last one.
+//!
+//! Decoded images travel as bytes where `data.normalise_on` has the device normalise them
+//! (the default on a GPU): `[n, size, size, 3]` u8, a quarter of the floats' bytes, staged
+//! in a pinned buffer of their own.
 
 use candle_core::Device;
 
@@ -33,9 +37,11 @@ pub fn uploader(device: &Device) -> Option<Upload> {
 mod cuda {
     use std::sync::Arc;
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaStream, PinnedHostSlice};
-    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-    use candle_core::{DType, Device, Storage, Tensor};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+    use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
     use crate::error::{Error, Result};
     use crate::model::TowerInput;
@@ -43,8 +49,10 @@ mod cuda {
     pub struct Uploader {
         device: CudaDevice,
         stream: Arc<CudaStream>,
-        /// The images' staging buffer, kept from batch to batch.
-        pinned: Option<PinnedHostSlice<f32>>,
+        /// The staging buffers, kept from batch to batch: normalised floats, or decoded
+        /// bytes (`data.normalise_on`).
+        floats: Option<PinnedHostSlice<f32>>,
+        bytes: Option<PinnedHostSlice<u8>>,
     }
 
     fn cuda_err(e: impl std::fmt::Debug) -> Error {
@@ -61,52 +69,95 @@ mod cuda {
             Ok(Uploader {
                 device: device.clone(),
                 stream,
-                pinned: None,
+                floats: None,
+                bytes: None,
             })
         }
 
         pub fn upload(&mut self, input: TowerInput) -> Result<TowerInput> {
             Ok(match input {
                 TowerInput::Images(t) if t.dtype() == DType::F32 && t.device().is_cpu() => {
-                    TowerInput::Images(self.images(&t)?)
+                    TowerInput::Images(through_pinned(
+                        &self.stream,
+                        &self.device,
+                        &mut self.floats,
+                        &t,
+                    )?)
+                }
+                TowerInput::Pixels { bytes, norm }
+                    if bytes.dtype() == DType::U8 && bytes.device().is_cpu() =>
+                {
+                    TowerInput::Pixels {
+                        bytes: through_pinned(&self.stream, &self.device, &mut self.bytes, &bytes)?,
+                        norm,
+                    }
                 }
                 // Captions are a few KB: the step's ordinary copy.
                 other => other.to_device(&Device::Cuda(self.device.clone()))?,
             })
         }
+    }
 
-        /// `t`'s values through the pinned buffer onto the GPU, on the copy stream.
-        fn images(&mut self, t: &Tensor) -> Result<Tensor> {
-            let t = t.contiguous()?;
-            let n = t.elem_count();
-            let (storage, layout) = t.storage_and_layout();
-            let Storage::Cpu(candle_core::CpuStorage::F32(values)) = &*storage else {
-                return Err(cuda_err("images not in f32 on the CPU"));
-            };
-            let values = &values[layout.start_offset()..layout.start_offset() + n];
-            if self.pinned.as_ref().is_none_or(|p| p.len() != n) {
-                let context = self.stream.context();
-                // SAFETY: every element is written below before the copy reads it.
-                self.pinned = Some(unsafe { context.alloc_pinned::<f32>(n) }.map_err(cuda_err)?);
+    /// An element type a batch is staged in.
+    trait Staged: DeviceRepr + ValidAsZeroBits + CudaDType + Copy {
+        fn values(s: &CpuStorage) -> Option<&[Self]>;
+    }
+
+    impl Staged for f32 {
+        fn values(s: &CpuStorage) -> Option<&[f32]> {
+            match s {
+                CpuStorage::F32(v) => Some(v),
+                _ => None,
             }
-            let pinned = self.pinned.as_mut().expect("allocated above");
-            // Waits for the previous copy out of this buffer to finish.
-            pinned
-                .as_mut_slice()
-                .map_err(cuda_err)?
-                .copy_from_slice(values);
-            // SAFETY: the copy below writes every element before anything reads it.
-            let mut on_device = unsafe { self.stream.alloc::<f32>(n) }.map_err(cuda_err)?;
-            self.stream
-                .memcpy_htod(&*pinned, &mut on_device)
-                .map_err(cuda_err)?;
-            let storage = CudaStorage::wrap_cuda_slice(on_device, self.device.clone());
-            Ok(Tensor::from_storage(
-                Storage::Cuda(storage),
-                t.shape().clone(),
-                candle_core::op::BackpropOp::none(),
-                false,
-            ))
         }
+    }
+
+    impl Staged for u8 {
+        fn values(s: &CpuStorage) -> Option<&[u8]> {
+            match s {
+                CpuStorage::U8(v) => Some(v),
+                _ => None,
+            }
+        }
+    }
+
+    /// `t`'s values through the pinned buffer (grown to fit) onto the GPU, on `stream`.
+    fn through_pinned<T: Staged>(
+        stream: &Arc<CudaStream>,
+        device: &CudaDevice,
+        pinned: &mut Option<PinnedHostSlice<T>>,
+        t: &Tensor,
+    ) -> Result<Tensor> {
+        let t = t.contiguous()?;
+        let n = t.elem_count();
+        let (storage, layout) = t.storage_and_layout();
+        let values = match &*storage {
+            Storage::Cpu(cpu) => T::values(cpu),
+            _ => None,
+        }
+        .ok_or_else(|| cuda_err(format!("a {:?} batch not on the CPU", t.dtype())))?;
+        let values = &values[layout.start_offset()..layout.start_offset() + n];
+        if pinned.as_ref().is_none_or(|p| p.len() != n) {
+            // SAFETY: every element is written below before the copy reads it.
+            *pinned = Some(unsafe { stream.context().alloc_pinned::<T>(n) }.map_err(cuda_err)?);
+        }
+        let buffer = pinned.as_mut().expect("allocated above");
+        // Waits for the previous copy out of this buffer to finish.
+        buffer
+            .as_mut_slice()
+            .map_err(cuda_err)?
+            .copy_from_slice(values);
+        // SAFETY: the copy below writes every element before anything reads it.
+        let mut on_device = unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)?;
+        stream
+            .memcpy_htod(&*buffer, &mut on_device)
+            .map_err(cuda_err)?;
+        let storage = CudaStorage::wrap_cuda_slice(on_device, device.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            t.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 }

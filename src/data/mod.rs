@@ -46,6 +46,31 @@ pub enum DataKind {
     Csv,
 }
 
+/// Where decoded images become normalised floats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormaliseOn {
+    /// The device on a GPU rank (bytes cross PCIe: a quarter of the floats' bytes), the
+    /// host on a CPU rank (the stacking pass does it for free).
+    #[default]
+    Auto,
+    /// The pipeline, as it stacks the batch: floats go to the device.
+    Host,
+    /// The step, on the rank's device: `[n, size, size, 3]` bytes go to it.
+    Device,
+}
+
+impl NormaliseOn {
+    /// Whether a rank on `device` normalises there.
+    pub fn on_device(self, device: &Device) -> bool {
+        match self {
+            NormaliseOn::Auto => device.is_cuda(),
+            NormaliseOn::Host => false,
+            NormaliseOn::Device => true,
+        }
+    }
+}
+
 /// One of several shard sets mixed by weight.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +120,8 @@ pub struct DataConfig {
     /// header; the encoded file's bytes).
     pub max_image_pixels: u64,
     pub max_image_bytes: u64,
+    /// Where decoded images are normalised (the synthetic set's are drawn as floats).
+    pub normalise_on: NormaliseOn,
     /// Fashion-MNIST's folder (Debian's by default) and split.
     pub dir: PathBuf,
     pub split: fashion_mnist::Split,
@@ -129,6 +156,7 @@ impl Default for DataConfig {
             cache_side: None,
             max_image_pixels: transform::ImageLimits::default().max_pixels,
             max_image_bytes: transform::ImageLimits::default().max_bytes,
+            normalise_on: NormaliseOn::Auto,
             dir: PathBuf::from(fashion_mnist::DEBIAN_DIR),
             split: fashion_mnist::Split::Train,
             base_dir: PathBuf::from("."),

@@ -21,7 +21,7 @@ use super::tokenizer::TextTokenizer;
 use super::transform::ImageTransform;
 use super::SyntheticSource;
 use crate::error::{Error, Result};
-use crate::model::TowerInput;
+use crate::model::{PixelNorm, TowerInput};
 use crate::topology::Tower;
 
 /// A sample of the global order, before its rank reads it.
@@ -182,7 +182,10 @@ impl SampleOrder {
 
 /// One sample as its tower takes it.
 pub enum Item {
+    /// Normalised `[3, size, size]` floats (the synthetic set draws them so).
     Pixels(Vec<f32>),
+    /// Decoded `[size, size, 3]` RGB bytes, cropped and resized, not yet normalised.
+    Bytes(Vec<u8>),
     Caption(String),
 }
 
@@ -215,7 +218,7 @@ impl Materialiser {
                 let member = s.image().ok_or(SkipCause::MissingImage)?;
                 let read = || s.read(member).map_err(|_| SkipCause::UnreadableShard);
                 let pixels = match cache {
-                    None => t.apply(&read()?, seed).map_err(|e| e.cause()),
+                    None => t.apply_bytes(&read()?, seed).map_err(|e| e.cause()),
                     Some(cache) => {
                         let id = format!("{}#{}", s.shard.display(), s.key);
                         let square = match cache.get(&id) {
@@ -227,11 +230,11 @@ impl Materialiser {
                                 square
                             }
                         };
-                        t.apply_rgb(cache.side as u32, cache.side as u32, square, seed)
+                        t.crop_rgb(cache.side as u32, cache.side as u32, square, seed)
                             .map_err(|_| SkipCause::CorruptImage)
                     }
                 };
-                pixels.map(Item::Pixels)
+                pixels.map(Item::Bytes)
             }
             (Materialiser::ShardCaptions, SampleRef::Shard(s)) => {
                 let member = s.caption().ok_or(SkipCause::MissingCaption)?;
@@ -253,15 +256,15 @@ impl Materialiser {
             }
             (Materialiser::FashionMnist(set, t, Tower::Image), SampleRef::Index(i)) => {
                 let side = super::fashion_mnist::SIDE as u32;
-                t.apply_rgb(side, side, set.rgb(*i as usize), seed)
-                    .map(Item::Pixels)
+                t.crop_rgb(side, side, set.rgb(*i as usize), seed)
+                    .map(Item::Bytes)
                     .map_err(|_| SkipCause::CorruptImage)
             }
             (Materialiser::Rows(rows, t, Tower::Image), SampleRef::Index(i)) => {
                 let bytes =
                     std::fs::read(&rows[*i as usize].0).map_err(|_| SkipCause::MissingImage)?;
-                t.apply(&bytes, seed)
-                    .map(Item::Pixels)
+                t.apply_bytes(&bytes, seed)
+                    .map(Item::Bytes)
                     .map_err(|e| e.cause())
             }
             (Materialiser::Rows(rows, _, Tower::Text), SampleRef::Index(i)) => {
@@ -292,6 +295,11 @@ pub struct Assembler {
     pub tower: Tower,
     /// `[channels, size, size]` of an image.
     pub image_shape: (usize, usize, usize),
+    /// What decoded images' bytes become: floats here, or on the device after the upload.
+    pub norm: PixelNorm,
+    /// Decoded images leave as `[n, size, size, 3]` bytes (`TowerInput::Pixels`), a
+    /// quarter of the floats' bytes, for the step to normalise on its device.
+    pub bytes_to_device: bool,
     pub tokenizer: Arc<TextTokenizer>,
     pub context: usize,
     /// Where batches go once assembled; None: they stay on the CPU.
@@ -299,25 +307,64 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Items drawn as normalised floats: stacked, zeros for an invalid slot.
+    fn floats(&self, items: Vec<Option<Item>>) -> Result<TowerInput> {
+        let (c, h, w) = self.image_shape;
+        let n = items.len();
+        let mut pixels = Vec::with_capacity(n * c * h * w);
+        for item in items {
+            match item {
+                Some(Item::Pixels(p)) if p.len() == c * h * w => pixels.extend(p),
+                _ => pixels.resize(pixels.len() + c * h * w, 0.0),
+            }
+        }
+        Ok(TowerInput::Images(Tensor::from_vec(
+            pixels,
+            (n, c, h, w),
+            &Device::Cpu,
+        )?))
+    }
+
     fn input(&self, items: Vec<Option<Item>>) -> Result<TowerInput> {
         let n = items.len();
         match self.tower {
             Tower::Image => {
                 let (c, h, w) = self.image_shape;
-                let mut pixels = Vec::with_capacity(n * c * h * w);
-                for item in items {
+                // The synthetic set draws floats; every other source decodes bytes (a
+                // batch with no valid item goes as bytes too: the decoders' kind).
+                if items.iter().any(|i| matches!(i, Some(Item::Pixels(_)))) {
+                    return self.floats(items);
+                }
+                // An invalid slot (its pair is dropped from the loss) is a black image:
+                // the same values either way the bytes are normalised.
+                let black = vec![0u8; h * w * 3];
+                fn slot<'a>(item: &'a Option<Item>, black: &'a [u8], ok: bool) -> &'a [u8] {
                     match item {
-                        Some(Item::Pixels(p)) if p.len() == c * h * w => pixels.extend(p),
-                        // An invalid slot: its pair is dropped from the loss; zeros keep
-                        // the tensor's shape.
-                        _ => pixels.resize(pixels.len() + c * h * w, 0.0),
+                        Some(Item::Bytes(b)) if ok && b.len() == black.len() => b,
+                        _ => black,
                     }
                 }
-                Ok(TowerInput::Images(Tensor::from_vec(
-                    pixels,
-                    (n, c, h, w),
-                    &Device::Cpu,
-                )?))
+                let slot = |item| slot(item, &black, c == 3);
+                if self.bytes_to_device {
+                    let mut bytes = Vec::with_capacity(n * h * w * 3);
+                    for item in &items {
+                        bytes.extend_from_slice(slot(item));
+                    }
+                    Ok(TowerInput::Pixels {
+                        bytes: Tensor::from_vec(bytes, (n, h, w, 3), &Device::Cpu)?,
+                        norm: self.norm,
+                    })
+                } else {
+                    let mut pixels = Vec::with_capacity(n * c * h * w);
+                    for item in &items {
+                        self.norm.extend_chw(slot(item), &mut pixels);
+                    }
+                    Ok(TowerInput::Images(Tensor::from_vec(
+                        pixels,
+                        (n, c, h, w),
+                        &Device::Cpu,
+                    )?))
+                }
             }
             Tower::Text => {
                 let captions: Vec<String> = items
@@ -620,6 +667,7 @@ fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::transform::{CLIP_MEAN, CLIP_STD};
 
     /// A panic while a worker materialises a sample costs that sample, counted, and the
     /// batch still comes (it used to lose the job: the step waited forever).
@@ -637,6 +685,12 @@ mod tests {
             Assembler {
                 tower: Tower::Text,
                 image_shape: (3, 8, 8),
+                norm: crate::data::transform::ImageTransform::clip(
+                    8,
+                    crate::data::transform::Crop::Centre,
+                )
+                .norm(),
+                bytes_to_device: false,
                 tokenizer,
                 context: 8,
                 upload: None,
@@ -658,5 +712,64 @@ mod tests {
             .unwrap();
         assert_eq!(batch.valid, vec![true, true, false, true]);
         assert_eq!(batch.failed.get(SkipCause::DecoderPanic), 1);
+    }
+
+    /// The same decoded items stacked as bytes and normalised afterwards (on the device)
+    /// give the floats that normalising while stacking gives, bit for bit, an invalid
+    /// slot included; the bytes are a quarter of the floats.
+    #[test]
+    fn bytes_normalised_later_equal_floats_normalised_while_stacked() {
+        use crate::data::transform::{Crop, ImageTransform};
+        let side = 5;
+        let assembler = |bytes_to_device| Assembler {
+            tower: Tower::Image,
+            image_shape: (3, side, side),
+            norm: ImageTransform::clip(side, Crop::Centre).norm(),
+            bytes_to_device,
+            tokenizer: Arc::new(TextTokenizer::Words(crate::data::vocab::WordVocab::new([
+                "a",
+            ]))),
+            context: 4,
+            upload: None,
+        };
+        let items = || {
+            vec![
+                Some(Item::Bytes(
+                    (0..side * side * 3).map(|i| (i * 37 % 256) as u8).collect(),
+                )),
+                None,
+                Some(Item::Bytes(vec![255; side * side * 3])),
+                // The wrong size: invalid, as a missing item.
+                Some(Item::Bytes(vec![7; 4])),
+            ]
+        };
+        let host = assembler(false).input(items()).unwrap();
+        let device = assembler(true).input(items()).unwrap();
+        let TowerInput::Images(floats) = &host else {
+            panic!("floats from the host's normalisation")
+        };
+        let TowerInput::Pixels { bytes, .. } = &device else {
+            panic!("bytes for the device")
+        };
+        assert_eq!(floats.dims(), &[4, 3, side, side]);
+        assert_eq!(bytes.dims(), &[4, side, side, 3]);
+        assert_eq!(bytes.dtype(), candle_core::DType::U8);
+        let TowerInput::Images(later) = device.normalised().unwrap() else {
+            panic!("normalised into floats")
+        };
+        let (a, b) = (
+            floats.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            later.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a, b);
+        // Sample 0, channel 1, pixel (row 2, column 3): byte (2·5 + 3)·3 + 1 = 40.
+        let v = ((40 * 37 % 256) as f32 / 255.0 - CLIP_MEAN[1]) / CLIP_STD[1];
+        assert!((a[side * side + 2 * side + 3] - v).abs() < 1e-5);
+        // The invalid slots are black, as normalised black.
+        for slot in [1, 3] {
+            let black = -CLIP_MEAN[2] / CLIP_STD[2];
+            let at = slot * 3 * side * side + 2 * side * side;
+            assert!((a[at] - black).abs() < 1e-6, "slot {slot}");
+        }
     }
 }

@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::Device;
+
 use super::cache::ImageCache;
 use super::convert::{read_rows, CsvColumns};
 use super::fashion_mnist::{FashionMnist, Split};
@@ -269,15 +271,17 @@ impl Source {
     /// Starts a rank's pipeline: its modality, its slice of every global batch. `log`:
     /// this rank reports the order's progress (epochs, shards).
     pub fn rank_pipeline(&self, slice: RankSlice, log: bool) -> RankData {
-        self.rank_pipeline_onto(slice, log, None)
+        self.rank_pipeline_onto(slice, log, &Device::Cpu, None)
     }
 
-    /// [`Self::rank_pipeline`], each batch moved by `upload` (onto the rank's GPU) as soon
-    /// as it is assembled.
+    /// [`Self::rank_pipeline`] for a rank on `device`, each batch moved by `upload` (onto
+    /// the rank's GPU) as soon as it is assembled; decoded images go as bytes where
+    /// `data.normalise_on` says `device` does the normalisation.
     pub fn rank_pipeline_onto(
         &self,
         slice: RankSlice,
         log: bool,
+        device: &Device,
         upload: Option<super::pipeline::Upload>,
     ) -> RankData {
         let tower = slice.tower;
@@ -343,6 +347,8 @@ impl Source {
         let assembler = Assembler {
             tower,
             image_shape: self.image_shape,
+            norm: transform().norm(),
+            bytes_to_device: self.config.normalise_on.on_device(device),
             tokenizer: self.captions.clone(),
             context: self.context,
             upload,

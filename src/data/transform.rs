@@ -1,4 +1,5 @@
-//! CLIP's image preprocessing: decode, crop, resize, normalise to CHW floats.
+//! CLIP's image preprocessing: decode, crop, resize to HWC bytes, normalise to CHW floats
+//! (on the host, or on the device: `model::PixelNorm`).
 //!
 //! The centre crop takes the largest centred square and resizes it to `size × size` in
 //! one pass: the same pixels as torchvision's "resize the shorter side, then centre crop",
@@ -8,6 +9,8 @@
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use rand::{Rng, SeedableRng};
+
+use crate::model::PixelNorm;
 
 /// OpenAI CLIP's per-channel mean and standard deviation (RGB, on [0, 1]).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -217,7 +220,7 @@ impl ImageTransform {
         Ok(dst.into_vec())
     }
 
-    /// The transform on decoded RGB bytes (`w × h × 3`).
+    /// The transform on decoded RGB bytes (`w × h × 3`): normalised `[3, size, size]`.
     pub fn apply_rgb(
         &self,
         w: u32,
@@ -225,6 +228,30 @@ impl ImageTransform {
         rgb: Vec<u8>,
         seed: u64,
     ) -> std::result::Result<Vec<f32>, String> {
+        Ok(self.normalise(&self.crop_rgb(w, h, rgb, seed)?))
+    }
+
+    /// Decodes `bytes` and crops and resizes them: `[size, size, 3]` RGB bytes, not yet
+    /// normalised (the batch goes to the device as bytes, or is normalised as it is
+    /// stacked).
+    pub fn apply_bytes(
+        &self,
+        bytes: &[u8],
+        seed: u64,
+    ) -> std::result::Result<Vec<u8>, DecodeError> {
+        let rgb = self.decode(bytes)?;
+        self.crop_rgb(rgb.width(), rgb.height(), rgb.into_raw(), seed)
+            .map_err(DecodeError::Corrupt)
+    }
+
+    /// The crop and resize on decoded RGB bytes (`w × h × 3`): `[size, size, 3]` bytes.
+    pub fn crop_rgb(
+        &self,
+        w: u32,
+        h: u32,
+        rgb: Vec<u8>,
+        seed: u64,
+    ) -> std::result::Result<Vec<u8>, String> {
         if w == 0 || h == 0 {
             return Err("empty image".into());
         }
@@ -238,20 +265,21 @@ impl ImageTransform {
         Resizer::new()
             .resize(&src, &mut dst, &options)
             .map_err(|e| e.to_string())?;
-        Ok(self.normalise(dst.buffer()))
+        Ok(dst.into_vec())
+    }
+
+    /// The normalisation this transform ends with.
+    pub fn norm(&self) -> PixelNorm {
+        PixelNorm {
+            mean: self.mean,
+            std: self.std,
+        }
     }
 
     /// `[h·w·3]` bytes → `[3, h, w]` floats, `(v/255 − mean)/std`.
     pub fn normalise(&self, hwc: &[u8]) -> Vec<f32> {
-        let plane = hwc.len() / 3;
-        let mut out = vec![0f32; hwc.len()];
-        for c in 0..3 {
-            let (scale, shift) = (1.0 / (255.0 * self.std[c]), self.mean[c] / self.std[c]);
-            let dst = &mut out[c * plane..(c + 1) * plane];
-            for (d, px) in dst.iter_mut().zip(hwc.chunks_exact(3)) {
-                *d = px[c] as f32 * scale - shift;
-            }
-        }
+        let mut out = Vec::with_capacity(hwc.len());
+        self.norm().extend_chw(hwc, &mut out);
         out
     }
 }

@@ -23,11 +23,14 @@ use crate::error::{Error, Result};
 impl Encoder {
     /// The blocks' input.
     pub fn stem(&self, input: &TowerInput) -> Result<Tensor> {
+        match (self, input.images()?.as_deref()) {
+            (Encoder::Image(m), Some(x)) => return m.stem(x),
+            (Encoder::ResNet(m), Some(x)) => return m.stem(x, true),
+            _ => {}
+        }
         match (self, input) {
-            (Encoder::Image(m), TowerInput::Images(x)) => m.stem(x),
             (Encoder::Text(m), TowerInput::Captions { tokens, .. }) => m.stem(tokens),
             (Encoder::Bert(m), TowerInput::Captions { tokens, .. }) => m.stem(tokens),
-            (Encoder::ResNet(m), TowerInput::Images(x)) => m.stem(x, true),
             _ => Err(Error::Msg(
                 "encoder and input are of different modalities".into(),
             )),

@@ -32,10 +32,56 @@ pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
 /// The scale `exp(logit_scale)` is clamped to 100 after every optimizer step.
 pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
 
+/// A per-channel image normalisation, `(v/255 − mean)/std` on RGB bytes: one formula for
+/// the host's workers and for the device, so that both give the same floats.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PixelNorm {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl PixelNorm {
+    /// Per channel, `v · scale − shift` in f32: the operations both paths do, in order.
+    fn scale_shift(&self) -> ([f32; 3], [f32; 3]) {
+        let scale = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let shift = std::array::from_fn(|c| self.mean[c] / self.std[c]);
+        (scale, shift)
+    }
+
+    /// `[h·w·3]` bytes (HWC) → `[3, h, w]` floats (CHW), appended to `out`.
+    pub fn extend_chw(&self, hwc: &[u8], out: &mut Vec<f32>) {
+        let (scale, shift) = self.scale_shift();
+        for c in 0..3 {
+            out.extend(
+                hwc.chunks_exact(3)
+                    .map(|px| px[c] as f32 * scale[c] - shift[c]),
+            );
+        }
+    }
+
+    /// `[n, h, w, 3]` u8 → `[n, 3, h, w]` f32 on the bytes' device: the permute is a view
+    /// that the cast reads through, so the one full-size copy is the cast's.
+    pub fn on_device(&self, bytes: &Tensor) -> Result<Tensor> {
+        let (scale, shift) = self.scale_shift();
+        let device = bytes.device();
+        let scale = Tensor::from_slice(&scale, (1, 3, 1, 1), device)?;
+        let shift = Tensor::from_slice(&shift, (1, 3, 1, 1), device)?;
+        Ok(bytes
+            .permute((0, 3, 1, 2))?
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&scale)?
+            .broadcast_sub(&shift)?)
+    }
+}
+
 /// A batch for one tower: images, or tokenised captions.
 #[derive(Debug, Clone)]
 pub enum TowerInput {
+    /// `[n, channels, size, size]` floats, normalised.
     Images(Tensor),
+    /// `[n, size, size, 3]` u8 as decoded: a quarter of the floats' bytes on the way to the
+    /// device, normalised there ([`TowerInput::normalised`]).
+    Pixels { bytes: Tensor, norm: PixelNorm },
     /// `tokens` and `mask` `[n, context]` u32; `eot` `[n]`: each caption's last real token.
     Captions {
         tokens: Tensor,
@@ -48,7 +94,28 @@ impl TowerInput {
     pub fn len(&self) -> Result<usize> {
         Ok(match self {
             TowerInput::Images(t) => t.dim(0)?,
+            TowerInput::Pixels { bytes, .. } => bytes.dim(0)?,
             TowerInput::Captions { tokens, .. } => tokens.dim(0)?,
+        })
+    }
+
+    /// Bytes normalised into floats where they are (images of any other kind as they are):
+    /// what a step does once, on its device, before the forward.
+    pub fn normalised(&self) -> Result<TowerInput> {
+        Ok(match self {
+            TowerInput::Pixels { bytes, norm } => TowerInput::Images(norm.on_device(bytes)?),
+            other => other.clone(),
+        })
+    }
+
+    /// The images as the encoder takes them: normalised floats.
+    fn images(&self) -> Result<Option<std::borrow::Cow<'_, Tensor>>> {
+        Ok(match self {
+            TowerInput::Images(x) => Some(std::borrow::Cow::Borrowed(x)),
+            TowerInput::Pixels { bytes, norm } => {
+                Some(std::borrow::Cow::Owned(norm.on_device(bytes)?))
+            }
+            TowerInput::Captions { .. } => None,
         })
     }
 
@@ -60,6 +127,10 @@ impl TowerInput {
     pub fn to_device(&self, device: &candle_core::Device) -> Result<TowerInput> {
         Ok(match self {
             TowerInput::Images(t) => TowerInput::Images(t.to_device(device)?),
+            TowerInput::Pixels { bytes, norm } => TowerInput::Pixels {
+                bytes: bytes.to_device(device)?,
+                norm: *norm,
+            },
             TowerInput::Captions { tokens, mask, eot } => TowerInput::Captions {
                 tokens: tokens.to_device(device)?,
                 mask: mask.to_device(device)?,
@@ -72,6 +143,10 @@ impl TowerInput {
     pub fn narrow(&self, start: usize, len: usize) -> Result<TowerInput> {
         Ok(match self {
             TowerInput::Images(t) => TowerInput::Images(t.narrow(0, start, len)?),
+            TowerInput::Pixels { bytes, norm } => TowerInput::Pixels {
+                bytes: bytes.narrow(0, start, len)?,
+                norm: *norm,
+            },
             TowerInput::Captions { tokens, mask, eot } => TowerInput::Captions {
                 tokens: tokens.narrow(0, start, len)?,
                 mask: mask.narrow(0, start, len)?,
@@ -115,19 +190,22 @@ impl Encoder {
     /// Features for evaluation: batch norms use their running statistics (and, when
     /// synchronised, do not communicate). Other towers behave as in training.
     pub fn forward_eval(&self, input: &TowerInput) -> Result<Tensor> {
-        match (self, input) {
-            (Encoder::ResNet(m), TowerInput::Images(x)) => m.forward(x, false),
+        match (self, input.images()?.as_deref()) {
+            (Encoder::ResNet(m), Some(x)) => m.forward(x, false),
             _ => self.forward(input),
         }
     }
 
     /// Unnormalised features `[n, embed_dim]` (training mode).
     pub fn forward(&self, input: &TowerInput) -> Result<Tensor> {
-        match (self, input) {
-            (Encoder::Image(m), TowerInput::Images(x)) => m.forward(x),
-            (Encoder::ResNet(m), TowerInput::Images(x)) => m.forward(x, true),
-            (Encoder::Text(m), TowerInput::Captions { tokens, eot, .. }) => m.forward(tokens, eot),
-            (Encoder::Bert(m), TowerInput::Captions { tokens, mask, .. }) => {
+        let images = input.images()?;
+        match (self, input, images.as_deref()) {
+            (Encoder::Image(m), _, Some(x)) => m.forward(x),
+            (Encoder::ResNet(m), _, Some(x)) => m.forward(x, true),
+            (Encoder::Text(m), TowerInput::Captions { tokens, eot, .. }, _) => {
+                m.forward(tokens, eot)
+            }
+            (Encoder::Bert(m), TowerInput::Captions { tokens, mask, .. }, _) => {
                 m.forward(tokens, mask)
             }
             _ => Err(Error::Msg(

@@ -205,6 +205,7 @@ pub(super) fn run_rank(
                     start_step: start,
                 },
                 rank == 0 && i == 0,
+                &trainer.device,
                 crate::comm::upload::uploader(&trainer.device),
             )
         })

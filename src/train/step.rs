@@ -216,6 +216,14 @@ impl RankTrainer {
                 .map(|i| i.to_device(&self.device))
                 .collect::<Result<Vec<_>>>()
         })?;
+        // Decoded bytes become floats once, on the device: not again in a recomputed stem
+        // or for each micro-batch.
+        let inputs = timer.time(Phase::Forward, || {
+            inputs
+                .iter()
+                .map(TowerInput::normalised)
+                .collect::<Result<Vec<_>>>()
+        })?;
         let forwards = timer.time(Phase::Forward, || {
             self.towers
                 .iter()
