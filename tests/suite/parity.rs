@@ -778,6 +778,70 @@ mod cuda {
         }
     }
 
+    /// Decoded photos go to a GPU rank as bytes by default (`data.normalise_on = "auto"`),
+    /// through the uploader's pinned byte buffer, and the normalisation there gives the
+    /// host's floats.
+    #[test]
+    fn cuda_photos_uploaded_as_bytes_and_normalised_on_the_gpu_equal_the_hosts_floats() {
+        use mmpipe::data::source::{RankSlice, Source};
+        use mmpipe::data::{DataConfig, DataKind, NormaliseOn};
+        use mmpipe::model::TowerInput;
+        let model =
+            ClipConfig::from_file(std::path::Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+        let gpu = gpu();
+        let batch = |normalise_on, device: &Device| {
+            let data = DataConfig {
+                kind: DataKind::Webdataset,
+                shards: vec!["tests/fixtures/real-photos.tar".into()],
+                base_dir: ".".into(),
+                normalise_on,
+                ..DataConfig::default()
+            };
+            let source = Source::new(&data, &model, 0, 0, None).unwrap();
+            let slice = RankSlice {
+                tower: Tower::Image,
+                offset: 0,
+                len: 8,
+                global_batch: 8,
+                start_step: 0,
+            };
+            let upload = mmpipe::comm::upload::uploader(device);
+            source
+                .rank_pipeline_onto(slice, false, device, upload)
+                .next()
+                .unwrap()
+                .input
+        };
+        let on_gpu = batch(NormaliseOn::Auto, &gpu);
+        let TowerInput::Pixels { bytes, .. } = &on_gpu else {
+            panic!("a GPU rank's batch: bytes")
+        };
+        assert!(bytes.device().is_cuda() && bytes.dtype() == DType::U8);
+        let TowerInput::Images(host) = batch(NormaliseOn::Host, &Device::Cpu) else {
+            panic!("the host's floats")
+        };
+        let TowerInput::Images(normalised) = on_gpu.normalised().unwrap() else {
+            panic!("normalised on the GPU")
+        };
+        assert!(normalised.device().is_cuda());
+        let values = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (values(&host), values(&normalised));
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "normalised on the GPU: off by {worst}");
+    }
+
     #[test]
     fn cuda_every_scheme_tiled_and_accumulated_equals_one_cpu_device() {
         let model = test_model();
