@@ -351,3 +351,33 @@ pub fn stopped_after_step(stdout: &str) -> usize {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no stop message:\n{stdout}"))
 }
+
+/// The first rank's pipeline for image batches of `len` from `tests/fixtures/real-photos.tar`,
+/// normalised where `normalise_on` says for a rank on `device`, moved by `upload`.
+pub fn photo_pipeline(
+    normalise_on: mmpipe::data::NormaliseOn,
+    device: &Device,
+    len: usize,
+    upload: Option<mmpipe::data::pipeline::Upload>,
+) -> mmpipe::data::pipeline::RankData {
+    use mmpipe::data::source::{RankSlice, Source};
+    use mmpipe::data::{DataConfig, DataKind};
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let data = DataConfig {
+        kind: DataKind::Webdataset,
+        shards: vec!["tests/fixtures/real-photos.tar".into()],
+        base_dir: ".".into(),
+        normalise_on,
+        ..DataConfig::default()
+    };
+    let slice = RankSlice {
+        tower: Tower::Image,
+        offset: 0,
+        len,
+        global_batch: len,
+        start_step: 0,
+    };
+    Source::new(&data, &model, 0, 0, None)
+        .unwrap()
+        .rank_pipeline_onto(slice, false, device, upload)
+}

@@ -969,15 +969,13 @@ fn cached_squares_give_the_same_pixels_and_are_read_back_on_later_passes() {
     );
 }
 
-#[test]
-fn training_with_the_cache_runs_over_several_epochs() {
-    let dir = temp_dir("cache-train");
-    let shard = dir.join("photos.tar");
-    std::fs::copy(real_shard(), &shard).unwrap();
-    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
-    let cfg = TrainConfig {
-        steps: 4,
-        global_batch: 16,
+/// `steps` of `global_batch` on a copy of the fixture photos in `dir` (`photos.tar`),
+/// random crops, no evaluation; `data` sets the rest of the data section.
+fn photo_training(dir: &Path, steps: usize, global_batch: usize, data: DataConfig) -> TrainConfig {
+    std::fs::copy(real_shard(), dir.join("photos.tar")).unwrap();
+    TrainConfig {
+        steps,
+        global_batch,
         eval: mmpipe::train::config::EvalConfig {
             every: 0,
             pairs: 0,
@@ -987,13 +985,23 @@ fn training_with_the_cache_runs_over_several_epochs() {
         data: DataConfig {
             kind: DataKind::Webdataset,
             shards: vec!["photos.tar".into()],
-            cache: Some("cache/images.bin".into()),
             random_crop: true,
-            base_dir: dir.clone(),
-            ..DataConfig::default()
+            base_dir: dir.to_path_buf(),
+            ..data
         },
         ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn training_with_the_cache_runs_over_several_epochs() {
+    let dir = temp_dir("cache-train");
+    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
+    let data = DataConfig {
+        cache: Some("cache/images.bin".into()),
+        ..DataConfig::default()
     };
+    let cfg = photo_training(&dir, 4, 16, data);
     let report = mmpipe::train::train(&cpu_topology(2, 1), &model, &cfg).unwrap();
     assert!(report.losses.iter().all(|l| l.is_finite()));
     let size = std::fs::metadata(dir.join("cache/images.bin"))
@@ -1326,16 +1334,7 @@ fn data_bench_measures_the_image_pipeline() {
 /// the step gets are what the upload returned.
 #[test]
 fn the_pipeline_uploads_every_batch_once_assembled() {
-    use mmpipe::data::source::{RankSlice, Source};
     use mmpipe::model::TowerInput;
-    let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
-    let data = DataConfig {
-        kind: DataKind::Webdataset,
-        shards: vec!["tests/fixtures/real-photos.tar".into()],
-        base_dir: PathBuf::from("."),
-        ..DataConfig::default()
-    };
-    let source = Source::new(&data, &model, 0, 0, None).unwrap();
     let uploads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = uploads.clone();
     let upload: mmpipe::data::pipeline::Upload = Box::new(move |input| {
@@ -1346,14 +1345,12 @@ fn the_pipeline_uploads_every_batch_once_assembled() {
             other => other,
         })
     });
-    let slice = RankSlice {
-        tower: Tower::Image,
-        offset: 0,
-        len: 4,
-        global_batch: 4,
-        start_step: 0,
-    };
-    let pipeline = source.rank_pipeline_onto(slice, false, &Device::Cpu, Some(upload));
+    let pipeline = super::common::photo_pipeline(
+        mmpipe::data::NormaliseOn::Auto,
+        &Device::Cpu,
+        4,
+        Some(upload),
+    );
     for step in 0..3 {
         let batch = pipeline.next().unwrap();
         assert_eq!(batch.step, step);
@@ -1373,8 +1370,6 @@ fn the_pipeline_uploads_every_batch_once_assembled() {
 fn images_normalised_on_the_device_train_as_on_the_host_bit_for_bit() {
     use mmpipe::data::NormaliseOn;
     let dir = temp_dir("normalise-on");
-    let shard = dir.join("photos.tar");
-    std::fs::copy(real_shard(), &shard).unwrap();
     let vit = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
     // The tiny ResNet under the BPE text tower that shards' captions need.
     let resnet = ClipConfig {
@@ -1387,26 +1382,14 @@ fn images_normalised_on_the_device_train_as_on_the_host_bit_for_bit() {
         let run = |normalise_on: NormaliseOn| {
             let out = dir.join(format!("{normalise_on:?}"));
             let _ = std::fs::remove_dir_all(&out);
+            let data = DataConfig {
+                normalise_on,
+                ..DataConfig::default()
+            };
             let cfg = TrainConfig {
-                steps: 3,
-                global_batch: 8,
-                eval: mmpipe::train::config::EvalConfig {
-                    every: 0,
-                    pairs: 0,
-                    sets: Vec::new(),
-                },
-                progress: false,
                 checkpoint_dir: Some(out.clone()),
                 checkpoint_every: 3,
-                data: DataConfig {
-                    kind: DataKind::Webdataset,
-                    shards: vec!["photos.tar".into()],
-                    random_crop: true,
-                    normalise_on,
-                    base_dir: dir.clone(),
-                    ..DataConfig::default()
-                },
-                ..TrainConfig::default()
+                ..photo_training(&dir, 3, 8, data)
             };
             let report = mmpipe::train::train(&cpu_topology(2, 1), &config, &cfg).unwrap();
             let weights = mmpipe::model::checkpoint::read_tensors(
@@ -1446,7 +1429,6 @@ fn normalise_on_is_read_and_a_wrong_value_is_refused() {
     assert!(mmpipe::data::NormaliseOn::Device.on_device(&Device::Cpu));
     assert!(!mmpipe::data::NormaliseOn::Auto.on_device(&Device::Cpu));
     // What a CPU rank's pipeline hands its step under each setting.
-    use mmpipe::data::source::{RankSlice, Source};
     use mmpipe::data::NormaliseOn;
     use mmpipe::model::TowerInput;
     let model = ClipConfig::from_file(Path::new("configs/clip-tiny-bpe.toml")).unwrap();
@@ -1455,23 +1437,7 @@ fn normalise_on_is_read_and_a_wrong_value_is_refused() {
         (NormaliseOn::Host, false),
         (NormaliseOn::Device, true),
     ] {
-        let data = DataConfig {
-            kind: DataKind::Webdataset,
-            shards: vec!["tests/fixtures/real-photos.tar".into()],
-            base_dir: PathBuf::from("."),
-            normalise_on,
-            ..DataConfig::default()
-        };
-        let source = Source::new(&data, &model, 0, 0, None).unwrap();
-        let slice = RankSlice {
-            tower: Tower::Image,
-            offset: 0,
-            len: 4,
-            global_batch: 4,
-            start_step: 0,
-        };
-        let batch = source
-            .rank_pipeline_onto(slice, false, &Device::Cpu, None)
+        let batch = super::common::photo_pipeline(normalise_on, &Device::Cpu, 4, None)
             .next()
             .unwrap();
         let side = model.image_size();

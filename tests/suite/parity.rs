@@ -783,31 +783,12 @@ mod cuda {
     /// host's floats.
     #[test]
     fn cuda_photos_uploaded_as_bytes_and_normalised_on_the_gpu_equal_the_hosts_floats() {
-        use mmpipe::data::source::{RankSlice, Source};
-        use mmpipe::data::{DataConfig, DataKind, NormaliseOn};
+        use mmpipe::data::NormaliseOn;
         use mmpipe::model::TowerInput;
-        let model =
-            ClipConfig::from_file(std::path::Path::new("configs/clip-tiny-bpe.toml")).unwrap();
         let gpu = gpu();
         let batch = |normalise_on, device: &Device| {
-            let data = DataConfig {
-                kind: DataKind::Webdataset,
-                shards: vec!["tests/fixtures/real-photos.tar".into()],
-                base_dir: ".".into(),
-                normalise_on,
-                ..DataConfig::default()
-            };
-            let source = Source::new(&data, &model, 0, 0, None).unwrap();
-            let slice = RankSlice {
-                tower: Tower::Image,
-                offset: 0,
-                len: 8,
-                global_batch: 8,
-                start_step: 0,
-            };
             let upload = mmpipe::comm::upload::uploader(device);
-            source
-                .rank_pipeline_onto(slice, false, device, upload)
+            super::super::common::photo_pipeline(normalise_on, device, 8, upload)
                 .next()
                 .unwrap()
                 .input
