@@ -254,11 +254,26 @@ pub fn exchange_features(
     layout: &FeatureLayout,
     local: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let gathered = world.all_gather(local)?;
+    let gathered = world.all_gather_rows(local, &layout.world_rows())?;
     Ok((
         layout.select(&gathered, Tower::Image)?,
         layout.select(&gathered, Tower::Text)?,
     ))
+}
+
+/// All-gathers every rank's features of one tower over the world (`local`: this rank's
+/// rows of it, none where it does not hold the tower); returns all of that tower's
+/// features in global sample order. Two of these, image then text, equal one
+/// [`exchange_features`] bit for bit; they let a rank that holds both towers gather its
+/// image features while its text forward runs.
+pub fn gather_tower_features(
+    world: &dyn Communicator,
+    layout: &FeatureLayout,
+    tower: Tower,
+    local: &Tensor,
+) -> Result<Tensor> {
+    let gathered = world.all_gather_rows(local, &layout.tower_world_rows(tower))?;
+    layout.select_tower(&gathered, tower)
 }
 
 /// Sends each side's `partial` (`[B, D]`: its gradient contributions for every feature of
@@ -375,6 +390,15 @@ impl Block<'_> {
     fn normalisers(&self) -> Result<(Tensor, Tensor)> {
         let b = self.own.dim(0)?;
         let (dtype, device) = (self.own.dtype(), self.own.device());
+        if b == 0 {
+            // A rank that could read none of its slice: no rows, and every column's
+            // partial over no rows is log 0 (candle reduces no empty tensor).
+            let columns = self.columns()?;
+            return Ok((
+                Tensor::zeros(0, dtype, device)?,
+                Tensor::full(f64::NEG_INFINITY, columns, device)?.to_dtype(dtype)?,
+            ));
+        }
         let mut max = Tensor::full(f64::NEG_INFINITY, (b, 1), device)?.to_dtype(dtype)?;
         let mut sum = Tensor::zeros((b, 1), dtype, device)?;
         let mut column_parts = Vec::new();

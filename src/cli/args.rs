@@ -181,6 +181,10 @@ pub struct PlanArgs {
     /// Do not overlap the gradient all-reduce with the backward pass.
     #[arg(long)]
     pub no_overlap: bool,
+    /// Cost one feature all-gather after both forwards, not the image features' gather
+    /// hidden behind the text forward of a device that holds both towers.
+    #[arg(long)]
+    pub no_feature_overlap: bool,
     /// Megabytes per overlapped gradient all-reduce bucket, as `train.grad_bucket_mb`:
     /// the last one is exposed after backward.
     #[arg(long, value_name = "MB", default_value_t = 25.0)]
@@ -302,6 +306,10 @@ pub struct PrecisionArgs {
     /// Megabytes per overlapped gradient all-reduce [default: 25] (grad_bucket_mb).
     #[arg(long, value_name = "MB")]
     pub grad_bucket_mb: Option<f64>,
+    /// Gather both towers' features in one all-gather after both forwards, not the image
+    /// features during a rank's text forward (feature_overlap = false).
+    #[arg(long)]
+    pub no_feature_overlap: bool,
 }
 
 impl PrecisionArgs {
@@ -314,6 +322,7 @@ impl PrecisionArgs {
         }
         cfg.tf32 &= !self.no_tf32;
         cfg.grad_overlap &= !self.no_grad_overlap;
+        cfg.feature_overlap &= !self.no_feature_overlap;
         if let Some(mb) = self.grad_bucket_mb {
             cfg.grad_bucket_mb = mb;
         }

@@ -71,6 +71,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         optimizer: args.optimizer,
         checkpointing: args.checkpointing,
         overlap: (!args.no_overlap).then_some(args.grad_bucket_mb * 1e6),
+        feature_overlap: !args.no_feature_overlap,
         calibration,
     };
     let (text, json, chosen) = if args.auto || topology.auto_groups {

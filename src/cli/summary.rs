@@ -97,6 +97,7 @@ pub fn print_bytes(phases: &[(String, PhaseTimes)], bytes: &[PhaseBytes], steps:
 /// how many, how long the worker spent summing, and how much of that backward hid (the
 /// grad all-reduce phase is the part it did not). Nothing when no rank overlapped.
 pub fn print_overlap(phases: &[(String, PhaseTimes)], overlap: &[OverlapStats], steps: usize) {
+    print_feature_overlap(overlap, steps);
     if overlap.iter().all(|o| o.buckets == 0) {
         return;
     }
@@ -116,6 +117,35 @@ pub fn print_overlap(phases: &[(String, PhaseTimes)], overlap: &[OverlapStats], 
         println!(
             "                               {rank:>4} {tower:<10} {:>12.1} {:>16.1} {:>16.1} {:>6.0}%",
             o.buckets as f64 / steps,
+            busy,
+            exposed,
+            100.0 * hidden
+        );
+    }
+}
+
+/// Per rank that holds both towers: the image features' gather during its text forward,
+/// how long it took and what of it the rank still waited for.
+fn print_feature_overlap(overlap: &[OverlapStats], steps: usize) {
+    if overlap.iter().all(|o| o.feature_gathers == 0) {
+        return;
+    }
+    let steps = steps.max(1) as f64;
+    println!("image features gathered during the text forward  rank  gathers/step  gathering ms/step  exposed ms/step  hidden");
+    for (rank, o) in overlap.iter().enumerate() {
+        if o.feature_gathers == 0 {
+            continue;
+        }
+        let busy = o.feature_gather_busy.as_secs_f64() * 1e3 / steps;
+        let exposed = o.feature_gather_waited.as_secs_f64() * 1e3 / steps;
+        let hidden = if busy > 0.0 {
+            ((busy - exposed) / busy).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        println!(
+            "                                                 {rank:>4} {:>13.1} {:>18.2} {:>16.2} {:>6.0}%",
+            o.feature_gathers as f64 / steps,
             busy,
             exposed,
             100.0 * hidden

@@ -67,6 +67,27 @@ pub trait Communicator: Send {
         all_reduce_bucket(self, tensors)
     }
 
+    /// [`Self::all_gather`] when every rank knows every rank's row count beforehand
+    /// (`rows`, one per rank, the same on every rank: the features' layout): a backend
+    /// that gathers equal blocks need not exchange the counts first (NCCL: one collective
+    /// and one wait of the host fewer).
+    fn all_gather_rows(&self, t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        check_gather_rows(self, t, rows)?;
+        let gathered = self.all_gather(t)?;
+        let total: usize = rows.iter().sum();
+        if gathered.dim(0)? != total {
+            return Err(Error::Collective {
+                op: "all_gather",
+                group: self.name().to_string(),
+                message: format!(
+                    "gathered {} rows where the ranks' counts {rows:?} add up to {total}",
+                    gathered.dim(0)?
+                ),
+            });
+        }
+        Ok(gathered)
+    }
+
     /// Sums the ranks' tensors and gives rank r its `rows[r]` rows, rank 0's first. Every
     /// rank passes the same `rows`; blocks may differ in size (the two modality groups
     /// own different numbers of samples when their sizes differ).
@@ -170,7 +191,10 @@ pub struct GroupComms {
 
 /// What one rank holds: the world, and the group of each tower it trains (image first).
 pub struct RankComms {
-    pub world: Box<dyn Communicator>,
+    /// The features' and the loss's collectives, and the step's flags: from the rank's
+    /// thread, and from a worker that gathers the image features while a rank that holds
+    /// both towers runs its text forward.
+    pub world: Box<dyn Communicator + Sync>,
     pub groups: Vec<GroupComms>,
 }
 
@@ -192,6 +216,36 @@ impl RankComms {
     pub fn towers(&self) -> Vec<Tower> {
         self.groups.iter().map(|g| g.tower).collect()
     }
+}
+
+/// That `rows` has one count per rank and this rank's tensor has its own count of rows:
+/// what [`Communicator::all_gather_rows`] can check before the collective.
+pub(crate) fn check_gather_rows<C: Communicator + ?Sized>(
+    comm: &C,
+    t: &Tensor,
+    rows: &[usize],
+) -> Result<()> {
+    let fail = |message: String| Error::Collective {
+        op: "all_gather",
+        group: comm.name().to_string(),
+        message,
+    };
+    if rows.len() != comm.size() {
+        return Err(fail(format!(
+            "{} row counts for {} ranks",
+            rows.len(),
+            comm.size()
+        )));
+    }
+    if t.rank() == 0 || t.dim(0)? != rows[comm.rank()] {
+        return Err(fail(format!(
+            "rank {} passed {:?}, but its count says {} rows",
+            comm.rank(),
+            t.dims(),
+            rows[comm.rank()]
+        )));
+    }
+    Ok(())
 }
 
 /// Why the ranks' tensors of one collective do not fit together, in the words every

@@ -2,14 +2,17 @@
 //! the world and for each tower's group, built from unique ids that world rank 0 creates
 //! and hands out through the rendezvous ([`super::rendezvous`]).
 //!
-//! The world's and the statistics' collectives run on the compute stream of the rank's
-//! device, so they are ordered after the kernels that produce their inputs with no extra
-//! events. A tower group's communicator, which sums the gradients while backward runs
-//! (`comm::overlap`, from a worker thread), has a stream of its own: each of its
-//! collectives first waits for everything queued on the compute stream so far (an event,
-//! not the host), so backward's later kernels run beside it. Each collective then waits
-//! for its own stream: a collective that never completes must surface inside the
-//! watchdog's window ([`super::watchdog`]), not at some later copy to the host.
+//! The statistics' collectives (synchronised batch norm, inside forward and backward) run
+//! on the compute stream of the rank's device, so they are ordered after the kernels that
+//! produce their inputs with no extra events. A tower group's communicator, which sums
+//! the gradients while backward runs (`comm::overlap`, from a worker thread), and the
+//! world's, which gathers the image features while a rank that holds both towers runs its
+//! text forward (`train::step`, from a worker thread), have a stream of their own each:
+//! each of their collectives first waits for everything queued on the compute stream so
+//! far (an event, not the host), so the kernels queued after it run beside it. Each
+//! collective then waits for its own stream: a collective that never completes must
+//! surface inside the watchdog's window ([`super::watchdog`]), not at some later copy to
+//! the host.
 //!
 //! Conventions of the trait that NCCL does not keep by itself, kept here: all-gather takes
 //! different row counts (the counts go first, then padded blocks); broadcast takes any
@@ -246,6 +249,37 @@ impl NcclCommunicator {
         LIVE.lock().expect("live list").contains(&h)
     }
 
+    /// All-gather of blocks padded to the widest of `counts` (each rank's rows), cut back
+    /// to every rank's own rows.
+    fn gather_blocks(&self, t: &Tensor, counts: &[usize]) -> Result<Tensor> {
+        let rows = t.dim(0)?;
+        let widest = counts.iter().copied().max().unwrap_or(0);
+        let padded = if rows == widest {
+            t.clone()
+        } else {
+            let mut pad = t.dims().to_vec();
+            pad[0] = widest - rows;
+            Tensor::cat(&[t.clone(), Tensor::zeros(pad, t.dtype(), t.device())?], 0)?
+        };
+        let gathered = if widest == 0 {
+            padded.clone()
+        } else {
+            self.run(Op::AllGather, &padded)?
+        };
+        let out = if counts.iter().all(|&c| c == widest) {
+            gathered
+        } else {
+            let blocks = counts
+                .iter()
+                .enumerate()
+                .map(|(r, &c)| gathered.narrow(0, r * widest, c))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&blocks, 0)?
+        };
+        self.count(&out);
+        Ok(out)
+    }
+
     fn count(&self, t: &Tensor) {
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
         self.payload.fetch_add(bytes, Ordering::Relaxed);
@@ -408,34 +442,19 @@ impl Communicator for NcclCommunicator {
         }
         // NCCL gathers equal blocks: first every rank's row count, then padded blocks.
         let rows = t.dim(0)?;
-        let counts: Vec<u32> = self
+        let counts: Vec<usize> = self
             .run(Op::AllGather, &Tensor::new(&[rows as u32], &Device::Cpu)?)?
-            .to_vec1()?;
-        let widest = counts.iter().copied().max().unwrap_or(0) as usize;
-        let padded = if rows == widest {
-            t.clone()
-        } else {
-            let mut pad = t.dims().to_vec();
-            pad[0] = widest - rows;
-            Tensor::cat(&[t.clone(), Tensor::zeros(pad, t.dtype(), t.device())?], 0)?
-        };
-        let gathered = if widest == 0 {
-            padded.clone()
-        } else {
-            self.run(Op::AllGather, &padded)?
-        };
-        let out = if counts.iter().all(|&c| c as usize == widest) {
-            gathered
-        } else {
-            let blocks = counts
-                .iter()
-                .enumerate()
-                .map(|(r, &c)| gathered.narrow(0, r * widest, c as usize))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&blocks, 0)?
-        };
-        self.count(&out);
-        Ok(out)
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect();
+        self.gather_blocks(t, &counts)
+    }
+
+    /// The layout says every rank's rows: no counts to gather first.
+    fn all_gather_rows(&self, t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        super::check_gather_rows(self, t, rows)?;
+        self.gather_blocks(t, rows)
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
@@ -531,7 +550,7 @@ pub fn rank_comms(
     // One process per GPU (NCCL refuses two ranks of one communicator on one device): it
     // joins the world once and the group of every tower it holds, image first (each
     // initialisation waits for its members only, so the order cannot deadlock).
-    let world = NcclCommunicator::new(
+    let world = NcclCommunicator::on_own_stream(
         &id("nccl/world")?,
         rank,
         topology.world_size(),

@@ -23,7 +23,9 @@ use crossbeam_channel::Sender;
 use super::Communicator;
 use crate::error::{Error, Result};
 
-/// What the bucketed sums of one tower's gradients did in one step.
+/// What the communication that overlaps compute did in one step: the bucketed sums of a
+/// tower's gradients, and the world all-gather of the image features that a rank holding
+/// both towers starts before its text forward (`train::step`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct OverlapStats {
     /// Buckets summed.
@@ -32,6 +34,12 @@ pub struct OverlapStats {
     pub during_backward: usize,
     /// Wall time the worker spent in collectives, hidden behind backward or not.
     pub busy: Duration,
+    /// Image-feature gathers started before the rank's text forward.
+    pub feature_gathers: usize,
+    /// Their wall time on their worker, hidden behind the text forward or not.
+    pub feature_gather_busy: Duration,
+    /// What the rank's thread waited for them after its text forward: the exposed part.
+    pub feature_gather_waited: Duration,
 }
 
 impl OverlapStats {
@@ -39,6 +47,9 @@ impl OverlapStats {
         self.buckets += o.buckets;
         self.during_backward += o.during_backward;
         self.busy += o.busy;
+        self.feature_gathers += o.feature_gathers;
+        self.feature_gather_busy += o.feature_gather_busy;
+        self.feature_gather_waited += o.feature_gather_waited;
     }
 }
 

@@ -11,8 +11,12 @@
 //! - Overlap: the gradient all-reduce can overlap the backward pass (bucketed, as DDP
 //!   does); exposed are what exceeds the backward, and the last bucket, which only
 //!   backward's end starts: `max(0, T(n − bucket) − backward) + T(bucket)`, `T` the
-//!   all-reduce time of so many bytes (as `comm::overlap` sums them). The feature all-gather and the
-//!   loss's normaliser exchange sit between forward and backward: always exposed.
+//!   all-reduce time of so many bytes (as `comm::overlap` sums them). The loss's
+//!   normaliser exchange sits between forward and backward: always exposed. So does the
+//!   feature all-gather, except where a device holds both towers and the features are
+//!   gathered one tower at a time (`feature_overlap`): then the image features' gather
+//!   `T_img` runs during that device's text forward, exposed `max(0, T_img − forward_text)
+//!   + T_text`; a device that holds one tower makes both gathers, `T_img + T_text`.
 //! - Synchronisation: the groups meet at the feature all-gather once per step, so the
 //!   step lasts as long as the busier group; the lighter group idles for the difference.
 //! - Memory per rank: fp32 master weights and gradients, optimizer state; under bf16 also
@@ -105,6 +109,10 @@ pub struct SplitEstimate {
     #[serde(default)]
     pub classes: Vec<DeviceClassEstimate>,
     pub feature_all_gather_s: f64,
+    /// What of the features' gathers no forward hides, on the device where most of them
+    /// shows (`feature_all_gather_s` but for `feature_overlap` on devices with both towers).
+    #[serde(default)]
+    pub feature_all_gather_exposed_s: f64,
     pub step_s: f64,
     pub samples_per_s: f64,
     pub lighter: Tower,
@@ -338,6 +346,14 @@ impl CostModel<'_> {
             ring_link(t, &links, &world),
         );
 
+        // One tower's features: half the bytes, a whole ring's latency.
+        let tower_gather_s = ring_all_gather_s(
+            b_global * d * 4.0,
+            world.len(),
+            ring_link(t, &links, &world),
+        );
+        let gather_per_tower = o.feature_overlap && t.ranks.iter().any(|r| r.roles.len() == 2);
+
         let mut groups = Vec::new();
         for tower in [Tower::Image, Tower::Text] {
             let members = t.group(tower);
@@ -426,11 +442,18 @@ impl CostModel<'_> {
         // A rank runs the towers it holds one after the other: its compute, its
         // collectives and its memory are its towers' sums (the features travel once).
         let tower_of = |tower: Tower| &groups[usize::from(tower == Tower::Text)];
+        let mut feature_all_gather_exposed_s: f64 = 0.0;
         let per_rank: Vec<(f64, f64, Memory)> = t
             .ranks
             .iter()
             .map(|r| {
                 let held: Vec<&GroupEstimate> = r.roles.iter().map(|x| tower_of(x.tower)).collect();
+                let gather = match held.as_slice() {
+                    _ if !gather_per_tower => feature_all_gather_s,
+                    [_, text] => (tower_gather_s - text.forward_s).max(0.0) + tower_gather_s,
+                    _ => 2.0 * tower_gather_s,
+                };
+                feature_all_gather_exposed_s = feature_all_gather_exposed_s.max(gather);
                 let compute = held.iter().map(|g| g.compute_s).sum::<f64>();
                 let sum =
                     |f: &dyn Fn(&GroupEstimate) -> f64| held.iter().map(|g| f(g)).sum::<f64>();
@@ -446,7 +469,7 @@ impl CostModel<'_> {
                 } else {
                     grad_all_reduce
                 };
-                let comm = feature_all_gather_s + sum(&|g| g.loss_exchange_s) + exposed;
+                let comm = gather + sum(&|g| g.loss_exchange_s) + exposed;
                 let memory = held
                     .iter()
                     .skip(1)
@@ -525,6 +548,7 @@ impl CostModel<'_> {
             groups,
             classes,
             feature_all_gather_s,
+            feature_all_gather_exposed_s,
             step_s,
             samples_per_s: b_global / step_s,
             lighter,
@@ -556,7 +580,7 @@ impl CostModel<'_> {
             // A device's collectives beyond the features and the loss's own: what of its
             // all-reduces no backward hides.
             grad_all_reduce_exposed_s: (image.comm_s
-                - s.feature_all_gather_s
+                - s.feature_all_gather_exposed_s
                 - image.loss_exchange_s
                 - text.loss_exchange_s)
                 .max(0.0),

@@ -411,8 +411,16 @@ impl Plan {
                     .expect("a layout has devices");
                 let _ = writeln!(
                     s,
-                    "  feature all-gather {}; the least busy devices ({}) idle {:.1}% of the step",
+                    "  feature all-gather {}{}; the least busy devices ({}) idle {:.1}% of the step",
                     secs(split.feature_all_gather_s),
+                    if split.feature_all_gather_exposed_s < split.feature_all_gather_s {
+                        format!(
+                            " (exposed {}: the image features' gather runs during the text forward)",
+                            secs(split.feature_all_gather_exposed_s)
+                        )
+                    } else {
+                        String::new()
+                    },
                     idlest.towers,
                     100.0 * idlest.idle_s / split.step_s
                 );

@@ -131,5 +131,9 @@ pub struct CostOptions {
     /// Overlap the gradient all-reduce with the backward pass, in buckets of this many
     /// bytes (`train.grad_bucket_mb`); None: the whole sum after backward.
     pub overlap: Option<f64>,
+    /// Gather the image features while a device that holds both towers runs its text
+    /// forward (`train.feature_overlap`): one all-gather per tower; false: one of both
+    /// after the forwards.
+    pub feature_overlap: bool,
     pub calibration: Option<Calibration>,
 }

@@ -145,6 +145,10 @@ pub struct TrainConfig {
     /// Megabytes of gradients per overlapped all-reduce (DDP's `bucket_cap_mb`): smaller
     /// buckets start sooner, larger ones pay each collective's latency less often.
     pub grad_bucket_mb: f64,
+    /// Where a rank holds both towers: gather the image features over the world while
+    /// its text forward runs (one gather per tower, the image's on a worker; on GPUs on
+    /// the world's own stream); false: one gather of both after both forwards.
+    pub feature_overlap: bool,
     pub eval: EvalConfig,
     /// Show a progress bar on world rank 0 (a CLI matter, not a file field).
     #[serde(skip)]
@@ -200,6 +204,7 @@ impl Default for TrainConfig {
             grad_all_reduce: GradReduce::Fp32,
             grad_overlap: true,
             grad_bucket_mb: 25.0,
+            feature_overlap: true,
             eval: EvalConfig::default(),
             progress: true,
             checkpointing: false,
@@ -234,6 +239,7 @@ impl TrainConfig {
             optimizer: crate::plan::Optimizer::Adamw,
             checkpointing: self.checkpointing,
             overlap: self.grad_overlap.then_some(self.grad_bucket_mb * 1e6),
+            feature_overlap: self.feature_overlap,
             calibration: None,
         }
     }

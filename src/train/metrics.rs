@@ -112,6 +112,11 @@ fn line(steps: &[RankStep], global_batch: usize) -> serde_json::Value {
                     "during_backward": s.overlap.during_backward,
                     "summing_ms": ms(s.overlap.busy),
                 },
+                "feature_overlap": {
+                    "gathers": s.overlap.feature_gathers,
+                    "gathering_ms": ms(s.overlap.feature_gather_busy),
+                    "waited_ms": ms(s.overlap.feature_gather_waited),
+                },
             })
         })
         .collect();

@@ -243,7 +243,7 @@ pub fn train_ranks(
     })
 }
 
-/// Every process's phase times, bytes and overlapped sums, by world rank: one small
+/// Every process's phase times, bytes and overlapped collectives, by world rank: one small
 /// world all-gather.
 type Accounts = (Vec<PhaseTimes>, Vec<PhaseBytes>, Vec<OverlapStats>);
 
@@ -261,6 +261,9 @@ fn gather_accounts(comms: &RankComms, mine: &RankOutcome) -> Result<Accounts> {
         o.buckets as f64,
         o.during_backward as f64,
         o.busy.as_secs_f64(),
+        o.feature_gathers as f64,
+        o.feature_gather_busy.as_secs_f64(),
+        o.feature_gather_waited.as_secs_f64(),
     ]);
     let width = row.len();
     let all: Vec<Vec<f64>> = comms
@@ -288,6 +291,9 @@ fn gather_accounts(comms: &RankComms, mine: &RankOutcome) -> Result<Accounts> {
             buckets: r[10] as usize,
             during_backward: r[11] as usize,
             busy: seconds(r[12]),
+            feature_gathers: r[13] as usize,
+            feature_gather_busy: seconds(r[14]),
+            feature_gather_waited: seconds(r[15]),
         });
     }
     Ok(accounts)

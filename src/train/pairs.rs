@@ -81,7 +81,7 @@ pub fn agree_on_pairs(
     }
     let rows = mine.len() / 2;
     let mine = Tensor::from_vec(mine, (rows, 2), &Device::Cpu)?;
-    let gathered = comms.world.all_gather(&mine)?;
+    let gathered = comms.world.all_gather_rows(&mine, &layout.world_rows())?;
     let side =
         |tower| -> Result<Vec<Vec<u32>>> { Ok(layout.select(&gathered, tower)?.to_vec2::<u32>()?) };
     let (image, text) = (side(Tower::Image)?, side(Tower::Text)?);

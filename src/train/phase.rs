@@ -154,6 +154,15 @@ impl<'a> PhaseTimer<'a> {
         Ok(out)
     }
 
+    /// Adds work timed elsewhere (a worker's collective the rank's thread waited for) to
+    /// `phase`: `took` of wall time, and the `bytes` it carried.
+    pub fn add(&mut self, phase: Phase, took: Duration, bytes: u64) {
+        *self.times.of_mut(phase) += took;
+        if let Some(b) = self.bytes.of_mut(phase) {
+            *b += bytes;
+        }
+    }
+
     /// Bytes the rank's communicators have carried so far.
     pub fn payload(&self) -> u64 {
         let c = self.comms;

@@ -30,7 +30,9 @@ use super::trainer::{RankTrainer, TowerTrainer};
 use crate::comm::overlap::{Buckets, OverlapStats};
 use crate::comm::{all_reduce_sum_sparse_rows, Communicator, RankComms, SparseRows};
 use crate::error::{Error, Result};
-use crate::loss::{exchange_features, global_loss, LossOutput, LossScalars, Side};
+use crate::loss::{
+    exchange_features, gather_tower_features, global_loss, LossOutput, LossScalars, Side,
+};
 use crate::model::checkpointing::{
     backward_recomputing_into, forward_in_segments, forward_keeping_block_inputs, GradAccumulator,
     SegmentGrads, Segments,
@@ -224,13 +226,9 @@ impl RankTrainer {
                 .map(TowerInput::normalised)
                 .collect::<Result<Vec<_>>>()
         })?;
-        let forwards = timer.time(Phase::Forward, || {
-            self.towers
-                .iter()
-                .zip(&inputs)
-                .map(|(t, input)| t.forward(input))
-                .collect::<Result<Vec<_>>>()
-        })?;
+        // The pairs depend on what was read, not on the features: agreed before the
+        // forward, so a batch with no loss runs none, and the features' gather can start
+        // as soon as they exist.
         let Some(pairs) = timer.time(Phase::Exchange, || self.agree_on_pairs(comms, reads))? else {
             return Ok(StepGrads {
                 loss: f64::NAN,
@@ -243,9 +241,10 @@ impl RankTrainer {
                 overlap: OverlapStats::default(),
             });
         };
+        let mut overlap = OverlapStats::default();
+        let (forwards, mine, others) =
+            self.forward_and_exchange(&mut timer, comms, &pairs, &inputs, &mut overlap)?;
         let features: Vec<&Tensor> = forwards.iter().map(|f| &f.features).collect();
-        let (mine, others) =
-            timer.time(Phase::Exchange, || self.exchange(comms, &pairs, &features))?;
         let loss = timer.time(Phase::Loss, || {
             self.loss(comms, &pairs, &mine, &others, &features)
         })?;
@@ -286,7 +285,6 @@ impl RankTrainer {
             Ok((reduced, backward_grad_bytes))
         })?;
         timer.count_grad_sums(grad_sums_from);
-        let mut overlap = OverlapStats::default();
         let mut grads = Vec::with_capacity(reduced.len());
         let mut norms = Vec::with_capacity(reduced.len());
         for (g, norm, stats) in reduced {
@@ -351,41 +349,119 @@ impl RankTrainer {
         }
     }
 
-    /// The world all-gather of the kept features: this rank's own of each tower it holds
-    /// (detached: the loss's gradient comes back through backward's injection), and per
-    /// tower all features of the other one.
-    fn exchange(
+    /// Each tower's forward and the world all-gather of the kept features: the forwards,
+    /// this rank's own kept features of each tower it holds (detached: the loss's gradient
+    /// comes back through backward's injection), and per tower all features of the other
+    /// one.
+    ///
+    /// One gather of every rank's features after every forward; or, where some rank holds
+    /// both towers and `feature_overlap` is on, one gather per tower, image first, which
+    /// such a rank starts on a worker as soon as its image features exist, so that it
+    /// travels while the text forward runs (on GPUs the world's communicator has a stream
+    /// of its own). Every rank makes the same two world calls in the same order; the
+    /// gathered features equal the single gather's bit for bit.
+    fn forward_and_exchange(
         &self,
+        timer: &mut PhaseTimer,
         comms: &RankComms,
         pairs: &Pairs,
-        features: &[&Tensor],
-    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-        let mine = features
-            .iter()
-            .zip(&pairs.sides)
-            .map(|(features, side)| match &side.kept {
-                Some(rows) => {
-                    let index = Tensor::from_vec(rows.clone(), rows.len(), features.device())?;
-                    Ok(features.detach().index_select(&index, 0)?)
+        inputs: &[TowerInput],
+        overlap: &mut OverlapStats,
+    ) -> Result<(Vec<Forward>, Vec<Tensor>, Vec<Tensor>)> {
+        let world: &(dyn Communicator + Sync) = comms.world.as_ref();
+        let layout = &pairs.layout;
+        if !self.gather_per_tower {
+            let forwards = timer.time(Phase::Forward, || {
+                self.towers
+                    .iter()
+                    .zip(inputs)
+                    .map(|(t, input)| t.forward(input))
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            let (mine, (image, text)) = timer.time(Phase::Exchange, || {
+                let mine = forwards
+                    .iter()
+                    .zip(&pairs.sides)
+                    .map(|(f, side)| kept_features(&f.features, side))
+                    .collect::<Result<Vec<_>>>()?;
+                let local = if mine.len() == 1 {
+                    mine[0].clone()
+                } else {
+                    Tensor::cat(&mine, 0)?
+                };
+                Ok((mine, exchange_features(world, layout, &local)?))
+            })?;
+            let others = self.others(&image, &text);
+            return Ok((forwards, mine, others));
+        }
+        std::thread::scope(|scope| {
+            let mut forwards = Vec::with_capacity(self.towers.len());
+            let mut mine = Vec::with_capacity(self.towers.len());
+            let mut early = None;
+            for (i, ((t, input), side)) in
+                self.towers.iter().zip(inputs).zip(&pairs.sides).enumerate()
+            {
+                let forward = timer.time(Phase::Forward, || t.forward(input))?;
+                let kept = kept_features(&forward.features, side)?;
+                if t.tower == Tower::Image && i + 1 < self.towers.len() {
+                    // Made contiguous here, behind the image forward: the worker's
+                    // collective then only reads it.
+                    let local = kept.contiguous()?;
+                    self.device.synchronize()?;
+                    overlap.feature_gathers += 1;
+                    early = Some(scope.spawn(move || -> Result<(Tensor, Duration, u64)> {
+                        // The rank's thread makes no world call until it has joined this
+                        // worker: the bytes the world carried meanwhile are this gather's.
+                        let (started, before) = (Instant::now(), world.payload_bytes());
+                        let image = gather_tower_features(world, layout, Tower::Image, &local)?;
+                        Ok((image, started.elapsed(), world.payload_bytes() - before))
+                    }));
                 }
-                None => Ok(features.detach()),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let local = if mine.len() == 1 {
-            mine[0].clone()
-        } else {
-            Tensor::cat(&mine, 0)?
-        };
-        let (image, text) = exchange_features(comms.world.as_ref(), &pairs.layout, &local)?;
-        let others = self
-            .towers
+                forwards.push(forward);
+                mine.push(kept);
+            }
+            let own = |tower: Tower| -> Result<Tensor> {
+                match self.towers.iter().position(|t| t.tower == tower) {
+                    Some(i) => Ok(mine[i].clone()),
+                    // A rank without the tower adds no rows of it.
+                    None => Ok(mine[0].narrow(0, 0, 0)?),
+                }
+            };
+            let image = match early {
+                Some(worker) => {
+                    let waited = Instant::now();
+                    let (image, busy, bytes) = worker.join().map_err(|_| Error::Collective {
+                        op: "all_gather",
+                        group: world.name().to_string(),
+                        message: "the image features' gather thread panicked".into(),
+                    })??;
+                    let waited = waited.elapsed();
+                    timer.add(Phase::Exchange, waited, bytes);
+                    overlap.feature_gather_busy += busy;
+                    overlap.feature_gather_waited += waited;
+                    image
+                }
+                None => timer.time(Phase::Exchange, || {
+                    gather_tower_features(world, layout, Tower::Image, &own(Tower::Image)?)
+                })?,
+            };
+            let text = timer.time(Phase::Exchange, || {
+                gather_tower_features(world, layout, Tower::Text, &own(Tower::Text)?)
+            })?;
+            let others = self.others(&image, &text);
+            Ok((forwards, mine, others))
+        })
+    }
+
+    /// Per tower this rank holds, all features of the other one.
+    fn others(&self, image: &Tensor, text: &Tensor) -> Vec<Tensor> {
+        self.towers
             .iter()
             .map(|t| match t.tower {
                 Tower::Image => text.clone(),
                 Tower::Text => image.clone(),
             })
-            .collect();
-        Ok((mine, others))
+            .collect()
     }
 
     /// The global loss and this rank's share of its gradient, per tower at every row of
@@ -678,6 +754,17 @@ impl TowerTrainer {
 /// One world all-reduce of two flags: whether every rank's loss and gradients are finite
 /// (a NaN in one tower skips the step on both groups, so neither moves without the
 /// other), and whether any rank was asked to stop (every rank must stop at the same step).
+/// This rank's kept rows of a tower's features, detached.
+fn kept_features(features: &Tensor, side: &PairSide) -> Result<Tensor> {
+    match &side.kept {
+        Some(rows) => {
+            let index = Tensor::from_vec(rows.clone(), rows.len(), features.device())?;
+            Ok(features.detach().index_select(&index, 0)?)
+        }
+        None => Ok(features.detach()),
+    }
+}
+
 fn agree_on_step(comms: &RankComms, finite: bool) -> Result<(bool, bool)> {
     let flags = [!finite, super::stop_requested()].map(|f| f32::from(u8::from(f)));
     let sums = comms

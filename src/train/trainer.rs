@@ -50,6 +50,10 @@ pub struct RankTrainer {
     pub(super) loss: LossConfig,
     /// Where every rank's rows sit in the world all-gather.
     pub(super) layout: FeatureLayout,
+    /// Gather the features one tower at a time, the image's while a rank that holds both
+    /// runs its text forward: `feature_overlap`, and some rank holds both (decided from
+    /// the config and the layout, alike on every rank: each makes the same world calls).
+    pub(super) gather_per_tower: bool,
 }
 
 /// A replica of one tower on a rank.
@@ -113,6 +117,8 @@ impl RankTrainer {
             device: device.clone(),
             loss: cfg.loss,
             layout: FeatureLayout::new(topology, cfg.global_batch),
+            gather_per_tower: cfg.feature_overlap
+                && FeatureLayout::new(topology, cfg.global_batch).has_rank_with_both(),
         })
     }
 

@@ -1266,6 +1266,109 @@ fn train_overlaps_the_gradient_sums_unless_told_not_to() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Where ranks hold both towers, `train` gathers the image features during the text
+/// forward by default (one gather a step per rank in the metrics, and the table saying
+/// what it hid); `--no-feature-overlap` and `--set feature_overlap=false` gather both
+/// after the forwards; the same losses every way.
+#[test]
+fn train_gathers_the_image_features_during_the_text_forward_unless_told_not_to() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-feature-overlap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |name: &str, extra: &[&str]| -> (String, Vec<u64>) {
+        let metrics = dir.join(name);
+        let mut args = vec![
+            "train",
+            "--topology",
+            "topology/cpu-dp2.toml",
+            "--steps",
+            "2",
+            "--batch",
+            "8",
+            "--eval-pairs",
+            "0",
+            "--quiet",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = mmpipe(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let first: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(&metrics)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        let gathers = first["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["feature_overlap"]["gathers"].as_u64().unwrap())
+            .collect();
+        (text(&out.stdout), gathers)
+    };
+    let loss =
+        |stdout: &str| stdout.lines().find(|l| l.starts_with("loss ")).unwrap()[..20].to_string();
+    const TABLE: &str = "image features gathered during the text forward";
+    let (early, early_gathers) = run("early.jsonl", &[]);
+    assert_eq!(early_gathers, [1, 1]);
+    assert!(early.contains(TABLE), "{early}");
+    for (name, extra) in [
+        ("flag.jsonl", &["--no-feature-overlap"][..]),
+        ("set.jsonl", &["--set", "feature_overlap=false"][..]),
+    ] {
+        let (once, gathers) = run(name, extra);
+        assert_eq!(gathers, [0, 0], "{extra:?}");
+        assert!(!once.contains(TABLE), "{extra:?}: {once}");
+        assert_eq!(loss(&once), loss(&early), "{extra:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// On devices that hold both towers the plan hides the image features' gather behind the
+/// text forward, as `train` runs it; `--no-feature-overlap` exposes the whole gather; a
+/// split, where no device holds both, is costed alike either way.
+#[test]
+fn plan_hides_the_image_features_gather_behind_the_text_forward() {
+    let split = |topology: &str, args: &[&str]| -> serde_json::Value {
+        let mut all = vec![
+            "plan",
+            "--topology",
+            topology,
+            "--model",
+            "configs/ViT-B-32.toml",
+            "--batch",
+            "256",
+            "--format",
+            "json",
+        ];
+        all.extend_from_slice(args);
+        let out = mmpipe(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["split"].clone()
+    };
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    let dp = split("topology/2node-8gpu-dp.toml", &[]);
+    let dp_once = split("topology/2node-8gpu-dp.toml", &["--no-feature-overlap"]);
+    let (whole, exposed) = (
+        f(&dp, "feature_all_gather_s"),
+        f(&dp, "feature_all_gather_exposed_s"),
+    );
+    assert!(exposed > 0.0 && exposed < whole, "{exposed} of {whole}");
+    assert_eq!(f(&dp_once, "feature_all_gather_exposed_s"), whole);
+    assert!(f(&dp, "step_s") < f(&dp_once, "step_s"));
+    let split_early = split("topology/4x4.toml", &[]);
+    let split_once = split("topology/4x4.toml", &["--no-feature-overlap"]);
+    assert_eq!(f(&split_early, "step_s"), f(&split_once, "step_s"));
+    assert_eq!(
+        f(&split_early, "feature_all_gather_exposed_s"),
+        f(&split_early, "feature_all_gather_s")
+    );
+}
+
 /// The plan's exposed gradient all-reduce follows the bucket size: small buckets hide
 /// all but the last one behind backward; one bucket as large as the gradients hides
 /// nothing, as `--no-overlap`; a bucket size that is not positive is refused.

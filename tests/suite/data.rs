@@ -11,8 +11,9 @@ use mmpipe::data::pipeline::{Assembler, Materialiser, PipelineConfig, RankData, 
 use mmpipe::data::shards::{expand_braces, resolve, scan, write_shard, SampleMembers, SkipCause};
 use mmpipe::data::transform::{Crop, ImageTransform, CLIP_MEAN, CLIP_STD};
 use mmpipe::data::{DataConfig, DataKind, Stream, SyntheticSource, TextTokenizer};
+use mmpipe::loss::{Exchange, LossConfig, LossKind};
 use mmpipe::model::ClipConfig;
-use mmpipe::topology::Tower;
+use mmpipe::topology::{Topology, Tower};
 use mmpipe::train::{RankTrainer, TrainConfig};
 
 use rand::{Rng, SeedableRng};
@@ -499,56 +500,93 @@ fn a_pattern_with_no_shard_stops_training_before_it_starts() {
 }
 
 /// Dropping pairs keeps the loss exact: a step where one image failed equals one device
-/// on the batch without that pair.
+/// on the batch without that pair; so does one where a rank could read none of its slice,
+/// on a split and where a rank holds both towers (its image features gathered during its
+/// text forward, and a rank that adds no rows to the gather).
 #[test]
 fn a_step_without_an_unreadable_pair_equals_one_device_on_the_rest() {
     let model = test_model();
-    let cfg = train_config(12);
-    let source = SyntheticSource::new(cfg.seed, &model).unwrap();
-    let dropped = 3; // image rank 0's fourth sample
-    let kept: Vec<u64> = (0..12).filter(|&i| i != dropped).collect();
-    let reference = Reference::new(&model, cfg.seed, DType::F64);
-    let (images, texts) = batch(&source, &kept, DType::F64);
-    let (want_loss, want_grads) = reference.grads(&images, &texts);
-
-    let topology = cpu_topology(2, 1);
-    let runs = run_ranks(&topology, DEFAULT_TIMEOUT, |rank, comms| {
-        let trainer = RankTrainer::new(&topology, rank, &model, &cfg, DType::F64, &Device::Cpu)?;
-        let indices = super::common::slice_indices(&trainer.towers[0], 0, 12);
-        let input = source.tower_input(
-            trainer.towers[0].tower,
-            Stream::Train,
-            &indices,
-            &Device::Cpu,
-        )?;
-        let valid: Vec<bool> = indices.iter().map(|&i| i != dropped).collect();
-        let g = trainer.compute_grads(
-            &comms,
-            std::slice::from_ref(&input),
-            Some(&[mmpipe::train::Readable::valid_only(&valid)]),
-        )?;
-        let names: Vec<String> = trainer.towers[0]
-            .trainable()
-            .names()
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        Ok((g.loss, names, g.grads.concat()))
-    })
-    .unwrap();
-    for (rank, (loss, names, grads)) in runs.iter().enumerate() {
-        assert!(
-            (loss - want_loss).abs() < 1e-10,
-            "rank {rank}: {loss} vs {want_loss}"
+    let hybrid = || super::common::cpu_layout(3, "0-1", "1-2");
+    let loss = |kind, exchange| LossConfig {
+        kind,
+        exchange,
+        ..LossConfig::default()
+    };
+    let clip = loss(LossKind::Clip, Exchange::Lse);
+    let mut cases: Vec<(Topology, Vec<u64>, LossConfig)> = vec![
+        // Image rank 0's fourth sample.
+        (cpu_topology(2, 1), vec![3], clip),
+        (hybrid(), vec![3], clip),
+    ];
+    // Image rank 0's whole slice, under every loss and exchange.
+    for kind in [LossKind::Clip, LossKind::Siglip] {
+        for exchange in [Exchange::Lse, Exchange::GatherScatter] {
+            cases.push((hybrid(), (0..6).collect(), loss(kind, exchange)));
+        }
+    }
+    for (topology, dropped, loss) in &cases {
+        let cfg = TrainConfig {
+            loss: *loss,
+            ..train_config(12)
+        };
+        let source = SyntheticSource::new(cfg.seed, &model).unwrap();
+        let reference = Reference::with_loss(&model, cfg.seed, DType::F64, loss.kind);
+        let label = format!(
+            "{}, dropped {dropped:?}, {} {}",
+            topology.describe_groups(),
+            loss.kind,
+            loss.exchange
         );
-        for (name, g) in names.iter().zip(grads) {
-            let want = &want_grads[name];
-            let diff = scalar(&(g - want).unwrap().abs().unwrap().max_all().unwrap());
-            let size = scalar(&want.abs().unwrap().max_all().unwrap());
+        let kept: Vec<u64> = (0..12).filter(|i| !dropped.contains(i)).collect();
+        let (images, texts) = batch(&source, &kept, DType::F64);
+        let (want_loss, want_grads) = reference.grads(&images, &texts);
+        let runs = run_ranks(topology, DEFAULT_TIMEOUT, |rank, comms| {
+            let trainer = RankTrainer::new(topology, rank, &model, &cfg, DType::F64, &Device::Cpu)?;
+            let mut inputs = Vec::new();
+            let mut valid = Vec::new();
+            for t in &trainer.towers {
+                let indices = super::common::slice_indices(t, 0, 12);
+                inputs.push(source.tower_input(t.tower, Stream::Train, &indices, &Device::Cpu)?);
+                valid.push(
+                    indices
+                        .iter()
+                        .map(|i| !dropped.contains(i))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            let reads: Vec<_> = valid
+                .iter()
+                .map(|v| mmpipe::train::Readable::valid_only(v))
+                .collect();
+            let g = trainer.compute_grads(&comms, &inputs, Some(&reads))?;
+            let names: Vec<String> = trainer
+                .towers
+                .iter()
+                .flat_map(|t| {
+                    t.trainable()
+                        .names()
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            Ok((g.loss, names, g.grads.concat()))
+        })
+        .unwrap();
+        for (rank, (loss, names, grads)) in runs.iter().enumerate() {
             assert!(
-                diff <= 1e-10 * size.max(1e-12),
-                "rank {rank} {name}: off by {diff}"
+                (loss - want_loss).abs() < 1e-10,
+                "{label}: rank {rank}: {loss} vs {want_loss}"
             );
+            for (name, g) in names.iter().zip(grads) {
+                let want = &want_grads[name];
+                let diff = scalar(&(g - want).unwrap().abs().unwrap().max_all().unwrap());
+                let size = scalar(&want.abs().unwrap().max_all().unwrap());
+                assert!(
+                    diff <= 1e-10 * size.max(1e-12),
+                    "{label}: rank {rank} {name}: off by {diff}"
+                );
+            }
         }
     }
 }

@@ -33,8 +33,10 @@ pub(super) struct Run {
     pub weights: BTreeMap<String, Tensor>,
     /// What step 0's gradient all-reduce handled on this rank (0 on one device).
     pub grad_all_reduce_bytes: u64,
-    /// What step 0's gradient sums did during backward on this rank.
+    /// What step 0's overlapped collectives did on this rank.
     pub overlap: OverlapStats,
+    /// What step 0's feature exchange (the pairs' and the features' gathers) carried.
+    pub exchange_bytes: u64,
 }
 
 fn adamw(cfg: &TrainConfig) -> AdamWConfig {
@@ -66,6 +68,7 @@ fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run 
         weights: BTreeMap::new(),
         grad_all_reduce_bytes: 0,
         overlap: OverlapStats::default(),
+        exchange_bytes: 0,
     };
     for step in 0..STEPS {
         let (images, texts) = batch(
@@ -169,65 +172,79 @@ pub(super) fn layout_run_on(
     cfg: &TrainConfig,
     dtype: DType,
 ) -> Vec<Run> {
-    let model = model.clone();
-    let source = SyntheticSource::new(cfg.seed, &model).unwrap();
     run_ranks(topology, DEFAULT_TIMEOUT, |rank, comms| {
-        let mut trainer = RankTrainer::new(topology, rank, &model, cfg, dtype, device)?;
-        let names: Vec<Vec<String>> = trainer
-            .towers
-            .iter()
-            .map(|t| {
-                t.trainable()
-                    .names()
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect()
-            })
-            .collect();
-        let mut run = Run {
-            losses: vec![],
-            grads: BTreeMap::new(),
-            weights: BTreeMap::new(),
-            grad_all_reduce_bytes: 0,
-            overlap: OverlapStats::default(),
-        };
-        for step in 0..STEPS {
-            let inputs = slice_inputs(&trainer, &source, step, cfg.global_batch)?;
-            let g = trainer.compute_grads(&comms, &inputs, None)?;
-            run.losses.push(g.loss);
-            if step == 0 {
-                for (names, grads) in names.iter().zip(&g.grads) {
-                    for (n, grad) in names.iter().zip(grads) {
-                        // The loss's scalars sit beside each tower: both copies must agree.
-                        if let Some(seen) = run.grads.get(n) {
-                            assert!(
-                                worst_violation(grad, seen, 0.0, 0.0, Relative::Element).is_none(),
-                                "rank {rank}: the two copies of {n}'s gradient differ"
-                            );
-                        }
-                        run.grads.insert(n.clone(), grad.clone());
-                    }
-                }
-                run.grad_all_reduce_bytes = g.bytes.grad_all_reduce;
-                run.overlap = g.overlap;
-            }
-            trainer.apply(&g.grads, LR)?;
-        }
-        for t in &trainer.towers {
-            for (n, v) in t.params().iter() {
-                let w = v.as_tensor().copy().unwrap();
-                if let Some(seen) = run.weights.get(n) {
-                    assert!(
-                        worst_violation(&w, seen, 0.0, 0.0, Relative::Element).is_none(),
-                        "rank {rank}: the two copies of {n} differ after the steps"
-                    );
-                }
-                run.weights.insert(n.to_string(), w);
-            }
-        }
-        Ok(run)
+        rank_run(device, model, topology, rank, &comms, cfg, dtype)
     })
     .unwrap()
+}
+
+/// Rank `rank`'s `Run` of `topology` over `comms` (any backend's).
+fn rank_run(
+    device: &Device,
+    model: &ClipConfig,
+    topology: &Topology,
+    rank: usize,
+    comms: &mmpipe::comm::RankComms,
+    cfg: &TrainConfig,
+    dtype: DType,
+) -> mmpipe::error::Result<Run> {
+    let source = SyntheticSource::new(cfg.seed, model).unwrap();
+    let mut trainer = RankTrainer::new(topology, rank, model, cfg, dtype, device)?;
+    let names: Vec<Vec<String>> = trainer
+        .towers
+        .iter()
+        .map(|t| {
+            t.trainable()
+                .names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        })
+        .collect();
+    let mut run = Run {
+        losses: vec![],
+        grads: BTreeMap::new(),
+        weights: BTreeMap::new(),
+        grad_all_reduce_bytes: 0,
+        overlap: OverlapStats::default(),
+        exchange_bytes: 0,
+    };
+    for step in 0..STEPS {
+        let inputs = slice_inputs(&trainer, &source, step, cfg.global_batch)?;
+        let g = trainer.compute_grads(comms, &inputs, None)?;
+        run.losses.push(g.loss);
+        if step == 0 {
+            for (names, grads) in names.iter().zip(&g.grads) {
+                for (n, grad) in names.iter().zip(grads) {
+                    // The loss's scalars sit beside each tower: both copies must agree.
+                    if let Some(seen) = run.grads.get(n) {
+                        assert!(
+                            worst_violation(grad, seen, 0.0, 0.0, Relative::Element).is_none(),
+                            "rank {rank}: the two copies of {n}'s gradient differ"
+                        );
+                    }
+                    run.grads.insert(n.clone(), grad.clone());
+                }
+            }
+            run.grad_all_reduce_bytes = g.bytes.grad_all_reduce;
+            run.overlap = g.overlap;
+            run.exchange_bytes = g.bytes.exchange;
+        }
+        trainer.apply(&g.grads, LR)?;
+    }
+    for t in &trainer.towers {
+        for (n, v) in t.params().iter() {
+            let w = v.as_tensor().copy().unwrap();
+            if let Some(seen) = run.weights.get(n) {
+                assert!(
+                    worst_violation(&w, seen, 0.0, 0.0, Relative::Element).is_none(),
+                    "rank {rank}: the two copies of {n} differ after the steps"
+                );
+            }
+            run.weights.insert(n.to_string(), w);
+        }
+    }
+    Ok(run)
 }
 
 /// In f64 every element agrees to 1e-10 of itself: the split maths is exact. In f32 the
@@ -778,6 +795,40 @@ mod cuda {
         }
     }
 
+    /// One GPU holding both towers over NCCL's single-rank communicators, as `mmpipe
+    /// train` builds them: the world's, on its own stream, gathers the image features on
+    /// a worker while the text forward's kernels run on the compute stream; the event that
+    /// orders the gather after the image forward holds: the steps equal one CPU device,
+    /// and, bit for bit, a run that gathers both after the forwards.
+    #[test]
+    fn cuda_one_gpu_over_nccl_gathering_image_features_during_the_text_forward_equals_one_cpu_device(
+    ) {
+        use mmpipe::comm::nccl;
+        let gpu = gpu();
+        let topology = super::super::common::cpu_layout(1, "0", "0");
+        let ids = nccl::new_ids().unwrap();
+        let id = |key: &str| ids.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let comms = nccl::rank_comms(&topology, 0, &id, &gpu).unwrap();
+        let model = test_model();
+        for dtype in [DType::F64, DType::F32] {
+            let at = |feature_overlap| TrainConfig {
+                feature_overlap,
+                ..train_config(GLOBAL_BATCH)
+            };
+            let early = rank_run(&gpu, &model, &topology, 0, &comms, &at(true), dtype).unwrap();
+            let once = rank_run(&gpu, &model, &topology, 0, &comms, &at(false), dtype).unwrap();
+            let label = format!("cuda one GPU over NCCL, {dtype:?}");
+            assert_eq!(early.overlap.feature_gathers, 1, "{label}");
+            assert_eq!(once.overlap.feature_gathers, 0, "{label}");
+            assert_identical(&label, &once, &early);
+            let reference = reference_run(&at(true), dtype);
+            match dtype {
+                DType::F64 => compare_f64(&label, &reference, &[early]),
+                _ => compare_f32(&label, &reference, &[early]),
+            }
+        }
+    }
+
     /// Decoded photos go to a GPU rank as bytes by default (`data.normalise_on = "auto"`),
     /// through the uploader's pinned byte buffer, and the normalisation there gives the
     /// host's floats.
@@ -866,6 +917,58 @@ fn assert_identical(label: &str, a: &Run, b: &Run) {
     }
 }
 
+/// The gradient sums' part of `o` (the features' gathers left out).
+fn gradient_sums(o: &OverlapStats) -> OverlapStats {
+    OverlapStats {
+        buckets: o.buckets,
+        during_backward: o.during_backward,
+        busy: o.busy,
+        ..OverlapStats::default()
+    }
+}
+
+/// Where ranks hold both towers (plain data parallelism; a hybrid of image-only, text-only
+/// and both), the image features gathered during the text forward, one gather per tower,
+/// train bit for bit as one gather of both after the forwards, with and without
+/// GradCache's micro-batches, and so equal one device; the gathers carry the same bytes.
+/// Every rank that holds both starts its image features' gather before its text forward,
+/// no other does; on a split, where no rank holds both, nothing changes.
+#[test]
+fn image_features_gathered_during_the_text_forward_equal_one_gather_bit_for_bit() {
+    let model = test_model();
+    let layouts = [
+        super::common::cpu_layout(2, "0-1", "0-1"),
+        super::common::cpu_layout(3, "0-1", "1-2"),
+        cpu_topology(2, 1),
+    ];
+    for topology in &layouts {
+        for micro_batch in [MicroBatch::default(), MICRO_BATCH] {
+            let at = |feature_overlap| TrainConfig {
+                feature_overlap,
+                micro_batch,
+                ..train_config(GLOBAL_BATCH)
+            };
+            let label = format!("{}, {micro_batch:?}", topology.describe_groups());
+            let once = layout_run_on(&Device::Cpu, &model, topology, &at(false), DType::F64);
+            let early = layout_run_on(&Device::Cpu, &model, topology, &at(true), DType::F64);
+            for (rank, (a, e)) in once.iter().zip(&early).enumerate() {
+                let label = format!("{label}: rank {rank}");
+                assert_identical(&label, a, e);
+                assert_eq!(
+                    a.exchange_bytes, e.exchange_bytes,
+                    "{label}: bytes gathered"
+                );
+                assert!(e.exchange_bytes > 0, "{label}: no bytes counted");
+                assert_eq!(a.overlap.feature_gathers, 0, "{label}: one gather");
+                let both = topology.ranks[rank].roles.len() == 2;
+                assert_eq!(e.overlap.feature_gathers, usize::from(both), "{label}");
+            }
+            let reference = reference_run_of(&model, &at(true), DType::F64);
+            compare_f64(&label, &reference, &early);
+        }
+    }
+}
+
 /// The gradient sums overlapped with backward, in buckets of every size (one tensor a
 /// bucket, a few tensors, one bucket for all), with and without checkpointing, on the
 /// split, on a large vocabulary's sparse table and on a layout where ranks hold both
@@ -893,7 +996,9 @@ fn gradient_sums_overlapped_with_backward_equal_one_sum_after_it_bit_for_bit() {
                 ..train_config(GLOBAL_BATCH)
             };
             let after = layout_run_on(&Device::Cpu, model, topology, &at(false, 25.0), DType::F64);
-            assert!(after.iter().all(|r| r.overlap == OverlapStats::default()));
+            assert!(after
+                .iter()
+                .all(|r| gradient_sums(&r.overlap) == OverlapStats::default()));
             let reference = reference_run_of(model, &at(false, 25.0), DType::F64);
             // 1 byte: every tensor its own bucket; 2 kB: a few tensors each; 25 MB: one.
             for mb in [1e-6, 2e-3, 25.0] {
@@ -910,7 +1015,7 @@ fn gradient_sums_overlapped_with_backward_equal_one_sum_after_it_bit_for_bit() {
                         d.grad_all_reduce_bytes, a.grad_all_reduce_bytes,
                         "{label}: other bytes summed"
                     );
-                    let (tensors, stats) = (d.grads.len(), d.overlap);
+                    let (tensors, stats) = (d.grads.len(), gradient_sums(&d.overlap));
                     let shared = topology.ranks[rank]
                         .roles
                         .iter()

@@ -14,6 +14,7 @@ pub fn options(global_batch: usize) -> CostOptions {
         optimizer: Optimizer::Adamw,
         checkpointing: false,
         overlap: Some(25e6),
+        feature_overlap: true,
         calibration: None,
     }
 }
