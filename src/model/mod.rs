@@ -42,7 +42,7 @@ pub struct PixelNorm {
 
 impl PixelNorm {
     /// Per channel, `v · scale − shift` in f32: the operations both paths do, in order.
-    fn scale_shift(&self) -> ([f32; 3], [f32; 3]) {
+    pub fn scale_shift(&self) -> ([f32; 3], [f32; 3]) {
         let scale = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
         let shift = std::array::from_fn(|c| self.mean[c] / self.std[c]);
         (scale, shift)
@@ -59,11 +59,17 @@ impl PixelNorm {
         }
     }
 
-    /// `[n, h, w, 3]` u8 → `[n, 3, h, w]` f32 on the bytes' device: the permute is a view
-    /// that the cast reads through, so the one full-size copy is the cast's.
+    /// `[n, h, w, 3]` u8 → `[n, 3, h, w]` f32 on the bytes' device. On a GPU one kernel
+    /// reads the bytes once and writes the floats once (`fused::cuda::pixel_normalise`);
+    /// elsewhere the permute is a view that the cast reads through, then a scale and a
+    /// shift.
     pub fn on_device(&self, bytes: &Tensor) -> Result<Tensor> {
         let (scale, shift) = self.scale_shift();
         let device = bytes.device();
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            return fused::cuda::pixel_normalise(bytes, scale, shift);
+        }
         let scale = Tensor::from_slice(&scale, (1, 3, 1, 1), device)?;
         let shift = Tensor::from_slice(&shift, (1, 3, 1, 1), device)?;
         Ok(bytes

@@ -772,6 +772,7 @@ mod cuda {
             "attention_softmax_fwd_f32".to_string(),
             "attention_softmax_bwd_f32".to_string(),
             "attention_softmax_bwd_bf16".to_string(),
+            "pixel_normalise".to_string(),
         ];
         for dtype in ["f32", "bf16"] {
             for kernel in [
@@ -1352,6 +1353,61 @@ mod cuda {
             };
             assert_eq!(sum_on(&dev), sum_on(&Device::Cpu), "{g_dtype:?} into f32");
         }
+    }
+
+    /// Workbench: decoded bytes normalised on the GPU at ViT-B/16's batch (256 × 224² × 3
+    /// bytes), the one kernel against the plain ops it replaced (a permuted view cast to
+    /// f32, a scale, a shift): the same bits, and both timed, printed.
+    #[test]
+    fn the_cuda_pixel_normalise_kernel_equals_the_plain_ops_and_times_both() {
+        use mmpipe::model::PixelNorm;
+        let dev = gpu();
+        let norm = PixelNorm {
+            mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+        };
+        let (scale, shift) = norm.scale_shift();
+        let bytes = Tensor::rand(0f32, 255.0, (256, 224, 224, 3), &dev)
+            .unwrap()
+            .to_dtype(DType::U8)
+            .unwrap();
+        let plain = |bytes: &Tensor| {
+            let s = Tensor::from_slice(&scale, (1, 3, 1, 1), &dev).unwrap();
+            let t = Tensor::from_slice(&shift, (1, 3, 1, 1), &dev).unwrap();
+            bytes
+                .permute((0, 3, 1, 2))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .broadcast_mul(&s)
+                .unwrap()
+                .broadcast_sub(&t)
+                .unwrap()
+        };
+        let kernel = |bytes: &Tensor| fused::cuda::pixel_normalise(bytes, scale, shift).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let small = bytes.narrow(0, 0, 4).unwrap();
+        assert_eq!(kernel(&small).dims(), &[4, 3, 224, 224]);
+        assert_eq!(bits(&kernel(&small)), bits(&plain(&small)));
+        let kernel_ms = mean_ms(&|| {
+            kernel(&bytes);
+            dev.synchronize().unwrap();
+        });
+        let plain_ms = mean_ms(&|| {
+            plain(&bytes);
+            dev.synchronize().unwrap();
+        });
+        println!(
+            "workbench pixel_normalise 256x224x224x3 u8 -> f32: kernel {kernel_ms:.3} ms, plain ops {plain_ms:.3} ms"
+        );
     }
 
     /// Milliseconds a run of `step` takes, the mean of 10 after one to warm up (`step`

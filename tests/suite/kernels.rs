@@ -568,6 +568,57 @@ fn accumulate_kernels_equal_the_cpu_sums() {
     }
 }
 
+/// Decoded bytes normalised into the image tower's input (HWC u8 → CHW f32), over images
+/// whose pixels are no multiple of a block: the host's floats (`PixelNorm::extend_chw`,
+/// the pipeline's own formula), bit for bit, for every byte value and CLIP's and
+/// ImageNet's statistics.
+#[test]
+fn pixel_normalise_kernel_equals_the_hosts_floats_bit_for_bit() {
+    use mmpipe::model::PixelNorm;
+    let (images, h, w) = (3, 9, 13);
+    // Every byte value, then a fixed pseudo-random rest.
+    let bytes: Vec<u8> = (0..images * h * w * 3)
+        .map(|i| {
+            if i < 256 {
+                i as u8
+            } else {
+                (i * 7919 % 251) as u8
+            }
+        })
+        .collect();
+    let norms = [
+        PixelNorm {
+            mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+        },
+        PixelNorm {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        },
+    ];
+    for (k, norm) in norms.iter().enumerate() {
+        let (scale, shift) = norm.scale_shift();
+        let out = run(
+            &format!("pixel-normalise-{k}"),
+            &plan::pixel_normalise(images, h * w, scale, shift),
+            &BTreeMap::from([
+                (Buffer::Input, bytes.clone()),
+                (Buffer::Output, vec![0u8; 4 * images * 3 * h * w]),
+            ]),
+        );
+        let mut want = Vec::new();
+        for image in bytes.chunks_exact(h * w * 3) {
+            norm.extend_chw(image, &mut want);
+        }
+        let got: Vec<u32> = out[&Buffer::Output]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want, "{norm:?}");
+    }
+}
+
 /// A linear layer's bias add (no residual after it), f32 and bf16, and its bias's
 /// gradient, the output's summed over the rows (several chunks of them).
 #[test]

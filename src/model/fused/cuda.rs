@@ -1231,6 +1231,56 @@ pub fn accumulate(
     )
 }
 
+// Image bytes normalised.
+
+/// `[n, h, w, 3]` u8 (HWC) → `[n, 3, h, w]` f32 (CHW), `v · scale[c] − shift[c]` rounded
+/// as the host rounds it (`model::PixelNorm`), in one pass: the bytes read once, the
+/// floats written once. Data, not a weight: no backward.
+pub fn pixel_normalise(bytes: &Tensor, scale: [f32; 3], shift: [f32; 3]) -> Result<Tensor> {
+    Ok(bytes
+        .contiguous()?
+        .apply_op1_no_bwd(&PixelNormalise { scale, shift })?)
+}
+
+struct PixelNormalise {
+    scale: [f32; 3],
+    shift: [f32; 3],
+}
+
+impl CustomOp1 for PixelNormalise {
+    fn name(&self) -> &'static str {
+        "cuda-pixel-normalise"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err(
+            "the CUDA image normalisation called on CPU tensors",
+        ))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, h, w, channels) = l.shape().dims4()?;
+        if channels != 3 || s.dtype() != DType::U8 || !l.is_contiguous() {
+            return Err(cuda_err(format!(
+                "image normalisation of {:?} {:?}: it takes contiguous [n, h, w, 3] u8",
+                l.shape(),
+                s.dtype()
+            )));
+        }
+        let device = s.device().clone();
+        let stream = device.cuda_stream();
+        let (bytes, _sync) = s.as_cuda_slice::<u8>()?.device_ptr(&stream);
+        let (storage, out_at) = output(&device, DType::F32, n * 3 * h * w)?;
+        let addresses = [
+            (Buffer::Input, bytes + l.start_offset() as u64),
+            (Buffer::Output, out_at),
+        ];
+        let plan = plan::pixel_normalise(n, h * w, self.scale, self.shift);
+        run(&device, &plan, &addresses)?;
+        Ok((storage, Shape::from((n, 3, h, w))))
+    }
+}
+
 // Embedding lookup.
 
 /// Whether the CUDA embedding takes these: an f32 or bf16 table `[rows, width]` and u32

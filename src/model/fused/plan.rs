@@ -13,7 +13,8 @@ pub const SOURCE: &str = concat!(
     include_str!("softmax.cu"),
     include_str!("embedding.cu"),
     include_str!("bias.cu"),
-    include_str!("accumulate.cu")
+    include_str!("accumulate.cu"),
+    include_str!("pixels.cu")
 );
 
 /// Threads a block: the source's `THREADS`.
@@ -511,6 +512,15 @@ pub fn accumulate(values: Values, n: usize) -> Plan {
         (n.div_ceil(THREADS), 1),
         vec![Address(Output), Address(Input), long(n)],
     )
+}
+
+/// Image bytes normalised: `Input` (u8, `images × plane × 3`, HWC) → `Output` (f32,
+/// `images × 3 × plane`, CHW), `plane` pixels an image, per channel `v · scale − shift`.
+pub fn pixel_normalise(images: usize, plane: usize, scale: [f32; 3], shift: [f32; 3]) -> Plan {
+    let n = images * 3 * plane;
+    let mut args = vec![Address(Input), Address(Output), long(plane), long(n)];
+    args.extend(scale.iter().chain(&shift).map(|&v| Arg::F32(v)));
+    single(n, "pixel_normalise".into(), (n.div_ceil(THREADS), 1), args)
 }
 
 #[cfg(test)]
