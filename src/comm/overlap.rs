@@ -55,6 +55,11 @@ impl OverlapStats {
 
 type Bucket = Vec<(usize, Tensor)>;
 
+/// The first bucket's size, when smaller than the others: the sums start as soon as the
+/// last layers' gradients exist, not after a whole bucket of them (DDP's
+/// `_DEFAULT_FIRST_BUCKET_BYTES`, 1 MiB).
+pub const FIRST_BUCKET_BYTES: usize = 1 << 20;
+
 /// The worker's result: every summed tensor with its index, and its time in collectives.
 type Summed = Result<(Vec<(usize, Tensor)>, Duration)>;
 
@@ -66,13 +71,16 @@ pub struct Buckets<'scope> {
     open: Bucket,
     open_bytes: usize,
     bucket_bytes: usize,
+    /// What the open bucket is handed over at: [`FIRST_BUCKET_BYTES`] (or less) for the
+    /// first, `bucket_bytes` after.
+    hand_over_at: usize,
     stats: OverlapStats,
 }
 
 impl<'scope> Buckets<'scope> {
     /// Starts the worker that sums buckets over `comm` inside `scope`. A bucket is handed
     /// over once it holds at least `bucket_bytes` (so a tensor larger than that travels
-    /// alone).
+    /// alone); the first already at [`FIRST_BUCKET_BYTES`] when that is less.
     pub fn start<'env>(
         scope: &'scope Scope<'scope, 'env>,
         comm: &'scope (dyn Communicator + Sync),
@@ -98,6 +106,7 @@ impl<'scope> Buckets<'scope> {
             open: Vec::new(),
             open_bytes: 0,
             bucket_bytes: bucket_bytes.max(1),
+            hand_over_at: bucket_bytes.clamp(1, FIRST_BUCKET_BYTES),
             stats: OverlapStats::default(),
         }
     }
@@ -109,8 +118,9 @@ impl<'scope> Buckets<'scope> {
     pub fn add(&mut self, index: usize, grad: Tensor) {
         self.open_bytes += grad.elem_count() * grad.dtype().size_in_bytes();
         self.open.push((index, grad));
-        if self.open_bytes >= self.bucket_bytes {
+        if self.open_bytes >= self.hand_over_at {
             self.hand_over();
+            self.hand_over_at = self.bucket_bytes;
             self.stats.during_backward += 1;
         }
     }

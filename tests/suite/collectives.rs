@@ -342,6 +342,38 @@ fn a_sparse_row_outside_the_table_is_an_error_naming_it() {
     }
 }
 
+/// The first bucket goes at 1 MiB (DDP's first bucket) when the others are larger, so the
+/// sums start with the last layers' gradients; the rest wait for a whole bucket; the sums
+/// are one all-reduce's.
+#[test]
+fn the_first_bucket_goes_at_one_mebibyte() {
+    use mmpipe::comm::overlap::{Buckets, FIRST_BUCKET_BYTES};
+    let results = on_ranks(2, Duration::from_secs(10), |comm| {
+        // Five tensors of half a MiB, in buckets of 8 MB.
+        let half = FIRST_BUCKET_BYTES / 2 / 4;
+        let tensors: Vec<Tensor> = (0..5)
+            .map(|i| Tensor::full((comm.rank() + i) as f32, (half, 1), &Device::Cpu))
+            .collect::<candle_core::Result<_>>()?;
+        let want = comm.all_reduce_sum_many(&tensors)?;
+        std::thread::scope(|scope| -> mmpipe::Result<()> {
+            let mut buckets = Buckets::start(scope, &comm, 8_000_000);
+            for (i, t) in tensors.iter().enumerate() {
+                buckets.add(i, t.clone());
+            }
+            let (got, stats) = buckets.finish(5)?;
+            // The first two tensors during backward; the other three at its end.
+            assert_eq!((stats.buckets, stats.during_backward), (2, 1));
+            for (i, w) in want.iter().enumerate() {
+                assert_eq!(rows(got[i].as_ref().unwrap()), rows(w), "tensor {i}");
+            }
+            Ok(())
+        })
+    });
+    for r in results {
+        r.unwrap();
+    }
+}
+
 /// The bucketed sums a worker makes while the rank goes on: every tensor summed as by one
 /// all-reduce, whatever the buckets, a repeated index summed with itself, and each bucket
 /// counted; a peer that leaves mid-way turns `finish` into an error naming the group.
