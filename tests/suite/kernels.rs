@@ -179,6 +179,14 @@ fn run(name: &str, plan: &Plan, buffers: &BTreeMap<Buffer, Vec<u8>>) -> BTreeMap
     result
 }
 
+/// What a fresh, uninitialised allocation may hold: all-ones bytes, a NaN in f32 and in
+/// bf16. `fused::cuda` allocates the buffers the kernels write whole without zeroing them,
+/// so each test hands those in like this: an element a kernel leaves unwritten fails its
+/// check.
+fn unwritten(bytes: usize) -> Vec<u8> {
+    vec![0xFF; bytes]
+}
+
 /// Deterministic values in about [-2, 2] (a fixed LCG: no dependency on the suite's RNG).
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -297,8 +305,8 @@ fn layer_norm_kernels_equal_the_formulas() {
             (Buffer::Input, x_bytes),
             (Buffer::Weight, f32_bytes(&w)),
             (Buffer::Bias, f32_bytes(&b)),
-            (Buffer::Output, vec![0u8; 4 * rows * width]),
-            (Buffer::Stats, vec![0u8; 8 * rows]),
+            (Buffer::Output, unwritten(4 * rows * width)),
+            (Buffer::Stats, unwritten(8 * rows)),
         ]);
         let fwd = run(
             &format!("{name}-fwd"),
@@ -346,9 +354,9 @@ fn layer_norm_kernels_equal_the_formulas() {
 
         buffers.insert(Buffer::Stats, fwd[&Buffer::Stats].clone());
         buffers.insert(Buffer::OutputGrad, f32_bytes(&g));
-        buffers.insert(Buffer::InputGrad, vec![0u8; encode(&raw, of).0.len()]);
-        buffers.insert(Buffer::WeightGrad, vec![0u8; 4 * width]);
-        buffers.insert(Buffer::BiasGrad, vec![0u8; 4 * width]);
+        buffers.insert(Buffer::InputGrad, unwritten(encode(&raw, of).0.len()));
+        buffers.insert(Buffer::WeightGrad, unwritten(4 * width));
+        buffers.insert(Buffer::BiasGrad, unwritten(4 * width));
         let bwd = run(
             &format!("{name}-bwd"),
             &plan::layer_norm_backward(of, rows, width),
@@ -412,7 +420,7 @@ fn gelu_kernels_equal_the_formulas() {
         let (y_bytes, y) = encode(&values(n, 5), of);
         let (b_bytes, b) = encode(&values(width, 6), of);
         let (g_bytes, g) = encode(&values(n, 7), of);
-        let bytes_of = |count: usize| vec![0u8; count * if of == Values::F32 { 4 } else { 2 }];
+        let bytes_of = |count: usize| unwritten(count * if of == Values::F32 { 4 } else { 2 });
         let mut buffers = BTreeMap::from([(Buffer::Input, y_bytes), (Buffer::Output, bytes_of(n))]);
         if bias {
             buffers.insert(Buffer::Bias, b_bytes);
@@ -484,7 +492,7 @@ fn bias_residual_kernels_equal_the_formulas() {
         let (y_bytes, y) = encode(&values(n, 12), of);
         let (b_bytes, b) = encode(&values(width, 13), of);
         let g = values(n, 14);
-        let bytes_of = |count: usize| vec![0u8; count * if of == Values::F32 { 4 } else { 2 }];
+        let bytes_of = |count: usize| unwritten(count * if of == Values::F32 { 4 } else { 2 });
         let round = |v: f64| match of {
             Values::F32 => v as f32 as f64,
             Values::Bf16 => half::bf16::from_f64(v).to_f64(),
@@ -496,7 +504,7 @@ fn bias_residual_kernels_equal_the_formulas() {
                 (Buffer::Residual, f32_bytes(&stream)),
                 (Buffer::Input, y_bytes),
                 (Buffer::Bias, b_bytes),
-                (Buffer::Output, vec![0u8; 4 * n]),
+                (Buffer::Output, unwritten(4 * n)),
             ]),
         );
         // The sum rounded to the branch's dtype first, then added in f32 as the kernel
@@ -532,7 +540,7 @@ fn bias_residual_kernels_equal_the_formulas() {
             );
         } else {
             assert!(
-                bwd[&Buffer::InputGrad].iter().all(|&x| x == 0),
+                bwd[&Buffer::InputGrad].iter().all(|&x| x == 0xFF),
                 "{name}: the f32 branch's gradient is the output's own, not written"
             );
         }
@@ -603,7 +611,7 @@ fn pixel_normalise_kernel_equals_the_hosts_floats_bit_for_bit() {
             &plan::pixel_normalise(images, h * w, scale, shift),
             &BTreeMap::from([
                 (Buffer::Input, bytes.clone()),
-                (Buffer::Output, vec![0u8; 4 * images * 3 * h * w]),
+                (Buffer::Output, unwritten(4 * images * 3 * h * w)),
             ]),
         );
         let mut want = Vec::new();
@@ -633,7 +641,7 @@ fn bias_add_kernels_equal_the_formulas() {
         let (y_bytes, y) = encode(&values(n, 15), of);
         let (b_bytes, b) = encode(&values(width, 16), of);
         let (g_bytes, g) = encode(&values(n, 17), of);
-        let bytes_of = |count: usize| vec![0u8; count * if of == Values::F32 { 4 } else { 2 }];
+        let bytes_of = |count: usize| unwritten(count * if of == Values::F32 { 4 } else { 2 });
         let fwd = run(
             &format!("{name}-fwd"),
             &plan::bias_add_forward(of, n, width),
@@ -693,7 +701,7 @@ fn softmax_kernels_equal_the_formulas() {
         let (x_bytes, x) = encode(&raw, of);
         let bytes = x_bytes.len();
         let mut buffers =
-            BTreeMap::from([(Buffer::Input, x_bytes), (Buffer::Output, vec![0u8; bytes])]);
+            BTreeMap::from([(Buffer::Input, x_bytes), (Buffer::Output, unwritten(bytes))]);
         let fwd = run(
             &format!("{name}-fwd"),
             &plan::softmax_forward(of, rows, width),
@@ -715,7 +723,7 @@ fn softmax_kernels_equal_the_formulas() {
         let (g_bytes, g) = encode(&values(rows * width, 9), of);
         buffers.insert(Buffer::Output, fwd[&Buffer::Output].clone());
         buffers.insert(Buffer::OutputGrad, g_bytes);
-        buffers.insert(Buffer::InputGrad, vec![0u8; bytes]);
+        buffers.insert(Buffer::InputGrad, unwritten(bytes));
         let bwd = run(
             &format!("{name}-bwd"),
             &plan::softmax_backward(of, rows, width),
@@ -800,7 +808,7 @@ fn attention_softmax_kernels_equal_the_formulas() {
         });
         let mut buffers = BTreeMap::from([
             (Buffer::Input, f32_bytes(&s)),
-            (Buffer::Output, vec![0u8; 4 * rows * len]),
+            (Buffer::Output, unwritten(4 * rows * len)),
         ]);
         if strides.is_some() {
             buffers.insert(Buffer::Mask, f32_bytes(&mask_values));
@@ -841,7 +849,7 @@ fn attention_softmax_kernels_equal_the_formulas() {
         );
         buffers.insert(Buffer::Output, fwd[&Buffer::Output].clone());
         buffers.insert(Buffer::OutputGrad, f32_bytes(&g));
-        buffers.insert(Buffer::InputGrad, vec![0u8; 4 * rows * len]);
+        buffers.insert(Buffer::InputGrad, unwritten(4 * rows * len));
         let bwd = run(
             &format!("{name}-bwd"),
             &plan::attention_softmax_backward(Values::F32, rows, len, scale),
@@ -862,7 +870,7 @@ fn attention_softmax_kernels_equal_the_formulas() {
             .collect();
         let (p_bf16, pb) = encode(&kernel_p, Values::Bf16);
         buffers.insert(Buffer::Output, p_bf16);
-        buffers.insert(Buffer::InputGrad, vec![0u8; 2 * rows * len]);
+        buffers.insert(Buffer::InputGrad, unwritten(2 * rows * len));
         let bwd = run(
             &format!("{name}-bwd-bf16"),
             &plan::attention_softmax_backward(Values::Bf16, rows, len, scale),
@@ -908,7 +916,7 @@ fn embedding_kernels_equal_the_cpu_scatter() {
             &BTreeMap::from([
                 (Buffer::Weight, table_bytes),
                 (Buffer::Ids, lookup_ids),
-                (Buffer::Output, vec![0u8; size * ids.len() * width]),
+                (Buffer::Output, unwritten(size * ids.len() * width)),
             ]),
         );
         let out = decode(&fwd[&Buffer::Output], of);

@@ -106,6 +106,28 @@ fn output(device: &CudaDevice, dtype: DType, n: usize) -> candle_core::Result<(C
     }
 }
 
+/// A fresh tensor of `shape` (f32 or bf16) for kernels that write every element of it:
+/// not zeroed, since a memset would be one more pass over memory for nothing (the emulator
+/// tests hand these buffers in filled with NaN: `tests/suite/kernels.rs`). Zeroed where no
+/// kernel runs (`written` false: an op over no rows, whose reduction is then zero).
+fn written_whole(
+    shape: &Shape,
+    dtype: DType,
+    device: &CudaDevice,
+    written: bool,
+) -> candle_core::Result<Tensor> {
+    if !written {
+        return Tensor::zeros(shape, dtype, &candle_core::Device::Cuda(device.clone()));
+    }
+    let (storage, _) = output(device, dtype, shape.elem_count())?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape.clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
 fn blocks(n: usize) -> candle_core::Result<u32> {
     u32::try_from(n).map_err(|_| cuda_err(format!("{n} blocks")))
 }
@@ -288,9 +310,9 @@ impl CustomOp3 for LayerNorm {
         let rows = x.elem_count() / width;
         // Bound here, so that no copy is freed before the kernels have read it.
         let (w, dy) = (w.contiguous()?, dy.to_dtype(DType::F32)?.contiguous()?);
-        let dx = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
-        let dw = Tensor::zeros(w.shape(), DType::F32, x.device())?;
-        let db = Tensor::zeros(w.shape(), DType::F32, x.device())?;
+        let dx = written_whole(x.shape(), x.dtype(), &device, rows > 0)?;
+        let dw = written_whole(w.shape(), DType::F32, &device, rows > 0)?;
+        let db = written_whole(w.shape(), DType::F32, &device, rows > 0)?;
         if rows == 0 {
             return Ok((Some(dx), Some(dw), Some(db)));
         }
@@ -375,9 +397,9 @@ impl Gelu {
         let width = y.dims().last().copied().unwrap_or(1).max(1);
         // Bound here, so that no copy is freed before the kernels have read it.
         let g = dz.to_dtype(y.dtype())?.contiguous()?;
-        let dy = Tensor::zeros(y.shape(), y.dtype(), y.device())?;
+        let dy = written_whole(y.shape(), y.dtype(), &device, n > 0)?;
         let dbias = match bias {
-            Some(b) => Some(Tensor::zeros(b.shape(), b.dtype(), y.device())?),
+            Some(b) => Some(written_whole(b.shape(), b.dtype(), &device, n > 0)?),
             None => None,
         };
         let plan = plan::gelu_backward(self.act, values(y.dtype())?, n, width, bias.is_some());
@@ -496,7 +518,7 @@ impl CustomOp1 for Softmax {
         let width = y.dims().last().copied().unwrap_or(1).max(1);
         // Bound here, so that no copy is freed before the kernel has read it.
         let (y, g) = (y.contiguous()?, dy.to_dtype(y.dtype())?.contiguous()?);
-        let dx = Tensor::zeros(y.shape(), y.dtype(), y.device())?;
+        let dx = written_whole(y.shape(), y.dtype(), &device, y.elem_count() > 0)?;
         let plan = plan::softmax_backward(values(y.dtype())?, y.elem_count() / width, width);
         let addresses = [
             (Buffer::Output, tensor_address(&y, &stream)?),
@@ -613,7 +635,7 @@ impl AttentionSoftmax {
         let (rows, len, _) = probs.dims3()?;
         // Bound here, so that no copy is freed before the kernel has read it.
         let (p, g) = (probs.contiguous()?, dp.to_dtype(DType::F32)?.contiguous()?);
-        let ds = Tensor::zeros(p.shape(), DType::F32, p.device())?;
+        let ds = written_whole(p.shape(), DType::F32, &device, p.elem_count() > 0)?;
         let plan = plan::attention_softmax_backward(Values::F32, rows * len, len, self.scale);
         let addresses = [
             (Buffer::Output, tensor_address(&p, &stream)?),
@@ -1092,11 +1114,11 @@ impl CustomOp3 for BiasResidual {
         let g = g.to_dtype(DType::F32)?.contiguous()?;
         let (n, width) = (y.elem_count(), bias.elem_count());
         let of = values(y.dtype())?;
-        let dbias = Tensor::zeros(bias.shape(), bias.dtype(), y.device())?;
+        let dbias = written_whole(bias.shape(), bias.dtype(), &device, n > 0)?;
         // In f32 the branch's gradient is the output's own; in bf16 the kernel rounds it.
         let dy = match of {
             Values::F32 => None,
-            Values::Bf16 => Some(Tensor::zeros(y.shape(), y.dtype(), y.device())?),
+            Values::Bf16 => Some(written_whole(y.shape(), y.dtype(), &device, n > 0)?),
         };
         let mut addresses = vec![
             (Buffer::OutputGrad, tensor_address(&g, &stream)?),
@@ -1186,15 +1208,16 @@ impl CustomOp2 for BiasAdd {
         _: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let stream = y.device().as_cuda_device()?.cuda_stream();
+        let device = y.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
         let g = g.to_dtype(y.dtype())?.contiguous()?;
-        let dbias = Tensor::zeros(bias.shape(), bias.dtype(), y.device())?;
+        let dbias = written_whole(bias.shape(), bias.dtype(), &device, g.elem_count() > 0)?;
         let addresses = [
             (Buffer::OutputGrad, tensor_address(&g, &stream)?),
             (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
         ];
         let plan = plan::bias_add_backward(values(y.dtype())?, g.elem_count(), bias.elem_count());
-        run(y.device().as_cuda_device()?, &plan, &addresses)?;
+        run(&device, &plan, &addresses)?;
         Ok((Some(g), Some(dbias)))
     }
 }
