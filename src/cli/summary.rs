@@ -109,11 +109,7 @@ pub fn print_overlap(phases: &[(String, PhaseTimes)], overlap: &[OverlapStats], 
         }
         let busy = o.busy.as_secs_f64() * 1e3 / steps;
         let exposed = times.grad_all_reduce.as_secs_f64() * 1e3 / steps;
-        let hidden = if busy > 0.0 {
-            ((busy - exposed) / busy).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let hidden = hidden_share(busy, exposed);
         println!(
             "                               {rank:>4} {tower:<10} {:>12.1} {:>16.1} {:>16.1} {:>6.0}%",
             o.buckets as f64 / steps,
@@ -121,6 +117,16 @@ pub fn print_overlap(phases: &[(String, PhaseTimes)], overlap: &[OverlapStats], 
             exposed,
             100.0 * hidden
         );
+    }
+}
+
+/// The share of a collective's `busy` time that compute hid, `exposed` of it still
+/// waited for.
+fn hidden_share(busy: f64, exposed: f64) -> f64 {
+    if busy > 0.0 {
+        ((busy - exposed) / busy).clamp(0.0, 1.0)
+    } else {
+        0.0
     }
 }
 
@@ -138,11 +144,7 @@ fn print_feature_overlap(overlap: &[OverlapStats], steps: usize) {
         }
         let busy = o.feature_gather_busy.as_secs_f64() * 1e3 / steps;
         let exposed = o.feature_gather_waited.as_secs_f64() * 1e3 / steps;
-        let hidden = if busy > 0.0 {
-            ((busy - exposed) / busy).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let hidden = hidden_share(busy, exposed);
         println!(
             "                                                 {rank:>4} {:>13.1} {:>18.2} {:>16.2} {:>6.0}%",
             o.feature_gathers as f64 / steps,

@@ -72,7 +72,7 @@ pub trait Communicator: Send {
     /// that gathers equal blocks need not exchange the counts first (NCCL: one collective
     /// and one wait of the host fewer).
     fn all_gather_rows(&self, t: &Tensor, rows: &[usize]) -> Result<Tensor> {
-        check_gather_rows(self, t, rows)?;
+        check_rows(self, "all_gather", t, rows, RowsHeld::Own)?;
         let gathered = self.all_gather(t)?;
         let total: usize = rows.iter().sum();
         if gathered.dim(0)? != total {
@@ -92,26 +92,7 @@ pub trait Communicator: Send {
     /// rank passes the same `rows`; blocks may differ in size (the two modality groups
     /// own different numbers of samples when their sizes differ).
     fn reduce_scatter_rows_sum(&self, t: &Tensor, rows: &[usize]) -> Result<Tensor> {
-        let op = "reduce_scatter";
-        let fail = |message: String| Error::Collective {
-            op,
-            group: self.name().to_string(),
-            message,
-        };
-        if rows.len() != self.size() {
-            return Err(fail(format!(
-                "{} row counts for {} ranks",
-                rows.len(),
-                self.size()
-            )));
-        }
-        let total: usize = rows.iter().sum();
-        if t.dim(0)? != total {
-            return Err(fail(format!(
-                "{} rows, but the blocks add up to {total}",
-                t.dim(0)?
-            )));
-        }
+        check_rows(self, "reduce_scatter", t, rows, RowsHeld::Everyones)?;
         let widest = rows.iter().copied().max().unwrap_or(0);
         if rows.iter().all(|&r| r == widest) {
             return self.reduce_scatter_sum(t);
@@ -218,15 +199,26 @@ impl RankComms {
     }
 }
 
-/// That `rows` has one count per rank and this rank's tensor has its own count of rows:
-/// what [`Communicator::all_gather_rows`] can check before the collective.
-pub(crate) fn check_gather_rows<C: Communicator + ?Sized>(
+/// Which rows a rank's tensor holds, given every rank's count.
+#[derive(Clone, Copy)]
+pub(crate) enum RowsHeld {
+    /// Its own (an all-gather's input).
+    Own,
+    /// Every rank's, rank 0's first (a reduce-scatter's input).
+    Everyones,
+}
+
+/// That `rows` has one count per rank and `t` the rows it should hold: what a collective
+/// given every rank's row count can check before it starts.
+pub(crate) fn check_rows<C: Communicator + ?Sized>(
     comm: &C,
+    op: &'static str,
     t: &Tensor,
     rows: &[usize],
+    held: RowsHeld,
 ) -> Result<()> {
     let fail = |message: String| Error::Collective {
-        op: "all_gather",
+        op,
         group: comm.name().to_string(),
         message,
     };
@@ -237,12 +229,15 @@ pub(crate) fn check_gather_rows<C: Communicator + ?Sized>(
             comm.size()
         )));
     }
-    if t.rank() == 0 || t.dim(0)? != rows[comm.rank()] {
+    let (want, whose) = match held {
+        RowsHeld::Own => (rows[comm.rank()], "its count"),
+        RowsHeld::Everyones => (rows.iter().sum(), "the blocks"),
+    };
+    if t.rank() == 0 || t.dim(0)? != want {
         return Err(fail(format!(
-            "rank {} passed {:?}, but its count says {} rows",
+            "rank {} passed {:?}, but {whose} say {want} rows",
             comm.rank(),
             t.dims(),
-            rows[comm.rank()]
         )));
     }
     Ok(())

@@ -453,7 +453,7 @@ impl Communicator for NcclCommunicator {
 
     /// The layout says every rank's rows: no counts to gather first.
     fn all_gather_rows(&self, t: &Tensor, rows: &[usize]) -> Result<Tensor> {
-        super::check_gather_rows(self, t, rows)?;
+        super::check_rows(self, "all_gather", t, rows, super::RowsHeld::Own)?;
         self.gather_blocks(t, rows)
     }
 

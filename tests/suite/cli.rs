@@ -1061,23 +1061,7 @@ fn data_parallel_and_hybrid_topologies_train_like_one_device_from_the_cli() {
     .unwrap();
     let run = |topology: &str, name: &str, extra: &[&str]| {
         let metrics = dir.join(format!("{name}.jsonl"));
-        let mut args = vec![
-            "train",
-            "--topology",
-            topology,
-            "--steps",
-            "8",
-            "--batch",
-            "11",
-            "--eval-pairs",
-            "0",
-            "--quiet",
-            "--metrics",
-            metrics.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = mmpipe(&args);
-        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let out = train_with_metrics(topology, 8, 11, &metrics, extra);
         (
             super::common::metric_losses(&metrics),
             text(&out.stdout),
@@ -1100,14 +1084,7 @@ fn data_parallel_and_hybrid_topologies_train_like_one_device_from_the_cli() {
         stdout.contains("2 ranks, each holding both towers"),
         "{stdout}"
     );
-    let line: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(&metrics)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
+    let line = first_metrics_line(&metrics);
     for r in line["ranks"].as_array().unwrap() {
         assert_eq!(r["tower"], "image+text", "{r}");
         for tower in ["image", "text"] {
@@ -1196,23 +1173,7 @@ fn train_overlaps_the_gradient_sums_unless_told_not_to() {
     std::fs::create_dir_all(&dir).unwrap();
     let run = |name: &str, extra: &[&str]| -> (String, Vec<serde_json::Value>) {
         let metrics = dir.join(name);
-        let mut args = vec![
-            "train",
-            "--topology",
-            "topology/cpu-2x2.toml",
-            "--steps",
-            "2",
-            "--batch",
-            "16",
-            "--eval-pairs",
-            "0",
-            "--quiet",
-            "--metrics",
-            metrics.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = mmpipe(&args);
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = train_with_metrics("topology/cpu-2x2.toml", 2, 16, &metrics, extra);
         let lines = std::fs::read_to_string(&metrics)
             .unwrap()
             .lines()
@@ -1276,31 +1237,8 @@ fn train_gathers_the_image_features_during_the_text_forward_unless_told_not_to()
     std::fs::create_dir_all(&dir).unwrap();
     let run = |name: &str, extra: &[&str]| -> (String, Vec<u64>) {
         let metrics = dir.join(name);
-        let mut args = vec![
-            "train",
-            "--topology",
-            "topology/cpu-dp2.toml",
-            "--steps",
-            "2",
-            "--batch",
-            "8",
-            "--eval-pairs",
-            "0",
-            "--quiet",
-            "--metrics",
-            metrics.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = mmpipe(&args);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let first: serde_json::Value = serde_json::from_str(
-            std::fs::read_to_string(&metrics)
-                .unwrap()
-                .lines()
-                .next()
-                .unwrap(),
-        )
-        .unwrap();
+        let out = train_with_metrics("topology/cpu-dp2.toml", 2, 8, &metrics, extra);
+        let first = first_metrics_line(&metrics);
         let gathers = first["ranks"]
             .as_array()
             .unwrap()
@@ -1327,29 +1265,71 @@ fn train_gathers_the_image_features_during_the_text_forward_unless_told_not_to()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The first step's line of a metrics file.
+fn first_metrics_line(metrics: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(metrics).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+/// `mmpipe train` on `topology`, `steps` steps of `batch`, no evaluation, quiet, its
+/// metrics into `metrics`, with `extra`; the test stops if it fails.
+fn train_with_metrics(
+    topology: &str,
+    steps: usize,
+    batch: usize,
+    metrics: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let (steps, batch) = (steps.to_string(), batch.to_string());
+    let mut args = vec![
+        "train",
+        "--topology",
+        topology,
+        "--steps",
+        &steps,
+        "--batch",
+        &batch,
+        "--eval-pairs",
+        "0",
+        "--quiet",
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = mmpipe(&args);
+    assert!(
+        out.status.success(),
+        "{topology} {extra:?}: {}",
+        text(&out.stderr)
+    );
+    out
+}
+
+/// `mmpipe plan --format json` of ViT-B/32 at batch 256 on `topology`, with `args`.
+fn vit_b_32_plan(topology: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec![
+        "plan",
+        "--topology",
+        topology,
+        "--model",
+        "configs/ViT-B-32.toml",
+        "--batch",
+        "256",
+        "--format",
+        "json",
+    ];
+    all.extend_from_slice(args);
+    let out = mmpipe(&all);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// On devices that hold both towers the plan hides the image features' gather behind the
 /// text forward, as `train` runs it; `--no-feature-overlap` exposes the whole gather; a
 /// split, where no device holds both, is costed alike either way.
 #[test]
 fn plan_hides_the_image_features_gather_behind_the_text_forward() {
-    let split = |topology: &str, args: &[&str]| -> serde_json::Value {
-        let mut all = vec![
-            "plan",
-            "--topology",
-            topology,
-            "--model",
-            "configs/ViT-B-32.toml",
-            "--batch",
-            "256",
-            "--format",
-            "json",
-        ];
-        all.extend_from_slice(args);
-        let out = mmpipe(&all);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        plan["split"].clone()
-    };
+    let split = |topology: &str, args: &[&str]| vit_b_32_plan(topology, args)["split"].clone();
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
     let dp = split("topology/2node-8gpu-dp.toml", &[]);
     let dp_once = split("topology/2node-8gpu-dp.toml", &["--no-feature-overlap"]);
@@ -1375,22 +1355,7 @@ fn plan_hides_the_image_features_gather_behind_the_text_forward() {
 #[test]
 fn plan_exposes_the_last_gradient_bucket() {
     let exposed = |args: &[&str]| -> Vec<(f64, f64)> {
-        let mut all = vec![
-            "plan",
-            "--topology",
-            "topology/4x4.toml",
-            "--model",
-            "configs/ViT-B-32.toml",
-            "--batch",
-            "256",
-            "--format",
-            "json",
-        ];
-        all.extend_from_slice(args);
-        let out = mmpipe(&all);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        plan["split"]["groups"]
+        vit_b_32_plan("topology/4x4.toml", args)["split"]["groups"]
             .as_array()
             .unwrap()
             .iter()

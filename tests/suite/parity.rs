@@ -25,6 +25,7 @@ pub(super) const GLOBAL_BATCH: usize = 12;
 const STEPS: usize = 5;
 const LR: f64 = 1e-3;
 
+#[derive(Default)]
 pub(super) struct Run {
     pub losses: Vec<f64>,
     /// Gradients of step 0, by name.
@@ -62,14 +63,7 @@ fn reference_run_of(model: &ClipConfig, cfg: &TrainConfig, dtype: DType) -> Run 
         .params
         .filter(|n| !(model.is_locked(Tower::Text) && text_param(n)));
     let mut opt = AdamW::new(&trainable, adamw(cfg)).unwrap();
-    let mut run = Run {
-        losses: vec![],
-        grads: BTreeMap::new(),
-        weights: BTreeMap::new(),
-        grad_all_reduce_bytes: 0,
-        overlap: OverlapStats::default(),
-        exchange_bytes: 0,
-    };
+    let mut run = Run::default();
     for step in 0..STEPS {
         let (images, texts) = batch(
             &source,
@@ -201,14 +195,7 @@ fn rank_run(
                 .collect()
         })
         .collect();
-    let mut run = Run {
-        losses: vec![],
-        grads: BTreeMap::new(),
-        weights: BTreeMap::new(),
-        grad_all_reduce_bytes: 0,
-        overlap: OverlapStats::default(),
-        exchange_bytes: 0,
-    };
+    let mut run = Run::default();
     for step in 0..STEPS {
         let inputs = slice_inputs(&trainer, &source, step, cfg.global_batch)?;
         let g = trainer.compute_grads(comms, &inputs, None)?;
