@@ -578,7 +578,10 @@ fn side_loss(
             let own_lse = own_lse.unsqueeze(1)?;
             match cfg.exchange {
                 Exchange::Lse => {
-                    let other_lse = logsumexp(&group.all_gather(&partial_lse.unsqueeze(0)?)?, 0)?;
+                    // One row a rank, known to all: no row counts to exchange first.
+                    let rows = vec![1; group.size()];
+                    let partials = group.all_gather_rows(&partial_lse.unsqueeze(0)?, &rows)?;
+                    let other_lse = logsumexp(&partials, 0)?;
                     let grads = block.backward(
                         &mut |s, start, len| {
                             let p = s.broadcast_sub(&own_lse)?.exp()?;

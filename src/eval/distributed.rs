@@ -95,37 +95,18 @@ pub fn evaluate(
 /// all-gather (ranks outside the group send no rows).
 fn gather_group(
     topology: &Topology,
-    rank: usize,
     world: &dyn crate::comm::Communicator,
     tower: Tower,
     local: Option<Tensor>,
     total: usize,
     dim: usize,
 ) -> Result<Tensor> {
-    let size = topology.group_size(tower);
-    let rows = |g: usize| {
-        topology.ranks[g]
-            .role(tower)
-            .map_or(0, |r| split_len(total, size, r.group_rank))
-    };
     let mine = match local {
         Some(t) => t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
         None => Tensor::zeros((0, dim), DType::F32, &Device::Cpu)?,
     };
-    debug_assert_eq!(mine.dim(0)?, rows(rank));
-    let all = world.all_gather(&mine)?;
-    let mut starts = Vec::with_capacity(topology.world_size());
-    let mut at = 0;
-    for g in 0..topology.world_size() {
-        starts.push(at);
-        at += rows(g);
-    }
-    let parts: Vec<Tensor> = topology
-        .group(tower)
-        .iter()
-        .map(|&g| all.narrow(0, starts[g], rows(g)))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Tensor::cat(&parts, 0)?)
+    let layout = FeatureLayout::new(topology, total);
+    crate::loss::gather_tower_features(world, &layout, tower, &mine)
 }
 
 /// Zero-shot classification of `set` over the ranks: the image ranks encode their share
@@ -178,8 +159,8 @@ pub fn evaluate_zero_shot(
         None => None,
     };
     let world = comms.world.as_ref();
-    let images = gather_group(topology, rank, world, Tower::Image, images, n, dim)?;
-    let classes = gather_group(topology, rank, world, Tower::Text, classes, c, dim)?;
+    let images = gather_group(topology, world, Tower::Image, images, n, dim)?;
+    let classes = gather_group(topology, world, Tower::Text, classes, c, dim)?;
     if rank != 0 {
         return Ok(None);
     }
@@ -228,8 +209,8 @@ pub fn evaluate_retrieval(
     };
     let (image, text) = (local(Tower::Image)?, local(Tower::Text)?);
     let world = comms.world.as_ref();
-    let image = gather_group(topology, rank, world, Tower::Image, image, n, dim)?;
-    let text = gather_group(topology, rank, world, Tower::Text, text, n, dim)?;
+    let image = gather_group(topology, world, Tower::Image, image, n, dim)?;
+    let text = gather_group(topology, world, Tower::Text, text, n, dim)?;
     if rank != 0 {
         return Ok(None);
     }
