@@ -272,8 +272,9 @@ pub fn gather_tower_features(
     tower: Tower,
     local: &Tensor,
 ) -> Result<Tensor> {
-    let gathered = world.all_gather_rows(local, &layout.tower_world_rows(tower))?;
-    layout.select_tower(&gathered, tower)
+    let only = layout.only(tower);
+    let gathered = world.all_gather_rows(local, &only.world_rows())?;
+    only.select(&gathered, tower)
 }
 
 /// Sends each side's `partial` (`[B, D]`: its gradient contributions for every feature of

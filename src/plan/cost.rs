@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::loss::{Exchange, LossConfig, LossKind, TILE_BLOCKS};
 use crate::model::ClipConfig;
-use crate::topology::{Links, Topology, Tower};
+use crate::topology::{LayoutKind, Links, Topology, Tower};
 
 use super::options::{CostOptions, Precision};
 
@@ -352,7 +352,7 @@ impl CostModel<'_> {
             world.len(),
             ring_link(t, &links, &world),
         );
-        let gather_per_tower = o.feature_overlap && t.ranks.iter().any(|r| r.roles.len() == 2);
+        let gather_per_tower = o.feature_overlap && t.layout_kind() != LayoutKind::Split;
 
         let mut groups = Vec::new();
         for tower in [Tower::Image, Tower::Text] {

@@ -115,43 +115,19 @@ impl FeatureLayout {
         rows
     }
 
-    /// Whether some rank holds both towers: only such a rank has a forward (its text
-    /// tower's) to hide the image features' gather behind.
-    pub fn has_rank_with_both(&self) -> bool {
-        (0..self.world)
-            .any(|g| self.part(g, Tower::Image).is_some() && self.part(g, Tower::Text).is_some())
-    }
-
-    /// Rows each global rank contributes to a world all-gather of `tower`'s features
-    /// alone (0 where it does not hold the tower).
-    pub fn tower_world_rows(&self, tower: Tower) -> Vec<usize> {
-        (0..self.world).map(|g| self.rows(g, tower)).collect()
-    }
-
-    /// All rows of `tower`, in global sample order, from a world all-gather of that
-    /// tower's features alone (every rank's rows of it, in world order).
-    pub fn select_tower(&self, gathered: &Tensor, tower: Tower) -> Result<Tensor> {
-        let rows = self.tower_world_rows(tower);
-        let total: usize = rows.iter().sum();
-        if gathered.dim(0)? != total {
-            return Err(Error::Msg(format!(
-                "gathered {} {tower} feature rows, expected {total}",
-                gathered.dim(0)?
-            )));
+    /// The parts of `tower` alone: the layout of a world all-gather of that tower's
+    /// features (each rank's rows of it, none where it does not hold the tower), which
+    /// [`Self::world_rows`] and [`Self::select`] then read as they read the whole one.
+    pub fn only(&self, tower: Tower) -> FeatureLayout {
+        FeatureLayout {
+            parts: self
+                .parts
+                .iter()
+                .copied()
+                .filter(|p| p.tower == tower)
+                .collect(),
+            ..self.clone()
         }
-        let starts: Vec<usize> = rows
-            .iter()
-            .scan(0, |at, &r| {
-                *at += r;
-                Some(*at - r)
-            })
-            .collect();
-        let parts: Vec<Tensor> = self
-            .order(tower)
-            .iter()
-            .map(|&g| gathered.narrow(0, starts[g], rows[g]))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Where each part's rows start in a world all-gather.

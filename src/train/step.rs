@@ -407,7 +407,6 @@ impl RankTrainer {
                     // Made contiguous here, behind the image forward: the worker's
                     // collective then only reads it.
                     let local = kept.contiguous()?;
-                    self.device.synchronize()?;
                     overlap.feature_gathers += 1;
                     early = Some(scope.spawn(move || -> Result<(Tensor, Duration, u64)> {
                         // The rank's thread makes no world call until it has joined this
@@ -751,9 +750,6 @@ impl TowerTrainer {
     }
 }
 
-/// One world all-reduce of two flags: whether every rank's loss and gradients are finite
-/// (a NaN in one tower skips the step on both groups, so neither moves without the
-/// other), and whether any rank was asked to stop (every rank must stop at the same step).
 /// This rank's kept rows of a tower's features, detached.
 fn kept_features(features: &Tensor, side: &PairSide) -> Result<Tensor> {
     match &side.kept {
@@ -765,6 +761,9 @@ fn kept_features(features: &Tensor, side: &PairSide) -> Result<Tensor> {
     }
 }
 
+/// One world all-reduce of two flags: whether every rank's loss and gradients are finite
+/// (a NaN in one tower skips the step on both groups, so neither moves without the
+/// other), and whether any rank was asked to stop (every rank must stop at the same step).
 fn agree_on_step(comms: &RankComms, finite: bool) -> Result<(bool, bool)> {
     let flags = [!finite, super::stop_requested()].map(|f| f32::from(u8::from(f)));
     let sums = comms

@@ -22,7 +22,7 @@ use crate::model::{
     checkpoint, loss_scalars, ClipConfig, Encoder, LossScalarVars, ParamBuilder, Params, TowerInput,
 };
 use crate::topology::layout::{split_len, split_offset, FeatureLayout};
-use crate::topology::{Role, Topology, Tower};
+use crate::topology::{LayoutKind, Role, Topology, Tower};
 
 /// Bytes a rank keeps from step to step ([`RankTrainer::state_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +117,7 @@ impl RankTrainer {
             device: device.clone(),
             loss: cfg.loss,
             layout: FeatureLayout::new(topology, cfg.global_batch),
-            gather_per_tower: cfg.feature_overlap
-                && FeatureLayout::new(topology, cfg.global_batch).has_rank_with_both(),
+            gather_per_tower: cfg.feature_overlap && topology.layout_kind() != LayoutKind::Split,
         })
     }
 
