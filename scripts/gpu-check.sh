@@ -10,7 +10,8 @@
 #   4. bf16 on the GPU against f32 on the CPU: loss, gradients, weights after 5 steps
 #      (tests precision::cuda);
 #   4b. the fused ops' CUDA kernels (layer norm, exact and quick GELU, softmax, attention's
-#      softmax, the token embedding; forward and backward, f32 and bf16): NVRTC compiles them, they equal the
+#      softmax, flash attention (bf16 heads of 64), the token embedding; forward and
+#      backward, f32 and bf16): NVRTC compiles them, they equal the
 #      plain ops in f64 and run twice to the same bits, and their workbench timings against
 #      the plain ops (tests fused::cuda, log fused-kernels-cuda.log holds the timings; the
 #      same kernels run on the CPU emulator in every CI run: tests kernels::);

@@ -55,6 +55,8 @@ struct Block {
     std::unique_ptr<char[]> stacks;
     std::vector<Wait> waits;
     std::vector<unsigned long long> slots;
+    // Each thread's operand registers of a warp's matrix multiply-accumulate (mma).
+    std::vector<unsigned> fragments;
     ucontext_t scheduler;
     unsigned current = 0;
     const std::function<void()>* kernel = nullptr;
@@ -75,6 +77,9 @@ inline void entry() {
 
 constexpr std::size_t STACK = 64 * 1024;
 
+// A thread's operand registers in one m16n8k16 mma: A's four, then B's two.
+constexpr unsigned FRAGMENT_WORDS = 6;
+
 // Runs `kernel` on a grid of `grid` blocks of `threads` threads, one block at a time.
 inline void launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
     gridDim = grid;
@@ -85,6 +90,7 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
     b.stacks.reset(new char[STACK * threads]);
     b.waits.assign(threads, Wait::None);
     b.slots.assign(threads, 0);
+    b.fragments.assign(threads * FRAGMENT_WORDS, 0);
     b.kernel = &kernel;
     block = &b;
     for (unsigned by = 0; by < grid.y; ++by) {
@@ -164,6 +170,54 @@ inline T shuffle(T v, int source_lane) {
     // No lane writes its next value before every lane has read this one.
     yield(Wait::Warp);
     return out;
+}
+
+inline float bf16_value(unsigned bits) {
+    const unsigned u = bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, d += a·b over the warp, each
+// lane's registers as the PTX ISA lays the fragments out (`group` = lane / 4, `pair` =
+// lane % 4; a register holds two bf16, the lower column or row in its low half):
+//   a[0]: A[group][2 pair, +1]      a[1]: A[group + 8][2 pair, +1]
+//   a[2]: A[group][8 + 2 pair, +1]  a[3]: A[group + 8][8 + 2 pair, +1]
+//   b[0]: B[2 pair, +1][group]      b[1]: B[8 + 2 pair, +1][group]
+//   d[0..2]: D[group][2 pair, +1]   d[2..4]: D[group + 8][2 pair, +1]
+// Every lane deposits its registers, and each computes its own four sums once all have
+// (products of bf16 are exact in f32; the sums here run in k order, a tensor core's in
+// its own: equal to rounding).
+inline void mma_bf16_16x8x16(float* d, const unsigned* a, const unsigned* b) {
+    Block& blk = *block;
+    const unsigned t = threadIdx.x;
+    unsigned* mine = &blk.fragments[t * FRAGMENT_WORDS];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+    yield(Wait::Warp);
+    const unsigned base = t / 32 * 32, lane = t % 32, group = lane / 4, pair = lane % 4;
+    auto half = [](unsigned word, unsigned high) { return bf16_value(high ? word >> 16 : word & 0xffffu); };
+    auto a_at = [&](unsigned row, unsigned col) {
+        const unsigned reg = (row >= 8 ? 1u : 0u) + (col >= 8 ? 2u : 0u);
+        const unsigned owner = base + (row % 8) * 4 + (col % 8) / 2;
+        return half(blk.fragments[owner * FRAGMENT_WORDS + reg], col % 2);
+    };
+    auto b_at = [&](unsigned k, unsigned col) {
+        const unsigned reg = k >= 8 ? 1u : 0u;
+        const unsigned owner = base + col * 4 + (k % 8) / 2;
+        return half(blk.fragments[owner * FRAGMENT_WORDS + 4 + reg], k % 2);
+    };
+    float out[4];
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = group + (i >= 2 ? 8 : 0), col = 2 * pair + (i & 1);
+        float acc = d[i];
+        for (unsigned k = 0; k < 16; ++k) acc += a_at(row, k) * b_at(k, col);
+        out[i] = acc;
+    }
+    // No lane deposits its next registers before every lane has read these.
+    yield(Wait::Warp);
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 }  // namespace emulator

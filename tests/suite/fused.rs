@@ -773,6 +773,10 @@ mod cuda {
             "attention_softmax_bwd_f32".to_string(),
             "attention_softmax_bwd_bf16".to_string(),
             "pixel_normalise".to_string(),
+            "flash_attention_fwd_bf16".to_string(),
+            "flash_attention_delta_bf16".to_string(),
+            "flash_attention_dq_bf16".to_string(),
+            "flash_attention_dkv_bf16".to_string(),
         ];
         for dtype in ["f32", "bf16"] {
             for kernel in [
@@ -1225,6 +1229,98 @@ mod cuda {
         }
     }
 
+    /// Flash attention (`fused::attention`'s path for bf16 heads of 64 on a GPU) against
+    /// the plain ops in f64 on the CPU, with no mask, a causal mask and a padding mask, over
+    /// 77 positions (two tiles) and 197 (ViT-B/16's, four): the output and the projections'
+    /// gradient, to bf16's tolerance; the same bits on a second run (no atomics); and the
+    /// kept-probabilities path (`fused::cuda::attention`) within the same tolerance of it.
+    #[test]
+    fn the_cuda_flash_attention_equals_the_plain_ops() {
+        let dev = gpu();
+        let (n, heads) = (3, 2);
+        let width = heads * fused::plan::FLASH_HEAD;
+        for len in [77, 197] {
+            let causal: Vec<f32> = (0..len * len)
+                .map(|i| {
+                    if i % len > i / len {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let causal = Tensor::from_vec(causal, (1, len, len), &Device::Cpu).unwrap();
+            let padding: Vec<f32> = (0..n * len)
+                .map(|i| {
+                    if i % len >= len - 5 * (i / len) {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let padding = Tensor::from_vec(padding, (n, 1, len), &Device::Cpu).unwrap();
+            for (what, mask) in [
+                ("none", None),
+                ("causal", Some(&causal)),
+                ("padding", Some(&padding)),
+            ] {
+                let label = format!("flash attention over {len}, mask {what}");
+                let qkv = Tensor::randn(0f32, 1.0, (n, len, 3 * width), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let g = Tensor::randn(0f32, 1.0, (n, len, width), &Device::Cpu).unwrap();
+                let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
+                let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let gpu_mask = mask.map(on_gpu);
+                let user_mask = gpu_mask.as_ref().map(|m| match m.dims3().unwrap() {
+                    (1, q, k) => m.reshape((q, k)).unwrap(),
+                    (b, q, k) => m.reshape((b, 1, q, k)).unwrap(),
+                });
+                assert!(fused::cuda::flash_attention_applies(
+                    &on_gpu(&qkv),
+                    heads,
+                    gpu_mask.as_ref()
+                ));
+                let cpu_mask = mask.map(wide);
+                let reference = value_and_grad(
+                    &|x| fused::attention_plain(x, heads, cpu_mask.as_ref()).unwrap(),
+                    &wide(&qkv),
+                    &wide(&g),
+                );
+                let flash = || {
+                    value_and_grad(
+                        &|x| fused::attention(x, heads, user_mask.as_ref()).unwrap(),
+                        &on_gpu(&qkv),
+                        &on_gpu(&g),
+                    )
+                };
+                let (first, second) = (flash(), flash());
+                let kept = value_and_grad(
+                    &|x| fused::cuda::attention(x, heads, gpu_mask.as_ref()).unwrap(),
+                    &on_gpu(&qkv),
+                    &on_gpu(&g),
+                );
+                for (i, part) in ["output", "d qkv"].iter().enumerate() {
+                    for (way, got) in [("flash", &first), ("kept probabilities", &kept)] {
+                        if let Some((at, a, b)) =
+                            worst_violation(&got[i], &reference[i], 3e-2, 1e-5, Relative::Tensor)
+                        {
+                            panic!("{label}, {way}: {part}[{at}] is {a}, the plain ops' {b}");
+                        }
+                    }
+                    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                    assert_eq!(
+                        bits(&first[i]),
+                        bits(&second[i]),
+                        "{label}: {part} differs between two runs"
+                    );
+                }
+            }
+        }
+    }
+
     /// `f(inputs)`'s value and every input's gradient under the weights `g`, with the
     /// inputs on `device` (widened to f64 where `wide`), all returned on the CPU in f64.
     fn grads_on(
@@ -1570,11 +1666,19 @@ mod cuda {
                 };
                 mean_ms(&step)
             };
-            let in_place = time_attention(&|x| fused::attention(x, heads, None).unwrap());
+            let in_place = time_attention(&|x| fused::cuda::attention(x, heads, None).unwrap());
             let copies = time_attention(&|x| fused::attention_plain(x, heads, None).unwrap());
+            // bf16 heads of 64 take flash attention (`fused::attention`'s path there).
+            let flash = if fused::cuda::flash_attention_applies(&qkv, heads, None) {
+                let ms = time_attention(&|x| fused::attention(x, heads, None).unwrap());
+                format!(", flash {ms:.3} ms")
+            } else {
+                String::new()
+            };
             println!(
                 "attention {n}x{len}, {heads} heads of {}, {dtype:?}, forward + backward: \
-                 heads in place {in_place:.3} ms, per-head copies {copies:.3} ms",
+                 heads in place (probabilities kept) {in_place:.3} ms, per-head copies \
+                 {copies:.3} ms{flash}",
                 width / heads
             );
         }

@@ -133,10 +133,7 @@ fn run(name: &str, plan: &Plan, buffers: &BTreeMap<Buffer, Vec<u8>>) -> BTreeMap
     for l in &plan.launches {
         job.push_str(&format!(
             "launch {} {} {} {}",
-            l.kernel,
-            l.grid.0,
-            l.grid.1,
-            plan::THREADS
+            l.kernel, l.grid.0, l.grid.1, l.threads
         ));
         for a in &l.args {
             job.push_str(&match a {
@@ -890,6 +887,167 @@ fn attention_softmax_kernels_equal_the_formulas() {
             &ds_rounded,
             Values::Bf16,
             1e-5,
+        );
+    }
+}
+
+/// Flash attention forward and backward (bf16 packed projections, heads of 64) against
+/// the f64 formulas: no mask over 50 positions (one partial tile); CLIP's causal mask over
+/// 77 (two tiles); a padding mask over 70 whose third sample has every key masked (its
+/// output, log-sum-exp and gradients are 0, +∞ and 0, not NaN); no mask over 130 (three
+/// tiles). The output, each query row's log-sum-exp, and the packed gradient.
+#[test]
+fn flash_attention_kernels_equal_the_formulas() {
+    use plan::{MaskStrides, FLASH_HEAD as D};
+    for (samples, heads, len, mask) in [
+        (2, 2, 50, "none"),
+        (1, 2, 77, "causal"),
+        (3, 2, 70, "padding"),
+        (1, 1, 130, "none"),
+    ] {
+        let name = format!("flash-attention-{samples}x{heads}x{len}-{mask}");
+        let width = heads * D;
+        let scale = 1.0 / (D as f32).sqrt();
+        let (qkv_bytes, qkv) = encode(&values(samples * len * 3 * width, 21), Values::Bf16);
+        let (g_bytes, g) = encode(&values(samples * len * width, 22), Values::Bf16);
+        let (strides, mask_values): (Option<MaskStrides>, Vec<f32>) = match mask {
+            "none" => (None, Vec::new()),
+            "causal" => (
+                Some(MaskStrides {
+                    sample: 0,
+                    query: len,
+                }),
+                (0..len * len)
+                    .map(|i| {
+                        if i % len > i / len {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
+            ),
+            // Sample s keeps its first len − 20·s − 3 keys (none, for the last).
+            _ => (
+                Some(MaskStrides {
+                    sample: len,
+                    query: 0,
+                }),
+                (0..samples * len)
+                    .map(|i| {
+                        let kept = len.saturating_sub(20 * (i / len) + 3).min(len);
+                        let kept = if i / len == samples - 1 { 0 } else { kept };
+                        if i % len >= kept {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
+            ),
+        };
+        let mask_at = |sample: usize, query: usize, key: usize| match strides {
+            Some(st) => mask_values[sample * st.sample + query * st.query + key] as f64,
+            None => 0.0,
+        };
+        // The f64 reference.
+        let at = |sample: usize, pos: usize, part: usize, head: usize| {
+            (sample * len + pos) * 3 * width + part * width + head * D
+        };
+        let merged =
+            |sample: usize, pos: usize, head: usize| (sample * len + pos) * width + head * D;
+        let mut out = vec![0f64; samples * len * width];
+        let mut lse = vec![0f64; samples * heads * len];
+        let mut dqkv = vec![0f64; samples * len * 3 * width];
+        let sc = scale as f64;
+        for sample in 0..samples {
+            for head in 0..heads {
+                for query in 0..len {
+                    let q = &qkv[at(sample, query, 0, head)..][..D];
+                    let z: Vec<f64> = (0..len)
+                        .map(|key| {
+                            let k = &qkv[at(sample, key, 1, head)..][..D];
+                            sc * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>()
+                                + mask_at(sample, query, key)
+                        })
+                        .collect();
+                    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let row = (sample * heads + head) * len + query;
+                    if max == f64::NEG_INFINITY {
+                        lse[row] = f64::INFINITY;
+                        continue;
+                    }
+                    let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+                    lse[row] = max + sum.ln();
+                    let p: Vec<f64> = z.iter().map(|v| (v - max).exp() / sum).collect();
+                    let o = merged(sample, query, head);
+                    let gq = &g[o..][..D];
+                    let dp: Vec<f64> = (0..len)
+                        .map(|key| {
+                            let v = &qkv[at(sample, key, 2, head)..][..D];
+                            gq.iter().zip(v).map(|(a, b)| a * b).sum::<f64>()
+                        })
+                        .collect();
+                    let delta: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for key in 0..len {
+                        let ds = p[key] * (dp[key] - delta);
+                        for d in 0..D {
+                            let (qi, ki, vi) = (
+                                at(sample, query, 0, head),
+                                at(sample, key, 1, head),
+                                at(sample, key, 2, head),
+                            );
+                            out[o + d] += p[key] * qkv[vi + d];
+                            dqkv[qi + d] += sc * ds * qkv[ki + d];
+                            dqkv[ki + d] += sc * ds * qkv[qi + d];
+                            dqkv[vi + d] += p[key] * g[o + d];
+                        }
+                    }
+                }
+            }
+        }
+        let mut buffers = BTreeMap::from([
+            (Buffer::Input, qkv_bytes),
+            (Buffer::Output, unwritten(2 * out.len())),
+            (Buffer::Stats, unwritten(4 * lse.len())),
+        ]);
+        if strides.is_some() {
+            buffers.insert(Buffer::Mask, f32_bytes(&mask_values));
+        }
+        let fwd = run(
+            &format!("{name}-fwd"),
+            &plan::flash_attention_forward(samples, len, heads, strides, scale),
+            &buffers,
+        );
+        assert_close(
+            &format!("{name} output"),
+            &decode(&fwd[&Buffer::Output], Values::Bf16),
+            &out,
+            Values::Bf16,
+            1e-2,
+        );
+        let kernel_lse = decode(&fwd[&Buffer::Stats], Values::F32);
+        for (i, (got, want)) in kernel_lse.iter().zip(&lse).enumerate() {
+            assert!(
+                got == want || (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{name} log-sum-exp[{i}]: {got} vs reference {want}"
+            );
+        }
+        buffers.insert(Buffer::Output, fwd[&Buffer::Output].clone());
+        buffers.insert(Buffer::Stats, fwd[&Buffer::Stats].clone());
+        buffers.insert(Buffer::OutputGrad, g_bytes);
+        buffers.insert(Buffer::InputGrad, unwritten(2 * dqkv.len()));
+        let bwd = run(
+            &format!("{name}-bwd"),
+            &plan::flash_attention_backward(samples, len, heads, strides, scale),
+            &buffers,
+        );
+        assert_close(
+            &format!("{name} d qkv"),
+            &decode(&bwd[&Buffer::InputGrad], Values::Bf16),
+            &dqkv,
+            Values::Bf16,
+            2e-2,
         );
     }
 }

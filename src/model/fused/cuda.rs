@@ -24,7 +24,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use crate::error::Result;
 
 use super::head_gemms::{self, Dims, Operand, Stage};
-use super::plan::{self, Buffer, Plan, Values, SOURCE, THREADS};
+use super::plan::{self, Buffer, Plan, Values, SOURCE};
 
 /// The module name the kernels load under, once per device.
 const MODULE: &str = "mmpipe_fused";
@@ -132,7 +132,7 @@ fn blocks(n: usize) -> candle_core::Result<u32> {
     u32::try_from(n).map_err(|_| cuda_err(format!("{n} blocks")))
 }
 
-/// Runs `plan` on `device`'s stream, `THREADS` a block, its buffers at `addresses` and its
+/// Runs `plan` on `device`'s stream, each launch's threads a block, its buffers at `addresses` and its
 /// scratch buffers allocated (zeroed) here.
 ///
 /// Every caller passes addresses of live buffers on this device of the sizes the plan's
@@ -188,7 +188,7 @@ fn run(device: &CudaDevice, plan: &Plan, addresses: &[(Buffer, u64)]) -> candle_
         }
         let config = LaunchConfig {
             grid_dim: (blocks(l.grid.0)?, blocks(l.grid.1)?, 1),
-            block_dim: (THREADS as u32, 1, 1),
+            block_dim: (l.threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: as the function's contract says (every caller below keeps it).
@@ -1015,6 +1015,236 @@ impl CustomOp2 for HeadsAttentionGrad<'_> {
         head_gemms(&device, Stage::QueryGrad, dims, &inputs, (dqkv_at, dtype))?;
         head_gemms(&device, Stage::KeyGrad, dims, &inputs, (dqkv_at, dtype))?;
         // `dp` and `ds` are freed after this, in stream order.
+        Ok((dqkv, lq.shape().clone()))
+    }
+}
+
+// Flash attention.
+
+/// Whether flash attention (`flash_attention.cu`) takes these: what [`attention_applies`]
+/// takes, in bf16, in heads of `plan::FLASH_HEAD` values, starting on an even element (its
+/// kernels read bf16 pairs as 32-bit words).
+pub fn flash_attention_applies(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> bool {
+    let Ok((_, _, width3)) = qkv.dims3() else {
+        return false;
+    };
+    attention_applies(qkv, mask)
+        && qkv.dtype() == DType::BF16
+        && heads > 0
+        && width3 % (3 * heads) == 0
+        && plan::flash_attention_takes(width3 / 3 / heads)
+        && (!qkv.is_contiguous() || qkv.layout().start_offset().is_multiple_of(2))
+}
+
+/// `softmax(q kᵀ/√d + mask) v` with the heads merged, `[n, len, w]` bf16, by the flash
+/// kernels (what [`flash_attention_applies`] accepted; `fused::attention` checks the
+/// shapes): the scores and probabilities stay in registers, forward keeps one
+/// log-sum-exp a query row (`n · heads · len` floats, where [`attention`] keeps `n · heads
+/// · len²` probabilities), and backward recomputes the probabilities from it.
+pub fn flash_attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (samples, len, width3) = qkv.dims3()?;
+    let (mask, strides) = match mask {
+        Some(m) => (
+            Some(m.to_dtype(DType::F32)?.contiguous()?),
+            Some(mask_strides(m, len)?),
+        ),
+        None => (None, None),
+    };
+    let op = FlashAttention {
+        samples,
+        len,
+        heads,
+        width: width3 / 3,
+        scale: (1.0 / (plan::FLASH_HEAD as f64).sqrt()) as f32,
+        strides,
+        mask,
+        lse: Mutex::new(None),
+    };
+    Ok(qkv.contiguous()?.apply_op1(op)?)
+}
+
+struct FlashAttention {
+    samples: usize,
+    len: usize,
+    heads: usize,
+    width: usize,
+    scale: f32,
+    strides: Option<plan::MaskStrides>,
+    /// f32, contiguous, on the GPU.
+    mask: Option<Tensor>,
+    /// Each query row's log-sum-exp `[n, heads, len]` from forward, for backward.
+    lse: Mutex<Option<CudaSlice<f32>>>,
+}
+
+impl FlashAttention {
+    fn check(&self, what: &str, layout: &Layout, elements: usize) -> candle_core::Result<()> {
+        if layout.shape().elem_count() != elements {
+            return Err(cuda_err(format!(
+                "flash attention's {what} of shape {:?} for {} samples of {} positions, {} heads",
+                layout.shape().dims(),
+                self.samples,
+                self.len,
+                self.heads
+            )));
+        }
+        Ok(())
+    }
+
+    fn packed(&self) -> usize {
+        self.samples * self.len * 3 * self.width
+    }
+
+    fn merged(&self) -> usize {
+        self.samples * self.len * self.width
+    }
+
+    /// The packed projections' address, which the kernels read in 32-bit words.
+    fn packed_address(
+        &self,
+        qkv: &CudaStorage,
+        layout: &Layout,
+        stream: &CudaStream,
+    ) -> candle_core::Result<u64> {
+        let at = storage_address(qkv, layout, stream)?;
+        if at % 4 != 0 {
+            return Err(cuda_err(format!(
+                "flash attention's packed projections at an odd element ({})",
+                layout.start_offset()
+            )));
+        }
+        Ok(at)
+    }
+
+    fn with_mask(
+        &self,
+        mut addresses: Vec<(Buffer, u64)>,
+        stream: &CudaStream,
+    ) -> candle_core::Result<Vec<(Buffer, u64)>> {
+        if let Some(m) = &self.mask {
+            addresses.push((Buffer::Mask, tensor_address(m, stream)?));
+        }
+        Ok(addresses)
+    }
+}
+
+impl CustomOp1 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "cuda-flash-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("CUDA flash attention called on CPU tensors"))
+    }
+
+    fn cuda_fwd(&self, qkv: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.check("input", l, self.packed())?;
+        if qkv.dtype() != DType::BF16 {
+            return Err(cuda_err(format!(
+                "flash attention on {:?} projections",
+                qkv.dtype()
+            )));
+        }
+        let device = qkv.device().clone();
+        let stream = device.cuda_stream();
+        let (out, out_at) = output(&device, DType::BF16, self.merged())?;
+        // SAFETY: the kernel writes every row's statistic before anything reads it.
+        let lse = unsafe { device.alloc::<f32>(self.samples * self.heads * self.len)? };
+        let addresses = self.with_mask(
+            vec![
+                (Buffer::Input, self.packed_address(qkv, l, &stream)?),
+                (Buffer::Output, out_at),
+                (Buffer::Stats, slice_address(&lse, &stream)),
+            ],
+            &stream,
+        )?;
+        let plan = plan::flash_attention_forward(
+            self.samples,
+            self.len,
+            self.heads,
+            self.strides,
+            self.scale,
+        );
+        run(&device, &plan, &addresses)?;
+        *self.lse.lock().expect("flash attention statistics") = Some(lse);
+        Ok((out, Shape::from((self.samples, self.len, self.width))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_dtype(DType::BF16)?.contiguous()?;
+        // The gradient as an op of its own: its output needs no zero fill first.
+        Ok(Some(qkv.contiguous()?.apply_op3_no_bwd(
+            &out.contiguous()?,
+            &g,
+            &FlashAttentionGrad { op: self },
+        )?))
+    }
+}
+
+/// Flash attention's backward: the packed projections' gradient `[n, len, 3·w]` (bf16)
+/// from them, forward's output and statistics, and the output's gradient.
+struct FlashAttentionGrad<'a> {
+    op: &'a FlashAttention,
+}
+
+impl CustomOp3 for FlashAttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "cuda-flash-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err(
+            "the CUDA flash attention gradient called on CPU tensors",
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        qkv: &CudaStorage,
+        lq: &Layout,
+        out: &CudaStorage,
+        lo: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let op = self.op;
+        op.check("input", lq, op.packed())?;
+        op.check("output", lo, op.merged())?;
+        op.check("output gradient", lg, op.merged())?;
+        let lse = op.lse.lock().expect("flash attention statistics");
+        let lse = lse
+            .as_ref()
+            .ok_or_else(|| cuda_err("flash attention backward before forward"))?;
+        let device = qkv.device().clone();
+        let stream = device.cuda_stream();
+        // The dq kernel writes every position's query part, the dk/dv kernel its key and
+        // value parts: every element.
+        let (dqkv, dqkv_at) = output(&device, DType::BF16, op.packed())?;
+        let addresses = op.with_mask(
+            vec![
+                (Buffer::Input, op.packed_address(qkv, lq, &stream)?),
+                (Buffer::Output, storage_address(out, lo, &stream)?),
+                (Buffer::OutputGrad, storage_address(g, lg, &stream)?),
+                (Buffer::Stats, slice_address(lse, &stream)),
+                (Buffer::InputGrad, dqkv_at),
+            ],
+            &stream,
+        )?;
+        let plan =
+            plan::flash_attention_backward(op.samples, op.len, op.heads, op.strides, op.scale);
+        run(&device, &plan, &addresses)?;
         Ok((dqkv, lq.shape().clone()))
     }
 }

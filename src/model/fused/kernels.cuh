@@ -105,3 +105,32 @@ __device__ void column_sums(
     }
     store((T*)out_at, j, sum);
 }
+
+// d += a·b on the warp's tensor cores (sm_80 and later): A 16×16 and B 16×8 in bf16, D
+// 16×8 in f32, every lane of the warp calling with its own registers, laid out as the PTX
+// ISA lays out m16n8k16 (`group` = lane / 4, `pair` = lane % 4; a register holds two
+// bf16, the lower index in its low half):
+//   a[0]: A[group][2 pair, +1]      a[1]: A[group + 8][2 pair, +1]
+//   a[2]: A[group][8 + 2 pair, +1]  a[3]: A[group + 8][8 + 2 pair, +1]
+//   b[0]: B[2 pair, +1][group]      b[1]: B[8 + 2 pair, +1][group]
+//   d[0], d[1]: D[group][2 pair, +1]    d[2], d[3]: D[group + 8][2 pair, +1]
+// So an accumulator's two 16×8 tiles side by side are, rounded to bf16 pairwise, the A
+// registers of the next product over those 16 columns (flash attention's P·V).
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void mma_bf16_16x8x16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#else
+__device__ __forceinline__ void mma_bf16_16x8x16(float* d, const unsigned* a, const unsigned* b) {
+    emulator::mma_bf16_16x8x16(d, a, b);
+}
+#endif
+
+// Two values rounded to bf16 in one register, `lo` in the low half.
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    return (unsigned)bf16_bits(lo) | ((unsigned)bf16_bits(hi) << 16);
+}

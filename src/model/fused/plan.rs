@@ -14,11 +14,17 @@ pub const SOURCE: &str = concat!(
     include_str!("embedding.cu"),
     include_str!("bias.cu"),
     include_str!("accumulate.cu"),
-    include_str!("pixels.cu")
+    include_str!("pixels.cu"),
+    include_str!("flash_attention.cu")
 );
 
-/// Threads a block: the source's `THREADS`.
+/// Threads a block: the source's `THREADS` (every kernel's but flash attention's).
 pub const THREADS: usize = 256;
+/// Flash attention's threads a block (`FLASH_THREADS`: four warps), the queries or keys a
+/// block owns (`FLASH_TILE`), and the one head width it takes (`FLASH_D`).
+pub const FLASH_THREADS: usize = 128;
+pub const FLASH_TILE: usize = 64;
+pub const FLASH_HEAD: usize = 64;
 /// The most row chunks a weight or bias gradient reduces over (each a partial sum per
 /// column, added in chunk order).
 pub const MAX_CHUNKS: usize = 256;
@@ -81,11 +87,12 @@ pub enum Arg {
     F32(f32),
 }
 
-/// One launch: `THREADS` threads a block on a `grid` of blocks.
+/// One launch: `threads` a block on a `grid` of blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
     pub kernel: String,
     pub grid: (usize, usize),
+    pub threads: usize,
     pub args: Vec<Arg>,
 }
 
@@ -117,7 +124,12 @@ fn columns(width: usize) -> usize {
 }
 
 fn launch(kernel: String, grid: (usize, usize), args: Vec<Arg>) -> Launch {
-    Launch { kernel, grid, args }
+    Launch {
+        kernel,
+        grid,
+        threads: THREADS,
+        args,
+    }
 }
 
 /// The plan of one launch; of none when there are no elements to work on.
@@ -521,6 +533,121 @@ pub fn pixel_normalise(images: usize, plane: usize, scale: [f32; 3], shift: [f32
     let mut args = vec![Address(Input), Address(Output), long(plane), long(n)];
     args.extend(scale.iter().chain(&shift).map(|&v| Arg::F32(v)));
     single(n, "pixel_normalise".into(), (n.div_ceil(THREADS), 1), args)
+}
+
+/// Whether flash attention takes heads of `head` values (its one width).
+pub fn flash_attention_takes(head: usize) -> bool {
+    head == FLASH_HEAD
+}
+
+/// The arguments every flash-attention kernel ends with: the sizes, the mask's strides,
+/// the scale.
+fn flash_tail(len: usize, heads: usize, mask: Option<MaskStrides>, scale: f32) -> Vec<Arg> {
+    let strides = mask.unwrap_or(MaskStrides {
+        sample: 0,
+        query: 0,
+    });
+    vec![
+        int(len),
+        int(heads),
+        long(strides.sample),
+        int(strides.query),
+        Arg::F32(scale),
+    ]
+}
+
+fn flash_mask(mask: Option<MaskStrides>) -> Arg {
+    match mask {
+        Some(_) => Address(Mask),
+        None => Arg::Null,
+    }
+}
+
+/// A block per (sample, head, tile of `FLASH_TILE` rows).
+fn flash_grid(samples: usize, len: usize, heads: usize) -> (usize, usize) {
+    (samples * heads * len.div_ceil(FLASH_TILE), 1)
+}
+
+/// Flash attention forward over `samples` sequences of `len`, `heads` heads of
+/// `FLASH_HEAD`: `Input` (bf16 packed projections `[samples, len, 3 · heads · FLASH_HEAD]`)
+/// and `Mask` (f32, broadcast as `mask` says) → `Output` (bf16 `[samples, len, heads ·
+/// FLASH_HEAD]`) and `Stats` (f32 `[samples, heads, len]`: each query row's log-sum-exp).
+pub fn flash_attention_forward(
+    samples: usize,
+    len: usize,
+    heads: usize,
+    mask: Option<MaskStrides>,
+    scale: f32,
+) -> Plan {
+    let mut args = vec![
+        Address(Input),
+        flash_mask(mask),
+        Address(Output),
+        Address(Stats),
+    ];
+    args.extend(flash_tail(len, heads, mask, scale));
+    let mut plan = single(
+        samples * len * heads,
+        "flash_attention_fwd_bf16".into(),
+        flash_grid(samples, len, heads),
+        args,
+    );
+    for l in &mut plan.launches {
+        l.threads = FLASH_THREADS;
+    }
+    plan
+}
+
+/// Its backward: `Input` (the packed projections), `Output` (forward's), `OutputGrad`
+/// (bf16, as `Output`), `Stats` (forward's), `Mask` → `InputGrad` (bf16, as `Input`, every
+/// element written). `Partial` (f32 scratch, a float a query row) holds rowsum(dO ∘ O).
+pub fn flash_attention_backward(
+    samples: usize,
+    len: usize,
+    heads: usize,
+    mask: Option<MaskStrides>,
+    scale: f32,
+) -> Plan {
+    let rows = samples * heads * len;
+    if rows == 0 {
+        return Plan::default();
+    }
+    let grad = |kernel: &str| {
+        let mut args = vec![
+            Address(Input),
+            flash_mask(mask),
+            Address(OutputGrad),
+            Address(Stats),
+            Address(Partial),
+            Address(InputGrad),
+        ];
+        args.extend(flash_tail(len, heads, mask, scale));
+        Launch {
+            kernel: kernel.into(),
+            grid: flash_grid(samples, len, heads),
+            threads: FLASH_THREADS,
+            args,
+        }
+    };
+    Plan {
+        scratch: vec![(Partial, rows)],
+        launches: vec![
+            launch(
+                "flash_attention_delta_bf16".into(),
+                (rows.div_ceil(THREADS / 32), 1),
+                vec![
+                    Address(Output),
+                    Address(OutputGrad),
+                    Address(Partial),
+                    long(rows),
+                    int(len),
+                    int(heads),
+                ],
+            ),
+            grad("flash_attention_dq_bf16"),
+            grad("flash_attention_dkv_bf16"),
+        ],
+    }
 }
 
 #[cfg(test)]

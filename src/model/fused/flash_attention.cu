@@ -1,0 +1,519 @@
+// Flash attention on bf16 packed projections, heads of 64 values (FlashAttention-2's
+// schedule): the scores and probabilities never leave the registers, forward keeps one
+// log-sum-exp per query row for backward, and backward computes them again from it. Where
+// the kept-probabilities path (softmax.cu with head_gemms.rs' GEMMs) keeps
+// `n · heads · len²` probabilities a layer, this keeps `n · heads · len` floats.
+//
+// The packed projections are `[n, len, 3 · width]` (queries, keys, values, each `heads`
+// blocks of FLASH_D), the output and its gradient `[n, len, width]`, the per-row
+// statistics (log-sum-exp, and backward's rowsum(dO ∘ O)) `[n, heads, len]` f32. The
+// mask, when there is one, as softmax.cu's: `len` f32 keys a row at
+// mask + sample · mask_sample_stride + query · mask_query_stride.
+//
+// A block of FLASH_THREADS (4 warps) owns FLASH_TILE queries (forward, dq) or keys (dk,
+// dv) of one (sample, head); each warp 16 of them, as the A operand of m16n8k16 tensor-core
+// products (kernels.cuh) held in registers for the whole loop. The other side streams
+// through shared memory FLASH_TILE rows at a time, in both layouts the products need. No
+// atomics: dq and (dk, dv) are separate kernels, each sum in a fixed order, so a run's
+// bits repeat.
+
+#define FLASH_D 64
+#define FLASH_TILE 64
+#define FLASH_THREADS 128
+// A shared row's bf16s: 64, and 8 more so that a warp's fragment loads (rows 36 words
+// apart) fall on 32 different banks.
+#define FLASH_PAD 72
+#define POS_INFINITY __uint_as_float(0x7f800000u)
+
+// Rows `first`.. of one head (`src` at its first value, rows `row_stride` apart; rows from
+// `len` on read as zero) into shared memory: `rows[r][d]` and/or `cols[d][r]` (either may
+// be null), FLASH_PAD a row.
+__device__ void flash_load_tile(
+    unsigned short* rows,
+    unsigned short* cols,
+    const unsigned short* src,
+    long long row_stride,
+    int first,
+    int len)
+{
+    for (int i = threadIdx.x; i < FLASH_TILE * (FLASH_D / 2); i += FLASH_THREADS) {
+        const int r = i / (FLASH_D / 2);
+        const int w = i % (FLASH_D / 2);
+        const int pos = first + r;
+        unsigned word = 0;
+        if (pos < len) {
+            word = *(const unsigned*)(src + (long long)pos * row_stride + 2 * w);
+        }
+        if (rows) {
+            *(unsigned*)(rows + r * FLASH_PAD + 2 * w) = word;
+        }
+        if (cols) {
+            cols[(2 * w) * FLASH_PAD + r] = (unsigned short)(word & 0xffffu);
+            cols[(2 * w + 1) * FLASH_PAD + r] = (unsigned short)(word >> 16);
+        }
+    }
+}
+
+// The A registers of 16 rows from `row0` (rows from `len` on zero) of one head in global
+// memory, for each of the four k-steps over its 64 values.
+__device__ void flash_a(
+    unsigned a[4][4],
+    const unsigned short* src,
+    long long row_stride,
+    int row0,
+    int len,
+    int group,
+    int pair)
+{
+    for (int kk = 0; kk < 4; ++kk) {
+        for (int half = 0; half < 2; ++half) {
+            for (int hi = 0; hi < 2; ++hi) {
+                const int row = row0 + group + 8 * half;
+                const int col = kk * 16 + 8 * hi + 2 * pair;
+                a[kk][half + 2 * hi] =
+                    row < len ? *(const unsigned*)(src + (long long)row * row_stride + col) : 0u;
+            }
+        }
+    }
+}
+
+// The B registers of k-step `kk` for the 8 columns from `col0`, from a shared tile that
+// holds the reduced dimension contiguous: element (k, n) at tile[n · FLASH_PAD + k].
+__device__ __forceinline__ void flash_b(
+    unsigned* b, const unsigned short* tile, int col0, int kk, int group, int pair)
+{
+    const unsigned short* at = tile + (col0 + group) * FLASH_PAD + kk * 16 + 2 * pair;
+    b[0] = *(const unsigned*)at;
+    b[1] = *(const unsigned*)(at + 8);
+}
+
+// The A registers of k-step `kk` (16 columns) from an accumulator of 16 rows × 64 columns
+// (eight 16×8 tiles), rounded to bf16.
+__device__ __forceinline__ void flash_a_from(unsigned* a, const float acc[8][4], int kk) {
+    a[0] = bf16_pair(acc[2 * kk][0], acc[2 * kk][1]);
+    a[1] = bf16_pair(acc[2 * kk][2], acc[2 * kk][3]);
+    a[2] = bf16_pair(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[3] = bf16_pair(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+__device__ __forceinline__ void flash_zero(float acc[8][4]) {
+    for (int t = 0; t < 8; ++t) {
+        for (int i = 0; i < 4; ++i) {
+            acc[t][i] = 0.0f;
+        }
+    }
+}
+
+// Where a block is: which (sample, head), which tile of its rows, and its warp's lanes.
+struct FlashBlock {
+    long long sample_head;
+    long long sample;
+    int head;
+    int tile;
+    int tiles;
+    int width;
+    long long row_stride;
+    int lane;
+    int warp;
+    int group;
+    int pair;
+};
+
+__device__ FlashBlock flash_block(int len, int heads) {
+    FlashBlock f;
+    f.tiles = (len + FLASH_TILE - 1) / FLASH_TILE;
+    f.tile = (int)(blockIdx.x % (unsigned)f.tiles);
+    f.sample_head = blockIdx.x / (unsigned)f.tiles;
+    f.head = (int)(f.sample_head % heads);
+    f.sample = f.sample_head / heads;
+    f.width = heads * FLASH_D;
+    f.row_stride = 3LL * f.width;
+    f.lane = threadIdx.x & 31;
+    f.warp = threadIdx.x >> 5;
+    f.group = f.lane >> 2;
+    f.pair = f.lane & 3;
+    return f;
+}
+
+// Forward: `out` (bf16) = softmax(scale · q kᵀ + mask) v, and `lse` (f32) each query row's
+// log Σ exp(scale · q kᵀ + mask) (+∞ for a row every key of which is masked; its output
+// is zero).
+extern "C" __global__ void flash_attention_fwd_bf16(
+    unsigned long long qkv_at,
+    unsigned long long mask_at,
+    unsigned long long out_at,
+    unsigned long long lse_at,
+    int len,
+    int heads,
+    long long mask_sample_stride,
+    int mask_query_stride,
+    float scale)
+{
+    __shared__ unsigned keys_words[FLASH_TILE * FLASH_PAD / 2];
+    __shared__ unsigned values_words[FLASH_D * FLASH_PAD / 2];
+    unsigned short* keys = (unsigned short*)keys_words;        // [key][d]
+    unsigned short* values_t = (unsigned short*)values_words;  // [d][key]
+    const FlashBlock f = flash_block(len, heads);
+    const unsigned short* q =
+        (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
+    const unsigned short* k = q + f.width;
+    const unsigned short* v = q + 2 * f.width;
+    const int row0 = f.tile * FLASH_TILE + f.warp * 16;
+    const bool active = row0 < len;
+    int query[2];
+    const float* mask[2];
+    for (int h = 0; h < 2; ++h) {
+        query[h] = row0 + f.group + 8 * h;
+        mask[h] = mask_at && query[h] < len
+            ? (const float*)mask_at + f.sample * mask_sample_stride
+                + (long long)query[h] * mask_query_stride
+            : 0;
+    }
+    unsigned qa[4][4];
+    flash_a(qa, q, f.row_stride, row0, len, f.group, f.pair);
+    float o[8][4];
+    flash_zero(o);
+    float m[2] = {NEG_INFINITY, NEG_INFINITY};
+    float l[2] = {0.0f, 0.0f};
+    for (int kt = 0; kt < f.tiles; ++kt) {
+        const int key0 = kt * FLASH_TILE;
+        __syncthreads();
+        flash_load_tile(keys, 0, k, f.row_stride, key0, len);
+        flash_load_tile(0, values_t, v, f.row_stride, key0, len);
+        __syncthreads();
+        if (!active) {
+            continue;
+        }
+        float s[8][4];
+        flash_zero(s);
+        for (int kk = 0; kk < 4; ++kk) {
+            for (int nt = 0; nt < 8; ++nt) {
+                unsigned b[2];
+                flash_b(b, keys, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(s[nt], qa[kk], b);
+            }
+        }
+        float top[2] = {m[0], m[1]};
+        for (int nt = 0; nt < 8; ++nt) {
+            for (int i = 0; i < 4; ++i) {
+                const int h = i >> 1;
+                const int key = key0 + nt * 8 + 2 * f.pair + (i & 1);
+                const float x = key < len ? s[nt][i] * scale + (mask[h] ? mask[h][key] : 0.0f)
+                                          : NEG_INFINITY;
+                s[nt][i] = x;
+                top[h] = fmaxf(top[h], x);
+            }
+        }
+        float base[2];
+        for (int h = 0; h < 2; ++h) {
+            // A row's four lanes hold its 64 columns between them.
+            top[h] = fmaxf(top[h], __shfl_xor_sync(0xffffffffu, top[h], 1));
+            top[h] = fmaxf(top[h], __shfl_xor_sync(0xffffffffu, top[h], 2));
+            // Every key so far masked: exponentials from 0, all of them 0.
+            base[h] = top[h] == NEG_INFINITY ? 0.0f : top[h];
+            const float rescale = expf(m[h] - base[h]);
+            m[h] = top[h];
+            l[h] *= rescale;
+            for (int nt = 0; nt < 8; ++nt) {
+                o[nt][2 * h] *= rescale;
+                o[nt][2 * h + 1] *= rescale;
+            }
+        }
+        for (int nt = 0; nt < 8; ++nt) {
+            for (int i = 0; i < 4; ++i) {
+                const float p = expf(s[nt][i] - base[i >> 1]);
+                s[nt][i] = p;
+                l[i >> 1] += p;
+            }
+        }
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned pa[4];
+            flash_a_from(pa, s, kk);
+            for (int nt = 0; nt < 8; ++nt) {
+                unsigned b[2];
+                flash_b(b, values_t, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(o[nt], pa, b);
+            }
+        }
+    }
+    if (!active) {
+        return;
+    }
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+    for (int h = 0; h < 2; ++h) {
+        if (query[h] >= len) {
+            continue;
+        }
+        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        unsigned short* out = (unsigned short*)out_at
+            + (f.sample * len + query[h]) * f.width + f.head * FLASH_D;
+        for (int nt = 0; nt < 8; ++nt) {
+            *(unsigned*)(out + nt * 8 + 2 * f.pair) =
+                bf16_pair(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
+        }
+        if (f.pair == 0) {
+            ((float*)lse_at)[f.sample_head * len + query[h]] =
+                l[h] > 0.0f ? m[h] + logf(l[h]) : POS_INFINITY;
+        }
+    }
+}
+
+// Backward, first: each query row's rowsum(dO ∘ O) (`delta`, f32), a warp a row (THREADS a
+// block), rows in (sample, head, query) order.
+extern "C" __global__ void flash_attention_delta_bf16(
+    unsigned long long out_at,
+    unsigned long long g_at,
+    unsigned long long delta_at,
+    long long rows,
+    int len,
+    int heads)
+{
+    const long long row = (long long)blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (row >= rows) {
+        return;
+    }
+    const int lane = threadIdx.x & 31;
+    const long long query = row % len;
+    const long long sample_head = row / len;
+    const long long head = sample_head % heads;
+    const long long sample = sample_head / heads;
+    const long long at = (sample * len + query) * heads * FLASH_D + head * FLASH_D + 2 * lane;
+    const unsigned short* o = (const unsigned short*)out_at + at;
+    const unsigned short* g = (const unsigned short*)g_at + at;
+    float d = load(o, 0) * load(g, 0) + load(o, 1) * load(g, 1);
+    for (int off = 16; off > 0; off >>= 1) {
+        d += __shfl_xor_sync(0xffffffffu, d, off);
+    }
+    if (lane == 0) {
+        ((float*)delta_at)[row] = d;
+    }
+}
+
+// Backward, the queries' gradient: per query tile, over every key tile, the probabilities
+// from `lse`, dP = dO vᵀ, dS = P ∘ (dP − delta), dq = scale · dS k, written (bf16) into the
+// packed gradient's query part.
+extern "C" __global__ void flash_attention_dq_bf16(
+    unsigned long long qkv_at,
+    unsigned long long mask_at,
+    unsigned long long g_at,
+    unsigned long long lse_at,
+    unsigned long long delta_at,
+    unsigned long long dqkv_at,
+    int len,
+    int heads,
+    long long mask_sample_stride,
+    int mask_query_stride,
+    float scale)
+{
+    __shared__ unsigned keys_words[FLASH_TILE * FLASH_PAD / 2];
+    __shared__ unsigned keys_t_words[FLASH_D * FLASH_PAD / 2];
+    __shared__ unsigned values_words[FLASH_TILE * FLASH_PAD / 2];
+    unsigned short* keys = (unsigned short*)keys_words;      // [key][d]
+    unsigned short* keys_t = (unsigned short*)keys_t_words;  // [d][key]
+    unsigned short* values = (unsigned short*)values_words;  // [key][d]
+    const FlashBlock f = flash_block(len, heads);
+    const unsigned short* q =
+        (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
+    const unsigned short* k = q + f.width;
+    const unsigned short* v = q + 2 * f.width;
+    const unsigned short* g =
+        (const unsigned short*)g_at + f.sample * len * f.width + f.head * FLASH_D;
+    const int row0 = f.tile * FLASH_TILE + f.warp * 16;
+    const bool active = row0 < len;
+    int query[2];
+    const float* mask[2];
+    float lse[2], delta[2];
+    for (int h = 0; h < 2; ++h) {
+        query[h] = row0 + f.group + 8 * h;
+        const bool real = query[h] < len;
+        mask[h] = mask_at && real
+            ? (const float*)mask_at + f.sample * mask_sample_stride
+                + (long long)query[h] * mask_query_stride
+            : 0;
+        lse[h] = real ? ((const float*)lse_at)[f.sample_head * len + query[h]] : POS_INFINITY;
+        delta[h] = real ? ((const float*)delta_at)[f.sample_head * len + query[h]] : 0.0f;
+    }
+    unsigned qa[4][4], ga[4][4];
+    flash_a(qa, q, f.row_stride, row0, len, f.group, f.pair);
+    flash_a(ga, g, f.width, row0, len, f.group, f.pair);
+    float dq[8][4];
+    flash_zero(dq);
+    for (int kt = 0; kt < f.tiles; ++kt) {
+        const int key0 = kt * FLASH_TILE;
+        __syncthreads();
+        flash_load_tile(keys, keys_t, k, f.row_stride, key0, len);
+        flash_load_tile(values, 0, v, f.row_stride, key0, len);
+        __syncthreads();
+        if (!active) {
+            continue;
+        }
+        float s[8][4], dp[8][4];
+        flash_zero(s);
+        flash_zero(dp);
+        for (int kk = 0; kk < 4; ++kk) {
+            for (int nt = 0; nt < 8; ++nt) {
+                unsigned b[2];
+                flash_b(b, keys, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(s[nt], qa[kk], b);
+                flash_b(b, values, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(dp[nt], ga[kk], b);
+            }
+        }
+        for (int nt = 0; nt < 8; ++nt) {
+            for (int i = 0; i < 4; ++i) {
+                const int h = i >> 1;
+                const int key = key0 + nt * 8 + 2 * f.pair + (i & 1);
+                const float p = key < len
+                    ? expf(s[nt][i] * scale + (mask[h] ? mask[h][key] : 0.0f) - lse[h])
+                    : 0.0f;
+                s[nt][i] = p * (dp[nt][i] - delta[h]);
+            }
+        }
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned da[4];
+            flash_a_from(da, s, kk);
+            for (int nt = 0; nt < 8; ++nt) {
+                unsigned b[2];
+                flash_b(b, keys_t, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(dq[nt], da, b);
+            }
+        }
+    }
+    if (!active) {
+        return;
+    }
+    for (int h = 0; h < 2; ++h) {
+        if (query[h] >= len) {
+            continue;
+        }
+        unsigned short* out = (unsigned short*)dqkv_at
+            + (f.sample * len + query[h]) * f.row_stride + f.head * FLASH_D;
+        for (int nt = 0; nt < 8; ++nt) {
+            *(unsigned*)(out + nt * 8 + 2 * f.pair) =
+                bf16_pair(dq[nt][2 * h] * scale, dq[nt][2 * h + 1] * scale);
+        }
+    }
+}
+
+// Backward, the keys' and values' gradients: per key tile (a warp's 16 keys as the A
+// operand), over every query tile, Pᵀ from `lse`, dv += Pᵀ dO, dPᵀ = v dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ −
+// delta), dk += scale · dSᵀ q, written (bf16) into the packed gradient's key and value
+// parts.
+extern "C" __global__ void flash_attention_dkv_bf16(
+    unsigned long long qkv_at,
+    unsigned long long mask_at,
+    unsigned long long g_at,
+    unsigned long long lse_at,
+    unsigned long long delta_at,
+    unsigned long long dqkv_at,
+    int len,
+    int heads,
+    long long mask_sample_stride,
+    int mask_query_stride,
+    float scale)
+{
+    __shared__ unsigned queries_words[FLASH_TILE * FLASH_PAD / 2];
+    __shared__ unsigned queries_t_words[FLASH_D * FLASH_PAD / 2];
+    __shared__ unsigned grads_words[FLASH_TILE * FLASH_PAD / 2];
+    __shared__ unsigned grads_t_words[FLASH_D * FLASH_PAD / 2];
+    __shared__ float lse_s[FLASH_TILE];
+    __shared__ float delta_s[FLASH_TILE];
+    unsigned short* queries = (unsigned short*)queries_words;      // [query][d]
+    unsigned short* queries_t = (unsigned short*)queries_t_words;  // [d][query]
+    unsigned short* grads = (unsigned short*)grads_words;          // [query][d]
+    unsigned short* grads_t = (unsigned short*)grads_t_words;      // [d][query]
+    const FlashBlock f = flash_block(len, heads);
+    const unsigned short* q =
+        (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
+    const unsigned short* k = q + f.width;
+    const unsigned short* v = q + 2 * f.width;
+    const unsigned short* g =
+        (const unsigned short*)g_at + f.sample * len * f.width + f.head * FLASH_D;
+    const float* mask = mask_at ? (const float*)mask_at + f.sample * mask_sample_stride : 0;
+    const float* lse = (const float*)lse_at + f.sample_head * len;
+    const float* delta = (const float*)delta_at + f.sample_head * len;
+    const int row0 = f.tile * FLASH_TILE + f.warp * 16;
+    const bool active = row0 < len;
+    int key[2];
+    for (int h = 0; h < 2; ++h) {
+        key[h] = row0 + f.group + 8 * h;
+    }
+    unsigned ka[4][4], va[4][4];
+    flash_a(ka, k, f.row_stride, row0, len, f.group, f.pair);
+    flash_a(va, v, f.row_stride, row0, len, f.group, f.pair);
+    float dk[8][4], dv[8][4];
+    flash_zero(dk);
+    flash_zero(dv);
+    for (int qt = 0; qt < f.tiles; ++qt) {
+        const int q0 = qt * FLASH_TILE;
+        __syncthreads();
+        flash_load_tile(queries, queries_t, q, f.row_stride, q0, len);
+        flash_load_tile(grads, grads_t, g, f.width, q0, len);
+        for (int i = threadIdx.x; i < FLASH_TILE; i += FLASH_THREADS) {
+            const bool real = q0 + i < len;
+            lse_s[i] = real ? lse[q0 + i] : POS_INFINITY;
+            delta_s[i] = real ? delta[q0 + i] : 0.0f;
+        }
+        __syncthreads();
+        if (!active) {
+            continue;
+        }
+        float p[8][4], ds[8][4];
+        flash_zero(p);
+        flash_zero(ds);
+        for (int kk = 0; kk < 4; ++kk) {
+            for (int nt = 0; nt < 8; ++nt) {
+                unsigned b[2];
+                flash_b(b, queries, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(p[nt], ka[kk], b);
+                flash_b(b, grads, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(ds[nt], va[kk], b);
+            }
+        }
+        for (int nt = 0; nt < 8; ++nt) {
+            for (int i = 0; i < 4; ++i) {
+                const int at = key[i >> 1];
+                const int qi = nt * 8 + 2 * f.pair + (i & 1);
+                const int pos = q0 + qi;
+                const float pt = at < len && pos < len
+                    ? expf(p[nt][i] * scale
+                          + (mask ? mask[(long long)pos * mask_query_stride + at] : 0.0f)
+                          - lse_s[qi])
+                    : 0.0f;
+                p[nt][i] = pt;
+                ds[nt][i] = pt * (ds[nt][i] - delta_s[qi]);
+            }
+        }
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned pa[4], da[4];
+            flash_a_from(pa, p, kk);
+            flash_a_from(da, ds, kk);
+            for (int nt = 0; nt < 8; ++nt) {
+                unsigned b[2];
+                flash_b(b, grads_t, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(dv[nt], pa, b);
+                flash_b(b, queries_t, nt * 8, kk, f.group, f.pair);
+                mma_bf16_16x8x16(dk[nt], da, b);
+            }
+        }
+    }
+    if (!active) {
+        return;
+    }
+    for (int h = 0; h < 2; ++h) {
+        if (key[h] >= len) {
+            continue;
+        }
+        unsigned short* out = (unsigned short*)dqkv_at
+            + (f.sample * len + key[h]) * f.row_stride + f.head * FLASH_D;
+        for (int nt = 0; nt < 8; ++nt) {
+            *(unsigned*)(out + f.width + nt * 8 + 2 * f.pair) =
+                bf16_pair(dk[nt][2 * h] * scale, dk[nt][2 * h + 1] * scale);
+            *(unsigned*)(out + 2 * f.width + nt * 8 + 2 * f.pair) =
+                bf16_pair(dv[nt][2 * h], dv[nt][2 * h + 1]);
+        }
+    }
+}
