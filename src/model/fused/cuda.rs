@@ -1,7 +1,8 @@
 //! The fused ops' CUDA kernels, with their own backward: layer norm (`layer_norm.cu`),
 //! exact and quick GELU with an optional bias (`gelu.cu`) and softmax (`softmax.cu`), over
-//! what they share (`kernels.cuh`), launched as `plan.rs` lays out; and attention, its
-//! GEMMs through cuBLAS on the heads in place as `head_gemms.rs` lays out.
+//! what they share (`kernels.cuh`), launched as `plan.rs` lays out; flash attention for
+//! bf16 heads of 64 (`flash_attention.cu`); and otherwise attention's GEMMs through cuBLAS
+//! on the heads in place as `head_gemms.rs` lays out.
 //! One pass over memory forward and one or two backward, where candle's composition of
 //! small ops launches a kernel and makes a pass per op (GELU through `erf` was eight, and
 //! two casts under bf16).
