@@ -9,7 +9,9 @@
 # env: BATCH (256), PRECISION (bf16 or fp32: OpenCLIP's amp_bf16, or fp32 with TF32 on
 #      both sides), STEPS (20 timed), WARMUP (3), ANCHOR (OpenCLIP's GPU anchor folder,
 #      default .gpu-anchor: `cp -r ../shared/anchors/gpu/. .gpu-anchor/`), LOG_DIR
-#      (default gpu-bench-logs: every output, and summary.json).
+#      (default gpu-bench-logs: every output, and summary.json), FLASH_ABLATION (models
+#      whose bf16 step is timed again with --no-flash-attention, default ViT-B-16; empty:
+#      none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/gpu-env.sh
@@ -70,5 +72,32 @@ print(f"SIDE-BY-SIDE {model} {precision} batch {a['batch']}: mmpipe {a['samples_
       f"({row['mmpipe_tflops']:.1f} TFLOP/s, MFU {100 * row['mmpipe_mfu']:.1f}%), OpenCLIP {b['samples_per_s']:.1f} "
       f"({b['tflops']:.1f} TFLOP/s): ratio {ratio:.2f}; mmpipe's optimizer {100 * row['mmpipe_optimizer_share']:.1f}% of its step")
 PY
+  # The step with attention keeping its probabilities (no flash kernels), where asked:
+  # what flash attention buys the whole step, in time and in memory.
+  if [ "$precision" = bf16 ] && [[ " ${FLASH_ABLATION-ViT-B-16} " == *" $m "* ]]; then
+    kept="$logs/mmpipe-$m-$precision-kept-probabilities.out"
+    "$bundle/mmpipe" bench --topology topology/gpu-1x1.toml --model "$config" --batch "$batch" \
+      --precision "$precision" --no-flash-attention --steps "${STEPS:-20}" --warmup "${WARMUP:-3}" >"$kept" 2>&1 \
+      || { echo "FAIL mmpipe $m --no-flash-attention: $(tail -3 "$kept" | tr '\n' ' ')"; failed=1; continue; }
+    python3 - "$m" "$ours" "$kept" "$logs/summary.json" <<'PY'
+import json, sys
+model, flash_path, kept_path, summary = sys.argv[1:]
+def result(path):
+    lines = [l for l in open(path) if l.startswith("RESULT_JSON ")]
+    return json.loads(lines[-1][len("RESULT_JSON "):])
+flash, kept = result(flash_path), result(kept_path)
+row = {
+    "model": model, "ablation": "flash_attention",
+    "flash_samples_per_s": flash["samples_per_second"], "kept_samples_per_s": kept["samples_per_second"],
+    "flash_gpu_tensor_peak_mib": flash.get("gpu_tensor_peak_mib"),
+    "kept_gpu_tensor_peak_mib": kept.get("gpu_tensor_peak_mib"),
+}
+with open(summary, "a") as f:
+    f.write(json.dumps(row) + "\n")
+print(f"ABLATION {model} bf16: flash attention {row['flash_samples_per_s']:.1f} samples/s, "
+      f"peak {row['flash_gpu_tensor_peak_mib']} MiB; probabilities kept {row['kept_samples_per_s']:.1f} samples/s, "
+      f"peak {row['kept_gpu_tensor_peak_mib']} MiB")
+PY
+  fi
 done
 exit $failed

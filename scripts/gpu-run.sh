@@ -37,7 +37,7 @@ if [ -f "$bundle" ]; then
   bundle="$unpacked"
 fi
 stage checks 170 env LOG_DIR="$logs/check" bash scripts/gpu-check.sh "$bundle"
-stage "side by side, bf16" 200 env LOG_DIR="$logs/bench" PRECISION=bf16 bash scripts/gpu-bench.sh "$bundle" ViT-B-32 ViT-B-16
+stage "side by side, bf16" 240 env LOG_DIR="$logs/bench" PRECISION=bf16 bash scripts/gpu-bench.sh "$bundle" ViT-B-32 ViT-B-16
 # Today's baseline for the speed-up: full f32, as mmpipe ran before this work.
 stage "mmpipe ViT-B/32 full f32" 50 bash -c "source scripts/gpu-env.sh '$bundle' && \
   \"\$bundle/mmpipe\" bench --topology topology/gpu-1x1.toml --model configs/ViT-B-32.toml \

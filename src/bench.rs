@@ -29,6 +29,9 @@ pub struct BenchOptions {
     /// As `train.grad_overlap` and `train.grad_bucket_mb`.
     pub grad_overlap: bool,
     pub grad_bucket_mb: f64,
+    /// As `train.feature_overlap` and `train.flash_attention`.
+    pub feature_overlap: bool,
+    pub flash_attention: bool,
 }
 
 impl BenchOptions {
@@ -40,6 +43,8 @@ impl BenchOptions {
             tf32: self.tf32,
             grad_overlap: self.grad_overlap,
             grad_bucket_mb: self.grad_bucket_mb,
+            feature_overlap: self.feature_overlap,
+            flash_attention: self.flash_attention,
             ..anchor_train_config(self.batch, steps)
         }
     }
@@ -233,4 +238,35 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
             Precision::Bf16 => "bf16".into(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every setting `mmpipe bench` takes reaches the runs it times (`--no-feature-overlap`
+    /// once stopped at the bench's options).
+    #[test]
+    fn the_bench_trains_with_its_settings() {
+        let opts = BenchOptions {
+            model: ClipConfig::default_tiny(),
+            topology: Topology::from_file(std::path::Path::new("topology/cpu-dp2.toml")).unwrap(),
+            batch: 8,
+            steps: 2,
+            warmup: 1,
+            precision: Some(Precision::Bf16),
+            grad_reduce: GradReduce::Bf16,
+            tf32: false,
+            grad_overlap: false,
+            grad_bucket_mb: 3.0,
+            feature_overlap: false,
+            flash_attention: false,
+        };
+        let cfg = opts.train_config(5);
+        assert_eq!(cfg.steps, 5);
+        assert_eq!(cfg.precision, Some(Precision::Bf16));
+        assert_eq!(cfg.grad_all_reduce, GradReduce::Bf16);
+        assert!(!cfg.tf32 && !cfg.grad_overlap && !cfg.feature_overlap && !cfg.flash_attention);
+        assert_eq!(cfg.grad_bucket_mb, 3.0);
+    }
 }

@@ -185,6 +185,11 @@ pub struct PlanArgs {
     /// hidden behind the text forward of a device that holds both towers.
     #[arg(long)]
     pub no_feature_overlap: bool,
+    /// Cost attention as keeping its probabilities for backward on GPUs under bf16, as
+    /// `train.flash_attention = false` trains (heads of 64 otherwise take flash attention,
+    /// which keeps none).
+    #[arg(long)]
+    pub no_flash_attention: bool,
     /// Megabytes per overlapped gradient all-reduce bucket, as `train.grad_bucket_mb`:
     /// the last one is exposed after backward.
     #[arg(long, value_name = "MB", default_value_t = 25.0)]
@@ -310,6 +315,10 @@ pub struct PrecisionArgs {
     /// features during a rank's text forward (feature_overlap = false).
     #[arg(long)]
     pub no_feature_overlap: bool,
+    /// Attention on GPUs keeps its probabilities for backward, not flash attention's
+    /// recomputation (flash_attention = false; bf16 heads of 64 only take flash).
+    #[arg(long)]
+    pub no_flash_attention: bool,
 }
 
 impl PrecisionArgs {
@@ -323,6 +332,7 @@ impl PrecisionArgs {
         cfg.tf32 &= !self.no_tf32;
         cfg.grad_overlap &= !self.no_grad_overlap;
         cfg.feature_overlap &= !self.no_feature_overlap;
+        cfg.flash_attention &= !self.no_flash_attention;
         if let Some(mb) = self.grad_bucket_mb {
             cfg.grad_bucket_mb = mb;
         }

@@ -95,6 +95,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             tf32: precision.tf32,
             grad_overlap: precision.grad_overlap,
             grad_bucket_mb: precision.grad_bucket_mb,
+            feature_overlap: precision.feature_overlap,
+            flash_attention: precision.flash_attention,
         },
         threads,
         peak,

@@ -72,6 +72,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         checkpointing: args.checkpointing,
         overlap: (!args.no_overlap).then_some(args.grad_bucket_mb * 1e6),
         feature_overlap: !args.no_feature_overlap,
+        flash_attention: !args.no_flash_attention,
         calibration,
     };
     let (text, json, chosen) = if args.auto || topology.auto_groups {

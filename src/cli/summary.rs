@@ -18,9 +18,15 @@ pub fn precision(cfg: &TrainConfig, topology: &Topology) -> String {
         (DeviceKind::Cuda, true) => ", TF32 for f32 matmuls",
         _ => "",
     };
+    // Where bf16 attention in heads of 64 goes (the only place the choice exists).
+    let attention = match (topology.device, cfg.flash_attention) {
+        (DeviceKind::Cuda, true) => ", flash attention",
+        (DeviceKind::Cuda, false) => ", attention keeps its probabilities",
+        _ => "",
+    };
     match cfg.precision_on(topology.device) {
         Precision::Bf16 => {
-            format!("bf16 (f32 master weights, gradients summed in {reduce}{tf32})")
+            format!("bf16 (f32 master weights, gradients summed in {reduce}{tf32}{attention})")
         }
         Precision::Fp32 => format!("fp32 (gradients summed in {reduce}{tf32})"),
     }
@@ -42,6 +48,13 @@ pub fn precision_notes(cfg: &TrainConfig, topology: &Topology) {
     if !cfg.tf32 {
         eprintln!(
             "note: tf32 = false changes nothing on {}: CPUs have no TF32 (it applies to cuda topologies)",
+            topology.source.display()
+        );
+    }
+    if !cfg.flash_attention {
+        eprintln!(
+            "note: flash_attention = false changes nothing on {}: flash attention is a GPU kernel \
+             (bf16 heads of 64 on cuda topologies); CPU attention keeps its probabilities",
             topology.source.display()
         );
     }

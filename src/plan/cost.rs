@@ -202,6 +202,9 @@ struct TowerNumbers {
     grad_all_reduce_elems: f64,
     forward_flops: f64,
     activation_elems: f64,
+    /// The same without attention's probabilities, where flash attention takes the
+    /// tower's heads (bf16 on GPUs); None where it never does.
+    flash_activation_elems: Option<f64>,
 }
 
 /// `global_batch`: the samples the tower's group looks up in a step.
@@ -220,7 +223,11 @@ fn tower_numbers(
         // What mmpipe's step runs (a last block at the pooled token only), not the model's
         // nominal count.
         forward_flops: size.executed_forward_flops(model.embed_dim),
-        activation_elems: size.activation_elems(checkpointing),
+        activation_elems: size.activation_elems(checkpointing, true),
+        flash_activation_elems: size
+            .attention_head_width()
+            .filter(|&d| crate::model::fused::plan::flash_attention_takes(d))
+            .map(|_| size.activation_elems(checkpointing, false)),
     }
 }
 
@@ -407,8 +414,16 @@ impl CostModel<'_> {
                 }
                 None => grad_all_reduce_s,
             };
+            // Flash attention runs where mmpipe's attention takes it: bf16 on GPUs.
+            let flash = o.flash_attention
+                && o.precision == Precision::Bf16
+                && self.topology.device == crate::topology::DeviceKind::Cuda;
+            let activation_elems = match num.flash_activation_elems {
+                Some(elems) if flash => elems,
+                _ => num.activation_elems,
+            };
             let activations =
-                micro.unwrap_or(b) as f64 * num.activation_elems * o.precision.activation_bytes();
+                micro.unwrap_or(b) as f64 * activation_elems * o.precision.activation_bytes();
             let loss_bytes = o
                 .loss
                 .peak_bytes(b, o.global_batch, self.model.embed_dim, 4);

@@ -135,5 +135,8 @@ pub struct CostOptions {
     /// forward (`train.feature_overlap`): one all-gather per tower; false: one of both
     /// after the forwards.
     pub feature_overlap: bool,
+    /// bf16 attention on GPUs in heads of 64 by the flash kernels (`train.flash_attention`):
+    /// no attention probabilities among the activations kept for backward.
+    pub flash_attention: bool,
     pub calibration: Option<Calibration>,
 }

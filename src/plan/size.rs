@@ -43,7 +43,15 @@ pub trait TowerSize {
     /// layer (their 34 bytes at 2 bytes per element); with checkpointing each layer keeps
     /// only its input `s·h` and one layer is live at a time. ResNets keep three tensors
     /// (conv, norm, activation outputs) per convolution, or stage inputs when checkpointing.
-    fn activation_elems(&self, checkpointing: bool) -> f64;
+    ///
+    /// `scores_kept`: attention keeps its probabilities for backward (the `2.5·a·s²`
+    /// term); flash attention keeps one statistic a query row instead, and the term goes.
+    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64;
+    /// The values per attention head, for a transformer (whether flash attention takes
+    /// it); None for other towers.
+    fn attention_head_width(&self) -> Option<usize> {
+        None
+    }
     /// `(rows, width, tokens per sample)` of the token-embedding table, read by a row
     /// lookup only (so its gradient is zero outside the batch's tokens' rows); None for
     /// image towers.
@@ -86,8 +94,20 @@ fn pooled_layer_macs(s: f64, w: f64, hidden: f64) -> f64 {
     s * 2.0 * w * w + (2.0 * w * w + 2.0 * w * hidden) + 2.0 * s * w
 }
 
-fn transformer_activations(s: f64, w: f64, heads: f64, layers: f64, checkpointing: bool) -> f64 {
-    let full_layer = 17.0 * s * w + 2.5 * heads * s * s;
+fn transformer_activations(
+    s: f64,
+    w: f64,
+    heads: f64,
+    layers: f64,
+    checkpointing: bool,
+    scores_kept: bool,
+) -> f64 {
+    let scores = if scores_kept {
+        2.5 * heads * s * s
+    } else {
+        0.0
+    };
+    let full_layer = 17.0 * s * w + scores;
     if checkpointing {
         layers * s * w + full_layer
     } else {
@@ -166,7 +186,11 @@ impl TowerSize for VitConfig {
             - 2.0 * (layer_macs(s, w, hidden) - pooled_layer_macs(s, w, hidden))
     }
 
-    fn activation_elems(&self, checkpointing: bool) -> f64 {
+    fn attention_head_width(&self) -> Option<usize> {
+        Some(self.width / self.heads.max(1))
+    }
+
+    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64 {
         let s = (self.num_patches() + 1) as f64;
         transformer_activations(
             s,
@@ -174,6 +198,7 @@ impl TowerSize for VitConfig {
             self.heads as f64,
             self.layers as f64,
             checkpointing,
+            scores_kept,
         )
     }
 }
@@ -218,7 +243,11 @@ impl TowerSize for TextTransformerConfig {
             - 2.0 * (layer_macs(s, w, hidden) - pooled_layer_macs(s, w, hidden))
     }
 
-    fn activation_elems(&self, checkpointing: bool) -> f64 {
+    fn attention_head_width(&self) -> Option<usize> {
+        Some(self.width / self.heads.max(1))
+    }
+
+    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64 {
         let s = self.context_length as f64;
         transformer_activations(
             s,
@@ -226,6 +255,7 @@ impl TowerSize for TextTransformerConfig {
             self.heads as f64,
             self.layers as f64,
             checkpointing,
+            scores_kept,
         )
     }
 }
@@ -262,7 +292,11 @@ impl TowerSize for BertConfig {
             + h * embed_dim as f64)
     }
 
-    fn activation_elems(&self, checkpointing: bool) -> f64 {
+    fn attention_head_width(&self) -> Option<usize> {
+        Some(self.hidden_size / self.heads.max(1))
+    }
+
+    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64 {
         let s = self.context_length as f64;
         transformer_activations(
             s,
@@ -270,6 +304,7 @@ impl TowerSize for BertConfig {
             self.heads as f64,
             self.layers as f64,
             checkpointing,
+            scores_kept,
         )
     }
 }
@@ -366,7 +401,7 @@ impl TowerSize for ResNetConfig {
         2.0 * macs
     }
 
-    fn activation_elems(&self, checkpointing: bool) -> f64 {
+    fn activation_elems(&self, checkpointing: bool, _scores_kept: bool) -> f64 {
         // Per stage: three kept tensors per convolution, and the stage's input.
         let mut kept = [0.0f64; 5];
         let mut input = [0.0f64; 5];

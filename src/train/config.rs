@@ -149,6 +149,12 @@ pub struct TrainConfig {
     /// its text forward runs (one gather per tower, the image's on a worker; on GPUs on
     /// the world's own stream); false: one gather of both after both forwards.
     pub feature_overlap: bool,
+    /// bf16 attention on GPUs, in heads of 64, by the flash kernels: no probabilities kept
+    /// for backward, which recomputes them (`src/model/fused/flash_attention.cu`); false:
+    /// the probabilities kept (cuBLAS on the heads in place, the softmax kernel). Other
+    /// head widths, f32 and the CPU always take the kept-probabilities path: there it
+    /// changes nothing.
+    pub flash_attention: bool,
     pub eval: EvalConfig,
     /// Show a progress bar on world rank 0 (a CLI matter, not a file field).
     #[serde(skip)]
@@ -205,6 +211,7 @@ impl Default for TrainConfig {
             grad_overlap: true,
             grad_bucket_mb: 25.0,
             feature_overlap: true,
+            flash_attention: true,
             eval: EvalConfig::default(),
             progress: true,
             checkpointing: false,
@@ -240,6 +247,7 @@ impl TrainConfig {
             checkpointing: self.checkpointing,
             overlap: self.grad_overlap.then_some(self.grad_bucket_mb * 1e6),
             feature_overlap: self.feature_overlap,
+            flash_attention: self.flash_attention,
             calibration: None,
         }
     }

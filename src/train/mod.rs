@@ -111,6 +111,8 @@ pub fn train_ranks(
     cfg.validate_run(topology, model)?;
     // Process-wide in candle: whether CUDA's f32 matrix products may use TF32.
     candle_core::cuda::set_gemm_reduced_precision_f32(cfg.tf32);
+    // Process-wide too: whether attention on GPUs may take the flash kernels.
+    crate::model::fused::set_flash_attention(cfg.flash_attention);
     // Every data decision, and every missing file, before any rank starts.
     let process_rank = match &ranks {
         Ranks::Threads => None,

@@ -1349,6 +1349,81 @@ fn plan_hides_the_image_features_gather_behind_the_text_forward() {
     );
 }
 
+/// Under bf16 on GPUs the plan keeps no attention probabilities among the activations
+/// (flash attention, as `train` runs ViT-B/32's heads of 64 there); `--no-flash-attention`
+/// costs them back in, Korthikanti's `2.5·a·s²` a layer; under fp32 (no flash kernel) the
+/// flag changes nothing.
+#[test]
+fn plan_counts_no_attention_probabilities_under_flash_attention() {
+    let groups = |topology: &str, args: &[&str]| -> Vec<serde_json::Value> {
+        vit_b_32_plan(topology, args)["split"]["groups"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let activations = |topology: &str, args: &[&str]| -> Vec<f64> {
+        groups(topology, args)
+            .iter()
+            .map(|g| g["memory"]["activations"].as_f64().unwrap())
+            .collect()
+    };
+    let flash = activations("topology/4x4.toml", &[]);
+    let kept = activations("topology/4x4.toml", &["--no-flash-attention"]);
+    for (f, k) in flash.iter().zip(&kept) {
+        assert!(*f > 0.0 && f < k, "{f} vs {k}");
+    }
+    // The image group: its slice of the batch, 12 layers of 12 heads, 50 tokens, 2 bytes.
+    let image = &groups("topology/4x4.toml", &[])[0];
+    assert_eq!(image["tower"], "image");
+    let samples = image["local_batch"].as_f64().unwrap();
+    let probabilities = samples * 12.0 * 2.5 * 12.0 * 50.0 * 50.0 * 2.0;
+    assert!(
+        ((kept[0] - flash[0]) - probabilities).abs() < 1e-6 * kept[0],
+        "{} - {} vs {probabilities}",
+        kept[0],
+        flash[0]
+    );
+    assert_eq!(
+        activations("topology/4x4.toml", &["--precision", "fp32"]),
+        activations(
+            "topology/4x4.toml",
+            &["--precision", "fp32", "--no-flash-attention"]
+        )
+    );
+}
+
+/// `train --no-flash-attention` (or `--set flash_attention=false`) on a CPU topology says
+/// that it changes nothing there, and trains the same losses.
+#[test]
+fn train_says_flash_attention_is_a_gpu_kernel() {
+    let dir = std::env::temp_dir().join(format!("mmpipe-flash-note-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let loss = |out: &std::process::Output| {
+        let first = |name: &str| {
+            first_metrics_line(&dir.join(name))["loss"]
+                .as_f64()
+                .unwrap()
+        };
+        (text(&out.stderr), first)
+    };
+    let on = train_with_metrics("topology/cpu-dp2.toml", 1, 8, &dir.join("on.jsonl"), &[]);
+    let (stderr, first) = loss(&on);
+    assert!(!stderr.contains("flash_attention = false"), "{stderr}");
+    for (name, extra) in [
+        ("flag.jsonl", &["--no-flash-attention"][..]),
+        ("set.jsonl", &["--set", "flash_attention=false"][..]),
+    ] {
+        let off = train_with_metrics("topology/cpu-dp2.toml", 1, 8, &dir.join(name), extra);
+        let stderr = text(&off.stderr);
+        assert!(
+            stderr.contains("flash_attention = false changes nothing on topology/cpu-dp2.toml"),
+            "{extra:?}: {stderr}"
+        );
+        assert_eq!(first(name), first("on.jsonl"), "{extra:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The plan's exposed gradient all-reduce follows the bucket size: small buckets hide
 /// all but the last one behind backward; one bucket as large as the gradients hides
 /// nothing, as `--no-overlap`; a bucket size that is not positive is refused.

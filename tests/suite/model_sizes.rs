@@ -109,7 +109,10 @@ fn checkpointing_cuts_activation_memory() {
     for file in ["ViT-B-16.toml", "RN50.toml", "ViT-B-16-bert-base.toml"] {
         let m = load(file);
         for size in [m.vision.size(), m.text.size()] {
-            let (full, ckpt) = (size.activation_elems(false), size.activation_elems(true));
+            let (full, ckpt) = (
+                size.activation_elems(false, true),
+                size.activation_elems(true, true),
+            );
             assert!(
                 ckpt > 0.0 && ckpt < 0.5 * full,
                 "{file} {}: {ckpt} vs {full}",
@@ -117,6 +120,29 @@ fn checkpointing_cuts_activation_memory() {
             );
         }
     }
+}
+
+/// Flash attention keeps no probabilities: a transformer's activations lose exactly
+/// Korthikanti's `2.5·a·s²` a layer; a ResNet has none to lose.
+#[test]
+fn flash_attention_drops_the_kept_probabilities_from_the_activations() {
+    let m = load("ViT-B-16.toml");
+    let vit = m.vision.size();
+    let (s, heads, layers) = (197.0, 12.0, 12.0);
+    let kept = vit.activation_elems(false, true);
+    let flash = vit.activation_elems(false, false);
+    assert_eq!(vit.attention_head_width(), Some(64));
+    assert!(
+        ((kept - flash) - layers * 2.5 * heads * s * s).abs() < 1e-6 * kept,
+        "{kept} - {flash}"
+    );
+    let rn50 = load("RN50.toml");
+    let rn = rn50.vision.size();
+    assert_eq!(rn.attention_head_width(), None);
+    assert_eq!(
+        rn.activation_elems(false, true),
+        rn.activation_elems(false, false)
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub fn options(global_batch: usize) -> CostOptions {
         checkpointing: false,
         overlap: Some(25e6),
         feature_overlap: true,
+        flash_attention: true,
         calibration: None,
     }
 }

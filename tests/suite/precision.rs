@@ -446,7 +446,8 @@ fn a_bf16_run_resumes_exactly_from_its_f32_masters() {
 }
 
 /// The planner's bf16 memory on a GPU topology: the working copies and their bf16
-/// gradients on top of f32's, and half the activation bytes.
+/// gradients on top of f32's, and half the activation bytes (of the same activations:
+/// attention's probabilities kept, which flash attention under bf16 would not keep).
 #[test]
 fn bf16_memory_adds_the_working_copy_and_backward_gradients() {
     let topology = Topology::from_file(Path::new("topology/4x4.toml")).unwrap();
@@ -455,6 +456,7 @@ fn bf16_memory_adds_the_working_copy_and_backward_gradients() {
         let options = CostOptions {
             precision,
             optimizer: Optimizer::Adamw,
+            flash_attention: false,
             ..super::plan::options(256)
         };
         CostModel {

@@ -27,7 +27,7 @@ pub fn attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Te
         let mask = mask.as_ref().map(|m| &m.values);
         // On a GPU, bf16 heads of 64: flash attention, no probabilities kept.
         #[cfg(feature = "cuda")]
-        if super::cuda::flash_attention_applies(qkv, heads, mask) {
+        if flash_attention_enabled() && super::cuda::flash_attention_applies(qkv, heads, mask) {
             return super::cuda::flash_attention(qkv, heads, mask);
         }
         // Otherwise the heads read in place by cuBLAS (`head_gemms.rs`), no copies.

@@ -18,6 +18,18 @@ use gemm::Parallelism;
 
 use crate::error::Result;
 
+/// Whether bf16 attention on GPUs may take the flash kernels (`train.flash_attention`):
+/// process-wide, as candle's TF32 switch is, set by the trainer before any rank starts.
+static FLASH_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+pub fn set_flash_attention(on: bool) {
+    FLASH_ATTENTION.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn flash_attention_enabled() -> bool {
+    FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The element types the kernels take (also the optimizer's in-place update).
 pub(crate) trait Real:
     candle_core::WithDType
