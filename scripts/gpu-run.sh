@@ -7,6 +7,10 @@
 # usage, from the checkout on the GPU machine (carry .gpu/ with the packed bundle of
 # `scripts/cuda-build.sh --bundle .gpu --pack` and .gpu-anchor/ from ../shared/anchors/gpu):
 #   OUT=$OUT bash scripts/gpu-run.sh [BUNDLE]       (default .gpu/mmpipe-gpu.tar.xz)
+# env: STAGES (default "checks bench baseline decode profile": the stages to run, in that
+#      order), BENCH_MODELS (default "ViT-B-16 ViT-B-32"), STEPS and WARMUP (gpu-bench.sh's,
+#      default 20 and 3), PROFILE_MODEL (default ViT-B-32). A short lease runs
+#      "checks bench decode" first and the rest in a second call.
 # Writes $OUT/gpu-run.txt (every stage's summary, also on stdout) and $OUT/gpu-logs.tar.xz
 # (every log). Copy the summary into docs/gpu/ with the commit it measured.
 set -uo pipefail
@@ -36,10 +40,13 @@ if [ -f "$bundle" ]; then
   tar xJf "$bundle" -C "$unpacked" || { say "cannot unpack $bundle"; exit 2; }
   bundle="$unpacked"
 fi
-stage checks 170 env LOG_DIR="$logs/check" bash scripts/gpu-check.sh "$bundle"
-stage "side by side, bf16" 240 env LOG_DIR="$logs/bench" PRECISION=bf16 bash scripts/gpu-bench.sh "$bundle" ViT-B-32 ViT-B-16
+stages=" ${STAGES:-checks bench baseline decode profile} "
+wants() { [[ "$stages" == *" $1 "* ]]; }
+read -r -a bench_models <<<"${BENCH_MODELS:-ViT-B-16 ViT-B-32}"
+wants checks && stage checks 170 env LOG_DIR="$logs/check" bash scripts/gpu-check.sh "$bundle"
+wants bench && stage "side by side, bf16" 240 env LOG_DIR="$logs/bench" PRECISION=bf16 bash scripts/gpu-bench.sh "$bundle" "${bench_models[@]}"
 # Today's baseline for the speed-up: full f32, as mmpipe ran before this work.
-stage "mmpipe ViT-B/32 full f32" 50 bash -c "source scripts/gpu-env.sh '$bundle' && \
+wants baseline && stage "mmpipe ViT-B/32 full f32" 50 bash -c "source scripts/gpu-env.sh '$bundle' && \
   \"\$bundle/mmpipe\" bench --topology topology/gpu-1x1.toml --model configs/ViT-B-32.toml \
   --batch 256 --precision fp32 --no-tf32 --steps 10 --warmup 2 | grep -vE '^RESULT_JSON'"
 # Whether 16 cores decode real JPEGs as fast as the GPU trains (issue 21, part 4): the
@@ -48,9 +55,9 @@ stage "mmpipe ViT-B/32 full f32" 50 bash -c "source scripts/gpu-env.sh '$bundle'
 # else the repository's 128 px copy (cheaper to decode than real photos).
 decode_shard=.gpu-anchor/real-photos.tar
 [ -f "$decode_shard" ] || decode_shard=tests/fixtures/real-photos.tar
-stage "decode rate, $(nproc) workers, $decode_shard" 20 bash -c "source scripts/gpu-env.sh '$bundle' && \
+wants decode && stage "decode rate, $(nproc) workers, $decode_shard" 20 bash -c "source scripts/gpu-env.sh '$bundle' && \
   \"\$bundle/mmpipe\" data bench --shards '$decode_shard' --model configs/ViT-B-16.toml \
   --workers $(nproc) --batch 256 --batches 10"
-stage "profile ViT-B/32 bf16" 140 env LOG_DIR="$logs/profile" bash scripts/gpu-profile.sh "$bundle" ViT-B-32
+wants profile && stage "profile ${PROFILE_MODEL:-ViT-B-32} bf16" 140 env LOG_DIR="$logs/profile" bash scripts/gpu-profile.sh "$bundle" "${PROFILE_MODEL:-ViT-B-32}"
 tar cJf "$out/gpu-logs.tar.xz" -C "$logs" . 2>/dev/null
 echo "summary: $summary; logs: $out/gpu-logs.tar.xz"
