@@ -18,6 +18,7 @@
 
 #include "emulator.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -134,8 +135,9 @@ int main(int argc, char** argv) {
         return 2;
     }
     try {
-        // Each buffer in 8-byte words, so that every element is aligned.
-        std::map<std::string, std::vector<unsigned long long>> buffers;
+        // Each buffer exactly its bytes long (operator new aligns them to 16, enough for
+        // any element), so that the sanitizers stop a read or write one byte past it.
+        std::map<std::string, std::vector<unsigned char>> buffers;
         std::map<std::string, std::size_t> sizes;
         std::ifstream job(argv[1]);
         std::string line;
@@ -149,7 +151,7 @@ int main(int argc, char** argv) {
                 words >> id >> bytes >> path;
                 const auto data = read_file(path, bytes);
                 auto& b = buffers[id];
-                b.assign((bytes + 7) / 8 + 1, 0);
+                b.assign(std::max<std::size_t>(bytes, 1), 0);
                 std::memcpy(b.data(), data.data(), bytes);
                 sizes[id] = bytes;
             } else if (command == "addresses") {
@@ -168,8 +170,8 @@ int main(int argc, char** argv) {
                     }
                 }
                 auto& b = buffers[id];
-                b = table;
-                b.push_back(0);
+                b.assign(std::max<std::size_t>(8 * table.size(), 1), 0);
+                std::memcpy(b.data(), table.data(), 8 * table.size());
                 sizes[id] = 8 * table.size();
             } else if (command == "launch") {
                 std::string name;

@@ -64,8 +64,13 @@ fn build(name: &str, source: &str) -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda-emulator");
     // IEEE single precision, no contractions into fused multiply-adds: the CPU's
     // arithmetic, and the GPU's where a kernel is compiled with --fmad=false.
-    let out = std::process::Command::new("g++")
-        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-I"])
+    let mut cmd = std::process::Command::new("g++");
+    cmd.args(["-std=c++20", "-O1", "-ffp-contract=off"]);
+    if sanitizers() {
+        cmd.args(SANITIZE);
+    }
+    let out = cmd
+        .arg("-I")
         .arg(&dir)
         .arg("-I")
         .arg(&here)
@@ -80,6 +85,46 @@ fn build(name: &str, source: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     binary
+}
+
+/// AddressSanitizer and UndefinedBehaviorSanitizer, fatal at the first report: the
+/// emulator's kernels then stop at any read or write outside a buffer or a `__shared__`
+/// array, as compute-sanitizer's memcheck would on a GPU (a kernel that lost its bounds
+/// guard fails with a heap-buffer-overflow naming its line).
+const SANITIZE: [&str; 3] = [
+    "-g",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+];
+
+/// Whether the emulator is built with [`SANITIZE`]: where g++ can link them (a probe,
+/// once per run) and MMPIPE_EMULATOR_SANITIZE is not 0. Without them the kernels' results
+/// are still checked; only the bounds go unwatched, and the run says so.
+fn sanitizers() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| {
+        if std::env::var("MMPIPE_EMULATOR_SANITIZE").is_ok_and(|v| v == "0") {
+            return false;
+        }
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emulator");
+        std::fs::create_dir_all(&dir).unwrap();
+        let probe = dir.join("probe.cpp");
+        std::fs::write(&probe, "int main() { return 0; }\n").unwrap();
+        let built = std::process::Command::new("g++")
+            .args(SANITIZE)
+            .arg(&probe)
+            .arg("-o")
+            .arg(dir.join("probe"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+            && std::process::Command::new(dir.join("probe"))
+                .status()
+                .is_ok_and(|s| s.success());
+        if !built {
+            eprintln!("kernels: g++ cannot link the address and UB sanitizers here: the emulator runs without bounds checks");
+        }
+        built
+    })
 }
 
 /// The fused ops' kernels on the emulator, built once per test run.
@@ -1130,6 +1175,75 @@ fn a_launch_out_of_step_with_its_kernel_is_refused() {
     assert!(!out.status.success());
     assert!(
         stderr.contains("gelu_fwd_f32: argument 3 is an i32, the parameter an i64"),
+        "{stderr}"
+    );
+}
+
+/// The sanitizers watch the emulated kernels' bounds: a kernel that reads one element
+/// past its input (a lost `i + 1 < n` guard) stops with a heap-buffer-overflow, and one
+/// that writes past a `__shared__` array at the array's bound (UBSan), where without
+/// them it would touch a neighbour's bytes and could still pass a result check.
+/// MMPIPE_EMULATOR_SANITIZE=0 (for a g++ that cannot link them) turns this check off
+/// explicitly; it never goes off by itself.
+#[test]
+fn the_emulator_stops_a_kernel_reading_past_its_buffer() {
+    if std::env::var("MMPIPE_EMULATOR_SANITIZE").is_ok_and(|v| v == "0") {
+        eprintln!("MMPIPE_EMULATOR_SANITIZE=0: the emulator's bounds are not checked");
+        return;
+    }
+    assert!(
+        sanitizers(),
+        "g++ cannot link -fsanitize=address,undefined here; MMPIPE_EMULATOR_SANITIZE=0 runs the kernels without bounds checks"
+    );
+    let source = r#"
+extern "C" __global__ void shift_left(unsigned long long x, unsigned long long y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) ((float*)y)[i] = ((const float*)x)[i + 1];
+}
+extern "C" __global__ void stage_in_shared(unsigned long long x, unsigned long long y, int n) {
+    __shared__ float tile[4];
+    const int i = threadIdx.x;
+    if (i < n) tile[i] = ((const float*)x)[0];
+    __syncthreads();
+    if (i < 4) ((float*)y)[i] = tile[i];
+}
+"#;
+    let emulator = build("past-the-end", source);
+    let job = |n: i32| {
+        format!("buffer Input 16 -\nbuffer Output 16 -\nlaunch shift_left 1 1 32 b:Input b:Output i:{n}\n")
+    };
+    // Within bounds it runs; one element further it is stopped, at the kernel's read.
+    let inside = run_job(&emulator, "past-the-end-inside", &job(3));
+    assert!(
+        inside.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    let past = run_job(&emulator, "past-the-end", &job(4));
+    let stderr = String::from_utf8_lossy(&past.stderr);
+    assert!(!past.status.success());
+    assert!(
+        stderr.contains("heap-buffer-overflow") && stderr.contains("READ of size 4"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("shift_left"), "{stderr}");
+    // And a write past a `__shared__` array.
+    let job = |n: i32| {
+        format!("buffer Input 16 -\nbuffer Output 16 -\nlaunch stage_in_shared 1 1 32 b:Input b:Output i:{n}\n")
+    };
+    let inside = run_job(&emulator, "shared-inside", &job(4));
+    assert!(
+        inside.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    let past = run_job(&emulator, "shared-past-the-end", &job(5));
+    let stderr = String::from_utf8_lossy(&past.stderr);
+    assert!(!past.status.success());
+    // UBSan sees the array's bound first; ASan's redzone would stop it otherwise.
+    assert!(
+        stderr.contains("index 4 out of bounds for type 'float [4]'")
+            || stderr.contains("global-buffer-overflow"),
         "{stderr}"
     );
 }
