@@ -2,9 +2,11 @@
 // compiled for the GPU by NVRTC) compile with g++ and run on any machine: each block's
 // threads are coroutines (ucontext), `__syncthreads` a barrier across them, a warp shuffle
 // a barrier across the warp's 32 threads around a shared exchange slot, `__shared__` a
-// static (blocks run one at a time). What this checks: indexing, reductions, their order, the bf16
-// rounding, and the host's launch sequence (tests/suite/kernels.rs). What it cannot:
-// speed, and what only a GPU's memory model or a partial warp would show.
+// static (blocks run one at a time). What this checks: indexing, reductions, their order,
+// the bf16 rounding, and the host's launch sequence (tests/suite/kernels.rs); with the
+// sanitizers the suite builds it with, bounds; with its two schedules (`reversed`), races
+// between barriers. What it cannot: speed, and what only a GPU's memory model or a
+// partial warp would show.
 //
 // Only what the kernels call is here; a kernel using more fails to compile, loudly.
 
@@ -80,6 +82,13 @@ constexpr std::size_t STACK = 64 * 1024;
 // A thread's operand registers in one m16n8k16 mma: A's four, then B's two.
 constexpr unsigned FRAGMENT_WORDS = 6;
 
+// The order the emulator runs blocks in, and a block's threads in between barriers:
+// forward (index order) or reversed. No kernel's result may depend on it: a thread that
+// reads what another wrote with no barrier between, or a block that reads another
+// block's output, sees different bytes in the two orders (tests/suite/kernels.rs runs
+// every job in both and compares them bit for bit, its race check).
+inline bool reversed = false;
+
 // Runs `kernel` on a grid of `grid` blocks of `threads` threads, one block at a time.
 inline void launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
     gridDim = grid;
@@ -93,8 +102,10 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
     b.fragments.assign(threads * FRAGMENT_WORDS, 0);
     b.kernel = &kernel;
     block = &b;
-    for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
+    for (unsigned yi = 0; yi < grid.y; ++yi) {
+        for (unsigned xi = 0; xi < grid.x; ++xi) {
+            const unsigned by = reversed ? grid.y - 1 - yi : yi;
+            const unsigned bx = reversed ? grid.x - 1 - xi : xi;
             blockIdx = dim3{bx, by, 0};
             for (unsigned t = 0; t < threads; ++t) {
                 getcontext(&b.contexts[t]);
@@ -106,7 +117,8 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
             }
             std::vector<bool> runnable(threads, true);
             for (;;) {
-                for (unsigned t = 0; t < threads; ++t) {
+                for (unsigned i = 0; i < threads; ++i) {
+                    const unsigned t = reversed ? threads - 1 - i : i;
                     if (!runnable[t]) continue;
                     runnable[t] = false;
                     b.current = t;

@@ -205,6 +205,11 @@ int main(int argc, char** argv) {
                 auto it = kernels().find(name);
                 if (it == kernels().end()) throw std::runtime_error("no kernel " + name);
                 emulator::launch(dim3{gx, gy, 1}, threads, it->second(name, args));
+            } else if (command == "schedule") {
+                std::string order;
+                words >> order;
+                if (order != "forward" && order != "reversed") throw std::runtime_error("schedule is forward or reversed, not " + order);
+                emulator::reversed = order == "reversed";
             } else if (command == "write") {
                 std::string id, path;
                 words >> id >> path;

@@ -4,6 +4,10 @@
 //! machine with g++, before a GPU runs them. Each argument's type is checked against the
 //! kernel's parameter, so a launch sequence out of step with a signature fails here.
 //!
+//! Every job runs under AddressSanitizer and UBSan (bounds of buffers and `__shared__`
+//! arrays) and twice, in the forward and the reversed schedule, whose bytes must agree
+//! (races).
+//!
 //! The GPU workbench (`fused::cuda::`, scripts/gpu-check.sh) checks the same kernels on
 //! the device and times them; this one checks their logic.
 
@@ -191,32 +195,47 @@ fn run(name: &str, plan: &Plan, buffers: &BTreeMap<Buffer, Vec<u8>>) -> BTreeMap
         }
         job.push('\n');
     }
-    for b in all.keys() {
-        job.push_str(&format!(
-            "write {} {}\n",
-            id(b),
-            dir.join(format!("{}.out", id(b))).display()
-        ));
+    // Twice: blocks and threads in index order, then reversed. The bytes must agree: no
+    // kernel's result may depend on the order its threads run in between barriers (the
+    // race check a fixed schedule would otherwise hide).
+    let mut results = Vec::new();
+    for order in ["forward", "reversed"] {
+        let mut job = format!("schedule {order}\n{job}");
+        for b in all.keys() {
+            job.push_str(&format!(
+                "write {} {}\n",
+                id(b),
+                dir.join(format!("{}.{order}.out", id(b))).display()
+            ));
+        }
+        std::fs::write(dir.join("job"), job).unwrap();
+        let out = std::process::Command::new(emulator())
+            .arg(dir.join("job"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name} ({order} schedule): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: BTreeMap<Buffer, Vec<u8>> = all
+            .keys()
+            .map(|b| {
+                (
+                    *b,
+                    std::fs::read(dir.join(format!("{}.{order}.out", id(b)))).unwrap(),
+                )
+            })
+            .collect();
+        results.push(result);
     }
-    std::fs::write(dir.join("job"), job).unwrap();
-    let out = std::process::Command::new(emulator())
-        .arg(dir.join("job"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result = all
-        .keys()
-        .map(|b| {
-            (
-                *b,
-                std::fs::read(dir.join(format!("{}.out", id(b)))).unwrap(),
-            )
-        })
-        .collect();
+    let result = results.swap_remove(0);
+    for (b, bytes) in &result {
+        assert!(
+            results[0][b] == *bytes,
+            "{name}: {b:?} differs between the forward and the reversed schedule (a race: a read of another thread's or block's write with no barrier between)"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
