@@ -6,7 +6,8 @@
 #   2. NCCL on single-rank communicators: every collective, dtypes, CPU round trip
 #      (tests nccl::);
 #   3. the one-launch AdamW kernel: NVRTC compiles it, and on random tensors it equals
-#      the CPU AdamW bit for bit, masters, moments and bf16 copies (tests optim::);
+#      the CPU AdamW bit for bit, masters, moments and bf16 copies; the one-launch
+#      gradient norm equals the CPU's (tests optim::);
 #   4. bf16 on the GPU against f32 on the CPU: loss, gradients, weights after 5 steps
 #      (tests precision::cuda);
 #   4b. the fused ops' CUDA kernels (layer norm, exact and quick GELU, softmax, attention's

@@ -93,6 +93,11 @@ pub struct StepOutcome {
 
 /// The joint L2 norm of `grads` (NaN or infinite when one of them is).
 pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
+    // On a GPU, one launch and one read back for them all (not one per tensor).
+    #[cfg(feature = "cuda")]
+    if crate::train::optim::cuda::sum_of_squares_applies(grads) {
+        return Ok(crate::train::optim::cuda::sum_of_squares(grads)?.sqrt());
+    }
     let mut sum = 0.0;
     for g in grads {
         sum += crate::model::fused::sum_of_squares(g)?;

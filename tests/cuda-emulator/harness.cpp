@@ -152,7 +152,7 @@ int main(int argc, char** argv) {
                 const auto data = read_file(path, bytes);
                 auto& b = buffers[id];
                 b.assign(std::max<std::size_t>(bytes, 1), 0);
-                std::memcpy(b.data(), data.data(), bytes);
+                if (bytes > 0) std::memcpy(b.data(), data.data(), bytes);
                 sizes[id] = bytes;
             } else if (command == "addresses") {
                 std::string id, field;
@@ -171,7 +171,7 @@ int main(int argc, char** argv) {
                 }
                 auto& b = buffers[id];
                 b.assign(std::max<std::size_t>(8 * table.size(), 1), 0);
-                std::memcpy(b.data(), table.data(), 8 * table.size());
+                if (!table.empty()) std::memcpy(b.data(), table.data(), 8 * table.size());
                 sizes[id] = 8 * table.size();
             } else if (command == "launch") {
                 std::string name;

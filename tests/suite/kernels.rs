@@ -1267,6 +1267,113 @@ extern "C" __global__ void stage_in_shared(unsigned long long x, unsigned long l
     );
 }
 
+/// The one-launch sum of squares of the gradients (`grad_norm.cu`), launched as
+/// `optim::cuda::sum_of_squares` launches it (`optim::plan::norm_launch`), against the sum
+/// in f64: sizes around its 4096-element blocks, an empty tensor among them, fresh random
+/// values; every partial written (the buffer starts as NaNs), and in both schedules the
+/// same bits. A NaN or an infinity in one tensor makes the sum NaN or infinite.
+#[test]
+fn the_grad_norm_kernel_equals_the_f64_sum_of_squares() {
+    use mmpipe::train::optim::plan as optim;
+    let sizes = [1usize, 4095, 0, 4096, 4097, 3 * 4096 + 7, 5];
+    for poison in [None, Some(f32::NAN), Some(f32::INFINITY)] {
+        let tensors: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| values(n, 90 + i as u64))
+            .map(|mut v| {
+                if let (Some(p), Some(x)) = (poison, v.get_mut(4000)) {
+                    *x = p;
+                }
+                v
+            })
+            .collect();
+        let launch = optim::norm_launch(&sizes).unwrap();
+        assert_eq!(
+            launch.descriptors.len(),
+            sizes.len() - 1,
+            "the empty tensor is left out"
+        );
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("cuda-emulator")
+            .join(format!("grad-norm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut body = String::new();
+        for (i, t) in tensors.iter().enumerate() {
+            let path = dir.join(format!("g{i}.in"));
+            std::fs::write(&path, f32_bytes(t)).unwrap();
+            body.push_str(&format!("buffer g{i} {} {}\n", 4 * t.len(), path.display()));
+        }
+        let path = dir.join("partials.in");
+        std::fs::write(&path, unwritten(4 * launch.blocks)).unwrap();
+        body.push_str(&format!(
+            "buffer partials {} {}\n",
+            4 * launch.blocks,
+            path.display()
+        ));
+        body.push_str("addresses d");
+        for d in &launch.descriptors {
+            for field in d {
+                body.push_str(&match *field {
+                    optim::Field::Gradient(i) => format!(" b:g{i}"),
+                    optim::Field::Value(v) => format!(" v:{v}"),
+                    other => panic!("{other:?} in a norm descriptor"),
+                });
+            }
+        }
+        body.push_str(&format!(
+            "\nlaunch {} {} 1 {} b:d i:{} b:partials\n",
+            optim::NORM_KERNEL,
+            launch.blocks,
+            optim::NORM_THREADS,
+            launch.descriptors.len()
+        ));
+        let mut outputs = Vec::new();
+        for order in ["forward", "reversed"] {
+            let out_path = dir.join(format!("partials.{order}.out"));
+            let job = format!(
+                "schedule {order}\n{body}write partials {}\n",
+                out_path.display()
+            );
+            let out = run_job(adamw_emulator(), &format!("grad-norm-{order}"), &job);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            outputs.push(std::fs::read(&out_path).unwrap());
+        }
+        assert_eq!(
+            outputs[0], outputs[1],
+            "the partials differ between schedules"
+        );
+        let partials: Vec<f32> = outputs[0]
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(partials.len(), launch.blocks);
+        let got = optim::sum_partials(&partials);
+        let want: f64 = tensors
+            .iter()
+            .flatten()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum();
+        match poison {
+            None => {
+                assert!(
+                    partials.iter().all(|p| p.is_finite()),
+                    "a partial left unwritten"
+                );
+                let rel = (got - want).abs() / want;
+                assert!(rel < 1e-6, "sum of squares {got} against {want}: {rel:e}");
+            }
+            Some(p) if p.is_nan() => assert!(got.is_nan(), "{got}"),
+            Some(_) => assert_eq!(got, f64::INFINITY),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// The one-launch AdamW kernel (`adamw.cu`), launched as `optim::cuda` launches it
 /// (`optim::plan`), against the CPU AdamW on the same tensors: sizes around its
 /// 4096-element chunks, a scalar, decayed and undecayed, with bf16 working copies; three

@@ -274,4 +274,39 @@ mod cuda {
             }
         }
     }
+
+    /// The gradients' joint norm on the GPU (one launch, `grad_norm.cu`) against the CPU's
+    /// on the same fresh random tensors, sizes around the 4096-element blocks and one of
+    /// 3 M: equal to f32 summation's tolerance; a NaN or an infinity in one tensor makes
+    /// it NaN or infinite, as on the CPU.
+    #[test]
+    fn the_gpu_grad_norm_equals_the_cpu_norm() {
+        use mmpipe::train::optim::cuda::sum_of_squares_applies;
+        use mmpipe::train::step::grad_norm;
+        let gpu = mmpipe::comm::device::cuda_device(0).expect("this test needs a CUDA GPU");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        for poison in [None, Some(f32::NAN), Some(f32::INFINITY)] {
+            let cpu: Vec<Tensor> = [1usize, 4095, 4096, 4097, 3 << 20, 77]
+                .iter()
+                .map(|&n| {
+                    let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+                    if let (Some(p), Some(x)) = (poison, v.get_mut(4090)) {
+                        *x = p;
+                    }
+                    Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+                })
+                .collect();
+            let on_gpu: Vec<Tensor> = cpu.iter().map(|t| t.to_device(&gpu).unwrap()).collect();
+            assert!(sum_of_squares_applies(&on_gpu));
+            let (want, got) = (grad_norm(&cpu).unwrap(), grad_norm(&on_gpu).unwrap());
+            match poison {
+                None => {
+                    let rel = (got - want).abs() / want;
+                    assert!(rel < 1e-6, "GPU norm {got}, CPU norm {want}: {rel:e}");
+                }
+                Some(p) if p.is_nan() => assert!(got.is_nan() && want.is_nan(), "{got} {want}"),
+                Some(_) => assert!(got == f64::INFINITY && want == f64::INFINITY),
+            }
+        }
+    }
 }

@@ -3,7 +3,12 @@
 //! candle ops took about twelve kernels and temporaries per parameter (178 ms of a 1.1 s
 //! ViT-B/32 step on an H200, `docs/gpu/throughput-vit-b-32-h200.txt`).
 //!
-//! The kernel is compiled at start-up by NVRTC for the device's compute capability, so the
+//! The gradients' joint norm (clipping, and whether every gradient is finite) is one
+//! launch too (`grad_norm.cu`): a sum of squares a block of 4096 elements, the partials
+//! read back once and summed in f64, where a sum per tensor read back to the host made a
+//! host synchronisation per parameter tensor, about 150 a tower.
+//!
+//! The kernels are compiled at start-up by NVRTC for the device's compute capability, so the
 //! build needs no CUDA compiler and the PTX matches the GPU it runs on.
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -15,7 +20,7 @@ use candle_core::{DType, Storage, Tensor};
 use super::{AdamWConfig, Slot};
 use crate::error::{Error, Result};
 
-use super::plan::{self, Field, KERNEL, SOURCE, THREADS};
+use super::plan::{self, Field, KERNEL, NORM_KERNEL, NORM_THREADS, SOURCE, THREADS};
 
 /// The kernel as PTX for compute capability `major.minor` (9.0: H100, H200), compiled by
 /// NVRTC once per process and capability, without fused multiply-adds: each element rounds
@@ -132,4 +137,73 @@ pub(super) fn step(
         .map_err(|e| Error::Cuda(format!("the GPU AdamW kernel did not launch: {e:?}")))?;
     // `desc` is freed in stream order, after the kernel has read it.
     Ok(())
+}
+
+/// Whether [`sum_of_squares`] takes `grads`: f32 CUDA tensors, contiguous, on one GPU.
+pub fn sum_of_squares_applies(grads: &[Tensor]) -> bool {
+    let Some(first) = grads.first() else {
+        return false;
+    };
+    grads
+        .iter()
+        .all(|g| is_cuda_f32(g) && g.device().same_device(first.device()))
+}
+
+/// `Σ x²` over every element of `grads` (what [`sum_of_squares_applies`] accepted), in one
+/// launch and one read back to the host: f32 partial sums of 4096 elements, summed in f64.
+pub fn sum_of_squares(grads: &[Tensor]) -> Result<f64> {
+    let device = grads[0].device().as_cuda_device()?.clone();
+    let stream = device.cuda_stream();
+    let elements: Vec<usize> = grads.iter().map(|g| g.elem_count()).collect();
+    let Some(l) = plan::norm_launch(&elements) else {
+        return Ok(0.0);
+    };
+    let mut desc: Vec<u64> = Vec::with_capacity(4 * l.descriptors.len());
+    for d in &l.descriptors {
+        for field in d {
+            desc.push(match *field {
+                Field::Gradient(i) => address::<f32>(&grads[i], &stream)?,
+                Field::Value(v) => v,
+                other => {
+                    return Err(Error::Cuda(format!(
+                        "the sum of squares' descriptor holds {other:?}"
+                    )))
+                }
+            });
+        }
+    }
+    let tensors = l.descriptors.len() as i32;
+    let desc = device.clone_htod(&desc)?;
+    // SAFETY: the kernel writes every one of the `blocks` slots before the read below.
+    let partials = unsafe { device.alloc::<f32>(l.blocks)? };
+    let (major, minor) = stream
+        .context()
+        .compute_capability()
+        .map_err(|e| Error::Cuda(format!("the GPU's compute capability: {e:?}")))?;
+    let func = device.get_or_load_custom_func(NORM_KERNEL, "mmpipe_adamw", &ptx(major, minor)?)?;
+    let out = {
+        let (ptr, _sync) = partials.device_ptr(&stream);
+        ptr
+    };
+    let mut launch = func.builder();
+    launch.arg(&desc);
+    launch.arg(&tensors);
+    launch.arg(&out);
+    let config = LaunchConfig {
+        grid_dim: (
+            u32::try_from(l.blocks)
+                .map_err(|_| Error::Cuda("sum of squares: too many blocks".into()))?,
+            1,
+            1,
+        ),
+        block_dim: (NORM_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every address is a live, contiguous f32 buffer of its element count on this
+    // stream's device, held by `grads` until the read back below waits for the kernel;
+    // `out` holds `blocks` f32s; the arguments match the kernel's signature.
+    unsafe { launch.launch(config) }
+        .map_err(|e| Error::Cuda(format!("the sum-of-squares kernel did not launch: {e:?}")))?;
+    let partials = device.clone_dtoh(&partials)?;
+    Ok(plan::sum_partials(&partials))
 }

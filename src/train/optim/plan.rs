@@ -1,4 +1,5 @@
-//! What the one-launch GPU AdamW (`adamw.cu`) is launched with, as data: each tensor's
+//! What the one-launch GPU AdamW (`adamw.cu`) and the one-launch sum of squares of the
+//! gradients (`grad_norm.cu`) are launched with, as data. For AdamW: each tensor's
 //! descriptor (its buffers by role, its size, its first block, whether it decays), the
 //! grid, and the scalars rounded to f32 as the CPU AdamW rounds them. `cuda.rs` resolves
 //! the roles to device addresses and launches; the suite's CPU emulator of the kernel
@@ -7,8 +8,8 @@
 
 use super::AdamWConfig;
 
-/// The kernel's CUDA source.
-pub const SOURCE: &str = include_str!("adamw.cu");
+/// The kernels' CUDA source: the AdamW step, and the gradients' sum of squares.
+pub const SOURCE: &str = concat!(include_str!("adamw.cu"), include_str!("grad_norm.cu"));
 pub const KERNEL: &str = "adamw_multi_tensor";
 /// Elements per block: the source's `CHUNK`.
 pub const CHUNK: usize = 4096;
@@ -99,4 +100,47 @@ pub fn launch(
             f(1.0 - lr * c.weight_decay),
         ],
     })
+}
+
+/// The sum-of-squares kernel (`grad_norm.cu`), its elements per block (`NORM_CHUNK`) and
+/// its threads (`NORM_THREADS`).
+pub const NORM_KERNEL: &str = "sum_of_squares_multi_tensor";
+pub const NORM_CHUNK: usize = 4096;
+pub const NORM_THREADS: usize = 256;
+
+/// The launch of one sum of squares over many tensors: descriptors (4 fields each: the
+/// tensor's address as [`Field::Gradient`], its element count, its first block, 0) and
+/// the blocks, one f32 partial sum each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NormLaunch {
+    pub descriptors: Vec<[Field; 4]>,
+    pub blocks: usize,
+}
+
+/// The launch over tensors of `elements` each (empty ones left out); None when there is
+/// nothing to sum.
+pub fn norm_launch(elements: &[usize]) -> Option<NormLaunch> {
+    let mut descriptors = Vec::with_capacity(elements.len());
+    let mut blocks = 0usize;
+    for (i, &n) in elements.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        descriptors.push([
+            Field::Gradient(i),
+            Field::Value(n as u64),
+            Field::Value(blocks as u64),
+            Field::Value(0),
+        ]);
+        blocks += n.div_ceil(NORM_CHUNK);
+    }
+    (blocks > 0).then_some(NormLaunch {
+        descriptors,
+        blocks,
+    })
+}
+
+/// The kernel's partial sums, one a block, summed in f64 in block order.
+pub fn sum_partials(partials: &[f32]) -> f64 {
+    partials.iter().map(|&p| f64::from(p)).sum()
 }
