@@ -172,17 +172,22 @@ fn adamw_with_working_copies_writes_each_masters_bf16_rounding() {
     }
 }
 
-/// The GPU AdamW's source compiles with NVRTC for Hopper (no GPU needed: NVRTC is a
-/// library), into PTX with the kernel's entry point.
+/// The GPU AdamW's source (with the gradient norm's kernel) compiles with NVRTC for
+/// Hopper (no GPU needed: NVRTC is a library), into PTX with both entry points.
 #[cfg(feature = "cuda")]
 #[test]
 fn the_gpu_adamw_kernel_compiles_for_sm_90() {
     let ptx = mmpipe::train::optim::cuda::ptx(9, 0).unwrap();
-    assert!(
-        ptx.contains(".entry adamw_multi_tensor"),
-        "{}",
-        &ptx[..ptx.len().min(400)]
-    );
+    for entry in [
+        mmpipe::train::optim::plan::KERNEL,
+        mmpipe::train::optim::plan::NORM_KERNEL,
+    ] {
+        assert!(
+            ptx.contains(&format!(".entry {entry}")),
+            "{entry}: {}",
+            &ptx[..ptx.len().min(400)]
+        );
+    }
     assert!(
         ptx.contains(".target sm_90"),
         "{}",
