@@ -118,6 +118,11 @@ pub struct SplitEstimate {
     pub lighter: Tower,
     /// The lighter group's idle share of the step.
     pub idle_fraction: f64,
+    /// Each rank's device memory, in the topology's rank order: the towers it holds
+    /// together (a group's `memory` is its fullest member's, which for a rank holding both
+    /// towers already counts both).
+    #[serde(default)]
+    pub rank_memory_bytes: Vec<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -568,6 +573,7 @@ impl CostModel<'_> {
             samples_per_s: b_global / step_s,
             lighter,
             idle_fraction,
+            rank_memory_bytes: per_rank.iter().map(|(_, _, m)| m.total).collect(),
         })
     }
 

@@ -201,21 +201,15 @@ impl Plan {
             }
         }
 
-        let memory_of = |tower: Tower| {
-            split
-                .as_ref()
-                .and_then(|s| s.groups.iter().find(|g| g.tower == tower))
-                .map(|g| g.memory.total)
-        };
         let ranks = topology
             .ranks
             .iter()
-            .flat_map(|r| {
-                let memory = r
-                    .roles
-                    .iter()
-                    .map(|role| memory_of(role.tower))
-                    .sum::<Option<f64>>();
+            .enumerate()
+            .flat_map(|(i, r)| {
+                // The rank's device, both towers where it holds both (counted once).
+                let memory = split
+                    .as_ref()
+                    .and_then(|s| s.rank_memory_bytes.get(i).copied());
                 r.roles.iter().map(move |role| RankPlan {
                     global_rank: r.global,
                     node: topology.nodes[r.node].name.clone(),

@@ -285,3 +285,70 @@ fn micro_batches_and_tiles_trade_memory_for_time_in_the_plan() {
     assert!(memory_untiled.loss > 4.0 * 8192.0 * 32768.0 * 4.0);
     assert!(memory.loss < memory_untiled.loss / 10.0);
 }
+
+/// A rank's memory column is its device's: where a rank holds both towers it counts
+/// them once (a group's memory is already its fullest member's whole device), so on one
+/// GPU holding both it is the device's, not twice it; on a split layout it is the
+/// tower's group's; on a hybrid one, the rank's class's.
+#[test]
+fn a_rank_holding_both_towers_counts_its_memory_once() {
+    let model = ClipConfig::default_tiny();
+    let rank_memory = |path: &str| {
+        let t = Topology::from_file(Path::new(path)).unwrap();
+        let plan = Plan::new(&t, &model, &options(256)).unwrap();
+        let split = plan.split.clone().expect("a cost model");
+        (plan, split)
+    };
+    let (plan, split) = rank_memory("topology/gpu-1x1.toml");
+    assert_eq!(split.classes.len(), 1);
+    let device = split.classes[0].memory.total;
+    assert_eq!(plan.ranks.len(), 2, "one rank, two towers");
+    for r in &plan.ranks {
+        assert_eq!(r.memory_bytes, Some(device), "{:?}", r.tower);
+    }
+    let (plan, split) = rank_memory("topology/4x4.toml");
+    for r in &plan.ranks {
+        let group = split.groups.iter().find(|g| g.tower == r.tower).unwrap();
+        assert_eq!(r.memory_bytes, Some(group.memory.total));
+    }
+    let (plan, split) = rank_memory("topology/2node-8gpu-hybrid.toml");
+    let class = |towers: &str| {
+        split
+            .classes
+            .iter()
+            .find(|c| c.towers == towers)
+            .unwrap()
+            .memory
+            .total
+    };
+    let both: Vec<_> = plan
+        .ranks
+        .iter()
+        .filter(|r| {
+            plan.ranks
+                .iter()
+                .filter(|o| o.global_rank == r.global_rank)
+                .count()
+                == 2
+        })
+        .collect();
+    assert_eq!(
+        both.len(),
+        2 * 4,
+        "4 devices hold both towers, a row per tower"
+    );
+    for r in both {
+        assert_eq!(r.memory_bytes, Some(class("image+text")));
+    }
+    for r in plan.ranks.iter().filter(|r| r.tower == Tower::Image) {
+        if plan
+            .ranks
+            .iter()
+            .filter(|o| o.global_rank == r.global_rank)
+            .count()
+            == 1
+        {
+            assert_eq!(r.memory_bytes, Some(class("image")));
+        }
+    }
+}
