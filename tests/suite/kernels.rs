@@ -1228,37 +1228,32 @@ extern "C" __global__ void stage_in_shared(unsigned long long x, unsigned long l
 }
 "#;
     let emulator = build("past-the-end", source);
-    let job = |n: i32| {
-        format!("buffer Input 16 -\nbuffer Output 16 -\nlaunch shift_left 1 1 32 b:Input b:Output i:{n}\n")
+    // `kernel` over n = `inside` runs; one element further it is stopped: its report.
+    let stopped = |kernel: &str, inside: i32| -> String {
+        let job = |n: i32| {
+            format!("buffer Input 16 -\nbuffer Output 16 -\nlaunch {kernel} 1 1 32 b:Input b:Output i:{n}\n")
+        };
+        let ran = run_job(&emulator, &format!("{kernel}-inside"), &job(inside));
+        assert!(
+            ran.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let past = run_job(&emulator, &format!("{kernel}-past"), &job(inside + 1));
+        assert!(
+            !past.status.success(),
+            "{kernel} ran past its buffer unstopped"
+        );
+        String::from_utf8_lossy(&past.stderr).into_owned()
     };
-    // Within bounds it runs; one element further it is stopped, at the kernel's read.
-    let inside = run_job(&emulator, "past-the-end-inside", &job(3));
-    assert!(
-        inside.status.success(),
-        "{}",
-        String::from_utf8_lossy(&inside.stderr)
-    );
-    let past = run_job(&emulator, "past-the-end", &job(4));
-    let stderr = String::from_utf8_lossy(&past.stderr);
-    assert!(!past.status.success());
+    let stderr = stopped("shift_left", 3);
     assert!(
         stderr.contains("heap-buffer-overflow") && stderr.contains("READ of size 4"),
         "{stderr}"
     );
     assert!(stderr.contains("shift_left"), "{stderr}");
     // And a write past a `__shared__` array.
-    let job = |n: i32| {
-        format!("buffer Input 16 -\nbuffer Output 16 -\nlaunch stage_in_shared 1 1 32 b:Input b:Output i:{n}\n")
-    };
-    let inside = run_job(&emulator, "shared-inside", &job(4));
-    assert!(
-        inside.status.success(),
-        "{}",
-        String::from_utf8_lossy(&inside.stderr)
-    );
-    let past = run_job(&emulator, "shared-past-the-end", &job(5));
-    let stderr = String::from_utf8_lossy(&past.stderr);
-    assert!(!past.status.success());
+    let stderr = stopped("stage_in_shared", 4);
     // UBSan sees the array's bound first; ASan's redzone would stop it otherwise.
     assert!(
         stderr.contains("index 4 out of bounds for type 'float [4]'")

@@ -104,6 +104,28 @@ __device__ __forceinline__ void flash_zero(float acc[8][4]) {
     }
 }
 
+// Backward's two products of a warp's 16 rows with a 64-row tile, over the 64-deep head:
+// c = A · Bᵀ and d = E · Fᵀ, where A and E are the warp's A registers (four k-steps) and
+// B and F shared tiles of 64 rows (element (n, k) at tile[n · FLASH_PAD + k]). dq's kernel
+// takes the scores and dO·Vᵀ, dk/dv's their transposes; interleaved, so each k-step's two
+// products are in flight together.
+__device__ __forceinline__ void flash_two_products(
+    float c[8][4], const unsigned a[4][4], const unsigned short* b,
+    float d[8][4], const unsigned e[4][4], const unsigned short* f, int group, int pair)
+{
+    flash_zero(c);
+    flash_zero(d);
+    for (int kk = 0; kk < 4; ++kk) {
+        for (int nt = 0; nt < 8; ++nt) {
+            unsigned regs[2];
+            flash_b(regs, b, nt * 8, kk, group, pair);
+            mma_bf16_16x8x16(c[nt], a[kk], regs);
+            flash_b(regs, f, nt * 8, kk, group, pair);
+            mma_bf16_16x8x16(d[nt], e[kk], regs);
+        }
+    }
+}
+
 // Where a block is: which (sample, head), which tile of its rows, and its warp's lanes.
 struct FlashBlock {
     long long sample_head;
@@ -351,17 +373,7 @@ extern "C" __global__ void flash_attention_dq_bf16(
             continue;
         }
         float s[8][4], dp[8][4];
-        flash_zero(s);
-        flash_zero(dp);
-        for (int kk = 0; kk < 4; ++kk) {
-            for (int nt = 0; nt < 8; ++nt) {
-                unsigned b[2];
-                flash_b(b, keys, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(s[nt], qa[kk], b);
-                flash_b(b, values, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(dp[nt], ga[kk], b);
-            }
-        }
+        flash_two_products(s, qa, keys, dp, ga, values, f.group, f.pair);
         for (int nt = 0; nt < 8; ++nt) {
             for (int i = 0; i < 4; ++i) {
                 const int h = i >> 1;
@@ -462,17 +474,7 @@ extern "C" __global__ void flash_attention_dkv_bf16(
             continue;
         }
         float p[8][4], ds[8][4];
-        flash_zero(p);
-        flash_zero(ds);
-        for (int kk = 0; kk < 4; ++kk) {
-            for (int nt = 0; nt < 8; ++nt) {
-                unsigned b[2];
-                flash_b(b, queries, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(p[nt], ka[kk], b);
-                flash_b(b, grads, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(ds[nt], va[kk], b);
-            }
-        }
+        flash_two_products(p, ka, queries, ds, va, grads, f.group, f.pair);
         for (int nt = 0; nt < 8; ++nt) {
             for (int i = 0; i < 4; ++i) {
                 const int at = key[i >> 1];
