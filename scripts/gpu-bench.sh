@@ -65,6 +65,9 @@ row = {
     "mmpipe_optimizer_share": max(p[6] for _, p in a["phases_ms"]) / a["step_ms_median"],
     "mmpipe_gpu_tensor_peak_mib": a.get("gpu_tensor_peak_mib"),
     "openclip_peak_gpu_mem_gib": b["peak_gpu_mem_gib"],
+    # The planner's step and memory for the same run (mmpipe plan's cost model).
+    "mmpipe_predicted_step_ms": (a.get("predicted") or {}).get("step_ms"),
+    "mmpipe_predicted_memory_gib": ((a.get("predicted") or {}).get("memory_bytes") or 0) / 2**30 or None,
 }
 with open(summary, "a") as f:
     f.write(json.dumps(row) + "\n")

@@ -50,6 +50,43 @@ impl BenchOptions {
     }
 }
 
+/// What the planner predicts for the benched step (`mmpipe plan` on the same topology,
+/// model, batch and settings), to set beside what was measured.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Prediction {
+    pub step_ms: f64,
+    /// The busiest device's compute and communication, and its idle time.
+    pub compute_ms: f64,
+    pub comm_ms: f64,
+    pub idle_ms: f64,
+    /// The fullest device's peak bytes.
+    pub memory_bytes: f64,
+}
+
+impl BenchOptions {
+    /// The planner's step for these options; None where the topology gives the cost model
+    /// nothing to go on (no device kinds or links).
+    pub fn prediction(&self) -> Result<Option<Prediction>> {
+        let cfg = self.train_config(self.steps);
+        let options = cfg.cost_options(self.topology.device);
+        let plan = crate::plan::Plan::new(&self.topology, &self.model, &options)?;
+        Ok(plan.split.map(|s| {
+            let busiest = s
+                .classes
+                .iter()
+                .max_by(|a, b| (a.compute_s + a.comm_s).total_cmp(&(b.compute_s + b.comm_s)))
+                .expect("a layout has devices");
+            Prediction {
+                step_ms: 1e3 * s.step_s,
+                compute_ms: 1e3 * busiest.compute_s,
+                comm_ms: 1e3 * busiest.comm_s,
+                idle_ms: 1e3 * busiest.idle_s,
+                memory_bytes: s.rank_memory_bytes.iter().copied().fold(0.0, f64::max),
+            }
+        }))
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub batch: usize,
@@ -78,6 +115,8 @@ pub struct BenchReport {
     pub phases_ms: Vec<(String, [f64; 7])>,
     /// "fp32" or "bf16".
     pub precision: String,
+    /// The planner's, for the same step (None: no cost model for this topology).
+    pub predicted: Option<Prediction>,
 }
 
 /// The anchor's optimizer and schedule (AdamW lr 1e-4, weight decay 0.1, betas 0.9/0.98,
@@ -237,6 +276,7 @@ pub fn run(opts: &BenchOptions, threads: usize, gemm_peak: f64) -> Result<BenchR
             Precision::Fp32 => "fp32".into(),
             Precision::Bf16 => "bf16".into(),
         },
+        predicted: opts.prediction()?,
     })
 }
 
@@ -268,5 +308,54 @@ mod tests {
         assert_eq!(cfg.grad_all_reduce, GradReduce::Bf16);
         assert!(!cfg.tf32 && !cfg.grad_overlap && !cfg.feature_overlap && !cfg.flash_attention);
         assert_eq!(cfg.grad_bucket_mb, 3.0);
+    }
+
+    /// The bench's prediction is `mmpipe plan`'s for the same step: its step time, the
+    /// busiest device's split, the fullest device's memory; flash attention's setting
+    /// reaches it (bf16 on a GPU keeps no attention probabilities); a topology with no
+    /// device kinds gets none.
+    #[test]
+    fn the_bench_predicts_what_the_planner_predicts() {
+        // ViT-B/32: heads of 64, which flash attention takes.
+        let model = ClipConfig::from_file(std::path::Path::new("configs/ViT-B-32.toml")).unwrap();
+        let on = |path: &str, flash_attention: bool| BenchOptions {
+            model: model.clone(),
+            topology: Topology::from_file(std::path::Path::new(path)).unwrap(),
+            batch: 64,
+            steps: 2,
+            warmup: 1,
+            precision: None,
+            grad_reduce: GradReduce::Fp32,
+            tf32: true,
+            grad_overlap: true,
+            grad_bucket_mb: 25.0,
+            feature_overlap: true,
+            flash_attention,
+        };
+        let opts = on("topology/gpu-1x1.toml", true);
+        let got = opts
+            .prediction()
+            .unwrap()
+            .expect("gpu-1x1 declares a device kind");
+        let options = opts.train_config(2).cost_options(opts.topology.device);
+        let split = crate::plan::Plan::new(&opts.topology, &opts.model, &options)
+            .unwrap()
+            .split
+            .unwrap();
+        assert_eq!(got.step_ms, 1e3 * split.step_s);
+        assert_eq!(got.memory_bytes, split.classes[0].memory.total);
+        assert!((got.compute_ms + got.comm_ms + got.idle_ms - got.step_ms).abs() < 1e-9);
+        let kept = on("topology/gpu-1x1.toml", false)
+            .prediction()
+            .unwrap()
+            .unwrap();
+        assert!(
+            kept.memory_bytes > got.memory_bytes,
+            "{kept:?} against {got:?}"
+        );
+        assert_eq!(
+            on("topology/cpu-1x1.toml", true).prediction().unwrap(),
+            None
+        );
     }
 }

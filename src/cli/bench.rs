@@ -129,18 +129,54 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     summary::print_phases(&report.phases_ms);
     let mut json = serde_json::to_value(&report)?;
+    let mut tensor_peak = None;
     if topology.device == DeviceKind::Cuda {
         let device = rank_device(&topology, 0)?;
         if let Some(peak) = mmpipe::comm::device::tensor_memory_peak(&device) {
             let mib = peak as f64 / 1048576.0;
             println!("peak GPU memory of tensors (the allocator's high-water mark): {mib:.0} MiB");
             json["gpu_tensor_peak_mib"] = serde_json::json!(mib);
+            tensor_peak = Some(peak as f64);
         }
     }
+    print_prediction(&report, &topology, tensor_peak);
     if let Some(mib) = summary::print_memory() {
         json["gpu_device_peak_mib"] = serde_json::json!(mib);
     }
     json["device"] = serde_json::json!(topology.device.to_string());
     println!("RESULT_JSON {json}");
     Ok(())
+}
+
+/// The planner's step beside the measured one: how far the cost model is off, in time
+/// and, on a GPU, in memory (the allocator's peak against the fullest device's estimate).
+fn print_prediction(report: &bench::BenchReport, topology: &Topology, tensor_peak: Option<f64>) {
+    let Some(p) = &report.predicted else {
+        println!(
+            "planner: no prediction for {} (it declares no device kinds or links to rate; \
+             `mmpipe plan --calibrate` measures this machine's rate)",
+            topology.source.display()
+        );
+        return;
+    };
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    println!(
+        "planner: step {:.1} ms predicted (busiest device: compute {:.1}, comm {:.1}, idle {:.1}), \
+         measured {:.1} ms = {:.2}x the prediction; memory {:.1} GiB a device predicted{}",
+        p.step_ms,
+        p.compute_ms,
+        p.comm_ms,
+        p.idle_ms,
+        report.step_ms_median,
+        report.step_ms_median / p.step_ms,
+        gib(p.memory_bytes),
+        match tensor_peak {
+            Some(peak) => format!(
+                ", tensors' peak {:.1} GiB = {:.2}x",
+                gib(peak),
+                peak / p.memory_bytes
+            ),
+            None => String::new(),
+        }
+    );
 }
