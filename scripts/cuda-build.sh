@@ -62,8 +62,11 @@ for line in sys.stdin:
   mkdir -p "$bundle"
   strip -o "$bundle/mmpipe" "$CARGO_TARGET_DIR/$profile_dir/mmpipe"
   strip -o "$bundle/suite" "$suite"
+  # The commit the executables were built from (the device machine gets no .git): what
+  # scripts/gpu-run.sh reports as measured.
+  echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src tests Cargo.toml Cargo.lock vendor 2>/dev/null || echo '+uncommitted')" >"$bundle/COMMIT"
   if [ "$pack" = 1 ]; then
-    tar cf - -C "$bundle" mmpipe suite | xz -9 -T2 >"$bundle/mmpipe-gpu.tar.xz"
+    tar cf - -C "$bundle" mmpipe suite COMMIT | xz -9 -T2 >"$bundle/mmpipe-gpu.tar.xz"
   fi
   du -h "$bundle"/*
   echo "cuda-build.sh: bundle in $bundle; on the GPU machine: bash scripts/gpu-check.sh $bundle"

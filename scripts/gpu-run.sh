@@ -32,7 +32,6 @@ stage() {
   rc=${PIPESTATUS[0]}
   say "== $name: exit $rc after $((SECONDS - start))s"
 }
-say "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
 say "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1)"
 # Unpack once: every script below takes the directory.
 unpacked=$(mktemp -d)
@@ -40,6 +39,9 @@ if [ -f "$bundle" ]; then
   tar xJf "$bundle" -C "$unpacked" || { say "cannot unpack $bundle"; exit 2; }
   bundle="$unpacked"
 fi
+# The commit the bundle's executables were built from (scripts/cuda-build.sh writes it;
+# the working tree's own commit, where .git travelled, for the scripts).
+say "bundle built at $(cat "$bundle/COMMIT" 2>/dev/null || echo 'an unknown commit (no COMMIT in the bundle)'); scripts at $(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no .git here)')"
 stages=" ${STAGES:-checks bench baseline decode profile} "
 wants() { [[ "$stages" == *" $1 "* ]]; }
 read -r -a bench_models <<<"${BENCH_MODELS:-ViT-B-16 ViT-B-32}"
