@@ -24,6 +24,25 @@ __device__ __forceinline__ unsigned short bf16_bits(float x) {
     return (unsigned short)(u >> 16);
 }
 
+// The tensor that block `block` belongs to: a binary search over the descriptors' first
+// blocks (field `first` of each descriptor's `fields` u64s), which rise with the index.
+// grad_norm.cu, compiled after this file, finds its tensors the same way.
+__device__ __forceinline__ int tensor_of_block(
+    const unsigned long long* desc, int tensors, int fields, int first, unsigned long long block)
+{
+    int lo = 0;
+    int hi = tensors - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (desc[fields * mid + first] <= block) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
 extern "C" __global__ void adamw_multi_tensor(
     const unsigned long long* __restrict__ desc,
     int tensors,
@@ -38,17 +57,7 @@ extern "C" __global__ void adamw_multi_tensor(
     float decay_factor)
 {
     const unsigned long long block = blockIdx.x;
-    int lo = 0;
-    int hi = tensors - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (desc[8 * mid + 6] <= block) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    const unsigned long long* d = desc + 8 * lo;
+    const unsigned long long* d = desc + 8 * tensor_of_block(desc, tensors, 8, 6, block);
     float* w = (float*)d[0];
     float* m = (float*)d[1];
     float* v = (float*)d[2];

@@ -14,7 +14,7 @@
 use candle_core::cuda_backend::cudarc::driver::{
     CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::CudaDType;
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Storage, Tensor};
 
 use super::{AdamWConfig, Slot};
@@ -67,6 +67,34 @@ fn address<T: CudaDType>(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     Ok(base + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
 }
 
+/// The optimizer's source as PTX for this device's compute capability (compiled once per
+/// process): both kernels load from it, as one module.
+fn device_ptx(device: &CudaDevice) -> Result<String> {
+    let (major, minor) = device
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| Error::Cuda(format!("the GPU's compute capability: {e:?}")))?;
+    ptx(major, minor)
+}
+
+/// The module both kernels load from.
+const MODULE: &str = "mmpipe_adamw";
+
+/// A one-dimensional launch of `blocks` blocks of `threads` (`what`: the kernel, for the
+/// error).
+fn grid(blocks: usize, threads: usize, what: &str) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            u32::try_from(blocks).map_err(|_| Error::Cuda(format!("{what}: too many blocks")))?,
+            1,
+            1,
+        ),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// One AdamW step over every slot in one launch (what [`applies`] accepted).
 pub(super) fn step(
     slots: &[Slot],
@@ -109,11 +137,7 @@ pub(super) fn step(
     let tensors = l.descriptors.len() as i32;
     let blocks = l.blocks;
     let desc = device.clone_htod(&desc)?;
-    let (major, minor) = stream
-        .context()
-        .compute_capability()
-        .map_err(|e| Error::Cuda(format!("the GPU's compute capability: {e:?}")))?;
-    let func = device.get_or_load_custom_func(KERNEL, "mmpipe_adamw", &ptx(major, minor)?)?;
+    let func = device.get_or_load_custom_func(KERNEL, MODULE, &device_ptx(&device)?)?;
     let args = l.scalars;
     let mut launch = func.builder();
     launch.arg(&desc);
@@ -121,15 +145,7 @@ pub(super) fn step(
     for a in &args {
         launch.arg(a);
     }
-    let config = LaunchConfig {
-        grid_dim: (
-            u32::try_from(blocks).map_err(|_| Error::Cuda("AdamW: too many blocks".into()))?,
-            1,
-            1,
-        ),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let config = grid(blocks, THREADS, "AdamW")?;
     // SAFETY: every address is a live f32 (bf16 for copies) buffer of `n` elements on this
     // stream's device, held by `slots` and `grads` until the launch is done (the stream
     // orders it before any later use or free); the arguments match the kernel's signature.
@@ -176,11 +192,7 @@ pub fn sum_of_squares(grads: &[Tensor]) -> Result<f64> {
     let desc = device.clone_htod(&desc)?;
     // SAFETY: the kernel writes every one of the `blocks` slots before the read below.
     let partials = unsafe { device.alloc::<f32>(l.blocks)? };
-    let (major, minor) = stream
-        .context()
-        .compute_capability()
-        .map_err(|e| Error::Cuda(format!("the GPU's compute capability: {e:?}")))?;
-    let func = device.get_or_load_custom_func(NORM_KERNEL, "mmpipe_adamw", &ptx(major, minor)?)?;
+    let func = device.get_or_load_custom_func(NORM_KERNEL, MODULE, &device_ptx(&device)?)?;
     let out = {
         let (ptr, _sync) = partials.device_ptr(&stream);
         ptr
@@ -189,16 +201,7 @@ pub fn sum_of_squares(grads: &[Tensor]) -> Result<f64> {
     launch.arg(&desc);
     launch.arg(&tensors);
     launch.arg(&out);
-    let config = LaunchConfig {
-        grid_dim: (
-            u32::try_from(l.blocks)
-                .map_err(|_| Error::Cuda("sum of squares: too many blocks".into()))?,
-            1,
-            1,
-        ),
-        block_dim: (NORM_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let config = grid(l.blocks, NORM_THREADS, "sum of squares")?;
     // SAFETY: every address is a live, contiguous f32 buffer of its element count on this
     // stream's device, held by `grads` until the read back below waits for the kernel;
     // `out` holds `blocks` f32s; the arguments match the kernel's signature.
