@@ -156,6 +156,52 @@ fn run_job(emulator: &Path, name: &str, job: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `body` (the job's buffers and launches) on `emulator` twice: blocks and threads
+/// in index order, then reversed. The bytes of each buffer named in `outputs` must agree:
+/// no kernel's result may depend on the order its threads run in between barriers (the
+/// race check a fixed schedule would otherwise hide). Returns them, in `outputs`' order.
+fn in_both_schedules(
+    emulator: &Path,
+    name: &str,
+    dir: &Path,
+    body: &str,
+    outputs: &[String],
+) -> Vec<Vec<u8>> {
+    let mut results = Vec::new();
+    for order in ["forward", "reversed"] {
+        let mut job = format!("schedule {order}\n{body}");
+        for id in outputs {
+            job.push_str(&format!(
+                "write {id} {}\n",
+                dir.join(format!("{id}.{order}.out")).display()
+            ));
+        }
+        std::fs::write(dir.join("job"), job).unwrap();
+        let out = std::process::Command::new(emulator)
+            .arg(dir.join("job"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name} ({order} schedule): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes: Vec<Vec<u8>> = outputs
+            .iter()
+            .map(|id| std::fs::read(dir.join(format!("{id}.{order}.out"))).unwrap())
+            .collect();
+        results.push(bytes);
+    }
+    let forward = results.swap_remove(0);
+    for ((id, a), b) in outputs.iter().zip(&forward).zip(&results[0]) {
+        assert!(
+            a == b,
+            "{name}: {id} differs between the forward and the reversed schedule (a race: a read of another thread's or block's write with no barrier between)"
+        );
+    }
+    forward
+}
+
 /// Runs `plan` on the emulator with `buffers` (bytes by role, plus the plan's scratch),
 /// and returns every buffer as the kernels left it.
 fn run(name: &str, plan: &Plan, buffers: &BTreeMap<Buffer, Vec<u8>>) -> BTreeMap<Buffer, Vec<u8>> {
@@ -195,47 +241,9 @@ fn run(name: &str, plan: &Plan, buffers: &BTreeMap<Buffer, Vec<u8>>) -> BTreeMap
         }
         job.push('\n');
     }
-    // Twice: blocks and threads in index order, then reversed. The bytes must agree: no
-    // kernel's result may depend on the order its threads run in between barriers (the
-    // race check a fixed schedule would otherwise hide).
-    let mut results = Vec::new();
-    for order in ["forward", "reversed"] {
-        let mut job = format!("schedule {order}\n{job}");
-        for b in all.keys() {
-            job.push_str(&format!(
-                "write {} {}\n",
-                id(b),
-                dir.join(format!("{}.{order}.out", id(b))).display()
-            ));
-        }
-        std::fs::write(dir.join("job"), job).unwrap();
-        let out = std::process::Command::new(emulator())
-            .arg(dir.join("job"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name} ({order} schedule): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: BTreeMap<Buffer, Vec<u8>> = all
-            .keys()
-            .map(|b| {
-                (
-                    *b,
-                    std::fs::read(dir.join(format!("{}.{order}.out", id(b)))).unwrap(),
-                )
-            })
-            .collect();
-        results.push(result);
-    }
-    let result = results.swap_remove(0);
-    for (b, bytes) in &result {
-        assert!(
-            results[0][b] == *bytes,
-            "{name}: {b:?} differs between the forward and the reversed schedule (a race: a read of another thread's or block's write with no barrier between)"
-        );
-    }
+    let ids: Vec<String> = all.keys().map(id).collect();
+    let bytes = in_both_schedules(emulator(), name, &dir, &job, &ids);
+    let result: BTreeMap<Buffer, Vec<u8>> = all.keys().copied().zip(bytes).collect();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -1323,24 +1331,12 @@ fn the_grad_norm_kernel_equals_the_f64_sum_of_squares() {
             optim::NORM_THREADS,
             launch.descriptors.len()
         ));
-        let mut outputs = Vec::new();
-        for order in ["forward", "reversed"] {
-            let out_path = dir.join(format!("partials.{order}.out"));
-            let job = format!(
-                "schedule {order}\n{body}write partials {}\n",
-                out_path.display()
-            );
-            let out = run_job(adamw_emulator(), &format!("grad-norm-{order}"), &job);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            outputs.push(std::fs::read(&out_path).unwrap());
-        }
-        assert_eq!(
-            outputs[0], outputs[1],
-            "the partials differ between schedules"
+        let outputs = in_both_schedules(
+            adamw_emulator(),
+            "grad-norm",
+            &dir,
+            &body,
+            &["partials".into()],
         );
         let partials: Vec<f32> = outputs[0]
             .chunks(4)
