@@ -1,8 +1,9 @@
 // A CPU emulator of the CUDA our kernels use, so that their sources (src/model/fused/*.cu,
 // compiled for the GPU by NVRTC) compile with g++ and run on any machine: each block's
 // threads are coroutines (ucontext), `__syncthreads` a barrier across them, a warp shuffle
-// a barrier across the warp's 32 threads around a shared exchange slot, `__shared__` a
-// static (blocks run one at a time). What this checks: indexing, reductions, their order,
+// (and the warp-wide mma and ldmatrix) a barrier across the warp's 32 threads around a
+// shared exchange slot, `__shared__` a static (blocks run one at a time). Each warp runs
+// ahead of the others up to its next `__syncthreads`, so a missing one shows. What this checks: indexing, reductions, their order,
 // the bf16 rounding, and the host's launch sequence (tests/suite/kernels.rs); with the
 // sanitizers the suite builds it with, bounds; with its two schedules (`reversed`), races
 // between barriers. What it cannot: speed, and what only a GPU's memory model or a
@@ -116,51 +117,61 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
                 b.waits[t] = Wait::None;
             }
             std::vector<bool> runnable(threads, true);
-            for (;;) {
-                for (unsigned i = 0; i < threads; ++i) {
-                    const unsigned t = reversed ? threads - 1 - i : i;
-                    if (!runnable[t]) continue;
-                    runnable[t] = false;
-                    b.current = t;
-                    threadIdx = dim3{t, 0, 0};
-                    swapcontext(&b.scheduler, &b.contexts[t]);
+            // Releases warp w's threads if all of them (the live ones) wait at a warp
+            // barrier (a shuffle, an mma, an ldmatrix).
+            auto release_warp = [&](unsigned w) {
+                bool any = false, all = true;
+                for (unsigned t = 32 * w; t < threads && t < 32 * w + 32; ++t) {
+                    if (b.waits[t] == Wait::Warp) any = true;
+                    else if (b.waits[t] != Wait::Done) all = false;
                 }
-                // Everyone is at a barrier or done: release what is complete.
-                bool live = false, released = false;
-                bool all_at_block = true;
+                if (!(any && all)) return false;
+                for (unsigned t = 32 * w; t < threads && t < 32 * w + 32; ++t) {
+                    if (b.waits[t] == Wait::Warp) {
+                        b.waits[t] = Wait::None;
+                        runnable[t] = true;
+                    }
+                }
+                return true;
+            };
+            const unsigned warps = (threads + 31) / 32;
+            for (;;) {
+                // Each warp in turn runs as far as it can, through its warp barriers, up to
+                // a __syncthreads (or its end) before the next warp starts: warps get ahead
+                // of one another between block barriers, as on a GPU they may, so a warp
+                // reading shared memory that another has yet to write (a missing
+                // __syncthreads) reads stale bytes in one of the two schedules.
+                for (unsigned wi = 0; wi < warps; ++wi) {
+                    const unsigned w = reversed ? warps - 1 - wi : wi;
+                    const unsigned lanes = threads - 32 * w < 32 ? threads - 32 * w : 32;
+                    do {
+                        for (unsigned i = 0; i < lanes; ++i) {
+                            const unsigned t = 32 * w + (reversed ? lanes - 1 - i : i);
+                            if (!runnable[t]) continue;
+                            runnable[t] = false;
+                            b.current = t;
+                            threadIdx = dim3{t, 0, 0};
+                            swapcontext(&b.scheduler, &b.contexts[t]);
+                        }
+                    } while (release_warp(w));
+                }
+                // Every thread is at a block barrier or done, unless a warp's lanes wait at
+                // different barriers.
+                bool live = false, all_at_block = true;
                 for (unsigned t = 0; t < threads; ++t) {
                     if (b.waits[t] != Wait::Done) live = true;
                     if (b.waits[t] == Wait::Warp) all_at_block = false;
                 }
                 if (!live) break;
-                for (unsigned w = 0; w * 32 < threads; ++w) {
-                    bool any = false, all = true;
-                    for (unsigned t = 32 * w; t < threads && t < 32 * w + 32; ++t) {
-                        if (b.waits[t] == Wait::Warp) any = true;
-                        else if (b.waits[t] != Wait::Done) all = false;
-                    }
-                    if (any && all) {
-                        for (unsigned t = 32 * w; t < threads && t < 32 * w + 32; ++t) {
-                            if (b.waits[t] == Wait::Warp) {
-                                b.waits[t] = Wait::None;
-                                runnable[t] = true;
-                            }
-                        }
-                        released = true;
-                    }
-                }
-                if (!released && all_at_block) {
-                    for (unsigned t = 0; t < threads; ++t) {
-                        if (b.waits[t] == Wait::Block) {
-                            b.waits[t] = Wait::None;
-                            runnable[t] = true;
-                            released = true;
-                        }
-                    }
-                }
-                if (!released) {
+                if (!all_at_block) {
                     std::fprintf(stderr, "emulator: deadlock in block (%u, %u): threads wait at different barriers\n", bx, by);
                     std::exit(3);
+                }
+                for (unsigned t = 0; t < threads; ++t) {
+                    if (b.waits[t] == Wait::Block) {
+                        b.waits[t] = Wait::None;
+                        runnable[t] = true;
+                    }
                 }
             }
         }
@@ -230,6 +241,44 @@ inline void mma_bf16_16x8x16(float* d, const unsigned* a, const unsigned* b) {
     // No lane deposits its next registers before every lane has read these.
     yield(Wait::Warp);
     for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// A GPU faults on a vector access, or an ldmatrix row, that is not aligned to its size:
+// so does the emulator, naming it.
+inline void check_aligned(const void* p, std::size_t bytes, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "emulator: %s at %p, not %zu-byte aligned (thread %u of block (%u, %u))\n",
+                     what, p, bytes, threadIdx.x, blockIdx.x, blockIdx.y);
+        std::exit(4);
+    }
+}
+
+// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16` over the warp: lane l deposits the
+// address of row l % 8 of matrix l / 8; once every lane has, each takes for matrix i the
+// register of (row l / 4, columns 2 (l % 4), +1), or transposed (rows 2 (l % 4), +1,
+// column l / 4), the lower index in the low half. Each row is read whole (16 bytes), so
+// the sanitizers check all of it, as the instruction reads it.
+inline void ldmatrix_x4(unsigned* r, const unsigned short* row, bool trans) {
+    Block& blk = *block;
+    const unsigned t = threadIdx.x;
+    check_aligned(row, 16, "an ldmatrix row");
+    blk.slots[t] = reinterpret_cast<std::uintptr_t>(row);
+    yield(Wait::Warp);
+    const unsigned base = t / 32 * 32, lane = t % 32;
+    auto element = [&](unsigned matrix, unsigned i, unsigned j) {
+        unsigned short values[8];
+        std::memcpy(values, reinterpret_cast<const void*>(blk.slots[base + 8 * matrix + i]), sizeof values);
+        return (unsigned)values[j];
+    };
+    unsigned out[4];
+    for (unsigned m = 0; m < 4; ++m) {
+        const unsigned a = lane / 4, b = 2 * (lane % 4);
+        out[m] = trans ? element(m, b, a) | (element(m, b + 1, a) << 16)
+                       : element(m, a, b) | (element(m, a, b + 1) << 16);
+    }
+    // No lane deposits its next address before every lane has read these.
+    yield(Wait::Warp);
+    for (int i = 0; i < 4; ++i) r[i] = out[i];
 }
 
 }  // namespace emulator

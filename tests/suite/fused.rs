@@ -1319,6 +1319,42 @@ mod cuda {
                 }
             }
         }
+        // Projections that start one element into their buffer (a contiguous view off the
+        // kernels' 16-byte boundary): copied to a fresh one first, the same values.
+        let len = 77;
+        let qkv = Tensor::randn(0f32, 1.0, (n, len, 3 * width), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let g = Tensor::randn(0f32, 1.0, (n, len, width), &Device::Cpu).unwrap();
+        let one_element_in = |x: &Tensor| {
+            let front = Tensor::zeros(1, x.dtype(), x.device()).unwrap();
+            let flat = Tensor::cat(&[&front, &x.flatten_all().unwrap()], 0).unwrap();
+            let view = flat
+                .narrow(0, 1, x.elem_count())
+                .unwrap()
+                .reshape(x.shape())
+                .unwrap();
+            assert!(view.is_contiguous() && view.layout().start_offset() == 1);
+            view
+        };
+        let reference = value_and_grad(
+            &|x| fused::attention_plain(x, heads, None).unwrap(),
+            &qkv.to_dtype(DType::F64).unwrap(),
+            &g.to_dtype(DType::F64).unwrap(),
+        );
+        let shifted = value_and_grad(
+            &|x| fused::attention(&one_element_in(x), heads, None).unwrap(),
+            &qkv.to_device(&dev).unwrap(),
+            &g.to_device(&dev).unwrap(),
+        );
+        for (i, part) in ["output", "d qkv"].iter().enumerate() {
+            if let Some((at, a, b)) =
+                worst_violation(&shifted[i], &reference[i], 3e-2, 1e-5, Relative::Tensor)
+            {
+                panic!("flash attention on a view one element in: {part}[{at}] is {a}, the plain ops' {b}");
+            }
+        }
     }
 
     /// `f(inputs)`'s value and every input's gradient under the weights `g`, with the

@@ -1270,6 +1270,128 @@ extern "C" __global__ void stage_in_shared(unsigned long long x, unsigned long l
     );
 }
 
+/// The emulator's `ldmatrix` (kernels.cuh's `ldmatrix_x4`, `_trans`) against the PTX ISA's
+/// fragment layout, written out here apart from any kernel that uses it: four 8×8 matrices
+/// of 16-bit values, lane l addressing row l % 8 of matrix l / 8; lane l's register i holds
+/// matrix i's (row l / 4, columns 2 (l % 4), +1), or, transposed, (rows 2 (l % 4), +1,
+/// column l / 4), the lower index in the low half. And what a GPU faults on, the emulator
+/// stops at, naming it: an ldmatrix row or a 16-byte vector load off a 16-byte boundary.
+#[test]
+fn the_emulators_ldmatrix_follows_the_ptx_layout_and_alignment_is_checked() {
+    let source = format!(
+        "{}{}",
+        include_str!("../../src/model/fused/kernels.cuh"),
+        r#"
+template <bool TRANS>
+__device__ void load_matrices(unsigned long long x, unsigned long long y, int offset) {
+    __shared__ Words4 tile[33];
+    const int lane = threadIdx.x;
+    tile[lane] = ((const Words4*)x)[lane];
+    __syncthreads();
+    unsigned r[4];
+    const unsigned short* row = (const unsigned short*)tile + 8 * lane + offset;
+    if (TRANS) {
+        ldmatrix_x4_trans(r, shared_at(row));
+    } else {
+        ldmatrix_x4(r, shared_at(row));
+    }
+    for (int i = 0; i < 4; ++i) ((unsigned*)y)[4 * lane + i] = r[i];
+}
+extern "C" __global__ void matrices(unsigned long long x, unsigned long long y, int offset) {
+    load_matrices<false>(x, y, offset);
+}
+extern "C" __global__ void matrices_trans(unsigned long long x, unsigned long long y, int offset) {
+    load_matrices<true>(x, y, offset);
+}
+extern "C" __global__ void words4(unsigned long long x, unsigned long long y, int offset) {
+    ((Words4*)y)[threadIdx.x] = load_words4((const unsigned short*)x + 8 * threadIdx.x + offset);
+}
+"#
+    );
+    let emulator = build("ldmatrix", &source);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cuda-emulator")
+        .join(format!("ldmatrix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Value v at element v: matrix m's (row i, column j) is 64 m + 8 i + j.
+    let input = dir.join("x.in");
+    std::fs::write(
+        &input,
+        // Sixteen bytes more, so that a load one element off stays inside the buffer.
+        (0u16..264)
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let job = |kernel: &str, offset: i32, out: &Path| {
+        format!(
+            "buffer Input 528 {}\nbuffer Output 512 -\nlaunch {kernel} 1 1 32 b:Input b:Output i:{offset}\nwrite Output {}\n",
+            input.display(),
+            out.display()
+        )
+    };
+    for (kernel, transposed) in [("matrices", false), ("matrices_trans", true)] {
+        let out = dir.join(format!("{kernel}.out"));
+        let ran = run_job(&emulator, kernel, &job(kernel, 0, &out));
+        assert!(
+            ran.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let words: Vec<u32> = std::fs::read(&out)
+            .unwrap()
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        for lane in 0..32u32 {
+            for m in 0..4u32 {
+                let at = |i: u32, j: u32| 64 * m + 8 * i + j;
+                let (lo, hi) = if transposed {
+                    (
+                        at(2 * (lane % 4), lane / 4),
+                        at(2 * (lane % 4) + 1, lane / 4),
+                    )
+                } else {
+                    (
+                        at(lane / 4, 2 * (lane % 4)),
+                        at(lane / 4, 2 * (lane % 4) + 1),
+                    )
+                };
+                assert_eq!(
+                    words[(4 * lane + m) as usize],
+                    lo | (hi << 16),
+                    "{kernel}: lane {lane}, matrix {m}"
+                );
+            }
+        }
+        let misaligned = run_job(&emulator, kernel, &job(kernel, 1, &out));
+        let stderr = String::from_utf8_lossy(&misaligned.stderr);
+        assert!(
+            !misaligned.status.success()
+                && stderr.contains("an ldmatrix row")
+                && stderr.contains("not 16-byte aligned"),
+            "{kernel} one element off its row's boundary: {stderr}"
+        );
+    }
+    let out = dir.join("words4.out");
+    let ran = run_job(&emulator, "words4", &job("words4", 0, &out));
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&input).unwrap()[..512]
+    );
+    let misaligned = run_job(&emulator, "words4", &job("words4", 2, &out));
+    let stderr = String::from_utf8_lossy(&misaligned.stderr);
+    assert!(
+        !misaligned.status.success() && stderr.contains("a 16-byte vector load"),
+        "a vector load 4 bytes off a 16-byte boundary: {stderr}"
+    );
+}
+
 /// The one-launch sum of squares of the gradients (`grad_norm.cu`), launched as
 /// `optim::cuda::sum_of_squares` launches it (`optim::plan::norm_launch`), against the sum
 /// in f64: sizes around its 4096-element blocks, an empty tensor among them, fresh random

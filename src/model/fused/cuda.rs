@@ -1023,8 +1023,7 @@ impl CustomOp2 for HeadsAttentionGrad<'_> {
 // Flash attention.
 
 /// Whether flash attention (`flash_attention.cu`) takes these: what [`attention_applies`]
-/// takes, in bf16, in heads of `plan::FLASH_HEAD` values, starting on an even element (its
-/// kernels read bf16 pairs as 32-bit words).
+/// takes, in bf16, in heads of `plan::FLASH_HEAD` values.
 pub fn flash_attention_applies(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> bool {
     let Ok((_, _, width3)) = qkv.dims3() else {
         return false;
@@ -1034,7 +1033,22 @@ pub fn flash_attention_applies(qkv: &Tensor, heads: usize, mask: Option<&Tensor>
         && heads > 0
         && width3 % (3 * heads) == 0
         && plan::flash_attention_takes(width3 / 3 / heads)
-        && (!qkv.is_contiguous() || qkv.layout().start_offset().is_multiple_of(2))
+}
+
+/// The bytes flash attention's kernels move at once (`load_words4`: eight bf16s), to which
+/// the packed projections and the output's gradient must be aligned.
+const FLASH_ALIGN: usize = 16;
+
+/// `t` (bf16, contiguous) starting on a 16-byte boundary: itself when it does (a fresh
+/// allocation, or a view at a multiple of 8 elements), else a copy into a fresh one
+/// (`Tensor::copy` would keep the view's offset). A GPU faults on a vector load off its
+/// size's boundary.
+fn flash_aligned(t: Tensor) -> candle_core::Result<Tensor> {
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(FLASH_ALIGN) {
+        Ok(t)
+    } else {
+        t.force_contiguous()
+    }
 }
 
 /// `softmax(q kᵀ/√d + mask) v` with the heads merged, `[n, len, w]` bf16, by the flash
@@ -1061,7 +1075,7 @@ pub fn flash_attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Res
         mask,
         lse: Mutex::new(None),
     };
-    Ok(qkv.contiguous()?.apply_op1(op)?)
+    Ok(flash_aligned(qkv.contiguous()?)?.apply_op1(op)?)
 }
 
 struct FlashAttention {
@@ -1099,17 +1113,19 @@ impl FlashAttention {
         self.samples * self.len * self.width
     }
 
-    /// The packed projections' address, which the kernels read in 32-bit words.
-    fn packed_address(
+    /// The address of the packed projections or the output's gradient, which the kernels
+    /// read 16 bytes at a time ([`flash_aligned`] made sure they can).
+    fn aligned_address(
         &self,
-        qkv: &CudaStorage,
+        what: &str,
+        t: &CudaStorage,
         layout: &Layout,
         stream: &CudaStream,
     ) -> candle_core::Result<u64> {
-        let at = storage_address(qkv, layout, stream)?;
-        if at % 4 != 0 {
+        let at = storage_address(t, layout, stream)?;
+        if !at.is_multiple_of(FLASH_ALIGN as u64) {
             return Err(cuda_err(format!(
-                "flash attention's packed projections at an odd element ({})",
+                "flash attention's {what} at {at:#x} (element {}), not on a {FLASH_ALIGN}-byte boundary",
                 layout.start_offset()
             )));
         }
@@ -1152,7 +1168,10 @@ impl CustomOp1 for FlashAttention {
         let lse = unsafe { device.alloc::<f32>(self.samples * self.heads * self.len)? };
         let addresses = self.with_mask(
             vec![
-                (Buffer::Input, self.packed_address(qkv, l, &stream)?),
+                (
+                    Buffer::Input,
+                    self.aligned_address("packed projections", qkv, l, &stream)?,
+                ),
                 (Buffer::Output, out_at),
                 (Buffer::Stats, slice_address(&lse, &stream)),
             ],
@@ -1176,7 +1195,7 @@ impl CustomOp1 for FlashAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.to_dtype(DType::BF16)?.contiguous()?;
+        let g = flash_aligned(grad.to_dtype(DType::BF16)?.contiguous()?)?;
         // The gradient as an op of its own: its output needs no zero fill first.
         Ok(Some(qkv.contiguous()?.apply_op3_no_bwd(
             &out.contiguous()?,
@@ -1235,9 +1254,15 @@ impl CustomOp3 for FlashAttentionGrad<'_> {
         let (dqkv, dqkv_at) = output(&device, DType::BF16, op.packed())?;
         let addresses = op.with_mask(
             vec![
-                (Buffer::Input, op.packed_address(qkv, lq, &stream)?),
+                (
+                    Buffer::Input,
+                    op.aligned_address("packed projections", qkv, lq, &stream)?,
+                ),
                 (Buffer::Output, storage_address(out, lo, &stream)?),
-                (Buffer::OutputGrad, storage_address(g, lg, &stream)?),
+                (
+                    Buffer::OutputGrad,
+                    op.aligned_address("output gradient", g, lg, &stream)?,
+                ),
                 (Buffer::Stats, slice_address(lse, &stream)),
                 (Buffer::InputGrad, dqkv_at),
             ],

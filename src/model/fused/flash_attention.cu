@@ -13,44 +13,42 @@
 // A block of FLASH_THREADS (4 warps) owns FLASH_TILE queries (forward, dq) or keys (dk,
 // dv) of one (sample, head); each warp 16 of them, as the A operand of m16n8k16 tensor-core
 // products (kernels.cuh) held in registers for the whole loop. The other side streams
-// through shared memory FLASH_TILE rows at a time, in both layouts the products need. No
+// through shared memory FLASH_TILE rows at a time, row-major only (16-byte loads and
+// stores); ldmatrix reads each tile into B registers straight or transposed, whichever the
+// product needs, four 8×8 matrices an instruction. No
 // atomics: dq and (dk, dv) are separate kernels, each sum in a fixed order, so a run's
 // bits repeat.
 
 #define FLASH_D 64
 #define FLASH_TILE 64
 #define FLASH_THREADS 128
-// A shared row's bf16s: 64, and 8 more so that a warp's fragment loads (rows 36 words
-// apart) fall on 32 different banks.
+// A shared row's bf16s: 64, and 8 more, so that the 8 rows an ldmatrix phase reads (16
+// bytes each, rows 36 words apart) fall on 32 different banks, and rows start on 16 bytes.
 #define FLASH_PAD 72
 #define POS_INFINITY __uint_as_float(0x7f800000u)
 
-// Rows `first`.. of one head (`src` at its first value, rows `row_stride` apart; rows from
-// `len` on read as zero) into shared memory: `rows[r][d]` and/or `cols[d][r]` (either may
-// be null), FLASH_PAD a row.
+// Rows `first`.. of one head (`src` at its first value, rows `row_stride` apart, 16-byte
+// aligned; rows from `len` on read as zero) into the shared tile `rows[r][d]`, FLASH_PAD a
+// row: sixteen bytes a thread a step, a quarter-warp's 128 bytes one row, so each step's
+// reads are whole sectors and its stores hit 32 different banks. The products that need
+// the tile along its other axis read it transposed (ldmatrix_x4_trans), so no transposed
+// copy is stored.
 __device__ void flash_load_tile(
     unsigned short* rows,
-    unsigned short* cols,
     const unsigned short* src,
     long long row_stride,
     int first,
     int len)
 {
-    for (int i = threadIdx.x; i < FLASH_TILE * (FLASH_D / 2); i += FLASH_THREADS) {
-        const int r = i / (FLASH_D / 2);
-        const int w = i % (FLASH_D / 2);
+    for (int i = threadIdx.x; i < FLASH_TILE * (FLASH_D / 8); i += FLASH_THREADS) {
+        const int r = i / (FLASH_D / 8);
+        const int c = i % (FLASH_D / 8);
         const int pos = first + r;
-        unsigned word = 0;
+        Words4 chunk = {{0u, 0u, 0u, 0u}};
         if (pos < len) {
-            word = *(const unsigned*)(src + (long long)pos * row_stride + 2 * w);
+            chunk = load_words4(src + (long long)pos * row_stride + 8 * c);
         }
-        if (rows) {
-            *(unsigned*)(rows + r * FLASH_PAD + 2 * w) = word;
-        }
-        if (cols) {
-            cols[(2 * w) * FLASH_PAD + r] = (unsigned short)(word & 0xffffu);
-            cols[(2 * w + 1) * FLASH_PAD + r] = (unsigned short)(word >> 16);
-        }
+        *(Words4*)(rows + r * FLASH_PAD + 8 * c) = chunk;
     }
 }
 
@@ -77,14 +75,41 @@ __device__ void flash_a(
     }
 }
 
-// The B registers of k-step `kk` for the 8 columns from `col0`, from a shared tile that
-// holds the reduced dimension contiguous: element (k, n) at tile[n · FLASH_PAD + k].
+// Where a lane's ldmatrix row starts in a shared tile (FLASH_PAD bf16s a row), in bytes
+// from the tile, for the B registers of n-tiles nt, nt + 1 at k-step kk: matrix j = lane / 8
+// holds n-tile nt + j / 2 and the k-step's half j % 2, its row lane % 8.
+//   straight: the tile holds the reduced dimension k contiguous, element (k, n) at
+//     tile[n · FLASH_PAD + k] (keys or queries as the rows of a score product);
+//   transposed: it holds n contiguous, element (k, n) at tile[k · FLASH_PAD + n] (values,
+//     keys or queries as the reduced side of a product with the probabilities or their
+//     gradient), read by ldmatrix_x4_trans.
+// Each is a lane's part (lane_row) plus a part the unrolled loops make constant.
+__device__ __forceinline__ unsigned flash_lane_row(int lane, bool transposed) {
+    const int j = lane >> 3;
+    const int row = lane & 7;
+    return 2u * (transposed ? (8 * (j & 1) + row) * FLASH_PAD + 8 * (j >> 1)
+                            : (8 * (j >> 1) + row) * FLASH_PAD + 8 * (j & 1));
+}
+__device__ __forceinline__ unsigned flash_step(int nt, int kk, bool transposed) {
+    return 2u * (transposed ? kk * 16 * FLASH_PAD + 8 * nt : 8 * nt * FLASH_PAD + kk * 16);
+}
+
+// The B registers of k-step `kk` for the 16 columns from `8 · nt` (two 8-column tiles,
+// b[0] and b[1]), one ldmatrix from `at`: the tile's shared address plus the lane's
+// flash_lane_row for the same `transposed`.
 __device__ __forceinline__ void flash_b(
-    unsigned* b, const unsigned short* tile, int col0, int kk, int group, int pair)
+    unsigned b[2][2], SharedAt at, int nt, int kk, bool transposed)
 {
-    const unsigned short* at = tile + (col0 + group) * FLASH_PAD + kk * 16 + 2 * pair;
-    b[0] = *(const unsigned*)at;
-    b[1] = *(const unsigned*)(at + 8);
+    unsigned r[4];
+    if (transposed) {
+        ldmatrix_x4_trans(r, at + flash_step(nt, kk, true));
+    } else {
+        ldmatrix_x4(r, at + flash_step(nt, kk, false));
+    }
+    b[0][0] = r[0];
+    b[0][1] = r[1];
+    b[1][0] = r[2];
+    b[1][1] = r[3];
 }
 
 // The A registers of k-step `kk` (16 columns) from an accumulator of 16 rows × 64 columns
@@ -104,24 +129,40 @@ __device__ __forceinline__ void flash_zero(float acc[8][4]) {
     }
 }
 
+// acc[nt] += a · B at k-step `kk` for all eight 8-column tiles of a 64-wide product, B
+// read by flash_b from `at` (a tile's address plus the lane's row for `TRANS`).
+template <bool TRANS>
+__device__ __forceinline__ void flash_mma_row(float acc[8][4], const unsigned* a, SharedAt at, int kk)
+{
+    for (int nt = 0; nt < 8; nt += 2) {
+        unsigned b[2][2];
+        flash_b(b, at, nt, kk, TRANS);
+        mma_bf16_16x8x16(acc[nt], a, b[0]);
+        mma_bf16_16x8x16(acc[nt + 1], a, b[1]);
+    }
+}
+
 // Backward's two products of a warp's 16 rows with a 64-row tile, over the 64-deep head:
 // c = A · Bᵀ and d = E · Fᵀ, where A and E are the warp's A registers (four k-steps) and
-// B and F shared tiles of 64 rows (element (n, k) at tile[n · FLASH_PAD + k]). dq's kernel
-// takes the scores and dO·Vᵀ, dk/dv's their transposes; interleaved, so each k-step's two
-// products are in flight together.
+// B and F shared tiles of 64 rows (element (n, k) at tile[n · FLASH_PAD + k]; `b`, `f`
+// their addresses plus the lane's straight row). dq's kernel takes the scores and dO·Vᵀ,
+// dk/dv's their transposes; interleaved, so each k-step's two products are in flight
+// together.
 __device__ __forceinline__ void flash_two_products(
-    float c[8][4], const unsigned a[4][4], const unsigned short* b,
-    float d[8][4], const unsigned e[4][4], const unsigned short* f, int group, int pair)
+    float c[8][4], const unsigned a[4][4], SharedAt b,
+    float d[8][4], const unsigned e[4][4], SharedAt f)
 {
     flash_zero(c);
     flash_zero(d);
     for (int kk = 0; kk < 4; ++kk) {
-        for (int nt = 0; nt < 8; ++nt) {
-            unsigned regs[2];
-            flash_b(regs, b, nt * 8, kk, group, pair);
-            mma_bf16_16x8x16(c[nt], a[kk], regs);
-            flash_b(regs, f, nt * 8, kk, group, pair);
-            mma_bf16_16x8x16(d[nt], e[kk], regs);
+        for (int nt = 0; nt < 8; nt += 2) {
+            unsigned regs[2][2];
+            flash_b(regs, b, nt, kk, false);
+            mma_bf16_16x8x16(c[nt], a[kk], regs[0]);
+            mma_bf16_16x8x16(c[nt + 1], a[kk], regs[1]);
+            flash_b(regs, f, nt, kk, false);
+            mma_bf16_16x8x16(d[nt], e[kk], regs[0]);
+            mma_bf16_16x8x16(d[nt + 1], e[kk], regs[1]);
         }
     }
 }
@@ -171,11 +212,14 @@ extern "C" __global__ void flash_attention_fwd_bf16(
     int mask_query_stride,
     float scale)
 {
-    __shared__ unsigned keys_words[FLASH_TILE * FLASH_PAD / 2];
-    __shared__ unsigned values_words[FLASH_D * FLASH_PAD / 2];
-    unsigned short* keys = (unsigned short*)keys_words;        // [key][d]
-    unsigned short* values_t = (unsigned short*)values_words;  // [d][key]
+    __shared__ Words4 keys_words[FLASH_TILE * FLASH_PAD / 8];
+    __shared__ Words4 values_words[FLASH_TILE * FLASH_PAD / 8];
+    unsigned short* keys = (unsigned short*)keys_words;      // [key][d]
+    unsigned short* values = (unsigned short*)values_words;  // [key][d]
     const FlashBlock f = flash_block(len, heads);
+    // This lane's ldmatrix rows: keys straight (S = q kᵀ), values transposed (P v).
+    const SharedAt keys_at = shared_at(keys) + flash_lane_row(f.lane, false);
+    const SharedAt values_at = shared_at(values) + flash_lane_row(f.lane, true);
     const unsigned short* q =
         (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
     const unsigned short* k = q + f.width;
@@ -200,8 +244,8 @@ extern "C" __global__ void flash_attention_fwd_bf16(
     for (int kt = 0; kt < f.tiles; ++kt) {
         const int key0 = kt * FLASH_TILE;
         __syncthreads();
-        flash_load_tile(keys, 0, k, f.row_stride, key0, len);
-        flash_load_tile(0, values_t, v, f.row_stride, key0, len);
+        flash_load_tile(keys, k, f.row_stride, key0, len);
+        flash_load_tile(values, v, f.row_stride, key0, len);
         __syncthreads();
         if (!active) {
             continue;
@@ -209,11 +253,7 @@ extern "C" __global__ void flash_attention_fwd_bf16(
         float s[8][4];
         flash_zero(s);
         for (int kk = 0; kk < 4; ++kk) {
-            for (int nt = 0; nt < 8; ++nt) {
-                unsigned b[2];
-                flash_b(b, keys, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(s[nt], qa[kk], b);
-            }
+            flash_mma_row<false>(s, qa[kk], keys_at, kk);
         }
         float top[2] = {m[0], m[1]};
         for (int nt = 0; nt < 8; ++nt) {
@@ -251,11 +291,7 @@ extern "C" __global__ void flash_attention_fwd_bf16(
         for (int kk = 0; kk < 4; ++kk) {
             unsigned pa[4];
             flash_a_from(pa, s, kk);
-            for (int nt = 0; nt < 8; ++nt) {
-                unsigned b[2];
-                flash_b(b, values_t, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(o[nt], pa, b);
-            }
+            flash_mma_row<true>(o, pa, values_at, kk);
         }
     }
     if (!active) {
@@ -330,13 +366,16 @@ extern "C" __global__ void flash_attention_dq_bf16(
     int mask_query_stride,
     float scale)
 {
-    __shared__ unsigned keys_words[FLASH_TILE * FLASH_PAD / 2];
-    __shared__ unsigned keys_t_words[FLASH_D * FLASH_PAD / 2];
-    __shared__ unsigned values_words[FLASH_TILE * FLASH_PAD / 2];
+    __shared__ Words4 keys_words[FLASH_TILE * FLASH_PAD / 8];
+    __shared__ Words4 values_words[FLASH_TILE * FLASH_PAD / 8];
     unsigned short* keys = (unsigned short*)keys_words;      // [key][d]
-    unsigned short* keys_t = (unsigned short*)keys_t_words;  // [d][key]
     unsigned short* values = (unsigned short*)values_words;  // [key][d]
     const FlashBlock f = flash_block(len, heads);
+    // This lane's ldmatrix rows: keys and values straight (S = q kᵀ, dP = dO vᵀ), keys
+    // transposed (dq = dS k).
+    const SharedAt keys_at = shared_at(keys) + flash_lane_row(f.lane, false);
+    const SharedAt values_at = shared_at(values) + flash_lane_row(f.lane, false);
+    const SharedAt keys_t_at = shared_at(keys) + flash_lane_row(f.lane, true);
     const unsigned short* q =
         (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
     const unsigned short* k = q + f.width;
@@ -366,14 +405,14 @@ extern "C" __global__ void flash_attention_dq_bf16(
     for (int kt = 0; kt < f.tiles; ++kt) {
         const int key0 = kt * FLASH_TILE;
         __syncthreads();
-        flash_load_tile(keys, keys_t, k, f.row_stride, key0, len);
-        flash_load_tile(values, 0, v, f.row_stride, key0, len);
+        flash_load_tile(keys, k, f.row_stride, key0, len);
+        flash_load_tile(values, v, f.row_stride, key0, len);
         __syncthreads();
         if (!active) {
             continue;
         }
         float s[8][4], dp[8][4];
-        flash_two_products(s, qa, keys, dp, ga, values, f.group, f.pair);
+        flash_two_products(s, qa, keys_at, dp, ga, values_at);
         for (int nt = 0; nt < 8; ++nt) {
             for (int i = 0; i < 4; ++i) {
                 const int h = i >> 1;
@@ -387,11 +426,7 @@ extern "C" __global__ void flash_attention_dq_bf16(
         for (int kk = 0; kk < 4; ++kk) {
             unsigned da[4];
             flash_a_from(da, s, kk);
-            for (int nt = 0; nt < 8; ++nt) {
-                unsigned b[2];
-                flash_b(b, keys_t, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(dq[nt], da, b);
-            }
+            flash_mma_row<true>(dq, da, keys_t_at, kk);
         }
     }
     if (!active) {
@@ -427,17 +462,19 @@ extern "C" __global__ void flash_attention_dkv_bf16(
     int mask_query_stride,
     float scale)
 {
-    __shared__ unsigned queries_words[FLASH_TILE * FLASH_PAD / 2];
-    __shared__ unsigned queries_t_words[FLASH_D * FLASH_PAD / 2];
-    __shared__ unsigned grads_words[FLASH_TILE * FLASH_PAD / 2];
-    __shared__ unsigned grads_t_words[FLASH_D * FLASH_PAD / 2];
+    __shared__ Words4 queries_words[FLASH_TILE * FLASH_PAD / 8];
+    __shared__ Words4 grads_words[FLASH_TILE * FLASH_PAD / 8];
     __shared__ float lse_s[FLASH_TILE];
     __shared__ float delta_s[FLASH_TILE];
-    unsigned short* queries = (unsigned short*)queries_words;      // [query][d]
-    unsigned short* queries_t = (unsigned short*)queries_t_words;  // [d][query]
-    unsigned short* grads = (unsigned short*)grads_words;          // [query][d]
-    unsigned short* grads_t = (unsigned short*)grads_t_words;      // [d][query]
+    unsigned short* queries = (unsigned short*)queries_words;  // [query][d]
+    unsigned short* grads = (unsigned short*)grads_words;      // [query][d]
     const FlashBlock f = flash_block(len, heads);
+    // This lane's ldmatrix rows: queries and gradients straight (Pᵀ = k qᵀ, dPᵀ = v dOᵀ),
+    // and transposed (dv = Pᵀ dO, dk = dSᵀ q).
+    const SharedAt queries_at = shared_at(queries) + flash_lane_row(f.lane, false);
+    const SharedAt grads_at = shared_at(grads) + flash_lane_row(f.lane, false);
+    const SharedAt queries_t_at = shared_at(queries) + flash_lane_row(f.lane, true);
+    const SharedAt grads_t_at = shared_at(grads) + flash_lane_row(f.lane, true);
     const unsigned short* q =
         (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
     const unsigned short* k = q + f.width;
@@ -462,8 +499,8 @@ extern "C" __global__ void flash_attention_dkv_bf16(
     for (int qt = 0; qt < f.tiles; ++qt) {
         const int q0 = qt * FLASH_TILE;
         __syncthreads();
-        flash_load_tile(queries, queries_t, q, f.row_stride, q0, len);
-        flash_load_tile(grads, grads_t, g, f.width, q0, len);
+        flash_load_tile(queries, q, f.row_stride, q0, len);
+        flash_load_tile(grads, g, f.width, q0, len);
         for (int i = threadIdx.x; i < FLASH_TILE; i += FLASH_THREADS) {
             const bool real = q0 + i < len;
             lse_s[i] = real ? lse[q0 + i] : POS_INFINITY;
@@ -474,7 +511,7 @@ extern "C" __global__ void flash_attention_dkv_bf16(
             continue;
         }
         float p[8][4], ds[8][4];
-        flash_two_products(p, ka, queries, ds, va, grads, f.group, f.pair);
+        flash_two_products(p, ka, queries_at, ds, va, grads_at);
         for (int nt = 0; nt < 8; ++nt) {
             for (int i = 0; i < 4; ++i) {
                 const int at = key[i >> 1];
@@ -493,13 +530,8 @@ extern "C" __global__ void flash_attention_dkv_bf16(
             unsigned pa[4], da[4];
             flash_a_from(pa, p, kk);
             flash_a_from(da, ds, kk);
-            for (int nt = 0; nt < 8; ++nt) {
-                unsigned b[2];
-                flash_b(b, grads_t, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(dv[nt], pa, b);
-                flash_b(b, queries_t, nt * 8, kk, f.group, f.pair);
-                mma_bf16_16x8x16(dk[nt], da, b);
-            }
+            flash_mma_row<true>(dv, pa, grads_t_at, kk);
+            flash_mma_row<true>(dk, da, queries_t_at, kk);
         }
     }
     if (!active) {

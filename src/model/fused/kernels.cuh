@@ -130,6 +130,64 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float* d, const unsigned* a, co
 }
 #endif
 
+// Sixteen bytes, moved as one vector load or store (`ld.v4.u32`): eight bf16s. Global
+// addresses moved this way must be 16-byte aligned, as a GPU faults on one that is not
+// (the emulator stops there too).
+struct alignas(16) Words4 {
+    unsigned w[4];
+};
+
+__device__ __forceinline__ Words4 load_words4(const unsigned short* p) {
+#ifndef __CUDA_ARCH__
+    emulator::check_aligned(p, 16, "a 16-byte vector load");
+#endif
+    return *(const Words4*)p;
+}
+
+// Four 8×8 matrices of 16-bit values from shared memory, one register of each per lane
+// (`ldmatrix.sync.aligned.m8n8.x4.shared.b16`, the whole warp calling): lane l gives the
+// address of row l % 8 of matrix l / 8 (8 contiguous values, 16-byte aligned), and receives
+// in r[i] matrix i's (row l / 4, columns 2 (l % 4), +1), the lower column in the low half:
+// the layout of mma_bf16_16x8x16's operand registers. `_trans` gives each lane the
+// transposed matrix's instead: (rows 2 (l % 4), +1, column l / 4), so a tile stored
+// row-major along the product's n yields B registers that run along k.
+//
+// The address is a `SharedAt`: a shared-space byte address, converted from a pointer once
+// (`shared_at`) and offset by plain integer adds, which the compiler folds into the
+// instruction's immediate offset. Converting each pointer inside the asm instead hid the
+// offsets from it: flash attention's dq kernel kept every (k-step, n-tile) address live
+// across its loop, 239 registers where 164 do.
+#ifdef __CUDA_ARCH__
+typedef unsigned SharedAt;
+__device__ __forceinline__ SharedAt shared_at(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 u; cvta.to.shared.u64 u, %1; cvt.u32.u64 %0, u; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, SharedAt at) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, SharedAt at) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+}
+#else
+// The emulator's shared memory is host memory: the address is the pointer itself.
+typedef unsigned long long SharedAt;
+__device__ __forceinline__ SharedAt shared_at(const void* p) {
+    return (SharedAt)p;
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, SharedAt at) {
+    emulator::ldmatrix_x4(r, (const unsigned short*)at, false);
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, SharedAt at) {
+    emulator::ldmatrix_x4(r, (const unsigned short*)at, true);
+}
+#endif
+
 // Two values rounded to bf16 in one register, `lo` in the low half.
 __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
     return (unsigned)bf16_bits(lo) | ((unsigned)bf16_bits(hi) << 16);
