@@ -60,6 +60,16 @@ struct Block {
     std::vector<unsigned long long> slots;
     // Each thread's operand registers of a warp's matrix multiply-accumulate (mma).
     std::vector<unsigned> fragments;
+    // Each thread's asynchronous copies (cp.async) not yet performed, and the number of
+    // groups it has committed.
+    struct AsyncCopy {
+        void* dst;
+        const void* src;
+        bool valid;
+        unsigned group;
+    };
+    std::vector<std::vector<AsyncCopy>> copies;
+    std::vector<unsigned> groups;
     ucontext_t scheduler;
     unsigned current = 0;
     const std::function<void()>* kernel = nullptr;
@@ -101,6 +111,8 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
     b.waits.assign(threads, Wait::None);
     b.slots.assign(threads, 0);
     b.fragments.assign(threads * FRAGMENT_WORDS, 0);
+    b.copies.assign(threads, {});
+    b.groups.assign(threads, 0);
     b.kernel = &kernel;
     block = &b;
     for (unsigned yi = 0; yi < grid.y; ++yi) {
@@ -115,6 +127,8 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& ker
                 b.contexts[t].uc_link = nullptr;
                 makecontext(&b.contexts[t], entry, 0);
                 b.waits[t] = Wait::None;
+                b.copies[t].clear();
+                b.groups[t] = 0;
             }
             std::vector<bool> runnable(threads, true);
             // Releases warp w's threads if all of them (the live ones) wait at a warp
@@ -279,6 +293,50 @@ inline void ldmatrix_x4(unsigned* r, const unsigned short* row, bool trans) {
     // No lane deposits its next address before every lane has read these.
     yield(Wait::Warp);
     for (int i = 0; i < 4; ++i) r[i] = out[i];
+}
+
+// cp.async's 16-byte copies. In the forward schedule each lands at once, as early as a
+// GPU could make it land; in the reversed one at the last moment, the wait that must see
+// it. So a read before its wait, or a copy issued into a buffer another warp still reads
+// (a barrier missing before the issue), gives different bytes in the two schedules, which
+// the race check compares.
+inline void perform(const Block::AsyncCopy& c) {
+    if (c.valid) {
+        std::memcpy(c.dst, c.src, 16);
+    } else {
+        std::memset(c.dst, 0, 16);
+    }
+}
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+    check_aligned(dst, 16, "a cp.async destination");
+    check_aligned(src, 16, "a cp.async source");
+    Block& b = *block;
+    const unsigned t = threadIdx.x;
+    const Block::AsyncCopy c{dst, src, valid, b.groups[t]};
+    if (reversed) {
+        b.copies[t].push_back(c);
+    } else {
+        perform(c);
+    }
+}
+
+inline void cp_async_commit() { ++block->groups[threadIdx.x]; }
+
+// Performs, in the order issued, every copy of this thread's groups but the newest `n`.
+inline void cp_async_wait(unsigned n) {
+    Block& b = *block;
+    const unsigned t = threadIdx.x;
+    const unsigned done = b.groups[t] > n ? b.groups[t] - n : 0;
+    std::vector<Block::AsyncCopy> left;
+    for (const auto& c : b.copies[t]) {
+        if (c.group < done) {
+            perform(c);
+        } else {
+            left.push_back(c);
+        }
+    }
+    b.copies[t] = std::move(left);
 }
 
 }  // namespace emulator

@@ -1274,8 +1274,9 @@ extern "C" __global__ void stage_in_shared(unsigned long long x, unsigned long l
 /// fragment layout, written out here apart from any kernel that uses it: four 8×8 matrices
 /// of 16-bit values, lane l addressing row l % 8 of matrix l / 8; lane l's register i holds
 /// matrix i's (row l / 4, columns 2 (l % 4), +1), or, transposed, (rows 2 (l % 4), +1,
-/// column l / 4), the lower index in the low half. And what a GPU faults on, the emulator
-/// stops at, naming it: an ldmatrix row or a 16-byte vector load off a 16-byte boundary.
+/// column l / 4), the lower index in the low half. cp.async's copies land by the wait, or
+/// write zeros where the source is not valid. And what a GPU faults on, the emulator stops
+/// at, naming it: an ldmatrix row or a cp.async source off a 16-byte boundary.
 #[test]
 fn the_emulators_ldmatrix_follows_the_ptx_layout_and_alignment_is_checked() {
     let source = format!(
@@ -1303,8 +1304,14 @@ extern "C" __global__ void matrices(unsigned long long x, unsigned long long y, 
 extern "C" __global__ void matrices_trans(unsigned long long x, unsigned long long y, int offset) {
     load_matrices<true>(x, y, offset);
 }
-extern "C" __global__ void words4(unsigned long long x, unsigned long long y, int offset) {
-    ((Words4*)y)[threadIdx.x] = load_words4((const unsigned short*)x + 8 * threadIdx.x + offset);
+extern "C" __global__ void copy_async(unsigned long long x, unsigned long long y, int offset) {
+    __shared__ Words4 tile[32];
+    const int lane = threadIdx.x;
+    cp_async16(shared_at(tile + lane), (const unsigned short*)x + 8 * lane + offset, lane % 3 != 2);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    ((Words4*)y)[lane] = tile[31 - lane];
 }
 "#
     );
@@ -1373,22 +1380,43 @@ extern "C" __global__ void words4(unsigned long long x, unsigned long long y, in
             "{kernel} one element off its row's boundary: {stderr}"
         );
     }
-    let out = dir.join("words4.out");
-    let ran = run_job(&emulator, "words4", &job("words4", 0, &out));
-    assert!(
-        ran.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ran.stderr)
+    // cp.async: lane l's 16 bytes into shared row l (zeros where `valid` is false, every
+    // third lane), read back by lane 31 − l after the wait and a barrier: the bytes land by
+    // then in both schedules (at once in one, at the wait in the other).
+    let input_bytes = std::fs::read(&input).unwrap();
+    for order in ["forward", "reversed"] {
+        let out = dir.join(format!("copy-async-{order}.out"));
+        let body = format!("schedule {order}\n{}", job("copy_async", 0, &out));
+        let ran = run_job(&emulator, &format!("copy-async-{order}"), &body);
+        assert!(
+            ran.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let got = std::fs::read(&out).unwrap();
+        for lane in 0..32 {
+            let row = 31 - lane;
+            let want: &[u8] = if row % 3 == 2 {
+                &[0; 16]
+            } else {
+                &input_bytes[16 * row..16 * row + 16]
+            };
+            assert_eq!(
+                &got[16 * lane..16 * lane + 16],
+                want,
+                "{order}: lane {lane}"
+            );
+        }
+    }
+    let misaligned = run_job(
+        &emulator,
+        "copy_async",
+        &job("copy_async", 2, &dir.join("x.out")),
     );
-    assert_eq!(
-        std::fs::read(&out).unwrap(),
-        std::fs::read(&input).unwrap()[..512]
-    );
-    let misaligned = run_job(&emulator, "words4", &job("words4", 2, &out));
     let stderr = String::from_utf8_lossy(&misaligned.stderr);
     assert!(
-        !misaligned.status.success() && stderr.contains("a 16-byte vector load"),
-        "a vector load 4 bytes off a 16-byte boundary: {stderr}"
+        !misaligned.status.success() && stderr.contains("a cp.async source"),
+        "a cp.async 4 bytes off a 16-byte boundary: {stderr}"
     );
 }
 

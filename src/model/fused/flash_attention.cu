@@ -13,9 +13,10 @@
 // A block of FLASH_THREADS (4 warps) owns FLASH_TILE queries (forward, dq) or keys (dk,
 // dv) of one (sample, head); each warp 16 of them, as the A operand of m16n8k16 tensor-core
 // products (kernels.cuh) held in registers for the whole loop. The other side streams
-// through shared memory FLASH_TILE rows at a time, row-major only (16-byte loads and
-// stores); ldmatrix reads each tile into B registers straight or transposed, whichever the
-// product needs, four 8×8 matrices an instruction. No
+// through shared memory FLASH_TILE rows at a time, row-major only, by cp.async into two
+// buffers: the next tile lands while the block computes on this one. ldmatrix reads each
+// tile into B registers straight or transposed, whichever the product needs, four 8×8
+// matrices an instruction. No
 // atomics: dq and (dk, dv) are separate kernels, each sum in a fixed order, so a run's
 // bits repeat.
 
@@ -27,14 +28,15 @@
 #define FLASH_PAD 72
 #define POS_INFINITY __uint_as_float(0x7f800000u)
 
-// Rows `first`.. of one head (`src` at its first value, rows `row_stride` apart, 16-byte
-// aligned; rows from `len` on read as zero) into the shared tile `rows[r][d]`, FLASH_PAD a
-// row: sixteen bytes a thread a step, a quarter-warp's 128 bytes one row, so each step's
-// reads are whole sectors and its stores hit 32 different banks. The products that need
-// the tile along its other axis read it transposed (ldmatrix_x4_trans), so no transposed
-// copy is stored.
-__device__ void flash_load_tile(
-    unsigned short* rows,
+// Puts rows `first`.. of one head (`src` at its first value, rows `row_stride` apart,
+// 16-byte aligned; rows from `len` on read as zero) in flight into the shared tile at
+// `tile` (`rows[r][d]`, FLASH_PAD a row): sixteen bytes a thread a step by cp.async, a
+// quarter-warp's 128 bytes one row, so each step's reads are whole sectors and its writes
+// hit 32 different banks. The caller commits, waits and synchronises before reading. The
+// products that need the tile along its other axis read it transposed
+// (ldmatrix_x4_trans), so no transposed copy is stored.
+__device__ void flash_fetch_tile(
+    SharedAt tile,
     const unsigned short* src,
     long long row_stride,
     int first,
@@ -44,13 +46,15 @@ __device__ void flash_load_tile(
         const int r = i / (FLASH_D / 8);
         const int c = i % (FLASH_D / 8);
         const int pos = first + r;
-        Words4 chunk = {{0u, 0u, 0u, 0u}};
-        if (pos < len) {
-            chunk = load_words4(src + (long long)pos * row_stride + 8 * c);
-        }
-        *(Words4*)(rows + r * FLASH_PAD + 8 * c) = chunk;
+        const bool real = pos < len;
+        cp_async16(tile + 2u * (r * FLASH_PAD + 8 * c),
+                   src + (long long)(real ? pos : 0) * row_stride + 8 * c, real);
     }
 }
+
+// A shared tile's bytes: each kernel keeps two of each kind, the next in flight while it
+// computes on the current.
+#define FLASH_TILE_BYTES (2 * FLASH_TILE * FLASH_PAD)
 
 // The A registers of 16 rows from `row0` (rows from `len` on zero) of one head in global
 // memory, for each of the four k-steps over its 64 values.
@@ -212,14 +216,15 @@ extern "C" __global__ void flash_attention_fwd_bf16(
     int mask_query_stride,
     float scale)
 {
-    __shared__ Words4 keys_words[FLASH_TILE * FLASH_PAD / 8];
-    __shared__ Words4 values_words[FLASH_TILE * FLASH_PAD / 8];
-    unsigned short* keys = (unsigned short*)keys_words;      // [key][d]
-    unsigned short* values = (unsigned short*)values_words;  // [key][d]
+    __shared__ Words4 keys_words[2 * FLASH_TILE * FLASH_PAD / 8];
+    __shared__ Words4 values_words[2 * FLASH_TILE * FLASH_PAD / 8];
+    // Two tiles each, [key][d]: step kt computes on tile kt % 2 while kt + 1 lands.
+    const SharedAt keys = shared_at(keys_words);
+    const SharedAt values = shared_at(values_words);
     const FlashBlock f = flash_block(len, heads);
     // This lane's ldmatrix rows: keys straight (S = q kᵀ), values transposed (P v).
-    const SharedAt keys_at = shared_at(keys) + flash_lane_row(f.lane, false);
-    const SharedAt values_at = shared_at(values) + flash_lane_row(f.lane, true);
+    const SharedAt keys_at = keys + flash_lane_row(f.lane, false);
+    const SharedAt values_at = values + flash_lane_row(f.lane, true);
     const unsigned short* q =
         (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
     const unsigned short* k = q + f.width;
@@ -241,11 +246,22 @@ extern "C" __global__ void flash_attention_fwd_bf16(
     flash_zero(o);
     float m[2] = {NEG_INFINITY, NEG_INFINITY};
     float l[2] = {0.0f, 0.0f};
+    flash_fetch_tile(keys, k, f.row_stride, 0, len);
+    flash_fetch_tile(values, v, f.row_stride, 0, len);
+    cp_async_commit();
     for (int kt = 0; kt < f.tiles; ++kt) {
         const int key0 = kt * FLASH_TILE;
+        const unsigned tile_at = (kt & 1) * FLASH_TILE_BYTES;
+        // Every warp is done with the tiles the next ones land in (step kt − 1's).
         __syncthreads();
-        flash_load_tile(keys, k, f.row_stride, key0, len);
-        flash_load_tile(values, v, f.row_stride, key0, len);
+        if (kt + 1 < f.tiles) {
+            const unsigned next = FLASH_TILE_BYTES - tile_at;
+            flash_fetch_tile(keys + next, k, f.row_stride, key0 + FLASH_TILE, len);
+            flash_fetch_tile(values + next, v, f.row_stride, key0 + FLASH_TILE, len);
+        }
+        cp_async_commit();
+        // This step's tiles have landed, every thread's part of them.
+        cp_async_wait<1>();
         __syncthreads();
         if (!active) {
             continue;
@@ -253,7 +269,7 @@ extern "C" __global__ void flash_attention_fwd_bf16(
         float s[8][4];
         flash_zero(s);
         for (int kk = 0; kk < 4; ++kk) {
-            flash_mma_row<false>(s, qa[kk], keys_at, kk);
+            flash_mma_row<false>(s, qa[kk], keys_at + tile_at, kk);
         }
         float top[2] = {m[0], m[1]};
         for (int nt = 0; nt < 8; ++nt) {
@@ -291,7 +307,7 @@ extern "C" __global__ void flash_attention_fwd_bf16(
         for (int kk = 0; kk < 4; ++kk) {
             unsigned pa[4];
             flash_a_from(pa, s, kk);
-            flash_mma_row<true>(o, pa, values_at, kk);
+            flash_mma_row<true>(o, pa, values_at + tile_at, kk);
         }
     }
     if (!active) {
@@ -366,16 +382,17 @@ extern "C" __global__ void flash_attention_dq_bf16(
     int mask_query_stride,
     float scale)
 {
-    __shared__ Words4 keys_words[FLASH_TILE * FLASH_PAD / 8];
-    __shared__ Words4 values_words[FLASH_TILE * FLASH_PAD / 8];
-    unsigned short* keys = (unsigned short*)keys_words;      // [key][d]
-    unsigned short* values = (unsigned short*)values_words;  // [key][d]
+    __shared__ Words4 keys_words[2 * FLASH_TILE * FLASH_PAD / 8];
+    __shared__ Words4 values_words[2 * FLASH_TILE * FLASH_PAD / 8];
+    // Two tiles each, [key][d]: step kt computes on tile kt % 2 while kt + 1 lands.
+    const SharedAt keys = shared_at(keys_words);
+    const SharedAt values = shared_at(values_words);
     const FlashBlock f = flash_block(len, heads);
     // This lane's ldmatrix rows: keys and values straight (S = q kᵀ, dP = dO vᵀ), keys
     // transposed (dq = dS k).
-    const SharedAt keys_at = shared_at(keys) + flash_lane_row(f.lane, false);
-    const SharedAt values_at = shared_at(values) + flash_lane_row(f.lane, false);
-    const SharedAt keys_t_at = shared_at(keys) + flash_lane_row(f.lane, true);
+    const SharedAt keys_at = keys + flash_lane_row(f.lane, false);
+    const SharedAt values_at = values + flash_lane_row(f.lane, false);
+    const SharedAt keys_t_at = keys + flash_lane_row(f.lane, true);
     const unsigned short* q =
         (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
     const unsigned short* k = q + f.width;
@@ -402,17 +419,28 @@ extern "C" __global__ void flash_attention_dq_bf16(
     flash_a(ga, g, f.width, row0, len, f.group, f.pair);
     float dq[8][4];
     flash_zero(dq);
+    flash_fetch_tile(keys, k, f.row_stride, 0, len);
+    flash_fetch_tile(values, v, f.row_stride, 0, len);
+    cp_async_commit();
     for (int kt = 0; kt < f.tiles; ++kt) {
         const int key0 = kt * FLASH_TILE;
+        const unsigned tile_at = (kt & 1) * FLASH_TILE_BYTES;
+        // Every warp is done with the tiles the next ones land in (step kt − 1's).
         __syncthreads();
-        flash_load_tile(keys, k, f.row_stride, key0, len);
-        flash_load_tile(values, v, f.row_stride, key0, len);
+        if (kt + 1 < f.tiles) {
+            const unsigned next = FLASH_TILE_BYTES - tile_at;
+            flash_fetch_tile(keys + next, k, f.row_stride, key0 + FLASH_TILE, len);
+            flash_fetch_tile(values + next, v, f.row_stride, key0 + FLASH_TILE, len);
+        }
+        cp_async_commit();
+        // This step's tiles have landed, every thread's part of them.
+        cp_async_wait<1>();
         __syncthreads();
         if (!active) {
             continue;
         }
         float s[8][4], dp[8][4];
-        flash_two_products(s, qa, keys_at, dp, ga, values_at);
+        flash_two_products(s, qa, keys_at + tile_at, dp, ga, values_at + tile_at);
         for (int nt = 0; nt < 8; ++nt) {
             for (int i = 0; i < 4; ++i) {
                 const int h = i >> 1;
@@ -426,7 +454,7 @@ extern "C" __global__ void flash_attention_dq_bf16(
         for (int kk = 0; kk < 4; ++kk) {
             unsigned da[4];
             flash_a_from(da, s, kk);
-            flash_mma_row<true>(dq, da, keys_t_at, kk);
+            flash_mma_row<true>(dq, da, keys_t_at + tile_at, kk);
         }
     }
     if (!active) {
@@ -462,19 +490,21 @@ extern "C" __global__ void flash_attention_dkv_bf16(
     int mask_query_stride,
     float scale)
 {
-    __shared__ Words4 queries_words[FLASH_TILE * FLASH_PAD / 8];
-    __shared__ Words4 grads_words[FLASH_TILE * FLASH_PAD / 8];
-    __shared__ float lse_s[FLASH_TILE];
-    __shared__ float delta_s[FLASH_TILE];
-    unsigned short* queries = (unsigned short*)queries_words;  // [query][d]
-    unsigned short* grads = (unsigned short*)grads_words;      // [query][d]
+    __shared__ Words4 queries_words[2 * FLASH_TILE * FLASH_PAD / 8];
+    __shared__ Words4 grads_words[2 * FLASH_TILE * FLASH_PAD / 8];
+    __shared__ float lse_s[2][FLASH_TILE];
+    __shared__ float delta_s[2][FLASH_TILE];
+    // Two tiles each, [query][d], and two tiles' row statistics: step qt computes on
+    // tile qt % 2 while qt + 1 lands.
+    const SharedAt queries = shared_at(queries_words);
+    const SharedAt grads = shared_at(grads_words);
     const FlashBlock f = flash_block(len, heads);
     // This lane's ldmatrix rows: queries and gradients straight (Pᵀ = k qᵀ, dPᵀ = v dOᵀ),
     // and transposed (dv = Pᵀ dO, dk = dSᵀ q).
-    const SharedAt queries_at = shared_at(queries) + flash_lane_row(f.lane, false);
-    const SharedAt grads_at = shared_at(grads) + flash_lane_row(f.lane, false);
-    const SharedAt queries_t_at = shared_at(queries) + flash_lane_row(f.lane, true);
-    const SharedAt grads_t_at = shared_at(grads) + flash_lane_row(f.lane, true);
+    const SharedAt queries_at = queries + flash_lane_row(f.lane, false);
+    const SharedAt grads_at = grads + flash_lane_row(f.lane, false);
+    const SharedAt queries_t_at = queries + flash_lane_row(f.lane, true);
+    const SharedAt grads_t_at = grads + flash_lane_row(f.lane, true);
     const unsigned short* q =
         (const unsigned short*)qkv_at + f.sample * len * f.row_stride + f.head * FLASH_D;
     const unsigned short* k = q + f.width;
@@ -496,22 +526,40 @@ extern "C" __global__ void flash_attention_dkv_bf16(
     float dk[8][4], dv[8][4];
     flash_zero(dk);
     flash_zero(dv);
+    // Query tile `t`'s rows in flight into buffer `b`, and their statistics stored (plain
+    // stores, seen after the same barrier).
+    auto fetch = [&](int t, int b) {
+        const int first = t * FLASH_TILE;
+        flash_fetch_tile(queries + b * FLASH_TILE_BYTES, q, f.row_stride, first, len);
+        flash_fetch_tile(grads + b * FLASH_TILE_BYTES, g, f.width, first, len);
+        for (int i = threadIdx.x; i < FLASH_TILE; i += FLASH_THREADS) {
+            const bool real = first + i < len;
+            lse_s[b][i] = real ? lse[first + i] : POS_INFINITY;
+            delta_s[b][i] = real ? delta[first + i] : 0.0f;
+        }
+    };
+    fetch(0, 0);
+    cp_async_commit();
     for (int qt = 0; qt < f.tiles; ++qt) {
         const int q0 = qt * FLASH_TILE;
+        const int buf = qt & 1;
+        const unsigned tile_at = buf * FLASH_TILE_BYTES;
+        // Every warp is done with the buffer the next tile lands in (step qt − 1's).
         __syncthreads();
-        flash_load_tile(queries, q, f.row_stride, q0, len);
-        flash_load_tile(grads, g, f.width, q0, len);
-        for (int i = threadIdx.x; i < FLASH_TILE; i += FLASH_THREADS) {
-            const bool real = q0 + i < len;
-            lse_s[i] = real ? lse[q0 + i] : POS_INFINITY;
-            delta_s[i] = real ? delta[q0 + i] : 0.0f;
+        if (qt + 1 < f.tiles) {
+            fetch(qt + 1, 1 - buf);
         }
+        cp_async_commit();
+        // This step's tiles have landed, every thread's part of them.
+        cp_async_wait<1>();
         __syncthreads();
         if (!active) {
             continue;
         }
+        const float* lse_t = lse_s[buf];
+        const float* delta_t = delta_s[buf];
         float p[8][4], ds[8][4];
-        flash_two_products(p, ka, queries_at, ds, va, grads_at);
+        flash_two_products(p, ka, queries_at + tile_at, ds, va, grads_at + tile_at);
         for (int nt = 0; nt < 8; ++nt) {
             for (int i = 0; i < 4; ++i) {
                 const int at = key[i >> 1];
@@ -520,18 +568,18 @@ extern "C" __global__ void flash_attention_dkv_bf16(
                 const float pt = at < len && pos < len
                     ? expf(p[nt][i] * scale
                           + (mask ? mask[(long long)pos * mask_query_stride + at] : 0.0f)
-                          - lse_s[qi])
+                          - lse_t[qi])
                     : 0.0f;
                 p[nt][i] = pt;
-                ds[nt][i] = pt * (ds[nt][i] - delta_s[qi]);
+                ds[nt][i] = pt * (ds[nt][i] - delta_t[qi]);
             }
         }
         for (int kk = 0; kk < 4; ++kk) {
             unsigned pa[4], da[4];
             flash_a_from(pa, p, kk);
             flash_a_from(da, ds, kk);
-            flash_mma_row<true>(dv, pa, grads_t_at, kk);
-            flash_mma_row<true>(dk, da, queries_t_at, kk);
+            flash_mma_row<true>(dv, pa, grads_t_at + tile_at, kk);
+            flash_mma_row<true>(dk, da, queries_t_at + tile_at, kk);
         }
     }
     if (!active) {

@@ -130,19 +130,11 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float* d, const unsigned* a, co
 }
 #endif
 
-// Sixteen bytes, moved as one vector load or store (`ld.v4.u32`): eight bf16s. Global
-// addresses moved this way must be 16-byte aligned, as a GPU faults on one that is not
-// (the emulator stops there too).
+// Sixteen bytes: the unit of cp.async and of ldmatrix's rows. Shared tiles declared as
+// arrays of it start on a 16-byte boundary, as both need.
 struct alignas(16) Words4 {
     unsigned w[4];
 };
-
-__device__ __forceinline__ Words4 load_words4(const unsigned short* p) {
-#ifndef __CUDA_ARCH__
-    emulator::check_aligned(p, 16, "a 16-byte vector load");
-#endif
-    return *(const Words4*)p;
-}
 
 // Four 8×8 matrices of 16-bit values from shared memory, one register of each per lane
 // (`ldmatrix.sync.aligned.m8n8.x4.shared.b16`, the whole warp calling): lane l gives the
@@ -185,6 +177,39 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned* r, SharedAt at) {
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, SharedAt at) {
     emulator::ldmatrix_x4(r, (const unsigned short*)at, true);
+}
+#endif
+
+// Sixteen bytes from global into shared memory without passing through registers
+// (`cp.async.cg.shared.global`, sm_80 on), in groups: cp_async_commit closes the group of
+// this thread's copies issued since the last, and cp_async_wait<N> returns once at most N
+// of its groups are still in flight. `valid` false writes 16 zero bytes and reads nothing
+// (a source size of 0; `src` must still be an address of the tensor). Another thread sees
+// the bytes only after its own wait and a __syncthreads. Both addresses 16-byte aligned.
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void cp_async16(SharedAt dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :
+                 : "r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#else
+__device__ __forceinline__ void cp_async16(SharedAt dst, const void* src, bool valid) {
+    emulator::cp_async16((void*)dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() {
+    emulator::cp_async_commit();
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    emulator::cp_async_wait(N);
 }
 #endif
 
