@@ -46,6 +46,12 @@ fi
 source "$venv/cuda-env.sh"
 [ "$setup_only" = 1 ] && { echo "cuda-build.sh: source $venv/cuda-env.sh"; exit 0; }
 
+# A bundle's executables are stripped, so our crate's line tables (the release profile's
+# `debug = 1`, kept for backtraces elsewhere) would only cost compile time: built without
+# them. Only mmpipe's own units change, so the dependencies built before are reused.
+if [ -n "$bundle" ]; then
+  profile+=(--config "profile.${profile_dir/debug/dev}.package.mmpipe.debug=false")
+fi
 cargo build "${profile[@]}" --features cuda
 echo "cuda-build.sh: built $CARGO_TARGET_DIR/$profile_dir/mmpipe"
 

@@ -1035,14 +1035,14 @@ pub fn flash_attention_applies(qkv: &Tensor, heads: usize, mask: Option<&Tensor>
         && plan::flash_attention_takes(width3 / 3 / heads)
 }
 
-/// The bytes flash attention's kernels move at once (`load_words4`: eight bf16s), to which
+/// The bytes flash attention's kernels copy at once (`cp.async`'s 16: eight bf16s), to which
 /// the packed projections and the output's gradient must be aligned.
 const FLASH_ALIGN: usize = 16;
 
 /// `t` (bf16, contiguous) starting on a 16-byte boundary: itself when it does (a fresh
 /// allocation, or a view at a multiple of 8 elements), else a copy into a fresh one
-/// (`Tensor::copy` would keep the view's offset). A GPU faults on a vector load off its
-/// size's boundary.
+/// (`Tensor::copy` would keep the view's offset). A GPU faults on a cp.async source off a
+/// 16-byte boundary.
 fn flash_aligned(t: Tensor) -> candle_core::Result<Tensor> {
     if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(FLASH_ALIGN) {
         Ok(t)
