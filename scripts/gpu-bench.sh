@@ -48,33 +48,8 @@ for m in "${models[@]}"; do
     --steps "${STEPS:-20}" --warmup "${WARMUP:-3}" "${anchor_flags[@]}" >"$theirs" 2>&1 \
     || { echo "FAIL OpenCLIP $m: $(tail -3 "$theirs" | tr '\n' ' ')"; failed=1; continue; }
   grep -vE '^RESULT_JSON' "$ours"
-  python3 - "$m" "$precision" "$ours" "$theirs" "$logs/summary.json" <<'PY'
-import json, sys
-model, precision, ours, theirs, summary = sys.argv[1:]
-def result(path):
-    lines = [l for l in open(path) if l.startswith("RESULT_JSON ")]
-    return json.loads(lines[-1][len("RESULT_JSON "):])
-a, b = result(ours), result(theirs)
-ratio = a["samples_per_second"] / b["samples_per_s"]
-row = {
-    "model": model, "precision": precision, "batch": a["batch"],
-    "mmpipe_samples_per_s": a["samples_per_second"], "openclip_samples_per_s": b["samples_per_s"],
-    "ratio": ratio, "mmpipe_tflops": a["achieved_gflops"] / 1e3, "openclip_tflops": b["tflops"],
-    "mmpipe_mfu": a["fraction_of_peak"], "bf16_gemm_tflops": a["gemm_peak_gflops"] / 1e3,
-    "openclip_bf16_gemm_tflops": b["bf16_matmul_tflops"],
-    "mmpipe_optimizer_share": max(p[6] for _, p in a["phases_ms"]) / a["step_ms_median"],
-    "mmpipe_gpu_tensor_peak_mib": a.get("gpu_tensor_peak_mib"),
-    "openclip_peak_gpu_mem_gib": b["peak_gpu_mem_gib"],
-    # The planner's step and memory for the same run (mmpipe plan's cost model).
-    "mmpipe_predicted_step_ms": (a.get("predicted") or {}).get("step_ms"),
-    "mmpipe_predicted_memory_gib": ((a.get("predicted") or {}).get("memory_bytes") or 0) / 2**30 or None,
-}
-with open(summary, "a") as f:
-    f.write(json.dumps(row) + "\n")
-print(f"SIDE-BY-SIDE {model} {precision} batch {a['batch']}: mmpipe {a['samples_per_second']:.1f} samples/s "
-      f"({row['mmpipe_tflops']:.1f} TFLOP/s, MFU {100 * row['mmpipe_mfu']:.1f}%), OpenCLIP {b['samples_per_s']:.1f} "
-      f"({b['tflops']:.1f} TFLOP/s): ratio {ratio:.2f}; mmpipe's optimizer {100 * row['mmpipe_optimizer_share']:.1f}% of its step")
-PY
+  python3 scripts/gpu_summary.py side-by-side "$m" "$precision" "$ours" "$theirs" "$logs/summary.json" \
+    || failed=1
   # The step with attention keeping its probabilities (no flash kernels), where asked:
   # what flash attention buys the whole step, in time and in memory.
   if [ "$precision" = bf16 ] && [[ " ${FLASH_ABLATION-ViT-B-16} " == *" $m "* ]]; then
@@ -82,25 +57,7 @@ PY
     "$bundle/mmpipe" bench --topology topology/gpu-1x1.toml --model "$config" --batch "$batch" \
       --precision "$precision" --no-flash-attention --steps "${STEPS:-20}" --warmup "${WARMUP:-3}" >"$kept" 2>&1 \
       || { echo "FAIL mmpipe $m --no-flash-attention: $(tail -3 "$kept" | tr '\n' ' ')"; failed=1; continue; }
-    python3 - "$m" "$ours" "$kept" "$logs/summary.json" <<'PY'
-import json, sys
-model, flash_path, kept_path, summary = sys.argv[1:]
-def result(path):
-    lines = [l for l in open(path) if l.startswith("RESULT_JSON ")]
-    return json.loads(lines[-1][len("RESULT_JSON "):])
-flash, kept = result(flash_path), result(kept_path)
-row = {
-    "model": model, "ablation": "flash_attention",
-    "flash_samples_per_s": flash["samples_per_second"], "kept_samples_per_s": kept["samples_per_second"],
-    "flash_gpu_tensor_peak_mib": flash.get("gpu_tensor_peak_mib"),
-    "kept_gpu_tensor_peak_mib": kept.get("gpu_tensor_peak_mib"),
-}
-with open(summary, "a") as f:
-    f.write(json.dumps(row) + "\n")
-print(f"ABLATION {model} bf16: flash attention {row['flash_samples_per_s']:.1f} samples/s, "
-      f"peak {row['flash_gpu_tensor_peak_mib']} MiB; probabilities kept {row['kept_samples_per_s']:.1f} samples/s, "
-      f"peak {row['kept_gpu_tensor_peak_mib']} MiB")
-PY
+    python3 scripts/gpu_summary.py ablation "$m" "$ours" "$kept" "$logs/summary.json" || failed=1
   fi
 done
 exit $failed

@@ -948,7 +948,8 @@ fn plan_counts_bf16_gradient_sums_and_working_copies() {
     }
 }
 
-/// `mmpipe bench` takes the precision and reports it (a tiny model, one step).
+/// `mmpipe bench` takes the precision and reports it (a tiny model, one step), and its
+/// RESULT_JSON line is what scripts/gpu-bench.sh's summary reads.
 #[test]
 fn bench_runs_in_bf16_and_reports_it() {
     let out = mmpipe(&[
@@ -984,6 +985,60 @@ fn bench_runs_in_bf16_and_reports_it() {
     assert!(report["samples_per_second"]
         .as_f64()
         .is_some_and(|s| s > 0.0));
+
+    // What scripts/gpu-bench.sh makes of this line on a GPU (scripts/gpu_summary.py), beside
+    // an OpenCLIP bench's line as its anchor prints it (here with no FLOP count, as when its
+    // counter fails): the bench's fields are the ones the summary reads.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gpu-summary-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ours = dir.join("mmpipe.out");
+    let theirs = dir.join("openclip.out");
+    let summary = dir.join("summary.json");
+    let _ = std::fs::remove_file(&summary);
+    std::fs::write(&ours, &stdout).unwrap();
+    std::fs::write(
+        &theirs,
+        r#"RESULT_JSON {"model": "clip-tiny", "batch": 8, "precision": "amp_bf16", "samples_per_s": 100.0, "tflops": null, "bf16_matmul_tflops": null, "peak_gpu_mem_gib": null}"#,
+    )
+    .unwrap();
+    let summarise = |args: &[&std::path::Path]| {
+        let out = std::process::Command::new("python3")
+            .arg("scripts/gpu_summary.py")
+            .args(args)
+            .output()
+            .expect("python3 runs scripts/gpu_summary.py");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let p = std::path::Path::new;
+    let line = summarise(&[
+        p("side-by-side"),
+        p("clip-tiny"),
+        p("bf16"),
+        &ours,
+        &theirs,
+        &summary,
+    ]);
+    assert!(
+        line.starts_with("SIDE-BY-SIDE clip-tiny bf16 batch 8: mmpipe ")
+            && line.contains("OpenCLIP 100.0 (n/a TFLOP/s)"),
+        "{line}"
+    );
+    let line = summarise(&[p("ablation"), p("clip-tiny"), &ours, &ours, &summary]);
+    assert!(
+        line.starts_with("ABLATION clip-tiny bf16: flash attention "),
+        "{line}"
+    );
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&summary)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let sps = report["samples_per_second"].as_f64().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!((rows[0]["ratio"].as_f64().unwrap() - sps / 100.0).abs() < 1e-9);
+    assert_eq!(rows[1]["flash_samples_per_s"].as_f64(), Some(sps));
 }
 
 /// A rank stuck outside any collective (here its images are FIFOs nobody writes: the
