@@ -56,6 +56,36 @@ __device__ void flash_fetch_tile(
 // computes on the current.
 #define FLASH_TILE_BYTES (2 * FLASH_TILE * FLASH_PAD)
 
+// One of the two tensors a kernel streams through shared memory a tile at a time: its two
+// shared buffers, and the head's rows in global memory.
+struct FlashStream {
+    SharedAt tiles;
+    const unsigned short* src;
+    long long row_stride;
+};
+
+// Both streams' rows `first`.. in flight into their buffers at byte offset `at`.
+__device__ void flash_fetch(FlashStream a, FlashStream b, unsigned at, int first, int len) {
+    flash_fetch_tile(a.tiles + at, a.src, a.row_stride, first, len);
+    flash_fetch_tile(b.tiles + at, b.src, b.row_stride, first, len);
+}
+
+// Step `t` of `tiles` (step 0's rows were put in flight and committed before the loop):
+// once every warp is done with step t − 1's buffers, step t + 1's rows go in flight into
+// them; then it waits until step t's rows have landed, every thread's part of them.
+// Returns the byte offset of step t's buffers.
+__device__ unsigned flash_step(int t, int tiles, FlashStream a, FlashStream b, int len) {
+    const unsigned at = (t & 1) * FLASH_TILE_BYTES;
+    __syncthreads();
+    if (t + 1 < tiles) {
+        flash_fetch(a, b, FLASH_TILE_BYTES - at, (t + 1) * FLASH_TILE, len);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    return at;
+}
+
 // The A registers of 16 rows from `row0` (rows from `len` on zero) of one head in global
 // memory, for each of the four k-steps over its 64 values.
 __device__ void flash_a(
@@ -246,23 +276,13 @@ extern "C" __global__ void flash_attention_fwd_bf16(
     flash_zero(o);
     float m[2] = {NEG_INFINITY, NEG_INFINITY};
     float l[2] = {0.0f, 0.0f};
-    flash_fetch_tile(keys, k, f.row_stride, 0, len);
-    flash_fetch_tile(values, v, f.row_stride, 0, len);
+    const FlashStream key_rows = {keys, k, f.row_stride};
+    const FlashStream value_rows = {values, v, f.row_stride};
+    flash_fetch(key_rows, value_rows, 0, 0, len);
     cp_async_commit();
     for (int kt = 0; kt < f.tiles; ++kt) {
         const int key0 = kt * FLASH_TILE;
-        const unsigned tile_at = (kt & 1) * FLASH_TILE_BYTES;
-        // Every warp is done with the tiles the next ones land in (step kt − 1's).
-        __syncthreads();
-        if (kt + 1 < f.tiles) {
-            const unsigned next = FLASH_TILE_BYTES - tile_at;
-            flash_fetch_tile(keys + next, k, f.row_stride, key0 + FLASH_TILE, len);
-            flash_fetch_tile(values + next, v, f.row_stride, key0 + FLASH_TILE, len);
-        }
-        cp_async_commit();
-        // This step's tiles have landed, every thread's part of them.
-        cp_async_wait<1>();
-        __syncthreads();
+        const unsigned tile_at = flash_step(kt, f.tiles, key_rows, value_rows, len);
         if (!active) {
             continue;
         }
@@ -419,23 +439,13 @@ extern "C" __global__ void flash_attention_dq_bf16(
     flash_a(ga, g, f.width, row0, len, f.group, f.pair);
     float dq[8][4];
     flash_zero(dq);
-    flash_fetch_tile(keys, k, f.row_stride, 0, len);
-    flash_fetch_tile(values, v, f.row_stride, 0, len);
+    const FlashStream key_rows = {keys, k, f.row_stride};
+    const FlashStream value_rows = {values, v, f.row_stride};
+    flash_fetch(key_rows, value_rows, 0, 0, len);
     cp_async_commit();
     for (int kt = 0; kt < f.tiles; ++kt) {
         const int key0 = kt * FLASH_TILE;
-        const unsigned tile_at = (kt & 1) * FLASH_TILE_BYTES;
-        // Every warp is done with the tiles the next ones land in (step kt − 1's).
-        __syncthreads();
-        if (kt + 1 < f.tiles) {
-            const unsigned next = FLASH_TILE_BYTES - tile_at;
-            flash_fetch_tile(keys + next, k, f.row_stride, key0 + FLASH_TILE, len);
-            flash_fetch_tile(values + next, v, f.row_stride, key0 + FLASH_TILE, len);
-        }
-        cp_async_commit();
-        // This step's tiles have landed, every thread's part of them.
-        cp_async_wait<1>();
-        __syncthreads();
+        const unsigned tile_at = flash_step(kt, f.tiles, key_rows, value_rows, len);
         if (!active) {
             continue;
         }
@@ -526,33 +536,28 @@ extern "C" __global__ void flash_attention_dkv_bf16(
     float dk[8][4], dv[8][4];
     flash_zero(dk);
     flash_zero(dv);
-    // Query tile `t`'s rows in flight into buffer `b`, and their statistics stored (plain
-    // stores, seen after the same barrier).
-    auto fetch = [&](int t, int b) {
+    // Query tile `t`'s row statistics into buffer `b` (plain stores, seen after step t's
+    // barriers; buffer b was last read at step t − 2, done before step t − 1's first).
+    auto store_stats = [&](int t, int b) {
         const int first = t * FLASH_TILE;
-        flash_fetch_tile(queries + b * FLASH_TILE_BYTES, q, f.row_stride, first, len);
-        flash_fetch_tile(grads + b * FLASH_TILE_BYTES, g, f.width, first, len);
         for (int i = threadIdx.x; i < FLASH_TILE; i += FLASH_THREADS) {
             const bool real = first + i < len;
             lse_s[b][i] = real ? lse[first + i] : POS_INFINITY;
             delta_s[b][i] = real ? delta[first + i] : 0.0f;
         }
     };
-    fetch(0, 0);
+    const FlashStream query_rows = {queries, q, f.row_stride};
+    const FlashStream grad_rows = {grads, g, f.width};
+    flash_fetch(query_rows, grad_rows, 0, 0, len);
     cp_async_commit();
+    store_stats(0, 0);
     for (int qt = 0; qt < f.tiles; ++qt) {
         const int q0 = qt * FLASH_TILE;
         const int buf = qt & 1;
-        const unsigned tile_at = buf * FLASH_TILE_BYTES;
-        // Every warp is done with the buffer the next tile lands in (step qt − 1's).
-        __syncthreads();
+        const unsigned tile_at = flash_step(qt, f.tiles, query_rows, grad_rows, len);
         if (qt + 1 < f.tiles) {
-            fetch(qt + 1, 1 - buf);
+            store_stats(qt + 1, 1 - buf);
         }
-        cp_async_commit();
-        // This step's tiles have landed, every thread's part of them.
-        cp_async_wait<1>();
-        __syncthreads();
         if (!active) {
             continue;
         }
