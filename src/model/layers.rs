@@ -7,7 +7,7 @@
 //! f32 inside; embeddings, norm parameters and the residual stream in f32 (a bf16 branch
 //! is added to the f32 stream). Under f32 every dtype is f32 and the casts are no-ops.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::params::{Init, ParamBuilder};
 use crate::error::Result;
@@ -88,6 +88,12 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    /// The norm in `dtype`, that of the layer that reads it: what `forward` and a cast
+    /// give, with no f32 output kept on a GPU ([`super::fused::layer_norm_to`]).
+    pub fn forward_to(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        super::fused::layer_norm_to(x, &self.weight, &self.bias, self.eps, dtype)
     }
 }
 
@@ -244,6 +250,14 @@ impl Attention {
             .forward_onto(&self.heads_merged(x, mask)?, stream)
     }
 
+    /// The dtype its input projections compute in (their weights'), which a norm before
+    /// them may write in directly.
+    pub fn input_dtype(&self) -> DType {
+        match &self.qkv {
+            QkvProjection::Packed(l) | QkvProjection::Separate(l, _, _) => l.weight.dtype(),
+        }
+    }
+
     /// The heads' outputs merged, `[batch, len, width]`, before the output projection.
     fn heads_merged(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         super::fused::attention(&self.qkv.forward(x)?, self.heads, mask)
@@ -298,6 +312,11 @@ impl Mlp {
         self.c_proj.forward_onto(&self.hidden(x)?, stream)
     }
 
+    /// The dtype its first layer computes in (its weight's).
+    pub fn input_dtype(&self) -> DType {
+        self.c_fc.weight.dtype()
+    }
+
     /// The activation of the first layer.
     fn hidden(&self, x: &Tensor) -> Result<Tensor> {
         match (self.act, &self.c_fc.bias) {
@@ -341,8 +360,11 @@ pub struct ResidualBlock {
 
 impl ResidualBlock {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = self.attn.forward_onto(&self.ln_1.forward(x)?, mask, x)?;
-        self.mlp.forward_onto(&self.ln_2.forward(&x)?, &x)
+        let x =
+            self.attn
+                .forward_onto(&self.ln_1.forward_to(x, self.attn.input_dtype())?, mask, x)?;
+        self.mlp
+            .forward_onto(&self.ln_2.forward_to(&x, self.mlp.input_dtype())?, &x)
     }
 
     /// The block's output at the pooled token only, `[n, width]`: the same values as

@@ -769,6 +769,8 @@ mod cuda {
         let ptx = fused::cuda::ptx(9, 0).unwrap();
         let mut entries = vec![
             "layer_norm_bwd_dw".to_string(),
+            "layer_norm_fwd_f32_to_bf16".to_string(),
+            "layer_norm_fwd_bf16_to_bf16".to_string(),
             "attention_softmax_fwd_f32".to_string(),
             "attention_softmax_bwd_f32".to_string(),
             "attention_softmax_bwd_bf16".to_string(),
@@ -922,6 +924,33 @@ mod cuda {
                     assert!(
                         worst_violation(a, b, 0.0, 0.0, Relative::Element).is_none(),
                         "{label}: a second run differs"
+                    );
+                }
+                // Written in bf16 for a bf16 product after it: the f32 output cast, and the
+                // same gradients, bit for bit.
+                let to_bf16 = run(
+                    &|x, w, b| fused::layer_norm_to(x, w, b, 1e-5, DType::BF16).unwrap(),
+                    &on_gpu(&x),
+                    &on_gpu(&w),
+                    &on_gpu(&b),
+                    &on_gpu(&g),
+                );
+                let cast = run(
+                    &|x, w, b| {
+                        fused::layer_norm(x, w, b, 1e-5)
+                            .unwrap()
+                            .to_dtype(DType::BF16)
+                            .unwrap()
+                    },
+                    &on_gpu(&x),
+                    &on_gpu(&w),
+                    &on_gpu(&b),
+                    &on_gpu(&g),
+                );
+                for (i, (a, b)) in to_bf16.iter().zip(&cast).enumerate() {
+                    assert!(
+                        worst_violation(a, b, 0.0, 0.0, Relative::Element).is_none(),
+                        "{label}: the bf16-writing norm's output {i} differs from the cast's"
                     );
                 }
             }

@@ -349,7 +349,8 @@ fn libm_erf(x: f64) -> f64 {
 }
 
 /// Layer norm forward and backward, f32 and bf16 inputs: rows of a width under a block,
-/// over one (300: the strided loops), and enough rows for chunks of two rows.
+/// over one (300: the strided loops), and enough rows for chunks of two rows; and the
+/// forward's bf16 output, the f32 one rounded.
 #[test]
 fn layer_norm_kernels_equal_the_formulas() {
     for (of, rows, width) in [
@@ -379,8 +380,34 @@ fn layer_norm_kernels_equal_the_formulas() {
         ]);
         let fwd = run(
             &format!("{name}-fwd"),
-            &plan::layer_norm_forward(of, rows, width, eps),
+            &plan::layer_norm_forward(of, Values::F32, rows, width, eps),
             &buffers,
+        );
+        // The bf16 output (for a bf16 matrix product after the norm): the f32 output
+        // rounded to bf16, bit for bit, and the same statistics.
+        let mut to_bf16 = buffers.clone();
+        to_bf16.insert(Buffer::Output, unwritten(2 * rows * width));
+        let rounded = run(
+            &format!("{name}-fwd-to-bf16"),
+            &plan::layer_norm_forward(of, Values::Bf16, rows, width, eps),
+            &to_bf16,
+        );
+        let f32_out: Vec<f32> = fwd[&Buffer::Output]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let expected: Vec<u8> = f32_out
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        assert!(
+            rounded[&Buffer::Output] == expected,
+            "{name}: the bf16 output is not the f32 output rounded"
+        );
+        assert_eq!(
+            rounded[&Buffer::Stats],
+            fwd[&Buffer::Stats],
+            "{name}: statistics"
         );
 
         // The reference, in f64 from the values the kernels read.

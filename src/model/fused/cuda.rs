@@ -223,14 +223,30 @@ pub fn layer_norm_applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
         })
 }
 
-/// Layer norm over the last dimension on the GPU (what [`layer_norm_applies`] accepted):
-/// f32 out, its backward by the kernels too.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+/// Layer norm over the last dimension on the GPU (what [`layer_norm_applies`] accepted),
+/// its backward by the kernels too. `out` is f32, or bf16 for a norm read only by a bf16
+/// matrix product: the f32 output rounded as the kernel writes it, bit for bit what a cast
+/// of the f32 output gives, without that output (kept alive by the graph until backward)
+/// or the cast's pass.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+    out: DType,
+) -> Result<Tensor> {
+    if !matches!(out, DType::F32 | DType::BF16) {
+        return Err(cuda_err(format!(
+            "the CUDA layer norm writes f32 or bf16, not {out:?}"
+        ))
+        .into());
+    }
     Ok(x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
         LayerNorm {
             eps,
+            out,
             stats: Mutex::new(None),
         },
     )?)
@@ -238,6 +254,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 
 struct LayerNorm {
     eps: f32,
+    /// The output's dtype: f32 or bf16.
+    out: DType,
     /// Each row's mean and 1/σ from forward, on the GPU.
     stats: Mutex<Option<CudaSlice<f32>>>,
 }
@@ -279,18 +297,20 @@ impl CustomOp3 for LayerNorm {
         }
         let rows = n / width;
         // SAFETY: the kernel writes every element of both before anything reads them.
-        let (y, stats) = unsafe { (device.alloc::<f32>(n)?, device.alloc::<f32>(2 * rows)?) };
-        let plan = plan::layer_norm_forward(values(x.dtype())?, rows, width, self.eps);
+        let stats = unsafe { device.alloc::<f32>(2 * rows)? };
+        let (y, y_at) = output(&device, self.out, n)?;
+        let plan =
+            plan::layer_norm_forward(values(x.dtype())?, values(self.out)?, rows, width, self.eps);
         let addresses = [
             (Buffer::Input, storage_address(x, lx, &stream)?),
             (Buffer::Weight, storage_address(w, lw, &stream)?),
             (Buffer::Bias, storage_address(b, lb, &stream)?),
-            (Buffer::Output, slice_address(&y, &stream)),
+            (Buffer::Output, y_at),
             (Buffer::Stats, slice_address(&stats, &stream)),
         ];
         run(&device, &plan, &addresses)?;
         *self.stats.lock().expect("layer norm statistics") = Some(stats);
-        Ok((CudaStorage::wrap_cuda_slice(y, device), lx.shape().clone()))
+        Ok((y, lx.shape().clone()))
     }
 
     fn bwd(

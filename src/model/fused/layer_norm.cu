@@ -8,12 +8,15 @@
 //   layer_norm_fwd_{f32,bf16}: one block per row: the row's mean, then its variance about
 //     the mean (two passes: exact for values far from 0), y = (x − mean)·rstd·w + b, and
 //     the row's (mean, rstd) kept for backward.
+//   layer_norm_fwd_{f32,bf16}_to_bf16: the same, y rounded to bf16 as it is written: what
+//     the f32 output cast to bf16 would be, bit for bit, for a norm whose only reader is a
+//     bf16 matrix product (the f32 output and the cast's pass are never made).
 //   layer_norm_bwd_dx_{f32,bf16}: one block per row: dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂)),
 //     in x's dtype.
 //   layer_norm_bwd_partial_{f32,bf16}: a thread per column and chunk of rows: Σ g·x̂ and Σ g.
 //   layer_norm_bwd_dw: a thread per column: the chunks' partial sums, in chunk order.
 
-template <typename T>
+template <typename T, typename O>
 __device__ void ln_fwd(
     unsigned long long x_at,
     unsigned long long w_at,
@@ -28,7 +31,7 @@ __device__ void ln_fwd(
     const T* x = (const T*)x_at + row * width;
     const float* w = (const float*)w_at;
     const float* b = (const float*)b_at;
-    float* y = (float*)y_at + row * width;
+    O* y = (O*)y_at + row * width;
     float s = 0.0f;
     for (int i = threadIdx.x; i < width; i += THREADS) {
         s += load(x, i);
@@ -41,7 +44,7 @@ __device__ void ln_fwd(
     }
     const float rstd = 1.0f / sqrtf(block_sum(q, shared) / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += THREADS) {
-        y[i] = (load(x, i) - mean) * rstd * w[i] + b[i];
+        store(y, i, (load(x, i) - mean) * rstd * w[i] + b[i]);
     }
     if (threadIdx.x == 0) {
         float* stats = (float*)stats_at;
@@ -145,7 +148,13 @@ extern "C" __global__ void layer_norm_bwd_dw(
         unsigned long long x, unsigned long long w, unsigned long long b,                    \
         unsigned long long y, unsigned long long stats, int width, float eps)                \
     {                                                                                        \
-        ln_fwd<T>(x, w, b, y, stats, width, eps);                                               \
+        ln_fwd<T, float>(x, w, b, y, stats, width, eps);                                        \
+    }                                                                                        \
+    extern "C" __global__ void layer_norm_fwd_##NAME##_to_bf16(                              \
+        unsigned long long x, unsigned long long w, unsigned long long b,                    \
+        unsigned long long y, unsigned long long stats, int width, float eps)                \
+    {                                                                                        \
+        ln_fwd<T, unsigned short>(x, w, b, y, stats, width, eps);                               \
     }                                                                                        \
     extern "C" __global__ void layer_norm_bwd_dx_##NAME(                                     \
         unsigned long long x, unsigned long long w, unsigned long long dy,                   \

@@ -12,7 +12,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     // On a GPU: the CUDA kernels (an f32 or bf16 input read as it is, no cast pass).
     #[cfg(feature = "cuda")]
     if super::cuda::layer_norm_applies(x, weight, bias) {
-        return super::cuda::layer_norm(x, weight, bias, eps);
+        return super::cuda::layer_norm(x, weight, bias, eps, DType::F32);
     }
     let half = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F16);
     if half(x) || half(weight) {
@@ -32,6 +32,25 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
             stats: std::sync::Mutex::new(None),
         },
     )?)
+}
+
+/// [`layer_norm`]'s output in `dtype`: the dtype of the matrix product that reads it
+/// (bf16 under mixed precision), as a cast of the norm would give it. On a GPU the kernel
+/// writes it so, in place of the f32 output and a cast of it: the graph would keep both
+/// until backward (candle keeps every op's output that a later op took in), 6 bytes an
+/// element where this keeps 2.
+pub fn layer_norm_to(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+    dtype: DType,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if dtype == DType::BF16 && super::cuda::layer_norm_applies(x, weight, bias) {
+        return super::cuda::layer_norm(x, weight, bias, eps, DType::BF16);
+    }
+    Ok(layer_norm(x, weight, bias, eps)?.to_dtype(dtype)?)
 }
 
 struct LayerNormOp {

@@ -148,9 +148,15 @@ use Arg::Address;
 use Buffer::*;
 
 /// Layer norm forward over `rows` rows of `width`: `Input` (`values`), `Weight` and
-/// `Bias` (f32, `width`) → `Output` (f32, rows × width), `Stats` (f32, 2 × rows: each
-/// row's mean and 1/σ).
-pub fn layer_norm_forward(values: Values, rows: usize, width: usize, eps: f32) -> Plan {
+/// `Bias` (f32, `width`) → `Output` (`out`: f32, or bf16 rounded as it is written; rows ×
+/// width), `Stats` (f32, 2 × rows: each row's mean and 1/σ).
+pub fn layer_norm_forward(
+    values: Values,
+    out: Values,
+    rows: usize,
+    width: usize,
+    eps: f32,
+) -> Plan {
     let args = vec![
         Address(Input),
         Address(Weight),
@@ -162,7 +168,10 @@ pub fn layer_norm_forward(values: Values, rows: usize, width: usize, eps: f32) -
     ];
     single(
         rows,
-        format!("layer_norm_fwd_{}", values.suffix()),
+        match out {
+            Values::F32 => format!("layer_norm_fwd_{}", values.suffix()),
+            Values::Bf16 => format!("layer_norm_fwd_{}_to_bf16", values.suffix()),
+        },
         (rows, 1),
         args,
     )
