@@ -1442,7 +1442,7 @@ mod cuda {
     /// A linear layer's bias add on the GPU, alone (`bias_add`) and with the residual add
     /// after it (`bias_residual`: f32 stream), f32 and bf16 values (ViT's widths, and one
     /// that is no multiple of a block), against the plain ops in f64 on the CPU: the output
-    /// and every input's gradient.
+    /// and every input's gradient. And the linear layer with its bias as one op.
     #[test]
     fn the_cuda_bias_ops_equal_the_plain_ops() {
         let dev = gpu();
@@ -1483,6 +1483,41 @@ mod cuda {
                     {
                         panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
                     }
+                }
+            }
+            // The linear layer with its bias as one op (`fused::linear`'s GPU path): the
+            // product and the bias add's values bit for bit, and every gradient against
+            // the plain ops in f64.
+            let label = format!("linear with bias {dtype:?} {rows}x{width}");
+            let (x, w) = (random(&[rows, 96], dtype), random(&[width, 96], dtype));
+            assert!(fused::cuda::linear_bias_applies(
+                &x.to_device(&dev).unwrap(),
+                &w.to_device(&dev).unwrap(),
+                &bias.to_device(&dev).unwrap()
+            ));
+            let linear = |t: &[Tensor]| fused::linear(&t[0], &t[1], Some(&t[2])).unwrap();
+            let two_ops = |t: &[Tensor]| {
+                fused::bias_add(&t[0].matmul(&t[1].t().unwrap()).unwrap(), &t[2]).unwrap()
+            };
+            let plain = |t: &[Tensor]| {
+                t[0].matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            };
+            let inputs: &[&Tensor] = &[&x, &w, &bias];
+            let kernel = grads_on(&dev, false, inputs, &g, &linear);
+            let separate = grads_on(&dev, false, inputs, &g, &two_ops);
+            assert!(
+                worst_violation(&kernel[0], &separate[0], 0.0, 0.0, Relative::Element).is_none(),
+                "{label}: the output differs from the product and the bias add's"
+            );
+            let reference = grads_on(&Device::Cpu, true, inputs, &g, &plain);
+            for (i, part) in ["output", "d x", "d w", "d bias"].iter().enumerate() {
+                if let Some((at, a, b)) =
+                    worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                {
+                    panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
                 }
             }
         }

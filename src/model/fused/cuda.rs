@@ -1498,6 +1498,117 @@ impl CustomOp2 for BiasAdd {
     }
 }
 
+// A linear layer with its bias, as one op.
+
+/// Whether the CUDA linear-with-bias op takes these: `x` `[rows, in]`, `w` `[out, in]`,
+/// `b` `[out]`, all f32 or all bf16, on one GPU.
+pub fn linear_bias_applies(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
+    let (Ok((_, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
+        return false;
+    };
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && k == k2
+        && b.dims() == [n]
+        && [w, b]
+            .iter()
+            .all(|t| t.dtype() == x.dtype() && t.device().same_device(x.device()))
+}
+
+/// `x wᵀ + b` on the GPU (what [`linear_bias_applies`] accepted) as one op: candle's own
+/// GEMM, then the bias added in place by `bias_add_fwd`, so the graph keeps one `[rows,
+/// out]` tensor where the product and a bias add after it kept two (the product's output,
+/// which no backward reads, lived until backward: 6 bytes an element of the attention's
+/// packed projections at bf16). The same values as the two ops, bit for bit: the product
+/// rounded, then the bias added and rounded. Backward: `dx = g w` (where `x` is in the
+/// graph), `dw = gᵀ x` in `w`'s layout, the bias's gradient by the coalesced reduction.
+pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias)?)
+}
+
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "cuda-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err("the CUDA linear layer called on CPU tensors"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, k) = lx.shape().dims2()?;
+        let (n, k2) = lw.shape().dims2()?;
+        if k != k2 || lb.shape().elem_count() != n {
+            return Err(cuda_err(format!(
+                "a linear layer of {:?} on {:?} with a bias of {:?}",
+                lw.shape().dims(),
+                lx.shape().dims(),
+                lb.shape().dims()
+            )));
+        }
+        // y = x wᵀ: wᵀ is w's layout transposed, as `x.matmul(&w.t())` passes it.
+        let y = x.matmul(w, (1, rows, n, k), lx, &lw.transpose(0, 1)?)?;
+        let device = x.device().clone();
+        let stream = device.cuda_stream();
+        let y_at = storage_address(&y, &Layout::contiguous((rows, n)), &stream)?;
+        // In place: the kernel reads and writes each element in one thread.
+        let addresses = [
+            (Buffer::Input, y_at),
+            (Buffer::Bias, storage_address(b, lb, &stream)?),
+            (Buffer::Output, y_at),
+        ];
+        run(
+            &device,
+            &plan::bias_add_forward(values(x.dtype())?, rows * n, n),
+            &addresses,
+        )?;
+        Ok((y, Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(x.dtype())?.contiguous()?;
+        // Nothing upstream of an input outside the graph (pixels) takes its gradient.
+        let dx = x.track_op().then(|| g.matmul(w)).transpose()?;
+        let dw = g.t()?.matmul(x)?;
+        let device = x.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
+        let db = written_whole(b.shape(), b.dtype(), &device, g.elem_count() > 0)?;
+        let addresses = [
+            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+            (Buffer::BiasGrad, tensor_address(&db, &stream)?),
+        ];
+        let plan = plan::bias_add_backward(values(x.dtype())?, g.elem_count(), b.elem_count());
+        run(&device, &plan, &addresses)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
 // Gradients summed in place.
 
 /// `sum += g` on the GPU (`accumulate.rs`' op): an f32 sum, `g` f32 or bf16, both

@@ -6,8 +6,17 @@ use super::*;
 ///
 /// On the CPU one op with its own backward: the bias is the GEMM's starting value (no
 /// separate pass), the weight gradient `gᵀ x` is computed in `w`'s layout (no transposed
-/// copy), and the input gradient is skipped where nothing upstream needs it (pixels).
+/// copy), and the input gradient is skipped where nothing upstream needs it (pixels). On a
+/// GPU with a bias, one op too (`cuda::linear_bias`: the bias added in place after the
+/// product).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    // On a GPU with a bias: the product and the bias add as one op (one output kept).
+    #[cfg(feature = "cuda")]
+    if let Some(b) = b {
+        if super::cuda::linear_bias_applies(x, w, b) {
+            return super::cuda::linear_bias(x, w, b);
+        }
+    }
     if !on_cpu(x) || x.rank() != 2 || w.rank() != 2 {
         let y = x.matmul(&w.t()?)?;
         return match b {
