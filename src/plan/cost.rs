@@ -210,6 +210,8 @@ struct TowerNumbers {
     /// The same without attention's probabilities, where flash attention takes the
     /// tower's heads (bf16 on GPUs); None where it never does.
     flash_activation_elems: Option<f64>,
+    /// Activations kept in f32 at any precision (a transformer's residual stream).
+    stream_activation_elems: f64,
 }
 
 /// `global_batch`: the samples the tower's group looks up in a step.
@@ -233,6 +235,7 @@ fn tower_numbers(
             .attention_head_width()
             .filter(|&d| crate::model::fused::plan::flash_attention_takes(d))
             .map(|_| size.activation_elems(checkpointing, false)),
+        stream_activation_elems: size.stream_activation_elems(checkpointing),
     }
 }
 
@@ -427,8 +430,9 @@ impl CostModel<'_> {
                 Some(elems) if flash => elems,
                 _ => num.activation_elems,
             };
-            let activations =
-                micro.unwrap_or(b) as f64 * activation_elems * o.precision.activation_bytes();
+            let activations = micro.unwrap_or(b) as f64
+                * (activation_elems * o.precision.activation_bytes()
+                    + num.stream_activation_elems * 4.0);
             let loss_bytes = o
                 .loss
                 .peak_bytes(b, o.global_batch, self.model.embed_dim, 4);

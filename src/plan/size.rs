@@ -38,15 +38,27 @@ pub trait TowerSize {
     fn executed_forward_flops(&self, embed_dim: usize) -> f64 {
         self.forward_flops(embed_dim)
     }
-    /// Activation elements kept for backward, per sample. Transformers follow Korthikanti
-    /// et al. 2022 ("Reducing activation recomputation"): `17·s·h + 2.5·a·s²` elements per
-    /// layer (their 34 bytes at 2 bytes per element); with checkpointing each layer keeps
-    /// only its input `s·h` and one layer is live at a time. ResNets keep three tensors
-    /// (conv, norm, activation outputs) per convolution, or stage inputs when checkpointing.
+    /// Activation elements kept for backward, per sample, in the dtype the tower computes
+    /// in (bf16 under mixed precision); the f32 residual stream is
+    /// [`Self::stream_activation_elems`]. A transformer layer keeps what mmpipe's block
+    /// leaves in the graph (candle keeps every op output a later op took in, until
+    /// backward), `16·s·h` of them: the first norm's output (s·h), the packed projections
+    /// (3), the attention's output (1), the output projection's (1), the second norm's
+    /// (1), the MLP's hidden layer before and after its activation (4 + 4), its second
+    /// layer's output (1); and attention's probabilities, `2.5·a·s²` as Korthikanti et al.
+    /// 2022 count them ("Reducing activation recomputation"). With checkpointing one layer
+    /// is live at a time. ResNets keep three tensors (conv, norm, activation outputs) per
+    /// convolution, or stage inputs when checkpointing.
     ///
     /// `scores_kept`: attention keeps its probabilities for backward (the `2.5·a·s²`
     /// term); flash attention keeps one statistic a query row instead, and the term goes.
     fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64;
+    /// Activation elements kept in f32 whatever the tower computes in, per sample: a
+    /// transformer's residual stream, after each of a layer's two residual adds (`2·s·h`
+    /// a layer), or with checkpointing each layer's input and one live layer's two.
+    fn stream_activation_elems(&self, _checkpointing: bool) -> f64 {
+        0.0
+    }
     /// The values per attention head, for a transformer (whether flash attention takes
     /// it); None for other towers.
     fn attention_head_width(&self) -> Option<usize> {
@@ -107,11 +119,20 @@ fn transformer_activations(
     } else {
         0.0
     };
-    let full_layer = 17.0 * s * w + scores;
+    let full_layer = 16.0 * s * w + scores;
     if checkpointing {
-        layers * s * w + full_layer
+        full_layer
     } else {
         layers * full_layer
+    }
+}
+
+/// [`TowerSize::stream_activation_elems`] of a transformer.
+fn transformer_stream(s: f64, w: f64, layers: f64, checkpointing: bool) -> f64 {
+    if checkpointing {
+        layers * s * w + 2.0 * s * w
+    } else {
+        layers * 2.0 * s * w
     }
 }
 
@@ -201,6 +222,11 @@ impl TowerSize for VitConfig {
             scores_kept,
         )
     }
+
+    fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = (self.num_patches() + 1) as f64;
+        transformer_stream(s, self.width as f64, self.layers as f64, checkpointing)
+    }
 }
 
 impl TowerSize for TextTransformerConfig {
@@ -258,6 +284,11 @@ impl TowerSize for TextTransformerConfig {
             scores_kept,
         )
     }
+
+    fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = self.context_length as f64;
+        transformer_stream(s, self.width as f64, self.layers as f64, checkpointing)
+    }
 }
 
 impl TowerSize for BertConfig {
@@ -305,6 +336,16 @@ impl TowerSize for BertConfig {
             self.layers as f64,
             checkpointing,
             scores_kept,
+        )
+    }
+
+    fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = self.context_length as f64;
+        transformer_stream(
+            s,
+            self.hidden_size as f64,
+            self.layers as f64,
+            checkpointing,
         )
     }
 }

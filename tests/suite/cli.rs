@@ -921,7 +921,8 @@ fn train_in_bf16_on_the_cpu_says_what_it_does() {
 }
 
 /// The plan's gradient traffic follows `--grad-all-reduce`: half the bytes in bf16; its
-/// memory follows `--precision`: bf16 adds the working copies and their gradients.
+/// memory follows `--precision`: bf16 adds the working copies and their gradients, and
+/// halves the activations but for the f32 residual stream.
 #[test]
 fn plan_counts_bf16_gradient_sums_and_working_copies() {
     let plan = |args: &[&str]| -> serde_json::Value {
@@ -941,10 +942,9 @@ fn plan_counts_bf16_gradient_sums_and_working_copies() {
             |p: &serde_json::Value, k: &str| p["split"]["groups"][i]["memory"][k].as_f64().unwrap();
         assert!(memory(&bf16, "weights") > memory(&fp32, "weights"));
         assert!(memory(&bf16, "gradients") > memory(&fp32, "gradients"));
-        assert_eq!(
-            2.0 * memory(&bf16, "activations"),
-            memory(&fp32, "activations")
-        );
+        // The activations in the compute dtype halve; the residual stream stays f32.
+        let (half, full) = (memory(&bf16, "activations"), memory(&fp32, "activations"));
+        assert!(0.5 * full < half && half < full, "{half} vs {full}");
     }
 }
 

@@ -188,3 +188,44 @@ fn real_size_towers_build_with_the_published_parameter_counts() {
         109_482_240 + 768 * 512
     );
 }
+
+/// The planner's count of a transformer layer's activations is what mmpipe's block leaves
+/// in the graph: one ViT block's forward on the CPU in f32, then every tensor the graph
+/// holds (each storage once: views share theirs), the parameters and the input aside. It
+/// keeps `activation_elems` (flash's count: the CPU attention keeps its probabilities in
+/// the op, not in the graph) and `stream_activation_elems` of a layer, floats a sample.
+#[test]
+fn a_blocks_graph_keeps_what_the_planner_counts() {
+    use candle_core::{DType, Device, Tensor, Var};
+    use mmpipe::model::{ImageTowerConfig, ParamBuilder, VisionTower};
+    let m = load("clip-tiny.toml");
+    let ImageTowerConfig::Vit(vit) = &m.vision else {
+        panic!("clip-tiny.toml has a ViT")
+    };
+    let pb = ParamBuilder::new(3, DType::F32, &Device::Cpu);
+    let tower = VisionTower::new(&pb.pp("visual"), vit, m.embed_dim).unwrap();
+    let block = &tower.token_blocks()[0];
+    let (n, s, w) = (3, vit.num_patches() + 1, vit.width);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, s, w), &Device::Cpu).unwrap()).unwrap();
+    let out = block.forward(x.as_tensor(), None).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut kept = 0usize;
+    for node in out.sorted_nodes() {
+        if node.is_variable() {
+            continue;
+        }
+        let (storage, _) = node.storage_and_layout();
+        if seen.insert(&*storage as *const candle_core::Storage as usize) {
+            kept += node.elem_count();
+        }
+    }
+    let size = m.vision.size();
+    let layers = vit.layers as f64;
+    let per_sample =
+        (size.activation_elems(false, false) + size.stream_activation_elems(false)) / layers;
+    assert_eq!(
+        kept as f64,
+        n as f64 * per_sample,
+        "{kept} floats kept for {n} samples"
+    );
+}
