@@ -38,13 +38,24 @@ impl Linear {
     }
 
     /// `stream + (x Wᵀ + b)` in the stream's dtype: a block's branch that ends in this
-    /// layer, added to the residual stream. On a GPU the bias add, the rounding and the
-    /// residual add are one kernel (`fused::bias_residual`); on the CPU the bias rides in
-    /// the GEMM.
+    /// layer, added to the residual stream. On a GPU the product, the bias add, the
+    /// rounding and the residual add are one op (`fused::linear_onto`); on the CPU the
+    /// bias rides in the GEMM.
     pub fn forward_onto(&self, x: &Tensor, stream: &Tensor) -> Result<Tensor> {
         match &self.bias {
+            // One op on a GPU (`fused::linear_onto`): the product, the bias add, the
+            // rounding and the residual add, with no product output kept for backward.
             Some(b) if !stream.device().is_cpu() => {
-                super::fused::bias_residual(stream, &self.forward_without_bias(x)?, b)
+                let x = x.to_dtype(self.weight.dtype())?;
+                let in_dim = x.dims().last().copied().unwrap_or(0);
+                let rows = x.elem_count() / in_dim.max(1);
+                let out = super::fused::linear_onto(
+                    &stream.reshape((rows, self.weight.dim(0)?))?,
+                    &x.reshape((rows, in_dim))?,
+                    &self.weight,
+                    b,
+                )?;
+                Ok(out.reshape(stream.dims())?)
             }
             _ => residual(stream, &self.forward(x)?),
         }

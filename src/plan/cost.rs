@@ -212,6 +212,9 @@ struct TowerNumbers {
     flash_activation_elems: Option<f64>,
     /// Activations kept in f32 at any precision (a transformer's residual stream).
     stream_activation_elems: f64,
+    /// Of the activations, those a GPU does not keep (a transformer's products before its
+    /// residual adds).
+    branch_activation_elems: f64,
 }
 
 /// `global_batch`: the samples the tower's group looks up in a step.
@@ -236,6 +239,7 @@ fn tower_numbers(
             .filter(|&d| crate::model::fused::plan::flash_attention_takes(d))
             .map(|_| size.activation_elems(checkpointing, false)),
         stream_activation_elems: size.stream_activation_elems(checkpointing),
+        branch_activation_elems: size.branch_activation_elems(checkpointing),
     }
 }
 
@@ -423,12 +427,15 @@ impl CostModel<'_> {
                 None => grad_all_reduce_s,
             };
             // Flash attention runs where mmpipe's attention takes it: bf16 on GPUs.
-            let flash = o.flash_attention
-                && o.precision == Precision::Bf16
-                && self.topology.device == crate::topology::DeviceKind::Cuda;
+            let gpu = self.topology.device == crate::topology::DeviceKind::Cuda;
+            let flash = o.flash_attention && o.precision == Precision::Bf16 && gpu;
             let activation_elems = match num.flash_activation_elems {
                 Some(elems) if flash => elems,
                 _ => num.activation_elems,
+            } - if gpu {
+                num.branch_activation_elems
+            } else {
+                0.0
             };
             let activations = micro.unwrap_or(b) as f64
                 * (activation_elems * o.precision.activation_bytes()

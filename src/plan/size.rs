@@ -59,6 +59,12 @@ pub trait TowerSize {
     fn stream_activation_elems(&self, _checkpointing: bool) -> f64 {
         0.0
     }
+    /// Of [`Self::activation_elems`], those a GPU does not keep: a transformer layer's two
+    /// products before a residual add (`s·h` each), which the GPU's one-op linear layer
+    /// onto the stream (`fused::linear_onto`) computes into a buffer of its own.
+    fn branch_activation_elems(&self, _checkpointing: bool) -> f64 {
+        0.0
+    }
     /// The values per attention head, for a transformer (whether flash attention takes
     /// it); None for other towers.
     fn attention_head_width(&self) -> Option<usize> {
@@ -124,6 +130,15 @@ fn transformer_activations(
         full_layer
     } else {
         layers * full_layer
+    }
+}
+
+/// [`TowerSize::branch_activation_elems`] of a transformer.
+fn transformer_branches(s: f64, w: f64, layers: f64, checkpointing: bool) -> f64 {
+    if checkpointing {
+        2.0 * s * w
+    } else {
+        layers * 2.0 * s * w
     }
 }
 
@@ -227,6 +242,11 @@ impl TowerSize for VitConfig {
         let s = (self.num_patches() + 1) as f64;
         transformer_stream(s, self.width as f64, self.layers as f64, checkpointing)
     }
+
+    fn branch_activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = (self.num_patches() + 1) as f64;
+        transformer_branches(s, self.width as f64, self.layers as f64, checkpointing)
+    }
 }
 
 impl TowerSize for TextTransformerConfig {
@@ -289,6 +309,11 @@ impl TowerSize for TextTransformerConfig {
         let s = self.context_length as f64;
         transformer_stream(s, self.width as f64, self.layers as f64, checkpointing)
     }
+
+    fn branch_activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = self.context_length as f64;
+        transformer_branches(s, self.width as f64, self.layers as f64, checkpointing)
+    }
 }
 
 impl TowerSize for BertConfig {
@@ -342,6 +367,16 @@ impl TowerSize for BertConfig {
     fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
         let s = self.context_length as f64;
         transformer_stream(
+            s,
+            self.hidden_size as f64,
+            self.layers as f64,
+            checkpointing,
+        )
+    }
+
+    fn branch_activation_elems(&self, checkpointing: bool) -> f64 {
+        let s = self.context_length as f64;
+        transformer_branches(
             s,
             self.hidden_size as f64,
             self.layers as f64,

@@ -1442,7 +1442,8 @@ mod cuda {
     /// A linear layer's bias add on the GPU, alone (`bias_add`) and with the residual add
     /// after it (`bias_residual`: f32 stream), f32 and bf16 values (ViT's widths, and one
     /// that is no multiple of a block), against the plain ops in f64 on the CPU: the output
-    /// and every input's gradient. And the linear layer with its bias as one op.
+    /// and every input's gradient. And the linear layer with its bias as one op, alone and
+    /// onto the stream.
     #[test]
     fn the_cuda_bias_ops_equal_the_plain_ops() {
         let dev = gpu();
@@ -1514,6 +1515,50 @@ mod cuda {
             );
             let reference = grads_on(&Device::Cpu, true, inputs, &g, &plain);
             for (i, part) in ["output", "d x", "d w", "d bias"].iter().enumerate() {
+                if let Some((at, a, b)) =
+                    worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
+                {
+                    panic!("{label}: {part}[{at}] is {a}, the plain ops' {b}");
+                }
+            }
+            // And onto the f32 residual stream as one op (`fused::linear_onto`): the product
+            // then `bias_residual`'s values bit for bit, every gradient against the plain
+            // ops (the branch rounded to its dtype before the add, as bias_residual does).
+            let label = format!("linear onto the stream {dtype:?} {rows}x{width}");
+            let onto = |t: &[Tensor]| fused::linear_onto(&t[0], &t[1], &t[2], &t[3]).unwrap();
+            let two_ops = |t: &[Tensor]| {
+                fused::bias_residual(&t[0], &t[1].matmul(&t[2].t().unwrap()).unwrap(), &t[3])
+                    .unwrap()
+            };
+            let plain = |t: &[Tensor]| {
+                let branch = t[1]
+                    .matmul(&t[2].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[3])
+                    .unwrap();
+                (&t[0] + branch.to_dtype(t[0].dtype()).unwrap()).unwrap()
+            };
+            let inputs: &[&Tensor] = &[&stream, &x, &w, &bias];
+            assert!(fused::cuda::linear_onto_applies(
+                &stream.to_device(&dev).unwrap(),
+                &x.to_device(&dev).unwrap(),
+                &w.to_device(&dev).unwrap(),
+                &bias.to_device(&dev).unwrap()
+            ));
+            let kernel = grads_on(&dev, false, inputs, &g, &onto);
+            let separate = grads_on(&dev, false, inputs, &g, &two_ops);
+            for (i, part) in ["output", "d stream"].iter().enumerate() {
+                assert!(
+                    worst_violation(&kernel[i], &separate[i], 0.0, 0.0, Relative::Element)
+                        .is_none(),
+                    "{label}: {part} differs from the product and bias_residual's"
+                );
+            }
+            let reference = grads_on(&Device::Cpu, true, inputs, &g, &plain);
+            for (i, part) in ["output", "d stream", "d x", "d w", "d bias"]
+                .iter()
+                .enumerate()
+            {
                 if let Some((at, a, b)) =
                     worst_violation(&kernel[i], &reference[i], rel, 1e-6, Relative::Tensor)
                 {

@@ -1609,6 +1609,168 @@ impl CustomOp3 for LinearBias {
     }
 }
 
+// A linear layer onto the residual stream, as one op.
+
+/// Whether the CUDA linear-onto-the-stream op takes these: an f32 stream `[rows, out]`,
+/// `x` `[rows, in]`, `w` `[out, in]` and `b` `[out]` all f32 or all bf16, on one GPU.
+pub fn linear_onto_applies(stream: &Tensor, x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
+    let (Ok((rows, _)), Ok((n, _))) = (x.dims2(), w.dims2()) else {
+        return false;
+    };
+    stream.dtype() == DType::F32
+        && stream.dims() == [rows, n]
+        && stream.device().same_device(x.device())
+        && linear_bias_applies(x, w, b)
+}
+
+/// `stream + (x wᵀ + b)` on the GPU (what [`linear_onto_applies`] accepted) as one op, in
+/// f32: candle's GEMM into a buffer of the op's own, then `bias_residual_fwd`; the buffer
+/// goes when the op returns. As two ops (the product, then `bias_residual`) the graph
+/// kept the product's output until backward, though no backward reads it: 2 bytes an
+/// element at bf16, twice a block. The same values as those two ops, bit for bit. The
+/// weight and bias travel as one packed tensor (`[w..., b...]`: a copy of the weight per
+/// call, its size), so that the op has three inputs and their gradients reach both.
+/// Backward: the stream's gradient is the output's; the branch's, rounded to its dtype
+/// with the bias's sum (`bias_residual_bwd`), gives `dx = dy w` (where `x` is in the
+/// graph) and `dw = dyᵀ x`.
+pub fn linear_onto(stream: &Tensor, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (out, inner) = w.dims2()?;
+    let packed = Tensor::cat(&[&w.flatten_all()?, b], 0)?;
+    Ok(stream
+        .contiguous()?
+        .apply_op3(&x.contiguous()?, &packed, LinearOnto { out, inner })?)
+}
+
+struct LinearOnto {
+    out: usize,
+    inner: usize,
+}
+
+impl LinearOnto {
+    /// The weight's and the bias's layouts inside the packed tensor at `packed`.
+    fn parts(&self, packed: &Layout) -> candle_core::Result<(Layout, Layout)> {
+        let (n, k) = (self.out, self.inner);
+        if packed.shape().elem_count() != n * k + n || !packed.is_contiguous() {
+            return Err(cuda_err(format!(
+                "a packed weight and bias of {:?} for {n} × {k}",
+                packed.shape().dims()
+            )));
+        }
+        let at = packed.start_offset();
+        Ok((
+            Layout::contiguous_with_offset((n, k), at),
+            Layout::contiguous_with_offset(n, at + n * k),
+        ))
+    }
+}
+
+impl CustomOp3 for LinearOnto {
+    fn name(&self) -> &'static str {
+        "cuda-linear-onto"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_err(
+            "the CUDA linear layer onto the stream called on CPU tensors",
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        stream_values: &CudaStorage,
+        ls: &Layout,
+        x: &CudaStorage,
+        lx: &Layout,
+        packed: &CudaStorage,
+        lp: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, k) = lx.shape().dims2()?;
+        let n = self.out;
+        if k != self.inner || ls.shape().elem_count() != rows * n {
+            return Err(cuda_err(format!(
+                "a linear layer of {n} × {} on {:?} onto a stream of {:?}",
+                self.inner,
+                lx.shape().dims(),
+                ls.shape().dims()
+            )));
+        }
+        let (lw, lb) = self.parts(lp)?;
+        // The branch's product, the op's own buffer (freed, in stream order, on return).
+        let y = x.matmul(packed, (1, rows, n, k), lx, &lw.transpose(0, 1)?)?;
+        let device = x.device().clone();
+        let stream = device.cuda_stream();
+        let (out, out_at) = output(&device, DType::F32, rows * n)?;
+        let addresses = [
+            (
+                Buffer::Residual,
+                storage_address(stream_values, ls, &stream)?,
+            ),
+            (
+                Buffer::Input,
+                storage_address(&y, &Layout::contiguous((rows, n)), &stream)?,
+            ),
+            (Buffer::Bias, storage_address(packed, &lb, &stream)?),
+            (Buffer::Output, out_at),
+        ];
+        run(
+            &device,
+            &plan::bias_residual_forward(values(x.dtype())?, rows * n, n),
+            &addresses,
+        )?;
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        x: &Tensor,
+        packed: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = (self.out, self.inner);
+        let device = x.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let rows = g.elem_count() / n.max(1);
+        let of = values(x.dtype())?;
+        let bias_shape = Shape::from(n);
+        let dbias = written_whole(&bias_shape, x.dtype(), &device, rows > 0)?;
+        // In f32 the branch's gradient is the output's own; in bf16 the kernel rounds it.
+        let dy = match of {
+            Values::F32 => None,
+            Values::Bf16 => Some(written_whole(g.shape(), x.dtype(), &device, rows > 0)?),
+        };
+        let mut addresses = vec![
+            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+            (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
+        ];
+        if let Some(dy) = &dy {
+            addresses.push((Buffer::InputGrad, tensor_address(dy, &stream)?));
+        }
+        run(
+            &device,
+            &plan::bias_residual_backward(of, rows * n, n),
+            &addresses,
+        )?;
+        let dy = dy.unwrap_or_else(|| g.clone());
+        let w = packed.narrow(0, 0, n * k)?.reshape((n, k))?;
+        // Nothing upstream of an input outside the graph takes its gradient.
+        let dx = x.track_op().then(|| dy.matmul(&w)).transpose()?;
+        let dw = dy.t()?.matmul(x)?;
+        let dpacked = Tensor::cat(&[&dw.flatten_all()?, &dbias], 0)?;
+        Ok((Some(g), dx, Some(dpacked)))
+    }
+}
+
 // Gradients summed in place.
 
 /// `sum += g` on the GPU (`accumulate.rs`' op): an f32 sum, `g` f32 or bf16, both

@@ -279,6 +279,18 @@ pub fn bias_residual(stream: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tenso
     Ok((stream + branch.to_dtype(stream.dtype())?)?)
 }
 
+/// `stream + (x wᵀ + b)` in the stream's dtype, for `x` `[rows, in]` and a stream `[rows,
+/// out]`: a linear layer whose branch is added to the residual stream. On a GPU one op
+/// (`cuda::linear_onto`: the product's output is not kept for backward); elsewhere the
+/// product, then [`bias_residual`].
+pub fn linear_onto(stream: &Tensor, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::linear_onto_applies(stream, x, w, b) {
+        return super::cuda::linear_onto(stream, x, w, b);
+    }
+    bias_residual(stream, &linear(x, w, None)?, b)
+}
+
 /// `y + bias` on its rows, in `y`'s dtype. On a GPU one kernel, and the bias's gradient a
 /// coalesced reduction over the rows (candle's reduces each column in a block of its own,
 /// its threads reading one row apart); elsewhere the plain op.

@@ -467,5 +467,5 @@ pub use attention::{attention, attention_mix, attention_plain, attention_scores}
 pub use embedding::embedding;
 pub use gelu::{gelu_erf, gelu_erf_bias, quick_gelu};
 pub use layer_norm::{layer_norm, layer_norm_to};
-pub use linear::{bias_add, bias_residual, linear};
+pub use linear::{bias_add, bias_residual, linear, linear_onto};
 pub use softmax::softmax_last_dim;
