@@ -1385,32 +1385,44 @@ impl CustomOp3 for BiasResidual {
         _: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let device = y.device().as_cuda_device()?.clone();
-        let stream = device.cuda_stream();
-        let g = g.to_dtype(DType::F32)?.contiguous()?;
-        let (n, width) = (y.elem_count(), bias.elem_count());
-        let of = values(y.dtype())?;
-        let dbias = written_whole(bias.shape(), bias.dtype(), &device, n > 0)?;
-        // In f32 the branch's gradient is the output's own; in bf16 the kernel rounds it.
-        let dy = match of {
-            Values::F32 => None,
-            Values::Bf16 => Some(written_whole(y.shape(), y.dtype(), &device, n > 0)?),
-        };
-        let mut addresses = vec![
-            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
-            (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
-        ];
-        if let Some(dy) = &dy {
-            addresses.push((Buffer::InputGrad, tensor_address(dy, &stream)?));
-        }
-        run(
-            &device,
-            &plan::bias_residual_backward(of, n, width),
-            &addresses,
-        )?;
-        let dy = dy.unwrap_or_else(|| g.clone());
+        let (g, dy, dbias) = bias_residual_grads(g, y.dtype(), bias.elem_count())?;
         Ok((Some(g), Some(dy), Some(dbias)))
     }
+}
+
+/// The gradients of `stream + (y + bias)` from the output's `g`, with `y` and `bias` of
+/// `dtype` and the bias `width` wide: the stream's (`g` in f32), the branch's (`g` rounded
+/// to `dtype` by the kernel; in f32, `g` itself) and the bias's (its rows' sum), by
+/// `bias_residual_bwd`.
+fn bias_residual_grads(
+    g: &Tensor,
+    dtype: DType,
+    width: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let device = g.device().as_cuda_device()?.clone();
+    let stream = device.cuda_stream();
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let n = g.elem_count();
+    let of = values(dtype)?;
+    let dbias = written_whole(&Shape::from(width), dtype, &device, n > 0)?;
+    let dy = match of {
+        Values::F32 => None,
+        Values::Bf16 => Some(written_whole(g.shape(), dtype, &device, n > 0)?),
+    };
+    let mut addresses = vec![
+        (Buffer::OutputGrad, tensor_address(&g, &stream)?),
+        (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
+    ];
+    if let Some(dy) = &dy {
+        addresses.push((Buffer::InputGrad, tensor_address(dy, &stream)?));
+    }
+    run(
+        &device,
+        &plan::bias_residual_backward(of, n, width),
+        &addresses,
+    )?;
+    let dy = dy.unwrap_or_else(|| g.clone());
+    Ok((g, dy, dbias))
 }
 
 // A linear layer's bias add.
@@ -1593,9 +1605,7 @@ impl CustomOp3 for LinearBias {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.to_dtype(x.dtype())?.contiguous()?;
-        // Nothing upstream of an input outside the graph (pixels) takes its gradient.
-        let dx = x.track_op().then(|| g.matmul(w)).transpose()?;
-        let dw = g.t()?.matmul(x)?;
+        let (dx, dw) = product_grads(&g, x, w)?;
         let device = x.device().as_cuda_device()?.clone();
         let stream = device.cuda_stream();
         let db = written_whole(b.shape(), b.dtype(), &device, g.elem_count() > 0)?;
@@ -1607,6 +1617,18 @@ impl CustomOp3 for LinearBias {
         run(&device, &plan, &addresses)?;
         Ok((dx, Some(dw), Some(db)))
     }
+}
+
+/// The gradients of `x wᵀ` from its output's `dy` (`x`'s dtype): `dx = dy w`, where `x`
+/// is in the graph (nothing upstream of pixels takes one), and `dw = dyᵀ x` in `w`'s
+/// layout.
+fn product_grads(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    let dx = x.track_op().then(|| dy.matmul(w)).transpose()?;
+    Ok((dx, dy.t()?.matmul(x)?))
 }
 
 // A linear layer onto the residual stream, as one op.
@@ -1737,35 +1759,9 @@ impl CustomOp3 for LinearOnto {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = (self.out, self.inner);
-        let device = x.device().as_cuda_device()?.clone();
-        let stream = device.cuda_stream();
-        let g = g.to_dtype(DType::F32)?.contiguous()?;
-        let rows = g.elem_count() / n.max(1);
-        let of = values(x.dtype())?;
-        let bias_shape = Shape::from(n);
-        let dbias = written_whole(&bias_shape, x.dtype(), &device, rows > 0)?;
-        // In f32 the branch's gradient is the output's own; in bf16 the kernel rounds it.
-        let dy = match of {
-            Values::F32 => None,
-            Values::Bf16 => Some(written_whole(g.shape(), x.dtype(), &device, rows > 0)?),
-        };
-        let mut addresses = vec![
-            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
-            (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
-        ];
-        if let Some(dy) = &dy {
-            addresses.push((Buffer::InputGrad, tensor_address(dy, &stream)?));
-        }
-        run(
-            &device,
-            &plan::bias_residual_backward(of, rows * n, n),
-            &addresses,
-        )?;
-        let dy = dy.unwrap_or_else(|| g.clone());
+        let (g, dy, dbias) = bias_residual_grads(g, x.dtype(), n)?;
         let w = packed.narrow(0, 0, n * k)?.reshape((n, k))?;
-        // Nothing upstream of an input outside the graph takes its gradient.
-        let dx = x.track_op().then(|| dy.matmul(&w)).transpose()?;
-        let dw = dy.t()?.matmul(x)?;
+        let (dx, dw) = product_grads(&dy, x, &w)?;
         let dpacked = Tensor::cat(&[&dw.flatten_all()?, &dbias], 0)?;
         Ok((Some(g), dx, Some(dpacked)))
     }
