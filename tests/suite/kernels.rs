@@ -350,7 +350,7 @@ fn libm_erf(x: f64) -> f64 {
 
 /// Layer norm forward and backward, f32 and bf16 inputs: rows of a width under a block,
 /// over one (300: the strided loops), and enough rows for chunks of two rows; and the
-/// forward's bf16 output, the f32 one rounded.
+/// forward's bf16 output, the f32 one rounded, and backward from a bf16 gradient.
 #[test]
 fn layer_norm_kernels_equal_the_formulas() {
     for (of, rows, width) in [
@@ -455,7 +455,7 @@ fn layer_norm_kernels_equal_the_formulas() {
         buffers.insert(Buffer::BiasGrad, unwritten(4 * width));
         let bwd = run(
             &format!("{name}-bwd"),
-            &plan::layer_norm_backward(of, rows, width),
+            &plan::layer_norm_backward(of, Values::F32, rows, width),
             &buffers,
         );
         assert_close(
@@ -482,7 +482,7 @@ fn layer_norm_kernels_equal_the_formulas() {
         // The reductions run in a fixed order: the same bits again.
         let again = run(
             &format!("{name}-bwd2"),
-            &plan::layer_norm_backward(of, rows, width),
+            &plan::layer_norm_backward(of, Values::F32, rows, width),
             &buffers,
         );
         assert_eq!(
@@ -490,6 +490,30 @@ fn layer_norm_kernels_equal_the_formulas() {
             bwd[&Buffer::WeightGrad],
             "{name}: dw bits"
         );
+        // From a bf16 output gradient (a norm that wrote bf16): the bits its f32 widening
+        // gives, every gradient.
+        let (g16_bytes, g16) = encode(&g, Values::Bf16);
+        let widened: Vec<f32> = g16.iter().map(|&v| v as f32).collect();
+        let mut from_bf16 = buffers.clone();
+        from_bf16.insert(Buffer::OutputGrad, g16_bytes);
+        let mut from_f32 = buffers.clone();
+        from_f32.insert(Buffer::OutputGrad, f32_bytes(&widened));
+        let narrow = run(
+            &format!("{name}-bwd-from-bf16"),
+            &plan::layer_norm_backward(of, Values::Bf16, rows, width),
+            &from_bf16,
+        );
+        let wide = run(
+            &format!("{name}-bwd-widened"),
+            &plan::layer_norm_backward(of, Values::F32, rows, width),
+            &from_f32,
+        );
+        for part in [Buffer::InputGrad, Buffer::WeightGrad, Buffer::BiasGrad] {
+            assert!(
+                narrow[&part] == wide[&part],
+                "{name}: {part:?} from the bf16 gradient differs from its widening's"
+            );
+        }
     }
 }
 

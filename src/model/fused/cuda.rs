@@ -329,15 +329,24 @@ impl CustomOp3 for LayerNorm {
         let stream = device.cuda_stream();
         let width = w.elem_count();
         let rows = x.elem_count() / width;
-        // Bound here, so that no copy is freed before the kernels have read it.
-        let (w, dy) = (w.contiguous()?, dy.to_dtype(DType::F32)?.contiguous()?);
+        // A norm that wrote bf16 gets a bf16 gradient, which the kernels read as it is;
+        // any other, in f32. Bound here, so that no copy is freed before they read it.
+        let grad = match dy.dtype() {
+            DType::BF16 => Values::Bf16,
+            _ => Values::F32,
+        };
+        let dy = match grad {
+            Values::Bf16 => dy.contiguous()?,
+            Values::F32 => dy.to_dtype(DType::F32)?.contiguous()?,
+        };
+        let w = w.contiguous()?;
         let dx = written_whole(x.shape(), x.dtype(), &device, rows > 0)?;
         let dw = written_whole(w.shape(), DType::F32, &device, rows > 0)?;
         let db = written_whole(w.shape(), DType::F32, &device, rows > 0)?;
         if rows == 0 {
             return Ok((Some(dx), Some(dw), Some(db)));
         }
-        let plan = plan::layer_norm_backward(values(x.dtype())?, rows, width);
+        let plan = plan::layer_norm_backward(values(x.dtype())?, grad, rows, width);
         let addresses = [
             (Buffer::Input, tensor_address(x, &stream)?),
             (Buffer::Weight, tensor_address(&w, &stream)?),

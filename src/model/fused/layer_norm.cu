@@ -14,6 +14,8 @@
 //   layer_norm_bwd_dx_{f32,bf16}: one block per row: dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂)),
 //     in x's dtype.
 //   layer_norm_bwd_partial_{f32,bf16}: a thread per column and chunk of rows: Σ g·x̂ and Σ g.
+//   ..._from_bf16: the same two from a bf16 output gradient (a norm that wrote bf16), read
+//     and widened as it is used: no f32 copy of it first.
 //   layer_norm_bwd_dw: a thread per column: the chunks' partial sums, in chunk order.
 
 template <typename T, typename O>
@@ -53,7 +55,7 @@ __device__ void ln_fwd(
     }
 }
 
-template <typename T>
+template <typename T, typename G>
 __device__ void ln_bwd_dx(
     unsigned long long x_at,
     unsigned long long w_at,
@@ -66,7 +68,7 @@ __device__ void ln_bwd_dx(
     const long long row = blockIdx.x;
     const T* x = (const T*)x_at + row * width;
     const float* w = (const float*)w_at;
-    const float* g = (const float*)dy_at + row * width;
+    const G* g = (const G*)dy_at + row * width;
     T* dx = (T*)dx_at + row * width;
     const float* stats = (const float*)stats_at;
     const float mean = stats[2 * row];
@@ -74,7 +76,7 @@ __device__ void ln_bwd_dx(
     float sum_gw = 0.0f;
     float sum_gw_xhat = 0.0f;
     for (int i = threadIdx.x; i < width; i += THREADS) {
-        const float gw = g[i] * w[i];
+        const float gw = load(g, i) * w[i];
         sum_gw += gw;
         sum_gw_xhat += gw * ((load(x, i) - mean) * rstd);
     }
@@ -82,13 +84,13 @@ __device__ void ln_bwd_dx(
     const float mean_gw_xhat = block_sum(sum_gw_xhat, shared) / (float)width;
     for (int i = threadIdx.x; i < width; i += THREADS) {
         const float h = (load(x, i) - mean) * rstd;
-        store(dx, i, rstd * (g[i] * w[i] - mean_gw - h * mean_gw_xhat));
+        store(dx, i, rstd * (load(g, i) * w[i] - mean_gw - h * mean_gw_xhat));
     }
 }
 
 // Grid: (column blocks, chunks). partial holds 2 × chunks × width floats: Σ g·x̂ of each
 // chunk, then Σ g.
-template <typename T>
+template <typename T, typename G>
 __device__ void ln_bwd_partial(
     unsigned long long x_at,
     unsigned long long dy_at,
@@ -103,7 +105,7 @@ __device__ void ln_bwd_partial(
         return;
     }
     const T* x = (const T*)x_at;
-    const float* g = (const float*)dy_at;
+    const G* g = (const G*)dy_at;
     const float* stats = (const float*)stats_at;
     float* partial = (float*)partial_at;
     const long long chunk = blockIdx.y;
@@ -113,7 +115,7 @@ __device__ void ln_bwd_partial(
     float dw = 0.0f;
     float db = 0.0f;
     for (long long r = first; r < last; ++r) {
-        const float gi = g[r * width + j];
+        const float gi = load(g, r * width + j);
         dw += gi * ((load(x, r * width + j) - stats[2 * r]) * stats[2 * r + 1]);
         db += gi;
     }
@@ -160,13 +162,25 @@ extern "C" __global__ void layer_norm_bwd_dw(
         unsigned long long x, unsigned long long w, unsigned long long dy,                   \
         unsigned long long stats, unsigned long long dx, int width)                          \
     {                                                                                        \
-        ln_bwd_dx<T>(x, w, dy, stats, dx, width);                                               \
+        ln_bwd_dx<T, float>(x, w, dy, stats, dx, width);                                        \
+    }                                                                                        \
+    extern "C" __global__ void layer_norm_bwd_dx_##NAME##_from_bf16(                         \
+        unsigned long long x, unsigned long long w, unsigned long long dy,                   \
+        unsigned long long stats, unsigned long long dx, int width)                          \
+    {                                                                                        \
+        ln_bwd_dx<T, unsigned short>(x, w, dy, stats, dx, width);                               \
     }                                                                                        \
     extern "C" __global__ void layer_norm_bwd_partial_##NAME(                                \
         unsigned long long x, unsigned long long dy, unsigned long long stats,               \
         unsigned long long partial, long long rows, int width, long long rows_per_chunk)     \
     {                                                                                        \
-        ln_bwd_partial<T>(x, dy, stats, partial, rows, width, rows_per_chunk);                  \
+        ln_bwd_partial<T, float>(x, dy, stats, partial, rows, width, rows_per_chunk);           \
+    }                                                                                        \
+    extern "C" __global__ void layer_norm_bwd_partial_##NAME##_from_bf16(                    \
+        unsigned long long x, unsigned long long dy, unsigned long long stats,               \
+        unsigned long long partial, long long rows, int width, long long rows_per_chunk)     \
+    {                                                                                        \
+        ln_bwd_partial<T, unsigned short>(x, dy, stats, partial, rows, width, rows_per_chunk);  \
     }
 
 LAYER_NORM_ENTRIES(f32, float)

@@ -177,13 +177,17 @@ pub fn layer_norm_forward(
     )
 }
 
-/// Layer norm backward: `Input`, `Weight`, `Stats` (forward's), `OutputGrad` (f32) →
-/// `InputGrad` (`values`), `WeightGrad` and `BiasGrad` (f32, `width`).
-pub fn layer_norm_backward(values: Values, rows: usize, width: usize) -> Plan {
+/// Layer norm backward: `Input`, `Weight`, `Stats` (forward's), `OutputGrad` (`grad`: f32,
+/// or bf16 for a norm that wrote bf16) → `InputGrad` (`values`), `WeightGrad` and
+/// `BiasGrad` (f32, `width`).
+pub fn layer_norm_backward(values: Values, grad: Values, rows: usize, width: usize) -> Plan {
     if rows == 0 {
         return Plan::default();
     }
-    let name = values.suffix();
+    let name = match grad {
+        Values::F32 => values.suffix().to_string(),
+        Values::Bf16 => format!("{}_from_bf16", values.suffix()),
+    };
     let (chunks, per_chunk) = chunking(rows);
     let dx = vec![
         Address(Input),
