@@ -1505,18 +1505,25 @@ impl CustomOp2 for BiasAdd {
         _: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let device = y.device().as_cuda_device()?.clone();
-        let stream = device.cuda_stream();
         let g = g.to_dtype(y.dtype())?.contiguous()?;
-        let dbias = written_whole(bias.shape(), bias.dtype(), &device, g.elem_count() > 0)?;
-        let addresses = [
-            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
-            (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
-        ];
-        let plan = plan::bias_add_backward(values(y.dtype())?, g.elem_count(), bias.elem_count());
-        run(&device, &plan, &addresses)?;
+        let dbias = bias_grad(&g, bias)?;
         Ok((Some(g), Some(dbias)))
     }
+}
+
+/// The gradient of a bias added to every row of an output whose gradient is `g` (`bias`'s
+/// dtype, contiguous): the rows' sum, by the coalesced reduction (`bias_grad_*`).
+fn bias_grad(g: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let device = g.device().as_cuda_device()?.clone();
+    let stream = device.cuda_stream();
+    let dbias = written_whole(bias.shape(), bias.dtype(), &device, g.elem_count() > 0)?;
+    let addresses = [
+        (Buffer::OutputGrad, tensor_address(g, &stream)?),
+        (Buffer::BiasGrad, tensor_address(&dbias, &stream)?),
+    ];
+    let plan = plan::bias_add_backward(values(bias.dtype())?, g.elem_count(), bias.elem_count());
+    run(&device, &plan, &addresses)?;
+    Ok(dbias)
 }
 
 // A linear layer with its bias, as one op.
@@ -1615,16 +1622,7 @@ impl CustomOp3 for LinearBias {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.to_dtype(x.dtype())?.contiguous()?;
         let (dx, dw) = product_grads(&g, x, w)?;
-        let device = x.device().as_cuda_device()?.clone();
-        let stream = device.cuda_stream();
-        let db = written_whole(b.shape(), b.dtype(), &device, g.elem_count() > 0)?;
-        let addresses = [
-            (Buffer::OutputGrad, tensor_address(&g, &stream)?),
-            (Buffer::BiasGrad, tensor_address(&db, &stream)?),
-        ];
-        let plan = plan::bias_add_backward(values(x.dtype())?, g.elem_count(), b.elem_count());
-        run(&device, &plan, &addresses)?;
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(bias_grad(&g, b)?)))
     }
 }
 
