@@ -52,23 +52,57 @@ pub trait TowerSize {
     ///
     /// `scores_kept`: attention keeps its probabilities for backward (the `2.5·a·s²`
     /// term); flash attention keeps one statistic a query row instead, and the term goes.
-    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64;
+    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64 {
+        self.transformer_dims().map_or(0.0, |d| {
+            let (s, w, layers) = (d.tokens as f64, d.width as f64, d.layers as f64);
+            let scores = if scores_kept {
+                2.5 * d.heads as f64 * s * s
+            } else {
+                0.0
+            };
+            let full_layer = 16.0 * s * w + scores;
+            if checkpointing {
+                full_layer
+            } else {
+                layers * full_layer
+            }
+        })
+    }
     /// Activation elements kept in f32 whatever the tower computes in, per sample: a
     /// transformer's residual stream, after each of a layer's two residual adds (`2·s·h`
     /// a layer), or with checkpointing each layer's input and one live layer's two.
-    fn stream_activation_elems(&self, _checkpointing: bool) -> f64 {
-        0.0
+    fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
+        self.transformer_dims().map_or(0.0, |d| {
+            let (sw, layers) = ((d.tokens * d.width) as f64, d.layers as f64);
+            if checkpointing {
+                layers * sw + 2.0 * sw
+            } else {
+                layers * 2.0 * sw
+            }
+        })
     }
     /// Of [`Self::activation_elems`], those a GPU does not keep: a transformer layer's two
     /// products before a residual add (`s·h` each), which the GPU's one-op linear layer
     /// onto the stream (`fused::linear_onto`) computes into a buffer of its own.
-    fn branch_activation_elems(&self, _checkpointing: bool) -> f64 {
-        0.0
+    fn branch_activation_elems(&self, checkpointing: bool) -> f64 {
+        self.transformer_dims().map_or(0.0, |d| {
+            let (sw, layers) = ((d.tokens * d.width) as f64, d.layers as f64);
+            if checkpointing {
+                2.0 * sw
+            } else {
+                layers * 2.0 * sw
+            }
+        })
+    }
+    /// A transformer tower's tokens, width, heads and layers, from which its activation
+    /// counts follow; None for other towers (which count their own).
+    fn transformer_dims(&self) -> Option<TransformerDims> {
+        None
     }
     /// The values per attention head, for a transformer (whether flash attention takes
     /// it); None for other towers.
     fn attention_head_width(&self) -> Option<usize> {
-        None
+        self.transformer_dims().map(|d| d.width / d.heads.max(1))
     }
     /// `(rows, width, tokens per sample)` of the token-embedding table, read by a row
     /// lookup only (so its gradient is zero outside the batch's tokens' rows); None for
@@ -112,43 +146,14 @@ fn pooled_layer_macs(s: f64, w: f64, hidden: f64) -> f64 {
     s * 2.0 * w * w + (2.0 * w * w + 2.0 * w * hidden) + 2.0 * s * w
 }
 
-fn transformer_activations(
-    s: f64,
-    w: f64,
-    heads: f64,
-    layers: f64,
-    checkpointing: bool,
-    scores_kept: bool,
-) -> f64 {
-    let scores = if scores_kept {
-        2.5 * heads * s * s
-    } else {
-        0.0
-    };
-    let full_layer = 16.0 * s * w + scores;
-    if checkpointing {
-        full_layer
-    } else {
-        layers * full_layer
-    }
-}
-
-/// [`TowerSize::branch_activation_elems`] of a transformer.
-fn transformer_branches(s: f64, w: f64, layers: f64, checkpointing: bool) -> f64 {
-    if checkpointing {
-        2.0 * s * w
-    } else {
-        layers * 2.0 * s * w
-    }
-}
-
-/// [`TowerSize::stream_activation_elems`] of a transformer.
-fn transformer_stream(s: f64, w: f64, layers: f64, checkpointing: bool) -> f64 {
-    if checkpointing {
-        layers * s * w + 2.0 * s * w
-    } else {
-        layers * 2.0 * s * w
-    }
+/// What a transformer tower's activation counts depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerDims {
+    /// Tokens a sample (a ViT's patches and class token, a caption's context).
+    pub tokens: usize,
+    pub width: usize,
+    pub heads: usize,
+    pub layers: usize,
 }
 
 impl VitConfig {
@@ -222,30 +227,13 @@ impl TowerSize for VitConfig {
             - 2.0 * (layer_macs(s, w, hidden) - pooled_layer_macs(s, w, hidden))
     }
 
-    fn attention_head_width(&self) -> Option<usize> {
-        Some(self.width / self.heads.max(1))
-    }
-
-    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64 {
-        let s = (self.num_patches() + 1) as f64;
-        transformer_activations(
-            s,
-            self.width as f64,
-            self.heads as f64,
-            self.layers as f64,
-            checkpointing,
-            scores_kept,
-        )
-    }
-
-    fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
-        let s = (self.num_patches() + 1) as f64;
-        transformer_stream(s, self.width as f64, self.layers as f64, checkpointing)
-    }
-
-    fn branch_activation_elems(&self, checkpointing: bool) -> f64 {
-        let s = (self.num_patches() + 1) as f64;
-        transformer_branches(s, self.width as f64, self.layers as f64, checkpointing)
+    fn transformer_dims(&self) -> Option<TransformerDims> {
+        Some(TransformerDims {
+            tokens: (self.num_patches() + 1),
+            width: self.width,
+            heads: self.heads,
+            layers: self.layers,
+        })
     }
 }
 
@@ -289,30 +277,13 @@ impl TowerSize for TextTransformerConfig {
             - 2.0 * (layer_macs(s, w, hidden) - pooled_layer_macs(s, w, hidden))
     }
 
-    fn attention_head_width(&self) -> Option<usize> {
-        Some(self.width / self.heads.max(1))
-    }
-
-    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64 {
-        let s = self.context_length as f64;
-        transformer_activations(
-            s,
-            self.width as f64,
-            self.heads as f64,
-            self.layers as f64,
-            checkpointing,
-            scores_kept,
-        )
-    }
-
-    fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
-        let s = self.context_length as f64;
-        transformer_stream(s, self.width as f64, self.layers as f64, checkpointing)
-    }
-
-    fn branch_activation_elems(&self, checkpointing: bool) -> f64 {
-        let s = self.context_length as f64;
-        transformer_branches(s, self.width as f64, self.layers as f64, checkpointing)
+    fn transformer_dims(&self) -> Option<TransformerDims> {
+        Some(TransformerDims {
+            tokens: self.context_length,
+            width: self.width,
+            heads: self.heads,
+            layers: self.layers,
+        })
     }
 }
 
@@ -348,40 +319,13 @@ impl TowerSize for BertConfig {
             + h * embed_dim as f64)
     }
 
-    fn attention_head_width(&self) -> Option<usize> {
-        Some(self.hidden_size / self.heads.max(1))
-    }
-
-    fn activation_elems(&self, checkpointing: bool, scores_kept: bool) -> f64 {
-        let s = self.context_length as f64;
-        transformer_activations(
-            s,
-            self.hidden_size as f64,
-            self.heads as f64,
-            self.layers as f64,
-            checkpointing,
-            scores_kept,
-        )
-    }
-
-    fn stream_activation_elems(&self, checkpointing: bool) -> f64 {
-        let s = self.context_length as f64;
-        transformer_stream(
-            s,
-            self.hidden_size as f64,
-            self.layers as f64,
-            checkpointing,
-        )
-    }
-
-    fn branch_activation_elems(&self, checkpointing: bool) -> f64 {
-        let s = self.context_length as f64;
-        transformer_branches(
-            s,
-            self.hidden_size as f64,
-            self.layers as f64,
-            checkpointing,
-        )
+    fn transformer_dims(&self) -> Option<TransformerDims> {
+        Some(TransformerDims {
+            tokens: self.context_length,
+            width: self.hidden_size,
+            heads: self.heads,
+            layers: self.layers,
+        })
     }
 }
 
