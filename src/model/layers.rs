@@ -46,12 +46,10 @@ impl Linear {
             // One op on a GPU (`fused::linear_onto`): the product, the bias add, the
             // rounding and the residual add, with no product output kept for backward.
             Some(b) if !stream.device().is_cpu() => {
-                let x = x.to_dtype(self.weight.dtype())?;
-                let in_dim = x.dims().last().copied().unwrap_or(0);
-                let rows = x.elem_count() / in_dim.max(1);
+                let x = self.rows(x)?;
                 let out = super::fused::linear_onto(
-                    &stream.reshape((rows, self.weight.dim(0)?))?,
-                    &x.reshape((rows, in_dim))?,
+                    &stream.reshape((x.dim(0)?, self.weight.dim(0)?))?,
+                    &x,
                     &self.weight,
                     b,
                 )?;
@@ -61,13 +59,17 @@ impl Linear {
         }
     }
 
+    /// `x` as the product takes it: `[rows, in]`, all leading dims as rows, in the
+    /// weight's dtype (bf16 under mixed precision).
+    fn rows(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = x.dims().last().copied().unwrap_or(0);
+        let rows = x.elem_count() / in_dim.max(1);
+        Ok(x.to_dtype(self.weight.dtype())?.reshape((rows, in_dim))?)
+    }
+
     fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        // The product runs in the weight's dtype (bf16 under mixed precision).
-        let x = x.to_dtype(self.weight.dtype())?;
         let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
-        let y = super::fused::linear(&x.reshape((rows, in_dim))?, &self.weight, bias)?;
+        let y = super::fused::linear(&self.rows(x)?, &self.weight, bias)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
